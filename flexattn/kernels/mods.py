@@ -1,0 +1,58 @@
+"""KernelMod: a compiled score_mod / mask_mod as the kernel templates see it.
+
+The mod compiler (``flexattn.compiler``) produces these; the kernels only call them. Calling
+conventions (every template follows them, at exactly one place per kernel):
+
+    score = SCORE_FN(score, b, h, q_idx, kv_idx, SCORE_ARGS)                  # fp32, broadcastable
+    keep  = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)                            # int1, broadcastable
+    dscore = SCORE_GRAD_FN(score, b, h, q_idx, kv_idx, dout, SCORE_ARGS, SCORE_GRAD_ARGS)
+
+- ``score``: fp32 ``[BLOCK_M, BLOCK_N]`` (the scaled q.k product, before the mod).
+- ``b``, ``h``: int32 scalars (``h`` is the *query* head).
+- ``q_idx``: int32 ``[BLOCK_M, 1]`` and ``kv_idx``: int32 ``[1, BLOCK_N]``, absolute positions,
+  already wrapped into ``[0, Q_LEN)`` / ``[0, KV_LEN)`` so that gathers in the mod stay in bounds on
+  tail tiles (the template masks the tail itself).
+- ``*_ARGS``: an opaque tuple (pointers, sizes, strides of captured tensors) passed straight from
+  ``KernelMod.args`` to the device function; kernels never look inside.
+- ``dout``: fp32 ``[BLOCK_M, BLOCK_N]``, dLoss/d(modded score); zero wherever the position is masked
+  or out of range. ``SCORE_GRAD_FN`` returns dLoss/d(score) and atomically accumulates
+  dLoss/d(capture) into the fp32 buffers of ``SCORE_GRAD_ARGS`` (see ``KernelMod.grad_args``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelMod:
+    """One compiled mod, ready to be handed to a kernel launcher.
+
+    Attributes:
+        fn: the ``@triton.jit`` device function (signature in the module docstring).
+        args: the runtime tuple for ``fn`` (captured tensors and their sizes/strides).
+        grad_fn: score mods only: the ``@triton.jit`` gradient function, or None when the
+            mod has no gradient path (mask mods).
+        grad_captures: the captured tensors that require grad, in the order their gradient
+            buffers are expected by ``grad_args``.
+        make_grad_args: builds ``SCORE_GRAD_ARGS`` from fp32 gradient buffers, one per entry
+            of ``grad_captures`` and of the same shape (contiguous).
+        name: a readable name for logs and errors.
+    """
+
+    fn: Any
+    args: tuple
+    grad_fn: Any = None
+    grad_captures: tuple[torch.Tensor, ...] = ()
+    make_grad_args: Callable[[tuple[torch.Tensor, ...]], tuple] | None = None
+    name: str = "mod"
+
+    def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
+        """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""
+        if self.make_grad_args is None:
+            return ()
+        return self.make_grad_args(grad_buffers)

@@ -1,0 +1,129 @@
+"""KernelOptions: the one validated, documented set of knobs for flexattn's kernels.
+
+Users pass a plain dict as ``kernel_options=`` (the same keys as ``torch.nn.attention.flex_attention``
+where a key means the same thing); :func:`KernelOptions.from_user` validates it once at the API
+boundary and everything below works with the frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+BACKENDS = ("AUTO", "TRITON", "REFERENCE")
+
+# PyTorch spellings that mean the same knob as one of our fields.
+_ALIASES = {
+    "fwd_BLOCK_M": "BLOCK_M",
+    "fwd_BLOCK_N": "BLOCK_N",
+    "fwd_num_warps": "num_warps",
+    "fwd_num_stages": "num_stages",
+    "BLOCK_M1": "bwd_BLOCK_M1",
+    "BLOCK_N1": "bwd_BLOCK_N1",
+    "BLOCK_M2": "bwd_BLOCK_M2",
+    "BLOCK_N2": "bwd_BLOCK_N2",
+}
+
+# PyTorch keys accepted for drop-in compatibility that need no action here, with the reason.
+_ACCEPTED_NO_OPS = {
+    "OUTPUT_LOGSUMEXP": "flexattn always writes the logsumexp (the backward pass needs it)",
+    "FORCE_USE_FLEX_ATTENTION": "flexattn has no dense fallback kernel to avoid",
+    "BLOCKS_ARE_CONTIGUOUS": "a hint only; flexattn reads the block indices either way",
+    "WRITE_DQ": "flexattn always computes dQ when query requires grad",
+}
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Validated kernel options. Every field may be left at its default.
+
+    Fields:
+        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the reference backend otherwise),
+            "TRITON" (always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``),
+            or "REFERENCE" (the chunked PyTorch reference backend on any device).
+        BLOCK_M, BLOCK_N: forward tile sizes (queries x keys). ``None`` lets the kernel choose.
+            Must divide the BlockMask's (Q_BLOCK, KV_BLOCK) and be powers of two >= 16.
+        num_warps, num_stages: forward launch parameters. ``None`` lets the kernel choose.
+        bwd_BLOCK_M1, bwd_BLOCK_N1: backward dK/dV tiles (queries x keys).
+        bwd_BLOCK_M2, bwd_BLOCK_N2: backward dQ tiles (queries x keys).
+        bwd_num_warps, bwd_num_stages: backward launch parameters.
+        PRESCALE_QK: multiply q by ``scale * log2(e)`` before the QK^T product instead of scaling
+            every score (faster, slightly different rounding).
+        ROWS_GUARANTEED_SAFE: promise that no query row is fully masked, so the kernel may skip
+            the guards that keep such rows at out = 0, lse = -inf.
+        USE_TMA: load Q/K/V tiles with Hopper tensor descriptors where supported.
+        deterministic: make gradients of captured tensors bitwise reproducible run to run.
+        autotune: search tile sizes on first use of a shape class and cache the choice on disk.
+    """
+
+    BACKEND: str = "AUTO"
+    BLOCK_M: int | None = None
+    BLOCK_N: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    bwd_BLOCK_M1: int | None = None
+    bwd_BLOCK_N1: int | None = None
+    bwd_BLOCK_M2: int | None = None
+    bwd_BLOCK_N2: int | None = None
+    bwd_num_warps: int | None = None
+    bwd_num_stages: int | None = None
+    PRESCALE_QK: bool = False
+    ROWS_GUARANTEED_SAFE: bool = False
+    USE_TMA: bool = False
+    deterministic: bool = False
+    autotune: bool = False
+
+    def __post_init__(self) -> None:
+        if self.BACKEND not in BACKENDS:
+            raise ValueError(
+                f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {self.BACKEND!r}."
+            )
+        for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 16 or value & (value - 1)):
+                raise ValueError(
+                    f"kernel_options['{name}'] must be a power of two >= 16, got {value!r}."
+                )
+        for name in ("num_warps", "bwd_num_warps"):
+            value = getattr(self, name)
+            if value is not None and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"kernel_options['{name}'] must be 1, 2, 4, 8 or 16, got {value!r}.")
+        for name in ("num_stages", "bwd_num_stages"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 1 <= value <= 8):
+                raise ValueError(f"kernel_options['{name}'] must be an int in 1..8, got {value!r}.")
+        for name in ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "USE_TMA", "deterministic", "autotune"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"kernel_options['{name}'] must be a bool, got {getattr(self, name)!r}.")
+
+    @classmethod
+    def from_user(cls, kernel_options: dict[str, Any] | KernelOptions | None) -> KernelOptions:
+        """Validate a user's ``kernel_options`` dict (PyTorch spellings accepted) into KernelOptions."""
+        if kernel_options is None:
+            return cls()
+        if isinstance(kernel_options, KernelOptions):
+            return kernel_options
+        if not isinstance(kernel_options, dict):
+            raise TypeError(
+                f"kernel_options must be a dict or None, got {type(kernel_options).__name__}."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in kernel_options.items():
+            if key in _ACCEPTED_NO_OPS:
+                continue
+            name = _ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(
+                    f"Unknown kernel_options key {key!r}. Valid keys: "
+                    f"{sorted(known | set(_ALIASES) | set(_ACCEPTED_NO_OPS))}."
+                )
+            if name in values and values[name] != value:
+                raise ValueError(f"kernel_options sets {name!r} twice with different values (via {key!r}).")
+            values[name] = value
+        return cls(**values)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
