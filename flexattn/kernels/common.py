@@ -1,0 +1,88 @@
+"""Small ``@triton.jit`` helpers shared by the attention kernels (forward and backward).
+
+Glossary (the same letters in every kernel):
+    SPARSE_BLOCK  the BlockMask's block size along the iterated axis (KV_BLOCK in the forward pass)
+    BLOCK         the kernel's tile along that axis; divides SPARSE_BLOCK, so one listed sparse
+                  block is visited as SPARSE_BLOCK // BLOCK consecutive tiles
+    LEN           the sequence length along that axis (Q_LEN or KV_LEN)
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sparse_tile_start(indices_ptr, tile, stride_index, SPARSE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """First position of the ``tile``-th BLOCK-wide tile of the sparse blocks listed at ``indices_ptr``.
+
+    ``indices_ptr`` points at one row of ``kv_indices`` (or ``q_indices``); ``tile`` counts tiles
+    over the listed blocks in order, SPARSE_BLOCK // BLOCK of them per listed block.
+    """
+    TILES_PER_BLOCK: tl.constexpr = SPARSE_BLOCK // BLOCK
+    block = tl.load(indices_ptr + (tile // TILES_PER_BLOCK) * stride_index)
+    return block * SPARSE_BLOCK + (tile % TILES_PER_BLOCK) * BLOCK
+
+
+@triton.jit
+def wrap_index(index, LEN):
+    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails."""
+    return index % LEN
+
+
+@triton.jit
+def mask_tail(scores, kv_index, KV_LEN, CHECK: tl.constexpr):
+    """Set ``scores[:, j]`` to -inf where ``kv_index[j] >= KV_LEN`` (only when CHECK; else a no-op)."""
+    if CHECK:
+        scores = tl.where(kv_index < KV_LEN, scores, float("-inf"))
+    return scores
+
+
+# fmt: off
+@triton.jit
+def load_tile(base, rows, cols, stride_row, stride_col, N_ROWS, N_COLS: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):  # fmt: on
+    """Load ``base[rows[:, None], cols[None, :]]``; zeros where a row >= N_ROWS or a column >= N_COLS.
+
+    The bounds checks are compiled in only where the CHECK flags ask for them, so full tiles load
+    without predicates. ``rows``/``cols`` are tile-local offsets (int32); ``base`` carries the
+    (int64) offset of the tile's first element.
+    """
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=(rows[:, None] < N_ROWS) & (cols[None, :] < N_COLS), other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=rows[:, None] < N_ROWS, other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Let Triton's interpreter use loaded scalars as loop bounds under NumPy >= 2.
+
+    The interpreter (triton 3.6) holds scalars as 1-element arrays and converts them with
+    ``int(array)``, which NumPy 2 rejects for 1-d arrays; every kernel whose loop count is read from
+    memory (the block-sparse loops) would fail on CPU. Compiled GPU kernels are unaffected.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "flexattn_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor.flexattn_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_scalar_index()

@@ -1,0 +1,498 @@
+"""The fused forward kernel: block-sparse FlashAttention-2 with the compiled mods inlined.
+
+Glossary:
+    B, HQ, HKV        batch, query heads, key/value heads (query head h reads kv head h // GQA_GROUP)
+    Q_LEN, KV_LEN     sequence lengths (runtime values: new lengths do not recompile)
+    E, EV             head dims of q/k and of v; E_PAD, EV_PAD their power-of-two tile widths
+    BLOCK_M, BLOCK_N  the kernel's tile: BLOCK_M queries x BLOCK_N keys
+    Q_BLOCK, KV_BLOCK the BlockMask's block sizes; BLOCK_M divides Q_BLOCK, BLOCK_N divides KV_BLOCK
+    partial / full    kv blocks where mask_mod must be evaluated / where every pair is allowed
+
+Scores are kept in natural units for the mods and for max_scores; the softmax uses exp2 with
+log2(e) folded into one fused multiply-add per score.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from flexattn.kernels.common import load_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, padded_head_dim
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# fmt: off  (kernel arguments are grouped by meaning, several per line)
+@triton.jit
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    start_n,
+    q_idx,
+    b,
+    h,
+    k_strides,
+    v_strides,
+    Q_LEN,
+    KV_LEN,
+    sm_scale,
+    SCORE_FN: tl.constexpr,
+    SCORE_ARGS,
+    MASK_FN: tl.constexpr,
+    MASK_ARGS,
+    IS_PARTIAL: tl.constexpr,
+    KV_TAIL: tl.constexpr,
+    ROWS_SAFE: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    E_PAD: tl.constexpr,
+    EV_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile: scores, mods, mask, online-softmax update of (acc, l_i, m_i)."""
+    # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, E_PAD)
+    k = load_tile(
+        k_base + start_n.to(tl.int64) * k_strides[0],
+        offs_n,
+        offs_e,
+        k_strides[0],
+        k_strides[1],
+        KV_LEN - start_n,
+        E,
+        KV_TAIL,
+        E != E_PAD,
+    )
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+    kv_idx = wrap_index(start_n + offs_n, KV_LEN)[None, :]
+    scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
+    if IS_PARTIAL:
+        scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
+    scores = mask_tail(scores, (start_n + offs_n)[None, :], KV_LEN, KV_TAIL)
+
+    # -- online softmax in base 2: p = exp2(s * log2e - m * log2e) --
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    if ROWS_SAFE:
+        m_ref = m_new
+    else:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep p = 0, no NaN
+    m_ref2 = m_ref * 1.4426950408889634
+    p = tl.math.exp2(scores * 1.4426950408889634 - m_ref2[:, None])
+    alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_ref2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    # -- accumulate p @ v --
+    offs_ev = tl.arange(0, EV_PAD)
+    v = load_tile(
+        v_base + start_n.to(tl.int64) * v_strides[0],
+        offs_n,
+        offs_ev,
+        v_strides[0],
+        v_strides[1],
+        KV_LEN - start_n,
+        EV,
+        KV_TAIL,
+        EV != EV_PAD,
+    )
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
+def _flex_forward_kernel(
+    # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV), out like q with EV
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    MAX_SCORES,
+    q_strides,
+    k_strides,
+    v_strides,
+    o_strides,  # (batch, head, position, feature)
+    # block mask: counts (MB, MH, NQ) and indices (MB, MH, NQ, NKV); MB/MH broadcast via stride 0
+    KV_NUM_BLKS,
+    KV_IDX,
+    FULL_KV_NUM_BLKS,
+    FULL_KV_IDX,
+    num_strides,
+    idx_strides,
+    full_num_strides,
+    full_idx_strides,
+    # sizes and scale
+    Q_LEN,
+    KV_LEN,
+    HQ,
+    sm_scale,
+    # compiled mods
+    SCORE_FN: tl.constexpr,
+    SCORE_ARGS,
+    MASK_FN: tl.constexpr,
+    MASK_ARGS,
+    # meta-parameters
+    GQA_GROUP: tl.constexpr,
+    E: tl.constexpr,
+    EV: tl.constexpr,
+    E_PAD: tl.constexpr,
+    EV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    Q_BLOCK: tl.constexpr,
+    KV_BLOCK: tl.constexpr,
+    HAS_FULL_BLOCKS: tl.constexpr,
+    KV_TAIL: tl.constexpr,
+    ROWS_SAFE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
+    start_m = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GQA_GROUP
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * q_strides[0] + h.to(tl.int64) * q_strides[1] + start_m.to(tl.int64) * q_strides[2]
+    k_base = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
+    v_base = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, E_PAD)
+    q = load_tile(q_base, offs_m, offs_e, q_strides[2], q_strides[3], Q_LEN - start_m, E, True, E != E_PAD)
+    q_idx = wrap_index(start_m + offs_m, Q_LEN)[:, None]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
+
+    # -- partial kv blocks: mask_mod evaluated element-wise --
+    TILES_PER_BLOCK: tl.constexpr = KV_BLOCK // BLOCK_N
+    sparse_m = start_m // Q_BLOCK
+    row = b * num_strides[0] + h * num_strides[1] + sparse_m * num_strides[2]
+    idx_row = KV_IDX + b * idx_strides[0] + h * idx_strides[1] + sparse_m * idx_strides[2]
+    for tile in range(0, tl.load(KV_NUM_BLKS + row) * TILES_PER_BLOCK):
+        start_n = sparse_tile_start(idx_row, tile, idx_strides[3], KV_BLOCK, BLOCK_N)
+        acc, l_i, m_i = _attend_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            start_n,
+            q_idx,
+            b,
+            h,
+            (k_strides[2], k_strides[3]),
+            (v_strides[2], v_strides[3]),
+            Q_LEN,
+            KV_LEN,
+            sm_scale,
+            SCORE_FN,
+            SCORE_ARGS,
+            MASK_FN,
+            MASK_ARGS,
+            True,
+            KV_TAIL,
+            ROWS_SAFE,
+            E,
+            EV,
+            E_PAD,
+            EV_PAD,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+
+    # -- full kv blocks: mask_mod skipped --
+    if HAS_FULL_BLOCKS:
+        row = b * full_num_strides[0] + h * full_num_strides[1] + sparse_m * full_num_strides[2]
+        idx_row = (
+            FULL_KV_IDX + b * full_idx_strides[0] + h * full_idx_strides[1] + sparse_m * full_idx_strides[2]
+        )
+        for tile in range(0, tl.load(FULL_KV_NUM_BLKS + row) * TILES_PER_BLOCK):
+            start_n = sparse_tile_start(idx_row, tile, full_idx_strides[3], KV_BLOCK, BLOCK_N)
+            acc, l_i, m_i = _attend_tile(
+                acc,
+                l_i,
+                m_i,
+                q,
+                k_base,
+                v_base,
+                start_n,
+                q_idx,
+                b,
+                h,
+                (k_strides[2], k_strides[3]),
+                (v_strides[2], v_strides[3]),
+                Q_LEN,
+                KV_LEN,
+                sm_scale,
+                SCORE_FN,
+                SCORE_ARGS,
+                MASK_FN,
+                MASK_ARGS,
+                False,
+                KV_TAIL,
+                ROWS_SAFE,
+                E,
+                EV,
+                E_PAD,
+                EV_PAD,
+                BLOCK_N,
+                DOT_PRECISION,
+            )
+
+    # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    rows = start_m + offs_m
+    o_base = OUT + b64 * o_strides[0] + h.to(tl.int64) * o_strides[1] + start_m.to(tl.int64) * o_strides[2]
+    offs_ev = tl.arange(0, EV_PAD)
+    o_ptrs = o_base + offs_m[:, None] * o_strides[2] + offs_ev[None, :] * o_strides[3]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=(rows[:, None] < Q_LEN) & (offs_ev[None, :] < EV))
+    stat_offset = (b64 * HQ + h) * Q_LEN + rows
+    tl.store(LSE + stat_offset, lse, mask=rows < Q_LEN)
+    tl.store(MAX_SCORES + stat_offset, m_i, mask=rows < Q_LEN)
+
+
+# fmt: on
+def flex_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    score_mod,
+    mask_mod,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    full_kv_num_blocks: torch.Tensor | None,
+    full_kv_indices: torch.Tensor | None,
+    q_block: int,
+    kv_block: int,
+    scale: float,
+    options=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused block-sparse attention forward.
+
+    Args:
+        q: (B, Hq, Lq, E); k: (B, Hkv, Lkv, E); v: (B, Hkv, Lkv, Ev). fp16, bf16 or fp32, any
+            strides (no copies are made). ``Hq % Hkv == 0``; query head h reads kv head h // (Hq // Hkv).
+        score_mod, mask_mod: ``KernelMod``s from ``flexattn.compiler`` (identity / always-true for None).
+        kv_num_blocks, kv_indices: int32 (MB, MH, NQ) and (MB, MH, NQ, NKV): the partial kv blocks
+            per q block (MB in {1, B}, MH in {1, Hq}; size-1 dims broadcast).
+        full_kv_num_blocks, full_kv_indices: the same for full blocks (mask_mod skipped), or None.
+        q_block, kv_block: the BlockMask's BLOCK_SIZE.
+        scale: multiplies q.k before score_mod.
+        options: a ``KernelOptions`` (tiles, warps, stages, ROWS_GUARANTEED_SAFE, autotune) or None.
+
+    Returns:
+        out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
+
+    Parallelization: one program per (BLOCK_M query tile, query head, batch) — grid
+    ``(cdiv(Lq, BLOCK_M), Hq, B)``. Each program streams the K/V tiles of the sparse blocks its
+    q block lists (partial first, with mask_mod; then full, without), keeping the FlashAttention-2
+    running max / sum / accumulator in registers, and writes its rows of out, lse and max_scores once.
+
+    Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
+
+        out, lse, mx = flex_forward(q, k, v, score_mod=compile_score_mod(None),
+                                    mask_mod=compile_mask_mod(None), kv_num_blocks=..., ...)
+    """
+    B, Hq, Lq, E = _check_inputs(
+        q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block
+    )
+    Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    max_scores = torch.empty_like(lse)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse, max_scores
+    if Lkv == 0 or out.numel() == 0:
+        return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
+
+    has_full = full_kv_num_blocks is not None
+    if not has_full:
+        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
+    meta = {
+        "GQA_GROUP": Hq // Hkv,
+        "E": E,
+        "EV": Ev,
+        "E_PAD": padded_head_dim(E),
+        "EV_PAD": padded_head_dim(Ev),
+        "Q_BLOCK": q_block,
+        "KV_BLOCK": kv_block,
+        "HAS_FULL_BLOCKS": has_full,
+        "ROWS_SAFE": bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)),
+        "DOT_PRECISION": _dot_precision(q.dtype),
+    }
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        max_scores,
+        _strides(q),
+        _strides(k),
+        _strides(v),
+        _strides(out),
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        _strides(kv_num_blocks),
+        _strides(kv_indices),
+        _strides(full_kv_num_blocks),
+        _strides(full_kv_indices),
+        Lq,
+        Lkv,
+        Hq,
+        float(scale),
+        score_mod.fn,
+        score_mod.args,
+        mask_mod.fn,
+        mask_mod.args,
+    )
+
+    def launch(tiles: Tiles) -> None:
+        grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
+        _flex_forward_kernel[grid](
+            *args,
+            **meta,
+            BLOCK_M=tiles.BLOCK_M,
+            BLOCK_N=tiles.BLOCK_N,
+            KV_TAIL=Lkv % tiles.BLOCK_N != 0,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+        )
+
+    launch(choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch))
+    return out, lse, max_scores
+
+
+def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch) -> Tiles:
+    """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
+    capability, smem = _device_limits(q.device)
+    tiles = forward_tiles(
+        head_dim=E,
+        v_head_dim=Ev,
+        dtype=q.dtype,
+        q_len=Lq,
+        kv_len=Lkv,
+        q_block=q_block,
+        kv_block=kv_block,
+        capability=capability,
+        shared_memory_limit=smem,
+        options=options,
+    )
+    if not getattr(options, "autotune", False) or capability is None:
+        return tiles
+    name = torch.cuda.get_device_name(q.device)
+    key = f"{name}|{q.dtype}|E{E}|Ev{Ev}|blk{q_block}x{kv_block}|Lq{Lq.bit_length()}|Lkv{Lkv.bit_length()}"
+    cache = TileCache("forward")
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    best, best_ms = tiles, float("inf")
+    for candidate in autotune_candidates(tiles, q_block, kv_block):
+        try:
+            ms = triton.testing.do_bench(lambda c=candidate: launch(c), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = candidate, ms
+    cache.put(key, best)
+    return best
+
+
+def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, H, L, E); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    B, Hq, Lq, E = q.shape
+    if (
+        k.shape[0] != B
+        or v.shape[0] != B
+        or k.shape[1] != v.shape[1]
+        or k.shape[2] != v.shape[2]
+        or k.shape[3] != E
+    ):
+        raise ValueError(
+            f"Shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
+            "k (B, Hkv, Lkv, E) and v (B, Hkv, Lkv, Ev)."
+        )
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}.")
+    if (
+        q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+    ):
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device == kv_num_blocks.device):
+        raise ValueError(
+            f"q, k, v and the block mask must be on one device; got {q.device}, {k.device}, "
+            f"{v.device}, {kv_num_blocks.device}."
+        )
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors.")
+    for name, t, dims in (
+        ("kv_num_blocks", kv_num_blocks, 3),
+        ("kv_indices", kv_indices, 4),
+        ("full_kv_num_blocks", full_kv_num_blocks, 3),
+        ("full_kv_indices", full_kv_indices, 4),
+    ):
+        if t is None:
+            continue
+        if t.dim() != dims or t.dtype != torch.int32 or t.shape[0] not in (1, B) or t.shape[1] not in (1, Hq):
+            raise ValueError(
+                f"{name} must be int32 with {dims} dims (1 or {B}, 1 or {Hq}, ...); "
+                f"got {t.dtype} {tuple(t.shape)}."
+            )
+        if t.shape[2] < triton.cdiv(Lq, q_block):
+            raise ValueError(
+                f"{name} has {t.shape[2]} q blocks but Lq={Lq} with Q_BLOCK={q_block} needs "
+                f"{triton.cdiv(Lq, q_block)}; was the BlockMask built for this length?"
+            )
+    if (full_kv_num_blocks is None) != (full_kv_indices is None):
+        raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None.")
+    return B, Hq, Lq, E
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 (as torch's matmuls do)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@cache
+def _device_limits_cached(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or 101376
+    return (props.major, props.minor), int(smem)
+
+
+def _device_limits(device: torch.device) -> tuple[tuple[int, int] | None, int | None]:
+    if device.type != "cuda":
+        return None, None
+    return _device_limits_cached(device.index if device.index is not None else torch.cuda.current_device())

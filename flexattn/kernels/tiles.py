@@ -1,0 +1,207 @@
+"""Tile sizes and launch parameters for the forward kernel: small pure functions that say why.
+
+:func:`forward_tiles` picks ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` from the head dims, dtype,
+GPU generation and the BlockMask's block sizes, honours user overrides from ``KernelOptions`` and
+raises a clear error for combinations the kernel cannot run. :class:`TileCache` stores autotuned
+choices on disk (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the forward kernel and the reason it was chosen."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    reason: str = ""
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The tile width for a head dim: the next power of two, at least 16 (the dot's minimum)."""
+    return max(16, next_power_of_2(head_dim))
+
+
+def largest_tile_dividing(sparse_block: int, limit: int) -> int:
+    """The largest power of two >= 16 that divides ``sparse_block`` and is <= ``limit``."""
+    tile = 16
+    while tile * 2 <= limit and sparse_block % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def shared_memory_bytes(tiles: Tiles, head_dim_pad: int, v_head_dim_pad: int, elem_bytes: int) -> int:
+    """Estimated shared memory: the Q tile plus ``num_stages`` buffered K and V tiles."""
+    q_tile = tiles.BLOCK_M * head_dim_pad
+    kv_tiles = max(1, tiles.num_stages - 1) * tiles.BLOCK_N * (head_dim_pad + v_head_dim_pad)
+    return (q_tile + kv_tiles) * elem_bytes
+
+
+def default_tiles(head_dim_pad: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> Tiles:
+    """Tuned starting points per GPU generation, head dim and dtype (before any clamping)."""
+    if capability is None:
+        return Tiles(32, 32, 4, 1, "interpreter: small tiles keep the CPU emulation quick")
+    if dtype == torch.float32:
+        if head_dim_pad <= 64:
+            return Tiles(64, 32, 4, 2, "fp32: half-size tiles (twice the bytes per element)")
+        return Tiles(32, 32, 4, 2, "fp32 with a wide head: small tiles to fit shared memory")
+    if capability[0] >= 9:
+        if head_dim_pad <= 64:
+            return Tiles(128, 128, 8, 3, "Hopper, head dim <= 64: big tiles, 8 warps, 3 stages")
+        if head_dim_pad <= 128:
+            return Tiles(128, 64, 8, 3, "Hopper, head dim 128: BLOCK_M 128, 8 warps, 3 stages")
+        return Tiles(64, 64, 4, 2, "Hopper, head dim 256: smaller tiles to fit registers")
+    if capability[0] >= 8:
+        if head_dim_pad <= 64:
+            return Tiles(128, 64, 4, 3, "Ampere, head dim <= 64")
+        if head_dim_pad <= 128:
+            return Tiles(128, 32, 8, 2, "Ampere, head dim 128")
+        return Tiles(64, 32, 4, 2, "Ampere, head dim 256")
+    return Tiles(64, 32, 4, 2, "pre-Ampere GPU: conservative tiles")
+
+
+def forward_tiles(
+    *,
+    head_dim: int,
+    v_head_dim: int,
+    dtype: torch.dtype,
+    q_len: int,
+    kv_len: int,
+    q_block: int,
+    kv_block: int,
+    capability: tuple[int, int] | None,
+    shared_memory_limit: int | None,
+    options,
+) -> Tiles:
+    """Choose the forward launch configuration.
+
+    ``capability`` is the CUDA compute capability, or None for the Triton interpreter.
+    ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set).
+    BLOCK_M must divide ``q_block`` and BLOCK_N must divide ``kv_block`` (one sparse block is then
+    visited as whole tiles); defaults are shrunk to fit that, the sequence lengths and shared memory.
+
+    >>> forward_tiles(head_dim=64, v_head_dim=64, dtype=torch.float16, q_len=4096, kv_len=4096,
+    ...               q_block=128, kv_block=128, capability=(9, 0), shared_memory_limit=232448,
+    ...               options=None).BLOCK_M
+    128
+    """
+    for name, block in (("Q_BLOCK", q_block), ("KV_BLOCK", kv_block)):
+        if block < 16 or block % 16:
+            raise ValueError(
+                f"The BlockMask's {name} is {block}; the Triton kernels need block sizes that are "
+                "multiples of 16 (e.g. 16, 32, 64, 128, 256). Rebuild the mask with BLOCK_SIZE=... "
+                "or use kernel_options={'BACKEND': 'REFERENCE'}."
+            )
+    e_pad, ev_pad = padded_head_dim(head_dim), padded_head_dim(v_head_dim)
+    if max(e_pad, ev_pad) > 256:
+        raise ValueError(
+            f"Head dims up to 256 are supported by the Triton kernels, got E={head_dim}, Ev={v_head_dim}."
+        )
+    tiles = default_tiles(max(e_pad, ev_pad), dtype, capability)
+    why = [tiles.reason]
+    user_m = getattr(options, "BLOCK_M", None)
+    user_n = getattr(options, "BLOCK_N", None)
+    _check_user_tile("BLOCK_M", user_m, "Q_BLOCK", q_block)
+    _check_user_tile("BLOCK_N", user_n, "KV_BLOCK", kv_block)
+
+    block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, padded_head_dim(q_len)))
+    block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, padded_head_dim(kv_len)))
+    if (block_m, block_n) != (tiles.BLOCK_M, tiles.BLOCK_N):
+        why.append(f"tiles ({block_m}, {block_n}) fit the mask blocks ({q_block}, {kv_block}) and lengths")
+    tiles = replace(tiles, BLOCK_M=block_m, BLOCK_N=block_n)
+    if getattr(options, "num_warps", None):
+        tiles = replace(tiles, num_warps=options.num_warps)
+        why.append("num_warps from kernel_options")
+    elif block_m * block_n <= 32 * 32:
+        tiles = replace(tiles, num_warps=min(tiles.num_warps, 4))
+    if getattr(options, "num_stages", None):
+        tiles = replace(tiles, num_stages=options.num_stages)
+        why.append("num_stages from kernel_options")
+
+    if shared_memory_limit is not None:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        user_set = any(getattr(options, k, None) for k in ("BLOCK_M", "BLOCK_N", "num_stages"))
+        while shared_memory_bytes(tiles, e_pad, ev_pad, elem) > shared_memory_limit:
+            if user_set:
+                raise ValueError(
+                    f"kernel_options tiles BLOCK_M={tiles.BLOCK_M}, BLOCK_N={tiles.BLOCK_N}, "
+                    f"num_stages={tiles.num_stages} need about "
+                    f"{shared_memory_bytes(tiles, e_pad, ev_pad, elem)} bytes of shared memory for "
+                    f"head dims ({head_dim}, {v_head_dim}) in {dtype}; this GPU has "
+                    f"{shared_memory_limit}. Use smaller tiles or fewer stages."
+                )
+            if tiles.num_stages > 2:
+                tiles = replace(tiles, num_stages=tiles.num_stages - 1)
+            elif tiles.BLOCK_N > 16:
+                tiles = replace(tiles, BLOCK_N=tiles.BLOCK_N // 2)
+            elif tiles.BLOCK_M > 16:
+                tiles = replace(tiles, BLOCK_M=tiles.BLOCK_M // 2)
+            else:
+                break
+            why.append("shrunk to fit shared memory")
+    return replace(tiles, reason="; ".join(why))
+
+
+def _check_user_tile(name: str, value: int | None, block_name: str, block: int) -> None:
+    if value is not None and block % value:
+        raise ValueError(
+            f"kernel_options['{name}']={value} must divide the BlockMask's {block_name}={block} "
+            f"(a sparse block is visited as whole kernel tiles). Pick a power of two that divides "
+            f"{block}, or rebuild the mask with a BLOCK_SIZE that is a multiple of {value}."
+        )
+
+
+def autotune_candidates(base: Tiles, q_block: int, kv_block: int) -> list[Tiles]:
+    """A small search space around ``base`` that respects the mask's block sizes."""
+    out = []
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            if q_block % block_m or kv_block % block_n:
+                continue
+            for num_warps in (4, 8):
+                for num_stages in (2, 3, 4):
+                    out.append(Tiles(block_m, block_n, num_warps, num_stages, "autotuned"))
+    return out or [base]
+
+
+class TileCache:
+    """Autotuned tile choices, persisted as JSON (one file per kernel family)."""
+
+    def __init__(self, name: str, directory: str | os.PathLike | None = None):
+        root = directory or os.environ.get("FLEXATTN_CACHE_DIR") or Path.home() / ".cache" / "flexattn"
+        self.path = Path(root) / f"{name}.json"
+        self._entries: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def get(self, key: str) -> Tiles | None:
+        entry = self._load().get(key)
+        return Tiles(**entry) if entry else None
+
+    def put(self, key: str, tiles: Tiles) -> None:
+        entries = self._load()
+        entries[key] = asdict(tiles)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(self.path)
