@@ -1,0 +1,227 @@
+"""flex_attention: the public entry point. Validate -> normalise -> dispatch; no math here.
+
+Drop-in for ``torch.nn.attention.flex_attention.flex_attention``: same names, signature, defaults
+and return conventions. Every invalid input raises an error naming the argument, the bad value and
+the fix, before any work is done.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from flexattn.block_mask import BlockMask, noop_block_mask, sliced_mask_mod_error
+from flexattn.dispatch import run_attention
+from flexattn.mod_eval import check_mod
+from flexattn.options import KernelOptions
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class AuxRequest(NamedTuple):
+    """Which auxiliary outputs ``flex_attention(..., return_aux=AuxRequest(...))`` returns."""
+
+    lse: bool = False
+    max_scores: bool = False
+
+
+class AuxOutput(NamedTuple):
+    """Auxiliary outputs: ``lse`` and ``max_scores`` (B, Hq, Lq) fp32, or None if not requested."""
+
+    lse: torch.Tensor | None = None
+    max_scores: torch.Tensor | None = None
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Callable | None = None,
+    block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict[str, Any] | None = None,
+    *,
+    return_aux: AuxRequest | None = None,
+):
+    """Attention with a user-defined score_mod and a block-sparse mask.
+
+    For every (b, h, i, j): ``s = score_mod((q[b,h,i] . k[b,hk,j]) * scale, b, h, i, j)``, masked to
+    -inf where ``block_mask`` disallows (i, j); ``out[b,h,i] = softmax_j(s) @ v[b,hk]`` with
+    ``hk = h // (Hq // Hkv)``. A row with no allowed key gives out = 0 and lse = -inf.
+
+    Args:
+        query: (B, Hq, Lq, E); key: (B, Hkv, Lkv, E); value: (B, Hkv, Lkv, Ev). fp16, bf16, fp32 or
+            fp64, all the same dtype and device.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on 0-dim tensors (score fp32,
+            indices int32; h is the query head), or None.
+        block_mask: from :func:`create_block_mask` for (Lq, Lkv); None attends everywhere.
+        scale: finite float; default 1/sqrt(E).
+        enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention).
+        return_lse: also return the logsumexp (prefer ``return_aux``).
+        kernel_options: dict of kernel knobs, see :class:`flexattn.KernelOptions`.
+        return_aux: ``AuxRequest(lse=..., max_scores=...)``.
+    Returns:
+        out (B, Hq, Lq, Ev) in query's dtype; ``(out, lse)`` with ``return_lse``;
+        ``(out, AuxOutput(lse, max_scores))`` with ``return_aux``. lse / max_scores: fp32 (B, Hq, Lq).
+
+    Example:
+        >>> q, k, v = (torch.randn(2, 4, 100, 32) for _ in range(3))
+        >>> causal = create_block_mask(lambda b, h, i, j: i >= j, None, None, 100, 100, device="cpu")
+        >>> alibi = lambda s, b, h, i, j: s - 0.1 * (i - j)
+        >>> out = flex_attention(q, k, v, score_mod=alibi, block_mask=causal)
+        >>> out.shape
+        torch.Size([2, 4, 100, 32])
+    """
+    _check_tensors(query, key, value, enable_gqa)
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
+    scale = _check_scale(scale, query.shape[-1])
+    options = KernelOptions.from_user(kernel_options)
+    if block_mask is None:
+        block_mask = noop_block_mask(query.shape[2], key.shape[2], query.device)
+    else:
+        _check_block_mask(block_mask, query, key, options)
+    request = _check_returns(return_lse, return_aux)
+
+    out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
+
+    if return_aux is not None:
+        return out, AuxOutput(lse if request.lse else None, max_scores if request.max_scores else None)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _check_tensors(query, key, value, enable_gqa) -> None:
+    names = ("query", "key", "value")
+    for name, t in zip(names, (query, key, value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}.")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (B, H, L, E), got shape {tuple(t.shape)}. "
+                "Add a batch or head dim with .unsqueeze(0) / .unsqueeze(1), or reshape."
+            )
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be fp16, bf16, fp32 or fp64, got {t.dtype}. Convert with .to(torch.float32)."
+            )
+        if 0 in t.shape:
+            raise ValueError(
+                f"{name} has an empty dimension: shape {tuple(t.shape)}. Every size must be >= 1."
+            )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}. "
+            "Convert them, e.g. key.to(query.dtype)."
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}. "
+            "Move them with .to(query.device)."
+        )
+    (B, Hq, _, E), (Bk, Hkv, Lkv, Ek), (Bv, Hv, Lv, _) = query.shape, key.shape, value.shape
+    if not B == Bk == Bv:
+        raise ValueError(f"Batch sizes differ: query B={B}, key B={Bk}, value B={Bv}. They must be equal.")
+    if Ek != E:
+        raise ValueError(
+            f"query and key must share the head dim E, got query E={E} and key E={Ek} "
+            "(value's Ev may differ)."
+        )
+    if (Hkv, Lkv) != (Hv, Lv):
+        raise ValueError(
+            f"key and value must have the same heads and length, got key (H={Hkv}, L={Lkv}) and "
+            f"value (H={Hv}, L={Lv})."
+        )
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {enable_gqa!r}.")
+    if Hq != Hkv and not enable_gqa:
+        raise ValueError(
+            f"query has Hq={Hq} heads but key/value have Hkv={Hkv}. Pass enable_gqa=True for "
+            "grouped-query attention, or give key/value as many heads as query."
+        )
+    if Hq % Hkv != 0:
+        raise ValueError(
+            f"With enable_gqa=True, Hq must be a multiple of Hkv, got Hq={Hq}, Hkv={Hkv} "
+            f"(Hq % Hkv = {Hq % Hkv}). Use a number of query heads divisible by the key/value heads."
+        )
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}: {scale!r}.")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}. Pass a finite float, or None for 1/sqrt(E).")
+    return float(scale)
+
+
+def _check_block_mask(block_mask, query, key, options: KernelOptions) -> None:
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            "block_mask must be a flexattn.BlockMask (from create_block_mask), "
+            f"got {type(block_mask).__name__}."
+        )
+    B, Hq, Lq, _ = query.shape
+    Lkv = key.shape[2]
+    if tuple(block_mask.seq_lengths) != (Lq, Lkv):
+        raise ValueError(
+            f"block_mask was built for (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)} but query/key have "
+            f"Lq={Lq}, Lkv={Lkv}. Build a new mask with create_block_mask(..., Q_LEN={Lq}, KV_LEN={Lkv}), "
+            f"or, for a shorter mask, block_mask._adjust({Lq}, {Lkv})."
+        )
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    want = (-(-Lq // q_block), -(-Lkv // kv_block))
+    if tuple(block_mask.kv_indices.shape[-2:]) != want:
+        raise ValueError(
+            f"block_mask's kv_indices have {tuple(block_mask.kv_indices.shape[-2:])} (NQ, NKV) blocks, but "
+            f"BLOCK_SIZE={block_mask.BLOCK_SIZE} and lengths ({Lq}, {Lkv}) need {want}. "
+            "Rebuild it with create_block_mask."
+        )
+    Bm, Hm = block_mask.kv_num_blocks.shape[:2]
+    if Bm not in (1, B) or Hm not in (1, Hq):
+        raise ValueError(
+            f"block_mask has (B, H)=({Bm}, {Hm}) but query has B={B}, Hq={Hq}; each must match or be 1 "
+            "(build with B=None / H=None to broadcast)."
+        )
+    if block_mask.kv_num_blocks.device != query.device:
+        raise ValueError(
+            f"block_mask is on {block_mask.kv_num_blocks.device} but query is on {query.device}. "
+            f"Use block_mask.to({str(query.device)!r}) or build it with device={str(query.device)!r}."
+        )
+    if block_mask.mask_mod is sliced_mask_mod_error:
+        raise ValueError(
+            "block_mask was sliced with [] and has no mask_mod for the slice. Set `block_mask.mask_mod` "
+            "to a mod that fits the slice's b / h / q_idx (see BlockMask.__getitem__)."
+        )
+    check_mod(block_mask.mask_mod, "block_mask.mask_mod", "mask_mod")
+    for name, size, block in (("BLOCK_M", options.BLOCK_M, q_block), ("BLOCK_N", options.BLOCK_N, kv_block)):
+        if size is not None and block % size != 0:
+            raise ValueError(
+                f"kernel_options['{name}']={size} must divide the block mask's block size {block} "
+                f"(BLOCK_SIZE={block_mask.BLOCK_SIZE}). Pick a divisor, or rebuild the mask with "
+                "another BLOCK_SIZE."
+            )
+
+
+def _check_returns(return_lse, return_aux) -> AuxRequest:
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
+    if return_aux is None:
+        return AuxRequest(lse=return_lse)
+    if return_lse:
+        raise ValueError(
+            "Pass either return_lse=True or return_aux=AuxRequest(...), not both; "
+            "use return_aux=AuxRequest(lse=True) instead of return_lse."
+        )
+    if not isinstance(return_aux, AuxRequest):
+        raise TypeError(
+            f"return_aux must be an AuxRequest(lse=..., max_scores=...), got {type(return_aux).__name__}."
+        )
+    return return_aux

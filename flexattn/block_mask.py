@@ -1,0 +1,509 @@
+"""BlockMask: which (q block, kv block) tiles attention visits, and the mask_mod for the partial ones.
+
+Same format and names as ``torch.nn.attention.flex_attention.BlockMask`` (see docs/architecture.md).
+Build one with :func:`create_block_mask` from a mask_mod, or with :meth:`BlockMask.from_kv_blocks`
+from explicit block lists::
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, B=None, H=None, Q_LEN=1000, KV_LEN=1000, device="cpu")
+    print(mask)            # shape, sparsity and an ASCII picture
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from flexattn.block_mask_build import (
+    classify_blocks,
+    dense_mask,
+    dense_to_ordered,
+    ordered_to_dense,
+    transpose_ordered,
+)
+from flexattn.mod_eval import check_mod, required_positional_args
+
+DEFAULT_BLOCK_SIZE = 128
+
+
+def noop_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """The mask_mod that allows every pair."""
+    return b.new_ones((), dtype=torch.bool)
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod allowing a pair when every one of ``mask_mods`` allows it (all, if none given).
+
+    Example:
+        >>> causal = lambda b, h, q, kv: q >= kv
+        >>> near = lambda b, h, q, kv: q - kv < 64
+        >>> sliding_causal = and_masks(causal, near)
+    """
+    for i, fn in enumerate(mask_mods):
+        check_mod(fn, f"and_masks argument {i}", "mask_mod")
+
+    def and_mask(b, h, q_idx, kv_idx):
+        result = b.new_ones((), dtype=torch.bool)
+        for fn in mask_mods:
+            result = result & fn(b, h, q_idx, kv_idx)
+        return result
+
+    and_mask.__name__ = "and_masks(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")"
+    return and_mask
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod allowing a pair when any of ``mask_mods`` allows it (none, if none given).
+
+    Example:
+        >>> prefix = lambda b, h, q, kv: kv < 16
+        >>> causal = lambda b, h, q, kv: q >= kv
+        >>> prefix_lm = or_masks(prefix, causal)
+    """
+    for i, fn in enumerate(mask_mods):
+        check_mod(fn, f"or_masks argument {i}", "mask_mod")
+
+    def or_mask(b, h, q_idx, kv_idx):
+        result = b.new_zeros((), dtype=torch.bool)
+        for fn in mask_mods:
+            result = result | fn(b, h, q_idx, kv_idx)
+        return result
+
+    or_mask.__name__ = "or_masks(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")"
+    return or_mask
+
+
+def sliced_mask_mod_error(b, h, q_idx, kv_idx):
+    """Stands in for the mask_mod of a sliced BlockMask (its indices no longer match the original)."""
+    raise RuntimeError(
+        "This BlockMask was sliced with [] and its mask_mod reset, because b / h / q_idx of the slice "
+        "no longer match the original mask. Set one that fits the slice, e.g. "
+        "`sliced.mask_mod = lambda b, h, q, kv: base.mask_mod(b, h, q + offset, kv)`."
+    )
+
+
+def _block_size_pair(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair):
+        raise ValueError(
+            "BLOCK_SIZE must be a positive int or a (Q_BLOCK, KV_BLOCK) pair of positive ints, "
+            f"got {BLOCK_SIZE!r}."
+        )
+    return pair
+
+
+@dataclass
+class BlockMask:
+    """Block-sparse description of an attention mask (fields as in PyTorch; see docs/architecture.md).
+
+    Shapes (B and H may be 1, meaning broadcast; NQ = ceil(Q_LEN / Q_BLOCK), NKV = ceil(KV_LEN / KV_BLOCK)):
+        kv_num_blocks int32 (B, H, NQ), kv_indices int32 (B, H, NQ, NKV): partial blocks per q block.
+        full_kv_num_blocks, full_kv_indices: the same for full blocks (mask_mod skipped), or None.
+        q_num_blocks int32 (B, H, NKV), q_indices int32 (B, H, NKV, NQ): transposed partial view.
+        full_q_num_blocks, full_q_indices: transposed full view, or None.
+    The first ``num`` entries of each indices row are valid and sorted ascending.
+    """
+
+    seq_lengths: tuple[int, int]
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    full_kv_num_blocks: torch.Tensor | None
+    full_kv_indices: torch.Tensor | None
+    q_num_blocks: torch.Tensor | None
+    q_indices: torch.Tensor | None
+    full_q_num_blocks: torch.Tensor | None
+    full_q_indices: torch.Tensor | None
+    BLOCK_SIZE: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+    mask_mod: Callable = noop_mask
+
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks: torch.Tensor,
+        kv_indices: torch.Tensor,
+        full_kv_num_blocks: torch.Tensor | None = None,
+        full_kv_indices: torch.Tensor | None = None,
+        BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+        mask_mod: Callable | None = None,
+        seq_lengths: tuple[int, int] | None = None,
+        compute_q_blocks: bool = True,
+    ) -> BlockMask:
+        """A BlockMask from kv-side block lists; derives the transposed q-side lists.
+
+        Tensors with fewer than 4 dims get leading size-1 (broadcast) dims. ``seq_lengths``
+        defaults to (NQ * Q_BLOCK, NKV * KV_BLOCK); ``mask_mod`` to :func:`noop_mask`.
+
+        Example:
+            >>> num = torch.tensor([[[1, 2]]], dtype=torch.int32)             # (B=1, H=1, NQ=2)
+            >>> idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32)   # (1, 1, 2, NKV=2)
+            >>> BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=16).to_dense()[0, 0].tolist()
+            [[1, 0], [1, 1]]
+        """
+        if kv_indices.dim() < 2 or kv_num_blocks.dim() != kv_indices.dim() - 1:
+            raise ValueError(
+                f"kv_indices must be (..., NQ, NKV) and kv_num_blocks (..., NQ); got shapes "
+                f"{tuple(kv_indices.shape)} and {tuple(kv_num_blocks.shape)}."
+            )
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError("Pass both full_kv_num_blocks and full_kv_indices, or neither.")
+
+        kv_num_blocks, kv_indices = _to_4d(kv_num_blocks, 3), _to_4d(kv_indices, 4)
+        full_kv_num_blocks, full_kv_indices = _to_4d(full_kv_num_blocks, 3), _to_4d(full_kv_indices, 4)
+        q_block, kv_block = _block_size_pair(BLOCK_SIZE)
+        if mask_mod is None:
+            mask_mod = noop_mask
+        check_mod(mask_mod, "mask_mod", "mask_mod")
+        if seq_lengths is None:
+            seq_lengths = (kv_indices.shape[-2] * q_block, kv_indices.shape[-1] * kv_block)
+        q_num = q_idx = full_q_num = full_q_idx = None
+        if compute_q_blocks:
+            q_num, q_idx = transpose_ordered(kv_num_blocks, kv_indices)
+            if full_kv_num_blocks is not None:
+                full_q_num, full_q_idx = transpose_ordered(full_kv_num_blocks, full_kv_indices)
+        return cls(
+            seq_lengths=tuple(seq_lengths),
+            kv_num_blocks=kv_num_blocks,
+            kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks,
+            full_kv_indices=full_kv_indices,
+            q_num_blocks=q_num,
+            q_indices=q_idx,
+            full_q_num_blocks=full_q_num,
+            full_q_indices=full_q_idx,
+            BLOCK_SIZE=(q_block, kv_block),
+            mask_mod=mask_mod,
+        )
+
+    # ---- shape and statistics -------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Q_LEN, KV_LEN) of the mask (B, H may be 1: broadcast)."""
+        return tuple(self.kv_indices.shape[:-2]) + tuple(self.seq_lengths)
+
+    def numel(self) -> int:
+        """Number of (b, h, q, kv) elements the mask describes, ignoring sparsity."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def sparsity(self) -> float:
+        """Percentage of the (b, h, q, kv) area lying in blocks that are never visited.
+
+        Counts only in-range positions of tail blocks (so it stays within 0..100 for any length).
+        """
+        q_len, kv_len = self.seq_lengths
+        (q_block, kv_block), device = self.BLOCK_SIZE, self.kv_indices.device
+        nq, nkv = self.kv_indices.shape[-2:]
+        rows = (q_len - torch.arange(nq, device=device) * q_block).clamp(0, q_block)  # rows per q block
+        cols = (kv_len - torch.arange(nkv, device=device) * kv_block).clamp(0, kv_block)
+        visited = (self._dense_blocks() * rows[:, None] * cols[None, :]).sum().item()
+        return 100.0 * (1.0 - visited / max(1, self.numel()))
+
+    def to_dense(self) -> torch.Tensor:
+        """int32 (B, H, NQ, NKV): 1 where a block is visited (partial or full), else 0."""
+        return self._dense_blocks().to(torch.int32)
+
+    def _dense_blocks(self, full: bool | None = None) -> torch.Tensor:
+        """bool (B, H, NQ, NKV) of the partial blocks (full=False), full ones (True) or both (None)."""
+        nkv = self.kv_indices.shape[-1]
+        partial = ordered_to_dense(self.kv_num_blocks, self.kv_indices, nkv)
+        if self.full_kv_num_blocks is None:
+            full_dense = torch.zeros_like(partial)
+        else:
+            full_dense = ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nkv)
+        if full is None:
+            return partial | full_dense
+        return full_dense if full else partial
+
+    # ---- pictures ----------------------------------------------------------------------------------
+
+    def to_string(self, grid_size: int | tuple[int, int] = (20, 20), limit: int = 4) -> str:
+        """ASCII picture per (b, h): '█' full block, '░' partial, ' ' never visited.
+
+        Larger masks are downsampled to ``grid_size`` cells (-1: one cell per block); a cell shows
+        '█' if all its blocks are full, ' ' if all are empty, '░' otherwise.
+        """
+        full = self._dense_blocks(full=True)
+        visited = self._dense_blocks()
+        *batch, rows, cols = visited.shape
+        if grid_size == -1:
+            max_rows, max_cols = rows, cols
+        elif isinstance(grid_size, int):
+            max_rows = max_cols = grid_size
+        else:
+            max_rows, max_cols = grid_size
+        row_step, col_step = max(1, -(-rows // max_rows)), max(1, -(-cols // max_cols))
+        pictures = []
+        for n, (b, h) in enumerate(itertools.product(*(range(d) for d in batch))):
+            if n == limit:
+                pictures.append(
+                    f"... ({batch[0] * batch[1] - limit} more; to_string(limit=N) or index mask[b, h])"
+                )
+                break
+            lines = [f"b={b}, h={h}"]
+            for r in range(0, rows, row_step):
+                line = ""
+                for c in range(0, cols, col_step):
+                    cell_full = full[b, h, r : r + row_step, c : c + col_step]
+                    cell_visited = visited[b, h, r : r + row_step, c : c + col_step]
+                    line += "██" if bool(cell_full.all()) else "  " if not bool(cell_visited.any()) else "░░"
+                lines.append(line)
+            pictures.append("\n".join(lines))
+        return "\n".join(pictures)
+
+    def __str__(self) -> str:
+        return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string()}\n)"
+
+    def __repr__(self) -> str:
+        def shape_of(t):
+            return None if t is None else tuple(t.shape)
+
+        fields = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"]
+        fields += ["q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"]
+        body = "".join(f"    {f}={shape_of(getattr(self, f))},\n" for f in fields)
+        mod = getattr(self.mask_mod, "__name__", self.mask_mod)
+        return (
+            f"BlockMask(\n{body}    BLOCK_SIZE={self.BLOCK_SIZE},\n    shape={self.shape},\n"
+            f"    sparsity={self.sparsity():.2f}%,\n    mask_mod={mod}\n)"
+        )
+
+    # ---- derived masks -------------------------------------------------------------------------
+
+    def __getitem__(self, index) -> BlockMask:
+        """Select batches, heads and q blocks: ``mask[b]``, ``mask[:, h]``, ``mask[:, :, q_blocks]``.
+
+        All four dims are kept (an int index keeps a size-1 dim). The slice's mask_mod is reset to
+        a stub that raises until you set one matching the slice's b / h / q_idx (as in PyTorch).
+        Selecting q blocks sets Q_LEN to (selected blocks) * Q_BLOCK.
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) > 3:
+            raise IndexError(
+                f"A BlockMask is indexed by at most (batch, head, q_block), got {len(index)} indices."
+            )
+        index = (*index, slice(None), slice(None), slice(None))[:3]
+        sizes = self.kv_num_blocks.shape
+        index = tuple(slice(i % n, i % n + 1) if isinstance(i, int) else i for i, n in zip(index, sizes))
+        full_num = full_idx = None
+        if self.full_kv_num_blocks is not None:
+            full_num, full_idx = self.full_kv_num_blocks[index], self.full_kv_indices[index]
+        kv_num, kv_idx = self.kv_num_blocks[index], self.kv_indices[index]
+        q_len = self.seq_lengths[0]
+        if kv_num.shape[2] != sizes[2]:
+            q_len = kv_num.shape[2] * self.BLOCK_SIZE[0]
+        return BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=sliced_mask_mod_error,
+            seq_lengths=(q_len, self.seq_lengths[1]),
+            compute_q_blocks=self.q_indices is not None,
+        )
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            name: None if getattr(self, name) is None else getattr(self, name).to(device)
+            for name in _TENSOR_FIELDS
+        }
+        return replace(self, **moved)
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> BlockMask:
+        """The same mask cropped to shorter lengths (the top-left corner), e.g. for a shorter prompt.
+
+        Only valid for mask_mods whose pattern does not depend on the total length. Growing a mask
+        needs a new ``create_block_mask``.
+        """
+        if (
+            new_q_len > self.seq_lengths[0]
+            and -(-new_q_len // self.BLOCK_SIZE[0]) > self.kv_indices.shape[-2]
+        ):
+            raise ValueError(
+                f"_adjust can only shrink a BlockMask: new_q_len={new_q_len} needs more q blocks than "
+                f"the mask's {self.kv_indices.shape[-2]}. Build a new mask with create_block_mask."
+            )
+        if (
+            new_kv_len > self.seq_lengths[1]
+            and -(-new_kv_len // self.BLOCK_SIZE[1]) > self.kv_indices.shape[-1]
+        ):
+            raise ValueError(
+                f"_adjust can only shrink a BlockMask: new_kv_len={new_kv_len} needs more kv blocks than "
+                f"the mask's {self.kv_indices.shape[-1]}. Build a new mask with create_block_mask."
+            )
+        nq = -(-new_q_len // self.BLOCK_SIZE[0])
+        nkv = -(-new_kv_len // self.BLOCK_SIZE[1])
+
+        def crop(num, idx):
+            if num is None:
+                return None, None
+            num, idx = num[:, :, :nq], idx[:, :, :nq]
+            slot = torch.arange(idx.shape[-1], device=idx.device)
+            # Valid entries are sorted ascending, so those still in range are a prefix.
+            num = ((slot < num.unsqueeze(-1)) & (idx < nkv)).sum(-1, dtype=torch.int32)
+            return num.contiguous(), idx[..., :nkv].contiguous()
+
+        kv_num, kv_idx = crop(self.kv_num_blocks, self.kv_indices)
+        full_num, full_idx = crop(self.full_kv_num_blocks, self.full_kv_indices)
+        return BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=self.mask_mod,
+            seq_lengths=(new_q_len, new_kv_len),
+            compute_q_blocks=self.q_indices is not None,
+        )
+
+
+_TENSOR_FIELDS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
+
+def _to_4d(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if t.dim() > dims:
+        raise ValueError(f"BlockMask tensors have at most {dims} dims here, got shape {tuple(t.shape)}.")
+    return t.reshape((1,) * (dims - t.dim()) + tuple(t.shape)).to(torch.int32).contiguous()
+
+
+def _check_size(name: str, value, allow_none: bool) -> int:
+    if value is None and allow_none:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        extra = " or None (broadcast)" if allow_none else ""
+        raise ValueError(f"{name} must be a positive int{extra}, got {value!r}.")
+    return value
+
+
+def _default_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def create_block_mask(
+    mask_mod: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str | None = None,
+    BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    _compile: bool = False,
+    separate_full_blocks: bool = True,
+) -> BlockMask:
+    """Build a BlockMask by evaluating ``mask_mod(b, h, q_idx, kv_idx)`` over the whole index grid.
+
+    Args:
+        mask_mod: per-element mask (int32 0-dim indices -> bool), as for PyTorch.
+        B, H: batch size and number of query heads; None builds a mask broadcast over that dim.
+        Q_LEN, KV_LEN: sequence lengths.
+        device: where to build and keep the mask (default: CUDA if available, else CPU).
+        BLOCK_SIZE: int or (Q_BLOCK, KV_BLOCK).
+        _compile: accepted for compatibility with PyTorch; ignored.
+        separate_full_blocks: list blocks where every pair is allowed as *full* (mask_mod skipped).
+    Returns:
+        BlockMask with tensors (B or 1, H or 1, NQ, NKV). Positions past Q_LEN / KV_LEN in a tail
+        block are ignored when classifying (see block_mask_build), so such blocks may be full.
+
+    Example:
+        >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
+        >>> mask = create_block_mask(causal, None, None, 300, 300, device="cpu", BLOCK_SIZE=128)
+        >>> mask.to_dense()[0, 0].tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+    check_mod(mask_mod, "mask_mod", "mask_mod")
+    B, H = _check_size("B", B, True), _check_size("H", H, True)
+    Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
+    q_block, kv_block = _block_size_pair(BLOCK_SIZE)
+    device = _default_device(device)
+    partial, full = classify_blocks(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
+    if not separate_full_blocks:
+        partial, full = partial | full, None
+    kv_num, kv_idx = dense_to_ordered(partial)
+    full_num, full_idx = (None, None) if full is None else dense_to_ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=mask_mod,
+        seq_lengths=(Q_LEN, KV_LEN),
+    )
+
+
+def create_mask(
+    mod_fn: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Dense bool mask (B or 1, H or 1, Q_LEN, KV_LEN) from a mask_mod or a score_mod.
+
+    For a score_mod (5 arguments) the mask is True where the mod leaves a zero score finite, as in
+    PyTorch. Memory is O(B*H*Q_LEN*KV_LEN): use it for small sizes, tests and pictures.
+
+    Example:
+        >>> create_mask(lambda b, h, q, kv: q >= kv, 1, 1, 2, 2, device="cpu")[0, 0].tolist()
+        [[True, False], [True, True]]
+    """
+    if not callable(mod_fn):
+        raise TypeError(f"mod_fn must be a mask_mod or score_mod callable, got {type(mod_fn).__name__}.")
+    is_score_mod = _arity(mod_fn) == 5
+    check_mod(mod_fn, "mod_fn", "score_mod" if is_score_mod else "mask_mod")
+    B, H = _check_size("B", B, True), _check_size("H", H, True)
+    Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
+    return dense_mask(mod_fn, is_score_mod, B, H, Q_LEN, KV_LEN, _default_device(device))
+
+
+def _arity(fn: Callable) -> int | None:
+    try:
+        return required_positional_args(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def noop_block_mask(
+    q_len: int, kv_len: int, device: torch.device | str, BLOCK_SIZE: int = DEFAULT_BLOCK_SIZE
+) -> BlockMask:
+    """The mask flex_attention uses when none is given: every block full, nothing evaluated."""
+    nq, nkv = -(-q_len // BLOCK_SIZE), -(-kv_len // BLOCK_SIZE)
+    zeros_q = torch.zeros(1, 1, nq, dtype=torch.int32, device=device)
+    zeros_kv = torch.zeros(1, 1, nkv, dtype=torch.int32, device=device)
+    kv_idx = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
+    q_idx = torch.arange(nq, dtype=torch.int32, device=device).expand(1, 1, nkv, nq).contiguous()
+    return BlockMask(
+        seq_lengths=(q_len, kv_len),
+        kv_num_blocks=zeros_q,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=torch.full_like(zeros_q, nkv),
+        full_kv_indices=kv_idx,
+        q_num_blocks=zeros_kv,
+        q_indices=q_idx,
+        full_q_num_blocks=torch.full_like(zeros_kv, nq),
+        full_q_indices=q_idx,
+        BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
+        mask_mod=noop_mask,
+    )

@@ -1,0 +1,152 @@
+"""Building blocks of BlockMask construction: evaluating a mask_mod block by block, and converting
+between dense block matrices and the (num_blocks, indices) "ordered" form the kernels read.
+
+How ``classify_blocks`` stays fast and small: it evaluates the mask_mod (with vmap semantics) on
+chunks of whole q blocks against every kv position, reduces each chunk to any/all per
+(q block, kv block) at once, and drops it. Peak memory is one chunk (``budget`` elements), never
+B*H*Q_LEN*KV_LEN; a causal mask at L=65536 takes about a second on two CPU cores
+(~9e5 mask evaluations per millisecond).
+
+Tails: positions beyond Q_LEN / KV_LEN in the last block are never passed to the mask_mod (a mod
+that gathers from a per-token table would read out of bounds) and are ignored when classifying: a
+block is *full* when every in-range pair is allowed. Kernels mask the tail themselves, so a causal
+mask keeps all its below-diagonal blocks full for any length. (PyTorch instead counts the padding as
+masked, which makes every tail block partial; both give the same attention output.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from flexattn.mod_eval import eval_mask_mod, eval_score_mod, index
+
+# Elements of mask_mod output evaluated at once (bool, so ~this many bytes plus the mod's temporaries).
+DEFAULT_BUDGET = 1 << 22
+
+
+def dense_to_ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block matrix -> ordered form.
+
+    Args:
+        dense: bool or 0/1 tensor (..., R, C): which columns each row visits.
+    Returns:
+        num: int32 (..., R), number of visited columns per row.
+        indices: int32 (..., R, C), the visited columns ascending first, then the others.
+    """
+    dense = dense.bool()
+    num = dense.sum(dim=-1, dtype=torch.int32)
+    # A stable sort of "not visited" (0 first) lists the visited columns first, in ascending order.
+    indices = torch.sort(dense.logical_not().to(torch.uint8), dim=-1, stable=True).indices
+    return num.contiguous(), indices.to(torch.int32).contiguous()
+
+
+def ordered_to_dense(num: torch.Tensor, indices: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """Ordered form -> bool block matrix (..., R, num_cols); entries past ``num`` are ignored."""
+    slot = torch.arange(indices.shape[-1], device=indices.device)
+    valid = slot < num.unsqueeze(-1)
+    target = torch.where(valid, indices.long(), num_cols)  # invalid entries land in a spill column
+    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
+    dense.scatter_(-1, target, True)
+    return dense[..., :num_cols]
+
+
+def transpose_ordered(num: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kv_num_blocks, kv_indices) -> (q_num_blocks, q_indices): for each column, the rows visiting it."""
+    dense = ordered_to_dense(num, indices, indices.shape[-1])
+    return dense_to_ordered(dense.transpose(-2, -1))
+
+
+def _reduce_rows(vals: torch.Tensor, q_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, c, N) uint8 0/1, c rows from a q-block boundary -> max/min per q block: (B, H, nb, N)."""
+    c = vals.shape[2]
+    whole = c // q_block
+    maxes, mins = [], []
+    if whole:
+        blocks = vals[:, :, : whole * q_block].unflatten(2, (whole, q_block))
+        maxes.append(blocks.amax(dim=3))
+        mins.append(blocks.amin(dim=3))
+    if c % q_block:
+        tail = vals[:, :, whole * q_block :]
+        maxes.append(tail.amax(dim=2, keepdim=True))
+        mins.append(tail.amin(dim=2, keepdim=True))
+    return torch.cat(maxes, dim=2), torch.cat(mins, dim=2)
+
+
+def _reduce_cols(maxes: torch.Tensor, mins: torch.Tensor, kv_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nb, N) per-position max/min -> per kv block: (B, H, nb, ceil(N / kv_block))."""
+    n = maxes.shape[-1]
+    whole = n // kv_block
+    out_max, out_min = [], []
+    if whole:
+        out_max.append(maxes[..., : whole * kv_block].unflatten(-1, (whole, kv_block)).amax(dim=-1))
+        out_min.append(mins[..., : whole * kv_block].unflatten(-1, (whole, kv_block)).amin(dim=-1))
+    if n % kv_block:
+        out_max.append(maxes[..., whole * kv_block :].amax(dim=-1, keepdim=True))
+        out_min.append(mins[..., whole * kv_block :].amin(dim=-1, keepdim=True))
+    return torch.cat(out_max, dim=-1), torch.cat(out_min, dim=-1)
+
+
+def classify_blocks(
+    mask_mod: Callable,
+    B: int,
+    H: int,
+    q_len: int,
+    kv_len: int,
+    q_block: int,
+    kv_block: int,
+    device: torch.device | str,
+    budget: int = DEFAULT_BUDGET,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify every (b, h, q block, kv block).
+
+    Returns:
+        partial: bool (B, H, NQ, NKV), some but not all in-range pairs allowed.
+        full: bool (B, H, NQ, NKV), every in-range pair allowed.
+        (Neither: the block is empty and never visited.)
+    """
+    nq = -(-q_len // q_block)
+    nkv = -(-kv_len // kv_block)
+    any_blocks = torch.empty(B, H, nq, nkv, dtype=torch.bool, device=device)
+    all_blocks = torch.empty_like(any_blocks)
+    rows = max(1, budget // max(1, B * H * kv_len) // q_block) * q_block
+    kv = index(0, kv_len, device)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        vals = eval_mask_mod(mask_mod, B, H, index(start, stop, device), kv)  # (B, H, c, KV_LEN)
+        # any/all as max/min over uint8: much faster than bool any/all over a middle dim.
+        row_max, row_min = _reduce_rows(vals.view(torch.uint8), q_block)
+        blk_max, blk_min = _reduce_cols(row_max, row_min, kv_block)
+        first = start // q_block
+        any_blocks[:, :, first : first + blk_max.shape[2]] = blk_max.bool()
+        all_blocks[:, :, first : first + blk_min.shape[2]] = blk_min.bool()
+    return any_blocks & ~all_blocks, all_blocks
+
+
+def dense_mask(
+    mod_fn: Callable,
+    is_score_mod: bool,
+    B: int,
+    H: int,
+    q_len: int,
+    kv_len: int,
+    device: torch.device | str,
+    budget: int = DEFAULT_BUDGET,
+) -> torch.Tensor:
+    """Element-level bool mask (B, H, q_len, kv_len), evaluated in q-row chunks.
+
+    For a score_mod, True where it leaves a zero score finite (not -inf), as PyTorch's create_mask.
+    """
+    out = torch.empty(B, H, q_len, kv_len, dtype=torch.bool, device=device)
+    rows = max(1, budget // max(1, B * H * kv_len))
+    kv = index(0, kv_len, device)
+    for start in range(0, q_len, rows):
+        stop = min(start + rows, q_len)
+        q = index(start, stop, device)
+        if is_score_mod:
+            zeros = torch.zeros(B, H, stop - start, kv_len, device=device)
+            out[:, :, start:stop] = ~torch.isneginf(eval_score_mod(mod_fn, zeros, q, kv))
+        else:
+            out[:, :, start:stop] = eval_mask_mod(mod_fn, B, H, q, kv)
+    return out

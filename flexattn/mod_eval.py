@@ -1,0 +1,115 @@
+"""Evaluate user mods with PyTorch's per-element semantics over grids of indices.
+
+A mod is written for 0-dim tensors: ``score_mod(score, b, h, q_idx, kv_idx)`` or
+``mask_mod(b, h, q_idx, kv_idx)``. As in ``torch.nn.attention.flex_attention``, we lift it to whole
+grids with four nested ``torch.vmap`` levels (over b, h, q_idx, kv_idx), so a mod that gathers a row
+and indexes into it (``iv = intervals[img[kv_idx]]; iv[0]``) means the same thing here as in a kernel.
+vmap's batching rules keep the cost close to plain broadcasting.
+
+Used by the block-mask builder and the reference backend; imports nothing from flexattn.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+# vmap levels from the innermost (kv_idx) to the outermost (b).
+_LEVELS = ((None, None, None, 0), (None, None, 0, None), (None, 0, None, None), (0, None, None, None))
+
+
+def required_positional_args(fn: Callable) -> int:
+    """Number of positional parameters of ``fn`` that have no default (PyTorch's rule for mods)."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and not inspect.ismethod(fn):
+        return code.co_argcount - len(getattr(fn, "__defaults__", None) or ())
+    params = inspect.signature(fn).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+def check_mod(fn: Callable, argument: str, kind: str) -> None:
+    """Raise a clear error unless ``fn`` is a callable mod of the given kind.
+
+    ``kind`` is "score_mod" (5 positional arguments) or "mask_mod" (4); ``argument`` names the
+    user-facing argument in the message.
+    """
+    if not callable(fn):
+        raise TypeError(f"{argument} must be callable, got {type(fn).__name__}: {fn!r}.")
+    want = 5 if kind == "score_mod" else 4
+    signature = "(score, b, h, q_idx, kv_idx)" if kind == "score_mod" else "(b, h, q_idx, kv_idx)"
+    try:
+        got = required_positional_args(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call itself decide
+    if got != want:
+        hint = ""
+        if kind == "mask_mod" and got == 5:
+            hint = " It looks like a score_mod: pass it as score_mod= instead."
+        elif kind == "score_mod" and got == 4:
+            hint = " It looks like a mask_mod: build a mask with create_block_mask(...) and pass block_mask=."
+        raise TypeError(
+            f"{argument} must take {want} positional arguments {signature}, but "
+            f"{getattr(fn, '__name__', fn)!r} takes {got}.{hint}"
+        )
+
+
+def _as_tensor_result(fn: Callable) -> Callable:
+    """Wrap ``fn`` so that a Python number result becomes a tensor (vmap needs tensors)."""
+
+    def wrapped(*args):
+        result = fn(*args)
+        if not isinstance(result, torch.Tensor):
+            result = torch.as_tensor(result, device=args[-1].device)
+        return result
+
+    return wrapped
+
+
+def vmap_mod(fn: Callable, has_score: bool) -> Callable:
+    """Lift a per-element mod to grids.
+
+    The returned function takes ``(score, b, h, q_idx, kv_idx)`` (score mods) or
+    ``(b, h, q_idx, kv_idx)`` (mask mods) where ``b, h, q_idx, kv_idx`` are 1-D int32 tensors of
+    sizes (B, H, M, N) and ``score`` is (B, H, M, N); it returns a (B, H, M, N) tensor.
+
+    Example:
+        >>> grid = vmap_mod(lambda b, h, q, kv: q >= kv, has_score=False)
+        >>> ar = lambda n: torch.arange(n, dtype=torch.int32)
+        >>> grid(ar(1), ar(1), ar(3), ar(3)).shape
+        torch.Size([1, 1, 3, 3])
+    """
+    lifted = _as_tensor_result(fn)
+    prefix = (0,) if has_score else ()
+    for dims in _LEVELS:
+        lifted = torch.vmap(lifted, in_dims=prefix + dims, out_dims=0)
+    return lifted
+
+
+def index(start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+    """int32 positions ``start .. stop-1`` (the index dtype every mod receives)."""
+    return torch.arange(start, stop, dtype=torch.int32, device=device)
+
+
+def eval_mask_mod(mask_mod: Callable, B: int, H: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+    """mask_mod over b in range(B), h in range(H) and the given q/kv positions -> bool (B, H, M, N)."""
+    device = q.device
+    out = vmap_mod(mask_mod, has_score=False)(index(0, B, device), index(0, H, device), q, kv)
+    if out.dtype != torch.bool:
+        raise TypeError(
+            f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got "
+            f"{out.dtype}. Return a comparison (e.g. `q_idx >= kv_idx`) or add `.bool()` / `!= 0`."
+        )
+    return out.expand(B, H, q.numel(), kv.numel())
+
+
+def eval_score_mod(
+    score_mod: Callable, score: torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
+    """score_mod over a (B, H, M, N) score grid at the given q/kv positions -> (B, H, M, N)."""
+    B, H = score.shape[:2]
+    device = score.device
+    out = vmap_mod(score_mod, has_score=True)(score, index(0, B, device), index(0, H, device), q, kv)
+    return out.expand(score.shape)
