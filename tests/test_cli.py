@@ -1,0 +1,64 @@
+"""The flexattn command: demo (tiny sizes, every variant, on CPU), show, and bench's CPU refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexattn.cli import main
+from flexattn.gallery import GALLERY, build_case, element_picture
+
+
+def test_demo_checks_and_pictures_every_variant(tmp_path, capsys):
+    out = tmp_path / "pictures"
+    status = main(["demo", "--device", "cpu", "--length", "72", "--block-size", "16", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert status == 0
+    assert "L=72" in table and "blocks of 16" in table
+    for name in GALLERY:
+        line = next(line for line in table.splitlines() if line.startswith(name + " "))
+        assert line.split()[-2] == "yes", line
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_demo_rejects_unknown_variant(tmp_path, capsys):
+    assert main(["demo", "--device", "cpu", "--variants", "causal,bogus", "--out", str(tmp_path)]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("length", [9, 37])
+def test_show_draws_the_mask_element_by_element(length, capsys):
+    assert main(["show", "causal", "--length", str(length), "--block-size", "4"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert rows == ["█" * (i + 1) + "·" * (length - i - 1) for i in range(length)]
+
+
+def test_show_falls_back_to_blocks_for_long_sequences(capsys):
+    assert main(["show", "sliding_window", "--length", "512", "--block-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "sliding_window_64" in out and "one cell per block" in out
+    block_rows = out.splitlines()[2:]
+    assert len(block_rows) == 512 // 32
+    assert block_rows[0].startswith("░░") and block_rows[-1].rstrip().endswith("░░")
+
+
+def test_show_lists_and_rejects_names(capsys):
+    assert main(["show", "--list"]) == 0
+    assert "natten_2d" in capsys.readouterr().out
+    assert main(["show", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_element_picture_classifies_blocks():
+    # causal, 8 tokens, blocks of 4: block (0, 0) partial, (1, 0) full, (0, 1) skipped.
+    picture = element_picture(build_case("causal", 8, "cpu"), "cpu", block_size=4)
+    assert picture[0, 0] == 2 and picture[0, 1] == 1  # allowed / masked inside a partial block
+    assert bool((picture[4:, :4] == 3).all())  # full block
+    assert bool((picture[:4, 4:] == 0).all())  # skipped block
+
+
+def test_bench_without_gpu_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
