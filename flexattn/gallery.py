@@ -303,7 +303,11 @@ def save_picture(case: Case, block_size: int, path: Path, device="cpu") -> None:
     colours = ListedColormap(["#ffffff", "#dbe7f3", "#2b6cb0", "#1c4532"])
     ax = axes[0, 0]
     ax.imshow(
-        element_picture(case, device, block_size), cmap=colours, vmin=0, vmax=3, interpolation="nearest"
+        element_picture(case, device, block_size).numpy(),
+        cmap=colours,
+        vmin=0,
+        vmax=3,
+        interpolation="nearest",
     )
     for edge in range(block_size, max(case.q_len, case.kv_len), block_size):
         if edge < case.kv_len:
