@@ -1,0 +1,188 @@
+"""The mod compiler: score_mod / mask_mod -> Triton device functions (``KernelMod``).
+
+    trace.py     run the mod on proxies -> typed IR graph (ir.py); refuse what kernels can't do
+    autodiff.py  reverse-mode gradient of a score mod, as more IR
+    codegen.py   IR -> ``@triton.jit`` source (helpers in triton_math.py)
+    cache.py     structure key -> generated functions; the compile counter
+
+Example::
+
+    from flexattn.compiler import compile_score_mod, explain
+
+    bias = torch.randn(8, 2 * 1024 - 1, device="cuda", requires_grad=True)
+
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + 1023]
+
+    mod = compile_score_mod(rel_bias)   # KernelMod: fn, args, grad_fn, grad_captures, ...
+    print(explain(rel_bias))            # IR and generated Triton source
+
+Supported inside mods: Python operators (``+ - * / // % **``, comparisons, ``& | ^ ~ << >>``, unary
+``-``, ``abs``), elementwise torch functions and Tensor methods (where, exp, exp2, log, log2, log1p,
+expm1, tanh, sigmoid, sqrt, rsqrt, abs, sign, clamp/clamp_min/clamp_max, minimum/maximum, floor,
+ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not, isnan/isinf/isfinite, relu, square,
+reciprocal, casts, ``*_like`` constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from
+captured tensors of any dtype and rank (nested gathers, partial indexing), captured Python numbers,
+and mods calling other mods. Everything else raises ``ModCompileError`` with the source line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+
+import torch
+
+from flexattn.compiler import cache
+from flexattn.compiler.autodiff import differentiate
+from flexattn.compiler.cache import clear as clear_cache
+from flexattn.compiler.cache import codegen_count
+from flexattn.compiler.codegen import forward_function, gradient_function, module_source
+from flexattn.compiler.ir import capture_spec
+from flexattn.compiler.trace import ModCompileError, Program, fast_tanh, trace
+from flexattn.kernels.mods import KernelMod
+
+__all__ = [
+    "ModCompileError",
+    "clear_cache",
+    "codegen_count",
+    "compile_mask_mod",
+    "compile_score_mod",
+    "explain",
+    "fast_tanh",
+]
+
+
+def _identity(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def _always(b, h, q_idx, kv_idx):
+    return True
+
+
+def compile_score_mod(score_mod, *, device=None) -> KernelMod:
+    """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
+
+    ``device`` (optional) is where the kernels run: it picks the code target (Triton's interpreter
+    on CPU, CUDA/HIP on GPUs) and must hold every captured tensor. Without it the target is the
+    interpreter when ``TRITON_INTERPRET=1`` or no GPU is present. Captured tensors that require
+    grad and reach the output differentiably are ``grad_captures``; ``make_grad_args`` takes one
+    float32 buffer per entry (same shape) and the generated ``grad_fn`` atomically adds into them.
+    """
+    return _compile(score_mod if score_mod is not None else _identity, "score", device)
+
+
+def compile_mask_mod(mask_mod, *, device=None) -> KernelMod:
+    """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod."""
+    return _compile(mask_mod if mask_mod is not None else _always, "mask", device)
+
+
+def explain(mod, kind: str | None = None, *, device=None) -> str:
+    """The IR and the generated Triton source of a mod, for debugging.
+
+    ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
+    """
+    kind = kind or _guess_kind(mod)
+    program = trace(mod, kind)
+    entry = _entry(program, _target(device, program))
+    return (
+        f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
+        f"# IR\n{program.graph.format([program.output])}\n\n# Triton source\n{entry.source}"
+    )
+
+
+def _guess_kind(mod) -> str:
+    try:
+        params = inspect.signature(mod).parameters
+    except (TypeError, ValueError):
+        return "score"
+    return "score" if len(params) >= 5 else "mask"
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _target(device, program: Program) -> str:
+    if device is None:
+        devices = {t.device for t in program.graph.captures}
+        device = next(iter(devices)) if len(devices) == 1 else None
+    if device is not None:
+        device = torch.device(device)
+        for tensor in program.graph.captures:
+            if tensor.device != device:
+                raise ModCompileError(
+                    f"{program.name}: a captured tensor of shape {tuple(tensor.shape)} is on {tensor.device} "
+                    f"but the kernels run on {device}\n  hint: move it with .to({str(device)!r})"
+                )
+    if _interpreted() or (device is not None and device.type == "cpu") or not torch.cuda.is_available():
+        return "interpreter"
+    return "hip" if torch.version.hip else "cuda"
+
+
+def _entry(program: Program, target: str) -> cache.CompiledMod:
+    graph, output = program.graph, program.output
+    differentiable = program.kind == "score"
+    key = (program.kind, target, graph.structure_key([output], differentiable))
+    entry = cache.lookup(key)
+    if entry is None:
+        entry = cache.store(key, lambda: _generate(program, target))
+    return entry
+
+
+def _generate(program: Program, target: str) -> cache.CompiledMod:
+    graph, output = program.graph, program.output
+    suffix = hashlib.sha256(repr(graph.structure_key([output], True)).encode()).hexdigest()[:8]
+    name = f"{program.kind}_mod_{suffix}"
+    functions = [forward_function(graph, output, program.kind, target, name)]
+    grad_name, grad_slots = None, ()
+    if program.kind == "score":
+        slots = {s for s, t in enumerate(graph.captures) if capture_spec(t, True).requires_grad}
+        gradient = differentiate(graph, output, slots)
+        grad_slots = tuple(sorted({graph.nodes[load].value for load, _ in gradient.captures}))
+        grad_name = f"{name}_grad"
+        functions.append(
+            gradient_function(graph, gradient.dscore, list(gradient.captures), target, grad_name)
+        )
+    source = module_source(program.name, target, functions)
+    module, path = cache.load_module(source)
+    grad_fn = getattr(module, grad_name) if grad_name else None
+    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
+
+
+def _compile(mod, kind: str, device) -> KernelMod:
+    program = trace(mod, kind)
+    entry = _entry(program, _target(device, program))
+    captures = program.graph.captures
+    args: list = []
+    for tensor in captures:
+        args += [tensor, *tensor.shape, *tensor.stride()]
+    grad_captures = tuple(captures[s] for s in entry.grad_slots)
+    return KernelMod(
+        fn=entry.fn,
+        args=tuple(args),
+        grad_fn=entry.grad_fn,
+        grad_captures=grad_captures,
+        make_grad_args=_grad_args_builder(grad_captures) if kind == "score" else None,
+        name=program.name,
+    )
+
+
+def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):
+    shapes = [tuple(t.shape) for t in grad_captures]
+
+    def make_grad_args(buffers: tuple[torch.Tensor, ...]) -> tuple:
+        if len(buffers) != len(shapes):
+            raise ValueError(f"expected {len(shapes)} gradient buffers, got {len(buffers)}")
+        args: list = []
+        for buffer, shape in zip(buffers, shapes):
+            if tuple(buffer.shape) != shape or buffer.dtype != torch.float32:
+                raise ValueError(
+                    f"gradient buffer must be float32 of shape {shape}, got {buffer.dtype} {tuple(buffer.shape)}"
+                )
+            args += [buffer, *buffer.stride()]
+        return tuple(args)
+
+    return make_grad_args

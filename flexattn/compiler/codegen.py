@@ -1,0 +1,475 @@
+"""Code generation: a traced ``Program`` (and its gradient) -> Triton device functions as source.
+
+The generated module holds one ``@triton.jit`` function per entry point, with the calling
+conventions of ``flexattn.kernels.mods``::
+
+    score_fn(score, b, h, q_idx, kv_idx, caps) -> fp32, full [BLOCK_M, BLOCK_N]
+    mask_fn(b, h, q_idx, kv_idx, caps) -> int1, broadcast to [BLOCK_M, BLOCK_N]
+    score_grad_fn(score, b, h, q_idx, kv_idx, dout, caps, grad_caps) -> dscore fp32 [BLOCK_M, BLOCK_N]
+
+``caps`` is a flat tuple holding, per captured tensor (slot order): the tensor, its sizes, its
+strides. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
+strides. Gathers wrap negative indices Python-style and clamp into range; offsets are int64.
+
+Gradients of captures are summed over the tile axes their index does not vary along (a bias
+indexed by ``h`` gets one atomic add per tile, one indexed by ``q_idx`` one per row), then added with
+``tl.atomic_add``. When ``grad_caps`` is the empty tuple the atomics are compiled out, so a kernel
+that only needs ``dscore`` (e.g. a dQ pass) passes ``()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexattn.compiler.ir import INPUTS, LOW_PRECISION, Graph
+
+TL_DTYPES = {
+    torch.bool: "tl.int1",
+    torch.int8: "tl.int8",
+    torch.uint8: "tl.uint8",
+    torch.int16: "tl.int16",
+    torch.int32: "tl.int32",
+    torch.int64: "tl.int64",
+    torch.float16: "tl.float16",
+    torch.bfloat16: "tl.bfloat16",
+    torch.float32: "tl.float32",
+    torch.float64: "tl.float64",
+}
+_M, _N = "M", "N"
+_INPUT_DIMS = {"score": {_M, _N}, "dout": {_M, _N}, "q_idx": {_M}, "kv_idx": {_N}, "b": set(), "h": set()}
+_OPMATH = frozenset(
+    [
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "exp",
+        "exp2",
+        "log",
+        "log2",
+        "log1p",
+        "expm1",
+        "tanh",
+        "fast_tanh",
+        "sigmoid",
+        "sqrt",
+        "rsqrt",
+        "sin",
+        "cos",
+        "erf",
+        "round",
+        "trunc",
+        "floor",
+        "ceil",
+    ]
+)
+# op -> (interpreter expression, GPU expression); "{0}" is the operand.
+_UNARY = {
+    "neg": ("-{0}", "-{0}"),
+    "abs": ("tl.abs({0})", "tl.abs({0})"),
+    "sign": ("tm.sign({0})", "tm.sign({0})"),
+    "exp": ("tl.exp({0})", "tl.exp({0})"),
+    "exp2": ("tl.exp2({0})", "tl.exp2({0})"),
+    "log": ("tl.log({0})", "tl.log({0})"),
+    "log2": ("tl.log2({0})", "tl.log2({0})"),
+    "log1p": ("tm.log1p({0})", "libdevice.log1p({0})"),
+    "expm1": ("tm.expm1({0})", "libdevice.expm1({0})"),
+    "tanh": ("tm.tanh({0})", "libdevice.tanh({0})"),
+    "sigmoid": ("tl.sigmoid({0})", "tl.sigmoid({0})"),
+    "rsqrt": ("tl.rsqrt({0})", "tl.rsqrt({0})"),
+    "floor": ("tl.floor({0})", "tl.floor({0})"),
+    "ceil": ("tl.ceil({0})", "tl.ceil({0})"),
+    "round": ("tm.round_half_even({0})", "libdevice.rint({0})"),
+    "trunc": ("tm.trunc({0})", "libdevice.trunc({0})"),
+    "sin": ("tl.sin({0})", "libdevice.sin({0})"),
+    "cos": ("tl.cos({0})", "libdevice.cos({0})"),
+    "erf": ("tl.erf({0})", "tl.erf({0})"),
+    "logical_not": ("({0} == 0)", "({0} == 0)"),
+}
+_INFIX = {
+    "lt": "<",
+    "le": "<=",
+    "gt": ">",
+    "ge": ">=",
+    "eq": "==",
+    "ne": "!=",
+    "and": "&",
+    "or": "|",
+    "xor": "^",
+    "lshift": "<<",
+    "rshift": ">>",
+    "logical_and": "&",
+    "logical_or": "|",
+    "logical_xor": "^",
+    "sub": "-",
+}
+
+
+@dataclass(frozen=True)
+class CaptureLayout:
+    """Where captured tensor ``slot`` sits in the flat ``caps`` tuple."""
+
+    base: int
+    ndim: int
+
+
+def capture_layouts(graph: Graph) -> list[CaptureLayout]:
+    layouts, base = [], 0
+    for tensor in graph.captures:
+        layouts.append(CaptureLayout(base, tensor.ndim))
+        base += 1 + 2 * tensor.ndim
+    return layouts
+
+
+def tile_dims(graph: Graph) -> list[frozenset]:
+    """For each node, the tile axes (M = query rows, N = key columns) it varies along."""
+    dims: list[frozenset] = []
+    for node in graph.nodes:
+        if node.op in _INPUT_DIMS:
+            dims.append(frozenset(_INPUT_DIMS[node.op]))
+        else:
+            dims.append(frozenset().union(*[dims[a] for a in node.args]))
+    return dims
+
+
+def non_negative(graph: Graph) -> list[bool]:
+    """For each integer node, whether it is provably >= 0 (lets gathers skip the negative wrap)."""
+    out: list[bool] = []
+    for node in graph.nodes:
+        args = [out[a] for a in node.args]
+        if node.op in INPUTS:
+            out.append(node.op != "score")
+        elif node.op == "const":
+            out.append(node.value >= 0)
+        elif node.op == "load":
+            out.append(node.dtype in (torch.bool, torch.uint8))
+        elif node.op in ("add", "mul", "floordiv", "maximum", "where", "cast", "abs", "clamp_min", "rshift"):
+            vals = args[1:] if node.op == "where" else args
+            nonneg = all(vals) if node.op != "maximum" else any(vals)
+            if node.op == "clamp_min":
+                nonneg = args[1]
+            out.append(nonneg and not node.dtype.is_floating_point)
+        elif node.op in ("mod", "and"):
+            out.append(args[1] and not node.dtype.is_floating_point)
+        elif node.op == "minimum":
+            out.append(all(args))
+        else:
+            out.append(node.dtype == torch.bool)
+    return out
+
+
+def _literal(value, dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "True" if value else "False"
+    if dtype.is_floating_point:
+        value = float(value)
+        if value != value:
+            return 'float("nan")'
+        if value in (float("inf"), float("-inf")):
+            return 'float("inf")' if value > 0 else '-float("inf")'
+        return repr(value)
+    return str(int(value))
+
+
+class _Emitter:
+    """Emits the body of one device function, one line per IR node."""
+
+    def __init__(self, graph: Graph, target: str) -> None:
+        self.graph = graph
+        self.gpu = target != "interpreter"
+        self.target = target
+        self.dims = tile_dims(graph)
+        self.nonneg = non_negative(graph)
+        self.layouts = capture_layouts(graph)
+        self.lines: list[str] = []
+        self.emitted: set[int] = set()
+        self.prologue: set[str] = set()
+
+    # operands
+    def ref(self, i: int) -> str:
+        node = self.graph.nodes[i]
+        if node.op == "const":
+            if node.dtype in (torch.float32, torch.bool) or (
+                node.dtype == torch.int32 and -(2**31) <= node.value < 2**31
+            ):
+                return _literal(node.value, node.dtype)
+            return self.tensor(i)
+        if node.op in INPUTS or node.op == "dout":
+            return node.op
+        return f"v{i}"
+
+    def tensor(self, i: int) -> str:
+        """An expression that is a Triton tensor (constants become ``tl.full``)."""
+        node = self.graph.nodes[i]
+        if node.op == "const":
+            return f"tl.full((), {_literal(node.value, node.dtype)}, {TL_DTYPES[node.dtype]})"
+        return self.ref(i)
+
+    def f32(self, i: int) -> str:
+        node = self.graph.nodes[i]
+        if node.op == "const" and node.dtype.is_floating_point:
+            return _literal(node.value, torch.float32)
+        return f"{self.ref(i)}.to(tl.float32)"
+
+    def is_const(self, i: int, value=None) -> bool:
+        node = self.graph.nodes[i]
+        return node.op == "const" and (value is None or node.value == value)
+
+    # statements
+    def emit(self, indices) -> None:
+        for i in indices:
+            node = self.graph.nodes[i]
+            if i in self.emitted or node.op in ("const", "dout") or node.op in INPUTS:
+                continue
+            self.emitted.add(i)
+            if node.op == "load":
+                self._emit_load(i)
+            else:
+                self.lines.append(f"v{i} = {self._expr(i)}")
+
+    def capture_names(self, slot: int) -> tuple[str, list[str], list[str]]:
+        layout = self.layouts[slot]
+        ptr = f"c{slot}"
+        sizes = [f"c{slot}_n{d}" for d in range(layout.ndim)]
+        strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
+        if ptr not in self.prologue:
+            self.prologue.add(ptr)
+            names = [ptr, *sizes, *strides]
+            self.lines.append(", ".join(names) + f" = {_tuple_slice('caps', layout.base, len(names))}")
+        return ptr, sizes, strides
+
+    def index_terms(self, i: int) -> list[tuple[str, bool]]:
+        """Wrapped indices of load ``i`` as (expression, is_constant), emitting them once."""
+        node = self.graph.nodes[i]
+        self.emit(self.graph.live(list(node.args)))
+        _, sizes, _ = self.capture_names(node.value)
+        terms = []
+        for d, a in enumerate(node.args):
+            if self.is_const(a):
+                value = self.graph.nodes[a].value
+                terms.append((str(value) if value >= 0 else f"({sizes[d]} - {-value})", True))
+                continue
+            name = f"v{i}_i{d}"
+            if (i, d) not in self.emitted:
+                self.emitted.add((i, d))
+                helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
+                self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to(tl.int64)")
+            terms.append((name, False))
+        return terms
+
+    def offset(self, i: int, strides: list[str]) -> str:
+        terms = [f"{idx} * {stride}" for (idx, _), stride in zip(self.index_terms(i), strides)]
+        return " + ".join(terms)
+
+    def _emit_load(self, i: int) -> None:
+        node = self.graph.nodes[i]
+        ptr, _, strides = self.capture_names(node.value)
+        offset = self.offset(i, strides)
+        self.lines.append(f"v{i} = tl.load({ptr} + {offset})" if offset else f"v{i} = tl.load({ptr})")
+
+    def _expr(self, i: int) -> str:
+        node = self.graph.nodes[i]
+        op, args, dtype = node.op, node.args, node.dtype
+        if op == "cast":
+            if dtype == torch.bool:
+                return f"{self.ref(args[0])} != 0"
+            return f"{self.ref(args[0])}.to({TL_DTYPES[dtype]})"
+        if op == "where":
+            return f"tl.where({self.ref(args[0])}, {self.ref(args[1])}, {self.ref(args[2])})"
+        low = dtype in LOW_PRECISION and op in _OPMATH
+        compute = torch.float32 if low else dtype
+        operands = [self.f32(a) if low else self.ref(a) for a in args]
+        expr = self._compute(op, args, operands, compute)
+        return f"({expr}).to({TL_DTYPES[dtype]})" if low else expr
+
+    def _compute(self, op: str, args, x: list[str], dtype: torch.dtype) -> str:
+        is_float = dtype.is_floating_point
+        if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
+            return _UNARY[op][self.gpu].format(x[0])
+        if op == "fast_tanh":
+            if self.target == "cuda" and dtype == torch.float32:
+                return f"tm.fast_tanh({x[0]})"
+            return _UNARY["tanh"][self.gpu].format(x[0])
+        if op == "sqrt":
+            return f"tl.sqrt_rn({x[0]})" if dtype == torch.float32 else f"tl.sqrt({x[0]})"
+        if op == "invert":
+            return f"~{x[0]}"
+        if op == "add":
+            return f"{x[0]} | {x[1]}" if dtype == torch.bool else f"{x[0]} + {x[1]}"
+        if op == "mul":
+            return f"{x[0]} & {x[1]}" if dtype == torch.bool else f"{x[0]} * {x[1]}"
+        if op in _INFIX:
+            return f"{x[0]} {_INFIX[op]} {x[1]}"
+        if op == "truediv":
+            return self._divide(args, x, dtype)
+        if op == "floordiv":
+            if not is_float:
+                nonneg = self.nonneg[args[0]] and self.nonneg[args[1]]
+                return f"{x[0]} // {x[1]}" if nonneg else f"tm.floordiv({x[0]}, {self._t(args[1], x[1])})"
+            return f"tl.floor({self._divide(args, x, dtype)})"
+        if op == "mod":
+            if not is_float and self.nonneg[args[0]] and self.nonneg[args[1]]:
+                return f"{x[0]} % {x[1]}"
+            return f"tm.remainder({x[0]}, {self._t(args[1], x[1])})"
+        if op == "pow":
+            return self._power(args, x, dtype)
+        if op in ("maximum", "minimum"):
+            if dtype == torch.bool:
+                return f"{x[0]} {'|' if op == 'maximum' else '&'} {x[1]}"
+            nan = ", propagate_nan=tl.PropagateNan.ALL" if is_float else ""
+            return f"tl.{op}({x[0]}, {x[1]}{nan})"
+        if op == "clamp_min":
+            return f"tl.where({x[0]} < {x[1]}, {x[1]}, {x[0]})"
+        if op == "clamp_max":
+            return f"tl.where({x[0]} > {x[1]}, {x[1]}, {x[0]})"
+        raise NotImplementedError(f"no Triton lowering for IR op {op!r}")
+
+    def _t(self, i: int, expr: str) -> str:
+        """``expr`` as a tensor (helpers need tensors, not Python literals)."""
+        node = self.graph.nodes[i]
+        if node.op != "const":
+            return expr
+        dtype = torch.float32 if node.dtype in LOW_PRECISION else node.dtype
+        return f"tl.full((), {_literal(node.value, dtype)}, {TL_DTYPES[dtype]})"
+
+    def _divide(self, args, x: list[str], dtype: torch.dtype) -> str:
+        divisor = self.graph.nodes[args[1]]
+        if divisor.op == "const" and divisor.value != 0:
+            mantissa = abs(float(divisor.value))
+            while mantissa >= 2.0:
+                mantissa /= 2.0
+            while mantissa < 1.0:
+                mantissa *= 2.0
+            if mantissa == 1.0:
+                return f"{x[0]} * {_literal(1.0 / float(divisor.value), torch.float32)}"
+        if dtype == torch.float32:
+            return f"tl.div_rn({x[0]}, {self._t(args[1], x[1])})"
+        return f"{x[0]} / {x[1]}"
+
+    def _power(self, args, x: list[str], dtype: torch.dtype) -> str:
+        exponent = self.graph.nodes[args[1]]
+        if exponent.op == "const":
+            e = exponent.value
+            if not dtype.is_floating_point or (float(e).is_integer() and 0 <= e <= 4):
+                if e == 0:
+                    return f"tl.where({x[0]} == {x[0]}, 1, 1).to({TL_DTYPES[dtype]})"
+                return " * ".join([x[0]] * int(e))
+            special = {
+                0.5: "tl.sqrt_rn({0})" if dtype == torch.float32 else "tl.sqrt({0})",
+                -0.5: "tl.rsqrt({0})",
+                -1.0: "tl.div_rn(tl.full((), 1.0, tl.float32), {0})"
+                if dtype == torch.float32
+                else "1.0 / {0}",
+            }
+            if e in special:
+                return special[e].format(x[0])
+        pow_fn = "libdevice.pow" if self.gpu else "tm.pow"
+        return f"{pow_fn}({x[0]}, {self._t(args[1], x[1])})"
+
+
+def _tuple_slice(name: str, start: int, count: int) -> str:
+    return ", ".join(f"{name}[{start + k}]" for k in range(count)) + ("," if count == 1 else "")
+
+
+def _broadcast_to_tile(em: _Emitter, var: str, node: int, mask: bool) -> list[str]:
+    """Lines broadcasting ``var`` to the full [BLOCK_M, BLOCK_N] tile where it lacks an axis."""
+    dims = em.dims[node]
+    if dims == {_M, _N}:
+        return []
+    if not mask:
+        return [f"{var}, _ = tl.broadcast({var}, score)"]
+    lines = []
+    if _M not in dims:
+        lines.append(f"{var}, _ = tl.broadcast({var}, q_idx)")
+    if _N not in dims:
+        lines.append(f"{var}, _ = tl.broadcast({var}, kv_idx)")
+    return lines
+
+
+def _function(name: str, params: str, doc: str, body: list[str]) -> str:
+    lines = ["@triton.jit", f"def {name}({params}):", f'    """{doc}"""']
+    lines += [f"    {line}" for line in body]
+    return "\n".join(lines)
+
+
+def forward_function(graph: Graph, output: int, kind: str, target: str, name: str) -> str:
+    """Source of the score or mask device function."""
+    em = _Emitter(graph, target)
+    em.emit(graph.live([output]))
+    body = list(em.lines) + [f"out = {em.tensor(output)}"]
+    body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
+    body.append("return out")
+    if kind == "score":
+        return _function(name, "score, b, h, q_idx, kv_idx, caps", "Score mod (generated).", body)
+    return _function(name, "b, h, q_idx, kv_idx, caps", "Mask mod (generated).", body)
+
+
+def gradient_function(graph: Graph, dscore: int, grads: list[tuple[int, int]], target: str, name: str) -> str:
+    """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
+    em = _Emitter(graph, target)
+    em.emit(graph.live([dscore]))
+    body = list(em.lines)
+    if grads:
+        em.lines = []
+        em.emit(graph.live([adjoint for _, adjoint in grads]))
+        slots = sorted({graph.nodes[load].value for load, _ in grads})
+        base = 0
+        for slot in slots:
+            ndim = graph.captures[slot].ndim
+            names = [f"g{slot}"] + [f"g{slot}_s{d}" for d in range(ndim)]
+            em.lines.append(", ".join(names) + f" = {_tuple_slice('grad_caps', base, len(names))}")
+            base += 1 + ndim
+        for load, adjoint in grads:
+            em.lines += _accumulate(em, load, adjoint)
+        body.append("if len(grad_caps) > 0:")
+        body += [f"    {line}" for line in em.lines]
+    body.append(f"dscore = {em.tensor(dscore)}")
+    body += _broadcast_to_tile(em, "dscore", dscore, mask=False)
+    body.append("return dscore")
+    return _function(
+        name,
+        "score, b, h, q_idx, kv_idx, dout, caps, grad_caps",
+        "Gradient of the score mod (generated): returns dLoss/dscore, accumulates capture gradients.",
+        body,
+    )
+
+
+def _accumulate(em: _Emitter, load: int, adjoint: int) -> list[str]:
+    """Reduce the adjoint over tile axes the gathered index does not vary along, then atomic add."""
+    node = em.graph.nodes[load]
+    slot, ndim = node.value, em.graph.captures[node.value].ndim
+    strides = [f"g{slot}_s{d}" for d in range(ndim)]
+    offset = em.offset(load, strides)
+    index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
+    var = f"d{load}"
+    lines = [f"{var} = {em.tensor(adjoint)}"]
+    if em.dims[adjoint] != {_M, _N}:
+        lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
+    if not index_dims:
+        lines.append(f"{var} = tl.sum(tl.sum({var}, 1), 0)")
+    elif _N not in index_dims:
+        lines.append(f"{var} = tl.sum({var}, 1, keep_dims=True)")
+    elif _M not in index_dims:
+        lines.append(f"{var} = tl.sum({var}, 0, keep_dims=True)")
+    ptr = f"g{slot} + {offset}" if offset else f"g{slot}"
+    lines.append(f'tl.atomic_add({ptr}, {var}, sem="relaxed")')
+    return lines
+
+
+MODULE_HEADER = '''"""Generated by flexattn.compiler from mod {name!r} (target: {target}). Do not edit."""
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice  # noqa: F401
+
+from flexattn.compiler import triton_math as tm  # noqa: F401
+'''
+
+
+def module_source(name: str, target: str, functions: list[str]) -> str:
+    return MODULE_HEADER.format(name=name, target=target) + "\n\n" + "\n\n\n".join(functions) + "\n"

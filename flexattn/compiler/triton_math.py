@@ -1,0 +1,102 @@
+"""Small ``@triton.jit`` helpers that generated mod code calls (``tm.<name>`` in the source).
+
+Two families: PyTorch integer semantics that Triton lacks (Python-style ``//`` and ``%``, index
+wrapping), and math functions written with core ``tl`` ops only, for Triton's interpreter, which
+has no libdevice. On GPUs the code generator calls libdevice instead where it is more accurate.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def wrap_index(i, size):
+    """Python-style negative index, clamped into [0, size) so that no lane reads out of bounds."""
+    i = tl.where(i < 0, i + size, i)
+    return tl.minimum(tl.maximum(i, 0), size - 1)
+
+
+@triton.jit
+def clamp_index(i, size):
+    """Clamp a non-negative index into [0, size)."""
+    return tl.minimum(i, size - 1)
+
+
+@triton.jit
+def floordiv(a, b):
+    """``a // b`` rounding toward minus infinity (torch.floor_divide on integers)."""
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def remainder(a, b):
+    """``a % b`` with the sign of ``b`` (torch.remainder), for integers and floats."""
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def sign(x):
+    return (x > 0).to(x.dtype) - (x < 0).to(x.dtype)
+
+
+@triton.jit
+def trunc(x):
+    return tl.where(x < 0, tl.ceil(x), tl.floor(x))
+
+
+@triton.jit
+def round_half_even(x):
+    """torch.round: nearest integer, ties to even."""
+    r = tl.floor(x + 0.5)
+    r = tl.where((r - x == 0.5) & (r % 2 != 0), r - 1, r)
+    return tl.where(tl.abs(x) >= 8388608.0, x, r)
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp: a short series near 0, exp(-2|x|) elsewhere (relative error ~1e-7)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    t = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 - x2 * (0.3333333333333333 - x2 * 0.13333333333333333))
+    return tl.where(ax < 0.0625, small, tl.where(x < 0, -t, t))
+
+
+@triton.jit
+def fast_tanh(x):
+    """One ``tanh.approx.f32`` instruction (NVIDIA GPUs only)."""
+    return tl.inline_asm_elementwise(
+        "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+    )
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x), accurate for small x (Goldberg's correction)."""
+    u = 1.0 + x
+    d = u - 1.0
+    return tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1, accurate for small x (Kahan's correction)."""
+    u = tl.exp(x)
+    d = u - 1.0
+    lu = tl.log(u)
+    r = d * (x / tl.where(lu == 0.0, 1.0, lu))
+    return tl.where(d == 0.0, x, tl.where(d == -1.0, -1.0, tl.where(u == float("inf"), u, r)))
+
+
+@triton.jit
+def pow(x, y):
+    """x ** y for floats (torch.pow): negative bases with integral exponents keep their sign."""
+    r = tl.exp2(y * tl.log2(tl.abs(x)))
+    integral = tl.floor(y) == y
+    odd = integral & (tl.floor(y * 0.5) * 2.0 != y)
+    r = tl.where(x < 0, tl.where(integral, tl.where(odd, -r, r), float("nan")), r)
+    return tl.where(y == 0, 1.0, r)
