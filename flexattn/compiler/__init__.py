@@ -178,9 +178,10 @@ def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):
             raise ValueError(f"expected {len(shapes)} gradient buffers, got {len(buffers)}")
         args: list = []
         for buffer, shape in zip(buffers, shapes):
-            if tuple(buffer.shape) != shape or buffer.dtype != torch.float32:
+            if tuple(buffer.shape) != shape or buffer.dtype not in (torch.float32, torch.int64):
                 raise ValueError(
-                    f"gradient buffer must be float32 of shape {shape}, got {buffer.dtype} {tuple(buffer.shape)}"
+                    f"gradient buffers must be float32 (or int64 fixed point) of shape {shape}, "
+                    f"got {buffer.dtype} {tuple(buffer.shape)}"
                 )
             args += [buffer, *buffer.stride()]
         return tuple(args)

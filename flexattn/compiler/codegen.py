@@ -11,10 +11,13 @@ conventions of ``flexattn.kernels.mods``::
 strides. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
 strides. Gathers wrap negative indices Python-style and clamp into range; offsets are int64.
 
-Gradients of captures are summed over the tile axes their index does not vary along (a bias
-indexed by ``h`` gets one atomic add per tile, one indexed by ``q_idx`` one per row), then added with
-``tl.atomic_add``. When ``grad_caps`` is the empty tuple the atomics are compiled out, so a kernel
-that only needs ``dscore`` (e.g. a dQ pass) passes ``()``.
+Gradients of captures are summed over the tile axes their address does not vary along (a bias
+indexed by ``h`` gets one atomic add per tile, one indexed by ``q_idx`` one per query), then added
+with ``tl.atomic_add``; this works for either tile orientation (``q_idx`` [M, 1] or [1, M]), since
+only shapes decide. When ``grad_caps`` is the empty tuple the atomics are compiled out, so a kernel
+that only needs ``dscore`` (e.g. a dQ pass) passes ``()``. Buffers may be float32 or int64: an int64
+buffer receives ``trunc(value)``, which with a scaled ``dout`` gives order-independent fixed-point
+(deterministic) accumulation.
 """
 
 from __future__ import annotations
@@ -440,23 +443,17 @@ def gradient_function(graph: Graph, dscore: int, grads: list[tuple[int, int]], t
 
 
 def _accumulate(em: _Emitter, load: int, adjoint: int) -> list[str]:
-    """Reduce the adjoint over tile axes the gathered index does not vary along, then atomic add."""
+    """Sum the adjoint over the tile axes the gathered address does not vary along, then atomic add."""
     node = em.graph.nodes[load]
     slot, ndim = node.value, em.graph.captures[node.value].ndim
-    strides = [f"g{slot}_s{d}" for d in range(ndim)]
-    offset = em.offset(load, strides)
-    index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
-    var = f"d{load}"
-    lines = [f"{var} = {em.tensor(adjoint)}"]
+    offset = em.offset(load, [f"g{slot}_s{d}" for d in range(ndim)])
+    ptr, var = f"p{load}", f"d{load}"
+    lines = [f"{ptr} = g{slot} + {offset}" if offset else f"{ptr} = g{slot}", f"{var} = {em.tensor(adjoint)}"]
     if em.dims[adjoint] != {_M, _N}:
         lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
-    if not index_dims:
-        lines.append(f"{var} = tl.sum(tl.sum({var}, 1), 0)")
-    elif _N not in index_dims:
-        lines.append(f"{var} = tl.sum({var}, 1, keep_dims=True)")
-    elif _M not in index_dims:
-        lines.append(f"{var} = tl.sum({var}, 0, keep_dims=True)")
-    ptr = f"g{slot} + {offset}" if offset else f"g{slot}"
+    index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
+    if index_dims != {_M, _N}:
+        lines.append(f"{var} = tm.sum_to({var}, {ptr})")
     lines.append(f'tl.atomic_add({ptr}, {var}, sem="relaxed")')
     return lines
 

@@ -100,3 +100,15 @@ def pow(x, y):
     odd = integral & (tl.floor(y * 0.5) * 2.0 != y)
     r = tl.where(x < 0, tl.where(integral, tl.where(odd, -r, r), float("nan")), r)
     return tl.where(y == 0, 1.0, r)
+
+
+@triton.jit
+def sum_to(val, ptr):
+    """Sum a [X, Y] tile over the axes along which ``ptr`` (scalar or broadcastable) is constant."""
+    if len(ptr.shape) == 0:
+        return tl.sum(tl.sum(val, 1), 0)
+    if ptr.shape[0] == 1:
+        val = tl.sum(val, 0, keep_dims=True)
+    if ptr.shape[1] == 1:
+        val = tl.sum(val, 1, keep_dims=True)
+    return val

@@ -41,18 +41,26 @@ def _mask_kernel(out_ptr, bh_ptr, q_ptr, kv_ptr, caps, FN: tl.constexpr, M: tl.c
 @triton.jit
 def _grad_kernel(
     dscore_ptr, score_ptr, dout_ptr, bh_ptr, q_ptr, kv_ptr, caps, grad_caps,
-    GRAD_FN: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
+    GRAD_FN: tl.constexpr, M: tl.constexpr, N: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.arange(0, M)[:, None]
-    cols = tl.arange(0, N)[None, :]
     b = tl.load(bh_ptr)
     h = tl.load(bh_ptr + 1)
-    q_idx = tl.load(q_ptr + rows)
-    kv_idx = tl.load(kv_ptr + cols)
-    score = tl.load(score_ptr + rows * N + cols)
-    dout = tl.load(dout_ptr + rows * N + cols)
+    if TRANSPOSED:  # keys along rows, as in a dK/dV kernel: tiles [N, M], q_idx [1, M], kv_idx [N, 1]
+        rows = tl.arange(0, N)[:, None]
+        cols = tl.arange(0, M)[None, :]
+        q_idx = tl.load(q_ptr + cols)
+        kv_idx = tl.load(kv_ptr + rows)
+        offsets = cols * N + rows
+    else:
+        rows = tl.arange(0, M)[:, None]
+        cols = tl.arange(0, N)[None, :]
+        q_idx = tl.load(q_ptr + rows)
+        kv_idx = tl.load(kv_ptr + cols)
+        offsets = rows * N + cols
+    score = tl.load(score_ptr + offsets)
+    dout = tl.load(dout_ptr + offsets)
     dscore = GRAD_FN(score, b, h, q_idx, kv_idx, dout, caps, grad_caps)
-    tl.store(dscore_ptr + rows * N + cols, dscore)
+    tl.store(dscore_ptr + offsets, dscore)
 
 
 def _bh(b: int, h: int, device) -> torch.Tensor:
@@ -74,13 +82,27 @@ def run_mask(kmod, b, h, q_idx, kv_idx) -> torch.Tensor:
     return out.bool()
 
 
-def run_grad(kmod, score, b, h, q_idx, kv_idx, dout, grad_buffers=None) -> torch.Tensor:
-    """dLoss/dscore from the generated gradient function; capture grads accumulate in the buffers."""
+def run_grad(kmod, score, b, h, q_idx, kv_idx, dout, grad_buffers=None, transposed=False) -> torch.Tensor:
+    """dLoss/dscore from the generated gradient function; capture grads accumulate in the buffers.
+
+    ``transposed`` calls it on [N, M] tiles (keys along rows) as a dK/dV kernel does.
+    """
     m, n = score.shape
     dscore = torch.empty_like(score)
     grad_args = () if grad_buffers is None else kmod.grad_args(grad_buffers)
     _grad_kernel[(1,)](
-        dscore, score, dout, _bh(b, h, score.device), q_idx, kv_idx, kmod.args, grad_args, kmod.grad_fn, m, n
+        dscore,
+        score,
+        dout,
+        _bh(b, h, score.device),
+        q_idx,
+        kv_idx,
+        kmod.args,
+        grad_args,
+        kmod.grad_fn,
+        m,
+        n,
+        transposed,
     )
     return dscore
 
