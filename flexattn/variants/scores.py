@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from flexattn.compiler import fast_tanh
+
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """ALiBi's per-head slopes ``(num_heads,)`` fp32, as in Press et al. (2022).
@@ -54,20 +56,28 @@ def alibi(num_heads: int, device=None):
     return alibi
 
 
-def tanh_softcap(cap: float):
+def tanh_softcap(cap: float, approx: bool = False):
     """Tanh soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``, squashing logits into
     ``(-cap, cap)``.
 
+    Args:
+        cap: the cap, > 0 (Gemma 2 uses 50 for attention logits).
+        approx: use :func:`flexattn.compiler.fast_tanh`: ``torch.tanh`` when run eagerly or on the
+            reference backend, the GPU's ``tanh.approx.f32`` instruction inside the Triton kernels
+            (relative error about 2**-11, well below bf16's resolution, and much faster).
+
     Example:
         >>> score_mod = tanh_softcap(30.0)                # __name__ == "tanh_softcap_30"
+        >>> score_mod = tanh_softcap(30.0, approx=True)   # __name__ == "tanh_softcap_approx_30"
     """
     if not cap > 0:
         raise ValueError(f"cap must be > 0, got {cap!r}.")
+    tanh = fast_tanh if approx else torch.tanh
 
     def softcap(score, b, h, q_idx, kv_idx):
-        return cap * torch.tanh(score / cap)
+        return cap * tanh(score / cap)
 
-    softcap.__name__ = f"tanh_softcap_{cap:g}"
+    softcap.__name__ = f"tanh_softcap_{'approx_' if approx else ''}{cap:g}"
     return softcap
 
 
