@@ -92,6 +92,7 @@ GALLERY: dict[str, Callable[[int, torch.device, int], Case]] = {
     "image_cross_attention": lambda L, d, H: _cross_attention(L, d),
     "alibi": lambda L, d, H: Case(V.causal(), V.alibi(H, device=d), L, L),
     "tanh_softcap": lambda L, d, H: Case(V.causal(), V.tanh_softcap(2.0), L, L),
+    "tanh_softcap_approx": lambda L, d, H: Case(V.causal(), V.tanh_softcap(2.0, approx=True), L, L),
     "t5_relative_bias": lambda L, d, H: _t5(L, d, H),
     "learned_sink": lambda L, d, H: _learned_sink(L, d, H),
 }

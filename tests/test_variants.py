@@ -312,8 +312,9 @@ def score_case(kind, H, lq, lkv):
     if kind == "alibi":
         slopes = expected_alibi_slopes(H)[:, None, None]  # (H, 1, 1)
         return [], lambda: V.alibi(H), lambda s: s + slopes.to(s.dtype) * rel
-    if kind == "softcap":
-        return [], lambda: V.tanh_softcap(2.0), lambda s: 2.0 * torch.tanh(s / 2.0)
+    if kind in ("softcap", "softcap_approx"):
+        approx = kind == "softcap_approx"
+        return [], lambda: V.tanh_softcap(2.0, approx=approx), lambda s: 2.0 * torch.tanh(s / 2.0)
     num_buckets, max_distance, bidirectional = {"t5": (32, 30, True), "t5_causal": (16, 40, False)}[kind]
     buckets = dense_t5_buckets(
         rel.clamp(-max_distance, max_distance), num_buckets, max_distance, bidirectional
@@ -350,6 +351,7 @@ SCORE_CASES = {
     "alibi-H8-L45": ("alibi", 8, 45, 45),
     "alibi-H6-Lq33-Lkv50": ("alibi", 6, 33, 50),
     "tanh_softcap_2-H2-L40": ("softcap", 2, 40, 40),
+    "tanh_softcap_approx_2-H2-L40": ("softcap_approx", 2, 40, 40),
     "t5_bidirectional-32x3-L70": ("t5", 3, 70, 70),
     "t5_causal-16x2-L60": ("t5_causal", 2, 60, 60),
 }
@@ -408,6 +410,7 @@ NAMES = {
     "natten_2d_8x8_k3x3": lambda: V.natten_2d(8, 8, 3),
     "alibi": lambda: V.alibi(4),
     "tanh_softcap_30": lambda: V.tanh_softcap(30.0),
+    "tanh_softcap_approx_2.5": lambda: V.tanh_softcap(2.5, approx=True),
     "t5_relative_bias": lambda: V.t5_relative_bias(torch.zeros(32, 2)),
     "learned_sink": lambda: V.learned_sink(torch.zeros(2)),
 }
