@@ -63,6 +63,23 @@ def load_tile(base, rows, cols, stride_row, stride_col, N_ROWS, N_COLS: tl.const
     return tile
 
 
+
+# fmt: off
+@triton.jit
+def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                 CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: on
+    """The (BLOCK, D_PAD) K or V tile of rows ``[start, start + BLOCK)``, zero beyond LEN and D.
+
+    With USE_TMA, ``src`` is a 4-D tensor descriptor over (B, HKV, LEN, D) whose zero padding does
+    the bounds checks; otherwise ``src`` points at head (b, hk) and ``strides`` are (position, feature).
+    """
+    if USE_TMA:
+        tile = src.load([b, hk, start, 0]).reshape(BLOCK, D_PAD)
+    else:
+        tile = load_tile(src + start.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
+                         strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
+    return tile
+
 def _fix_interpreter_scalar_index() -> None:
     """Let Triton's interpreter use loaded scalars as loop bounds under NumPy >= 2.
 

@@ -20,92 +20,56 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flexattn.kernels.common import load_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.common import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, padded_head_dim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-# fmt: off  (kernel arguments are grouped by meaning, several per line)
+# fmt: off
+@triton.jit
+def _qk_tile(q, k_src, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
+             BLOCK_N: tl.constexpr, KV_TAIL: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n."""
+    k = load_kv_tile(k_src, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA)
+    return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+
+
 @triton.jit
 def _attend_tile(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    start_n,
-    q_idx,
-    b,
-    h,
-    k_strides,
-    v_strides,
-    Q_LEN,
-    KV_LEN,
-    sm_scale,
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
-    IS_PARTIAL: tl.constexpr,
-    KV_TAIL: tl.constexpr,
-    ROWS_SAFE: tl.constexpr,
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
+    qk, v_src, start_n, q_idx, b, h, hk,             # this tile: raw q.k^T, V source, first key, indices
+    v_strides, KV_LEN, sm_scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    IS_PARTIAL: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
+    EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N tile: scores, mods, mask, online-softmax update of (acc, l_i, m_i)."""
+    """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i)."""
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, E_PAD)
-    k = load_tile(
-        k_base + start_n.to(tl.int64) * k_strides[0],
-        offs_n,
-        offs_e,
-        k_strides[0],
-        k_strides[1],
-        KV_LEN - start_n,
-        E,
-        KV_TAIL,
-        E != E_PAD,
-    )
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
-    kv_idx = wrap_index(start_n + offs_n, KV_LEN)[None, :]
+    scores = qk * sm_scale
+    kv_pos = start_n + tl.arange(0, BLOCK_N)
+    kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]
     scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if IS_PARTIAL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
-    scores = mask_tail(scores, (start_n + offs_n)[None, :], KV_LEN, KV_TAIL)
+    scores = mask_tail(scores, kv_pos[None, :], KV_LEN, KV_TAIL)
 
-    # -- online softmax in base 2: p = exp2(s * log2e - m * log2e) --
+    # -- online softmax in base 2: p = exp2(s * log2e - m * log2e), one FMA per score --
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     if ROWS_SAFE:
         m_ref = m_new
     else:
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: keep p = 0, no NaN
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: p = 0, no NaN
     m_ref2 = m_ref * 1.4426950408889634
     p = tl.math.exp2(scores * 1.4426950408889634 - m_ref2[:, None])
     alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_ref2)
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
-    offs_ev = tl.arange(0, EV_PAD)
-    v = load_tile(
-        v_base + start_n.to(tl.int64) * v_strides[0],
-        offs_n,
-        offs_ev,
-        v_strides[0],
-        v_strides[1],
-        KV_LEN - start_n,
-        EV,
-        KV_TAIL,
-        EV != EV_PAD,
-    )
+    v = load_kv_tile(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, KV_TAIL, USE_TMA)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -113,50 +77,22 @@ def _attend_tile(
 
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
 def _flex_forward_kernel(
-    # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV), out like q with EV
-    Q,
-    K,
-    V,
-    OUT,
-    LSE,
-    MAX_SCORES,
-    q_strides,
-    k_strides,
-    v_strides,
-    o_strides,  # (batch, head, position, feature)
+    # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); out like q with EV.
+    # K and V are tensor descriptors when USE_TMA, else pointers. Strides: (batch, head, position, feature)
+    Q, K, V, OUT, LSE, MAX_SCORES,
+    q_strides, k_strides, v_strides, o_strides,
     # block mask: counts (MB, MH, NQ) and indices (MB, MH, NQ, NKV); MB/MH broadcast via stride 0
-    KV_NUM_BLKS,
-    KV_IDX,
-    FULL_KV_NUM_BLKS,
-    FULL_KV_IDX,
-    num_strides,
-    idx_strides,
-    full_num_strides,
-    full_idx_strides,
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
+    num_strides, idx_strides, full_num_strides, full_idx_strides,
     # sizes and scale
-    Q_LEN,
-    KV_LEN,
-    HQ,
-    sm_scale,
+    Q_LEN, KV_LEN, HQ, sm_scale,
     # compiled mods
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     # meta-parameters
-    GQA_GROUP: tl.constexpr,
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    Q_BLOCK: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
-    HAS_FULL_BLOCKS: tl.constexpr,
-    KV_TAIL: tl.constexpr,
-    ROWS_SAFE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GQA_GROUP: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HAS_FULL_BLOCKS: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
+    PIPELINE_QK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -165,94 +101,52 @@ def _flex_forward_kernel(
     hk = h // GQA_GROUP
     b64 = b.to(tl.int64)
     q_base = Q + b64 * q_strides[0] + h.to(tl.int64) * q_strides[1] + start_m.to(tl.int64) * q_strides[2]
-    k_base = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
-    v_base = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+    if USE_TMA:
+        k_src, v_src = K, V
+    else:
+        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
+        v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+    kn_strides = (k_strides[2], k_strides[3])
+    vn_strides = (v_strides[2], v_strides[3])
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, E_PAD)
-    q = load_tile(q_base, offs_m, offs_e, q_strides[2], q_strides[3], Q_LEN - start_m, E, True, E != E_PAD)
+    q = load_tile(q_base, offs_m, tl.arange(0, E_PAD), q_strides[2], q_strides[3], Q_LEN - start_m, E,
+                  True, E != E_PAD)
     q_idx = wrap_index(start_m + offs_m, Q_LEN)[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
 
-    # -- partial kv blocks: mask_mod evaluated element-wise --
-    TILES_PER_BLOCK: tl.constexpr = KV_BLOCK // BLOCK_N
+    # -- partial kv blocks (mask_mod evaluated element-wise), then full kv blocks (mask_mod skipped) --
     sparse_m = start_m // Q_BLOCK
-    row = b * num_strides[0] + h * num_strides[1] + sparse_m * num_strides[2]
-    idx_row = KV_IDX + b * idx_strides[0] + h * idx_strides[1] + sparse_m * idx_strides[2]
-    for tile in range(0, tl.load(KV_NUM_BLKS + row) * TILES_PER_BLOCK):
-        start_n = sparse_tile_start(idx_row, tile, idx_strides[3], KV_BLOCK, BLOCK_N)
-        acc, l_i, m_i = _attend_tile(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            start_n,
-            q_idx,
-            b,
-            h,
-            (k_strides[2], k_strides[3]),
-            (v_strides[2], v_strides[3]),
-            Q_LEN,
-            KV_LEN,
-            sm_scale,
-            SCORE_FN,
-            SCORE_ARGS,
-            MASK_FN,
-            MASK_ARGS,
-            True,
-            KV_TAIL,
-            ROWS_SAFE,
-            E,
-            EV,
-            E_PAD,
-            EV_PAD,
-            BLOCK_N,
-            DOT_PRECISION,
-        )
-
-    # -- full kv blocks: mask_mod skipped --
-    if HAS_FULL_BLOCKS:
-        row = b * full_num_strides[0] + h * full_num_strides[1] + sparse_m * full_num_strides[2]
-        idx_row = (
-            FULL_KV_IDX + b * full_idx_strides[0] + h * full_idx_strides[1] + sparse_m * full_idx_strides[2]
-        )
-        for tile in range(0, tl.load(FULL_KV_NUM_BLKS + row) * TILES_PER_BLOCK):
-            start_n = sparse_tile_start(idx_row, tile, full_idx_strides[3], KV_BLOCK, BLOCK_N)
+    for full in tl.static_range(2 if HAS_FULL_BLOCKS else 1):
+        nums, nums_st, idx, idx_st = KV_NUM_BLKS, num_strides, KV_IDX, idx_strides
+        if full == 1:
+            nums, nums_st, idx, idx_st = FULL_KV_NUM_BLKS, full_num_strides, FULL_KV_IDX, full_idx_strides
+        num_tiles = tl.load(nums + b * nums_st[0] + h * nums_st[1] + sparse_m * nums_st[2]) * (KV_BLOCK // BLOCK_N)
+        idx_row = idx + b * idx_st[0] + h * idx_st[1] + sparse_m * idx_st[2]
+        if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
+            start_n = sparse_tile_start(idx_row, 0, idx_st[3], KV_BLOCK, BLOCK_N)
+            qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
+                          DOT_PRECISION)
+        for tile in range(0, num_tiles):
+            if PIPELINE_QK:
+                start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), idx_st[3],
+                                               KV_BLOCK, BLOCK_N)
+                qk_next = _qk_tile(q, k_src, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL,
+                                   USE_TMA, DOT_PRECISION)
+            else:
+                start_n = sparse_tile_start(idx_row, tile, idx_st[3], KV_BLOCK, BLOCK_N)
+                qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
+                              DOT_PRECISION)
             acc, l_i, m_i = _attend_tile(
-                acc,
-                l_i,
-                m_i,
-                q,
-                k_base,
-                v_base,
-                start_n,
-                q_idx,
-                b,
-                h,
-                (k_strides[2], k_strides[3]),
-                (v_strides[2], v_strides[3]),
-                Q_LEN,
-                KV_LEN,
-                sm_scale,
-                SCORE_FN,
-                SCORE_ARGS,
-                MASK_FN,
-                MASK_ARGS,
-                False,
-                KV_TAIL,
-                ROWS_SAFE,
-                E,
-                EV,
-                E_PAD,
-                EV_PAD,
-                BLOCK_N,
-                DOT_PRECISION,
+                acc, l_i, m_i, qk, v_src, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, sm_scale,
+                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 0, KV_TAIL, ROWS_SAFE, USE_TMA,
+                EV, EV_PAD, BLOCK_N, DOT_PRECISION,
             )
+            if PIPELINE_QK:
+                qk, start_n = qk_next, start_next
 
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
     empty = l_i == 0.0
@@ -326,58 +220,37 @@ def flex_forward(
     has_full = full_kv_num_blocks is not None
     if not has_full:
         full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
-    meta = {
-        "GQA_GROUP": Hq // Hkv,
-        "E": E,
-        "EV": Ev,
-        "E_PAD": padded_head_dim(E),
-        "EV_PAD": padded_head_dim(Ev),
-        "Q_BLOCK": q_block,
-        "KV_BLOCK": kv_block,
-        "HAS_FULL_BLOCKS": has_full,
-        "ROWS_SAFE": bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)),
-        "DOT_PRECISION": _dot_precision(q.dtype),
-    }
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        max_scores,
-        _strides(q),
-        _strides(k),
-        _strides(v),
-        _strides(out),
-        kv_num_blocks,
-        kv_indices,
-        full_kv_num_blocks,
-        full_kv_indices,
-        _strides(kv_num_blocks),
-        _strides(kv_indices),
-        _strides(full_kv_num_blocks),
-        _strides(full_kv_indices),
-        Lq,
-        Lkv,
-        Hq,
-        float(scale),
-        score_mod.fn,
-        score_mod.args,
-        mask_mod.fn,
-        mask_mod.args,
-    )
+    e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
+    block_mask_args = (
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        _strides(kv_num_blocks), _strides(kv_indices), _strides(full_kv_num_blocks), _strides(full_kv_indices),
+    )  # fmt: skip
+    tma_ok = _tma_compatible(k) and _tma_compatible(v)
+    if getattr(options, "USE_TMA", False) and not tma_ok:
+        raise ValueError(
+            "kernel_options['USE_TMA'] needs CUDA k/v with unit feature stride and 16-byte aligned "
+            f"base and strides; got k strides {k.stride()}, v strides {v.stride()} ({k.dtype}). "
+            "Drop USE_TMA or pass such tensors."
+        )
 
     def launch(tiles: Tiles) -> None:
+        use_tma = tiles.use_tma and tma_ok
+        k_src, v_src = k, v
+        if use_tma:
+            k_src = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, tiles.BLOCK_N, e_pad])
+            v_src = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, tiles.BLOCK_N, ev_pad])
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
-            *args,
-            **meta,
-            BLOCK_M=tiles.BLOCK_M,
-            BLOCK_N=tiles.BLOCK_N,
-            KV_TAIL=Lkv % tiles.BLOCK_N != 0,
-            num_warps=tiles.num_warps,
-            num_stages=tiles.num_stages,
-        )
+            q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
+            *block_mask_args, Lq, Lkv, Hq, float(scale),
+            score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
+            GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
+            BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
+            HAS_FULL_BLOCKS=has_full, KV_TAIL=Lkv % tiles.BLOCK_N != 0,
+            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
+            PIPELINE_QK=tiles.pipeline_qk,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
 
     launch(choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch))
     return out, lse, max_scores
@@ -476,6 +349,17 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_k
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
+    size = t.element_size()
+    return (
+        t.is_cuda
+        and t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -25,6 +25,8 @@ class Tiles:
     num_warps: int
     num_stages: int
     reason: str = ""
+    use_tma: bool = False
+    pipeline_qk: bool = False
 
 
 def next_power_of_2(n: int) -> int:
@@ -131,6 +133,9 @@ def forward_tiles(
     if getattr(options, "num_stages", None):
         tiles = replace(tiles, num_stages=options.num_stages)
         why.append("num_stages from kernel_options")
+    if getattr(options, "USE_TMA", False):
+        tiles = replace(tiles, use_tma=True)
+        why.append("K/V through tensor descriptors (USE_TMA)")
 
     if shared_memory_limit is not None:
         elem = torch.tensor([], dtype=dtype).element_size()

@@ -298,3 +298,16 @@ def test_new_lengths_reuse_the_compiled_kernel():
     for length in (384, 512, 640):  # no kv tail at any of these lengths: the same specialization
         run_case(1, 2, 2, length, length, 64, 64, (128, 128), "identity", "causal", torch.float16, "cuda")
     assert compiled_kernels() == before
+
+
+TMA_CASES = [
+    (2, 8, 2, 1000, 1500, 80, 80, (128, 128), "alibi", "window", torch.bfloat16),
+    (1, 4, 4, 777, 777, 128, 64, (128, 128), "identity", "causal", torch.float16),
+]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", TMA_CASES, ids=[_id(*c) for c in TMA_CASES])
+def test_tensor_descriptor_loads_gpu(case):
+    run_case(*case, device="cuda", options={"USE_TMA": True})
