@@ -2,7 +2,8 @@
 
 Seeded with ``dout`` (dLoss/d(modded score)), the pass walks the graph backwards and builds, for
 every float node that depends on ``score`` or on a captured tensor that requires grad, its adjoint
-(always float32). The results are the adjoint of ``score`` and the adjoint of every ``load`` from a
+(always float32, also through float16/bfloat16 intermediates, where eager autograd would round
+to the low precision). The results are the adjoint of ``score`` and the adjoint of every ``load`` from a
 grad-requiring capture; code generation turns the latter into atomic adds into gradient buffers.
 The local derivative rules follow PyTorch's ``derivatives.yaml`` (ties of maximum/minimum split
 the gradient in half, clamp passes it where the bound is inactive, where routes it, etc.), so the
@@ -19,7 +20,7 @@ import torch
 from flexattn.compiler.ir import Graph, Node
 
 F32 = torch.float32
-_NO_GRADIENT = frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv"})
+_NO_GRADIENT = frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "detach"})
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ class _Emitter:
         if ptr not in self.prologue:
             self.prologue.add(ptr)
             names = [ptr, *sizes, *strides]
-            self.lines.append(", ".join(names) + f" = {_tuple_slice('caps', layout.base, len(names))}")
+            self.lines.append(_unpack(names, "caps", layout.base))
         return ptr, sizes, strides
 
     def index_terms(self, i: int) -> list[tuple[str, bool]]:
@@ -282,6 +282,8 @@ class _Emitter:
             if dtype == torch.bool:
                 return f"{self.ref(args[0])} != 0"
             return f"{self.ref(args[0])}.to({TL_DTYPES[dtype]})"
+        if op == "detach":
+            return self.ref(args[0])
         if op == "where":
             return f"tl.where({self.ref(args[0])}, {self.ref(args[1])}, {self.ref(args[2])})"
         low = dtype in LOW_PRECISION and op in _OPMATH
@@ -313,12 +315,12 @@ class _Emitter:
         if op == "floordiv":
             if not is_float:
                 nonneg = self.nonneg[args[0]] and self.nonneg[args[1]]
-                return f"{x[0]} // {x[1]}" if nonneg else f"tm.floordiv({x[0]}, {self._t(args[1], x[1])})"
-            return f"tl.floor({self._divide(args, x, dtype)})"
+                return f"{x[0]} // {x[1]}" if nonneg else f"tm.floordiv({self._ts(args, x)})"
+            return f"tm.floordiv_float({self._ts(args, x)})"
         if op == "mod":
             if not is_float and self.nonneg[args[0]] and self.nonneg[args[1]]:
                 return f"{x[0]} % {x[1]}"
-            return f"tm.remainder({x[0]}, {self._t(args[1], x[1])})"
+            return f"tm.remainder({self._ts(args, x)})"
         if op == "pow":
             return self._power(args, x, dtype)
         if op in ("maximum", "minimum"):
@@ -339,6 +341,10 @@ class _Emitter:
             return expr
         dtype = torch.float32 if node.dtype in LOW_PRECISION else node.dtype
         return f"tl.full((), {_literal(node.value, dtype)}, {TL_DTYPES[dtype]})"
+
+    def _ts(self, args, x: list[str]) -> str:
+        """All operands as tensors, comma-separated (for helper calls)."""
+        return ", ".join(self._t(a, e) for a, e in zip(args, x))
 
     def _divide(self, args, x: list[str], dtype: torch.dtype) -> str:
         divisor = self.graph.nodes[args[1]]
@@ -371,12 +377,15 @@ class _Emitter:
             }
             if e in special:
                 return special[e].format(x[0])
+        if not dtype.is_floating_point:
+            return f"tm.ipow({self._ts(args, x)})"
         pow_fn = "libdevice.pow" if self.gpu else "tm.pow"
-        return f"{pow_fn}({x[0]}, {self._t(args[1], x[1])})"
+        return f"{pow_fn}({self._ts(args, x)})"
 
 
-def _tuple_slice(name: str, start: int, count: int) -> str:
-    return ", ".join(f"{name}[{start + k}]" for k in range(count)) + ("," if count == 1 else "")
+def _unpack(names: list[str], tuple_name: str, start: int) -> str:
+    """``a, b = t[3], t[4]`` (a single name gets a plain assignment)."""
+    return ", ".join(names) + " = " + ", ".join(f"{tuple_name}[{start + k}]" for k in range(len(names)))
 
 
 def _broadcast_to_tile(em: _Emitter, var: str, node: int, mask: bool) -> list[str]:
@@ -425,7 +434,7 @@ def gradient_function(graph: Graph, dscore: int, grads: list[tuple[int, int]], t
         for slot in slots:
             ndim = graph.captures[slot].ndim
             names = [f"g{slot}"] + [f"g{slot}_s{d}" for d in range(ndim)]
-            em.lines.append(", ".join(names) + f" = {_tuple_slice('grad_caps', base, len(names))}")
+            em.lines.append(_unpack(names, "grad_caps", base))
             base += 1 + ndim
         for load, adjoint in grads:
             em.lines += _accumulate(em, load, adjoint)

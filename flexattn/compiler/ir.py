@@ -15,7 +15,7 @@ Ops (``Node.op``):
     load        value = capture slot; args = one index per dimension of the captured tensor
     cast        to Node.dtype
     unary       neg abs sign exp exp2 log log2 log1p expm1 tanh fast_tanh sigmoid sqrt rsqrt
-                floor ceil round trunc sin cos erf invert logical_not
+                floor ceil round trunc sin cos erf invert logical_not detach
     binary      add sub mul truediv floordiv mod pow maximum minimum clamp_min clamp_max
                 lt le gt ge eq ne and or xor lshift rshift logical_and logical_or logical_xor
     ternary     where (cond, a, b)
@@ -58,6 +58,7 @@ OP_TORCH = {
     "cos": torch.cos,
     "erf": torch.erf,
     "invert": torch.bitwise_not,
+    "detach": torch.detach,
     "logical_not": torch.logical_not,
     "add": torch.add,
     "sub": torch.sub,
@@ -137,7 +138,11 @@ class Graph:
 
     def add(self, node: Node) -> int:
         """Append ``node`` (or return the index of an equal node); folds all-constant ops."""
-        if node.op in OP_TORCH and node.args and all(self.nodes[a].op == "const" for a in node.args):
+        if (
+            (node.op in OP_TORCH or node.op == "cast")
+            and node.args
+            and all(self.nodes[a].op == "const" for a in node.args)
+        ):
             node = _fold(self, node)
         key = node.key()
         found = self._index.get(key)

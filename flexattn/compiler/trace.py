@@ -420,8 +420,6 @@ def _binary(op: str, a, b) -> Traced:
         return _new(op, (_node(a, compute), _node(b, compute)), torch.bool)
     if op in LOGICAL:
         return _new(op, (_node(a, torch.bool), _node(b, torch.bool)), torch.bool)
-    if op == "pow" and isinstance(b, Traced) and not dtype.is_floating_point:
-        raise refuse("integer power with a traced exponent", "convert to float first: x.float() ** e")
     return _new(op, (_node(a, dtype, True), _node(b, dtype, True)), dtype)
 
 
@@ -461,7 +459,8 @@ def _cast(x, dtype: torch.dtype) -> Traced:
 
 
 @_untraced
-def _clamp(x, lo=None, hi=None) -> Traced:
+def _clamp(x, min=None, max=None) -> Traced:  # noqa: A002 (torch's keyword names)
+    lo, hi = min, max
     if lo is None and hi is None:
         raise refuse("clamp() without bounds", "pass min= and/or max=")
     operands = [_operand(v) for v in (x, lo, hi) if v is not None]
@@ -575,6 +574,14 @@ def _round(x, *, decimals=0):
     if decimals:
         raise refuse("round(decimals=...)", "scale explicitly: torch.round(x * 100) / 100")
     return _unary("round", x)
+
+
+def _new_constant(x, size, value, dtype=None, **_):
+    if tuple(size) != ():
+        raise refuse(
+            f"a new tensor of shape {tuple(size)} inside a mod", "mods compute one 0-dim value per element"
+        )
+    return _constant_like(x, value, dtype=dtype)
 
 
 def _isnan(x):
@@ -743,8 +750,11 @@ _HANDLERS = {
     "ones_like": lambda x, **kw: _constant_like(x, 1, **kw),
     "full_like": lambda x, value, **kw: _constant_like(x, value, **kw),
     "new_tensor": lambda x, data, **kw: _factory_constant(data, **{"dtype": x.dtype, **kw}),
+    "new_zeros": lambda x, size, **kw: _new_constant(x, size, 0, **kw),
+    "new_ones": lambda x, size, **kw: _new_constant(x, size, 1, **kw),
+    "new_full": lambda x, size, value, **kw: _new_constant(x, size, value, **kw),
     "clone": _identity,
-    "detach": _identity,
+    "detach": lambda x: _unary("detach", x),
     "contiguous": _identity,
     "squeeze": _identity,
     "__getitem__": lambda x, index: _getitem(x, index),

@@ -112,3 +112,36 @@ def sum_to(val, ptr):
     if ptr.shape[1] == 1:
         val = tl.sum(val, 1, keep_dims=True)
     return val
+
+
+@triton.jit
+def ipow(base, exp):
+    """Integer ``base ** exp`` by repeated squaring (torch: negative exponents give 0 unless |base| == 1)."""
+    result = tl.full(base.shape, 1, base.dtype) * (base * 0 + 1)
+    b = base
+    e = tl.where(exp < 0, 0, exp)
+    for _ in tl.static_range(63):
+        result = tl.where((e & 1) != 0, result * b, result)
+        b = b * b
+        e = e >> 1
+    negative = tl.where(base == 1, 1, tl.where(base == -1, tl.where((exp & 1) != 0, -1, 1), 0))
+    return tl.where(exp < 0, negative.to(base.dtype), result)
+
+
+@triton.jit
+def _div(a, b):
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
+def floordiv_float(a, b):
+    """torch.floor_divide on floats: floor of the exact quotient, computed from fmod like PyTorch."""
+    mod = a % b
+    div = _div(a - mod, b)
+    div = tl.where((mod != 0) & ((b < 0) != (mod < 0)), div - 1.0, div)
+    floored = tl.floor(div)
+    floored = tl.where(div - floored > 0.5, floored + 1.0, floored)
+    zero = tl.where(_div(a, b) < 0, -0.0, 0.0)
+    return tl.where(b == 0, _div(a, b), tl.where(div != 0, floored, zero))

@@ -1,0 +1,280 @@
+"""Generated device functions equal eager (vmap) evaluation of the mod: values and gradients.
+
+Every catalog mod and a zoo of mods covering the supported surface run through the harness
+kernels (Triton's interpreter on CPU) on one random tile: random b, h, random query/key indices
+and random scores. Score values and gradients are judged three ways (float64 eager = gold, float32
+eager, generated code); masks must match exactly. Gradients are checked in both tile orientations
+(query rows as in a forward/dQ kernel, key rows as in a dK/dV kernel).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from flexattn.compiler import compile_mask_mod, compile_score_mod, fast_tanh
+from tests.catalog import CATALOG
+from tests.compiler.harness import eager_mask, eager_score, run_grad, run_mask, run_score
+from tests.helpers import assert_close_to_gold
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (CPU) or a GPU",
+)
+pytestmark = needs_interpreter
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+M, N = 16, 8  # tile: query rows x key columns (different sizes catch axis mix-ups)
+
+
+class Tile:
+    """Random tile inputs for a problem of shape (B, H, Lq, Lkv)."""
+
+    def __init__(self, B=None, H=None, Lq=None, Lkv=None):
+        draw = lambda lo, hi: int(torch.randint(lo, hi + 1, ()))
+        self.B, self.H = B or draw(1, 3), H or draw(1, 4)
+        self.Lq, self.Lkv = Lq or draw(9, 70), Lkv or draw(9, 70)
+        self.b, self.h = draw(0, self.B - 1), draw(0, self.H - 1)
+        self.q_idx = torch.randint(0, self.Lq, (M,), dtype=torch.int32, device=DEVICE)
+        self.kv_idx = torch.randint(0, self.Lkv, (N,), dtype=torch.int32, device=DEVICE)
+        self.score = torch.randn(M, N, device=DEVICE) * 3
+        self.dout = torch.randn(M, N, device=DEVICE)
+
+    def indices(self):
+        return self.b, self.h, self.q_idx, self.kv_idx
+
+
+def check_score_mod(mod, tile: Tile, params=()) -> None:
+    """Values, dLoss/dscore and capture gradients of ``mod`` against eager autograd."""
+    for p in params:
+        p.requires_grad_(True)
+    kmod = compile_score_mod(mod, device=DEVICE)
+
+    got = run_score(kmod, tile.score, *tile.indices())
+    gold = eager_score(mod, tile.score.double(), *tile.indices())
+    eager = eager_score(mod, tile.score, *tile.indices())
+    assert got.dtype == torch.float32 and got.shape == (M, N)
+    assert_close_to_gold(got, gold.detach(), eager.detach(), name="score")
+
+    gold_grads = _eager_grads(mod, tile.score.double(), tile, params)
+    eager_grads = _eager_grads(mod, tile.score, tile, params)
+    for transposed in (False, True):
+        buffers = tuple(torch.zeros(t.shape, device=DEVICE) for t in kmod.grad_captures)
+        dscore = run_grad(kmod, tile.score, *tile.indices(), tile.dout, buffers, transposed=transposed)
+        assert_close_to_gold(dscore, gold_grads[0], eager_grads[0], name=f"dscore transposed={transposed}")
+        # captures may be tensors computed from params (weight * weight): autograd carries their grads on
+        ours = _chain(kmod.grad_captures, buffers, params)
+        for i, (g_ours, g, e) in enumerate(zip(ours, gold_grads[1:], eager_grads[1:])):
+            assert_close_to_gold(g_ours, g, e, name=f"grad of param {i} transposed={transposed}")
+
+
+def _chain(captures, buffers, params) -> list[torch.Tensor]:
+    """Gradients of ``params`` given the gradients ``buffers`` of the captures computed from them."""
+    if not params:
+        return []
+    if not captures:
+        return [torch.zeros_like(p) for p in params]
+    cotangents = [b.to(c.dtype) for b, c in zip(buffers, captures)]
+    grads = torch.autograd.grad(captures, params, cotangents, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _eager_grads(mod, score, tile: Tile, params) -> list[torch.Tensor]:
+    score = score.clone().requires_grad_(True)
+    out = eager_score(mod, score, *tile.indices())
+    inputs = [score, *params]
+    if not out.requires_grad:
+        return [torch.zeros_like(t, dtype=score.dtype) for t in inputs]
+    grads = torch.autograd.grad(out, inputs, tile.dout.to(out.dtype), allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, inputs)]
+
+
+def check_mask_mod(mod, tile: Tile) -> None:
+    kmod = compile_mask_mod(mod, device=DEVICE)
+    got = run_mask(kmod, *tile.indices())
+    want = eager_mask(mod, *tile.indices())
+    assert torch.equal(got, want.expand(M, N)), f"mask differs at {(got != want).nonzero().tolist()[:5]}"
+
+
+@pytest.mark.parametrize("name", list(CATALOG))
+def test_catalog_mod_matches_eager(name):
+    tile = Tile()
+    mods = CATALOG[name](tile.B, tile.H, tile.Lq, tile.Lkv, DEVICE)
+    if mods.score_mod is not None:
+        check_score_mod(mods.score_mod, tile, mods.params)
+    if mods.mask_mod is not None:
+        check_mask_mod(mods.mask_mod, tile)
+
+
+def test_none_mods_are_identity_and_always_true():
+    tile = Tile()
+    kmod = compile_score_mod(None, device=DEVICE)
+    assert torch.equal(run_score(kmod, tile.score, *tile.indices()), tile.score)
+    assert torch.equal(run_grad(kmod, tile.score, *tile.indices(), tile.dout), tile.dout)
+    assert bool(run_mask(compile_mask_mod(None, device=DEVICE), *tile.indices()).all())
+
+
+# ---- a zoo of score mods covering the supported surface ----------------------------------------
+
+
+def _zoo(tile: Tile):
+    """id -> (score_mod, learnable params); built per test so captures are fresh."""
+    Lq, Lkv, H = tile.Lq, tile.Lkv, tile.H
+    bias16 = torch.randn(H, Lq + Lkv, device=DEVICE).to(torch.float16)
+    table3 = torch.randn(tile.B, H, 5, device=DEVICE)
+    rows = torch.randn(Lq, 3, device=DEVICE)
+    ids64 = torch.randint(-3, 4, (Lkv,), dtype=torch.int64, device=DEVICE)
+    flags = torch.rand(Lq, device=DEVICE) > 0.5
+    weight = torch.rand((), device=DEVICE) + 0.5
+    slopes = torch.rand(H, device=DEVICE)
+    cap = 7.5
+
+    def arithmetic(s, b, h, q, kv):
+        d = q - kv
+        return (s * 2 - 1.5) / 3 + d * 0.25 - (d // 3) * 0.5 + (d % 5) * 0.125 + (-s) + 2 ** (d % 3)
+
+    def integer_semantics(s, b, h, q, kv):
+        d = q - kv  # negative half the time: floor division and Python-style modulo
+        return (
+            s + (d // 4).float() + (d % 3).float() * 10 + (7 // (d.abs() + 1)).float() + ((-d) % -4).float()
+        )
+
+    def unary_functions(s, b, h, q, kv):
+        x = s.abs() + 0.1
+        return (
+            torch.exp(s * 0.1) + torch.exp2(s * 0.1) + torch.log(x) + torch.log2(x) + torch.log1p(x)
+            + torch.expm1(s * 0.1) + torch.tanh(s) + torch.sigmoid(s) + torch.sqrt(x) + torch.rsqrt(x)
+            + torch.sin(s) + torch.cos(s) + torch.erf(s) + s.abs() + torch.sign(s)
+        )  # fmt: skip
+
+    def rounding(s, b, h, q, kv):
+        half = (q - kv).float() * 0.5  # exact ties: round half to even
+        return (
+            torch.floor(s)
+            + torch.ceil(s) * 2
+            + torch.round(half) * 3
+            + torch.trunc(s) * 4
+            + s.round() * 5
+            + s
+        )
+
+    def powers(s, b, h, q, kv):
+        x = s.abs() + 0.5
+        return s**2 + s**3 + x**0.5 + x**-1 + x**-0.5 + x**1.7 + x ** (s * 0.1) + 0.5 ** (s * 0.3)
+
+    def comparisons_and_logic(s, b, h, q, kv):
+        a, c = q > kv, (q + kv) % 3 == 0
+        mixed = (a & c) | (a ^ c) | ~(q <= 2) | torch.logical_and(a, c) | torch.logical_or(c, q != kv)
+        both = torch.logical_xor(a, torch.logical_not(c)) & (s >= 0) & (s < 2.5) & (s != 1.0) & (kv == kv)
+        return (
+            torch.where(mixed, s, -s)
+            + both.float()
+            + ((q << 1) + (kv >> 1) + (q & 7) + (kv | 2) + (q ^ kv)) * 0.01
+        )
+
+    def clamps_and_extrema(s, b, h, q, kv):
+        return (
+            torch.clamp(s, -1.0, 2.0) + s.clamp(min=0.5) + torch.clamp_max(s, 1.0) + torch.clamp_min(s, -0.5)
+            + torch.maximum(s, (q - kv).float() * 0.1) + torch.minimum(s, 0.3 * s * s)
+            + torch.relu(s) + torch.clip(s, max=0.0) + torch.max(s, s * 0.5) + torch.min(s, -s)
+        )  # fmt: skip
+
+    def casts_and_constants(s, b, h, q, kv):
+        # (bf16 of values it represents exactly: Triton's interpreter truncates when rounding to bf16)
+        # (detached: eager autograd would round the gradient to fp16, ours stays fp32)
+        low = s.detach().to(torch.float16) * 3 + s.detach().half() - torch.round(s * 4).to(torch.bfloat16)
+        ints = s.int() + s.long() * 2 + (s > 0).int() + torch.ones_like(q) + torch.full_like(s, 2.0).int()
+        consts = torch.tensor(0.5) * s + torch.zeros_like(s) + torch.tensor(3) * q + s.new_tensor(1.25)
+        return low.float() + ints.float() + consts + s.type_as(s) * torch.ones_like(s) + s.double().float()
+
+    def nan_and_inf_tests(s, b, h, q, kv):
+        x = torch.where(q > kv, s, float("inf"))
+        y = torch.where(kv % 4 == 0, float("nan"), s)
+        return torch.isinf(x).float() + torch.isnan(y).float() * 2 + torch.isfinite(x).float() * 3 + s
+
+    def softcap_fast_tanh(s, b, h, q, kv):
+        return cap * fast_tanh(s / cap)
+
+    def half_precision_bias(s, b, h, q, kv):
+        return s + bias16[h, q - kv + Lkv] * 0.5
+
+    def rank3_partial_index(s, b, h, q, kv):
+        row = table3[b, h]
+        return s * row[(q + kv) % 5] + rows[q][kv % 3]
+
+    def int64_and_bool_captures(s, b, h, q, kv):
+        return s + ids64[kv] * (q % 2) + torch.where(flags[q], 1.0, -1.0) + ids64[kv - 1]
+
+    def learnable_scalar_and_slopes(s, b, h, q, kv):
+        return s * weight - slopes[h] * (q - kv).abs() + weight * weight * 0.1
+
+    def divisions(s, b, h, q, kv):
+        d = (q - kv).float()
+        return (
+            s / 8
+            + s / 3
+            + d / (s.abs() + 1)
+            + torch.div(d, 2, rounding_mode="floor")
+            + torch.div(d, 3, rounding_mode="trunc")
+            + torch.remainder(s, 0.75)
+            + torch.floor_divide(d, 0.6)
+        )
+
+    return {
+        "arithmetic": (arithmetic, ()),
+        "integer-semantics": (integer_semantics, ()),
+        "unary-functions": (unary_functions, ()),
+        "rounding": (rounding, ()),
+        "powers": (powers, ()),
+        "comparisons-and-logic": (comparisons_and_logic, ()),
+        "clamps-and-extrema": (clamps_and_extrema, ()),
+        "casts-and-constants": (casts_and_constants, ()),
+        "nan-and-inf-tests": (nan_and_inf_tests, ()),
+        "softcap-fast-tanh": (softcap_fast_tanh, ()),
+        "half-precision-bias": (half_precision_bias, (bias16,)),
+        "rank3-partial-index": (rank3_partial_index, (table3, rows)),
+        "int64-and-bool-captures": (int64_and_bool_captures, ()),
+        "learnable-scalar-and-slopes": (learnable_scalar_and_slopes, (weight, slopes)),
+        "divisions": (divisions, ()),
+    }
+
+
+ZOO = list(_zoo(Tile(B=1, H=1, Lq=9, Lkv=9)))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_mod_matches_eager(name):
+    tile = Tile()
+    mod, params = _zoo(tile)[name]
+    check_score_mod(mod, tile, [p for p in params if p.is_floating_point() and p.dtype == torch.float32])
+
+
+def test_fixed_point_gradient_buffers():
+    """int64 buffers with a scaled dout (the backward kernels' deterministic mode) give the same sums."""
+    tile = Tile()
+    bias = torch.randn(tile.H, tile.Lq + tile.Lkv, device=DEVICE, requires_grad=True)
+
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + tile.Lkv]
+
+    kmod = compile_score_mod(rel_bias, device=DEVICE)
+    scale = 2.0**32
+    fixed = torch.zeros(bias.shape, dtype=torch.int64, device=DEVICE)
+    run_grad(kmod, tile.score, *tile.indices(), tile.dout * scale, (fixed,))
+    floating = torch.zeros(bias.shape, device=DEVICE)
+    run_grad(kmod, tile.score, *tile.indices(), tile.dout, (floating,))
+    torch.testing.assert_close(fixed.double() / scale, floating.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_empty_grad_args_skip_capture_gradients():
+    tile = Tile()
+    bias = torch.randn(tile.H, device=DEVICE, requires_grad=True)
+
+    def head_bias(score, b, h, q_idx, kv_idx):
+        return score * 2 + bias[h]
+
+    kmod = compile_score_mod(head_bias, device=DEVICE)
+    assert kmod.grad_captures == (bias,)
+    dscore = run_grad(kmod, tile.score, *tile.indices(), tile.dout, None)  # grad_caps = ()
+    torch.testing.assert_close(dscore, tile.dout * 2)
