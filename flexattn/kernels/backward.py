@@ -732,7 +732,7 @@ def flex_backward(
         "Q_BLOCK": q_block,
         "KV_BLOCK": kv_block,
         "HAS_FULL": full_kv_num_blocks is not None,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
         "num_warps": tiles.num_warps,
         "num_stages": tiles.num_stages,
     }

@@ -1,0 +1,153 @@
+"""Autograd for the Triton path: forward and backward kernels behind one ``torch.autograd.Function``.
+
+``triton_flex_attention`` (called by flexattn.dispatch) compiles the mods, then
+
+- with no input requiring grad (inference), runs the forward kernel and saves nothing;
+- otherwise runs :class:`FlexAttentionFunction`, whose inputs are q, k, v and the score_mod's
+  captured tensors that require grad (learnable biases), so autograd routes their gradients. The
+  backward kernels accumulate those gradients in fp32 buffers (64-bit fixed point with
+  ``kernel_options={"deterministic": True}``) and return them in each tensor's dtype.
+
+Double backward (``create_graph=True`` through flex attention, then differentiating the
+gradients) raises an error that says so. Under ``torch.compile`` the call goes through the
+``flexattn::`` custom ops of :mod:`flexattn.custom_ops`, which wrap the same two functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch._C import _functions
+
+from flexattn.block_mask import BlockMask
+from flexattn.block_mask_build import transpose_ordered
+from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.kernels.backward import flex_backward
+from flexattn.kernels.forward import flex_forward
+from flexattn.kernels.mods import KernelMod
+from flexattn.options import KernelOptions
+
+DOUBLE_BACKWARD_ERROR = (
+    b"flexattn: double backward through flex_attention is not supported (its backward kernels are "
+    b"not differentiable). Compute gradients without create_graph=True, or use "
+    b"kernel_options={'BACKEND': 'REFERENCE'} for higher-order gradients."
+)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Everything the kernels need besides the differentiable tensors: compiled mods, mask, knobs."""
+
+    score_mod: KernelMod
+    mask_mod: KernelMod
+    block_mask: BlockMask
+    scale: float
+    options: KernelOptions
+
+    def forward(self, query, key, value):
+        """``(out, lse, max_scores)`` from the forward kernel."""
+        m = self.block_mask
+        return flex_forward(
+            query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
+            kv_num_blocks=m.kv_num_blocks, kv_indices=m.kv_indices,
+            full_kv_num_blocks=m.full_kv_num_blocks, full_kv_indices=m.full_kv_indices,
+            q_block=m.BLOCK_SIZE[0], kv_block=m.BLOCK_SIZE[1], scale=self.scale, options=self.options,
+        )  # fmt: skip
+
+    def backward(self, query, key, value, out, lse, dout, dlse, grad_buffers):
+        """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``."""
+        m = self.block_mask
+        q_num, q_idx = m.q_num_blocks, m.q_indices
+        if q_num is None:
+            q_num, q_idx = transpose_ordered(m.kv_num_blocks, m.kv_indices)
+        full_q_num, full_q_idx = m.full_q_num_blocks, m.full_q_indices
+        if full_q_num is None and m.full_kv_num_blocks is not None:
+            full_q_num, full_q_idx = transpose_ordered(m.full_kv_num_blocks, m.full_kv_indices)
+        return flex_backward(
+            query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
+            kv_num_blocks=m.kv_num_blocks, kv_indices=m.kv_indices,
+            full_kv_num_blocks=m.full_kv_num_blocks, full_kv_indices=m.full_kv_indices,
+            q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
+            q_block=m.BLOCK_SIZE[0], kv_block=m.BLOCK_SIZE[1], scale=self.scale, options=self.options,
+            grad_buffers=grad_buffers,
+        )  # fmt: skip
+
+
+class FlexAttentionFunction(torch.autograd.Function):
+    """``apply(query, key, value, plan, *captures) -> (out, lse, max_scores)``.
+
+    ``captures`` are ``plan.score_mod.grad_captures`` (the tensors the kernels read through the
+    mod's arguments), passed again here only so that autograd links their gradients.
+    ``max_scores`` is not differentiable; gradients flow through ``out`` and ``lse``.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, plan: AttentionPlan, *captures):
+        out, lse, max_scores = plan.forward(query, key, value)
+        ctx.mark_non_differentiable(max_scores)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.plan = plan
+        ctx.captures = captures
+        return out, lse, max_scores
+
+    @staticmethod
+    def backward(ctx, dout, dlse, _dmax):
+        query, key, value, out, lse = ctx.saved_tensors
+        with torch.no_grad():
+            if dout is None:
+                dout = torch.zeros_like(out)
+            buffers = tuple(torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in ctx.captures)
+            dq, dk, dv = ctx.plan.backward(query, key, value, out, lse, dout, dlse, buffers)
+            grads = (dq, dk, dv, *(b.to(c.dtype) for b, c in zip(buffers, ctx.captures)))
+        if torch.is_grad_enabled():  # create_graph=True: make any use of these gradients fail clearly
+            grads = _error_on_double_backward(grads)
+        return (*grads[:3], None, *grads[3:])
+
+
+def _error_on_double_backward(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Aliases of ``grads`` whose own backward raises DOUBLE_BACKWARD_ERROR."""
+    err_fn = _functions.DelayedError(DOUBLE_BACKWARD_ERROR, len(grads))
+    aliases = [g.detach().requires_grad_() for g in grads]
+    out = err_fn(*aliases)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def plan_attention(
+    score_mod: Callable | None, block_mask: BlockMask, scale: float, options: KernelOptions
+) -> AttentionPlan:
+    """Compile the mods (cached by structure) and bundle them with the mask and options."""
+    return AttentionPlan(
+        compile_score_mod(score_mod), compile_mask_mod(block_mask.mask_mod), block_mask, scale, options
+    )
+
+
+def triton_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Callable | None,
+    block_mask: BlockMask,
+    scale: float,
+    enable_gqa: bool,
+    options: KernelOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
+
+    Args: as :func:`flexattn.dispatch.run_attention` (validated by flexattn.api; ``enable_gqa`` was
+    checked there, the kernels read the group size from the shapes).
+    Returns: out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32.
+
+    Example (CPU, ``TRITON_INTERPRET=1``)::
+
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+        out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, False, KernelOptions(BACKEND="TRITON"))
+    """
+    plan = plan_attention(score_mod, block_mask, scale, options)
+    captures = plan.score_mod.grad_captures
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
+    if not needs_grad:
+        return plan.forward(query, key, value)
+    return FlexAttentionFunction.apply(query, key, value, plan, *captures)
