@@ -11,6 +11,7 @@ Used by the block-mask builder and the reference backend; imports nothing from f
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -113,3 +114,58 @@ def eval_score_mod(
     device = score.device
     out = vmap_mod(score_mod, has_score=True)(score, index(0, B, device), index(0, H, device), q, kv)
     return out.expand(score.shape)
+
+
+def captured_grad_tensors(fn: Callable) -> list[torch.Tensor]:
+    """Tensors requiring grad that ``fn`` can reach: closures, defaults, globals it names,
+    functools.partial arguments, bound nn.Modules, and containers of these (searched recursively).
+
+    The reference backend passes them to its recompute-in-backward autograd Function so gradients
+    reach them. (The mod compiler finds captured tensors by tracing instead.)
+    """
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    todo: list[object] = [fn]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.requires_grad:
+                found[id(obj)] = obj
+        elif isinstance(obj, torch.nn.Module):
+            todo.extend(obj.parameters())
+            todo.extend(obj.buffers())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, functools.partial):
+            todo.extend((obj.func, obj.args, obj.keywords))
+        elif inspect.ismethod(obj):
+            todo.extend((obj.__func__, obj.__self__))
+        elif inspect.isfunction(obj):
+            todo.extend(cell.cell_contents for cell in obj.__closure__ or () if _filled(cell))
+            todo.extend((obj.__defaults__ or (), obj.__kwdefaults__ or {}))
+            names = _global_names(obj.__code__)
+            todo.extend(obj.__globals__[name] for name in names if name in obj.__globals__)
+        elif callable(obj) and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            todo.append(vars(obj))  # callable objects keep their captures as attributes
+    return list(found.values())
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
+
+
+def _global_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _global_names(const)
+    return names

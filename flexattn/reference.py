@@ -2,8 +2,9 @@
 
 It runs on any device, supports autograd (q, k, v and tensors captured by the score_mod), and is the
 float64 oracle of every test. Memory stays bounded in the forward *and* the backward pass: each chunk
-of query rows is computed under ``torch.utils.checkpoint``, so only one chunk's (B, Hq, rows, Lkv)
-intermediates exist at a time, never B*Hq*Lq*Lkv.
+of query rows is an autograd Function that saves only its inputs and recomputes the chunk in
+backward, so only one chunk's (B, Hq, rows, Lkv) intermediates exist at a time, never B*Hq*Lq*Lkv. (torch.utils.checkpoint
+was measured to keep a score-sized tensor per chunk alive until backward in torch 2.13.)
 
 Per chunk (docs/architecture.md, "Semantics"):
 
@@ -15,17 +16,17 @@ Per chunk (docs/architecture.md, "Semantics"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from flexattn.block_mask import BlockMask
-from flexattn.mod_eval import eval_mask_mod, eval_score_mod, index
+from flexattn.mod_eval import captured_grad_tensors, eval_mask_mod, eval_score_mod, index
 
 # Elements of one (B, Hq, rows, Lkv) score chunk; a chunk's intermediates take ~10x this in bytes.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
 def reference_attention(
@@ -96,22 +97,74 @@ def reference_attention(
         return out.reshape(B, Hq, rows, -1), lse.to(stat_dtype), s.detach().amax(dim=-1).to(stat_dtype)
 
     rows = max(1, chunk_elements // max(1, B * Hq * Lkv))
-    # Under grad mode always checkpoint: a score_mod may capture tensors that require grad.
-    needs_grad = torch.is_grad_enabled()
+    captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
+    differentiable = torch.is_grad_enabled() and (
+        query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)
+    )
     outs, lses, maxes = [], [], []
     for start in range(0, Lq, rows):
+        run = functools.partial(chunk, start=start)
         q_chunk = q5[:, :, :, start : start + rows]
-        if needs_grad:
-            o, lse, mx = checkpoint(
-                chunk, q_chunk, k5, v5, start, use_reentrant=False, preserve_rng_state=False
-            )
+        if differentiable:
+            o, lse, mx = _RecomputedChunk.apply(run, len(captures), q_chunk, k5, v5, *captures)
         else:
-            o, lse, mx = chunk(q_chunk, k5, v5, start)
+            with torch.no_grad():
+                o, lse, mx = run(q_chunk, k5, v5)
         outs.append(o)
         lses.append(lse)
         maxes.append(mx)
     out = torch.cat(outs, dim=2).to(query.dtype)
     return out, torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
+
+
+def _grad_captures(score_mod: Callable | None, device: torch.device) -> list[torch.Tensor]:
+    """Captured tensors of ``score_mod`` that require grad; errors if some cannot be found."""
+    if score_mod is None:
+        return []
+    captures = captured_grad_tensors(score_mod)
+    if not captures:
+        zero, first = torch.zeros(1, 1, 1, 1, device=device), index(0, 1, device)
+        if eval_score_mod(score_mod, zero, first, first).requires_grad:
+            raise RuntimeError(
+                f"score_mod {getattr(score_mod, '__name__', score_mod)!r} uses a tensor that requires grad "
+                "but flexattn could not find it among the mod's closure variables, defaults, globals or "
+                "module attributes. Capture it directly (e.g. as a closure variable or default argument)."
+            )
+    return captures
+
+
+class _RecomputedChunk(torch.autograd.Function):
+    """One chunk of query rows: forward without saving intermediates, backward by recomputation.
+
+    Inputs: ``run(q_chunk, k, v) -> (out, lse, max_scores)``, the number of captured tensors, then
+    q_chunk, k, v and the score_mod's captured tensors that require grad (so gradients reach them).
+    """
+
+    @staticmethod
+    def forward(ctx, run, num_captures, q_chunk, k, v, *captures):
+        ctx.run = run
+        ctx.captures = captures  # the closure uses these very objects; keep them, not copies
+        ctx.save_for_backward(q_chunk, k, v)
+        with torch.no_grad():
+            out, lse, max_scores = run(q_chunk, k, v)
+        ctx.mark_non_differentiable(max_scores)
+        return out, lse, max_scores
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse, _d_max):
+        needs = ctx.needs_input_grad[2:]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+        wrt = [t for t, need in zip([*leaves, *ctx.captures], needs) if need]
+        with torch.enable_grad():
+            out, lse, _ = ctx.run(*leaves)
+            pairs = [(t, d) for t, d in ((out, d_out), (lse, d_lse)) if t.requires_grad]
+            if pairs:
+                outputs, upstream = zip(*pairs)
+                grads = torch.autograd.grad(outputs, wrt, upstream, allow_unused=True)
+            else:  # e.g. a score_mod ignoring q and k: lse is constant and out needs no grad
+                grads = [None] * len(wrt)
+        grads = iter(grads)
+        return (None, None, *(next(grads) if need else None for need in needs))
 
 
 class _BlockRows:

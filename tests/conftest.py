@@ -1,0 +1,45 @@
+"""Test session setup: one torch thread per xdist worker, a fresh seed per test, GPU tests skipped
+cleanly without CUDA.
+
+Every test runs with a new random seed (printed with the failure). Reproduce a failure with
+``FLEXATTN_SEED=<seed> bash scripts/test.sh -k <test id>``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the machine's cores; intra-op threads would only fight each other.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Seed torch with a fresh seed (or FLEXATTN_SEED) and remember it for the failure report."""
+    fixed = os.environ.get("FLEXATTN_SEED")
+    seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.flexattn_seed = seed
+    yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    seed = getattr(item, "flexattn_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("flexattn seed", f"FLEXATTN_SEED={seed}"))
+    return report
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
