@@ -3,8 +3,9 @@
 It runs on any device, supports autograd (q, k, v and tensors captured by the score_mod), and is the
 float64 oracle of every test. Memory stays bounded in the forward *and* the backward pass: each chunk
 of query rows is an autograd Function that saves only its inputs and recomputes the chunk in
-backward, so only one chunk's (B, Hq, rows, Lkv) intermediates exist at a time, never B*Hq*Lq*Lkv. (torch.utils.checkpoint
-was measured to keep a score-sized tensor per chunk alive until backward in torch 2.13.)
+backward, so only one chunk's (B, Hq, rows, Lkv) intermediates exist at a time, never
+B*Hq*Lq*Lkv. (torch.utils.checkpoint was measured to keep a score-sized tensor per chunk alive until
+backward in torch 2.13.)
 
 Per chunk (docs/architecture.md, "Semantics"):
 
