@@ -780,9 +780,23 @@ def _func_name(func) -> str:
     return name
 
 
+_PUBLIC_MODULES = {
+    "torch._C._nn": "torch.nn.functional",
+    "torch._C._special": "torch.special",
+    "torch._C._linalg": "torch.linalg",
+}
+
+
 def _qualname(func) -> str:
+    """The name a user knows a torch function by (torch.exp, torch.Tensor.add_, torch.nn.functional.gelu)."""
     module = getattr(func, "__module__", None) or "torch"
-    return f"{module}.{getattr(func, '__qualname__', _func_name(func))}"
+    qualname = getattr(func, "__qualname__", _func_name(func))
+    owner, _, name = qualname.rpartition(".")
+    if owner in ("TensorBase", "Tensor", "_TensorBase"):
+        return f"torch.Tensor.{name}"
+    if owner == "_VariableFunctionsClass" or module.startswith("torch._C._VariableFunctions"):
+        return f"torch.{name}"
+    return f"{_PUBLIC_MODULES.get(module, module)}.{qualname}"
 
 
 def _call(func, args, kwargs):
