@@ -139,20 +139,50 @@ REFUSALS = {  # id -> (mod, kind, words in the message, words in the hint)
     "augmented-assignment": (_augmented_assignment, "score", "in-place operation", "out of place"),
     "in-place-method": (_in_place_method, "score", "in-place operation (add_)", "out of place"),
     "out-argument": (_out_argument, "score", "in-place operation (add(..., out=...))", "out of place"),
-    "setitem-into-capture": (_setitem_into_capture, "score", "in-place operation (__setitem__)", "out of place"),
+    "setitem-into-capture": (
+        _setitem_into_capture,
+        "score",
+        "in-place operation (__setitem__)",
+        "out of place",
+    ),
     "nonzero": (_nonzero, "score", "data-dependent output shape", "torch.where(cond, a, b)"),
     "single-argument-where": (_single_argument_where, "score", "data-dependent output shape", "torch.where"),
     "boolean-mask-index": (_boolean_mask_index, "score", "boolean-mask indexing", "torch.where"),
-    "unsupported-function": (_unsupported_function, "score", "unsupported function torch.nn.functional.gelu", "elementwise"),
-    "unsupported-method": (_unsupported_method, "score", "unsupported function torch.Tensor.logsumexp", "elementwise"),
-    "whole-capture-as-value": (_whole_capture_as_value, "score", "shape (4, 16) was used as a per-element value", "bias[h, q_idx]"),
+    "unsupported-function": (
+        _unsupported_function,
+        "score",
+        "unsupported function torch.nn.functional.gelu",
+        "elementwise",
+    ),
+    "unsupported-method": (
+        _unsupported_method,
+        "score",
+        "unsupported function torch.Tensor.logsumexp",
+        "elementwise",
+    ),
+    "whole-capture-as-value": (
+        _whole_capture_as_value,
+        "score",
+        "shape (4, 16) was used as a per-element value",
+        "bias[h, q_idx]",
+    ),
     "row-as-value": (_row_as_value, "score", "indexed with 1 of its 2 indices", "index every dimension"),
     "slice-index": (_slice_index, "score", "slice(None, None, None)", "index with integers"),
     "float-index": (_float_index, "score", "indexing with a torch.float32 value", ".long()"),
-    "too-many-indices": (_too_many_indices, "score", "2 indices for a captured tensor of shape (16,)", "indexing"),
-    "index-a-traced-value": (_index_a_traced_value, "score", "indexing a per-element value", "bias[h, q_idx]"),
+    "too-many-indices": (
+        _too_many_indices,
+        "score",
+        "2 indices for a captured tensor of shape (16,)",
+        "indexing",
+    ),
+    "index-a-traced-value": (
+        _index_a_traced_value,
+        "score",
+        "indexing a per-element value",
+        "bias[h, q_idx]",
+    ),
     "bitwise-on-float": (_bitwise_on_float, "score", "torch rejects this operation", "dtypes"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(REFUSALS))
