@@ -13,6 +13,7 @@ A drop-in for ``torch.nn.attention.flex_attention``::
 
 from flexattn.api import AuxOutput, AuxRequest, flex_attention
 from flexattn.block_mask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+from flexattn.compiler import explain
 from flexattn.options import KernelOptions
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "and_masks",
     "create_block_mask",
     "create_mask",
+    "explain",
     "flex_attention",
     "noop_mask",
     "or_masks",
