@@ -6,6 +6,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from flexattn import create_block_mask
+from flexattn.variants import causal, document_mask
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_gpt_packed.py"
 
 
@@ -21,15 +27,28 @@ def test_train_gpt_packed_runs_on_cpu(capsys):
     load_example().main(["--device", "cpu", "--steps", "3", "--seq-len", "96", "--batch-size", "2"])
     out = capsys.readouterr().out
     summary = next(line for line in out.splitlines() if line.startswith("train_gpt_packed |"))
-    assert "flexattn" in summary and "SDPA dense mask" in summary
-    flex_loss, sdpa_loss = summary.rsplit("final loss ", 1)[1].split(" vs ")
-    assert abs(float(flex_loss) - float(sdpa_loss)) < 1e-3  # same model, data and mask semantics
+    runs = summary.split(" | ")[4:]
+    assert [run.split()[0] for run in runs] == ["flexattn", "flexattn-boundaries", "sdpa"]
+    losses = [float(run.split("loss ")[1].split(",")[0]) for run in runs]
+    assert max(losses) - min(losses) < 1e-3  # same model, data and mask semantics
+
+
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_block_mask_from_document_boundaries_equals_create_block_mask(block):
+    example = load_example()
+    cfg = example.Config(seq_len=999, batch_size=3, min_doc=1, max_doc=300)
+    _, doc_ids = example.packed_batch(cfg, torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))))
+    doc_ids = doc_ids[:, :-1]  # (3, 999)
+    fast = example.document_causal_block_mask(doc_ids, block)
+    slow = create_block_mask(
+        document_mask(doc_ids, causal()), 3, None, 999, 999, device="cpu", BLOCK_SIZE=block
+    )
+    for field in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks"):
+        assert torch.equal(getattr(fast, field).expand_as(getattr(slow, field)), getattr(slow, field)), field
 
 
 def test_packed_batch_documents_fill_the_row():
     example = load_example()
-    import torch
-
     cfg = example.Config(seq_len=200, batch_size=3, min_doc=5, max_doc=40)
     tokens, doc_ids = example.packed_batch(cfg, torch.Generator().manual_seed(0))
     assert tokens.shape == doc_ids.shape == (3, 201)
