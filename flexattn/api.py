@@ -77,6 +77,14 @@ def flex_attention(
         >>> out.shape
         torch.Size([2, 4, 100, 32])
     """
+    if torch.compiler.is_compiling():  # under torch.compile: custom ops, no graph break
+        from flexattn.custom_ops import traced_attention
+
+        request = _check_returns(return_lse, return_aux)
+        out, lse, max_scores = traced_attention(
+            query, key, value, score_mod, block_mask, scale, kernel_options
+        )
+        return _pack(out, lse, max_scores, request, return_lse, return_aux)
     _check_tensors(query, key, value, enable_gqa)
     if score_mod is not None:
         check_mod(score_mod, "score_mod", "score_mod")
@@ -89,7 +97,10 @@ def flex_attention(
     request = _check_returns(return_lse, return_aux)
 
     out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
+    return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
+
+def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):
     if return_aux is not None:
         return out, AuxOutput(lse if request.lse else None, max_scores if request.max_scores else None)
     if return_lse:

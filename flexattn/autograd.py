@@ -116,11 +116,12 @@ def _error_on_double_backward(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 
 def plan_attention(
-    score_mod: Callable | None, block_mask: BlockMask, scale: float, options: KernelOptions
+    score_mod: Callable | None, block_mask: BlockMask, scale: float, options: KernelOptions, device=None
 ) -> AttentionPlan:
-    """Compile the mods (cached by structure) and bundle them with the mask and options."""
+    """Compile the mods for ``device`` (cached by structure); bundle them with the mask and options."""
+    score = compile_score_mod(score_mod, device=device)
     return AttentionPlan(
-        compile_score_mod(score_mod), compile_mask_mod(block_mask.mask_mod), block_mask, scale, options
+        score, compile_mask_mod(block_mask.mask_mod, device=device), block_mask, scale, options
     )
 
 
@@ -145,7 +146,7 @@ def triton_flex_attention(
         mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
         out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, False, KernelOptions(BACKEND="TRITON"))
     """
-    plan = plan_attention(score_mod, block_mask, scale, options)
+    plan = plan_attention(score_mod, block_mask, scale, options, query.device)
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:
