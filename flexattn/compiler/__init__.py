@@ -144,7 +144,7 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
         grad_slots = tuple(sorted({graph.nodes[load].value for load, _ in gradient.captures}))
         grad_name = f"{name}_grad"
         functions.append(
-            gradient_function(graph, gradient.dscore, list(gradient.captures), target, grad_name)
+            gradient_function(graph, output, gradient.dscore, list(gradient.captures), target, grad_name)
         )
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)

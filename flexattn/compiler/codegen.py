@@ -22,6 +22,7 @@ buffer receives ``trunc(value)``, which with a scaled ``dout`` gives order-indep
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -182,8 +183,9 @@ def _literal(value, dtype: torch.dtype) -> str:
 class _Emitter:
     """Emits the body of one device function, one line per IR node."""
 
-    def __init__(self, graph: Graph, target: str) -> None:
+    def __init__(self, graph: Graph, target: str, exact_until: int) -> None:
         self.graph = graph
+        self.exact_until = exact_until
         self.gpu = target != "interpreter"
         self.target = target
         self.dims = tile_dims(graph)
@@ -257,9 +259,9 @@ class _Emitter:
                 value = self.graph.nodes[a].value
                 terms.append((str(value) if value >= 0 else f"({sizes[d]} - {-value})", True))
                 continue
-            name = f"v{i}_i{d}"
-            if (i, d) not in self.emitted:
-                self.emitted.add((i, d))
+            name = f"c{node.value}_i{d}_v{a}"  # shared by every load of this capture with this index
+            if name not in self.emitted:
+                self.emitted.add(name)
                 helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
                 self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to(tl.int64)")
             terms.append((name, False))
@@ -289,10 +291,10 @@ class _Emitter:
         low = dtype in LOW_PRECISION and op in _OPMATH
         compute = torch.float32 if low else dtype
         operands = [self.f32(a) if low else self.ref(a) for a in args]
-        expr = self._compute(op, args, operands, compute)
+        expr = self._compute(i, op, args, operands, compute)
         return f"({expr}).to({TL_DTYPES[dtype]})" if low else expr
 
-    def _compute(self, op: str, args, x: list[str], dtype: torch.dtype) -> str:
+    def _compute(self, i: int, op: str, args, x: list[str], dtype: torch.dtype) -> str:
         is_float = dtype.is_floating_point
         if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
             return _UNARY[op][self.gpu].format(x[0])
@@ -311,7 +313,7 @@ class _Emitter:
         if op in _INFIX:
             return f"{x[0]} {_INFIX[op]} {x[1]}"
         if op == "truediv":
-            return self._divide(args, x, dtype)
+            return self._divide(i, args, x, dtype)
         if op == "floordiv":
             if not is_float:
                 nonneg = self.nonneg[args[0]] and self.nonneg[args[1]]
@@ -346,17 +348,18 @@ class _Emitter:
         """All operands as tensors, comma-separated (for helper calls)."""
         return ", ".join(self._t(a, e) for a, e in zip(args, x))
 
-    def _divide(self, args, x: list[str], dtype: torch.dtype) -> str:
+    def _divide(self, i: int, args, x: list[str], dtype: torch.dtype) -> str:
+        """Float division. In the mod itself it is IEEE-exact like eager PyTorch (a floor or a
+        comparison after a division must agree with the block mask built eagerly), except that a
+        power-of-two divisor becomes an (exact) multiplication. Divisions that only the gradient
+        introduces (nodes after ``self.exact_until``) use the fast forms."""
         divisor = self.graph.nodes[args[1]]
-        if divisor.op == "const" and divisor.value != 0:
-            mantissa = abs(float(divisor.value))
-            while mantissa >= 2.0:
-                mantissa /= 2.0
-            while mantissa < 1.0:
-                mantissa *= 2.0
-            if mantissa == 1.0:
+        exact = i <= self.exact_until
+        if divisor.op == "const" and divisor.value != 0 and math.isfinite(divisor.value):
+            power_of_two = math.frexp(abs(float(divisor.value)))[0] == 0.5
+            if power_of_two or (not exact and dtype == torch.float32):
                 return f"{x[0]} * {_literal(1.0 / float(divisor.value), torch.float32)}"
-        if dtype == torch.float32:
+        if dtype == torch.float32 and exact:
             return f"tl.div_rn({x[0]}, {self._t(args[1], x[1])})"
         return f"{x[0]} / {x[1]}"
 
@@ -411,7 +414,7 @@ def _function(name: str, params: str, doc: str, body: list[str]) -> str:
 
 def forward_function(graph: Graph, output: int, kind: str, target: str, name: str) -> str:
     """Source of the score or mask device function."""
-    em = _Emitter(graph, target)
+    em = _Emitter(graph, target, exact_until=output)
     em.emit(graph.live([output]))
     body = list(em.lines) + [f"out = {em.tensor(output)}"]
     body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
@@ -421,9 +424,11 @@ def forward_function(graph: Graph, output: int, kind: str, target: str, name: st
     return _function(name, "b, h, q_idx, kv_idx, caps", "Mask mod (generated).", body)
 
 
-def gradient_function(graph: Graph, dscore: int, grads: list[tuple[int, int]], target: str, name: str) -> str:
+def gradient_function(
+    graph: Graph, output: int, dscore: int, grads: list[tuple[int, int]], target: str, name: str
+) -> str:
     """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
-    em = _Emitter(graph, target)
+    em = _Emitter(graph, target, exact_until=output)
     em.emit(graph.live([dscore]))
     body = list(em.lines)
     if grads:

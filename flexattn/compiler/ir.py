@@ -204,8 +204,11 @@ class Graph:
     def format(self, outputs: list[int]) -> str:
         """A readable listing, one node per line."""
         lines = []
+        used = {a for node in self.nodes for a in node.args} | set(outputs)
         for i, node in enumerate(self.nodes):
             if node.op in INPUTS or node.op == "dout":
+                if i not in used:
+                    continue
                 rhs = f"input {node.op}"
             elif node.op == "const":
                 rhs = repr(node.value)
