@@ -75,7 +75,9 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
+# Lengths and block-mask strides change with the sequence length: not specialized, so new lengths reuse
+# the compiled kernel. (q/k/v strides stay specialized: their divisibility enables wide loads.)
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "num_strides", "idx_strides", "full_num_strides", "full_idx_strides"])
 def _flex_forward_kernel(
     # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); out like q with EV.
     # K and V are tensor descriptors when USE_TMA, else pointers. Strides: (batch, head, position, feature)
@@ -355,7 +357,7 @@ def _tma_compatible(t: torch.Tensor) -> bool:
     """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
     size = t.element_size()
     return (
-        t.is_cuda
+        (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
         and t.stride(-1) == 1
         and t.data_ptr() % 16 == 0
         and all(s * size % 16 == 0 for s in t.stride()[:-1])

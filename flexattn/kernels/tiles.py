@@ -25,8 +25,8 @@ class Tiles:
     num_warps: int
     num_stages: int
     reason: str = ""
-    use_tma: bool = False
-    pipeline_qk: bool = False
+    use_tma: bool = False  # load K/V through Hopper tensor descriptors (TMA)
+    pipeline_qk: bool = False  # issue the next tile's q.k^T before this tile's softmax
 
 
 def next_power_of_2(n: int) -> int:
@@ -63,10 +63,12 @@ def default_tiles(head_dim_pad: int, dtype: torch.dtype, capability: tuple[int, 
         return Tiles(32, 32, 4, 2, "fp32 with a wide head: small tiles to fit shared memory")
     if capability[0] >= 9:
         if head_dim_pad <= 64:
-            return Tiles(128, 128, 8, 3, "Hopper, head dim <= 64: big tiles, 8 warps, 3 stages")
+            return Tiles(128, 128, 8, 3, "Hopper, head dim <= 64: 128x128 tiles, 8 warps, 3 stages, TMA, "
+                         "q.k prefetch", use_tma=True, pipeline_qk=True)  # fmt: skip
         if head_dim_pad <= 128:
-            return Tiles(128, 64, 8, 3, "Hopper, head dim 128: BLOCK_M 128, 8 warps, 3 stages")
-        return Tiles(64, 64, 4, 2, "Hopper, head dim 256: smaller tiles to fit registers")
+            return Tiles(128, 128, 8, 2, "Hopper, head dim 128: 128x128 tiles, 8 warps, 2 stages, TMA, "
+                         "q.k prefetch (measured best for masked variants)", use_tma=True, pipeline_qk=True)  # fmt: skip
+        return Tiles(64, 64, 4, 2, "Hopper, head dim 256: small tiles to fit registers", use_tma=True)
     if capability[0] >= 8:
         if head_dim_pad <= 64:
             return Tiles(128, 64, 4, 3, "Ampere, head dim <= 64")
@@ -172,15 +174,16 @@ def _check_user_tile(name: str, value: int | None, block_name: str, block: int) 
 
 def autotune_candidates(base: Tiles, q_block: int, kv_block: int) -> list[Tiles]:
     """A small search space around ``base`` that respects the mask's block sizes."""
-    out = []
+    out = [base]
     for block_m in (64, 128):
-        for block_n in (32, 64, 128):
+        for block_n in (64, 128):
             if q_block % block_m or kv_block % block_n:
                 continue
-            for num_warps in (4, 8):
-                for num_stages in (2, 3, 4):
-                    out.append(Tiles(block_m, block_n, num_warps, num_stages, "autotuned"))
-    return out or [base]
+            for num_warps, num_stages, pipeline in ((4, 3, False), (8, 2, True), (8, 3, True), (8, 3, False)):
+                out.append(
+                    Tiles(block_m, block_n, num_warps, num_stages, "autotuned", base.use_tma, pipeline)
+                )
+    return out
 
 
 class TileCache:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from flexattn import create_block_mask, noop_mask
 from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.kernels import forward
 from flexattn.kernels.forward import flex_forward
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
@@ -47,8 +49,8 @@ def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE"
     scale = 0.8 / math.sqrt(shape.E)
     out, lse, max_scores = flex_forward(
         q, k, v,
-        score_mod=compile_score_mod(score_mod, device=device),
-        mask_mod=compile_mask_mod(mask_mod, device=device),
+        score_mod=compile_score_mod(score_mod, device=q.device),
+        mask_mod=compile_mask_mod(mask_mod, device=q.device),
         kv_num_blocks=mask.kv_num_blocks, kv_indices=mask.kv_indices,
         full_kv_num_blocks=mask.full_kv_num_blocks, full_kv_indices=mask.full_kv_indices,
         q_block=blocks[0], kv_block=blocks[1], scale=scale, options=KernelOptions.from_user(options),
@@ -128,6 +130,20 @@ def test_strided_inputs_without_copies():
 def test_sparse_block_visited_as_several_tiles():
     run_forward(Shape(B=1, Hq=2, Lq=70, E=16), torch.float32, "v-natten-1d", (64, 64), "cpu",
                 options={"BLOCK_M": 16, "BLOCK_N": 32})  # fmt: skip
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "use_tma, pipeline_qk", [(True, False), (False, True), (True, True)], ids=["tma", "qk-prefetch", "both"]
+)
+def test_descriptor_loads_and_qk_prefetch(use_tma, pipeline_qk, monkeypatch):
+    """The Hopper paths (on by default there) run in the interpreter too: force them on."""
+    choose = forward.forward_tiles
+    monkeypatch.setattr(
+        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=use_tma, pipeline_qk=pipeline_qk)
+    )
+    shape = Shape(B=1, Hq=4, Hkv=2, Lq=40, Lkv=33, E=24, Ev=16)
+    run_forward(shape, torch.float16, "v-document-causal", (16, 32), "cpu")
 
 
 @pytest.mark.parametrize(
