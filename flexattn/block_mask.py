@@ -31,9 +31,11 @@ from flexattn.mod_eval import check_mod, required_positional_args
 DEFAULT_BLOCK_SIZE = 128
 
 
-def noop_mask(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-    """The mask_mod that allows every pair."""
-    return b.new_ones((), dtype=torch.bool)
+def noop_mask(
+    batch: torch.Tensor, head: torch.Tensor, token_q: torch.Tensor, token_kv: torch.Tensor
+) -> torch.Tensor:
+    """The mask_mod that allows every pair (parameter names as in PyTorch)."""
+    return batch.new_ones((), dtype=torch.bool)
 
 
 def and_masks(*mask_mods: Callable) -> Callable:
