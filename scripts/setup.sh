@@ -1,14 +1,37 @@
 #!/usr/bin/env bash
 # Create ./.venv with flexattn installed in editable mode (CPU build of torch, pinned Triton).
-# Idempotent: re-running only installs what is missing.
+# Idempotent and quiet: re-running reinstalls only when pyproject.toml or the constraints changed.
+# pip's output goes to .venv/setup.log and is shown only if something fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+LOG=.venv/setup.log
+# Where the CPU build of torch comes from on a fresh machine (pip's own index is the fallback).
+TORCH_INDEX=${FLEXATTN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+
+run_pip() {
+    if ! .venv/bin/python -m pip "$@" >>"$LOG" 2>&1; then
+        cat "$LOG" >&2
+        echo "scripts/setup.sh: 'pip $*' failed (log above, also in $LOG)" >&2
+        exit 1
+    fi
+}
+
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
+    : >"$LOG"
+    run_pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    .venv/bin/python -m pip install -q -c scripts/constraints.txt torch
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
+    # Prefer the small CPU wheel; fall back to whatever pip's configured index offers.
+    .venv/bin/python -m pip install -q --timeout 20 --retries 1 -c scripts/constraints.txt \
+        --index-url "$TORCH_INDEX" torch >>"$LOG" 2>&1 \
+        || run_pip install -q -c scripts/constraints.txt torch
 fi
-.venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
+stamp=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.flexattn-installed 2>/dev/null)" != "$stamp" ] \
+    || ! .venv/bin/python -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('flexattn', 'pytest', 'xdist')))"; then
+    run_pip install -q -c scripts/constraints.txt -e ".[dev]"
+    echo "$stamp" >.venv/.flexattn-installed
+fi
