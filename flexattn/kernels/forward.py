@@ -75,17 +75,17 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-# Lengths and block-mask strides change with the sequence length: not specialized, so new lengths reuse
-# the compiled kernel. (q/k/v strides stay specialized: their divisibility enables wide loads.)
-@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "num_strides", "idx_strides", "full_num_strides", "full_idx_strides"])
+# Lengths and block counts change with the sequence length: not specialized, so new lengths reuse the
+# compiled kernel. (q/k/v strides stay specialized: their divisibility enables wide loads.)
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV"])
 def _flex_forward_kernel(
     # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); out like q with EV.
     # K and V are tensor descriptors when USE_TMA, else pointers. Strides: (batch, head, position, feature)
     Q, K, V, OUT, LSE, MAX_SCORES,
     q_strides, k_strides, v_strides, o_strides,
-    # block mask: counts (MB, MH, NQ) and indices (MB, MH, NQ, NKV); MB/MH broadcast via stride 0
-    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX,
-    num_strides, idx_strides, full_num_strides, full_idx_strides,
+    # block mask (contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV);
+    # MB is B or 1 (MASK_PER_BATCH 1 or 0), MASK_H is HQ or 1 (MASK_PER_HEAD 1 or 0)
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
     # sizes and scale
     Q_LEN, KV_LEN, HQ, sm_scale,
     # compiled mods
@@ -93,6 +93,7 @@ def _flex_forward_kernel(
     # meta-parameters
     GQA_GROUP: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL_BLOCKS: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -121,25 +122,26 @@ def _flex_forward_kernel(
     acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
 
     # -- partial kv blocks (mask_mod evaluated element-wise), then full kv blocks (mask_mod skipped) --
-    sparse_m = start_m // Q_BLOCK
+    mask_bh = b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD  # 0 on a broadcast dim
+    mask_row = mask_bh.to(tl.int64) * MASK_NQ + start_m // Q_BLOCK
     for full in tl.static_range(2 if HAS_FULL_BLOCKS else 1):
-        nums, nums_st, idx, idx_st = KV_NUM_BLKS, num_strides, KV_IDX, idx_strides
+        nums, idx = KV_NUM_BLKS, KV_IDX
         if full == 1:
-            nums, nums_st, idx, idx_st = FULL_KV_NUM_BLKS, full_num_strides, FULL_KV_IDX, full_idx_strides
-        num_tiles = tl.load(nums + b * nums_st[0] + h * nums_st[1] + sparse_m * nums_st[2]) * (KV_BLOCK // BLOCK_N)
-        idx_row = idx + b * idx_st[0] + h * idx_st[1] + sparse_m * idx_st[2]
+            nums, idx = FULL_KV_NUM_BLKS, FULL_KV_IDX
+        num_tiles = tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N)
+        idx_row = idx + mask_row * MASK_NKV
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
-            start_n = sparse_tile_start(idx_row, 0, idx_st[3], KV_BLOCK, BLOCK_N)
+            start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
             qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
                           DOT_PRECISION)
         for tile in range(0, num_tiles):
             if PIPELINE_QK:
-                start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), idx_st[3],
+                start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), 1,
                                                KV_BLOCK, BLOCK_N)
                 qk_next = _qk_tile(q, k_src, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL,
                                    USE_TMA, DOT_PRECISION)
             else:
-                start_n = sparse_tile_start(idx_row, tile, idx_st[3], KV_BLOCK, BLOCK_N)
+                start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
                 qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
                               DOT_PRECISION)
             acc, l_i, m_i = _attend_tile(
@@ -223,10 +225,10 @@ def flex_forward(
     if not has_full:
         full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
     e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
-    block_mask_args = (
-        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-        _strides(kv_num_blocks), _strides(kv_indices), _strides(full_kv_num_blocks), _strides(full_kv_indices),
-    )  # fmt: skip
+    block_mask_args = tuple(
+        t.contiguous() for t in (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    )
+    mask_b, mask_h, mask_nq, mask_nkv = kv_indices.shape
     tma_ok = _tma_compatible(k) and _tma_compatible(v)
     if getattr(options, "USE_TMA", False) and not tma_ok:
         raise ValueError(
@@ -244,10 +246,11 @@ def flex_forward(
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
             q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *block_mask_args, Lq, Lkv, Hq, float(scale),
+            *block_mask_args, mask_h, mask_nq, mask_nkv, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
+            MASK_PER_BATCH=int(mask_b > 1), MASK_PER_HEAD=int(mask_h > 1),
             HAS_FULL_BLOCKS=has_full, KV_TAIL=Lkv % tiles.BLOCK_N != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
             PIPELINE_QK=tiles.pipeline_qk,
@@ -345,6 +348,11 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_k
             )
     if (full_kv_num_blocks is None) != (full_kv_indices is None):
         raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None.")
+    grid_shape = tuple(kv_indices.shape)  # (MB, MH, NQ, NKV): every block tensor shares it
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("full_kv_num_blocks", full_kv_num_blocks),
+                    ("full_kv_indices", full_kv_indices)):  # fmt: skip
+        if t is not None and tuple(t.shape) != grid_shape[: t.dim()]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, kv_indices {grid_shape}: they must agree.")
     return B, Hq, Lq, E
 
 

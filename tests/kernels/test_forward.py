@@ -31,7 +31,7 @@ interpreted = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 
 
-def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE", broadcast_mask=False):
+def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE", mask_dims=(True, True)):
     """Run flex_forward on fresh inputs and check (out, lse, max_scores) against the reference."""
     q, k, v = make_qkv(shape, dtype, device)
     if layout == "BLHE":  # stored as (B, L, H, E) and seen through a transpose: strided, no copies
@@ -39,8 +39,8 @@ def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE"
     score_mod, mask_mod = CATALOG[entry](shape.B, shape.Hq, shape.Lq, shape.lkv, device)
     mask = create_block_mask(
         mask_mod or noop_mask,
-        None if broadcast_mask else shape.B,
-        None if broadcast_mask else shape.Hq,
+        shape.B if mask_dims[0] else None,  # None: one mask row broadcast over the batch
+        shape.Hq if mask_dims[1] else None,
         shape.Lq,
         shape.lkv,
         device=device,
@@ -113,11 +113,17 @@ def test_fully_masked_rows_give_zero_out_and_minus_inf_stats():
     assert (lse == -math.inf).all() and (max_scores == -math.inf).all()
 
 
+# (mask per batch?, mask per head?) -> a catalog mask that varies along exactly those dims
+BROADCAST_MASKS = {(False, False): "v-sliding-window", (True, False): "v-prefix-lm-per-batch",
+                   (False, True): "nested-and-or"}  # fmt: skip
+
+
 @interpreted
-def test_mask_broadcast_over_batch_and_heads():
-    run_forward(
-        Shape(B=2, Hq=2, Lq=40, E=16), torch.float32, "v-sliding-window", (16, 16), "cpu", broadcast_mask=True
-    )
+@pytest.mark.parametrize("mask_dims", list(BROADCAST_MASKS), ids=["B1-H1", "B-H1", "B1-H"])
+def test_mask_broadcast_over_batch_or_heads(mask_dims):
+    shape = Shape(B=2, Hq=2, Lq=40, E=16)
+    entry = BROADCAST_MASKS[mask_dims]
+    run_forward(shape, torch.float32, entry, (16, 16), "cpu", mask_dims=mask_dims)
 
 
 @interpreted
