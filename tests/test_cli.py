@@ -22,6 +22,28 @@ def test_demo_checks_and_pictures_every_variant(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
+@pytest.mark.gpu
+def test_demo_on_gpu_runs_every_variant_through_the_triton_kernels(tmp_path, capsys):
+    status = main(
+        [
+            "demo",
+            "--device",
+            "cuda",
+            "--length",
+            "2000",
+            "--batch",
+            "2",
+            "--heads",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    table = capsys.readouterr().out
+    assert "Triton kernels" in table and "bf16" in table
+    assert status == 0, table
+
+
 def test_demo_rejects_unknown_variant(tmp_path, capsys):
     assert main(["demo", "--device", "cpu", "--variants", "causal,bogus", "--out", str(tmp_path)]) == 2
     assert "bogus" in capsys.readouterr().err

@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexattn import create_block_mask, create_mask, flex_attention
 from flexattn import variants as V
@@ -447,3 +449,52 @@ def test_document_ids_from_lengths_and_offsets_agree():
 def test_bad_arguments_say_what_is_wrong(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Property tests: random parameters and lengths, same dense definitions.
+# ---------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    L=st.integers(1, 70),
+    window=st.integers(0, 20),
+    dilation=st.integers(1, 6),
+    chunk=st.integers(1, 30),
+    causal=st.booleans(),
+)
+def test_window_family_matches_dense_for_random_parameters(L, window, dilation, chunk, causal):
+    cases = [
+        (V.sliding_window(window, causal=causal), dense_band(L, window, 0 if causal else window)),
+        (
+            V.dilated_sliding_window(window, dilation, causal=causal),
+            dense_dilated(L, window, dilation, causal),
+        ),
+        (
+            V.chunked(chunk, causal=causal),
+            dense_chunks(
+                [chunk] * (L // chunk) + ([L % chunk] if L % chunk else []), dense_causal if causal else ones
+            ),
+        ),
+    ]
+    for mod, dense in cases:
+        assert torch.equal(create_mask(mod, 1, 1, L, L, device="cpu")[0, 0], dense), mod.__name__
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_natten_and_documents_match_dense_for_random_parameters(data):
+    height, width = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9))
+    kh, kw = data.draw(st.integers(1, height)), data.draw(st.integers(1, width))
+    dense = torch.kron(dense_natten_1d(height, kh).int(), dense_natten_1d(width, kw).int()).bool()
+    got = create_mask(
+        V.natten_2d(height, width, (kh, kw)), 1, 1, height * width, height * width, device="cpu"
+    )
+    assert torch.equal(got[0, 0], dense)
+
+    lengths = data.draw(st.lists(st.integers(1, 12), min_size=1, max_size=6))
+    prefix = data.draw(st.integers(0, 5))
+    mod = V.document_mask(V.document_ids_from_lengths(torch.tensor(lengths)), V.prefix_lm(prefix))
+    got = create_mask(mod, 1, 1, sum(lengths), sum(lengths), device="cpu")[0, 0]
+    assert torch.equal(got, dense_chunks(lengths, lambda n: dense_prefix(n, prefix)))
