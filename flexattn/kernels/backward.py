@@ -10,6 +10,7 @@ Glossary (the letters every kernel below uses):
     CHECK_M, CHECK_N    compile bounds checks on queries / keys in (only where a tile can overhang)
     LSE2                the forward's logsumexp in base 2 (+inf on empty rows, so that p = 0 there)
     DELTA               rowsum(dO * O) - dLSE, fp32 (B, HQ, Q_LEN)
+    FUSED_DQ            the dK/dV kernel also adds dS K into an fp32 dQ buffer (dq_mode "atomic")
 
 Math, per (b, hq, i, j) with s = (q . k) * scale and m = score_mod(s) (-inf where masked):
     p = exp(m - lse);  dp = dO . v;  dm = p * (dp - DELTA)
@@ -37,20 +38,14 @@ from flexattn.kernels.backward_tiles import choose_backward_tiles
 # Resolution 2**-32 (about 2.3e-10) per contribution; the final gradient must stay below 2**31.
 FIXED_POINT_BITS = 32
 
+# fmt: off
+# (kernel arguments are grouped by meaning, several per line)
+
 
 @triton.jit
-def _load_2d(
-    ptr,
-    rows,
-    cols,
-    stride_row,
-    stride_col,
-    N_ROWS,
-    N_COLS,
-    CHECK_ROWS: tl.constexpr,
-    CHECK_COLS: tl.constexpr,
-):
-    """``ptr[rows[:, None], cols[None, :]]`` with zeros outside ``N_ROWS x N_COLS`` (checks only if asked)."""
+def _load_2d(ptr, rows, cols, stride_row, stride_col, N_ROWS, N_COLS,
+             CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """``ptr[rows[:, None], cols[None, :]]``, zeros outside ``N_ROWS x N_COLS`` (checked only if asked)."""
     ptrs = ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
     if CHECK_ROWS and CHECK_COLS:
         x = tl.load(ptrs, mask=(rows[:, None] < N_ROWS) & (cols[None, :] < N_COLS), other=0.0)
@@ -64,9 +59,9 @@ def _load_2d(
 
 
 @triton.jit
-def _load_lse2(LSE, rows, Q_LEN):
-    """The forward's natural-log LSE in base 2; +inf on empty rows and past Q_LEN, so that p = 0."""
-    lse = tl.load(LSE + rows, mask=rows < Q_LEN, other=float("-inf"))
+def _load_lse2(LSE, rows, END):
+    """The forward's natural-log LSE in base 2; +inf on empty rows and at rows >= END, so that p = 0."""
+    lse = tl.load(LSE + rows, mask=rows < END, other=float("-inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
@@ -74,47 +69,17 @@ def _load_lse2(LSE, rows, Q_LEN):
 # Preprocess: DELTA = rowsum(dO * O) - dLSE, one program per (BLOCK rows, b * HQ + h)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_preprocess(
-    O,
-    DO,
-    DLSE,
-    DELTA,
-    o_strides,
-    do_strides,
-    HQ,
-    Q_LEN,
-    EV: tl.constexpr,
-    BLOCK: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
-):
+def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl.constexpr,
+                    BLOCK: tl.constexpr, EV_PAD: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_bh = tl.program_id(1)
     b = (pid_bh // HQ).to(tl.int64)
     h = (pid_bh % HQ).to(tl.int64)
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, EV_PAD)
-    o = _load_2d(
-        O + b * o_strides[0] + h * o_strides[1],
-        rows,
-        cols,
-        o_strides[2],
-        o_strides[3],
-        Q_LEN,
-        EV,
-        True,
-        EV != EV_PAD,
-    )
-    do = _load_2d(
-        DO + b * do_strides[0] + h * do_strides[1],
-        rows,
-        cols,
-        do_strides[2],
-        do_strides[3],
-        Q_LEN,
-        EV,
-        True,
-        EV != EV_PAD,
-    )
+    o = _load_2d(O + b * o_strides[0] + h * o_strides[1], rows, cols, o_strides[2], o_strides[3],
+                 Q_LEN, EV, True, EV != EV_PAD)
+    do = _load_2d(DO + b * do_strides[0] + h * do_strides[1], rows, cols, do_strides[2], do_strides[3],
+                  Q_LEN, EV, True, EV != EV_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     offsets = pid_bh.to(tl.int64) * Q_LEN + rows
     if HAS_DLSE:
@@ -128,49 +93,20 @@ def _bwd_preprocess(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_step(
-    dk,
-    dv,
-    k,
-    v,
-    start_m,
-    offs_n,
-    b,
-    hq,
-    q_ptr,
-    do_ptr,
-    LSE,
-    DELTA,
-    row0,
-    q_strides,
-    do_strides,  # this head's q / dO rows, LSE offset
-    Q_LEN,
-    KV_LEN,
-    scale,
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
-    SCORE_GRAD_FN: tl.constexpr,
-    SCORE_GRAD_ARGS,
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    BLOCK_M1: tl.constexpr,
-    IS_FULL: tl.constexpr,
-    CHECK_M: tl.constexpr,
-    CHECK_N: tl.constexpr,
-    GRAD_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dk, dv, k, v, start_m, offs_n, b, hq,
+    q_ptr, do_ptr, LSE, DELTA, row0, q_strides, do_strides,  # this head's q / dO rows, its LSE offset
+    DQ_ACC, dq_strides, Q_LEN, KV_LEN, scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M1: tl.constexpr,
+    IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA
     offs_m = start_m + tl.arange(0, BLOCK_M1)
-    qT = _load_2d(
-        q_ptr, tl.arange(0, E_PAD), offs_m, q_strides[1], q_strides[0], E, Q_LEN, E != E_PAD, CHECK_M
-    )
-    do = _load_2d(
-        do_ptr, offs_m, tl.arange(0, EV_PAD), do_strides[0], do_strides[1], Q_LEN, EV, CHECK_M, EV != EV_PAD
-    )
+    qT = _load_2d(q_ptr, tl.arange(0, E_PAD), offs_m, q_strides[1], q_strides[0], E, Q_LEN, E != E_PAD, CHECK_M)
+    do = _load_2d(do_ptr, offs_m, tl.arange(0, EV_PAD), do_strides[0], do_strides[1], Q_LEN, EV,
+                  CHECK_M, EV != EV_PAD)
     lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
 
@@ -198,60 +134,35 @@ def _dkdv_step(
         dsT = dsT * (1.0 / GRAD_SCALE)
     else:
         dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, dmT, SCORE_ARGS, SCORE_GRAD_ARGS)
-    dsT = tl.where(pT > 0.0, dsT, 0.0)  # masked, out of range or empty rows: exactly zero, never NaN
-    dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PRECISION)
+    if (not IS_FULL) or CHECK_M or CHECK_N:
+        dsT = tl.where(pT > 0.0, dsT, 0.0)  # masked, out of range or empty rows: exactly zero, never NaN
+    dsT = dsT.to(qT.dtype)
+    dk += tl.dot(dsT, tl.trans(qT), input_precision=PRECISION)
+
+    # -- FUSED_DQ: dQ (unscaled) += dS K, added atomically to the fp32 accumulator
+    if FUSED_DQ:
+        offs_e = tl.arange(0, E_PAD)
+        dq_ptrs = (DQ_ACC + b.to(tl.int64) * dq_strides[0] + hq.to(tl.int64) * dq_strides[1]
+                   + offs_m[:, None] * dq_strides[2] + offs_e[None, :] * dq_strides[3])
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
+        tl.atomic_add(dq_ptrs, dq, mask=(offs_m < Q_LEN)[:, None] & (offs_e < E)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
 def _bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
-    Q_NUM,
-    Q_IDX,
-    FULL_Q_NUM,
-    FULL_Q_IDX,  # transposed BlockMask, broadcast dims have stride 0
-    q_strides,
-    k_strides,
-    v_strides,
-    do_strides,
-    dk_strides,
-    dv_strides,
-    num_strides,
-    idx_strides,
-    full_num_strides,
-    full_idx_strides,
-    HQ,
-    HKV,
-    Q_LEN,
-    KV_LEN,
-    scale,
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
-    SCORE_GRAD_FN: tl.constexpr,
-    SCORE_GRAD_ARGS,
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    G: tl.constexpr,
-    Q_BLOCK: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
-    BLOCK_M1: tl.constexpr,
-    BLOCK_N1: tl.constexpr,
-    HAS_FULL: tl.constexpr,
-    CHECK_M: tl.constexpr,
-    CHECK_N: tl.constexpr,
-    GRAD_SCALE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
+    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,  # transposed BlockMask; broadcast dims have stride 0
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
+    num_strides, idx_strides, full_num_strides, full_idx_strides,
+    DQ_ACC, dq_strides,  # fp32 (B, HQ, Q_LEN, E) dQ accumulator, used when FUSED_DQ
+    HQ, HKV, Q_LEN, KV_LEN, scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -261,28 +172,10 @@ def _bwd_dkdv(
 
     # -- this program's keys and values stay in registers for the whole loop
     b64 = b.to(tl.int64)
-    k = _load_2d(
-        K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1],
-        offs_n,
-        tl.arange(0, E_PAD),
-        k_strides[2],
-        k_strides[3],
-        KV_LEN,
-        E,
-        CHECK_N,
-        E != E_PAD,
-    )
-    v = _load_2d(
-        V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1],
-        offs_n,
-        tl.arange(0, EV_PAD),
-        v_strides[2],
-        v_strides[3],
-        KV_LEN,
-        EV,
-        CHECK_N,
-        EV != EV_PAD,
-    )
+    k = _load_2d(K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1], offs_n, tl.arange(0, E_PAD),
+                 k_strides[2], k_strides[3], KV_LEN, E, CHECK_N, E != E_PAD)
+    v = _load_2d(V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1], offs_n, tl.arange(0, EV_PAD),
+                 v_strides[2], v_strides[3], KV_LEN, EV, CHECK_N, EV != EV_PAD)
     dk = tl.zeros([BLOCK_N1, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, EV_PAD], dtype=tl.float32)
 
@@ -299,118 +192,33 @@ def _bwd_dkdv(
         for i in range(0, num * TILES):
             start_m = tl.load(idx + (i // TILES) * idx_strides[3]) * Q_BLOCK + (i % TILES) * BLOCK_M1
             dk, dv = _dkdv_step(
-                dk,
-                dv,
-                k,
-                v,
-                start_m,
-                offs_n,
-                b,
-                hq,
-                q_ptr,
-                do_ptr,
-                LSE,
-                DELTA,
-                row0,
-                (q_strides[2], q_strides[3]),
-                (do_strides[2], do_strides[3]),
-                Q_LEN,
-                KV_LEN,
-                scale,
-                SCORE_FN,
-                SCORE_ARGS,
-                MASK_FN,
-                MASK_ARGS,
-                SCORE_GRAD_FN,
-                SCORE_GRAD_ARGS,
-                E,
-                EV,
-                E_PAD,
-                EV_PAD,
-                BLOCK_M1,
-                False,
-                CHECK_M,
-                CHECK_N,
-                GRAD_SCALE,
-                PRECISION,
+                dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
+                (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
+                Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
+                E, EV, E_PAD, EV_PAD, BLOCK_M1, False, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
             )
         if HAS_FULL:
-            num = tl.load(
-                FULL_Q_NUM
-                + b * full_num_strides[0]
-                + hq * full_num_strides[1]
-                + kv_block * full_num_strides[2]
-            )
-            idx = (
-                FULL_Q_IDX
-                + b * full_idx_strides[0]
-                + hq * full_idx_strides[1]
-                + kv_block * full_idx_strides[2]
-            )
+            num = tl.load(FULL_Q_NUM + b * full_num_strides[0] + hq * full_num_strides[1]
+                          + kv_block * full_num_strides[2])
+            idx = FULL_Q_IDX + b * full_idx_strides[0] + hq * full_idx_strides[1] + kv_block * full_idx_strides[2]
             for i in range(0, num * TILES):
                 start_m = tl.load(idx + (i // TILES) * full_idx_strides[3]) * Q_BLOCK + (i % TILES) * BLOCK_M1
                 dk, dv = _dkdv_step(
-                    dk,
-                    dv,
-                    k,
-                    v,
-                    start_m,
-                    offs_n,
-                    b,
-                    hq,
-                    q_ptr,
-                    do_ptr,
-                    LSE,
-                    DELTA,
-                    row0,
-                    (q_strides[2], q_strides[3]),
-                    (do_strides[2], do_strides[3]),
-                    Q_LEN,
-                    KV_LEN,
-                    scale,
-                    SCORE_FN,
-                    SCORE_ARGS,
-                    MASK_FN,
-                    MASK_ARGS,
-                    SCORE_GRAD_FN,
-                    SCORE_GRAD_ARGS,
-                    E,
-                    EV,
-                    E_PAD,
-                    EV_PAD,
-                    BLOCK_M1,
-                    True,
-                    CHECK_M,
-                    CHECK_N,
-                    GRAD_SCALE,
-                    PRECISION,
+                    dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
+                    (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
+                    Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
+                    E, EV, E_PAD, EV_PAD, BLOCK_M1, True, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
                 )
 
     # -- write dK (scaled) and dV
-    dk_ptrs = (
-        DK
-        + b64 * dk_strides[0]
-        + hk.to(tl.int64) * dk_strides[1]
-        + offs_n[:, None] * dk_strides[2]
-        + tl.arange(0, E_PAD)[None, :] * dk_strides[3]
-    )
-    tl.store(
-        dk_ptrs,
-        (dk * scale).to(DK.dtype.element_ty),
-        mask=(offs_n[:, None] < KV_LEN) & (tl.arange(0, E_PAD)[None, :] < E),
-    )
-    dv_ptrs = (
-        DV
-        + b64 * dv_strides[0]
-        + hk.to(tl.int64) * dv_strides[1]
-        + offs_n[:, None] * dv_strides[2]
-        + tl.arange(0, EV_PAD)[None, :] * dv_strides[3]
-    )
-    tl.store(
-        dv_ptrs,
-        dv.to(DV.dtype.element_ty),
-        mask=(offs_n[:, None] < KV_LEN) & (tl.arange(0, EV_PAD)[None, :] < EV),
-    )
+    offs_e = tl.arange(0, E_PAD)
+    offs_ev = tl.arange(0, EV_PAD)
+    dk_ptrs = (DK + b64 * dk_strides[0] + hk.to(tl.int64) * dk_strides[1] + offs_n[:, None] * dk_strides[2]
+               + offs_e[None, :] * dk_strides[3])
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=(offs_n < KV_LEN)[:, None] & (offs_e < E)[None, :])
+    dv_ptrs = (DV + b64 * dv_strides[0] + hk.to(tl.int64) * dv_strides[1] + offs_n[:, None] * dv_strides[2]
+               + offs_ev[None, :] * dv_strides[3])
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(offs_n < KV_LEN)[:, None] & (offs_ev < EV)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,46 +227,18 @@ def _bwd_dkdv(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dq_step(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    offs_m,
-    start_n,
-    b,
-    hq,
-    k_ptr,
-    v_ptr,
-    k_strides,
-    v_strides,
-    Q_LEN,
-    KV_LEN,
-    scale,
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
-    SCORE_GRAD_FN: tl.constexpr,
-    SCORE_GRAD_ARGS,
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    BLOCK_N2: tl.constexpr,
-    IS_FULL: tl.constexpr,
-    CHECK_M: tl.constexpr,
-    CHECK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    dq, q, do, lse2, delta, offs_m, start_n, b, hq,
+    k_ptr, v_ptr, k_strides, v_strides, Q_LEN, KV_LEN, scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N2: tl.constexpr,
+    IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # -- BLOCK_N2 keys and values, transposed
     offs_n = start_n + tl.arange(0, BLOCK_N2)
-    kT = _load_2d(
-        k_ptr, tl.arange(0, E_PAD), offs_n, k_strides[1], k_strides[0], E, KV_LEN, E != E_PAD, CHECK_N
-    )
-    vT = _load_2d(
-        v_ptr, tl.arange(0, EV_PAD), offs_n, v_strides[1], v_strides[0], EV, KV_LEN, EV != EV_PAD, CHECK_N
-    )
+    kT = _load_2d(k_ptr, tl.arange(0, E_PAD), offs_n, k_strides[1], k_strides[0], E, KV_LEN, E != E_PAD, CHECK_N)
+    vT = _load_2d(v_ptr, tl.arange(0, EV_PAD), offs_n, v_strides[1], v_strides[0], EV, KV_LEN,
+                  EV != EV_PAD, CHECK_N)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
@@ -477,56 +257,24 @@ def _dq_step(
     dp = tl.dot(do, vT, input_precision=PRECISION)
     dm = p * (dp - delta[:, None])
     ds = SCORE_GRAD_FN(s, b, hq, q_idx, kv_idx, dm, SCORE_ARGS, SCORE_GRAD_ARGS)
-    ds = tl.where(p > 0.0, ds, 0.0)
+    if (not IS_FULL) or CHECK_M or CHECK_N:
+        ds = tl.where(p > 0.0, ds, 0.0)
     dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
 def _bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
-    KV_NUM,
-    KV_IDX,
-    FULL_KV_NUM,
-    FULL_KV_IDX,  # BlockMask, broadcast dims have stride 0
-    q_strides,
-    k_strides,
-    v_strides,
-    do_strides,
-    dq_strides,
-    num_strides,
-    idx_strides,
-    full_num_strides,
-    full_idx_strides,
-    HQ,
-    Q_LEN,
-    KV_LEN,
-    scale,
-    SCORE_FN: tl.constexpr,
-    SCORE_ARGS,
-    MASK_FN: tl.constexpr,
-    MASK_ARGS,
-    SCORE_GRAD_FN: tl.constexpr,
-    SCORE_GRAD_ARGS,  # here: scratch buffers (the dK/dV kernel owns them)
-    E: tl.constexpr,
-    EV: tl.constexpr,
-    E_PAD: tl.constexpr,
-    EV_PAD: tl.constexpr,
-    G: tl.constexpr,
-    Q_BLOCK: tl.constexpr,
-    KV_BLOCK: tl.constexpr,
-    BLOCK_M2: tl.constexpr,
-    BLOCK_N2: tl.constexpr,
-    HAS_FULL: tl.constexpr,
-    CHECK_M: tl.constexpr,
-    CHECK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, DELTA, DQ,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
+    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,  # BlockMask; broadcast dims have stride 0
+    q_strides, k_strides, v_strides, do_strides, dq_strides,
+    num_strides, idx_strides, full_num_strides, full_idx_strides,
+    HQ, Q_LEN, KV_LEN, scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: scratch buffers (the dK/dV kernel owns them)
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
+    Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -537,28 +285,10 @@ def _bwd_dq(
     offs_m = start_m + tl.arange(0, BLOCK_M2)
 
     # -- this program's queries, dO, LSE and DELTA stay in registers
-    q = _load_2d(
-        Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1],
-        offs_m,
-        tl.arange(0, E_PAD),
-        q_strides[2],
-        q_strides[3],
-        Q_LEN,
-        E,
-        CHECK_M,
-        E != E_PAD,
-    )
-    do = _load_2d(
-        DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1],
-        offs_m,
-        tl.arange(0, EV_PAD),
-        do_strides[2],
-        do_strides[3],
-        Q_LEN,
-        EV,
-        CHECK_M,
-        EV != EV_PAD,
-    )
+    q = _load_2d(Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1], offs_m, tl.arange(0, E_PAD),
+                 q_strides[2], q_strides[3], Q_LEN, E, CHECK_M, E != E_PAD)
+    do = _load_2d(DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1], offs_m, tl.arange(0, EV_PAD),
+                  do_strides[2], do_strides[3], Q_LEN, EV, CHECK_M, EV != EV_PAD)
     row0 = (b64 * HQ + hq) * Q_LEN
     lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
@@ -574,93 +304,30 @@ def _bwd_dq(
     for i in range(0, num * TILES):
         start_n = tl.load(idx + (i // TILES) * idx_strides[3]) * KV_BLOCK + (i % TILES) * BLOCK_N2
         dq = _dq_step(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            offs_m,
-            start_n,
-            b,
-            hq,
-            k_ptr,
-            v_ptr,
-            (k_strides[2], k_strides[3]),
-            (v_strides[2], v_strides[3]),
-            Q_LEN,
-            KV_LEN,
-            scale,
-            SCORE_FN,
-            SCORE_ARGS,
-            MASK_FN,
-            MASK_ARGS,
-            SCORE_GRAD_FN,
-            SCORE_GRAD_ARGS,
-            E,
-            EV,
-            E_PAD,
-            EV_PAD,
-            BLOCK_N2,
-            False,
-            CHECK_M,
-            CHECK_N,
-            PRECISION,
+            dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
+            (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
+            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
+            E, EV, E_PAD, EV_PAD, BLOCK_N2, False, CHECK_M, CHECK_N, PRECISION,
         )
     if HAS_FULL:
-        num = tl.load(
-            FULL_KV_NUM + b * full_num_strides[0] + hq * full_num_strides[1] + q_block * full_num_strides[2]
-        )
+        num = tl.load(FULL_KV_NUM + b * full_num_strides[0] + hq * full_num_strides[1] + q_block * full_num_strides[2])
         idx = FULL_KV_IDX + b * full_idx_strides[0] + hq * full_idx_strides[1] + q_block * full_idx_strides[2]
         for i in range(0, num * TILES):
             start_n = tl.load(idx + (i // TILES) * full_idx_strides[3]) * KV_BLOCK + (i % TILES) * BLOCK_N2
             dq = _dq_step(
-                dq,
-                q,
-                do,
-                lse2,
-                delta,
-                offs_m,
-                start_n,
-                b,
-                hq,
-                k_ptr,
-                v_ptr,
-                (k_strides[2], k_strides[3]),
-                (v_strides[2], v_strides[3]),
-                Q_LEN,
-                KV_LEN,
-                scale,
-                SCORE_FN,
-                SCORE_ARGS,
-                MASK_FN,
-                MASK_ARGS,
-                SCORE_GRAD_FN,
-                SCORE_GRAD_ARGS,
-                E,
-                EV,
-                E_PAD,
-                EV_PAD,
-                BLOCK_N2,
-                True,
-                CHECK_M,
-                CHECK_N,
-                PRECISION,
+                dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
+                (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
+                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
+                E, EV, E_PAD, EV_PAD, BLOCK_N2, True, CHECK_M, CHECK_N, PRECISION,
             )
 
-    dq_ptrs = (
-        DQ
-        + b64 * dq_strides[0]
-        + hq.to(tl.int64) * dq_strides[1]
-        + offs_m[:, None] * dq_strides[2]
-        + tl.arange(0, E_PAD)[None, :] * dq_strides[3]
-    )
-    tl.store(
-        dq_ptrs,
-        (dq * scale).to(DQ.dtype.element_ty),
-        mask=(offs_m[:, None] < Q_LEN) & (tl.arange(0, E_PAD)[None, :] < E),
-    )
+    offs_e = tl.arange(0, E_PAD)
+    dq_ptrs = (DQ + b64 * dq_strides[0] + hq.to(tl.int64) * dq_strides[1] + offs_m[:, None] * dq_strides[2]
+               + offs_e[None, :] * dq_strides[3])
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Q_LEN)[:, None] & (offs_e < E)[None, :])
 
 
+# fmt: on
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
@@ -669,31 +336,20 @@ def _mask_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if (dim < 2 and t.shape[dim] == 1) else s for dim, s in enumerate(t.stride()))
 
 
+def _mask_args(num: torch.Tensor, idx: torch.Tensor, full_num, full_idx) -> tuple:
+    """(tensors..., strides...) of one BlockMask view; the partial tables stand in for absent full ones."""
+    if full_num is None:
+        full_num, full_idx = num, idx
+    tensors = (num, idx, full_num, full_idx)
+    return tensors, tuple(_mask_strides(t) for t in tensors)
+
+
 def flex_backward(
-    q,
-    k,
-    v,
-    out,
-    lse,
-    dout,
-    dlse,
-    *,
-    score_mod,
-    mask_mod,
-    kv_num_blocks,
-    kv_indices,
-    full_kv_num_blocks,
-    full_kv_indices,
-    q_num_blocks,
-    q_indices,
-    full_q_num_blocks,
-    full_q_indices,
-    q_block,
-    kv_block,
-    scale,
-    options,
-    grad_buffers=(),
-):
+    q, k, v, out, lse, dout, dlse, *, score_mod, mask_mod,
+    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+    q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+    q_block, kv_block, scale, options, grad_buffers=(), dq_mode=None,
+):  # fmt: skip
     """Gradients of flex attention with respect to q, k, v and the score mod's captured tensors.
 
     Shapes: ``q (B, HQ, Q_LEN, E)``, ``k (B, HKV, KV_LEN, E)``, ``v (B, HKV, KV_LEN, EV)``,
@@ -701,15 +357,17 @@ def flex_backward(
     (or None) ``(B, HQ, Q_LEN)``. ``score_mod``/``mask_mod`` are ``KernelMod``s; the BlockMask
     tensors are int32 ``(MB, MH, ...)`` with MB in {1, B}, MH in {1, HQ}; the transposed (q-side)
     ones are required. ``grad_buffers``: fp32 tensors shaped like ``score_mod.grad_captures``; the
-    captured-tensor gradients are *added* to them. Returns ``(dq, dk, dv)`` in the inputs' dtype.
+    captured-tensor gradients are *added* to them. ``dq_mode``: "separate" or "atomic" (see
+    ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtype.
 
-    Parallelization: three launches. (1) ``DELTA = rowsum(dO * O) - dLSE``, one program per
+    Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE``, one program per
     (64 rows, b, h). (2) dK/dV: one program per (BLOCK_N1 keys, b, kv head) that loops over the G
     query heads of its group and, for each, the query blocks of the transposed BlockMask; dK and dV
     stay in registers (no atomics) and the program owns the captured-tensor gradients (atomics in
     the mod's gradient function; with ``options.deterministic`` 64-bit fixed-point atomics, which
     are order independent and so bitwise reproducible). (3) dQ: one program per (BLOCK_M2 queries,
-    b, query head) over the kv blocks, recomputing P and dP.
+    b, query head) over the kv blocks, recomputing P and dP; with dq_mode "atomic" it is skipped and
+    launch (2) adds dS K into an fp32 buffer instead.
 
     Example::
 
@@ -722,22 +380,15 @@ def flex_backward(
     _, HKV, KV_LEN, EV = v.shape
     if HQ % HKV:
         raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV}).")
-    tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, q.is_cuda, options)
+    tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, q.is_cuda, options, dq_mode)
     pads = {"E_PAD": max(16, triton.next_power_of_2(E)), "EV_PAD": max(16, triton.next_power_of_2(EV))}
-    common_meta = {
-        "E": E,
-        "EV": EV,
-        **pads,
-        "G": HQ // HKV,
-        "Q_BLOCK": q_block,
-        "KV_BLOCK": kv_block,
-        "HAS_FULL": full_kv_num_blocks is not None,
-        "PRECISION": "ieee" if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32",
-        "num_warps": tiles.num_warps,
-        "num_stages": tiles.num_stages,
-    }
+    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    meta = {
+        "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
+        "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": "ieee" if ieee else "tf32",
+        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+    }  # fmt: skip
     lse = lse.contiguous()
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
 
@@ -746,116 +397,43 @@ def flex_backward(
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     _bwd_preprocess[(triton.cdiv(Q_LEN, 64), B * HQ)](
-        out,
-        dout,
-        delta if dlse is None else dlse,
-        delta,
-        out.stride(),
-        dout.stride(),
-        HQ,
-        Q_LEN,
-        EV,
-        BLOCK=64,
-        EV_PAD=pads["EV_PAD"],
-        HAS_DLSE=dlse is not None,
-    )
+        out, dout, delta if dlse is None else dlse, delta, out.stride(), dout.stride(), HQ, Q_LEN, EV,
+        BLOCK=64, EV_PAD=pads["EV_PAD"], HAS_DLSE=dlse is not None,
+    )  # fmt: skip
 
-    # (2) dK, dV and the captured-tensor gradients
+    # (2) dK, dV and the captured-tensor gradients (and dQ with dq_mode "atomic")
     grad_scale = 1.0
     buffers = tuple(grad_buffers)
     if options.deterministic and buffers:
         grad_scale = float(2**FIXED_POINT_BITS)
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
-    q_full = (
-        (full_q_num_blocks, full_q_indices) if full_q_num_blocks is not None else (q_num_blocks, q_indices)
-    )
+    fused_dq = tiles.dq_mode == "atomic"
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
+    tables, strides = _mask_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), B * HKV)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        q_num_blocks,
-        q_indices,
-        *q_full,
-        q.stride(),
-        k.stride(),
-        v.stride(),
-        dout.stride(),
-        dk.stride(),
-        dv.stride(),
-        _mask_strides(q_num_blocks),
-        _mask_strides(q_indices),
-        _mask_strides(q_full[0]),
-        _mask_strides(q_full[1]),
-        HQ,
-        HKV,
-        Q_LEN,
-        KV_LEN,
-        scale,
-        score_mod.fn,
-        score_mod.args,
-        mask_mod.fn,
-        mask_mod.args,
-        score_mod.grad_fn,
-        score_mod.grad_args(buffers),
-        BLOCK_M1=tiles.BLOCK_M1,
-        BLOCK_N1=tiles.BLOCK_N1,
-        CHECK_M=Q_LEN % q_block != 0,
-        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0,
-        GRAD_SCALE=grad_scale,
-        **common_meta,
-    )
+        q, k, v, dout, lse, delta, dk, dv, *tables,
+        q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(), dv.stride(), *strides,
+        dq, dq.stride(), HQ, HKV, Q_LEN, KV_LEN, scale,
+        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
+        BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
+        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, **meta,
+    )  # fmt: skip
     if grad_scale != 1.0:
         for acc, fixed in zip(grad_buffers, buffers):
             acc += (fixed.to(torch.float64) / grad_scale).to(acc.dtype)
+    if fused_dq:
+        return (dq * scale).to(q.dtype), dk, dv
 
     # (3) dQ; the mod's gradient function writes captured-tensor gradients into discarded scratch
     scratch = tuple(torch.empty(g.shape, device=g.device, dtype=torch.float32) for g in grad_buffers)
-    kv_full = (
-        (full_kv_num_blocks, full_kv_indices)
-        if full_kv_num_blocks is not None
-        else (kv_num_blocks, kv_indices)
-    )
+    tables, strides = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), B * HQ)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        kv_num_blocks,
-        kv_indices,
-        *kv_full,
-        q.stride(),
-        k.stride(),
-        v.stride(),
-        dout.stride(),
-        dq.stride(),
-        _mask_strides(kv_num_blocks),
-        _mask_strides(kv_indices),
-        _mask_strides(kv_full[0]),
-        _mask_strides(kv_full[1]),
-        HQ,
-        Q_LEN,
-        KV_LEN,
-        scale,
-        score_mod.fn,
-        score_mod.args,
-        mask_mod.fn,
-        mask_mod.args,
-        score_mod.grad_fn,
-        score_mod.grad_args(scratch),
-        BLOCK_M2=tiles.BLOCK_M2,
-        BLOCK_N2=tiles.BLOCK_N2,
-        CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
-        CHECK_N=KV_LEN % kv_block != 0,
-        **common_meta,
-    )
+        q, k, v, dout, lse, delta, dq, *tables,
+        q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(), *strides, HQ, Q_LEN, KV_LEN, scale,
+        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(scratch),
+        BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
+        CHECK_N=KV_LEN % kv_block != 0, **meta,
+    )  # fmt: skip
     return dq, dk, dv
 
 

@@ -155,7 +155,9 @@ def assert_three_way(name, actual, gold, eager, k=3.0, floor=1e-5):
     )
 
 
-def run_case(B, Hq, Hkv, Lq, Lkv, E, Ev, blocks, score, mask, dtype, device, with_dlse=True, options=None):
+def run_case(
+    B, Hq, Hkv, Lq, Lkv, E, Ev, blocks, score, mask, dtype, device, with_dlse=True, options=None, dq_mode=None
+):
     """Gradients from flex_backward, checked three-way; returns (dq, dk, dv, dtable)."""
     q = torch.randn(B, Hq, Lq, E, device=device).to(dtype)
     k = torch.randn(B, Hkv, Lkv, E, device=device).to(dtype)
@@ -202,6 +204,7 @@ def run_case(B, Hq, Hkv, Lq, Lkv, E, Ev, blocks, score, mask, dtype, device, wit
         scale=scale,
         options=KernelOptions.from_user(options),
         grad_buffers=(grad_table,) if SCORES[score][3] else (),
+        dq_mode=dq_mode,
     )
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
     assert dq.dtype == dk.dtype == dv.dtype == dtype
@@ -229,9 +232,10 @@ CPU_CASES = [
 
 
 @needs_kernels
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(*c) for c in CPU_CASES])
-def test_gradients_match_float64_cpu(case):
-    run_case(*case, device="cpu")
+def test_gradients_match_float64_cpu(case, dq_mode):
+    run_case(*case, device="cpu", dq_mode=dq_mode)
 
 
 @needs_kernels
@@ -298,6 +302,14 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(*c) for c in GPU_CASES])
 def test_gradients_match_float64_gpu(case):
     run_case(*case, device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
+@pytest.mark.parametrize("case", GPU_CASES[:2], ids=[_id(*c) for c in GPU_CASES[:2]])
+def test_every_dq_strategy_gpu(case, dq_mode):
+    run_case(*case, device="cuda", dq_mode=dq_mode)
 
 
 @gpu
