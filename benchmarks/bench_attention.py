@@ -173,31 +173,42 @@ def run(args) -> list[dict]:
                 continue
             if args.quick and var.name not in QUICK_VARIANTS:
                 continue
-            started = time.time()
-            mask_mod = var.mask_mod or flexattn.noop_mask
-            fmask = flexattn.create_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
-            tmask = torch_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
-            dens = density(fmask)
-            flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * dens * (3.5 if args.backward else 1.0)
-            impls = implementations(var, fmask, tmask, torch_flex_compiled)
-            with torch.no_grad():
-                ours = impls["flexattn"](q, k, v)
-                theirs = impls["torch"](q, k, v)
-            rel = float((ours.float() - theirs.float()).norm() / theirs.float().norm())
-            row = {"config": str(cfg), "variant": var.name, "density": dens, "rel_diff_vs_torch": rel}
-            for label, call in impls.items():
-                try:
-                    ms = bench_ms(timed(call, q, k, v, args.backward), args.quick)
-                    row[label] = {"ms": ms, "tflops": flops / ms / 1e9}
-                except RuntimeError as err:  # e.g. an SDPA backend not available for this shape
-                    row[label] = {"error": str(err).splitlines()[0][:80]}
-            if "ms" in row["torch"] and "ms" in row["flexattn"]:
-                row["ratio"] = row["torch"]["ms"] / row["flexattn"]["ms"]
-            row["seconds"] = time.time() - started
+            try:
+                row = measure(cfg, var, q, k, v, torch_block_mask, torch_flex_compiled, args)
+            except Exception as err:  # keep going: one broken variant must not hide the others
+                print(f"{cfg} {var.name}: FAILED {type(err).__name__}: {err}", flush=True)
+                continue
             rows.append(row)
             print(format_row(row), flush=True)
         torch._dynamo.reset()
     return rows
+
+
+def measure(cfg: Config, var: Variant, q, k, v, torch_block_mask, torch_flex_compiled, args) -> dict:
+    """One row: masks built once, a correctness check against torch, then every implementation timed."""
+    device = q.device
+    started = time.time()
+    mask_mod = var.mask_mod or flexattn.noop_mask
+    fmask = flexattn.create_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
+    tmask = torch_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
+    dens = density(fmask)
+    flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * dens * (3.5 if args.backward else 1.0)
+    impls = implementations(var, fmask, tmask, torch_flex_compiled)
+    with torch.no_grad():
+        ours = impls["flexattn"](q, k, v)
+        theirs = impls["torch"](q, k, v)
+    rel = float((ours.float() - theirs.float()).norm() / theirs.float().norm())
+    row = {"config": str(cfg), "variant": var.name, "density": dens, "rel_diff_vs_torch": rel}
+    for label, call in impls.items():
+        try:
+            ms = bench_ms(timed(call, q, k, v, args.backward), args.quick)
+            row[label] = {"ms": ms, "tflops": flops / ms / 1e9}
+        except RuntimeError as err:  # e.g. an SDPA backend not available for this shape
+            row[label] = {"error": str(err).splitlines()[0][:80]}
+    if "ms" in row["torch"] and "ms" in row["flexattn"]:
+        row["ratio"] = row["torch"]["ms"] / row["flexattn"]["ms"]
+    row["seconds"] = time.time() - started
+    return row
 
 
 IMPLS = ("flexattn", "torch", "sdpa-flash", "sdpa-cudnn")

@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh --quick         # GPU tests + quick benchmark (E128, 4 variants)
 #   scripts/gpu_check.sh --write         # ... and refresh BENCHMARKS.md
 #
-# Arguments go to benchmarks/bench_attention.py. Logs land in $OUT (or /tmp/flexattn_gpu_check).
+# Arguments go to benchmarks/bench_attention.py. Logs (gpu_tests.log, bench.log, bench.json and a copy
+# of BENCHMARKS.md) land in $OUT (or /tmp/flexattn_gpu_check).
 # Exit status: non-zero when a test failed or the benchmark crashed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 tests=${PIPESTATUS[0]}
 "$PYTHON" benchmarks/bench_attention.py --json "$LOGS/bench.json" "$@" 2>&1 | tee "$LOGS/bench.log"
 bench=${PIPESTATUS[0]}
+cp BENCHMARKS.md "$LOGS/" 2>/dev/null  # with --write: the refreshed file, to fetch from $OUT
 
 echo
 echo "gpu tests: $(tail -n 1 "$LOGS/gpu_tests.log")  (exit $tests)"
