@@ -13,7 +13,6 @@ from explicit block lists::
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -23,70 +22,25 @@ from flexattn.block_mask_build import (
     classify_blocks,
     dense_mask,
     dense_to_ordered,
+    draw_blocks,
     ordered_to_dense,
     transpose_ordered,
 )
+from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
 from flexattn.mod_eval import check_mod, required_positional_args
 
+__all__ = [
+    "BlockMask",
+    "and_masks",
+    "create_block_mask",
+    "create_mask",
+    "noop_block_mask",
+    "noop_mask",
+    "or_masks",
+    "sliced_mask_mod_error",
+]
+
 DEFAULT_BLOCK_SIZE = 128
-
-
-def noop_mask(
-    batch: torch.Tensor, head: torch.Tensor, token_q: torch.Tensor, token_kv: torch.Tensor
-) -> torch.Tensor:
-    """The mask_mod that allows every pair (parameter names as in PyTorch)."""
-    return batch.new_ones((), dtype=torch.bool)
-
-
-def and_masks(*mask_mods: Callable) -> Callable:
-    """A mask_mod allowing a pair when every one of ``mask_mods`` allows it (all, if none given).
-
-    Example:
-        >>> causal = lambda b, h, q, kv: q >= kv
-        >>> near = lambda b, h, q, kv: q - kv < 64
-        >>> sliding_causal = and_masks(causal, near)
-    """
-    for i, fn in enumerate(mask_mods):
-        check_mod(fn, f"and_masks argument {i}", "mask_mod")
-
-    def and_mask(b, h, q_idx, kv_idx):
-        result = b.new_ones((), dtype=torch.bool)
-        for fn in mask_mods:
-            result = result & fn(b, h, q_idx, kv_idx)
-        return result
-
-    and_mask.__name__ = "and_masks(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")"
-    return and_mask
-
-
-def or_masks(*mask_mods: Callable) -> Callable:
-    """A mask_mod allowing a pair when any of ``mask_mods`` allows it (none, if none given).
-
-    Example:
-        >>> prefix = lambda b, h, q, kv: kv < 16
-        >>> causal = lambda b, h, q, kv: q >= kv
-        >>> prefix_lm = or_masks(prefix, causal)
-    """
-    for i, fn in enumerate(mask_mods):
-        check_mod(fn, f"or_masks argument {i}", "mask_mod")
-
-    def or_mask(b, h, q_idx, kv_idx):
-        result = b.new_zeros((), dtype=torch.bool)
-        for fn in mask_mods:
-            result = result | fn(b, h, q_idx, kv_idx)
-        return result
-
-    or_mask.__name__ = "or_masks(" + ", ".join(getattr(m, "__name__", "mask") for m in mask_mods) + ")"
-    return or_mask
-
-
-def sliced_mask_mod_error(b, h, q_idx, kv_idx):
-    """Stands in for the mask_mod of a sliced BlockMask (its indices no longer match the original)."""
-    raise RuntimeError(
-        "This BlockMask was sliced with [] and its mask_mod reset, because b / h / q_idx of the slice "
-        "no longer match the original mask. Set one that fits the slice, e.g. "
-        "`sliced.mask_mod = lambda b, h, q, kv: base.mask_mod(b, h, q + offset, kv)`."
-    )
 
 
 def _block_size_pair(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
@@ -230,35 +184,10 @@ class BlockMask:
         """ASCII picture per (b, h): '█' full block, '░' partial, ' ' never visited.
 
         Larger masks are downsampled to ``grid_size`` cells (-1: one cell per block); a cell shows
-        '█' if all its blocks are full, ' ' if all are empty, '░' otherwise.
+        '█' if all its blocks are full, ' ' if all are empty, '░' otherwise. At most ``limit``
+        (b, h) pictures are drawn.
         """
-        full = self._dense_blocks(full=True)
-        visited = self._dense_blocks()
-        *batch, rows, cols = visited.shape
-        if grid_size == -1:
-            max_rows, max_cols = rows, cols
-        elif isinstance(grid_size, int):
-            max_rows = max_cols = grid_size
-        else:
-            max_rows, max_cols = grid_size
-        row_step, col_step = max(1, -(-rows // max_rows)), max(1, -(-cols // max_cols))
-        pictures = []
-        for n, (b, h) in enumerate(itertools.product(*(range(d) for d in batch))):
-            if n == limit:
-                pictures.append(
-                    f"... ({batch[0] * batch[1] - limit} more; to_string(limit=N) or index mask[b, h])"
-                )
-                break
-            lines = [f"b={b}, h={h}"]
-            for r in range(0, rows, row_step):
-                line = ""
-                for c in range(0, cols, col_step):
-                    cell_full = full[b, h, r : r + row_step, c : c + col_step]
-                    cell_visited = visited[b, h, r : r + row_step, c : c + col_step]
-                    line += "██" if bool(cell_full.all()) else "  " if not bool(cell_visited.any()) else "░░"
-                lines.append(line)
-            pictures.append("\n".join(lines))
-        return "\n".join(pictures)
+        return draw_blocks(self._dense_blocks(full=True), self._dense_blocks(), grid_size, limit)
 
     def __str__(self) -> str:
         return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string()}\n)"

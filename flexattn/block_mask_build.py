@@ -16,6 +16,7 @@ masked, which makes every tail block partial; both give the same attention outpu
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -150,3 +151,33 @@ def dense_mask(
         else:
             out[:, :, start:stop] = eval_mask_mod(mod_fn, B, H, q, kv)
     return out
+
+
+def draw_blocks(
+    full: torch.Tensor, visited: torch.Tensor, grid_size: int | tuple[int, int], limit: int
+) -> str:
+    """ASCII pictures of (B, H, NQ, NKV) block matrices; see ``BlockMask.to_string``."""
+    *batch, rows, cols = visited.shape
+    if grid_size == -1:
+        max_rows, max_cols = rows, cols
+    elif isinstance(grid_size, int):
+        max_rows = max_cols = grid_size
+    else:
+        max_rows, max_cols = grid_size
+    row_step, col_step = max(1, -(-rows // max_rows)), max(1, -(-cols // max_cols))
+    pictures = []
+    for n, (b, h) in enumerate(itertools.product(*(range(d) for d in batch))):
+        if n == limit:
+            more = batch[0] * batch[1] - limit
+            pictures.append(f"... ({more} more; to_string(limit=N) or index mask[b, h])")
+            break
+        lines = [f"b={b}, h={h}"]
+        for r in range(0, rows, row_step):
+            line = ""
+            for c in range(0, cols, col_step):
+                cell_full = full[b, h, r : r + row_step, c : c + col_step]
+                cell_visited = visited[b, h, r : r + row_step, c : c + col_step]
+                line += "██" if bool(cell_full.all()) else "  " if not bool(cell_visited.any()) else "░░"
+            lines.append(line)
+        pictures.append("\n".join(lines))
+    return "\n".join(pictures)

@@ -4,6 +4,8 @@ backend dispatch, and every input error (each names the argument, the bad value 
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import inspect
 import math
 import warnings
@@ -250,3 +252,16 @@ def test_invalid_inputs_raise_clear_errors(case):
         overrides = dict(overrides, block_mask=_resolve_mask(overrides["block_mask"]))
     with pytest.raises(error, match=pattern):
         flex_attention(**_inputs(**overrides))
+
+
+# ---- docstring examples ----------------------------------------------------------------------------
+
+FOUNDATION_MODULES = ["api", "block_mask", "mask_mods", "mod_eval", "reference", "dispatch"]
+
+
+@pytest.mark.parametrize("module", FOUNDATION_MODULES)
+def test_docstring_examples_run(module):
+    mod = importlib.import_module(f"flexattn.{module}")
+    names = {"torch": torch, **{name: getattr(flexattn, name) for name in flexattn.__all__}}
+    result = doctest.testmod(mod, extraglobs=names, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
