@@ -203,10 +203,15 @@ def measure(cfg: Config, var: Variant, q, k, v, torch_block_mask, torch_flex_com
         try:
             ms = bench_ms(timed(call, q, k, v, args.backward), args.quick)
             row[label] = {"ms": ms, "tflops": flops / ms / 1e9}
+            if args.backward:  # the backward alone: (forward + backward) - forward, at 2.5x the FLOPs
+                bwd_ms = ms - bench_ms(timed(call, q, k, v, False), args.quick)
+                row[label]["bwd_tflops"] = flops / 3.5 * 2.5 / bwd_ms / 1e9
         except RuntimeError as err:  # e.g. an SDPA backend not available for this shape
             row[label] = {"error": str(err).splitlines()[0][:80]}
     if "ms" in row["torch"] and "ms" in row["flexattn"]:
         row["ratio"] = row["torch"]["ms"] / row["flexattn"]["ms"]
+        if args.backward:
+            row["bwd_ratio"] = row["flexattn"]["bwd_tflops"] / row["torch"]["bwd_tflops"]
     row["seconds"] = time.time() - started
     return row
 
@@ -221,10 +226,13 @@ def format_row(row: dict) -> str:
         if r is None:
             cells.append(f"{label} -")
         elif "ms" in r:
-            cells.append(f"{label} {r['ms']:.2f} ms {r['tflops']:.0f} TF")
+            bwd = f" (bwd {r['bwd_tflops']:.0f} TF)" if "bwd_tflops" in r else ""
+            cells.append(f"{label} {r['ms']:.2f} ms {r['tflops']:.0f} TF{bwd}")
         else:
             cells.append(f"{label} n/a")
     cells.append(f"ratio {row.get('ratio', float('nan')):.2f}x")
+    if "bwd_ratio" in row:
+        cells.append(f"bwd ratio {row['bwd_ratio']:.2f}x")
     cells.append(f"diff {row['rel_diff_vs_torch']:.1e}")
     return " | ".join(cells)
 
@@ -236,9 +244,9 @@ def markdown_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def tf(row, label):
+    def tf(row, label, key="tflops"):
         r = row.get(label)
-        return f"{r['tflops']:.0f}" if r and "tflops" in r else "–"
+        return f"{r[key]:.0f}" if r and key in r else "–"
 
     for row in rows:
         ms = row["flexattn"].get("ms")
@@ -247,6 +255,20 @@ def markdown_table(rows: list[dict]) -> str:
             f"{'–' if ms is None else f'{ms:.2f}'} | {tf(row, 'flexattn')} | {tf(row, 'torch')} | "
             f"{row.get('ratio', float('nan')):.2f}x | {tf(row, 'sdpa-flash')} | {tf(row, 'sdpa-cudnn')} |"
         )
+    if any("bwd_ratio" in row for row in rows):  # --backward: the backward pass alone
+        lines += [
+            "",
+            "Backward alone ((forward + backward) - forward, TFLOP/s at 2.5x the forward FLOPs):",
+            "",
+            "| config | variant | flexattn | torch | flexattn/torch | SDPA flash | SDPA cuDNN |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['config']} | {row['variant']} | {tf(row, 'flexattn', 'bwd_tflops')} | "
+                f"{tf(row, 'torch', 'bwd_tflops')} | {row.get('bwd_ratio', float('nan')):.2f}x | "
+                f"{tf(row, 'sdpa-flash', 'bwd_tflops')} | {tf(row, 'sdpa-cudnn', 'bwd_tflops')} |"
+            )
     return "\n".join(lines)
 
 
