@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexattn import BlockMask, and_masks, create_block_mask, create_mask, flex_attention, noop_mask, or_masks
 from tests.catalog import CATALOG, MASK_MODS
@@ -327,3 +329,30 @@ def test_long_causal_mask_builds_in_bounded_memory():
     result = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 100
+
+
+# ---- property: any pattern, any shape ---------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    Lq=st.integers(1, 70),
+    Lkv=st.integers(1, 70),
+    q_block=st.sampled_from([1, 4, 16, 32]),
+    kv_block=st.sampled_from([2, 8, 16, 64]),
+    density=st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_table_masks_round_trip(B, H, Lq, Lkv, q_block, kv_block, density, seed):
+    table = torch.rand(B, H, Lq, Lkv, generator=torch.Generator().manual_seed(seed)) < density
+
+    def from_table(b, h, q_idx, kv_idx):
+        return table[b, h, q_idx, kv_idx]
+
+    mask = create_block_mask(from_table, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=(q_block, kv_block))
+    any_, all_ = block_reduce(table, q_block, kv_block)
+    assert torch.equal(mask._dense_blocks(full=True), all_)
+    assert torch.equal(mask._dense_blocks(full=False), any_ & ~all_)
+    assert_well_formed(mask)
