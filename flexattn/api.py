@@ -7,6 +7,7 @@ the fix, before any work is done.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -59,7 +60,8 @@ def flex_attention(
             fp64, all the same dtype and device.
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on 0-dim tensors (score fp32,
             indices int32; h is the query head), or None.
-        block_mask: from :func:`create_block_mask` for (Lq, Lkv); None attends everywhere.
+        block_mask: from :func:`create_block_mask` for (Lq, Lkv) (PyTorch's BlockMask is accepted
+            too); None attends everywhere.
         scale: finite float; default 1/sqrt(E).
         enable_gqa: allow Hq to be a multiple of Hkv (grouped-query attention).
         return_lse: also return the logsumexp (prefer ``return_aux``).
@@ -93,6 +95,7 @@ def flex_attention(
     if block_mask is None:
         block_mask = noop_block_mask(query.shape[2], key.shape[2], query.device)
     else:
+        block_mask = _from_pytorch_block_mask(block_mask)
         _check_block_mask(block_mask, query, key, options)
     request = _check_returns(return_lse, return_aux)
 
@@ -171,6 +174,18 @@ def _check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale!r}. Pass a finite float, or None for 1/sqrt(E).")
     return float(scale)
+
+
+def _from_pytorch_block_mask(block_mask):
+    """Accept a ``torch.nn.attention.flex_attention.BlockMask`` too: same fields, our dataclass."""
+    if isinstance(block_mask, BlockMask) or type(block_mask).__name__ != "BlockMask":
+        return block_mask
+    fields = [f.name for f in dataclasses.fields(BlockMask)]
+    if not all(hasattr(block_mask, name) for name in fields):
+        return block_mask
+    values = {name: getattr(block_mask, name) for name in fields}
+    values["seq_lengths"], values["BLOCK_SIZE"] = tuple(values["seq_lengths"]), tuple(values["BLOCK_SIZE"])
+    return BlockMask(**values)
 
 
 def _check_block_mask(block_mask, query, key, options: KernelOptions) -> None:

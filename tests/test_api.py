@@ -73,6 +73,16 @@ def test_catalog_matches_pytorch_flex_attention_in_float64(entry):
     torch.testing.assert_close(ours[1].lse, theirs[1].lse, rtol=tol, atol=tol, check_dtype=tol == 1e-10)
 
 
+def test_accepts_a_block_mask_built_by_pytorch():
+    mods = CATALOG["v-document-causal"](1, 2, 40, 40, "cpu")
+    theirs = torch_flex.create_block_mask(mods.mask_mod, 1, 2, 40, 40, device="cpu", BLOCK_SIZE=16)
+    ours = create_block_mask(mods.mask_mod, 1, 2, 40, 40, device="cpu", BLOCK_SIZE=16)
+    q, k, v = make_qkv(Shape(B=1, Hq=2, Lq=40, E=8), torch.float64)
+    torch.testing.assert_close(
+        flex_attention(q, k, v, block_mask=theirs), flex_attention(q, k, v, block_mask=ours)
+    )
+
+
 # ---- return conventions and defaults ---------------------------------------------------------------
 
 
