@@ -9,7 +9,9 @@ conventions (every template follows them, at exactly one place per kernel):
 
 - ``score``: fp32 ``[BLOCK_M, BLOCK_N]`` (the scaled q.k product, before the mod).
 - ``b``, ``h``: int32 scalars (``h`` is the *query* head).
-- ``q_idx``: int32 ``[BLOCK_M, 1]`` and ``kv_idx``: int32 ``[1, BLOCK_N]``, absolute positions,
+- ``q_idx``: int32 ``[BLOCK_M, 1]`` and ``kv_idx``: int32 ``[1, BLOCK_N]``, absolute positions
+  (the backward dK/dV kernel passes the transposed layout: ``q_idx [1, BLOCK_M]``,
+  ``kv_idx [BLOCK_N, 1]``, ``score [BLOCK_N, BLOCK_M]``; device functions must only broadcast),
   already wrapped into ``[0, Q_LEN)`` / ``[0, KV_LEN)`` so that gathers in the mod stay in bounds on
   tail tiles (the template masks the tail itself).
 - ``*_ARGS``: an opaque tuple (pointers, sizes, strides of captured tensors) passed straight from
