@@ -112,7 +112,7 @@ def _target(device, program: Program) -> str:
     if device is not None:
         device = torch.device(device)
         for tensor in program.graph.captures:
-            if tensor.device != device:
+            if not _same_device(tensor.device, device):
                 raise ModCompileError(
                     f"{program.name}: a captured tensor of shape {tuple(tensor.shape)} is on {tensor.device} "
                     f"but the kernels run on {device}\n  hint: move it with .to({str(device)!r})"
@@ -120,6 +120,10 @@ def _target(device, program: Program) -> str:
     if _interpreted() or (device is not None and device.type == "cpu") or not torch.cuda.is_available():
         return "interpreter"
     return "hip" if torch.version.hip else "cuda"
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _entry(program: Program, target: str) -> cache.CompiledMod:

@@ -466,7 +466,9 @@ def _accumulate(em: _Emitter, load: int, adjoint: int) -> list[str]:
     if em.dims[adjoint] != {_M, _N}:
         lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
     index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
-    if index_dims != {_M, _N}:
+    if not index_dims:
+        lines.append(f"{var} = tl.sum(tl.sum({var}, 1), 0)")
+    elif index_dims != {_M, _N}:
         lines.append(f"{var} = tm.sum_to({var}, {ptr})")
     lines.append(f'tl.atomic_add({ptr}, {var}, sem="relaxed")')
     return lines

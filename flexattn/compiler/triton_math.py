@@ -104,9 +104,7 @@ def pow(x, y):
 
 @triton.jit
 def sum_to(val, ptr):
-    """Sum a [X, Y] tile over the axes along which ``ptr`` (scalar or broadcastable) is constant."""
-    if len(ptr.shape) == 0:
-        return tl.sum(tl.sum(val, 1), 0)
+    """Sum a [X, Y] tile over the axes along which the 2-D ``ptr`` is constant (size 1)."""
     if ptr.shape[0] == 1:
         val = tl.sum(val, 0, keep_dims=True)
     if ptr.shape[1] == 1:
