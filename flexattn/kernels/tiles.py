@@ -122,8 +122,8 @@ def forward_tiles(
     _check_user_tile("BLOCK_M", user_m, "Q_BLOCK", q_block)
     _check_user_tile("BLOCK_N", user_n, "KV_BLOCK", kv_block)
 
-    block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, padded_head_dim(q_len)))
-    block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, padded_head_dim(kv_len)))
+    block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, _length_tile(q_len)))
+    block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, _length_tile(kv_len)))
     if (block_m, block_n) != (tiles.BLOCK_M, tiles.BLOCK_N):
         why.append(f"tiles ({block_m}, {block_n}) fit the mask blocks ({q_block}, {kv_block}) and lengths")
     tiles = replace(tiles, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -161,6 +161,11 @@ def forward_tiles(
                 break
             why.append("shrunk to fit shared memory")
     return replace(tiles, reason="; ".join(why))
+
+
+def _length_tile(length: int) -> int:
+    """The smallest power-of-two tile (>= 16) that covers a whole sequence: no bigger tile pays."""
+    return max(16, next_power_of_2(length))
 
 
 def _check_user_tile(name: str, value: int | None, block_name: str, block: int) -> None:

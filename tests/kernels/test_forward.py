@@ -152,6 +152,23 @@ def test_descriptor_loads_and_qk_prefetch(use_tma, pipeline_qk, monkeypatch):
     run_forward(shape, torch.float16, "v-document-causal", (16, 32), "cpu")
 
 
+@pytest.mark.parametrize("Lq, Lkv", [(0, 33), (33, 0)], ids=["Lq0", "Lkv0"])
+def test_empty_sequences(Lq, Lkv, monkeypatch):
+    """No queries: empty outputs. No keys: every row is fully masked (out 0, lse = max = -inf)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = make_qkv(Shape(B=2, Hq=2, Lq=Lq, Lkv=Lkv, E=16, Ev=24))
+    nq, nkv = -(-Lq // 16), -(-Lkv // 16)
+    num, idx = torch.zeros(1, 1, nq, dtype=torch.int32), torch.zeros(1, 1, nq, nkv, dtype=torch.int32)
+    out, lse, max_scores = flex_forward(
+        q, k, v, score_mod=compile_score_mod(None, device="cpu"), mask_mod=compile_mask_mod(None, device="cpu"),
+        kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=None, full_kv_indices=None,
+        q_block=16, kv_block=16, scale=1.0,
+    )  # fmt: skip
+    assert out.shape == (2, 2, Lq, 24) and lse.shape == max_scores.shape == (2, 2, Lq)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert (lse == -math.inf).all() and (max_scores == -math.inf).all()
+
+
 @pytest.mark.parametrize(
     "options, blocks, message",
     [
@@ -235,3 +252,49 @@ def test_new_lengths_reuse_the_compiled_kernel():
     for length in (384, 512, 640):  # no kv tail at any of these lengths: the same specialization
         run_forward(Shape(B=1, Hq=2, Lq=length, E=64), torch.float16, "causal", (128, 128), "cuda")
     assert compiled_kernels() == before
+
+
+@gpu
+@pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "qk-prefetch"])
+def test_pointer_loads_gpu(pipeline_qk, monkeypatch):
+    """The non-TMA path (used for strides TMA cannot take) at real size, with and without prefetch."""
+    choose = forward.forward_tiles
+    monkeypatch.setattr(
+        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=False, pipeline_qk=pipeline_qk)
+    )
+    shape = Shape(B=2, Hq=8, Hkv=2, Lq=1100, Lkv=900, E=96)
+    run_forward(shape, torch.bfloat16, "v-document-causal", (128, 128), "cuda")
+
+
+@gpu
+def test_offsets_beyond_int32_gpu():
+    """A batch stride over 2**31 elements: q/k/v are views into one 8.6 GB buffer, the last batch checked."""
+    L, E = 256, 64
+    rows = (1 << 31) // E + 3 * L  # per batch entry: batch stride > 2**31 elements
+    buffer = torch.empty(2, rows, E, device="cuda", dtype=torch.bfloat16)
+    for part in range(3):
+        buffer[:, rows - (part + 1) * L : rows - part * L].normal_()
+    q, k, v = (buffer[:, rows - (i + 1) * L : rows - i * L].unsqueeze(1) for i in range(3))  # (2, 1, L, E)
+    assert q.stride(0) > 2**31
+    mask = create_block_mask(noop_mask, None, None, L, L, device="cuda")
+    identity, everything = compile_score_mod(None, device=q.device), compile_mask_mod(None, device=q.device)
+    out, lse, _ = flex_forward(
+        q, k, v, score_mod=identity, mask_mod=everything,
+        kv_num_blocks=mask.kv_num_blocks, kv_indices=mask.kv_indices,
+        full_kv_num_blocks=mask.full_kv_num_blocks, full_kv_indices=mask.full_kv_indices,
+        q_block=128, kv_block=128, scale=E**-0.5,
+    )  # fmt: skip
+    last = [t[1:].contiguous() for t in (q, k, v)]
+    gold = reference_attention(*[t.double() for t in last], None, mask, E**-0.5)
+    eager = reference_attention(*last, None, mask, E**-0.5, compute_dtype=torch.bfloat16)
+    assert_close_to_gold(out[1:], gold[0], eager[0], name="out")
+    assert_close_to_gold(lse[1:], gold[1], eager[1], name="lse")
+
+
+@gpu
+def test_autotune_picks_and_caches_a_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXATTN_CACHE_DIR", str(tmp_path))
+    shape = Shape(B=1, Hq=4, Lq=1000, E=64)
+    run_forward(shape, torch.float16, "v-sliding-window", (64, 64), "cuda", options={"autotune": True})
+    assert (tmp_path / "forward.json").exists()
+    run_forward(shape, torch.float16, "v-sliding-window", (64, 64), "cuda", options={"autotune": True})

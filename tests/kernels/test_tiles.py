@@ -1,0 +1,87 @@
+"""Tile choice for the forward kernel: pure decisions, their reasons, the errors, the on-disk cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, shared_memory_bytes
+from flexattn.options import KernelOptions
+
+H100 = {"capability": (9, 0), "shared_memory_limit": 232448}
+A100 = {"capability": (8, 0), "shared_memory_limit": 166912}
+
+
+def choose(E=128, Ev=None, dtype=torch.bfloat16, L=8192, blocks=(128, 128), gpu=H100, **options):
+    return forward_tiles(
+        head_dim=E, v_head_dim=Ev or E, dtype=dtype, q_len=L, kv_len=L, q_block=blocks[0], kv_block=blocks[1],
+        options=KernelOptions.from_user(options), **gpu,
+    )  # fmt: skip
+
+
+def test_hopper_defaults_use_big_tiles_tma_and_prefetch():
+    tiles = choose(E=128)
+    assert (tiles.BLOCK_M, tiles.BLOCK_N, tiles.num_warps) == (128, 128, 8)
+    assert tiles.use_tma and tiles.pipeline_qk
+    assert "Hopper" in tiles.reason
+
+
+@pytest.mark.parametrize("blocks, want", [((64, 32), (64, 32)), ((16, 256), (16, 128)), ((48, 80), (16, 16))])
+def test_tiles_divide_the_mask_blocks(blocks, want):
+    tiles = choose(E=64, blocks=blocks)
+    assert want == (tiles.BLOCK_M, tiles.BLOCK_N)
+    assert blocks[0] % tiles.BLOCK_M == 0 and blocks[1] % tiles.BLOCK_N == 0
+
+
+def test_short_sequences_get_small_tiles():
+    tiles = choose(E=64, L=20)
+    assert (tiles.BLOCK_M, tiles.BLOCK_N) == (32, 32)
+
+
+@pytest.mark.parametrize("E", [16, 24, 80, 96, 192, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("gpu", [H100, A100], ids=["H100", "A100"])
+def test_defaults_fit_shared_memory(E, dtype, gpu):
+    tiles = choose(E=E, dtype=dtype, gpu=gpu)
+    pad = max(16, 1 << (E - 1).bit_length())
+    assert shared_memory_bytes(tiles, pad, pad, dtype.itemsize) <= gpu["shared_memory_limit"]
+
+
+def test_user_tiles_are_honoured():
+    tiles = choose(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4)
+    assert (tiles.BLOCK_M, tiles.BLOCK_N, tiles.num_warps, tiles.num_stages) == (64, 32, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "options, blocks, message",
+    [
+        ({"BLOCK_M": 256}, (128, 128), "BLOCK_M'\\]=256 must divide the BlockMask's Q_BLOCK=128"),
+        ({"BLOCK_N": 64}, (128, 32), "BLOCK_N'\\]=64 must divide the BlockMask's KV_BLOCK=32"),
+        ({}, (100, 128), "Q_BLOCK is 100"),
+        ({"BLOCK_M": 128, "BLOCK_N": 128, "num_stages": 8}, (128, 128), "shared memory"),
+    ],
+    ids=["BLOCK_M-256-vs-128", "BLOCK_N-64-vs-32", "Q_BLOCK-100", "too-many-stages"],
+)
+def test_impossible_choices_raise(options, blocks, message):
+    with pytest.raises(ValueError, match=message):
+        choose(E=256, blocks=blocks, **options)
+
+
+def test_head_dims_over_256_raise():
+    with pytest.raises(ValueError, match="up to 256"):
+        choose(E=320)
+
+
+def test_autotune_candidates_respect_the_mask_blocks():
+    base = choose(E=64, blocks=(64, 128))
+    candidates = autotune_candidates(base, 64, 128)
+    assert candidates[0] == base
+    assert all(64 % t.BLOCK_M == 0 and 128 % t.BLOCK_N == 0 for t in candidates)
+    assert len({(t.BLOCK_M, t.BLOCK_N) for t in candidates}) == 2
+
+
+def test_tile_cache_round_trips_through_disk(tmp_path):
+    tiles = Tiles(64, 128, 4, 3, "autotuned", use_tma=True, pipeline_qk=False)
+    TileCache("forward", tmp_path).put("H100|bf16|E64", tiles)
+    assert TileCache("forward", tmp_path).get("H100|bf16|E64") == tiles
+    assert TileCache("forward", tmp_path).get("other") is None
