@@ -160,9 +160,9 @@ def test_empty_sequences(Lq, Lkv, monkeypatch):
     nq, nkv = -(-Lq // 16), -(-Lkv // 16)
     num, idx = torch.zeros(1, 1, nq, dtype=torch.int32), torch.zeros(1, 1, nq, nkv, dtype=torch.int32)
     out, lse, max_scores = flex_forward(
-        q, k, v, score_mod=compile_score_mod(None, device="cpu"), mask_mod=compile_mask_mod(None, device="cpu"),
-        kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=None, full_kv_indices=None,
-        q_block=16, kv_block=16, scale=1.0,
+        q, k, v, score_mod=compile_score_mod(None, device="cpu"),
+        mask_mod=compile_mask_mod(None, device="cpu"), kv_num_blocks=num, kv_indices=idx,
+        full_kv_num_blocks=None, full_kv_indices=None, q_block=16, kv_block=16, scale=1.0,
     )  # fmt: skip
     assert out.shape == (2, 2, Lq, 24) and lse.shape == max_scores.shape == (2, 2, Lq)
     assert torch.equal(out, torch.zeros_like(out))
