@@ -271,7 +271,7 @@ def _bwd_dq(
     num_strides, idx_strides, full_num_strides, full_idx_strides,
     HQ, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
-    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: scratch buffers (the dK/dV kernel owns them)
+    SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: () (the dK/dV kernel owns the capture grads)
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
@@ -424,13 +424,12 @@ def flex_backward(
     if fused_dq:
         return (dq * scale).to(q.dtype), dk, dv
 
-    # (3) dQ; the mod's gradient function writes captured-tensor gradients into discarded scratch
-    scratch = tuple(torch.empty(g.shape, device=g.device, dtype=torch.float32) for g in grad_buffers)
+    # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
     tables, strides = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), B * HQ)](
         q, k, v, dout, lse, delta, dq, *tables,
         q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(), *strides, HQ, Q_LEN, KV_LEN, scale,
-        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(scratch),
+        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),
         BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
         CHECK_N=KV_LEN % kv_block != 0, **meta,
     )  # fmt: skip

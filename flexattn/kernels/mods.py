@@ -19,6 +19,8 @@ conventions (every template follows them, at exactly one place per kernel):
 - ``dout``: fp32 ``[BLOCK_M, BLOCK_N]``, dLoss/d(modded score); zero wherever the position is masked
   or out of range. ``SCORE_GRAD_FN`` returns dLoss/d(score) and atomically accumulates
   dLoss/d(capture) into the fp32 buffers of ``SCORE_GRAD_ARGS`` (see ``KernelMod.grad_args``).
+  With ``SCORE_GRAD_ARGS == ()`` it only returns dLoss/d(score) and writes nothing (the backward's
+  dQ kernel relies on this: the dK/dV kernel alone accumulates the captured-tensor gradients).
 """
 
 from __future__ import annotations

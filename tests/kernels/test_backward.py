@@ -58,7 +58,8 @@ def _rel_bias(score, b, h, q_idx, kv_idx, ARGS):
 
 @triton.jit
 def _rel_bias_grad(score, b, h, q_idx, kv_idx, dout, ARGS, GRAD_ARGS):
-    tl.atomic_add(GRAD_ARGS[0] + h * ARGS[1] + (q_idx - kv_idx + ARGS[2]), dout)
+    if len(GRAD_ARGS) > 0:  # () means: return dscore only, write no capture gradients
+        tl.atomic_add(GRAD_ARGS[0] + h * ARGS[1] + (q_idx - kv_idx + ARGS[2]), dout)
     return dout
 
 
