@@ -736,6 +736,7 @@ _HANDLERS = {
     "clamp_min": lambda x, lo: _clamp(x, lo, None),
     "clamp_max": lambda x, hi: _clamp(x, None, hi),
     "relu": lambda x, *a, **k: _clamp(x, 0, None),
+    "masked_fill": lambda x, mask, value: _where(mask, value, x),
     "square": lambda x: _binary("mul", x, x),
     "reciprocal": lambda x: _binary("truediv", 1.0, x),
     "log10": lambda x: _binary("mul", _unary("log", x), 1 / 2.302585092994046),

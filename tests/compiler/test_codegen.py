@@ -119,6 +119,17 @@ def test_none_mods_are_identity_and_always_true():
 # ---- a zoo of score mods covering the supported surface ----------------------------------------
 
 
+class _LearnableRelativeBias(torch.nn.Module):
+    """A mod that is an nn.Module holding a learnable table (negative offsets wrap to the end)."""
+
+    def __init__(self, heads: int, span: int, device) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(heads, span, device=device))
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return score + self.table[h, q_idx - kv_idx]
+
+
 def _zoo(tile: Tile):
     """id -> (score_mod, learnable params); built per test so captures are fresh."""
     Lq, Lkv, H = tile.Lq, tile.Lkv, tile.H
@@ -222,7 +233,10 @@ def _zoo(tile: Tile):
             + torch.floor_divide(d, 0.6)
         )
 
+    module = _LearnableRelativeBias(H, Lq + Lkv, DEVICE)
+
     return {
+        "module-with-parameter": (module, (module.table,)),
         "arithmetic": (arithmetic, ()),
         "integer-semantics": (integer_semantics, ()),
         "unary-functions": (unary_functions, ()),
