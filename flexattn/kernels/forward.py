@@ -25,8 +25,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from flexattn.kernels.common import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, padded_head_dim
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 # fmt: off
@@ -63,9 +62,9 @@ def _attend_tile(
         m_ref = m_new
     else:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: p = 0, no NaN
-    m_ref2 = m_ref * 1.4426950408889634
-    p = tl.math.exp2(scores * 1.4426950408889634 - m_ref2[:, None])
-    alpha = tl.math.exp2(m_i * 1.4426950408889634 - m_ref2)
+    m_ref2 = m_ref * LOG2E
+    p = tl.math.exp2(scores * LOG2E - m_ref2[:, None])
+    alpha = tl.math.exp2(m_i * LOG2E - m_ref2)
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
@@ -194,7 +193,12 @@ def flex_forward(
         full_kv_num_blocks, full_kv_indices: the same for full blocks (mask_mod skipped), or None.
         q_block, kv_block: the BlockMask's BLOCK_SIZE.
         scale: multiplies q.k before score_mod.
-        options: a ``KernelOptions`` (tiles, warps, stages, ROWS_GUARANTEED_SAFE, autotune) or None.
+        options: a ``KernelOptions`` or None. Read here: BLOCK_M, BLOCK_N (must divide q_block /
+            kv_block), num_warps, num_stages, USE_TMA (force tensor-descriptor K/V loads; an error
+            when k/v cannot take them), ROWS_GUARANTEED_SAFE, autotune (time a few configurations on
+            first use of a shape class; the choice is cached in ``$FLEXATTN_CACHE_DIR/forward.json``).
+            Unset knobs come from ``tiles.forward_tiles`` (on Hopper: 128x128 tiles, 8 warps, TMA
+            K/V loads where the strides allow, the next tile's q.k^T issued before the softmax).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
