@@ -207,7 +207,7 @@ def flex_forward(
     ``(cdiv(Lq, BLOCK_M), Hq, B)``. Each program streams the K/V tiles of the sparse blocks its
     q block lists (partial first, with mask_mod; then full, without), keeping the FlashAttention-2
     running max / sum / accumulator in registers, and writes its rows of out, lse and max_scores once.
-    GQA: the G query heads of a group run in neighbouring programs and read the same K/V tiles, which
+    GQA: the G query heads of a group run in nearby programs and read the same K/V tiles, which
     then come from L2; packing a group into one program only pays for short queries (decoding).
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
