@@ -107,7 +107,7 @@ def reference_attention(
         run = functools.partial(chunk, start=start)
         q_chunk = q5[:, :, :, start : start + rows]
         if differentiable:
-            o, lse, mx = _RecomputedChunk.apply(run, len(captures), q_chunk, k5, v5, *captures)
+            o, lse, mx = _RecomputedChunk.apply(run, q_chunk, k5, v5, *captures)
         else:
             with torch.no_grad():
                 o, lse, mx = run(q_chunk, k5, v5)
@@ -137,12 +137,12 @@ def _grad_captures(score_mod: Callable | None, device: torch.device) -> list[tor
 class _RecomputedChunk(torch.autograd.Function):
     """One chunk of query rows: forward without saving intermediates, backward by recomputation.
 
-    Inputs: ``run(q_chunk, k, v) -> (out, lse, max_scores)``, the number of captured tensors, then
-    q_chunk, k, v and the score_mod's captured tensors that require grad (so gradients reach them).
+    Inputs: ``run(q_chunk, k, v) -> (out, lse, max_scores)``, then q_chunk, k, v and the score_mod's
+    captured tensors that require grad (inputs of the Function, so gradients reach them).
     """
 
     @staticmethod
-    def forward(ctx, run, num_captures, q_chunk, k, v, *captures):
+    def forward(ctx, run, q_chunk, k, v, *captures):
         ctx.run = run
         ctx.captures = captures  # the closure uses these very objects; keep them, not copies
         ctx.save_for_backward(q_chunk, k, v)
@@ -153,7 +153,7 @@ class _RecomputedChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _d_max):
-        needs = ctx.needs_input_grad[2:]
+        needs = ctx.needs_input_grad[1:]
         leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
         wrt = [t for t, need in zip([*leaves, *ctx.captures], needs) if need]
         with torch.enable_grad():
@@ -165,7 +165,7 @@ class _RecomputedChunk(torch.autograd.Function):
             else:  # e.g. a score_mod ignoring q and k: lse is constant and out needs no grad
                 grads = [None] * len(wrt)
         grads = iter(grads)
-        return (None, None, *(next(grads) if need else None for need in needs))
+        return (None, *(next(grads) if need else None for need in needs))
 
 
 class _BlockRows:
