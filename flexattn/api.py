@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from flexattn.block_mask import BlockMask, noop_block_mask, sliced_mask_mod_error
-from flexattn.dispatch import run_attention
+from flexattn.dispatch import choose_backend, run_attention
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 
@@ -79,7 +79,8 @@ def flex_attention(
         >>> out.shape
         torch.Size([2, 4, 100, 32])
     """
-    if torch.compiler.is_compiling():  # under torch.compile: custom ops, no graph break
+    if torch.compiler.is_compiling() and _compiles_to_custom_ops(kernel_options, query.device):
+        # under torch.compile with the Triton backend: custom ops, no graph break
         from flexattn.custom_ops import traced_attention
 
         request = _check_returns(return_lse, return_aux)
@@ -101,6 +102,12 @@ def flex_attention(
 
     out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
+
+
+@torch._dynamo.assume_constant_result
+def _compiles_to_custom_ops(kernel_options, device) -> bool:
+    """Whether a call traced by torch.compile goes to the Triton custom ops (a trace-time constant)."""
+    return choose_backend(device, KernelOptions.from_user(kernel_options)) == "TRITON"
 
 
 def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):
