@@ -38,7 +38,7 @@ from flexattn.compiler import cache
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.cache import clear as clear_cache
 from flexattn.compiler.cache import codegen_count
-from flexattn.compiler.codegen import forward_function, gradient_function, module_source
+from flexattn.compiler.codegen import encode_int, forward_function, gradient_function, module_source
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.trace import ModCompileError, Program, fast_tanh, trace
 from flexattn.kernels.mods import KernelMod
@@ -162,7 +162,7 @@ def _compile(mod, kind: str, device) -> KernelMod:
     captures = program.graph.captures
     args: list = []
     for tensor in captures:
-        args += [tensor, *tensor.shape, *tensor.stride()]
+        args += [tensor, *map(encode_int, (*tensor.shape, *tensor.stride()))]
     grad_captures = tuple(captures[s] for s in entry.grad_slots)
     return KernelMod(
         fn=entry.fn,
@@ -187,7 +187,7 @@ def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):
                     f"gradient buffers must be float32 (or int64 fixed point) of shape {shape}, "
                     f"got {buffer.dtype} {tuple(buffer.shape)}"
                 )
-            args += [buffer, *buffer.stride()]
+            args += [buffer, *map(encode_int, buffer.stride())]
         return tuple(args)
 
     return make_grad_args

@@ -8,7 +8,9 @@ conventions of ``flexattn.kernels.mods``::
     score_grad_fn(score, b, h, q_idx, kv_idx, dout, caps, grad_caps) -> dscore fp32 [BLOCK_M, BLOCK_N]
 
 ``caps`` is a flat tuple holding, per captured tensor (slot order): the tensor, its sizes, its
-strides. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
+strides. Sizes and strides travel encoded (``encode_int``: ``2 * v + 2**40 + 1``, always an odd
+int64) so that Triton, which specializes integer arguments inside tuples on ``== 1`` and on
+divisibility by 16, never compiles a kernel again for new lengths; the code decodes them once. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
 strides. Gathers wrap negative indices Python-style and clamp into range; offsets are int64.
 
 Gradients of captures are summed over the tile axes their address does not vary along (a bias
@@ -28,6 +30,14 @@ from dataclasses import dataclass
 import torch
 
 from flexattn.compiler.ir import INPUTS, LOW_PRECISION, Graph
+
+INT_ARG_OFFSET = 2**40 + 1
+
+
+def encode_int(value: int) -> int:
+    """A size or stride as it travels in ``caps`` (decoded by ``triton_math.size_arg/stride_arg``)."""
+    return 2 * int(value) + INT_ARG_OFFSET
+
 
 TL_DTYPES = {
     torch.bool: "tl.int1",
@@ -244,8 +254,7 @@ class _Emitter:
         strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
         if ptr not in self.prologue:
             self.prologue.add(ptr)
-            names = [ptr, *sizes, *strides]
-            self.lines.append(_unpack(names, "caps", layout.base))
+            self.lines += _unpack_capture("caps", layout.base, ptr, sizes, strides)
         return ptr, sizes, strides
 
     def index_terms(self, i: int) -> list[tuple[str, bool]]:
@@ -386,9 +395,16 @@ class _Emitter:
         return f"{pow_fn}({self._ts(args, x)})"
 
 
-def _unpack(names: list[str], tuple_name: str, start: int) -> str:
-    """``a, b = t[3], t[4]`` (a single name gets a plain assignment)."""
-    return ", ".join(names) + " = " + ", ".join(f"{tuple_name}[{start + k}]" for k in range(len(names)))
+def _unpack_capture(tuple_name: str, base: int, ptr: str, sizes: list[str], strides: list[str]) -> list[str]:
+    """Lines reading one captured tensor's pointer, sizes (int32) and strides (int64) from the tuple."""
+    lines = [f"{ptr} = {tuple_name}[{base}]"]
+    k = base + 1
+    for names, helper in ((sizes, "tm.size_arg"), (strides, "tm.stride_arg")):
+        if names:
+            values = ", ".join(f"{helper}({tuple_name}[{k + j}])" for j in range(len(names)))
+            lines.append(f"{', '.join(names)} = {values}")
+            k += len(names)
+    return lines
 
 
 def _broadcast_to_tile(em: _Emitter, var: str, node: int, mask: bool) -> list[str]:
@@ -438,8 +454,9 @@ def gradient_function(
         base = 0
         for slot in slots:
             ndim = graph.captures[slot].ndim
-            names = [f"g{slot}"] + [f"g{slot}_s{d}" for d in range(ndim)]
-            em.lines.append(_unpack(names, "grad_caps", base))
+            em.lines += _unpack_capture(
+                "grad_caps", base, f"g{slot}", [], [f"g{slot}_s{d}" for d in range(ndim)]
+            )
             base += 1 + ndim
         for load, adjoint in grads:
             em.lines += _accumulate(em, load, adjoint)

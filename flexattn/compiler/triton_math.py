@@ -10,6 +10,18 @@ import triton.language as tl
 
 
 @triton.jit
+def stride_arg(encoded):
+    """Decode a stride from the mod's argument tuple (see codegen.encode_int): int64."""
+    return (encoded - 1099511627777) >> 1
+
+
+@triton.jit
+def size_arg(encoded):
+    """Decode a size from the mod's argument tuple (see codegen.encode_int): int32."""
+    return ((encoded - 1099511627777) >> 1).to(tl.int32)
+
+
+@triton.jit
 def wrap_index(i, size):
     """Python-style negative index, clamped into [0, size) so that no lane reads out of bounds."""
     i = tl.where(i < 0, i + size, i)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flexattn.compiler import codegen_count, compile_mask_mod, compile_score_mod
+from flexattn.compiler.codegen import encode_int
 from tests.compiler.harness import eager_score, run_score
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
@@ -46,7 +47,7 @@ def test_new_values_lengths_and_closures_generate_no_code():
             relative_bias_mod(torch.randn(H, 2 * L - 1), torch.tensor(L - 1)), device="cpu"
         )
         sizes = [a for a in kmod.args if isinstance(a, int)][:2]
-        assert sizes == [H, 2 * L - 1]  # sizes travel as runtime arguments
+        assert sizes == [encode_int(H), encode_int(2 * L - 1)]  # sizes travel as runtime arguments
         doc_id = torch.randint(0, 3, (2, L), dtype=torch.int32).sort(-1).values
         compile_mask_mod(document_mask(doc_id), device="cpu")
     assert codegen_count() == before
@@ -115,3 +116,16 @@ def test_cached_code_reads_the_new_values():
     kv_idx = torch.randint(0, L, (8,), dtype=torch.int32)
     got = run_score(kmod, score, 0, 2, q_idx, kv_idx)
     torch.testing.assert_close(got, eager_score(second, score, 0, 2, q_idx, kv_idx))
+
+
+def test_new_lengths_keep_the_kernel_specialization():
+    """Triton specializes integers inside tuple arguments (== 1, multiple of 16); the encoded sizes
+    and strides of ``KernelMod.args`` look alike for every length, so kernels never recompile."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signatures = set()
+    for B, L in ((1, 1), (2, 16), (1, 17), (3, 64)):
+        kmod = compile_mask_mod(document_mask(torch.zeros(B, L, dtype=torch.int32)), device="cpu")
+        signatures.add(repr(native_specialize_impl(BaseBackend, kmod.args, False, True, True)))
+    assert len(signatures) == 1, signatures
