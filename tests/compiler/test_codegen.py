@@ -138,6 +138,9 @@ def _zoo(tile: Tile):
     rows = torch.randn(Lq, 3, device=DEVICE)
     ids64 = torch.randint(-3, 4, (Lkv,), dtype=torch.int64, device=DEVICE)
     flags = torch.rand(Lq, device=DEVICE) > 0.5
+    small = torch.randint(-100, 100, (H, Lkv), dtype=torch.int8, device=DEVICE)
+    counts = torch.randint(0, 255, (Lq,), dtype=torch.uint8, device=DEVICE)
+    precise = torch.randn(Lq, dtype=torch.float64, device=DEVICE)
     weight = torch.rand((), device=DEVICE) + 0.5
     slopes = torch.rand(H, device=DEVICE)
     cap = 7.5
@@ -198,7 +201,15 @@ def _zoo(tile: Tile):
         low = s.detach().to(torch.float16) * 3 + s.detach().half() - torch.round(s * 4).to(torch.bfloat16)
         ints = s.int() + s.long() * 2 + (s > 0).int() + torch.ones_like(q) + torch.full_like(s, 2.0).int()
         consts = torch.tensor(0.5) * s + torch.zeros_like(s) + torch.tensor(3) * q + s.new_tensor(1.25)
-        return low.float() + ints.float() + consts + s.type_as(s) * torch.ones_like(s) + s.double().float()
+        flags = s.bool().float() + (s > 1).float() * True + (q > kv) * 0.5 + False
+        return (
+            low.float()
+            + ints.float()
+            + consts
+            + s.type_as(s) * torch.ones_like(s)
+            + s.double().float()
+            + flags
+        )
 
     def nan_and_inf_tests(s, b, h, q, kv):
         x = torch.where(q > kv, s, float("inf"))
@@ -215,8 +226,9 @@ def _zoo(tile: Tile):
         row = table3[b, h]
         return s * row[(q + kv) % 5] + rows[q][kv % 3]
 
-    def int64_and_bool_captures(s, b, h, q, kv):
-        return s + ids64[kv] * (q % 2) + torch.where(flags[q], 1.0, -1.0) + ids64[kv - 1]
+    def integer_bool_and_double_captures(s, b, h, q, kv):
+        ints = ids64[kv] * (q % 2) + ids64[kv - 1] + small[h, kv] + counts[q] // 7
+        return s + ints + torch.where(flags[q], 1.0, -1.0) + (flags[q] & (kv > 3)) * 0.5 + precise[q] * s
 
     def learnable_scalar_and_slopes(s, b, h, q, kv):
         return s * weight - slopes[h] * (q - kv).abs() + weight * weight * 0.1
@@ -249,7 +261,7 @@ def _zoo(tile: Tile):
         "softcap-fast-tanh": (softcap_fast_tanh, ()),
         "half-precision-bias": (half_precision_bias, (bias16,)),
         "rank3-partial-index": (rank3_partial_index, (table3, rows)),
-        "int64-and-bool-captures": (int64_and_bool_captures, ()),
+        "integer-bool-and-double-captures": (integer_bool_and_double_captures, ()),
         "learnable-scalar-and-slopes": (learnable_scalar_and_slopes, (weight, slopes)),
         "divisions": (divisions, ()),
     }
