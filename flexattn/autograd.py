@@ -88,20 +88,19 @@ class FlexAttentionFunction(torch.autograd.Function):
         out, lse, max_scores = plan.forward(query, key, value)
         ctx.mark_non_differentiable(max_scores)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, key, value, out, lse, *captures)  # captures: in-place edits are caught
         ctx.plan = plan
-        ctx.captures = captures
         return out, lse, max_scores
 
     @staticmethod
     def backward(ctx, dout, dlse, _dmax):
-        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value, out, lse, *captures = ctx.saved_tensors
         with torch.no_grad():
             if dout is None:
                 dout = torch.zeros_like(out)
-            buffers = tuple(torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in ctx.captures)
+            buffers = tuple(torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in captures)
             dq, dk, dv = ctx.plan.backward(query, key, value, out, lse, dout, dlse, buffers)
-            grads = (dq, dk, dv, *(b.to(c.dtype) for b, c in zip(buffers, ctx.captures)))
+            grads = (dq, dk, dv, *(b.to(c.dtype) for b, c in zip(buffers, captures)))
         if torch.is_grad_enabled():  # create_graph=True: make any use of these gradients fail clearly
             grads = _error_on_double_backward(grads)
         return (*grads[:3], None, *grads[3:])
