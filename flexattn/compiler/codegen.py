@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexattn.compiler.ir import INPUTS, LOW_PRECISION, Graph
+from flexattn.compiler.ir import COMPARISONS, INPUTS, LOW_PRECISION, Graph
 
 INT_ARG_OFFSET = 2**40 + 1
 
@@ -177,6 +177,24 @@ def non_negative(graph: Graph) -> list[bool]:
     return out
 
 
+_DISCONTINUOUS = (
+    frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "mod", "load"}) | COMPARISONS
+)
+
+
+def exact_nodes(graph: Graph, output: int) -> set[int]:
+    """Forward nodes whose exact (eager-identical) value matters: everything feeding a floor, a
+    comparison, a gather index or an integer cast. A last-ulp difference elsewhere only perturbs the
+    score smoothly; here it could flip a mask bit or a gathered row."""
+    exact: set[int] = set()
+    for i in range(output, -1, -1):
+        node = graph.nodes[i]
+        integer_cast = node.op == "cast" and not node.dtype.is_floating_point
+        if i in exact or node.op in _DISCONTINUOUS or integer_cast:
+            exact.update(node.args)
+    return exact
+
+
 def _literal(value, dtype: torch.dtype) -> str:
     if dtype == torch.bool:
         return "True" if value else "False"
@@ -193,9 +211,9 @@ def _literal(value, dtype: torch.dtype) -> str:
 class _Emitter:
     """Emits the body of one device function, one line per IR node."""
 
-    def __init__(self, graph: Graph, target: str, exact_until: int) -> None:
+    def __init__(self, graph: Graph, target: str, output: int) -> None:
         self.graph = graph
-        self.exact_until = exact_until
+        self.exact = exact_nodes(graph, output)
         self.gpu = target != "interpreter"
         self.target = target
         self.dims = tile_dims(graph)
@@ -358,12 +376,11 @@ class _Emitter:
         return ", ".join(self._t(a, e) for a, e in zip(args, x))
 
     def _divide(self, i: int, args, x: list[str], dtype: torch.dtype) -> str:
-        """Float division. In the mod itself it is IEEE-exact like eager PyTorch (a floor or a
-        comparison after a division must agree with the block mask built eagerly), except that a
-        power-of-two divisor becomes an (exact) multiplication. Divisions that only the gradient
-        introduces (nodes after ``self.exact_until``) use the fast forms."""
+        """Float division: IEEE (like eager) where the quotient feeds a floor, a comparison, an index
+        or an integer cast (see ``exact_nodes``); elsewhere a constant divisor becomes a multiply by
+        its reciprocal (within an ulp; exact for powers of two) and others use Triton's fast ``/``."""
         divisor = self.graph.nodes[args[1]]
-        exact = i <= self.exact_until
+        exact = i in self.exact
         if divisor.op == "const" and divisor.value != 0 and math.isfinite(divisor.value):
             power_of_two = math.frexp(abs(float(divisor.value)))[0] == 0.5
             if power_of_two or (not exact and dtype == torch.float32):
@@ -430,7 +447,7 @@ def _function(name: str, params: str, doc: str, body: list[str]) -> str:
 
 def forward_function(graph: Graph, output: int, kind: str, target: str, name: str) -> str:
     """Source of the score or mask device function."""
-    em = _Emitter(graph, target, exact_until=output)
+    em = _Emitter(graph, target, output)
     em.emit(graph.live([output]))
     body = list(em.lines) + [f"out = {em.tensor(output)}"]
     body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
@@ -444,7 +461,7 @@ def gradient_function(
     graph: Graph, output: int, dscore: int, grads: list[tuple[int, int]], target: str, name: str
 ) -> str:
     """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
-    em = _Emitter(graph, target, exact_until=output)
+    em = _Emitter(graph, target, output)
     em.emit(graph.live([dscore]))
     body = list(em.lines)
     if grads:

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from flexattn.compiler import compile_mask_mod, compile_score_mod, fast_tanh
+from flexattn.compiler import compile_mask_mod, compile_score_mod, explain, fast_tanh
 from tests.catalog import CATALOG
 from tests.compiler.harness import eager_mask, eager_score, run_grad, run_mask, run_score
 from tests.helpers import assert_close_to_gold
@@ -321,3 +321,26 @@ def test_empty_grad_args_skip_capture_gradients():
     assert kmod.grad_captures == (bias,)
     dscore = run_grad(kmod, tile.score, *tile.indices(), tile.dout, None)  # grad_caps = ()
     torch.testing.assert_close(dscore, tile.dout * 2)
+
+
+def test_division_is_exact_where_it_decides_a_mask():
+    """x * (1/7) differs from x / 7 in the last bit for about half of all x; a comparison after a
+    division must see eager's IEEE quotient, or mask bits flip."""
+
+    def round_trip(b, h, q_idx, kv_idx):
+        return ((q_idx * 7.0) / 7.0 == q_idx) & ((kv_idx + 0.5) / 7.0 * 7.0 == kv_idx + 0.5)
+
+    tile = Tile(Lq=100_000, Lkv=100_000)
+    check_mask_mod(round_trip, tile)
+    assert bool(run_mask(compile_mask_mod(round_trip, device=DEVICE), *tile.indices()).all())
+
+
+def test_division_feeding_only_the_score_is_a_multiplication():
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 30.0 * torch.tanh(score / 30.0)
+
+    def bucketed(score, b, h, q_idx, kv_idx):
+        return score + torch.floor(score / 30.0)
+
+    assert "div_rn" not in explain(softcap, device=DEVICE).split("# Triton source")[1]
+    assert "tl.div_rn(score" in explain(bucketed, device=DEVICE)
