@@ -163,7 +163,8 @@ def run(args) -> list[dict]:
     device = "cuda"
     torch.manual_seed(0)
     rows = []
-    configs = CONFIGS[:1] if args.quick else CONFIGS
+    configs = [cfg for cfg in CONFIGS if not args.head_dims or cfg.E in args.head_dims]
+    configs = configs[:1] if args.quick else configs
     for cfg in configs:
         q, k, v = (
             torch.randn(cfg.B, cfg.H, cfg.L, cfg.E, device=device, dtype=torch.bfloat16) for _ in range(3)
@@ -180,19 +181,25 @@ def run(args) -> list[dict]:
                 continue
             rows.append(row)
             print(format_row(row), flush=True)
+            if args.json:  # after every row, so a run cut short still leaves its numbers
+                args.json.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
         torch._dynamo.reset()
     return rows
 
 
 def measure(cfg: Config, var: Variant, q, k, v, torch_block_mask, torch_flex_compiled, args) -> dict:
-    """One row: masks built once, a correctness check against torch, then every implementation timed."""
+    """One row: masks built once, a correctness check against torch, then every implementation timed.
+
+    Each implementation gets ``fwd_ms`` / ``fwd_tflops``; with ``--backward`` also ``fwdbwd_ms`` and
+    ``bwd_tflops`` (the backward alone: (forward + backward) - forward, at 2.5x the forward FLOPs).
+    """
     device = q.device
     started = time.time()
     mask_mod = var.mask_mod or flexattn.noop_mask
     fmask = flexattn.create_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
     tmask = torch_block_mask(mask_mod, None, None, cfg.L, cfg.L, device=device)
     dens = density(fmask)
-    flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * dens * (3.5 if args.backward else 1.0)
+    fwd_flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * dens
     impls = implementations(var, fmask, tmask, torch_flex_compiled)
     with torch.no_grad():
         ours = impls["flexattn"](q, k, v)
@@ -201,17 +208,17 @@ def measure(cfg: Config, var: Variant, q, k, v, torch_block_mask, torch_flex_com
     row = {"config": str(cfg), "variant": var.name, "density": dens, "rel_diff_vs_torch": rel}
     for label, call in impls.items():
         try:
-            ms = bench_ms(timed(call, q, k, v, args.backward), args.quick)
-            row[label] = {"ms": ms, "tflops": flops / ms / 1e9}
-            if args.backward:  # the backward alone: (forward + backward) - forward, at 2.5x the FLOPs
-                bwd_ms = ms - bench_ms(timed(call, q, k, v, False), args.quick)
-                row[label]["bwd_tflops"] = flops / 3.5 * 2.5 / bwd_ms / 1e9
+            fwd_ms = bench_ms(timed(call, q, k, v, False), args.quick)
+            row[label] = {"fwd_ms": fwd_ms, "fwd_tflops": fwd_flops / fwd_ms / 1e9}
+            if args.backward:
+                both_ms = bench_ms(timed(call, q, k, v, True), args.quick)
+                row[label]["fwdbwd_ms"] = both_ms
+                row[label]["bwd_tflops"] = 2.5 * fwd_flops / (both_ms - fwd_ms) / 1e9
         except RuntimeError as err:  # e.g. an SDPA backend not available for this shape
             row[label] = {"error": str(err).splitlines()[0][:80]}
-    if "ms" in row["torch"] and "ms" in row["flexattn"]:
-        row["ratio"] = row["torch"]["ms"] / row["flexattn"]["ms"]
-        if args.backward:
-            row["bwd_ratio"] = row["flexattn"]["bwd_tflops"] / row["torch"]["bwd_tflops"]
+    for key, ratio in (("fwd_tflops", "ratio"), ("bwd_tflops", "bwd_ratio")):
+        if key in row["torch"] and key in row["flexattn"]:
+            row[ratio] = row["flexattn"][key] / row["torch"][key]
     row["seconds"] = time.time() - started
     return row
 
@@ -225,9 +232,9 @@ def format_row(row: dict) -> str:
         r = row.get(label)
         if r is None:
             cells.append(f"{label} -")
-        elif "ms" in r:
-            bwd = f" (bwd {r['bwd_tflops']:.0f} TF)" if "bwd_tflops" in r else ""
-            cells.append(f"{label} {r['ms']:.2f} ms {r['tflops']:.0f} TF{bwd}")
+        elif "fwd_ms" in r:
+            bwd = f" bwd {r['bwd_tflops']:.0f} TF" if "bwd_tflops" in r else ""
+            cells.append(f"{label} {r['fwd_ms']:.2f} ms {r['fwd_tflops']:.0f} TF{bwd}")
         else:
             cells.append(f"{label} n/a")
     cells.append(f"ratio {row.get('ratio', float('nan')):.2f}x")
@@ -238,29 +245,33 @@ def format_row(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| config | variant | density | flexattn ms | flexattn TFLOP/s | torch TFLOP/s | flexattn/torch "
-        "| SDPA flash TFLOP/s | SDPA cuDNN TFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The forward table, and the backward table when the rows carry backward timings."""
 
-    def tf(row, label, key="tflops"):
+    def tf(row, label, key):
         r = row.get(label)
         return f"{r[key]:.0f}" if r and key in r else "–"
 
+    lines = [
+        "Forward, TFLOP/s (flexattn/torch > 1 means flexattn is faster):",
+        "",
+        "| config | variant | density | flexattn ms | flexattn | torch (compiled) | flexattn/torch "
+        "| SDPA flash | SDPA cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        ms = row["flexattn"].get("ms")
+        ms = row["flexattn"].get("fwd_ms")
         lines.append(
             f"| {row['config']} | {row['variant']} | {row['density']:.3f} | "
-            f"{'–' if ms is None else f'{ms:.2f}'} | {tf(row, 'flexattn')} | {tf(row, 'torch')} | "
-            f"{row.get('ratio', float('nan')):.2f}x | {tf(row, 'sdpa-flash')} | {tf(row, 'sdpa-cudnn')} |"
+            f"{'–' if ms is None else f'{ms:.2f}'} | {tf(row, 'flexattn', 'fwd_tflops')} | "
+            f"{tf(row, 'torch', 'fwd_tflops')} | {row.get('ratio', float('nan')):.2f}x | "
+            f"{tf(row, 'sdpa-flash', 'fwd_tflops')} | {tf(row, 'sdpa-cudnn', 'fwd_tflops')} |"
         )
-    if any("bwd_ratio" in row for row in rows):  # --backward: the backward pass alone
+    if any("bwd_ratio" in row for row in rows):
         lines += [
             "",
-            "Backward alone ((forward + backward) - forward, TFLOP/s at 2.5x the forward FLOPs):",
+            "Backward alone ((forward + backward) - forward), TFLOP/s at 2.5x the forward FLOPs:",
             "",
-            "| config | variant | flexattn | torch | flexattn/torch | SDPA flash | SDPA cuDNN |",
+            "| config | variant | flexattn | torch (compiled) | flexattn/torch | SDPA flash | SDPA cuDNN |",
             "|---|---|---|---|---|---|---|",
         ]
         for row in rows:
@@ -272,20 +283,28 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(rows: list[dict], args) -> None:
-    """Refresh this mode's section of BENCHMARKS.md (between its markers), leaving the rest alone."""
-    mode = "backward" if args.backward else "forward"
-    title = "Forward + backward" if args.backward else "Forward"
-    command = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])
+def environment() -> dict:
+    """Card, versions, date and command of this run (stored with the rows)."""
+    return {
+        "card": torch.cuda.get_device_name(),
+        "versions": f"torch {torch.__version__}; triton {triton.__version__}; "
+        f"flexattn {flexattn.__version__}",
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "command": ("python benchmarks/bench_attention.py " + " ".join(sys.argv[1:])).strip(),
+    }
+
+
+def write_markdown(rows: list[dict], env: dict) -> None:
+    """Refresh the results section of BENCHMARKS.md (between its markers), leaving the rest alone."""
+    mode = "results"
     section = "\n".join(
         [
             f"<!-- bench:{mode}:start -->",
-            f"### {title} (bf16)",
+            "### Results (bf16)",
             "",
-            f"- card: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
-            f"triton {triton.__version__}; flexattn {flexattn.__version__}",
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-            f"- command: `{command.strip()}`",
+            f"- card: {env['card']}; {env['versions']}",
+            f"- date: {env['date']}",
+            f"- command: `{env['command']}`",
             "",
             markdown_table(rows),
             f"<!-- bench:{mode}:end -->",
@@ -309,17 +328,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     parser.add_argument("--write", action="store_true", help="refresh the table in BENCHMARKS.md")
     parser.add_argument("--variants", nargs="*", help="only these variants (names as printed)")
-    parser.add_argument("--json", type=Path, help="also dump the rows as JSON here")
+    parser.add_argument("--head-dims", type=int, nargs="*", help="only the configs with these head dims")
+    parser.add_argument("--json", type=Path, help="also dump the rows as JSON here (after every row)")
+    parser.add_argument("--from-json", type=Path, help="no GPU run: print/--write the rows of a saved JSON")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        env, rows = saved["env"], saved["rows"]
+    elif not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU.")
-    rows = run(args)
+    else:
+        rows, env = run(args), environment()
     print()
     print(markdown_table(rows))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     if args.write:
-        write_markdown(rows, args)
+        write_markdown(rows, env)
 
 
 if __name__ == "__main__":
