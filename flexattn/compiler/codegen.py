@@ -105,6 +105,16 @@ _UNARY = {
     "erf": ("tl.erf({0})", "tl.erf({0})"),
     "logical_not": ("({0} == 0)", "({0} == 0)"),
 }
+# Where a value decides a mask bit, an index or an integer (``exact_nodes``), GPUs use the accurate
+# libdevice / IEEE forms instead of the fast approximations above.
+_ACCURATE_GPU = {
+    "exp": "libdevice.exp({0})",
+    "exp2": "libdevice.exp2({0})",
+    "log": "libdevice.log({0})",
+    "log2": "libdevice.log2({0})",
+    "rsqrt": "libdevice.rsqrt({0})",
+    "sqrt": "tl.sqrt_rn({0})",
+}
 _INFIX = {
     "lt": "<",
     "le": "<=",
@@ -323,6 +333,8 @@ class _Emitter:
 
     def _compute(self, i: int, op: str, args, x: list[str], dtype: torch.dtype) -> str:
         is_float = dtype.is_floating_point
+        if self.gpu and i in self.exact and op in _ACCURATE_GPU and dtype == torch.float32:
+            return _ACCURATE_GPU[op].format(x[0])
         if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
             return _UNARY[op][self.gpu].format(x[0])
         if op == "fast_tanh":
@@ -330,7 +342,7 @@ class _Emitter:
                 return f"tm.fast_tanh({x[0]})"
             return _UNARY["tanh"][self.gpu].format(x[0])
         if op == "sqrt":
-            return f"tl.sqrt_rn({x[0]})" if dtype == torch.float32 else f"tl.sqrt({x[0]})"
+            return f"tl.sqrt({x[0]})"
         if op == "invert":
             return f"~{x[0]}"
         if op == "add":

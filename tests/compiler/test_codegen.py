@@ -291,6 +291,8 @@ def test_gpu_compiled_mods_match_eager():
         test_catalog_mod_matches_eager(name)
     for name in ZOO:
         _check_zoo(name)
+    test_division_is_exact_where_it_decides_a_mask()
+    test_log_buckets_decide_mask_bits_like_eager()
 
 
 def test_fixed_point_gradient_buffers():
@@ -344,3 +346,15 @@ def test_division_feeding_only_the_score_is_a_multiplication():
 
     assert "div_rn" not in explain(softcap, device=DEVICE).split("# Triton source")[1]
     assert "tl.div_rn(score" in explain(bucketed, device=DEVICE)
+
+
+def test_log_buckets_decide_mask_bits_like_eager():
+    """Transcendentals feeding a floor use the accurate forms on GPUs (libdevice, not approximations)."""
+
+    def same_log_bucket(b, h, q_idx, kv_idx):
+        bucket = lambda i: torch.floor(torch.log2(i + 1.0) + torch.exp(i * 0.0) - 1.0)
+        return (bucket(q_idx) == bucket(kv_idx)) | (
+            torch.sqrt(q_idx * 1.0) == torch.floor(torch.sqrt(q_idx * 1.0))
+        )
+
+    check_mask_mod(same_log_bucket, Tile(Lq=5000, Lkv=5000))
