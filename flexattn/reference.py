@@ -17,7 +17,6 @@ Per chunk (docs/architecture.md, "Semantics"):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -95,27 +94,35 @@ def reference_attention(
         denom = torch.where(empty, 1.0, denom)
         lse = torch.where(empty, -math.inf, m + torch.log(denom)).squeeze(-1)
         out = (p / denom).reshape(B, Hkv, group, rows, Lkv) @ v  # (B, Hkv, G, rows, Ev)
-        return out.reshape(B, Hq, rows, -1), lse.to(stat_dtype), s.detach().amax(dim=-1).to(stat_dtype)
+        return out, lse.to(stat_dtype), s.detach().amax(dim=-1).to(stat_dtype)
 
     rows = max(1, chunk_elements // max(1, B * Hq * Lkv))
     captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
     differentiable = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)
     )
-    outs, lses, maxes = [], [], []
+    if differentiable:
+        out, lse, max_scores = _ChunkedAttention.apply(chunk, rows, q5, k5, v5, *captures)
+    else:
+        with torch.no_grad():
+            out, lse, max_scores = _forward_chunks(chunk, rows, q5, k5, v5)
+    return out.reshape(B, Hq, Lq, -1).to(query.dtype), lse, max_scores
+
+
+def _forward_chunks(chunk: Callable, rows: int, q5: torch.Tensor, k5: torch.Tensor, v5: torch.Tensor):
+    """Run ``chunk`` over query rows, writing into outputs allocated once (no per-chunk leftovers
+    between the large temporaries, which would fragment the heap)."""
+    B, Hkv, group, Lq, _ = q5.shape
+    stat_dtype = torch.float64 if q5.dtype == torch.float64 else torch.float32
+    out = torch.empty(B, Hkv, group, Lq, v5.shape[-1], dtype=q5.dtype, device=q5.device)
+    lse = torch.empty(B, Hkv * group, Lq, dtype=stat_dtype, device=q5.device)
+    max_scores = torch.empty_like(lse)
     for start in range(0, Lq, rows):
-        run = functools.partial(chunk, start=start)
-        q_chunk = q5[:, :, :, start : start + rows]
-        if differentiable:
-            o, lse, mx = _RecomputedChunk.apply(run, q_chunk, k5, v5, *captures)
-        else:
-            with torch.no_grad():
-                o, lse, mx = run(q_chunk, k5, v5)
-        outs.append(o)
-        lses.append(lse)
-        maxes.append(mx)
-    out = torch.cat(outs, dim=2).to(query.dtype)
-    return out, torch.cat(lses, dim=2), torch.cat(maxes, dim=2)
+        stop = min(start + rows, Lq)
+        out[:, :, :, start:stop], lse[:, :, start:stop], max_scores[:, :, start:stop] = chunk(
+            q5[:, :, :, start:stop], k5, v5, start
+        )
+    return out, lse, max_scores
 
 
 def _grad_captures(score_mod: Callable | None, device: torch.device) -> list[torch.Tensor]:
@@ -134,38 +141,53 @@ def _grad_captures(score_mod: Callable | None, device: torch.device) -> list[tor
     return captures
 
 
-class _RecomputedChunk(torch.autograd.Function):
-    """One chunk of query rows: forward without saving intermediates, backward by recomputation.
+class _ChunkedAttention(torch.autograd.Function):
+    """Chunked attention that saves only its inputs; backward recomputes one chunk at a time.
 
-    Inputs: ``run(q_chunk, k, v) -> (out, lse, max_scores)``, then q_chunk, k, v and the score_mod's
-    captured tensors that require grad (inputs of the Function, so gradients reach them).
+    Inputs: ``chunk(q_chunk, k, v, start) -> (out, lse, max_scores)``, the rows per chunk, q5, k5,
+    v5 and the score_mod's captured tensors that require grad (inputs of the Function, so their
+    gradients flow on to whatever produced them).
     """
 
     @staticmethod
-    def forward(ctx, run, q_chunk, k, v, *captures):
-        ctx.run = run
+    def forward(ctx, chunk, rows, q5, k5, v5, *captures):
+        ctx.chunk, ctx.rows = chunk, rows
         ctx.captures = captures  # the closure uses these very objects; keep them, not copies
-        ctx.save_for_backward(q_chunk, k, v)
+        ctx.save_for_backward(q5, k5, v5)
         with torch.no_grad():
-            out, lse, max_scores = run(q_chunk, k, v)
+            out, lse, max_scores = _forward_chunks(chunk, rows, q5, k5, v5)
         ctx.mark_non_differentiable(max_scores)
         return out, lse, max_scores
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _d_max):
-        needs = ctx.needs_input_grad[1:]
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
-        wrt = [t for t, need in zip([*leaves, *ctx.captures], needs) if need]
-        with torch.enable_grad():
-            out, lse, _ = ctx.run(*leaves)
-            pairs = [(t, d) for t, d in ((out, d_out), (lse, d_lse)) if t.requires_grad]
-            if pairs:
-                outputs, upstream = zip(*pairs)
-                grads = torch.autograd.grad(outputs, wrt, upstream, allow_unused=True)
-            else:  # e.g. a score_mod ignoring q and k: lse is constant and out needs no grad
-                grads = [None] * len(wrt)
-        grads = iter(grads)
-        return (None, *(next(grads) if need else None for need in needs))
+        q5, k5, v5 = ctx.saved_tensors
+        needs = ctx.needs_input_grad[2:]
+        # Gradient accumulators, allocated before the loop; None where no gradient is wanted.
+        grads = [torch.zeros_like(t) if need else None for t, need in zip([q5, k5, v5, *ctx.captures], needs)]
+        k_leaf, v_leaf = (t.detach().requires_grad_(need) for t, need in zip((k5, v5), needs[1:3]))
+        for start in range(0, q5.shape[3], ctx.rows):
+            stop = min(start + ctx.rows, q5.shape[3])
+            q_leaf = q5[:, :, :, start:stop].detach().requires_grad_(needs[0])
+            leaves = [q_leaf, k_leaf, v_leaf, *ctx.captures]
+            wrt = [t for t, need in zip(leaves, needs) if need]
+            with torch.enable_grad():
+                out, lse, _ = ctx.chunk(q_leaf, k_leaf, v_leaf, start)
+                pairs = [(t, d) for t, d in ((out, d_out), (lse, d_lse)) if t.requires_grad]
+                if not pairs:  # e.g. a score_mod ignoring q and k: nothing here depends on inputs
+                    continue
+                outputs = [t for t, _ in pairs]
+                upstream = [d[..., start:stop, :] if d.dim() == 5 else d[..., start:stop] for _, d in pairs]
+                chunk_grads = iter(torch.autograd.grad(outputs, wrt, upstream, allow_unused=True))
+            for i, need in enumerate(needs):
+                g = next(chunk_grads) if need else None
+                if g is None:
+                    continue
+                if i == 0:
+                    grads[0][:, :, :, start:stop] += g
+                else:
+                    grads[i] += g
+        return (None, None, *grads)
 
 
 class _BlockRows:
