@@ -149,18 +149,21 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
+# Lengths and block counts change with the sequence length: not specialized, so new lengths reuse the
+# compiled kernels. (q/k/v strides stay specialized: their divisibility enables wide loads.)
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_ROWS", "MASK_COLS"])
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
-    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,  # transposed BlockMask; broadcast dims have stride 0
     q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
-    num_strides, idx_strides, full_num_strides, full_idx_strides,
+    # transposed BlockMask (contiguous): counts (MB, MASK_H, NKV), indices (MB, MASK_H, NKV, NQ)
+    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, MASK_H, MASK_ROWS, MASK_COLS,
     DQ_ACC, dq_strides,  # fp32 (B, HQ, Q_LEN, E) dQ accumulator, used when FUSED_DQ
     HQ, HKV, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -187,10 +190,11 @@ def _bwd_dkdv(
         q_ptr = Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1]
         do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
         row0 = (b64 * HQ + hq) * Q_LEN
-        num = tl.load(Q_NUM + b * num_strides[0] + hq * num_strides[1] + kv_block * num_strides[2])
-        idx = Q_IDX + b * idx_strides[0] + hq * idx_strides[1] + kv_block * idx_strides[2]
+        mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + kv_block
+        num = tl.load(Q_NUM + mask_row)
+        idx = Q_IDX + mask_row * MASK_COLS
         for i in range(0, num * TILES):
-            start_m = tl.load(idx + (i // TILES) * idx_strides[3]) * Q_BLOCK + (i % TILES) * BLOCK_M1
+            start_m = tl.load(idx + i // TILES) * Q_BLOCK + (i % TILES) * BLOCK_M1
             dk, dv = _dkdv_step(
                 dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
                 (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
@@ -198,11 +202,10 @@ def _bwd_dkdv(
                 E, EV, E_PAD, EV_PAD, BLOCK_M1, False, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
             )
         if HAS_FULL:
-            num = tl.load(FULL_Q_NUM + b * full_num_strides[0] + hq * full_num_strides[1]
-                          + kv_block * full_num_strides[2])
-            idx = FULL_Q_IDX + b * full_idx_strides[0] + hq * full_idx_strides[1] + kv_block * full_idx_strides[2]
+            num = tl.load(FULL_Q_NUM + mask_row)
+            idx = FULL_Q_IDX + mask_row * MASK_COLS
             for i in range(0, num * TILES):
-                start_m = tl.load(idx + (i // TILES) * full_idx_strides[3]) * Q_BLOCK + (i % TILES) * BLOCK_M1
+                start_m = tl.load(idx + i // TILES) * Q_BLOCK + (i % TILES) * BLOCK_M1
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
@@ -263,17 +266,18 @@ def _dq_step(
     return dq
 
 
-@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN"])
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_ROWS", "MASK_COLS"])
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
-    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX,  # BlockMask; broadcast dims have stride 0
     q_strides, k_strides, v_strides, do_strides, dq_strides,
-    num_strides, idx_strides, full_num_strides, full_idx_strides,
+    # BlockMask (contiguous): counts (MB, MASK_H, NQ), indices (MB, MASK_H, NQ, NKV)
+    KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, MASK_H, MASK_ROWS, MASK_COLS,
     HQ, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: () (the dK/dV kernel owns the capture grads)
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(1)
@@ -298,11 +302,11 @@ def _bwd_dq(
     k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
     v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
     TILES: tl.constexpr = KV_BLOCK // BLOCK_N2
-    q_block = start_m // Q_BLOCK
-    num = tl.load(KV_NUM + b * num_strides[0] + hq * num_strides[1] + q_block * num_strides[2])
-    idx = KV_IDX + b * idx_strides[0] + hq * idx_strides[1] + q_block * idx_strides[2]
+    mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + start_m // Q_BLOCK
+    num = tl.load(KV_NUM + mask_row)
+    idx = KV_IDX + mask_row * MASK_COLS
     for i in range(0, num * TILES):
-        start_n = tl.load(idx + (i // TILES) * idx_strides[3]) * KV_BLOCK + (i % TILES) * BLOCK_N2
+        start_n = tl.load(idx + i // TILES) * KV_BLOCK + (i % TILES) * BLOCK_N2
         dq = _dq_step(
             dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
             (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
@@ -310,10 +314,10 @@ def _bwd_dq(
             E, EV, E_PAD, EV_PAD, BLOCK_N2, False, CHECK_M, CHECK_N, PRECISION,
         )
     if HAS_FULL:
-        num = tl.load(FULL_KV_NUM + b * full_num_strides[0] + hq * full_num_strides[1] + q_block * full_num_strides[2])
-        idx = FULL_KV_IDX + b * full_idx_strides[0] + hq * full_idx_strides[1] + q_block * full_idx_strides[2]
+        num = tl.load(FULL_KV_NUM + mask_row)
+        idx = FULL_KV_IDX + mask_row * MASK_COLS
         for i in range(0, num * TILES):
-            start_n = tl.load(idx + (i // TILES) * full_idx_strides[3]) * KV_BLOCK + (i % TILES) * BLOCK_N2
+            start_n = tl.load(idx + i // TILES) * KV_BLOCK + (i % TILES) * BLOCK_N2
             dq = _dq_step(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
@@ -331,17 +335,18 @@ def _bwd_dq(
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-def _mask_strides(t: torch.Tensor) -> tuple[int, ...]:
-    """Strides of a BlockMask tensor with 0 on broadcast (size-1) batch / head dims."""
-    return tuple(0 if (dim < 2 and t.shape[dim] == 1) else s for dim, s in enumerate(t.stride()))
+def _mask_args(num: torch.Tensor, idx: torch.Tensor, full_num, full_idx) -> tuple[tuple, dict]:
+    """Kernel arguments of one BlockMask view: (tensors and sizes, constexpr broadcast flags).
 
-
-def _mask_args(num: torch.Tensor, idx: torch.Tensor, full_num, full_idx) -> tuple:
-    """(tensors..., strides...) of one BlockMask view; the partial tables stand in for absent full ones."""
+    The tables are made contiguous; a batch or head dim of size 1 is broadcast (its flag is 0).
+    The partial tables stand in for absent full ones (HAS_FULL is then False).
+    """
     if full_num is None:
         full_num, full_idx = num, idx
-    tensors = (num, idx, full_num, full_idx)
-    return tensors, tuple(_mask_strides(t) for t in tensors)
+    tensors = tuple(t.contiguous() for t in (num, idx, full_num, full_idx))
+    mask_b, mask_h, rows, cols = idx.shape
+    flags = {"MASK_PER_BATCH": int(mask_b > 1), "MASK_PER_HEAD": int(mask_h > 1)}
+    return (*tensors, mask_h, rows, cols), flags
 
 
 def flex_backward(
@@ -409,14 +414,13 @@ def flex_backward(
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
-    tables, strides = _mask_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    tables, flags = _mask_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), B * HKV)](
-        q, k, v, dout, lse, delta, dk, dv, *tables,
-        q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(), dv.stride(), *strides,
-        dq, dq.stride(), HQ, HKV, Q_LEN, KV_LEN, scale,
+        q, k, v, dout, lse, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
+        dv.stride(), *tables, dq, dq.stride(), HQ, HKV, Q_LEN, KV_LEN, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
-        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, **meta,
+        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, **flags, **meta,
     )  # fmt: skip
     if grad_scale != 1.0:
         for acc, fixed in zip(grad_buffers, buffers):
@@ -425,13 +429,13 @@ def flex_backward(
         return (dq * scale).to(q.dtype), dk, dv
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
-    tables, strides = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    tables, flags = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), B * HQ)](
-        q, k, v, dout, lse, delta, dq, *tables,
-        q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(), *strides, HQ, Q_LEN, KV_LEN, scale,
+        q, k, v, dout, lse, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
+        *tables, HQ, Q_LEN, KV_LEN, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),
         BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
-        CHECK_N=KV_LEN % kv_block != 0, **meta,
+        CHECK_N=KV_LEN % kv_block != 0, **flags, **meta,
     )  # fmt: skip
     return dq, dk, dv
 

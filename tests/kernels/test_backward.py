@@ -322,3 +322,19 @@ def test_deterministic_gradients_are_bitwise_reproducible_gpu():
         torch.manual_seed(0)
         runs.append(run_case(*case, device="cuda", options={"deterministic": True})[3])
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@gpu
+@needs_cuda
+def test_new_lengths_reuse_the_compiled_kernels_gpu():
+    from flexattn.kernels.backward import _bwd_dkdv, _bwd_dq
+
+    def compiled() -> int:  # triton's per-device caches: {specialization key: compiled kernel}
+        device = torch.cuda.current_device()
+        return sum(len(kernel.device_caches[device][0]) for kernel in (_bwd_dkdv, _bwd_dq))
+
+    run_case(1, 2, 2, 256, 256, 64, 64, (128, 128), "identity", "causal", torch.float16, "cuda")
+    before = compiled()
+    for length in (384, 512, 640):  # no tails at any of these lengths: the same specialization
+        run_case(1, 2, 2, length, length, 64, 64, (128, 128), "identity", "causal", torch.float16, "cuda")
+    assert compiled() == before
