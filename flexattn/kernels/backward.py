@@ -68,7 +68,7 @@ def _load_lse2(LSE, rows, END):
 # ----------------------------------------------------------------------------------------------
 # Preprocess: DELTA = rowsum(dO * O) - dLSE, one program per (BLOCK rows, b * HQ + h)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["Q_LEN"])
 def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl.constexpr,
                     BLOCK: tl.constexpr, EV_PAD: tl.constexpr, HAS_DLSE: tl.constexpr):
     pid_bh = tl.program_id(1)

@@ -327,11 +327,11 @@ def test_deterministic_gradients_are_bitwise_reproducible_gpu():
 @gpu
 @needs_cuda
 def test_new_lengths_reuse_the_compiled_kernels_gpu():
-    from flexattn.kernels.backward import _bwd_dkdv, _bwd_dq
+    from flexattn.kernels.backward import _bwd_dkdv, _bwd_dq, _bwd_preprocess
 
     def compiled() -> int:  # triton's per-device caches: {specialization key: compiled kernel}
         device = torch.cuda.current_device()
-        return sum(len(kernel.device_caches[device][0]) for kernel in (_bwd_dkdv, _bwd_dq))
+        return sum(len(kernel.device_caches[device][0]) for kernel in (_bwd_preprocess, _bwd_dkdv, _bwd_dq))
 
     run_case(1, 2, 2, 256, 256, 64, 64, (128, 128), "identity", "causal", torch.float16, "cuda")
     before = compiled()
