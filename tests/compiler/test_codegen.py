@@ -332,9 +332,7 @@ def test_division_is_exact_where_it_decides_a_mask():
     def round_trip(b, h, q_idx, kv_idx):
         return ((q_idx * 7.0) / 7.0 == q_idx) & ((kv_idx + 0.5) / 7.0 * 7.0 == kv_idx + 0.5)
 
-    tile = Tile(Lq=100_000, Lkv=100_000)
-    check_mask_mod(round_trip, tile)
-    assert bool(run_mask(compile_mask_mod(round_trip, device=DEVICE), *tile.indices()).all())
+    check_mask_mod(round_trip, Tile(Lq=100_000, Lkv=100_000))
 
 
 def test_division_feeding_only_the_score_is_a_multiplication():
