@@ -14,6 +14,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexattn.block_mask import create_block_mask
 from flexattn.kernels.backward import flex_backward
@@ -260,6 +262,19 @@ def test_deterministic_gradients_are_reproducible_and_accurate():
     second = run_case(*case, device="cpu", options={"deterministic": True})
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@needs_kernels
+@settings(max_examples=8, deadline=None)
+@given(
+    B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2]), Lq=st.integers(1, 50),
+    Lkv=st.integers(1, 50), E=st.sampled_from([16, 24, 32]), Ev=st.sampled_from([16, 40]),
+    blocks=st.sampled_from([(16, 16), (32, 16), (16, 32)]), score=st.sampled_from(sorted(SCORES)),
+    mask=st.sampled_from(sorted(MASKS)), dtype=st.sampled_from([torch.float32, torch.float16]),
+    dq_mode=st.sampled_from(["separate", "atomic"]),
+)  # fmt: skip
+def test_random_shapes_match_float64(B, Hkv, G, Lq, Lkv, E, Ev, blocks, score, mask, dtype, dq_mode):
+    run_case(B, Hkv * G, Hkv, Lq, Lkv, E, Ev, blocks, score, mask, dtype, "cpu", dq_mode=dq_mode)
 
 
 def test_tiles_that_do_not_divide_the_mask_block_raise():
