@@ -56,6 +56,15 @@ def test_show_draws_the_mask_element_by_element(length, capsys):
     assert rows == ["█" * (i + 1) + "·" * (length - i - 1) for i in range(length)]
 
 
+@pytest.mark.parametrize("name", list(GALLERY))
+def test_show_every_variant_even_at_tiny_lengths(name, capsys):
+    for length in (1, 3, 17):
+        assert main(["show", name, "--length", str(length)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = sum(1 + build_case(name, length, "cpu").q_len for length in (1, 3, 17))  # title + one per query
+    assert len(lines) == rows
+
+
 def test_show_falls_back_to_blocks_for_long_sequences(capsys):
     assert main(["show", "sliding_window", "--length", "512", "--block-size", "32"]) == 0
     out = capsys.readouterr().out
