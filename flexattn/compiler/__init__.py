@@ -176,16 +176,21 @@ def _compile(mod, kind: str, device) -> KernelMod:
 
 def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):
     shapes = [tuple(t.shape) for t in grad_captures]
+    wide = [capture_spec(t, True).wide for t in grad_captures]
 
     def make_grad_args(buffers: tuple[torch.Tensor, ...]) -> tuple:
         if len(buffers) != len(shapes):
             raise ValueError(f"expected {len(shapes)} gradient buffers, got {len(buffers)}")
         args: list = []
-        for buffer, shape in zip(buffers, shapes):
+        for buffer, shape, is_wide in zip(buffers, shapes, wide):
             if tuple(buffer.shape) != shape or buffer.dtype not in (torch.float32, torch.int64):
                 raise ValueError(
                     f"gradient buffers must be float32 (or int64 fixed point) of shape {shape}, "
                     f"got {buffer.dtype} {tuple(buffer.shape)}"
+                )
+            if capture_spec(buffer, False).wide and not is_wide:
+                raise ValueError(
+                    f"gradient buffer strides {buffer.stride()} reach 2**31 elements; pass it contiguous"
                 )
             args += [buffer, *map(encode_int, buffer.stride())]
         return tuple(args)

@@ -8,10 +8,11 @@ conventions of ``flexattn.kernels.mods``::
     score_grad_fn(score, b, h, q_idx, kv_idx, dout, caps, grad_caps) -> dscore fp32 [BLOCK_M, BLOCK_N]
 
 ``caps`` is a flat tuple holding, per captured tensor (slot order): the tensor, its sizes, its
-strides. Sizes and strides travel encoded (``encode_int``: ``2 * v + 2**40 + 1``, always an odd
+strides. Index arithmetic is int32 unless a captured tensor may span 2**31 elements (part of the
+cache key). Sizes and strides travel encoded (``encode_int``: ``2 * v + 2**40 + 1``, always an odd
 int64) so that Triton, which specializes integer arguments inside tuples on ``== 1`` and on
 divisibility by 16, never compiles a kernel again for new lengths; the code decodes them once. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
-strides. Gathers wrap negative indices Python-style and clamp into range; offsets are int64.
+strides. Gathers wrap negative indices Python-style and clamp into range.
 
 Gradients of captures are summed over the tile axes their address does not vary along (a bias
 indexed by ``h`` gets one atomic add per tile, one indexed by ``q_idx`` one per query), then added
@@ -29,13 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from flexattn.compiler.ir import COMPARISONS, INPUTS, LOW_PRECISION, Graph
+from flexattn.compiler.ir import COMPARISONS, INPUTS, LOW_PRECISION, Graph, capture_spec
 
 INT_ARG_OFFSET = 2**40 + 1
 
 
 def encode_int(value: int) -> int:
-    """A size or stride as it travels in ``caps`` (decoded by ``triton_math.size_arg/stride_arg``)."""
+    """A size or stride as it travels in ``caps`` (decoded by ``triton_math.arg_i32/arg_i64``)."""
     return 2 * int(value) + INT_ARG_OFFSET
 
 
@@ -140,12 +141,13 @@ class CaptureLayout:
 
     base: int
     ndim: int
+    wide: bool  # int64 offsets (the tensor or its gradient buffer may hold 2**31 elements)
 
 
 def capture_layouts(graph: Graph) -> list[CaptureLayout]:
     layouts, base = [], 0
     for tensor in graph.captures:
-        layouts.append(CaptureLayout(base, tensor.ndim))
+        layouts.append(CaptureLayout(base, tensor.ndim, capture_spec(tensor, False).wide))
         base += 1 + 2 * tensor.ndim
     return layouts
 
@@ -282,7 +284,7 @@ class _Emitter:
         strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
         if ptr not in self.prologue:
             self.prologue.add(ptr)
-            self.lines += _unpack_capture("caps", layout.base, ptr, sizes, strides)
+            self.lines += _unpack_capture("caps", layout.base, ptr, sizes, strides, layout.wide)
         return ptr, sizes, strides
 
     def index_terms(self, i: int) -> list[tuple[str, bool]]:
@@ -300,7 +302,8 @@ class _Emitter:
             if name not in self.emitted:
                 self.emitted.add(name)
                 helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
-                self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to(tl.int64)")
+                width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
+                self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
             terms.append((name, False))
         return terms
 
@@ -424,11 +427,13 @@ class _Emitter:
         return f"{pow_fn}({self._ts(args, x)})"
 
 
-def _unpack_capture(tuple_name: str, base: int, ptr: str, sizes: list[str], strides: list[str]) -> list[str]:
-    """Lines reading one captured tensor's pointer, sizes (int32) and strides (int64) from the tuple."""
+def _unpack_capture(
+    tuple_name: str, base: int, ptr: str, sizes: list[str], strides: list[str], wide: bool
+) -> list[str]:
+    """Lines reading one captured tensor's pointer, sizes (int32) and strides from the tuple."""
     lines = [f"{ptr} = {tuple_name}[{base}]"]
     k = base + 1
-    for names, helper in ((sizes, "tm.size_arg"), (strides, "tm.stride_arg")):
+    for names, helper in ((sizes, "tm.arg_i32"), (strides, "tm.arg_i64" if wide else "tm.arg_i32")):
         if names:
             values = ", ".join(f"{helper}({tuple_name}[{k + j}])" for j in range(len(names)))
             lines.append(f"{', '.join(names)} = {values}")
@@ -483,9 +488,8 @@ def gradient_function(
         base = 0
         for slot in slots:
             ndim = graph.captures[slot].ndim
-            em.lines += _unpack_capture(
-                "grad_caps", base, f"g{slot}", [], [f"g{slot}_s{d}" for d in range(ndim)]
-            )
+            strides = [f"g{slot}_s{d}" for d in range(ndim)]
+            em.lines += _unpack_capture("grad_caps", base, f"g{slot}", [], strides, em.layouts[slot].wide)
             base += 1 + ndim
         for load, adjoint in grads:
             em.lines += _accumulate(em, load, adjoint)

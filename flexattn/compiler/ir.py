@@ -115,11 +115,14 @@ class CaptureSpec:
     dtype: torch.dtype
     ndim: int
     requires_grad: bool
+    wide: bool  # element offsets may reach 2**31: index arithmetic in int64 instead of int32
 
 
 def capture_spec(tensor: torch.Tensor, differentiable: bool) -> CaptureSpec:
     requires_grad = differentiable and tensor.requires_grad and tensor.is_floating_point()
-    return CaptureSpec(tensor.dtype, tensor.ndim, requires_grad)
+    max_offset = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+    wide = max(max_offset, tensor.numel()) >= 2**31 - 1
+    return CaptureSpec(tensor.dtype, tensor.ndim, requires_grad, wide)
 
 
 class Graph:

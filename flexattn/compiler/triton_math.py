@@ -10,14 +10,14 @@ import triton.language as tl
 
 
 @triton.jit
-def stride_arg(encoded):
-    """Decode a stride from the mod's argument tuple (see codegen.encode_int): int64."""
+def arg_i64(encoded):
+    """Decode a size or stride from the mod's argument tuple (see codegen.encode_int) as int64."""
     return (encoded - 1099511627777) >> 1
 
 
 @triton.jit
-def size_arg(encoded):
-    """Decode a size from the mod's argument tuple (see codegen.encode_int): int32."""
+def arg_i32(encoded):
+    """Decode a size or stride from the mod's argument tuple (see codegen.encode_int) as int32."""
     return ((encoded - 1099511627777) >> 1).to(tl.int32)
 
 

@@ -293,6 +293,8 @@ def test_gpu_compiled_mods_match_eager():
         _check_zoo(name)
     test_division_is_exact_where_it_decides_a_mask()
     test_log_buckets_decide_mask_bits_like_eager()
+    test_index_arithmetic_is_int64_only_for_huge_captures()
+    test_fixed_point_gradient_buffers()
 
 
 def test_fixed_point_gradient_buffers():
@@ -356,3 +358,20 @@ def test_log_buckets_decide_mask_bits_like_eager():
         )
 
     check_mask_mod(same_log_bucket, Tile(Lq=5000, Lkv=5000))
+
+
+def test_index_arithmetic_is_int64_only_for_huge_captures():
+    small = torch.randn(4, 64, device=DEVICE)
+    huge = torch.randn(4, 1, device=DEVICE).expand(4, 2**31)  # 2**33 elements, no memory
+
+    def small_bias(score, b, h, q_idx, kv_idx):
+        return score + small[h, q_idx]
+
+    def huge_bias(score, b, h, q_idx, kv_idx):
+        return score + huge[h, q_idx * 1_000_000 + kv_idx]
+
+    assert "tl.int64" not in explain(small_bias, device=DEVICE)
+    assert "tl.int64" in explain(huge_bias, device=DEVICE)
+    tile = Tile(Lq=64, Lkv=64)
+    got = run_score(compile_score_mod(huge_bias, device=DEVICE), tile.score, *tile.indices())
+    torch.testing.assert_close(got, eager_score(huge_bias, tile.score, *tile.indices()))
