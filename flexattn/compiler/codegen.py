@@ -115,6 +115,7 @@ _ACCURATE_GPU = {
     "log2": "libdevice.log2({0})",
     "rsqrt": "libdevice.rsqrt({0})",
     "sqrt": "tl.sqrt_rn({0})",
+    "sigmoid": "tl.div_rn(tl.full((), 1.0, tl.float32), 1.0 + libdevice.exp(-{0}))",
 }
 _INFIX = {
     "lt": "<",
@@ -391,15 +392,22 @@ class _Emitter:
         return ", ".join(self._t(a, e) for a, e in zip(args, x))
 
     def _divide(self, i: int, args, x: list[str], dtype: torch.dtype) -> str:
-        """Float division: IEEE (like eager) where the quotient feeds a floor, a comparison, an index
-        or an integer cast (see ``exact_nodes``); elsewhere a constant divisor becomes a multiply by
-        its reciprocal (within an ulp; exact for powers of two) and others use Triton's fast ``/``."""
+        """Float division, bit-compatible with eager PyTorch on the target's device where it matters.
+
+        Eager CUDA divides by a Python number as ``x * (1 / c)`` (PyTorch's scalar-divisor kernel),
+        eager CPU divides exactly. Where the quotient decides a mask bit, an index or an integer
+        (``exact_nodes``) the code does the same as eager on its device, so kernels agree with a
+        block mask built eagerly; elsewhere it takes the fast forms (reciprocal, Triton's ``/``).
+        """
         divisor = self.graph.nodes[args[1]]
         exact = i in self.exact
         if divisor.op == "const" and divisor.value != 0 and math.isfinite(divisor.value):
             power_of_two = math.frexp(abs(float(divisor.value)))[0] == 0.5
-            if power_of_two or (not exact and dtype == torch.float32):
-                return f"{x[0]} * {_literal(1.0 / float(divisor.value), torch.float32)}"
+            if power_of_two or self.gpu or not exact:
+                if dtype == torch.float64:
+                    return f"{x[0]} * tl.full((), {1.0 / float(divisor.value)!r}, tl.float64)"
+                reciprocal = (torch.ones((), dtype=torch.float32) / float(divisor.value)).item()  # as CUDA
+                return f"{x[0]} * {_literal(reciprocal, torch.float32)}"
         if dtype == torch.float32 and exact:
             return f"tl.div_rn({x[0]}, {self._t(args[1], x[1])})"
         return f"{x[0]} / {x[1]}"

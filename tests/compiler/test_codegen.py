@@ -292,6 +292,7 @@ def test_gpu_compiled_mods_match_eager():
     for name in ZOO:
         _check_zoo(name)
     test_division_is_exact_where_it_decides_a_mask()
+    test_division_feeding_only_the_score_is_a_multiplication()
     test_log_buckets_decide_mask_bits_like_eager()
     test_index_arithmetic_is_int64_only_for_huge_captures()
     test_fixed_point_gradient_buffers()
@@ -329,10 +330,13 @@ def test_empty_grad_args_skip_capture_gradients():
 
 def test_division_is_exact_where_it_decides_a_mask():
     """x * (1/7) differs from x / 7 in the last bit for about half of all x; a comparison after a
-    division must see eager's IEEE quotient, or mask bits flip."""
+    division must see eager's quotient on the same device (IEEE on CPU, x * (1/7) on CUDA), or
+    mask bits flip."""
 
     def round_trip(b, h, q_idx, kv_idx):
-        return ((q_idx * 7.0) / 7.0 == q_idx) & ((kv_idx + 0.5) / 7.0 * 7.0 == kv_idx + 0.5)
+        by_constant = ((q_idx * 7.0) / 7.0 == q_idx) & ((kv_idx + 0.5) / 7.0 * 7.0 == kv_idx + 0.5)
+        d = kv_idx + 0.37
+        return by_constant | ((q_idx + 0.3) * d / d == q_idx + 0.3)  # tensor divisor: IEEE on both
 
     check_mask_mod(round_trip, Tile(Lq=100_000, Lkv=100_000))
 
@@ -345,7 +349,9 @@ def test_division_feeding_only_the_score_is_a_multiplication():
         return score + torch.floor(score / 30.0)
 
     assert "div_rn" not in explain(softcap, device=DEVICE).split("# Triton source")[1]
-    assert "tl.div_rn(score" in explain(bucketed, device=DEVICE)
+    # where the quotient is floored: exact on CPU (like eager CPU), x * (1/c) on GPUs (like eager CUDA)
+    exact = "tl.div_rn(score" if DEVICE == "cpu" else "score * 0.03333333"
+    assert exact in explain(bucketed, device=DEVICE)
 
 
 def test_log_buckets_decide_mask_bits_like_eager():
