@@ -82,6 +82,13 @@ def test_catalog_gradients_cpu(entry, shape, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("L", [32, 64, 192])
+def test_lengths_that_fill_tiles_but_not_mask_blocks(L):
+    """L a multiple of the kernels' tiles but not of the 128-wide mask blocks: tail tiles are masked."""
+    check_gradients("noop", Shape(B=1, Hq=2, Lq=L, E=16), torch.float32, "cpu", block=128)
+
+
+@needs_kernels
 @pytest.mark.parametrize("use_out", [True, False], ids=["out-and-lse", "lse-only"])
 def test_gradients_through_lse(use_out):
     shape = Shape(B=2, Hq=2, Hkv=1, Lq=40, Lkv=33, E=16)

@@ -257,7 +257,7 @@ def flex_forward(
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
             MASK_PER_BATCH=int(mask_b > 1), MASK_PER_HEAD=int(mask_h > 1),
-            HAS_FULL_BLOCKS=has_full, KV_TAIL=Lkv % tiles.BLOCK_N != 0,
+            HAS_FULL_BLOCKS=has_full, KV_TAIL=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
             PIPELINE_QK=tiles.pipeline_qk,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
