@@ -17,7 +17,10 @@ from flexattn.reference import reference_attention
 
 
 def choose_backend(device: torch.device, options: KernelOptions) -> str:
-    """ "TRITON" or "REFERENCE" for tensors on ``device``, and why (a pure decision).
+    """The backend for tensors on ``device``: "TRITON" or "REFERENCE".
+
+    BACKEND "AUTO" picks the Triton kernels for CUDA tensors and the reference backend otherwise;
+    "TRITON" on a non-CUDA device needs Triton's interpreter and raises a clear error without it.
 
     Example:
         >>> choose_backend(torch.device("cpu"), KernelOptions())
