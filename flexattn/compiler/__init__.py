@@ -24,6 +24,15 @@ ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not, isnan/isinf/isfinite,
 reciprocal, casts, ``*_like`` constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from
 captured tensors of any dtype and rank (nested gathers, partial indexing), captured Python numbers,
 and mods calling other mods. Everything else raises ``ModCompileError`` with the source line.
+
+Caching: code is generated once per structure. Captured tensors are runtime arguments (new values
+or sizes reuse the code and the compiled kernels); Python numbers in the mod are constants of the
+code, as in PyTorch, so a number that changes every call (``L - 1`` for a new length) generates
+code per value: capture it as a 0-dim tensor (``torch.tensor(L - 1)``) to make it a runtime value.
+
+Numerics: values that decide a mask bit, an index or an integer are computed as eager PyTorch does
+on the target device (IEEE division, libdevice math; division by a Python number as ``x * (1/c)``
+on GPUs, like eager CUDA); smooth score arithmetic uses the fast forms. Gradients are float32.
 """
 
 from __future__ import annotations

@@ -884,6 +884,11 @@ def trace(mod, kind: str) -> Program:
     try:
         with _TraceMode():
             result = mod(*inputs) if kind == "score" else mod(*inputs[1:])
+            if not isinstance(result, Traced | torch.Tensor | PartialIndex) and _as_number(result) is None:
+                raise ModCompileError(
+                    f"{_STATE.mod_name}: a {kind} mod must return a tensor or a number, "
+                    f"got {type(result).__name__}\n  hint: return one value per (b, h, q_idx, kv_idx)"
+                )
             out = _operand(result)
             out = _cast(out, torch.float32 if kind == "score" else torch.bool)
     finally:

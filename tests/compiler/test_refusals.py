@@ -219,3 +219,9 @@ def test_captured_tensor_on_another_device_is_refused():
 
     with pytest.raises(ModCompileError, match="is on meta but the kernels run on cpu"):
         compile_score_mod(on_meta, device="cpu")
+
+
+@pytest.mark.parametrize("result", [None, (1, 2), "yes"], ids=["none", "tuple", "string"])
+def test_mod_must_return_a_value(result):
+    with pytest.raises(ModCompileError, match="must return a tensor or a number, got"):
+        compile_mask_mod(lambda b, h, q_idx, kv_idx: result, device="cpu")
