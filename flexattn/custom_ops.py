@@ -14,14 +14,17 @@ only this in the graph:
    its registered autograd formula calls ``flexattn::attention_backward``. At run time both look
    the handle up and compile the mods (cached by structure) against the tensors the mods capture.
 
-Limits: the mods must exist before the compiled region starts (Dynamo bakes the handle, so it
-guards on the function objects), and a captured tensor that requires grad must be reachable from
-the score_mod through closures, globals, attributes, lists or dicts (depth <= 4).
+Limits: a captured tensor that requires grad must be reachable from the score_mod through closures,
+globals, attributes, lists or dicts (depth <= 4). A score_mod defined *inside* the compiled function
+may read learnable tensors through globals, but not through its closure (Dynamo cannot read the
+closure cells of such a function): define it once outside (e.g. in ``__init__``), as in
+``tests/test_custom_ops.py``. Tensors computed inside the compiled region cannot be captured.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,8 +93,8 @@ def _follow(obj, path):
     for kind, key in path:
         if kind == "cell":
             obj = obj.__closure__[key].cell_contents
-        elif kind == "global":
-            obj = obj.__globals__[key]
+        elif kind == "global":  # through sys.modules: Dynamo cannot read __globals__ of inner functions
+            obj = getattr(sys.modules[obj.__module__], key)
         elif kind == "attr":
             obj = getattr(obj, key)
         else:
@@ -126,9 +129,11 @@ def _children(obj):
                 yield ("cell", i), cell.cell_contents
             except ValueError:  # an empty cell
                 continue
-        for name in obj.__code__.co_names:
-            if name in obj.__globals__:
-                yield ("global", name), obj.__globals__[name]
+        module = sys.modules.get(obj.__module__)
+        if module is not None and getattr(module, "__dict__", None) is obj.__globals__:
+            for name in obj.__code__.co_names:
+                if name in obj.__globals__:
+                    yield ("global", name), obj.__globals__[name]
     elif isinstance(obj, torch.nn.Module):
         for name, child in (*obj._parameters.items(), *obj._buffers.items(), *obj._modules.items()):
             yield ("attr", name), child

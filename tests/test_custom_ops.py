@@ -88,6 +88,29 @@ def test_compiled_call_without_block_mask_returns_lse():
         torch.testing.assert_close(a, b)
 
 
+GLOBAL_BIAS = torch.nn.Parameter(
+    0.1 * torch.randn(2, 33)
+)  # read by a score_mod defined inside the compiled fn
+
+
+@needs_kernels
+def test_score_mod_defined_inside_the_compiled_function_reading_a_global_parameter():
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+
+    def attend(q, k, v):
+        def relative_bias(score, b, h, q_idx, kv_idx):
+            return score + GLOBAL_BIAS[h, q_idx - kv_idx + 16]
+
+        return flex_attention(q, k, v, relative_bias, kernel_options={"BACKEND": "TRITON"})
+
+    results = []
+    for fn in (attend, torch.compile(attend, fullgraph=True, backend="aot_eager")):
+        out = fn(q, k, v)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, GLOBAL_BIAS))))
+    for name, eager, compiled in zip(("out", "dq", "dbias"), *results):
+        torch.testing.assert_close(compiled, eager, msg=name)
+
+
 @needs_kernels
 def test_custom_op_passes_opcheck():
     """Schema, fake kernel and autograd registration agree with the real kernel (torch.library.opcheck)."""
