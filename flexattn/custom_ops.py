@@ -90,6 +90,8 @@ def traced_attention(query, key, value, score_mod, block_mask, scale, kernel_opt
 
 
 def _follow(obj, path):
+    # Traced by Dynamo. A "cell" step fails there ("Observed exception ... AttributeError") when the
+    # score_mod was defined inside the compiled function: see the module docstring's limits.
     for kind, key in path:
         if kind == "cell":
             obj = obj.__closure__[key].cell_contents
