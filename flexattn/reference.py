@@ -78,8 +78,17 @@ def reference_attention(
 
     def chunk(q_chunk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int):
         rows = q_chunk.shape[3]
-        s = (q_chunk @ k.transpose(-1, -2)).reshape(B, Hq, rows, Lkv) * scale  # (B, Hq, rows, Lkv)
-        q_idx, kv_idx = index(start, start + rows, s.device), index(0, Lkv, s.device)
+        q_idx, kv_idx = index(start, start + rows, q_chunk.device), index(0, Lkv, q_chunk.device)
+        columns = blocks.columns(start, start + rows) if blocks is not None else None
+        if columns is not None:  # only the kv positions of visited blocks (a sparse mask's savings)
+            kv_idx = columns
+            k, v = k.index_select(3, columns), v.index_select(3, columns)
+        cols = kv_idx.shape[0]
+        if cols == 0:  # no block visited by these rows: all fully masked
+            out = q_chunk.new_zeros(B, Hkv, group, rows, v.shape[-1])
+            empty = torch.full((B, Hq, rows), -math.inf, dtype=stat_dtype, device=q_chunk.device)
+            return out, empty, empty.clone()
+        s = (q_chunk @ k.transpose(-1, -2)).reshape(B, Hq, rows, cols) * scale  # (B, Hq, rows, cols)
         if score_mod is not None:
             s = eval_score_mod(score_mod, s, q_idx, kv_idx).to(compute_dtype)
         if blocks is not None:
@@ -93,10 +102,12 @@ def reference_attention(
         empty = denom == 0
         denom = torch.where(empty, 1.0, denom)
         lse = torch.where(empty, -math.inf, m + torch.log(denom)).squeeze(-1)
-        out = (p / denom).reshape(B, Hkv, group, rows, Lkv) @ v  # (B, Hkv, G, rows, Ev)
+        out = (p / denom).reshape(B, Hkv, group, rows, cols) @ v  # (B, Hkv, G, rows, Ev)
         return out, lse.to(stat_dtype), s.detach().amax(dim=-1).to(stat_dtype)
 
     rows = max(1, chunk_elements // max(1, B * Hq * Lkv))
+    if blocks is not None and rows >= blocks.q_block:
+        rows -= rows % blocks.q_block  # whole q blocks per chunk keep the visited columns tight
     captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
     differentiable = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)
@@ -191,7 +202,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
 
 class _BlockRows:
-    """Expands a BlockMask to per-element "allowed" rows for a chunk of query positions."""
+    """Expands a BlockMask to per-element "allowed" pairs for a chunk of query positions."""
 
     def __init__(self, block_mask: BlockMask, kv_len: int):
         self.mask_mod = block_mask.mask_mod
@@ -199,16 +210,30 @@ class _BlockRows:
         self.full = block_mask._dense_blocks(full=True)  # (Bm, Hm, NQ, NKV)
         self.partial = block_mask._dense_blocks(full=False)
         self.everything_full = bool(self.full.all()) and not bool(self.partial.any())
-        self.kv_blocks = torch.arange(kv_len, device=self.full.device) // self.kv_block  # (Lkv,)
+        self.visited = (self.full | self.partial).flatten(0, 1).any(dim=0)  # (NQ, NKV), any b / h
+        self.kv_len = kv_len
+
+    def columns(self, start: int, stop: int) -> torch.Tensor | None:
+        """int32 kv positions in blocks that query rows start:stop visit (None: all of them).
+
+        Scores outside them would be masked anyway; skipping them is what makes the mask sparse.
+        """
+        if self.everything_full:
+            return None
+        rows_visit = self.visited[start // self.q_block : (stop - 1) // self.q_block + 1].any(dim=0)
+        if bool(rows_visit.all()):
+            return None
+        positions = torch.arange(self.kv_len, device=rows_visit.device)
+        return positions[rows_visit[positions // self.kv_block]].to(torch.int32)
 
     def allowed(self, B: int, H: int, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor | None:
-        """bool (B or 1, H or 1, rows, Lkv), or None when every pair is allowed."""
+        """bool (B or 1, H or 1, rows, cols) for the given positions, or None when all are allowed."""
         if self.everything_full:
             return None
         q_blocks = q_idx.long() // self.q_block
-        full = self.full[:, :, q_blocks][..., self.kv_blocks]  # (Bm, Hm, rows, Lkv)
-        partial = self.partial[:, :, q_blocks]
+        kv_blocks = kv_idx.long() // self.kv_block
+        full = self.full[:, :, q_blocks][..., kv_blocks]  # (Bm, Hm, rows, cols)
+        partial = self.partial[:, :, q_blocks][..., kv_blocks]
         if not bool(partial.any()):
             return full
-        partial = partial[..., self.kv_blocks]
         return full | (partial & eval_mask_mod(self.mask_mod, B, H, q_idx, kv_idx))
