@@ -107,7 +107,7 @@ def reference_attention(
 
     rows = max(1, chunk_elements // max(1, B * Hq * Lkv))
     if blocks is not None and rows >= blocks.q_block:
-        rows -= rows % blocks.q_block  # whole q blocks per chunk keep the visited columns tight
+        rows = blocks.q_block  # one q block per chunk keeps its visited columns tight
     captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
     differentiable = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)
