@@ -53,7 +53,7 @@ def _block_size_pair(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
     return pair
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: tensor fields have no boolean ==
 class BlockMask:
     """Block-sparse description of an attention mask (fields as in PyTorch; see docs/architecture.md).
 
