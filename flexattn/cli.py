@@ -2,7 +2,7 @@
 :mod:`flexattn.gallery` and the scripts in ``benchmarks/``.
 
     flexattn demo [--out DIR] [--length N] [--device cpu|cuda] [--variants a,b,...]
-    flexattn bench [NAME] [-- ARGS...]          # benchmarks/bench_*.py (GPU only)
+    flexattn bench [NAME] [ARGS...]             # benchmarks/bench_*.py (GPU only)
     flexattn show VARIANT [--length N] [--block-size B]
 """
 
@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--variants", help="comma-separated subset of the gallery (default: all)")
 
     bench = commands.add_parser("bench", help="run the side-by-side GPU benchmarks in benchmarks/")
-    bench.add_argument("name", nargs="?", help="one benchmark, e.g. 'attention' for bench_attention.py")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark's main")
+    bench.add_argument(
+        "args",
+        nargs=argparse.REMAINDER,
+        help="[NAME] [ARGS...]: one benchmark (e.g. 'attention' for bench_attention.py, default: all) "
+        "and arguments for its main, e.g. `flexattn bench attention --quick`",
+    )
 
     show = commands.add_parser("show", help="ASCII picture of a variant's mask")
     show.add_argument("variant", help="a gallery name (flexattn show --list prints them)", nargs="?")
@@ -43,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         "--block-size", type=int, default=16, help="BlockMask block size (default: %(default)s)"
     )
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.args = [a for a in args.args + unknown if a != "--"]  # options go to the benchmark
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return {"demo": _demo, "bench": _bench, "show": _show}[args.command](args)
 
 
@@ -97,15 +105,14 @@ def _bench(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.name:
-        scripts = [s for s in scripts if s.stem in (args.name, f"bench_{args.name}")]
+    name = args.args[0] if args.args and not args.args[0].startswith("-") else None
+    extra = args.args[1:] if name else args.args
+    if name:
+        scripts = [s for s in scripts if s.stem in (name, f"bench_{name}")]
         if not scripts:
             names = [s.stem.removeprefix("bench_") for s in sorted(BENCHMARKS_DIR.glob("bench_*.py"))]
-            print(
-                f"flexattn bench: no benchmark {args.name!r}; available: {', '.join(names)}.", file=sys.stderr
-            )
+            print(f"flexattn bench: no benchmark {name!r}; available: {', '.join(names)}.", file=sys.stderr)
             return 2
-    extra = [a for a in args.args if a != "--"]
     status = 0
     for script in scripts:
         print(f"== {script.name} ==", flush=True)

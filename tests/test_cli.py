@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from flexattn import cli
 from flexattn.cli import main
 from flexattn.gallery import GALLERY, build_case, element_picture
 
@@ -93,3 +96,35 @@ def test_bench_without_gpu_says_so(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, ran",
+    [
+        (["bench"], {"alpha": [], "beta": []}),
+        (["bench", "--quick"], {"alpha": ["--quick"], "beta": ["--quick"]}),
+        (["bench", "beta", "--quick", "--write"], {"beta": ["--quick", "--write"]}),
+        (["bench", "bench_alpha", "--", "--x"], {"alpha": ["--x"]}),
+    ],
+    ids=["all", "all-with-options", "one-with-options", "full-name-and-dashdash"],
+)
+def test_bench_routes_names_and_options_to_benchmark_mains(argv, ran, tmp_path, monkeypatch):
+    for name in ("alpha", "beta"):
+        (tmp_path / f"bench_{name}.py").write_text(
+            "import json, pathlib\n"
+            "def main(argv):\n"
+            "    pathlib.Path(__file__).with_suffix('.ran').write_text(json.dumps(argv))\n"
+        )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path)
+    assert main(argv) == 0
+    got = {p.stem.removeprefix("bench_"): json.loads(p.read_text()) for p in tmp_path.glob("*.ran")}
+    assert got == ran
+
+
+def test_bench_rejects_unknown_benchmark(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bench_alpha.py").write_text("def main(argv):\n    pass\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path)
+    assert main(["bench", "gamma"]) == 2
+    assert "available: alpha" in capsys.readouterr().err
