@@ -1,4 +1,4 @@
-"""The flexattn command: demo (tiny sizes, every variant, on CPU), show, and bench's CPU refusal."""
+"""The flexattn command: demo (tiny sizes, every variant, CPU), show, and bench (no-GPU refusal, routing)."""
 
 from __future__ import annotations
 
