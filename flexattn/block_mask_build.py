@@ -111,18 +111,31 @@ def classify_blocks(
     nkv = -(-kv_len // kv_block)
     any_blocks = torch.empty(B, H, nq, nkv, dtype=torch.bool, device=device)
     all_blocks = torch.empty_like(any_blocks)
-    rows = max(1, budget // max(1, B * H * kv_len) // q_block) * q_block
     kv = index(0, kv_len, device)
-    for start in range(0, q_len, rows):
-        stop = min(start + rows, q_len)
-        vals = eval_mask_mod(mask_mod, B, H, index(start, stop, device), kv)  # (B, H, c, KV_LEN)
-        # any/all as max/min over uint8: much faster than bool any/all over a middle dim.
-        row_max, row_min = _reduce_rows(vals.view(torch.uint8), q_block)
-        blk_max, blk_min = _reduce_cols(row_max, row_min, kv_block)
-        first = start // q_block
-        any_blocks[:, :, first : first + blk_max.shape[2]] = blk_max.bool()
-        all_blocks[:, :, first : first + blk_min.shape[2]] = blk_min.bool()
+    for b, h in _batch_head_groups(B, H, q_block * kv_len, budget, device):
+        rows = max(1, budget // (b.numel() * h.numel() * kv_len) // q_block) * q_block
+        for start in range(0, q_len, rows):
+            stop = min(start + rows, q_len)
+            vals = eval_mask_mod(mask_mod, b, h, index(start, stop, device), kv)  # (nb, nh, c, KV_LEN)
+            # any/all as max/min over uint8: much faster than bool any/all over a middle dim.
+            row_max, row_min = _reduce_rows(vals.view(torch.uint8), q_block)
+            blk_max, blk_min = _reduce_cols(row_max, row_min, kv_block)
+            q_blocks = slice(start // q_block, start // q_block + blk_max.shape[2])
+            any_blocks[b[:, None], h[None, :], q_blocks] = blk_max.bool()
+            all_blocks[b[:, None], h[None, :], q_blocks] = blk_min.bool()
     return any_blocks & ~all_blocks, all_blocks
+
+
+def _batch_head_groups(
+    B: int, H: int, per_bh: int, budget: int, device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(b, h) index groups to evaluate together: all at once, per batch, or per (batch, head),
+    whichever first keeps one q block's worth of pairs (``per_bh`` per (b, h)) within ``budget``."""
+    if B * H * per_bh <= budget:
+        return [(index(0, B, device), index(0, H, device))]
+    if H * per_bh <= budget:
+        return [(index(b, b + 1, device), index(0, H, device)) for b in range(B)]
+    return [(index(b, b + 1, device), index(h, h + 1, device)) for b in range(B) for h in range(H)]
 
 
 def dense_mask(

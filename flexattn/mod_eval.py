@@ -94,16 +94,23 @@ def index(start: int, stop: int, device: torch.device | str) -> torch.Tensor:
     return torch.arange(start, stop, dtype=torch.int32, device=device)
 
 
-def eval_mask_mod(mask_mod: Callable, B: int, H: int, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """mask_mod over b in range(B), h in range(H) and the given q/kv positions -> bool (B, H, M, N)."""
+def eval_mask_mod(
+    mask_mod: Callable, b: int | torch.Tensor, h: int | torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
+    """mask_mod over the given b, h, q and kv positions -> bool (nb, nh, M, N).
+
+    ``b`` / ``h`` are 1-D int32 index tensors, or ints B / H meaning ``range(B)`` / ``range(H)``.
+    """
     device = q.device
-    out = vmap_mod(mask_mod, has_score=False)(index(0, B, device), index(0, H, device), q, kv)
+    b = index(0, b, device) if isinstance(b, int) else b
+    h = index(0, h, device) if isinstance(h, int) else h
+    out = vmap_mod(mask_mod, has_score=False)(b, h, q, kv)
     if out.dtype != torch.bool:
         raise TypeError(
             f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got "
             f"{out.dtype}. Return a comparison (e.g. `q_idx >= kv_idx`) or add `.bool()` / `!= 0`."
         )
-    return out.expand(B, H, q.numel(), kv.numel())
+    return out.expand(b.numel(), h.numel(), q.numel(), kv.numel())
 
 
 def eval_score_mod(

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexattn import BlockMask, and_masks, create_block_mask, create_mask, flex_attention, noop_mask, or_masks
+from flexattn.block_mask_build import classify_blocks
 from tests.catalog import CATALOG, MASK_MODS
 
 I32 = torch.int32
@@ -356,3 +357,10 @@ def test_random_table_masks_round_trip(B, H, Lq, Lkv, q_block, kv_block, density
     assert torch.equal(mask._dense_blocks(full=True), all_)
     assert torch.equal(mask._dense_blocks(full=False), any_ & ~all_)
     assert_well_formed(mask)
+
+
+@pytest.mark.parametrize("budget", [1, 3 * 16 * 70], ids=["per-batch-head", "per-batch"])
+def test_small_budgets_split_work_over_batch_and_heads_without_changing_blocks(budget):
+    whole = classify_blocks(per_batch_head, 2, 3, 70, 70, 16, 16, "cpu")
+    split = classify_blocks(per_batch_head, 2, 3, 70, 70, 16, 16, "cpu", budget=budget)
+    assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
