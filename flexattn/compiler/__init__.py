@@ -48,8 +48,10 @@ from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.cache import clear as clear_cache
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.codegen import encode_int, forward_function, gradient_function, module_source
+from flexattn.compiler.errors import ModCompileError
 from flexattn.compiler.ir import capture_spec
-from flexattn.compiler.trace import ModCompileError, Program, fast_tanh, trace
+from flexattn.compiler.proxy import fast_tanh
+from flexattn.compiler.trace import Program, trace
 from flexattn.kernels.mods import KernelMod
 
 __all__ = [

@@ -353,6 +353,14 @@ class _Emitter:
             return f"{x[0]} | {x[1]}" if dtype == torch.bool else f"{x[0]} + {x[1]}"
         if op == "mul":
             return f"{x[0]} & {x[1]}" if dtype == torch.bool else f"{x[0]} * {x[1]}"
+        if (
+            op in COMPARISONS
+            and not self.gpu
+            and not self.dims[i]
+            and self.graph.nodes[args[0]].dtype.is_floating_point
+        ):
+            # Triton's interpreter tags a 0-dim float comparison as float, which breaks `&` and `|`
+            return f"({x[0]} {_INFIX[op]} {x[1]}).to(tl.int32) != 0"
         if op in _INFIX:
             return f"{x[0]} {_INFIX[op]} {x[1]}"
         if op == "truediv":

@@ -230,6 +230,11 @@ def _zoo(tile: Tile):
         ints = ids64[kv] * (q % 2) + ids64[kv - 1] + small[h, kv] + counts[q] // 7
         return s + ints + torch.where(flags[q], 1.0, -1.0) + (flags[q] & (kv > 3)) * 0.5 + precise[q] * s
 
+    def real_tensor_on_the_left(s, b, h, q, kv):
+        w, n = weight.detach(), torch.tensor(3, dtype=torch.int32, device=DEVICE)
+        ints = (n & q) + (n // (q + 1)) + (n % (q + 1)) + (n | kv) + (n ^ q) + (n - q)
+        return (w - s) + w / (s.abs() + 1) + w ** (s * 0.1) + (w > s) + (w == s) + torch.rsub(s, 1.0) + ints
+
     def learnable_scalar_and_slopes(s, b, h, q, kv):
         return s * weight - slopes[h] * (q - kv).abs() + weight * weight * 0.1
 
@@ -263,6 +268,7 @@ def _zoo(tile: Tile):
         "rank3-partial-index": (rank3_partial_index, (table3, rows)),
         "integer-bool-and-double-captures": (integer_bool_and_double_captures, ()),
         "learnable-scalar-and-slopes": (learnable_scalar_and_slopes, (weight, slopes)),
+        "real-tensor-on-the-left": (real_tensor_on_the_left, ()),
         "divisions": (divisions, ()),
     }
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from flexattn.compiler import compile_score_mod, explain, fast_tanh
 from flexattn.compiler.ir import evaluate
-from flexattn.compiler.trace import PartialIndex, Traced, trace
+from flexattn.compiler.proxy import PartialIndex, Traced
+from flexattn.compiler.trace import trace
 from tests.compiler.harness import eager_score, run_score
 
 M, N = 8, 4

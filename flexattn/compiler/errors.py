@@ -1,0 +1,64 @@
+"""Trace-time errors that point at the user's source line, and the state of the trace in progress."""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import sys
+import threading
+
+import torch
+
+from flexattn.compiler.ir import Graph
+
+_COMPILER_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_STATE = threading.local()
+
+
+class ModCompileError(Exception):
+    """A mod uses something the compiler cannot turn into kernel code (message has line + hint)."""
+
+
+@contextlib.contextmanager
+def tracing(graph: Graph, mod_name: str):
+    """Make ``graph`` the target of proxy operations (and ``mod_name`` the name in errors)."""
+    previous = (getattr(_STATE, "graph", None), getattr(_STATE, "mod_name", None))
+    _STATE.graph, _STATE.mod_name = graph, mod_name
+    try:
+        yield
+    finally:
+        _STATE.graph, _STATE.mod_name = previous
+
+
+def current_graph() -> Graph:
+    graph = getattr(_STATE, "graph", None)
+    if graph is None:
+        raise ModCompileError("a traced value was used after its mod finished tracing")
+    return graph
+
+
+def mod_name() -> str:
+    return getattr(_STATE, "mod_name", None) or "mod"
+
+
+def _user_location() -> str:
+    """``file:line`` and source text of the innermost frame outside flexattn.compiler and torch."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith((_COMPILER_DIR, _TORCH_DIR)):
+            line = linecache.getline(filename, frame.f_lineno).strip()
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f"\n    {line}" if line else "")
+        frame = frame.f_back
+    return "<unknown location>"
+
+
+def refuse(what: str, hint: str) -> ModCompileError:
+    """The error for an unsupported construct at the user's current source line."""
+    return ModCompileError(f"{mod_name()}: {what}\n  at {_user_location()}\n  hint: {hint}")
+
+
+def in_place(what: str) -> ModCompileError:
+    return refuse(f"in-place operation ({what})", "write it out of place, e.g. `score = score + bias`")
