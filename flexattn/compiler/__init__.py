@@ -44,10 +44,11 @@ import os
 import torch
 
 from flexattn.compiler import cache
+from flexattn.compiler.analysis import encode_int
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.cache import clear as clear_cache
 from flexattn.compiler.cache import codegen_count
-from flexattn.compiler.codegen import encode_int, forward_function, gradient_function, module_source
+from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.proxy import fast_tanh

@@ -8,11 +8,12 @@ conventions of ``flexattn.kernels.mods``::
     score_grad_fn(score, b, h, q_idx, kv_idx, dout, caps, grad_caps) -> dscore fp32 [BLOCK_M, BLOCK_N]
 
 ``caps`` is a flat tuple holding, per captured tensor (slot order): the tensor, its sizes, its
-strides. Index arithmetic is int32 unless a captured tensor may span 2**31 elements (part of the
-cache key). Sizes and strides travel encoded (``encode_int``: ``2 * v + 2**40 + 1``, always an odd
-int64) so that Triton, which specializes integer arguments inside tuples on ``== 1`` and on
-divisibility by 16, never compiles a kernel again for new lengths; the code decodes them once. ``grad_caps`` holds, per captured tensor that gets a gradient: the fp32 buffer and its
-strides. Gathers wrap negative indices Python-style and clamp into range.
+strides; ``grad_caps`` holds, per captured tensor that gets a gradient, the buffer and its strides.
+Sizes and strides travel encoded (``analysis.encode_int``: ``2 * v + 2**40 + 1``, always an odd
+int64) because Triton specializes integers inside tuple arguments on ``== 1`` and on divisibility
+by 16: encoded, new lengths never compile a kernel again. Index arithmetic is int32 unless a
+captured tensor may span 2**31 elements (part of the cache key). Gathers wrap negative indices
+Python-style and clamp into range, so no lane reads out of bounds.
 
 Gradients of captures are summed over the tile axes their address does not vary along (a bias
 indexed by ``h`` gets one atomic add per tile, one indexed by ``q_idx`` one per query), then added
@@ -25,449 +26,22 @@ buffer receives ``trunc(value)``, which with a scaled ``dout`` gives order-indep
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import torch
-
-from flexattn.compiler.ir import COMPARISONS, INPUTS, LOW_PRECISION, Graph, capture_spec
-
-INT_ARG_OFFSET = 2**40 + 1
+from flexattn.compiler.analysis import M, N
+from flexattn.compiler.ir import Graph
+from flexattn.compiler.lowering import Emitter, unpack_capture
 
 
-def encode_int(value: int) -> int:
-    """A size or stride as it travels in ``caps`` (decoded by ``triton_math.arg_i32/arg_i64``)."""
-    return 2 * int(value) + INT_ARG_OFFSET
-
-
-TL_DTYPES = {
-    torch.bool: "tl.int1",
-    torch.int8: "tl.int8",
-    torch.uint8: "tl.uint8",
-    torch.int16: "tl.int16",
-    torch.int32: "tl.int32",
-    torch.int64: "tl.int64",
-    torch.float16: "tl.float16",
-    torch.bfloat16: "tl.bfloat16",
-    torch.float32: "tl.float32",
-    torch.float64: "tl.float64",
-}
-_M, _N = "M", "N"
-_INPUT_DIMS = {"score": {_M, _N}, "dout": {_M, _N}, "q_idx": {_M}, "kv_idx": {_N}, "b": set(), "h": set()}
-_OPMATH = frozenset(
-    [
-        "add",
-        "sub",
-        "mul",
-        "truediv",
-        "floordiv",
-        "mod",
-        "pow",
-        "exp",
-        "exp2",
-        "log",
-        "log2",
-        "log1p",
-        "expm1",
-        "tanh",
-        "fast_tanh",
-        "sigmoid",
-        "sqrt",
-        "rsqrt",
-        "sin",
-        "cos",
-        "erf",
-        "round",
-        "trunc",
-        "floor",
-        "ceil",
-    ]
-)
-# op -> (interpreter expression, GPU expression); "{0}" is the operand.
-_UNARY = {
-    "neg": ("-{0}", "-{0}"),
-    "abs": ("tl.abs({0})", "tl.abs({0})"),
-    "sign": ("tm.sign({0})", "tm.sign({0})"),
-    "exp": ("tl.exp({0})", "tl.exp({0})"),
-    "exp2": ("tl.exp2({0})", "tl.exp2({0})"),
-    "log": ("tl.log({0})", "tl.log({0})"),
-    "log2": ("tl.log2({0})", "tl.log2({0})"),
-    "log1p": ("tm.log1p({0})", "libdevice.log1p({0})"),
-    "expm1": ("tm.expm1({0})", "libdevice.expm1({0})"),
-    "tanh": ("tm.tanh({0})", "libdevice.tanh({0})"),
-    "sigmoid": ("tl.sigmoid({0})", "tl.sigmoid({0})"),
-    "rsqrt": ("tl.rsqrt({0})", "tl.rsqrt({0})"),
-    "floor": ("tl.floor({0})", "tl.floor({0})"),
-    "ceil": ("tl.ceil({0})", "tl.ceil({0})"),
-    "round": ("tm.round_half_even({0})", "libdevice.rint({0})"),
-    "trunc": ("tm.trunc({0})", "libdevice.trunc({0})"),
-    "sin": ("tl.sin({0})", "libdevice.sin({0})"),
-    "cos": ("tl.cos({0})", "libdevice.cos({0})"),
-    "erf": ("tl.erf({0})", "tl.erf({0})"),
-    "logical_not": ("({0} == 0)", "({0} == 0)"),
-}
-# Where a value decides a mask bit, an index or an integer (``exact_nodes``), GPUs use the accurate
-# libdevice / IEEE forms instead of the fast approximations above.
-_ACCURATE_GPU = {
-    "exp": "libdevice.exp({0})",
-    "exp2": "libdevice.exp2({0})",
-    "log": "libdevice.log({0})",
-    "log2": "libdevice.log2({0})",
-    "rsqrt": "libdevice.rsqrt({0})",
-    "sqrt": "tl.sqrt_rn({0})",
-    "sigmoid": "tl.div_rn(tl.full((), 1.0, tl.float32), 1.0 + libdevice.exp(-{0}))",
-}
-_INFIX = {
-    "lt": "<",
-    "le": "<=",
-    "gt": ">",
-    "ge": ">=",
-    "eq": "==",
-    "ne": "!=",
-    "and": "&",
-    "or": "|",
-    "xor": "^",
-    "lshift": "<<",
-    "rshift": ">>",
-    "logical_and": "&",
-    "logical_or": "|",
-    "logical_xor": "^",
-    "sub": "-",
-}
-
-
-@dataclass(frozen=True)
-class CaptureLayout:
-    """Where captured tensor ``slot`` sits in the flat ``caps`` tuple."""
-
-    base: int
-    ndim: int
-    wide: bool  # int64 offsets (the tensor or its gradient buffer may hold 2**31 elements)
-
-
-def capture_layouts(graph: Graph) -> list[CaptureLayout]:
-    layouts, base = [], 0
-    for tensor in graph.captures:
-        layouts.append(CaptureLayout(base, tensor.ndim, capture_spec(tensor, False).wide))
-        base += 1 + 2 * tensor.ndim
-    return layouts
-
-
-def tile_dims(graph: Graph) -> list[frozenset]:
-    """For each node, the tile axes (M = query rows, N = key columns) it varies along."""
-    dims: list[frozenset] = []
-    for node in graph.nodes:
-        if node.op in _INPUT_DIMS:
-            dims.append(frozenset(_INPUT_DIMS[node.op]))
-        else:
-            dims.append(frozenset().union(*[dims[a] for a in node.args]))
-    return dims
-
-
-def non_negative(graph: Graph) -> list[bool]:
-    """For each integer node, whether it is provably >= 0 (lets gathers skip the negative wrap)."""
-    out: list[bool] = []
-    for node in graph.nodes:
-        args = [out[a] for a in node.args]
-        if node.op in INPUTS:
-            out.append(node.op != "score")
-        elif node.op == "const":
-            out.append(node.value >= 0)
-        elif node.op == "load":
-            out.append(node.dtype in (torch.bool, torch.uint8))
-        elif node.op in ("add", "mul", "floordiv", "maximum", "where", "cast", "abs", "clamp_min", "rshift"):
-            vals = args[1:] if node.op == "where" else args
-            nonneg = all(vals) if node.op != "maximum" else any(vals)
-            if node.op == "clamp_min":
-                nonneg = args[1]
-            out.append(nonneg and not node.dtype.is_floating_point)
-        elif node.op in ("mod", "and"):
-            out.append(args[1] and not node.dtype.is_floating_point)
-        elif node.op == "minimum":
-            out.append(all(args))
-        else:
-            out.append(node.dtype == torch.bool)
-    return out
-
-
-_DISCONTINUOUS = (
-    frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "mod", "load"}) | COMPARISONS
-)
-
-
-def exact_nodes(graph: Graph, output: int) -> set[int]:
-    """Forward nodes whose exact (eager-identical) value matters: everything feeding a floor, a
-    comparison, a gather index or an integer cast. A last-ulp difference elsewhere only perturbs the
-    score smoothly; here it could flip a mask bit or a gathered row."""
-    exact: set[int] = set()
-    for i in range(output, -1, -1):
-        node = graph.nodes[i]
-        integer_cast = node.op == "cast" and not node.dtype.is_floating_point
-        if i in exact or node.op in _DISCONTINUOUS or integer_cast:
-            exact.update(node.args)
-    return exact
-
-
-def _literal(value, dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "True" if value else "False"
-    if dtype.is_floating_point:
-        value = float(value)
-        if value != value:
-            return 'float("nan")'
-        if value in (float("inf"), float("-inf")):
-            return 'float("inf")' if value > 0 else '-float("inf")'
-        return repr(value)
-    return str(int(value))
-
-
-class _Emitter:
-    """Emits the body of one device function, one line per IR node."""
-
-    def __init__(self, graph: Graph, target: str, output: int) -> None:
-        self.graph = graph
-        self.exact = exact_nodes(graph, output)
-        self.gpu = target != "interpreter"
-        self.target = target
-        self.dims = tile_dims(graph)
-        self.nonneg = non_negative(graph)
-        self.layouts = capture_layouts(graph)
-        self.lines: list[str] = []
-        self.emitted: set[int] = set()
-        self.prologue: set[str] = set()
-
-    # operands
-    def ref(self, i: int) -> str:
-        node = self.graph.nodes[i]
-        if node.op == "const":
-            if node.dtype in (torch.float32, torch.bool) or (
-                node.dtype == torch.int32 and -(2**31) <= node.value < 2**31
-            ):
-                return _literal(node.value, node.dtype)
-            return self.tensor(i)
-        if node.op in INPUTS or node.op == "dout":
-            return node.op
-        return f"v{i}"
-
-    def tensor(self, i: int) -> str:
-        """An expression that is a Triton tensor (constants become ``tl.full``)."""
-        node = self.graph.nodes[i]
-        if node.op == "const":
-            return f"tl.full((), {_literal(node.value, node.dtype)}, {TL_DTYPES[node.dtype]})"
-        return self.ref(i)
-
-    def f32(self, i: int) -> str:
-        node = self.graph.nodes[i]
-        if node.op == "const" and node.dtype.is_floating_point:
-            return _literal(node.value, torch.float32)
-        return f"{self.ref(i)}.to(tl.float32)"
-
-    def is_const(self, i: int, value=None) -> bool:
-        node = self.graph.nodes[i]
-        return node.op == "const" and (value is None or node.value == value)
-
-    # statements
-    def emit(self, indices) -> None:
-        for i in indices:
-            node = self.graph.nodes[i]
-            if i in self.emitted or node.op in ("const", "dout") or node.op in INPUTS:
-                continue
-            self.emitted.add(i)
-            if node.op == "load":
-                self._emit_load(i)
-            else:
-                self.lines.append(f"v{i} = {self._expr(i)}")
-
-    def capture_names(self, slot: int) -> tuple[str, list[str], list[str]]:
-        layout = self.layouts[slot]
-        ptr = f"c{slot}"
-        sizes = [f"c{slot}_n{d}" for d in range(layout.ndim)]
-        strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
-        if ptr not in self.prologue:
-            self.prologue.add(ptr)
-            self.lines += _unpack_capture("caps", layout.base, ptr, sizes, strides, layout.wide)
-        return ptr, sizes, strides
-
-    def index_terms(self, i: int) -> list[tuple[str, bool]]:
-        """Wrapped indices of load ``i`` as (expression, is_constant), emitting them once."""
-        node = self.graph.nodes[i]
-        self.emit(self.graph.live(list(node.args)))
-        _, sizes, _ = self.capture_names(node.value)
-        terms = []
-        for d, a in enumerate(node.args):
-            if self.is_const(a):
-                value = self.graph.nodes[a].value
-                terms.append((str(value) if value >= 0 else f"({sizes[d]} - {-value})", True))
-                continue
-            name = f"c{node.value}_i{d}_v{a}"  # shared by every load of this capture with this index
-            if name not in self.emitted:
-                self.emitted.add(name)
-                helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
-                width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
-                self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
-            terms.append((name, False))
-        return terms
-
-    def offset(self, i: int, strides: list[str]) -> str:
-        terms = [f"{idx} * {stride}" for (idx, _), stride in zip(self.index_terms(i), strides)]
-        return " + ".join(terms)
-
-    def _emit_load(self, i: int) -> None:
-        node = self.graph.nodes[i]
-        ptr, _, strides = self.capture_names(node.value)
-        offset = self.offset(i, strides)
-        self.lines.append(f"v{i} = tl.load({ptr} + {offset})" if offset else f"v{i} = tl.load({ptr})")
-
-    def _expr(self, i: int) -> str:
-        node = self.graph.nodes[i]
-        op, args, dtype = node.op, node.args, node.dtype
-        if op == "cast":
-            if dtype == torch.bool:
-                return f"{self.ref(args[0])} != 0"
-            return f"{self.ref(args[0])}.to({TL_DTYPES[dtype]})"
-        if op == "detach":
-            return self.ref(args[0])
-        if op == "where":
-            return f"tl.where({self.ref(args[0])}, {self.ref(args[1])}, {self.ref(args[2])})"
-        low = dtype in LOW_PRECISION and op in _OPMATH
-        compute = torch.float32 if low else dtype
-        operands = [self.f32(a) if low else self.ref(a) for a in args]
-        expr = self._compute(i, op, args, operands, compute)
-        return f"({expr}).to({TL_DTYPES[dtype]})" if low else expr
-
-    def _compute(self, i: int, op: str, args, x: list[str], dtype: torch.dtype) -> str:
-        is_float = dtype.is_floating_point
-        if self.gpu and i in self.exact and op in _ACCURATE_GPU and dtype == torch.float32:
-            return _ACCURATE_GPU[op].format(x[0])
-        if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
-            return _UNARY[op][self.gpu].format(x[0])
-        if op == "fast_tanh":
-            if self.target == "cuda" and dtype == torch.float32:
-                return f"tm.fast_tanh({x[0]})"
-            return _UNARY["tanh"][self.gpu].format(x[0])
-        if op == "sqrt":
-            return f"tl.sqrt({x[0]})"
-        if op == "invert":
-            return f"~{x[0]}"
-        if op == "add":
-            return f"{x[0]} | {x[1]}" if dtype == torch.bool else f"{x[0]} + {x[1]}"
-        if op == "mul":
-            return f"{x[0]} & {x[1]}" if dtype == torch.bool else f"{x[0]} * {x[1]}"
-        if (
-            op in COMPARISONS
-            and not self.gpu
-            and not self.dims[i]
-            and self.graph.nodes[args[0]].dtype.is_floating_point
-        ):
-            # Triton's interpreter tags a 0-dim float comparison as float, which breaks `&` and `|`
-            return f"({x[0]} {_INFIX[op]} {x[1]}).to(tl.int32) != 0"
-        if op in _INFIX:
-            return f"{x[0]} {_INFIX[op]} {x[1]}"
-        if op == "truediv":
-            return self._divide(i, args, x, dtype)
-        if op == "floordiv":
-            if not is_float:
-                nonneg = self.nonneg[args[0]] and self.nonneg[args[1]]
-                return f"{x[0]} // {x[1]}" if nonneg else f"tm.floordiv({self._ts(args, x)})"
-            return f"tm.floordiv_float({self._ts(args, x)})"
-        if op == "mod":
-            if not is_float and self.nonneg[args[0]] and self.nonneg[args[1]]:
-                return f"{x[0]} % {x[1]}"
-            return f"tm.remainder({self._ts(args, x)})"
-        if op == "pow":
-            return self._power(args, x, dtype)
-        if op in ("maximum", "minimum"):
-            if dtype == torch.bool:
-                return f"{x[0]} {'|' if op == 'maximum' else '&'} {x[1]}"
-            nan = ", propagate_nan=tl.PropagateNan.ALL" if is_float else ""
-            return f"tl.{op}({x[0]}, {x[1]}{nan})"
-        if op == "clamp_min":
-            return f"tl.where({x[0]} < {x[1]}, {x[1]}, {x[0]})"
-        if op == "clamp_max":
-            return f"tl.where({x[0]} > {x[1]}, {x[1]}, {x[0]})"
-        raise NotImplementedError(f"no Triton lowering for IR op {op!r}")
-
-    def _t(self, i: int, expr: str) -> str:
-        """``expr`` as a tensor (helpers need tensors, not Python literals)."""
-        node = self.graph.nodes[i]
-        if node.op != "const":
-            return expr
-        dtype = torch.float32 if node.dtype in LOW_PRECISION else node.dtype
-        return f"tl.full((), {_literal(node.value, dtype)}, {TL_DTYPES[dtype]})"
-
-    def _ts(self, args, x: list[str]) -> str:
-        """All operands as tensors, comma-separated (for helper calls)."""
-        return ", ".join(self._t(a, e) for a, e in zip(args, x))
-
-    def _divide(self, i: int, args, x: list[str], dtype: torch.dtype) -> str:
-        """Float division, bit-compatible with eager PyTorch on the target's device where it matters.
-
-        Eager CUDA divides by a Python number as ``x * (1 / c)`` (PyTorch's scalar-divisor kernel),
-        eager CPU divides exactly. Where the quotient decides a mask bit, an index or an integer
-        (``exact_nodes``) the code does the same as eager on its device, so kernels agree with a
-        block mask built eagerly; elsewhere it takes the fast forms (reciprocal, Triton's ``/``).
-        """
-        divisor = self.graph.nodes[args[1]]
-        exact = i in self.exact
-        if divisor.op == "const" and divisor.value != 0 and math.isfinite(divisor.value):
-            power_of_two = math.frexp(abs(float(divisor.value)))[0] == 0.5
-            if power_of_two or self.gpu or not exact:
-                if dtype == torch.float64:
-                    return f"{x[0]} * tl.full((), {1.0 / float(divisor.value)!r}, tl.float64)"
-                reciprocal = (torch.ones((), dtype=torch.float32) / float(divisor.value)).item()  # as CUDA
-                return f"{x[0]} * {_literal(reciprocal, torch.float32)}"
-        if dtype == torch.float32 and exact:
-            return f"tl.div_rn({x[0]}, {self._t(args[1], x[1])})"
-        return f"{x[0]} / {x[1]}"
-
-    def _power(self, args, x: list[str], dtype: torch.dtype) -> str:
-        exponent = self.graph.nodes[args[1]]
-        if exponent.op == "const":
-            e = exponent.value
-            if not dtype.is_floating_point or (float(e).is_integer() and 0 <= e <= 4):
-                if e == 0:
-                    return f"tl.where({x[0]} == {x[0]}, 1, 1).to({TL_DTYPES[dtype]})"
-                return " * ".join([x[0]] * int(e))
-            special = {
-                0.5: "tl.sqrt_rn({0})" if dtype == torch.float32 else "tl.sqrt({0})",
-                -0.5: "tl.rsqrt({0})",
-                -1.0: "tl.div_rn(tl.full((), 1.0, tl.float32), {0})"
-                if dtype == torch.float32
-                else "1.0 / {0}",
-            }
-            if e in special:
-                return special[e].format(x[0])
-        if not dtype.is_floating_point:
-            return f"tm.ipow({self._ts(args, x)})"
-        pow_fn = "libdevice.pow" if self.gpu else "tm.pow"
-        return f"{pow_fn}({self._ts(args, x)})"
-
-
-def _unpack_capture(
-    tuple_name: str, base: int, ptr: str, sizes: list[str], strides: list[str], wide: bool
-) -> list[str]:
-    """Lines reading one captured tensor's pointer, sizes (int32) and strides from the tuple."""
-    lines = [f"{ptr} = {tuple_name}[{base}]"]
-    k = base + 1
-    for names, helper in ((sizes, "tm.arg_i32"), (strides, "tm.arg_i64" if wide else "tm.arg_i32")):
-        if names:
-            values = ", ".join(f"{helper}({tuple_name}[{k + j}])" for j in range(len(names)))
-            lines.append(f"{', '.join(names)} = {values}")
-            k += len(names)
-    return lines
-
-
-def _broadcast_to_tile(em: _Emitter, var: str, node: int, mask: bool) -> list[str]:
+def _broadcast_to_tile(em: Emitter, var: str, node: int, mask: bool) -> list[str]:
     """Lines broadcasting ``var`` to the full [BLOCK_M, BLOCK_N] tile where it lacks an axis."""
     dims = em.dims[node]
-    if dims == {_M, _N}:
+    if dims == {M, N}:
         return []
     if not mask:
         return [f"{var}, _ = tl.broadcast({var}, score)"]
     lines = []
-    if _M not in dims:
+    if M not in dims:
         lines.append(f"{var}, _ = tl.broadcast({var}, q_idx)")
-    if _N not in dims:
+    if N not in dims:
         lines.append(f"{var}, _ = tl.broadcast({var}, kv_idx)")
     return lines
 
@@ -480,7 +54,7 @@ def _function(name: str, params: str, doc: str, body: list[str]) -> str:
 
 def forward_function(graph: Graph, output: int, kind: str, target: str, name: str) -> str:
     """Source of the score or mask device function."""
-    em = _Emitter(graph, target, output)
+    em = Emitter(graph, target, output)
     em.emit(graph.live([output]))
     body = list(em.lines) + [f"out = {em.tensor(output)}"]
     body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
@@ -494,7 +68,7 @@ def gradient_function(
     graph: Graph, output: int, dscore: int, grads: list[tuple[int, int]], target: str, name: str
 ) -> str:
     """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
-    em = _Emitter(graph, target, output)
+    em = Emitter(graph, target, output)
     em.emit(graph.live([dscore]))
     body = list(em.lines)
     if grads:
@@ -505,7 +79,7 @@ def gradient_function(
         for slot in slots:
             ndim = graph.captures[slot].ndim
             strides = [f"g{slot}_s{d}" for d in range(ndim)]
-            em.lines += _unpack_capture("grad_caps", base, f"g{slot}", [], strides, em.layouts[slot].wide)
+            em.lines += unpack_capture("grad_caps", base, f"g{slot}", [], strides, em.layouts[slot].wide)
             base += 1 + ndim
         for load, adjoint in grads:
             em.lines += _accumulate(em, load, adjoint)
@@ -522,19 +96,19 @@ def gradient_function(
     )
 
 
-def _accumulate(em: _Emitter, load: int, adjoint: int) -> list[str]:
+def _accumulate(em: Emitter, load: int, adjoint: int) -> list[str]:
     """Sum the adjoint over the tile axes the gathered address does not vary along, then atomic add."""
     node = em.graph.nodes[load]
     slot, ndim = node.value, em.graph.captures[node.value].ndim
     offset = em.offset(load, [f"g{slot}_s{d}" for d in range(ndim)])
     ptr, var = f"p{load}", f"d{load}"
     lines = [f"{ptr} = g{slot} + {offset}" if offset else f"{ptr} = g{slot}", f"{var} = {em.tensor(adjoint)}"]
-    if em.dims[adjoint] != {_M, _N}:
+    if em.dims[adjoint] != {M, N}:
         lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
     index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
     if not index_dims:
         lines.append(f"{var} = tl.sum(tl.sum({var}, 1), 0)")
-    elif index_dims != {_M, _N}:
+    elif index_dims != {M, N}:
         lines.append(f"{var} = tm.sum_to({var}, {ptr})")
     lines.append(f'tl.atomic_add({ptr}, {var}, sem="relaxed")')
     return lines

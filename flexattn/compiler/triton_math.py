@@ -11,13 +11,13 @@ import triton.language as tl
 
 @triton.jit
 def arg_i64(encoded):
-    """Decode a size or stride from the mod's argument tuple (see codegen.encode_int) as int64."""
+    """Decode a size or stride from the mod's argument tuple (see analysis.encode_int) as int64."""
     return (encoded - 1099511627777) >> 1
 
 
 @triton.jit
 def arg_i32(encoded):
-    """Decode a size or stride from the mod's argument tuple (see codegen.encode_int) as int32."""
+    """Decode a size or stride from the mod's argument tuple (see analysis.encode_int) as int32."""
     return ((encoded - 1099511627777) >> 1).to(tl.int32)
 
 

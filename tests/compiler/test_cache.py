@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flexattn.compiler import codegen_count, compile_mask_mod, compile_score_mod
-from flexattn.compiler.codegen import encode_int
+from flexattn.compiler.analysis import encode_int
 from tests.compiler.harness import eager_score, run_score
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
