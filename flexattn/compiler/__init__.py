@@ -1,9 +1,13 @@
 """The mod compiler: score_mod / mask_mod -> Triton device functions (``KernelMod``).
 
-    trace.py     run the mod on proxies -> typed IR graph (ir.py); refuse what kernels can't do
-    autodiff.py  reverse-mode gradient of a score mod, as more IR
-    codegen.py   IR -> ``@triton.jit`` source (helpers in triton_math.py)
-    cache.py     structure key -> generated functions; the compile counter
+    ir.py          the typed per-element IR (Graph, Node) and a torch evaluator for it
+    proxy.py       proxies for the mod's values; typed op builders with PyTorch's semantics
+    trace.py       the supported torch surface; run the mod on proxies -> IR (errors.py: refusals)
+    autodiff.py    reverse-mode gradient of a score mod, as more IR
+    analysis.py    tile axes, signs, exactness and argument layout of a graph
+    lowering.py    IR node -> Triton expression (helpers in triton_math.py)
+    codegen.py     the ``@triton.jit`` device functions (forward, mask, gradient)
+    cache.py       structure key -> generated functions; the compile counter
 
 Example::
 
