@@ -2,10 +2,10 @@
 between dense block matrices and the (num_blocks, indices) "ordered" form the kernels read.
 
 How ``classify_blocks`` stays fast and small: it evaluates the mask_mod (with vmap semantics) on
-chunks of whole q blocks against every kv position, reduces each chunk to any/all per
-(q block, kv block) at once, and drops it. Peak memory is one chunk (``budget`` elements), never
-B*H*Q_LEN*KV_LEN; a causal mask at L=65536 takes about a second on two CPU cores
-(~9e5 mask evaluations per millisecond).
+chunks of whole q blocks against every kv position (or against whole kv blocks, for very long
+sequences or many heads), reduces each chunk to any/all per (q block, kv block) at once, and drops
+it. Peak memory is one chunk (``budget`` elements), never B*H*Q_LEN*KV_LEN; a causal mask at
+L=65536 (4.3e9 pairs) takes 1-2 s on one CPU core.
 
 Tails: positions beyond Q_LEN / KV_LEN in the last block are never passed to the mask_mod (a mod
 that gathers from a per-token table would read out of bounds) and are ignored when classifying: a
@@ -111,18 +111,24 @@ def classify_blocks(
     nkv = -(-kv_len // kv_block)
     any_blocks = torch.empty(B, H, nq, nkv, dtype=torch.bool, device=device)
     all_blocks = torch.empty_like(any_blocks)
-    kv = index(0, kv_len, device)
     for b, h in _batch_head_groups(B, H, q_block * kv_len, budget, device):
-        rows = max(1, budget // (b.numel() * h.numel() * kv_len) // q_block) * q_block
-        for start in range(0, q_len, rows):
-            stop = min(start + rows, q_len)
-            vals = eval_mask_mod(mask_mod, b, h, index(start, stop, device), kv)  # (nb, nh, c, KV_LEN)
-            # any/all as max/min over uint8: much faster than bool any/all over a middle dim.
-            row_max, row_min = _reduce_rows(vals.view(torch.uint8), q_block)
-            blk_max, blk_min = _reduce_cols(row_max, row_min, kv_block)
-            q_blocks = slice(start // q_block, start // q_block + blk_max.shape[2])
-            any_blocks[b[:, None], h[None, :], q_blocks] = blk_max.bool()
-            all_blocks[b[:, None], h[None, :], q_blocks] = blk_min.bool()
+        per_row = b.numel() * h.numel()
+        # One q block against as many whole kv blocks as fit the budget (all of them, usually) ...
+        cols = max(1, budget // (per_row * q_block) // kv_block) * kv_block
+        # ... and, when all kv positions fit, as many whole q blocks as fit.
+        rows = max(1, budget // (per_row * kv_len) // q_block) * q_block if cols >= kv_len else q_block
+        for q_start in range(0, q_len, rows):
+            q = index(q_start, min(q_start + rows, q_len), device)
+            for kv_start in range(0, kv_len, cols):
+                kv = index(kv_start, min(kv_start + cols, kv_len), device)
+                vals = eval_mask_mod(mask_mod, b, h, q, kv)  # (nb, nh, rows, cols)
+                # any/all as max/min over uint8: much faster than bool any/all over a middle dim.
+                row_max, row_min = _reduce_rows(vals.view(torch.uint8), q_block)
+                blk_max, blk_min = _reduce_cols(row_max, row_min, kv_block)
+                q_blocks = slice(q_start // q_block, q_start // q_block + blk_max.shape[2])
+                kv_blocks = slice(kv_start // kv_block, kv_start // kv_block + blk_max.shape[3])
+                any_blocks[b[:, None], h[None, :], q_blocks, kv_blocks] = blk_max.bool()
+                all_blocks[b[:, None], h[None, :], q_blocks, kv_blocks] = blk_min.bool()
     return any_blocks & ~all_blocks, all_blocks
 
 

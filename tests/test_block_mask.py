@@ -359,8 +359,12 @@ def test_random_table_masks_round_trip(B, H, Lq, Lkv, q_block, kv_block, density
     assert_well_formed(mask)
 
 
-@pytest.mark.parametrize("budget", [1, 3 * 16 * 70], ids=["per-batch-head", "per-batch"])
-def test_small_budgets_split_work_over_batch_and_heads_without_changing_blocks(budget):
+@pytest.mark.parametrize(
+    "budget",
+    [1, 16 * 40, 3 * 16 * 70],
+    ids=["per-batch-head-kv-block", "per-batch-head-kv-chunk", "per-batch"],
+)
+def test_small_budgets_split_work_without_changing_blocks(budget):
     whole = classify_blocks(per_batch_head, 2, 3, 70, 70, 16, 16, "cpu")
     split = classify_blocks(per_batch_head, 2, 3, 70, 70, 16, 16, "cpu", budget=budget)
     assert torch.equal(whole[0], split[0]) and torch.equal(whole[1], split[1])
