@@ -251,9 +251,15 @@ def _zoo(tile: Tile):
         )
 
     module = _LearnableRelativeBias(H, Lq + Lkv, DEVICE)
+    leaf = torch.randn(Lkv, H, device=DEVICE, requires_grad=True)
+    leaf_view = leaf.t()  # non-contiguous capture (strides (1, H)); gradients go through the view
+
+    def transposed_view(s, b, h, q, kv):
+        return s + leaf_view[h, kv] * (q % 3)
 
     return {
         "module-with-parameter": (module, (module.table,)),
+        "transposed-view": (transposed_view, (leaf,)),
         "arithmetic": (arithmetic, ()),
         "integer-semantics": (integer_semantics, ()),
         "unary-functions": (unary_functions, ()),
