@@ -101,7 +101,7 @@ def explain(mod, kind: str | None = None, *, device=None) -> str:
     ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
     """
     kind = kind or _guess_kind(mod)
-    program = trace(mod, kind)
+    program = trace(mod, kind, device)
     entry = _entry(program, _target(device, program))
     return (
         f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
@@ -173,7 +173,7 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
 
 
 def _compile(mod, kind: str, device) -> KernelMod:
-    program = trace(mod, kind)
+    program = trace(mod, kind, device)
     entry = _entry(program, _target(device, program))
     captures = program.graph.captures
     args: list = []

@@ -22,14 +22,15 @@ class ModCompileError(Exception):
 
 
 @contextlib.contextmanager
-def tracing(graph: Graph, mod_name: str):
-    """Make ``graph`` the target of proxy operations (and ``mod_name`` the name in errors)."""
-    previous = (getattr(_STATE, "graph", None), getattr(_STATE, "mod_name", None))
-    _STATE.graph, _STATE.mod_name = graph, mod_name
+def tracing(graph: Graph, mod_name: str, device: torch.device | None = None):
+    """Make ``graph`` the target of proxy operations (``mod_name`` names it in errors; ``device`` is
+    what the mod's values report as their device)."""
+    previous = tuple(getattr(_STATE, k, None) for k in ("graph", "mod_name", "device"))
+    _STATE.graph, _STATE.mod_name, _STATE.device = graph, mod_name, device
     try:
         yield
     finally:
-        _STATE.graph, _STATE.mod_name = previous
+        _STATE.graph, _STATE.mod_name, _STATE.device = previous
 
 
 def current_graph() -> Graph:
@@ -37,6 +38,10 @@ def current_graph() -> Graph:
     if graph is None:
         raise ModCompileError("a traced value was used after its mod finished tracing")
     return graph
+
+
+def trace_device() -> torch.device:
+    return getattr(_STATE, "device", None) or torch.device("cpu")
 
 
 def mod_name() -> str:

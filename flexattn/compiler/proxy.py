@@ -16,7 +16,7 @@ from numbers import Number
 import torch
 from torch.overrides import handle_torch_function
 
-from flexattn.compiler.errors import ModCompileError, current_graph, in_place, refuse
+from flexattn.compiler.errors import ModCompileError, current_graph, in_place, refuse, trace_device
 from flexattn.compiler.ir import COMPARISONS, LOGICAL, LOW_PRECISION, OP_TORCH, Node
 
 
@@ -47,7 +47,8 @@ class Traced:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cpu")
+        """The device the kernels run on (so ``torch.zeros(n, device=q_idx.device)`` lands there)."""
+        return trace_device()
 
     def dim(self) -> int:
         return 0

@@ -325,11 +325,15 @@ def _mod_name(mod) -> str:
     return getattr(mod, "__name__", None) or type(mod).__name__
 
 
-def trace(mod, kind: str) -> Program:
-    """Trace a score mod (``kind="score"``) or mask mod (``kind="mask"``) into a pruned graph."""
+def trace(mod, kind: str, device=None) -> Program:
+    """Trace a score mod (``kind="score"``) or mask mod (``kind="mask"``) into a pruned graph.
+
+    ``device`` (optional) is what the mod's values report as ``.device``.
+    """
     graph = Graph()
     inputs = [Traced(graph, i) for i in range(len(INPUTS))]
-    with tracing(graph, _mod_name(mod)), _TraceMode():
+    device = torch.device(device) if device is not None else None
+    with tracing(graph, _mod_name(mod), device), _TraceMode():
         result = mod(*inputs) if kind == "score" else mod(*inputs[1:])
         if not isinstance(result, Traced | torch.Tensor | PartialIndex) and as_number(result) is None:
             raise ModCompileError(

@@ -276,3 +276,15 @@ def test_random_expression_gradients_match_autograd(expr, c):
             assume(False)
         want = torch.zeros(M, N) if want is None else want
     torch.testing.assert_close(got.expand(M, N), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_values_report_the_kernel_device():
+    seen = []
+
+    def mod(b, h, q_idx, kv_idx):
+        seen.append(q_idx.device)
+        return q_idx >= kv_idx
+
+    trace(mod, "mask", device="meta")
+    trace(mod, "mask")
+    assert seen == [torch.device("meta"), torch.device("cpu")]
