@@ -79,16 +79,21 @@ def flex_attention(
         >>> out.shape
         torch.Size([2, 4, 100, 32])
     """
+    _check_tensors(query, key, value, enable_gqa)
+    request = _check_returns(return_lse, return_aux)
     if torch.compiler.is_compiling() and _compiles_to_custom_ops(kernel_options, query.device):
-        # under torch.compile with the Triton backend: custom ops, no graph break
+        # under torch.compile with the Triton backend: custom ops, no graph break. The checks on
+        # mods, scale and options run once at trace time (their results are constants).
         from flexattn.custom_ops import traced_attention
 
-        request = _check_returns(return_lse, return_aux)
+        mask_mod = None if block_mask is None else block_mask.mask_mod
+        _check_trace_constants(score_mod, mask_mod, scale, query.shape[-1], kernel_options)
+        if block_mask is not None:
+            _check_block_mask(block_mask, query, key)
         out, lse, max_scores = traced_attention(
             query, key, value, score_mod, block_mask, scale, kernel_options
         )
         return _pack(out, lse, max_scores, request, return_lse, return_aux)
-    _check_tensors(query, key, value, enable_gqa)
     if score_mod is not None:
         check_mod(score_mod, "score_mod", "score_mod")
     scale = _check_scale(scale, query.shape[-1])
@@ -97,11 +102,23 @@ def flex_attention(
         block_mask = noop_block_mask(query.shape[2], key.shape[2], query.device)
     else:
         block_mask = _from_pytorch_block_mask(block_mask)
-        _check_block_mask(block_mask, query, key, options)
-    request = _check_returns(return_lse, return_aux)
+        _check_block_mask(block_mask, query, key)
+        _check_mask_mod_and_tiles(block_mask, options)
 
     out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
+
+
+@torch._dynamo.assume_constant_result
+def _check_trace_constants(score_mod, mask_mod, scale, head_dim, kernel_options) -> bool:
+    """The checks of the non-tensor arguments, run in plain Python while torch.compile traces."""
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
+    if mask_mod is not None:
+        check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
+    _check_scale(scale, head_dim)
+    KernelOptions.from_user(kernel_options)
+    return True
 
 
 @torch._dynamo.assume_constant_result
@@ -195,7 +212,8 @@ def _from_pytorch_block_mask(block_mask):
     return BlockMask(**values)
 
 
-def _check_block_mask(block_mask, query, key, options: KernelOptions) -> None:
+def _check_block_mask(block_mask, query, key) -> None:
+    """Shape, broadcast and device checks of a BlockMask against query / key."""
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
             "block_mask must be a flexattn.BlockMask (from create_block_mask), "
@@ -233,7 +251,12 @@ def _check_block_mask(block_mask, query, key, options: KernelOptions) -> None:
             "block_mask was sliced with [] and has no mask_mod for the slice. Set `block_mask.mask_mod` "
             "to a mod that fits the slice's b / h / q_idx (see BlockMask.__getitem__)."
         )
+
+
+def _check_mask_mod_and_tiles(block_mask: BlockMask, options: KernelOptions) -> None:
+    """The mask_mod's signature, and kernel tiles that divide the mask's blocks."""
     check_mod(block_mask.mask_mod, "block_mask.mask_mod", "mask_mod")
+    q_block, kv_block = block_mask.BLOCK_SIZE
     for name, size, block in (("BLOCK_M", options.BLOCK_M, q_block), ("BLOCK_N", options.BLOCK_N, kv_block)):
         if size is not None and block % size != 0:
             raise ValueError(

@@ -144,6 +144,35 @@ def test_reference_backend_still_runs_under_compile():
     )
 
 
+@pytest.mark.parametrize(
+    "bad_call, message",
+    [
+        (
+            lambda q, k: flex_attention(q, k[:, :2], k[:, :2], kernel_options={"BACKEND": "TRITON"}),
+            "enable_gqa",
+        ),
+        (
+            lambda q, k: flex_attention(q, k, k, scale=float("nan"), kernel_options={"BACKEND": "TRITON"}),
+            "finite",
+        ),
+        (
+            lambda q, k: flex_attention(q, k, k, kernel_options={"BACKEND": "TRITON", "BLOCK_Q": 64}),
+            "BLOCK_Q",
+        ),
+        (
+            lambda q, k: flex_attention(q, k, k, lambda s, b, h: s, kernel_options={"BACKEND": "TRITON"}),
+            "score_mod",
+        ),
+    ],
+    ids=["gqa-without-enable_gqa", "nan-scale", "unknown-option", "score_mod-arity"],
+)
+def test_compiled_calls_validate_their_arguments(bad_call, message):
+    """Under torch.compile the custom-op path checks its inputs as eagerly as the plain path."""
+    q, k = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    with pytest.raises(Exception, match=message):
+        torch.compile(bad_call, fullgraph=True, backend="aot_eager")(q, k)
+
+
 @pytest.mark.gpu
 def test_compiled_model_matches_eager_gpu():
     _compare_compiled_to_eager("cuda", "inductor", (2, 4, 1000, 64), torch.bfloat16)
