@@ -22,12 +22,14 @@ Example::
     print(explain(rel_bias))            # IR and generated Triton source
 
 Supported inside mods: Python operators (``+ - * / // % **``, comparisons, ``& | ^ ~ << >>``, unary
-``-``, ``abs``), elementwise torch functions and Tensor methods (where, exp, exp2, log, log2, log1p,
-expm1, tanh, sigmoid, sqrt, rsqrt, abs, sign, clamp/clamp_min/clamp_max, minimum/maximum, floor,
-ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not, isnan/isinf/isfinite, relu, square,
-reciprocal, casts, ``*_like`` constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from
-captured tensors of any dtype and rank (nested gathers, partial indexing), captured Python numbers,
-and mods calling other mods. Everything else raises ``ModCompileError`` with the source line.
+``-``, ``abs``), elementwise torch functions and Tensor methods (where, masked_fill, exp, exp2, log,
+log2, log10, log1p, expm1, tanh, sigmoid, sqrt, rsqrt, abs, sign, clamp/clip/clamp_min/clamp_max,
+minimum/maximum, relu, floor, ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not,
+isnan/isinf/isfinite, square, reciprocal, div(rounding_mode=...), casts, ``*_like``/``new_*``
+constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from captured tensors of any dtype and
+rank (nested gathers, partial indexing), ``searchsorted``/``bucketize`` over a captured sorted 1-D
+tensor, captured Python numbers and 0-dim tensors, nn.Module mods, and mods calling other mods.
+Everything else raises ``ModCompileError`` naming the source line, with a hint.
 
 Caching: code is generated once per structure. Captured tensors are runtime arguments (new values
 or sizes reuse the code and the compiled kernels); Python numbers in the mod are constants of the

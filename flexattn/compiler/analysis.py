@@ -65,6 +65,8 @@ def non_negative(graph: Graph) -> list[bool]:
             out.append(node.value >= 0)
         elif node.op == "load":
             out.append(node.dtype in (torch.bool, torch.uint8))
+        elif node.op == "search":
+            out.append(True)
         elif node.op in ("add", "mul", "floordiv", "maximum", "where", "cast", "abs", "clamp_min", "rshift"):
             vals = args[1:] if node.op == "where" else args
             nonneg = all(vals) if node.op != "maximum" else any(vals)
@@ -81,7 +83,7 @@ def non_negative(graph: Graph) -> list[bool]:
 
 
 _DISCONTINUOUS = (
-    frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "mod", "load"}) | COMPARISONS
+    frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "mod", "load", "search"}) | COMPARISONS
 )
 
 

@@ -13,6 +13,7 @@ Ops (``Node.op``):
     inputs      score b h q_idx kv_idx dout            (dout only in gradient graphs)
     const       value = the Python number
     load        value = capture slot; args = one index per dimension of the captured tensor
+    search      value = (capture slot, right); args = (v,): torch.searchsorted(capture, v, right=right)
     cast        to Node.dtype
     unary       neg abs sign exp exp2 log log2 log1p expm1 tanh fast_tanh sigmoid sqrt rsqrt
                 floor ceil round trunc sin cos erf invert logical_not detach
@@ -196,6 +197,8 @@ class Graph:
             value = node.value
             if node.op == "load":
                 value = new.capture(self.captures[node.value])
+            elif node.op == "search":
+                value = (new.capture(self.captures[node.value[0]]), node.value[1])
             remap[i] = new.add(Node(node.op, args, node.dtype, value))
         return new, [remap[o] for o in outputs]
 
@@ -219,6 +222,10 @@ class Graph:
                 t = self.captures[node.value]
                 idx = ", ".join(f"%{a}" for a in node.args)
                 rhs = f"capture{node.value}{tuple(t.shape)}[{idx}]"
+            elif node.op == "search":
+                slot, right = node.value
+                t = self.captures[slot]
+                rhs = f"searchsorted(capture{slot}{tuple(t.shape)}, %{node.args[0]}, right={right})"
             else:
                 rhs = f"{node.op}(" + ", ".join(f"%{a}" for a in node.args) + ")"
             dtype = str(node.dtype).replace("torch.", "")
@@ -263,6 +270,13 @@ def evaluate(graph: Graph, outputs: list[int], inputs: dict[str, torch.Tensor]) 
                 for d, a in enumerate(node.args)
             )
             values[i] = tensor[index] if index else tensor
+        elif node.op == "search":
+            slot, right = node.value
+            tensor = graph.captures[slot].detach()
+            found = torch.searchsorted(
+                tensor, values[node.args[0]].to(tensor.device).contiguous(), right=right
+            )
+            values[i] = found.to(node.dtype)
         else:
             values[i] = _apply(node, [values[a] for a in node.args])
     return [values[o] for o in outputs]

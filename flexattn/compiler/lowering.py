@@ -177,6 +177,8 @@ class Emitter:
             self.emitted.add(i)
             if node.op == "load":
                 self._emit_load(i)
+            elif node.op == "search":
+                self._emit_search(i)
             else:
                 self.lines.append(f"v{i} = {self._expr(i)}")
 
@@ -219,6 +221,14 @@ class Emitter:
         ptr, _, strides = self.capture_names(node.value)
         offset = self.offset(i, strides)
         self.lines.append(f"v{i} = tl.load({ptr} + {offset})" if offset else f"v{i} = tl.load({ptr})")
+
+    def _emit_search(self, i: int) -> None:
+        """torch.searchsorted over a sorted 1-D capture: a binary search per element."""
+        node = self.graph.nodes[i]
+        (slot, right), (v,) = node.value, node.args
+        ptr, sizes, strides = self.capture_names(slot)
+        found = f"tm.searchsorted({ptr}, {sizes[0]}, {strides[0]}, {self.tensor(v)}, {right})"
+        self.lines.append(f"v{i} = {found}.to({TL_DTYPES[node.dtype]})")
 
     def _expr(self, i: int) -> str:
         node = self.graph.nodes[i]

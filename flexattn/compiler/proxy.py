@@ -398,3 +398,22 @@ def _index_node(item) -> int:
     if isinstance(item, bool) or not isinstance(item, int):
         raise refuse(f"indexing a captured tensor with {item!r}", "use an integer index")
     return current_graph().const(item, torch.int64)
+
+
+@untraced
+def searchsorted(sorted_sequence, value, right: bool = False, out_int32: bool = False) -> Traced:
+    """``torch.searchsorted(sorted_sequence, value, right=right)`` for a captured 1-D sequence."""
+    if not isinstance(sorted_sequence, torch.Tensor) or sorted_sequence.ndim != 1:
+        shape = tuple(getattr(sorted_sequence, "shape", ()))
+        raise refuse(
+            f"searchsorted/bucketize over {type(sorted_sequence).__name__} of shape {shape}",
+            "search a captured 1-D sorted tensor (e.g. document offsets) for a per-element value",
+        )
+    v = _to_proxy(operand(value))
+    compute = torch.promote_types(sorted_sequence.dtype, v.dtype)
+    graph = current_graph()
+    slot = graph.capture(sorted_sequence)
+    dtype = torch.int32 if out_int32 else torch.int64
+    return Traced(
+        graph, graph.add(Node("search", (graph.cast(v.node, compute),), dtype, (slot, bool(right))))
+    )

@@ -29,6 +29,7 @@ from flexattn.compiler.proxy import (
     gather,
     operand,
     result_dtype,
+    searchsorted,
     unary,
     where,
 )
@@ -76,6 +77,16 @@ def _method_to(x, *args, **kwargs):
         elif isinstance(a, Traced | torch.Tensor):
             dtype = a.dtype
     return x if dtype is None else cast(x, dtype)
+
+
+def _searchsorted(sorted_sequence, value, *, out_int32=False, right=False, side=None, sorter=None):
+    if sorter is not None:
+        raise refuse("searchsorted(..., sorter=...)", "sort the captured sequence once outside the mod")
+    return searchsorted(sorted_sequence, value, right or side == "right", out_int32)
+
+
+def _bucketize(value, boundaries, *, out_int32=False, right=False):
+    return searchsorted(boundaries, value, right, out_int32)
 
 
 def _round(x, *, decimals=0):
@@ -203,6 +214,8 @@ _HANDLERS = {
     "reciprocal": lambda x: binary("truediv", 1.0, x),
     "log10": lambda x: binary("mul", unary("log", x), 1 / 2.302585092994046),
     "round": _round,
+    "searchsorted": _searchsorted,
+    "bucketize": _bucketize,
     "isnan": _isnan,
     "isinf": _isinf,
     "isfinite": _isfinite,

@@ -155,3 +155,24 @@ def floordiv_float(a, b):
     floored = tl.where(div - floored > 0.5, floored + 1.0, floored)
     zero = tl.where(_div(a, b) < 0, -0.0, 0.0)
     return tl.where(b == 0, _div(a, b), tl.where(div != 0, floored, zero))
+
+
+@triton.jit
+def searchsorted(ptr, n, stride, v, RIGHT: tl.constexpr):
+    """torch.searchsorted(seq, v, right=RIGHT) for a sorted 1-D ``seq`` of ``n`` elements: the first
+    index whose element is >= v (> v when RIGHT), or n. A binary search per element of ``v``."""
+    lo = tl.zeros_like(v).to(tl.int32)
+    hi = lo + n
+    width = n
+    while width > 0:  # bit_length(n) >= ceil(log2(n + 1)) halvings
+        width = width // 2
+        mid = (lo + hi) // 2
+        x = tl.load(ptr + tl.minimum(mid, n - 1) * stride).to(v.dtype)
+        if RIGHT:
+            go_right = (x <= v).to(tl.int32)  # (int32: the interpreter mistypes 0-dim float compares)
+        else:
+            go_right = (x < v).to(tl.int32)
+        active = lo < hi
+        lo = tl.where(active & (go_right != 0), mid + 1, lo)
+        hi = tl.where(active & (go_right == 0), mid, hi)
+    return lo

@@ -308,6 +308,7 @@ def test_gpu_compiled_mods_match_eager():
     test_log_buckets_decide_mask_bits_like_eager()
     test_index_arithmetic_is_int64_only_for_huge_captures()
     test_fixed_point_gradient_buffers()
+    test_document_mask_from_offsets_by_binary_search()
 
 
 def test_fixed_point_gradient_buffers():
@@ -393,3 +394,22 @@ def test_index_arithmetic_is_int64_only_for_huge_captures():
     tile = Tile(Lq=64, Lkv=64)
     got = run_score(compile_score_mod(huge_bias, device=DEVICE), tile.score, *tile.indices())
     torch.testing.assert_close(got, eager_score(huge_bias, tile.score, *tile.indices()))
+
+
+def test_document_mask_from_offsets_by_binary_search():
+    """torch.searchsorted / bucketize over captured sorted offsets (cu_seqlens style)."""
+    tile = Tile(Lq=200, Lkv=200)
+    cuts = torch.randperm(199)[: int(torch.randint(1, 12, ()))].sort().values + 1
+    offsets = torch.cat([torch.tensor([0]), cuts, torch.tensor([200])]).to(DEVICE)
+    edges = torch.sort(torch.rand(7, device=DEVICE) * 200).values
+
+    def same_document(b, h, q_idx, kv_idx):
+        doc = lambda i: torch.searchsorted(offsets, i, right=True)
+        same = doc(q_idx) == doc(kv_idx)
+        return same & (
+            torch.bucketize(q_idx * 1.0, edges) >= torch.bucketize(kv_idx * 0.5, edges, right=True)
+        )
+
+    check_mask_mod(same_document, tile)
+    head_doc = lambda score, b, h, q_idx, kv_idx: score + torch.searchsorted(offsets, h * 40, out_int32=True)
+    check_score_mod(head_doc, tile)

@@ -225,3 +225,11 @@ def test_captured_tensor_on_another_device_is_refused():
 def test_mod_must_return_a_value(result):
     with pytest.raises(ModCompileError, match="must return a tensor or a number, got"):
         compile_mask_mod(lambda b, h, q_idx, kv_idx: result, device="cpu")
+
+
+def test_searchsorted_needs_a_captured_1d_sequence():
+    def searches_a_table(b, h, q_idx, kv_idx):
+        return torch.searchsorted(BIAS, q_idx) > 0
+
+    with pytest.raises(ModCompileError, match=r"searchsorted/bucketize over Tensor of shape \(4, 16\)"):
+        compile_mask_mod(searches_a_table, device="cpu")
