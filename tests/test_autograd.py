@@ -232,3 +232,43 @@ def test_deterministic_bias_gradients_gpu():
             )[3]
         )
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.gpu
+def test_more_than_65535_batch_heads_gpu():
+    """B * Hq above CUDA's grid y limit (65535): the backward launches must still run and be right."""
+    check_gradients("noop", Shape(B=4097, Hq=16, Lq=16, E=16), torch.float16, "cuda")
+
+
+@pytest.mark.gpu
+def test_row_offsets_beyond_int32_gpu():
+    """position * row stride past 2**31 elements (long sequences in a (B, L, H*E)-like layout).
+
+    q, k, v and dout are column slices of one 4.3 GB buffer whose rows are 2**15 elements apart;
+    rows >= 65536 start beyond 2**31 elements. The mask is block diagonal, so the last q/kv blocks
+    can be checked against the reference run on just those blocks.
+    """
+    E, row_stride, block = 16, 1 << 15, 128
+    L = (1 << 31) // row_stride + 64
+    buffer = torch.zeros(1, L, row_stride, device="cuda", dtype=torch.float16)
+    buffer[..., : 4 * E].normal_()
+    q, k, v, dout = (buffer[..., i * E : (i + 1) * E].unsqueeze(1) for i in range(4))  # (1, 1, L, E)
+    assert q.stride(2) * (L - 1) > 2**31
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def same_block(b, h, q_idx, kv_idx):
+        return q_idx // block == kv_idx // block
+
+    mask = create_block_mask(same_block, None, None, L, L, device="cuda", BLOCK_SIZE=block)
+    out = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+
+    start = (L // block - 3) * block  # the last blocks, tail included: independent of the rest
+    tail = [t.detach()[:, :, start:].contiguous() for t in (q, k, v, dout)]
+    tail_mask = create_block_mask(
+        same_block, None, None, L - start, L - start, device="cuda", BLOCK_SIZE=block
+    )
+    gold, eager = gold_and_eager(*tail[:3], block_mask=tail_mask, dout=tail[3])
+    assert_close_to_gold(out[:, :, start:], gold.out, eager.out, name="out")
+    for name, actual, g, e in zip(("dq", "dk", "dv"), grads, gold.grads, eager.grads):
+        assert_close_to_gold(actual[:, :, start:], g, e, name=name)

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from flexattn.kernels import common  # noqa: F401  (makes loaded loop bounds work in the interpreter)
 from flexattn.kernels.backward_tiles import choose_backward_tiles
+from flexattn.kernels.common import load_tile
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
 # is scaled by 2**FIXED_POINT_BITS and truncated to an integer, so the sum is order independent.
@@ -43,22 +43,6 @@ FIXED_POINT_BITS = 32
 
 
 @triton.jit
-def _load_2d(ptr, rows, cols, stride_row, stride_col, N_ROWS, N_COLS,
-             CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """``ptr[rows[:, None], cols[None, :]]``, zeros outside ``N_ROWS x N_COLS`` (checked only if asked)."""
-    ptrs = ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=(rows[:, None] < N_ROWS) & (cols[None, :] < N_COLS), other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=rows[:, None] < N_ROWS, other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
 def _load_lse2(LSE, rows, END):
     """The forward's natural-log LSE in base 2; +inf on empty rows and at rows >= END, so that p = 0."""
     lse = tl.load(LSE + rows, mask=rows < END, other=float("-inf"))
@@ -66,29 +50,29 @@ def _load_lse2(LSE, rows, END):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preprocess: DELTA = rowsum(dO * O) - dLSE, one program per (BLOCK rows, b * HQ + h)
+# Preprocess: DELTA = rowsum(dO * O) - dLSE, one program per (BLOCK rows, h, b)
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Q_LEN"])
 def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl.constexpr,
                     BLOCK: tl.constexpr, EV_PAD: tl.constexpr, HAS_DLSE: tl.constexpr):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = (pid_bh % HQ).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, EV_PAD)
-    o = _load_2d(O + b * o_strides[0] + h * o_strides[1], rows, cols, o_strides[2], o_strides[3],
-                 Q_LEN, EV, True, EV != EV_PAD)
-    do = _load_2d(DO + b * do_strides[0] + h * do_strides[1], rows, cols, do_strides[2], do_strides[3],
-                  Q_LEN, EV, True, EV != EV_PAD)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    start = tl.program_id(0) * BLOCK
+    local, cols = tl.arange(0, BLOCK), tl.arange(0, EV_PAD)
+    rows = start + local
+    o = load_tile(O + b * o_strides[0] + h * o_strides[1] + start.to(tl.int64) * o_strides[2], local, cols,
+                  o_strides[2], o_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
+    do = load_tile(DO + b * do_strides[0] + h * do_strides[1] + start.to(tl.int64) * do_strides[2], local, cols,
+                   do_strides[2], do_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    offsets = pid_bh.to(tl.int64) * Q_LEN + rows
+    offsets = (b * HQ + h) * Q_LEN + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + offsets, mask=rows < Q_LEN, other=0.0)
     tl.store(DELTA + offsets, delta, mask=rows < Q_LEN)
 
 
 # ----------------------------------------------------------------------------------------------
-# dK / dV: one program per (BLOCK_N1 keys, b * HKV + kv head); loops over the G query heads of
+# dK / dV: one program per (BLOCK_N1 keys, kv head, b); loops over the G query heads of
 # the group and, for each, over the query blocks of the transposed BlockMask (partial, then full).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -102,11 +86,14 @@ def _dkdv_step(
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA
-    offs_m = start_m + tl.arange(0, BLOCK_M1)
-    qT = _load_2d(q_ptr, tl.arange(0, E_PAD), offs_m, q_strides[1], q_strides[0], E, Q_LEN, E != E_PAD, CHECK_M)
-    do = _load_2d(do_ptr, offs_m, tl.arange(0, EV_PAD), do_strides[0], do_strides[1], Q_LEN, EV,
-                  CHECK_M, EV != EV_PAD)
+    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences)
+    local = tl.arange(0, BLOCK_M1)
+    offs_m = start_m + local
+    m64 = start_m.to(tl.int64)
+    qT = load_tile(q_ptr + m64 * q_strides[0], tl.arange(0, E_PAD), local, q_strides[1], q_strides[0], E,
+                   Q_LEN - start_m, E != E_PAD, CHECK_M)
+    do = load_tile(do_ptr + m64 * do_strides[0], local, tl.arange(0, EV_PAD), do_strides[0], do_strides[1],
+                   Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
     lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
 
@@ -142,8 +129,8 @@ def _dkdv_step(
     # -- FUSED_DQ: dQ (unscaled) += dS K, added atomically to the fp32 accumulator
     if FUSED_DQ:
         offs_e = tl.arange(0, E_PAD)
-        dq_ptrs = (DQ_ACC + b.to(tl.int64) * dq_strides[0] + hq.to(tl.int64) * dq_strides[1]
-                   + offs_m[:, None] * dq_strides[2] + offs_e[None, :] * dq_strides[3])
+        dq_ptrs = (DQ_ACC + b.to(tl.int64) * dq_strides[0] + hq.to(tl.int64) * dq_strides[1] + m64 * dq_strides[2]
+                   + local[:, None] * dq_strides[2] + offs_e[None, :] * dq_strides[3])
         dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
         tl.atomic_add(dq_ptrs, dq, mask=(offs_m < Q_LEN)[:, None] & (offs_e < E)[None, :], sem="relaxed")
     return dk, dv
@@ -158,7 +145,7 @@ def _bwd_dkdv(
     # transposed BlockMask (contiguous): counts (MB, MASK_H, NKV), indices (MB, MASK_H, NKV, NQ)
     Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, MASK_H, MASK_ROWS, MASK_COLS,
     DQ_ACC, dq_strides,  # fp32 (B, HQ, Q_LEN, E) dQ accumulator, used when FUSED_DQ
-    HQ, HKV, Q_LEN, KV_LEN, scale,
+    HQ, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
@@ -167,18 +154,18 @@ def _bwd_dkdv(
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
     start_n = tl.program_id(0) * BLOCK_N1
-    offs_n = start_n + tl.arange(0, BLOCK_N1)
+    local = tl.arange(0, BLOCK_N1)
+    offs_n = start_n + local
 
     # -- this program's keys and values stay in registers for the whole loop
-    b64 = b.to(tl.int64)
-    k = _load_2d(K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1], offs_n, tl.arange(0, E_PAD),
-                 k_strides[2], k_strides[3], KV_LEN, E, CHECK_N, E != E_PAD)
-    v = _load_2d(V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1], offs_n, tl.arange(0, EV_PAD),
-                 v_strides[2], v_strides[3], KV_LEN, EV, CHECK_N, EV != EV_PAD)
+    b64, hk64, n64 = b.to(tl.int64), hk.to(tl.int64), start_n.to(tl.int64)
+    k = load_tile(K + b64 * k_strides[0] + hk64 * k_strides[1] + n64 * k_strides[2], local, tl.arange(0, E_PAD),
+                  k_strides[2], k_strides[3], KV_LEN - start_n, E, CHECK_N, E != E_PAD)
+    v = load_tile(V + b64 * v_strides[0] + hk64 * v_strides[1] + n64 * v_strides[2], local, tl.arange(0, EV_PAD),
+                  v_strides[2], v_strides[3], KV_LEN - start_n, EV, CHECK_N, EV != EV_PAD)
     dk = tl.zeros([BLOCK_N1, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, EV_PAD], dtype=tl.float32)
 
@@ -216,16 +203,16 @@ def _bwd_dkdv(
     # -- write dK (scaled) and dV
     offs_e = tl.arange(0, E_PAD)
     offs_ev = tl.arange(0, EV_PAD)
-    dk_ptrs = (DK + b64 * dk_strides[0] + hk.to(tl.int64) * dk_strides[1] + offs_n[:, None] * dk_strides[2]
+    dk_ptrs = (DK + b64 * dk_strides[0] + hk64 * dk_strides[1] + n64 * dk_strides[2] + local[:, None] * dk_strides[2]
                + offs_e[None, :] * dk_strides[3])
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=(offs_n < KV_LEN)[:, None] & (offs_e < E)[None, :])
-    dv_ptrs = (DV + b64 * dv_strides[0] + hk.to(tl.int64) * dv_strides[1] + offs_n[:, None] * dv_strides[2]
+    dv_ptrs = (DV + b64 * dv_strides[0] + hk64 * dv_strides[1] + n64 * dv_strides[2] + local[:, None] * dv_strides[2]
                + offs_ev[None, :] * dv_strides[3])
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(offs_n < KV_LEN)[:, None] & (offs_ev < EV)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# dQ: one program per (BLOCK_M2 queries, b * HQ + query head); loops over the kv blocks of the
+# dQ: one program per (BLOCK_M2 queries, query head, b); loops over the kv blocks of the
 # BlockMask (partial, then full), recomputing P and dP.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -238,10 +225,13 @@ def _dq_step(
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # -- BLOCK_N2 keys and values, transposed
-    offs_n = start_n + tl.arange(0, BLOCK_N2)
-    kT = _load_2d(k_ptr, tl.arange(0, E_PAD), offs_n, k_strides[1], k_strides[0], E, KV_LEN, E != E_PAD, CHECK_N)
-    vT = _load_2d(v_ptr, tl.arange(0, EV_PAD), offs_n, v_strides[1], v_strides[0], EV, KV_LEN,
-                  EV != EV_PAD, CHECK_N)
+    local = tl.arange(0, BLOCK_N2)
+    offs_n = start_n + local
+    n64 = start_n.to(tl.int64)
+    kT = load_tile(k_ptr + n64 * k_strides[0], tl.arange(0, E_PAD), local, k_strides[1], k_strides[0], E,
+                   KV_LEN - start_n, E != E_PAD, CHECK_N)
+    vT = load_tile(v_ptr + n64 * v_strides[0], tl.arange(0, EV_PAD), local, v_strides[1], v_strides[0], EV,
+                   KV_LEN - start_n, EV != EV_PAD, CHECK_N)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
     s = tl.dot(q, kT, input_precision=PRECISION) * scale
@@ -280,19 +270,19 @@ def _bwd_dq(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HQ
-    hq = pid_bh % HQ
-    b64 = b.to(tl.int64)
-    hk64 = (hq // G).to(tl.int64)
+    hq = tl.program_id(1)
+    b = tl.program_id(2)
+    b64, hq64, hk64 = b.to(tl.int64), hq.to(tl.int64), (hq // G).to(tl.int64)
     start_m = tl.program_id(0) * BLOCK_M2
-    offs_m = start_m + tl.arange(0, BLOCK_M2)
+    local = tl.arange(0, BLOCK_M2)
+    offs_m = start_m + local
+    m64 = start_m.to(tl.int64)
 
     # -- this program's queries, dO, LSE and DELTA stay in registers
-    q = _load_2d(Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1], offs_m, tl.arange(0, E_PAD),
-                 q_strides[2], q_strides[3], Q_LEN, E, CHECK_M, E != E_PAD)
-    do = _load_2d(DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1], offs_m, tl.arange(0, EV_PAD),
-                  do_strides[2], do_strides[3], Q_LEN, EV, CHECK_M, EV != EV_PAD)
+    q = load_tile(Q + b64 * q_strides[0] + hq64 * q_strides[1] + m64 * q_strides[2], local, tl.arange(0, E_PAD),
+                  q_strides[2], q_strides[3], Q_LEN - start_m, E, CHECK_M, E != E_PAD)
+    do = load_tile(DO + b64 * do_strides[0] + hq64 * do_strides[1] + m64 * do_strides[2], local,
+                   tl.arange(0, EV_PAD), do_strides[2], do_strides[3], Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
     row0 = (b64 * HQ + hq) * Q_LEN
     lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
     delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
@@ -326,7 +316,7 @@ def _bwd_dq(
             )
 
     offs_e = tl.arange(0, E_PAD)
-    dq_ptrs = (DQ + b64 * dq_strides[0] + hq.to(tl.int64) * dq_strides[1] + offs_m[:, None] * dq_strides[2]
+    dq_ptrs = (DQ + b64 * dq_strides[0] + hq64 * dq_strides[1] + m64 * dq_strides[2] + local[:, None] * dq_strides[2]
                + offs_e[None, :] * dq_strides[3])
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < Q_LEN)[:, None] & (offs_e < E)[None, :])
 
@@ -366,12 +356,12 @@ def flex_backward(
     ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtype.
 
     Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE``, one program per
-    (64 rows, b, h). (2) dK/dV: one program per (BLOCK_N1 keys, b, kv head) that loops over the G
+    (64 rows, h, b). (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the G
     query heads of its group and, for each, the query blocks of the transposed BlockMask; dK and dV
     stay in registers (no atomics) and the program owns the captured-tensor gradients (atomics in
     the mod's gradient function; with ``options.deterministic`` 64-bit fixed-point atomics, which
     are order independent and so bitwise reproducible). (3) dQ: one program per (BLOCK_M2 queries,
-    b, query head) over the kv blocks, recomputing P and dP; with dq_mode "atomic" it is skipped and
+    query head, b) over the kv blocks, recomputing P and dP; with dq_mode "atomic" it is skipped and
     launch (2) adds dS K into an fp32 buffer instead.
 
     Example::
@@ -401,7 +391,7 @@ def flex_backward(
     delta = torch.empty((B, HQ, Q_LEN), device=q.device, dtype=torch.float32)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    _bwd_preprocess[(triton.cdiv(Q_LEN, 64), B * HQ)](
+    _bwd_preprocess[(triton.cdiv(Q_LEN, 64), HQ, B)](
         out, dout, delta if dlse is None else dlse, delta, out.stride(), dout.stride(), HQ, Q_LEN, EV,
         BLOCK=64, EV_PAD=pads["EV_PAD"], HAS_DLSE=dlse is not None,
     )  # fmt: skip
@@ -415,9 +405,9 @@ def flex_backward(
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
     tables, flags = _mask_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
-    _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), B * HKV)](
+    _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
         q, k, v, dout, lse, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
-        dv.stride(), *tables, dq, dq.stride(), HQ, HKV, Q_LEN, KV_LEN, scale,
+        dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
         CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, **flags, **meta,
@@ -430,7 +420,7 @@ def flex_backward(
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
     tables, flags = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), B * HQ)](
+    _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), HQ, B)](
         q, k, v, dout, lse, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
         *tables, HQ, Q_LEN, KV_LEN, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),

@@ -43,7 +43,7 @@ def mask_tail(scores, kv_index, KV_LEN, CHECK: tl.constexpr):
 
 # fmt: off
 @triton.jit
-def load_tile(base, rows, cols, stride_row, stride_col, N_ROWS, N_COLS: tl.constexpr,
+def load_tile(base, rows, cols, stride_row, stride_col, N_ROWS, N_COLS,
               CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):  # fmt: on
     """Load ``base[rows[:, None], cols[None, :]]``; zeros where a row >= N_ROWS or a column >= N_COLS.
 
