@@ -88,7 +88,9 @@ class Traced:
 
     def __getattr__(self, name):
         """Tensor methods (``score.exp()``, ``q_idx.float()``) go through the trace's torch mode."""
-        method = getattr(torch.Tensor, name, None) if not name.startswith("__") else None
+        method = getattr(torch.Tensor, name, None) if not name.startswith("_") else None
+        if method is None:
+            raise AttributeError(f"a traced value has no attribute {name!r}")
         if not callable(method):
             raise refuse(f"attribute {name!r} of a per-element value", "use torch functions and operators")
         return lambda *args, **kwargs: handle_torch_function(method, (self,), self, *args, **kwargs)
