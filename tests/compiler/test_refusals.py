@@ -121,6 +121,10 @@ def _index_a_traced_value(score, b, h, q_idx, kv_idx):
     return score[0]
 
 
+def _tensor_property(score, b, h, q_idx, kv_idx):
+    return score.T
+
+
 def _bitwise_on_float(score, b, h, q_idx, kv_idx):
     return score & 1
 
@@ -181,6 +185,7 @@ REFUSALS = {  # id -> (mod, kind, words in the message, words in the hint)
         "indexing a per-element value",
         "bias[h, q_idx]",
     ),
+    "tensor-property": (_tensor_property, "score", "attribute 'T' of a per-element value", "operators"),
     "bitwise-on-float": (_bitwise_on_float, "score", "torch rejects this operation", "dtypes"),
 }
 
