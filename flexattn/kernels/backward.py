@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from flexattn.kernels.backward_tiles import choose_backward_tiles
-from flexattn.kernels.common import load_tile
+from flexattn.kernels.common import check_block_tables, check_qkv, load_tile
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
 # is scaled by 2**FIXED_POINT_BITS and truncated to an integer, so the sum is order independent.
@@ -371,10 +371,23 @@ def flex_backward(
                                    q_block=128, kv_block=128, scale=q.shape[-1] ** -0.5,
                                    options=KernelOptions())
     """
+    kv_tables = {
+        "kv_num_blocks": kv_num_blocks,
+        "kv_indices": kv_indices,
+        "full_kv_num_blocks": full_kv_num_blocks,
+        "full_kv_indices": full_kv_indices,
+    }
+    q_tables = {
+        "q_num_blocks": q_num_blocks,
+        "q_indices": q_indices,
+        "full_q_num_blocks": full_q_num_blocks,
+        "full_q_indices": full_q_indices,
+    }
+    _check_inputs(
+        q, k, v, out, lse, dout, dlse, kv_tables, q_tables, q_block, kv_block, score_mod, grad_buffers
+    )
     B, HQ, Q_LEN, E = q.shape
     _, HKV, KV_LEN, EV = v.shape
-    if HQ % HKV:
-        raise ValueError(f"query heads ({HQ}) must be a multiple of key/value heads ({HKV}).")
     tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, q.is_cuda, options, dq_mode)
     pads = {"E_PAD": max(16, triton.next_power_of_2(E)), "EV_PAD": max(16, triton.next_power_of_2(EV))}
     ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -428,6 +441,52 @@ def flex_backward(
         CHECK_N=KV_LEN % kv_block != 0, **flags, **meta,
     )  # fmt: skip
     return dq, dk, dv
+
+
+def _check_inputs(
+    q, k, v, out, lse, dout, dlse, kv_tables, q_tables, q_block, kv_block, score_mod, grad_buffers
+):
+    """Clear errors for arguments the kernels would misread (the forward's checks, plus the backward's own)."""
+    B, HQ, Q_LEN, _ = check_qkv(q, k, v, kv_tables["kv_num_blocks"])
+    KV_LEN, EV = v.shape[2], v.shape[3]
+    check_block_tables(kv_tables, B, HQ, triton.cdiv(Q_LEN, q_block), f"Q_LEN={Q_LEN} with Q_BLOCK={q_block}")
+    if q_tables["q_num_blocks"] is None or q_tables["q_indices"] is None:
+        raise ValueError(
+            "q_num_blocks and q_indices (the BlockMask's transposed view) are required by the backward; "
+            "derive them with block_mask_build.transpose_ordered(kv_num_blocks, kv_indices)."
+        )
+    check_block_tables(
+        q_tables, B, HQ, triton.cdiv(KV_LEN, kv_block), f"KV_LEN={KV_LEN} with KV_BLOCK={kv_block}"
+    )
+    if (kv_tables["full_kv_num_blocks"] is None) != (q_tables["full_q_num_blocks"] is None):
+        raise ValueError(
+            "full_kv_num_blocks and full_q_num_blocks (the transposed view of the full blocks) must both be "
+            f"given or both be None; got {'None' if kv_tables['full_kv_num_blocks'] is None else 'a tensor'} "
+            f"and {'None' if q_tables['full_q_num_blocks'] is None else 'a tensor'}."
+        )
+    for name, t in (("out", out), ("dout", dout)):
+        if tuple(t.shape) != (B, HQ, Q_LEN, EV) or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(
+                f"{name} must be ({B}, {HQ}, {Q_LEN}, {EV}) {q.dtype} on {q.device} like the forward's output; "
+                f"got {tuple(t.shape)} {t.dtype} on {t.device}."
+            )
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is not None and (
+            tuple(t.shape) != (B, HQ, Q_LEN) or not t.is_floating_point() or t.device != q.device
+        ):
+            raise ValueError(
+                f"{name} must be a floating-point ({B}, {HQ}, {Q_LEN}) tensor on {q.device}; "
+                f"got {tuple(t.shape)} {t.dtype} on {t.device}."
+            )
+    captures = score_mod.grad_captures
+    if len(grad_buffers) != len(captures) or any(
+        g.shape != c.shape or g.dtype != torch.float32 or not g.is_contiguous()
+        for g, c in zip(grad_buffers, captures)
+    ):
+        raise ValueError(
+            f"grad_buffers must be contiguous fp32 tensors shaped like score_mod.grad_captures "
+            f"{[tuple(c.shape) for c in captures]}; got {[(tuple(g.shape), g.dtype) for g in grad_buffers]}."
+        )
 
 
 __all__ = ["FIXED_POINT_BITS", "flex_backward"]

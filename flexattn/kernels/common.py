@@ -1,4 +1,5 @@
-"""Small ``@triton.jit`` helpers shared by the attention kernels (forward and backward).
+"""Small ``@triton.jit`` helpers shared by the attention kernels (forward and backward), and the
+input checks their launchers share.
 
 Glossary (the same letters in every kernel):
     SPARSE_BLOCK  the BlockMask's block size along the iterated axis (KV_BLOCK in the forward pass)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -79,6 +81,72 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
         tile = load_tile(src + start.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_table: torch.Tensor) -> tuple[int, ...]:
+    """Check q (B, Hq, Lq, E), k (B, Hkv, Lkv, E), v (B, Hkv, Lkv, Ev) and their device; return (B, Hq, Lq, E)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, H, L, E); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    B, Hq, Lq, E = q.shape
+    if (
+        k.shape[0] != B
+        or v.shape[0] != B
+        or k.shape[1] != v.shape[1]
+        or k.shape[2] != v.shape[2]
+        or k.shape[3] != E
+    ):
+        raise ValueError(
+            f"Shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
+            "k (B, Hkv, Lkv, E) and v (B, Hkv, Lkv, Ev)."
+        )
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}.")
+    if (
+        q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+    ):
+        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}.")
+    if not (q.device == k.device == v.device == mask_table.device):
+        raise ValueError(
+            f"q, k, v and the block mask must be on one device; got {q.device}, {k.device}, "
+            f"{v.device}, {mask_table.device}."
+        )
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors.")
+    return B, Hq, Lq, E
+
+
+def check_block_tables(tables: dict, B: int, H: int, rows: int, rows_need: str) -> None:
+    """Check one view of a BlockMask: ``{name: tensor}`` for (num, indices, full num, full indices).
+
+    Counts are int32 (MB, MH, ROWS), indices (MB, MH, ROWS, COLS) with MB in {1, B}, MH in {1, H},
+    ROWS >= ``rows`` (``rows_need`` says why); the full pair is given or None together.
+    """
+    (num_name, num), (idx_name, idx), (full_num_name, full_num), (full_idx_name, full_idx) = tables.items()
+    for name, t, dims in ((num_name, num, 3), (idx_name, idx, 4), (full_num_name, full_num, 3),
+                          (full_idx_name, full_idx, 4)):  # fmt: skip
+        if t is None:
+            continue
+        if t.dim() != dims or t.dtype != torch.int32 or t.shape[0] not in (1, B) or t.shape[1] not in (1, H):
+            raise ValueError(
+                f"{name} must be int32 with {dims} dims (1 or {B}, 1 or {H}, ...); "
+                f"got {t.dtype} {tuple(t.shape)}."
+            )
+        if t.shape[2] < rows:
+            kind = "q" if num_name.startswith(("kv", "full_kv")) else "kv"
+            raise ValueError(
+                f"{name} has {t.shape[2]} {kind} blocks but {rows_need} needs {rows}; "
+                "was the BlockMask built for this length?"
+            )
+    if (full_num is None) != (full_idx is None):
+        raise ValueError(f"{full_num_name} and {full_idx_name} must both be given or both be None.")
+    grid_shape = tuple(idx.shape)  # (MB, MH, ROWS, COLS): every table of the view shares it
+    for name, t in ((num_name, num), (full_num_name, full_num), (full_idx_name, full_idx)):
+        if t is not None and tuple(t.shape) != grid_shape[: t.dim()]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, {idx_name} {grid_shape}: they must agree.")
+
 
 def _fix_interpreter_scalar_index() -> None:
     """Let Triton's interpreter use loaded scalars as loop bounds under NumPy >= 2.

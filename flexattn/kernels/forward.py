@@ -22,7 +22,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from flexattn.kernels.common import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.common import (
+    check_block_tables,
+    check_qkv,
+    load_kv_tile,
+    load_tile,
+    mask_tail,
+    sparse_tile_start,
+    wrap_index,
+)
 from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -303,62 +311,10 @@ def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch) -> Tiles
 
 
 def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be 4-D (B, H, L, E); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
-        )
-    B, Hq, Lq, E = q.shape
-    if (
-        k.shape[0] != B
-        or v.shape[0] != B
-        or k.shape[1] != v.shape[1]
-        or k.shape[2] != v.shape[2]
-        or k.shape[3] != E
-    ):
-        raise ValueError(
-            f"Shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
-            "k (B, Hkv, Lkv, E) and v (B, Hkv, Lkv, Ev)."
-        )
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}.")
-    if (
-        q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-        or k.dtype != q.dtype
-        or v.dtype != q.dtype
-    ):
-        raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}.")
-    if not (q.device == k.device == v.device == kv_num_blocks.device):
-        raise ValueError(
-            f"q, k, v and the block mask must be on one device; got {q.device}, {k.device}, "
-            f"{v.device}, {kv_num_blocks.device}."
-        )
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors.")
-    for name, t, dims in (
-        ("kv_num_blocks", kv_num_blocks, 3),
-        ("kv_indices", kv_indices, 4),
-        ("full_kv_num_blocks", full_kv_num_blocks, 3),
-        ("full_kv_indices", full_kv_indices, 4),
-    ):
-        if t is None:
-            continue
-        if t.dim() != dims or t.dtype != torch.int32 or t.shape[0] not in (1, B) or t.shape[1] not in (1, Hq):
-            raise ValueError(
-                f"{name} must be int32 with {dims} dims (1 or {B}, 1 or {Hq}, ...); "
-                f"got {t.dtype} {tuple(t.shape)}."
-            )
-        if t.shape[2] < triton.cdiv(Lq, q_block):
-            raise ValueError(
-                f"{name} has {t.shape[2]} q blocks but Lq={Lq} with Q_BLOCK={q_block} needs "
-                f"{triton.cdiv(Lq, q_block)}; was the BlockMask built for this length?"
-            )
-    if (full_kv_num_blocks is None) != (full_kv_indices is None):
-        raise ValueError("full_kv_num_blocks and full_kv_indices must both be given or both be None.")
-    grid_shape = tuple(kv_indices.shape)  # (MB, MH, NQ, NKV): every block tensor shares it
-    for name, t in (("kv_num_blocks", kv_num_blocks), ("full_kv_num_blocks", full_kv_num_blocks),
-                    ("full_kv_indices", full_kv_indices)):  # fmt: skip
-        if t is not None and tuple(t.shape) != grid_shape[: t.dim()]:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, kv_indices {grid_shape}: they must agree.")
+    B, Hq, Lq, E = check_qkv(q, k, v, kv_num_blocks)
+    tables = {"kv_num_blocks": kv_num_blocks, "kv_indices": kv_indices,
+              "full_kv_num_blocks": full_kv_num_blocks, "full_kv_indices": full_kv_indices}  # fmt: skip
+    check_block_tables(tables, B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
     return B, Hq, Lq, E
 
 

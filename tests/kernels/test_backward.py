@@ -353,3 +353,54 @@ def test_new_lengths_reuse_the_compiled_kernels_gpu():
     for length in (384, 512, 640):  # no tails at any of these lengths: the same specialization
         run_case(1, 2, 2, length, length, 64, 64, (128, 128), "identity", "causal", torch.float16, "cuda")
     assert compiled() == before
+
+
+def _valid_backward_args(L=32, E=16):
+    """Arguments of a well-formed flex_backward call (causal mask: partial and full blocks)."""
+    q, k, v, out, dout = (torch.randn(1, 2, L, E) for _ in range(5))
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+    tables = {name: getattr(mask, name) for name in MASK_TABLES}
+    mods = {"score_mod": KernelMod(_identity, (), _identity_grad), "mask_mod": KernelMod(_causal, ())}
+    return dict(
+        q=q, k=k, v=v, out=out, lse=torch.zeros(1, 2, L), dout=dout, dlse=None, **mods, **tables,
+        q_block=16, kv_block=16, scale=1.0, options=KernelOptions(),
+    )  # fmt: skip
+
+
+MASK_TABLES = (
+    "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+    "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
+)  # fmt: skip
+
+BAD_BACKWARD_ARGS = {
+    # full kv blocks without their transposed view would visit the partial q blocks as full ones
+    "full-kv-without-full-q": ({"full_q_num_blocks": None, "full_q_indices": None}, "full_q_num_blocks"),
+    "no-q-side-tables": ({"q_num_blocks": None, "q_indices": None}, "q_num_blocks"),
+    "q-tables-too-short": (
+        {
+            "q_num_blocks": torch.zeros(1, 1, 1, dtype=torch.int32),
+            "q_indices": torch.zeros(1, 1, 1, 2, dtype=torch.int32),
+        },
+        "q_num_blocks has 1 kv blocks",
+    ),
+    "dout-dtype": ({"dout": torch.randn(1, 2, 32, 16).half()}, "dout"),
+    "out-shape": ({"out": torch.randn(1, 2, 32, 8)}, "out"),
+    "lse-shape": ({"lse": torch.zeros(1, 2, 31)}, "lse"),
+    "dlse-shape": ({"dlse": torch.zeros(2, 32)}, "dlse"),
+    "grad-buffers-without-captures": ({"grad_buffers": (torch.zeros(3),)}, "grad_buffers"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", sorted(BAD_BACKWARD_ARGS))
+def test_inconsistent_arguments_raise_clear_errors(name):
+    changes, message = BAD_BACKWARD_ARGS[name]
+    args = {**_valid_backward_args(), **changes}
+    with pytest.raises(ValueError, match=message):
+        flex_backward(**args)
+
+
+@needs_kernels
+def test_valid_arguments_pass_the_checks():
+    dq, dk, dv = flex_backward(**_valid_backward_args())
+    assert dq.shape == dk.shape == dv.shape == (1, 2, 32, 16)
