@@ -31,7 +31,15 @@ import triton
 import triton.language as tl
 
 from flexattn.kernels.backward_tiles import choose_backward_tiles
-from flexattn.kernels.common import check_block_tables, check_qkv, load_tile
+from flexattn.kernels.common import (
+    block_table_args,
+    check_block_tables,
+    check_qkv,
+    dot_precision,
+    load_tile,
+    sparse_tile_start,
+)
+from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
 # is scaled by 2**FIXED_POINT_BITS and truncated to an integer, so the sum is order independent.
@@ -170,7 +178,6 @@ def _bwd_dkdv(
     dv = tl.zeros([BLOCK_N1, EV_PAD], dtype=tl.float32)
 
     # -- sum over the G query heads of the group (no atomics on dK / dV), partial then full blocks
-    TILES: tl.constexpr = Q_BLOCK // BLOCK_M1
     kv_block = start_n // KV_BLOCK
     for g in range(G):
         hq = hk * G + g
@@ -178,26 +185,18 @@ def _bwd_dkdv(
         do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
         row0 = (b64 * HQ + hq) * Q_LEN
         mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + kv_block
-        num = tl.load(Q_NUM + mask_row)
-        idx = Q_IDX + mask_row * MASK_COLS
-        for i in range(0, num * TILES):
-            start_m = tl.load(idx + i // TILES) * Q_BLOCK + (i % TILES) * BLOCK_M1
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
-                (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
-                Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                E, EV, E_PAD, EV_PAD, BLOCK_M1, False, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
-            )
-        if HAS_FULL:
-            num = tl.load(FULL_Q_NUM + mask_row)
-            idx = FULL_Q_IDX + mask_row * MASK_COLS
-            for i in range(0, num * TILES):
-                start_m = tl.load(idx + i // TILES) * Q_BLOCK + (i % TILES) * BLOCK_M1
+        for full in tl.static_range(2 if HAS_FULL else 1):
+            nums, indices = Q_NUM, Q_IDX
+            if full == 1:
+                nums, indices = FULL_Q_NUM, FULL_Q_IDX
+            idx_row = indices + mask_row * MASK_COLS
+            for i in range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1)):
+                start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                    E, EV, E_PAD, EV_PAD, BLOCK_M1, True, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
+                    E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
                 )
 
     # -- write dK (scaled) and dV
@@ -291,28 +290,19 @@ def _bwd_dq(
     # -- partial kv blocks, then full ones
     k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
     v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
-    TILES: tl.constexpr = KV_BLOCK // BLOCK_N2
     mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + start_m // Q_BLOCK
-    num = tl.load(KV_NUM + mask_row)
-    idx = KV_IDX + mask_row * MASK_COLS
-    for i in range(0, num * TILES):
-        start_n = tl.load(idx + i // TILES) * KV_BLOCK + (i % TILES) * BLOCK_N2
-        dq = _dq_step(
-            dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
-            (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
-            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-            E, EV, E_PAD, EV_PAD, BLOCK_N2, False, CHECK_M, CHECK_N, PRECISION,
-        )
-    if HAS_FULL:
-        num = tl.load(FULL_KV_NUM + mask_row)
-        idx = FULL_KV_IDX + mask_row * MASK_COLS
-        for i in range(0, num * TILES):
-            start_n = tl.load(idx + i // TILES) * KV_BLOCK + (i % TILES) * BLOCK_N2
+    for full in tl.static_range(2 if HAS_FULL else 1):
+        nums, indices = KV_NUM, KV_IDX
+        if full == 1:
+            nums, indices = FULL_KV_NUM, FULL_KV_IDX
+        idx_row = indices + mask_row * MASK_COLS
+        for i in range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2)):
+            start_n = sparse_tile_start(idx_row, i, 1, KV_BLOCK, BLOCK_N2)
             dq = _dq_step(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                E, EV, E_PAD, EV_PAD, BLOCK_N2, True, CHECK_M, CHECK_N, PRECISION,
+                E, EV, E_PAD, EV_PAD, BLOCK_N2, full == 1, CHECK_M, CHECK_N, PRECISION,
             )
 
     offs_e = tl.arange(0, E_PAD)
@@ -325,20 +315,6 @@ def _bwd_dq(
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
-def _mask_args(num: torch.Tensor, idx: torch.Tensor, full_num, full_idx) -> tuple[tuple, dict]:
-    """Kernel arguments of one BlockMask view: (tensors and sizes, constexpr broadcast flags).
-
-    The tables are made contiguous; a batch or head dim of size 1 is broadcast (its flag is 0).
-    The partial tables stand in for absent full ones (HAS_FULL is then False).
-    """
-    if full_num is None:
-        full_num, full_idx = num, idx
-    tensors = tuple(t.contiguous() for t in (num, idx, full_num, full_idx))
-    mask_b, mask_h, rows, cols = idx.shape
-    flags = {"MASK_PER_BATCH": int(mask_b > 1), "MASK_PER_HEAD": int(mask_h > 1)}
-    return (*tensors, mask_h, rows, cols), flags
-
-
 def flex_backward(
     q, k, v, out, lse, dout, dlse, *, score_mod, mask_mod,
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
@@ -389,11 +365,10 @@ def flex_backward(
     B, HQ, Q_LEN, E = q.shape
     _, HKV, KV_LEN, EV = v.shape
     tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, q.is_cuda, options, dq_mode)
-    pads = {"E_PAD": max(16, triton.next_power_of_2(E)), "EV_PAD": max(16, triton.next_power_of_2(EV))}
-    ieee = q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
         "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
-        "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": "ieee" if ieee else "tf32",
+        "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": dot_precision(q.dtype),
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
     }  # fmt: skip
     lse = lse.contiguous()
@@ -417,7 +392,7 @@ def flex_backward(
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
-    tables, flags = _mask_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    tables, flags = block_table_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
         q, k, v, dout, lse, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
         dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, scale,
@@ -432,7 +407,7 @@ def flex_backward(
         return (dq * scale).to(q.dtype), dk, dv
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
-    tables, flags = _mask_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    tables, flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), HQ, B)](
         q, k, v, dout, lse, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
         *tables, HQ, Q_LEN, KV_LEN, scale,

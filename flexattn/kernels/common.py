@@ -148,6 +148,27 @@ def check_block_tables(tables: dict, B: int, H: int, rows: int, rows_need: str) 
             raise ValueError(f"{name} has shape {tuple(t.shape)}, {idx_name} {grid_shape}: they must agree.")
 
 
+def block_table_args(num, idx, full_num, full_idx) -> tuple[tuple, dict]:
+    """Kernel arguments of one BlockMask view: (tables and their sizes, constexpr broadcast flags).
+
+    Returns ``((num, idx, full_num, full_idx, MASK_H, ROWS, COLS), {"MASK_PER_BATCH", "MASK_PER_HEAD"})``
+    with contiguous tables; a batch or head dim of size 1 is broadcast (its flag is 0). The partial
+    tables stand in for absent full ones (the kernel's HAS_FULL flag is then False).
+    """
+    if full_num is None:
+        full_num, full_idx = num, idx
+    tables = tuple(t.contiguous() for t in (num, idx, full_num, full_idx))
+    mask_b, mask_h, rows, cols = idx.shape
+    return (*tables, mask_h, rows, cols), {"MASK_PER_BATCH": int(mask_b > 1), "MASK_PER_HEAD": int(mask_h > 1)}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 (as torch's matmuls do)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
 def _fix_interpreter_scalar_index() -> None:
     """Let Triton's interpreter use loaded scalars as loop bounds under NumPy >= 2.
 

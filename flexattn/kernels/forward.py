@@ -23,8 +23,10 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flexattn.kernels.common import (
+    block_table_args,
     check_block_tables,
     check_qkv,
+    dot_precision,
     load_kv_tile,
     load_tile,
     mask_tail,
@@ -235,14 +237,8 @@ def flex_forward(
     if Lkv == 0 or out.numel() == 0:
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
 
-    has_full = full_kv_num_blocks is not None
-    if not has_full:
-        full_kv_num_blocks, full_kv_indices = kv_num_blocks, kv_indices
     e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
-    block_mask_args = tuple(
-        t.contiguous() for t in (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    )
-    mask_b, mask_h, mask_nq, mask_nkv = kv_indices.shape
+    tables, broadcast_flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     tma_ok = _tma_compatible(k) and _tma_compatible(v)
     if getattr(options, "USE_TMA", False) and not tma_ok:
         raise ValueError(
@@ -260,15 +256,14 @@ def flex_forward(
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
             q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *block_mask_args, mask_h, mask_nq, mask_nkv, Lq, Lkv, Hq, float(scale),
+            *tables, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            MASK_PER_BATCH=int(mask_b > 1), MASK_PER_HEAD=int(mask_h > 1),
-            HAS_FULL_BLOCKS=has_full, KV_TAIL=Lkv % kv_block != 0,
+            **broadcast_flags, HAS_FULL_BLOCKS=full_kv_num_blocks is not None, KV_TAIL=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
             PIPELINE_QK=tiles.pipeline_qk,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
     launch(choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch))
@@ -332,13 +327,6 @@ def _tma_compatible(t: torch.Tensor) -> bool:
         and t.data_ptr() % 16 == 0
         and all(s * size % 16 == 0 for s in t.stride()[:-1])
     )
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs multiply in full fp32 unless torch allows TF32 (as torch's matmuls do)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 @cache
