@@ -225,7 +225,7 @@ def attention_backward_op(
         )
     buffers = tuple(torch.zeros(c.shape, device=c.device, dtype=torch.float32) for c in captures)
     dq, dk, dv = plan.backward(query, key, value, out, lse, dout, dlse, buffers)
-    return dq, dk, dv, [b.to(c.dtype) for b, c in zip(buffers, captures)]
+    return dq, dk, dv, [torch.empty_like(c).copy_(b) for b, c in zip(buffers, captures)]  # as the fake
 
 
 @attention_backward_op.register_fake

@@ -127,6 +127,26 @@ def test_custom_op_passes_opcheck():
     torch.library.opcheck(attention_op, (q, k, v, [bias], *[None] * 8, handle))
 
 
+@needs_kernels
+def test_backward_op_gradients_have_the_strides_its_fake_promises():
+    """q/k/v seen through a transpose of (B, L, H, E) storage and a transposed learnable table: the
+    real backward op must lay its gradients out as its fake kernel says (what compiled graphs assume)."""
+    from flexattn.custom_ops import attention_backward_op, register
+
+    L = 17
+    bias = torch.randn(2 * L - 1, 2).t().requires_grad_()  # (2, 2L - 1), not contiguous
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h, q_idx - kv_idx + L - 1]
+
+    handle = register(relative_bias, None, None, None, 16, {"BACKEND": "TRITON"}, torch.device("cpu"))
+    q, k, v = (torch.randn(1, L, 2, 16).transpose(1, 2) for _ in range(3))  # (1, 2, L, 16), strided
+    out, lse, _ = attention_op(q, k, v, [bias.detach()], *[None] * 8, handle)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    args = (q, k, v, out, lse, dout, dlse, [bias.detach()], *[None] * 8, handle)  # no grad of the backward
+    torch.library.opcheck(attention_backward_op, args)
+
+
 def test_reference_backend_still_runs_under_compile():
     """The custom ops serve the Triton backend; the reference backend is traced as plain PyTorch."""
     q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))

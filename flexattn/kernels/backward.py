@@ -329,7 +329,8 @@ def flex_backward(
     tensors are int32 ``(MB, MH, ...)`` with MB in {1, B}, MH in {1, HQ}; the transposed (q-side)
     ones are required. ``grad_buffers``: fp32 tensors shaped like ``score_mod.grad_captures``; the
     captured-tensor gradients are *added* to them. ``dq_mode``: "separate" or "atomic" (see
-    ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtype.
+    ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtypes, each laid
+    out as ``torch.empty_like`` of its input.
 
     Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE``, one program per
     (64 rows, h, b). (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the G
@@ -372,8 +373,7 @@ def flex_backward(
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
     }  # fmt: skip
     lse = lse.contiguous()
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # laid out like k, v (what fake kernels promise)
 
     # (1) DELTA
     delta = torch.empty((B, HQ, Q_LEN), device=q.device, dtype=torch.float32)
@@ -404,7 +404,7 @@ def flex_backward(
         for acc, fixed in zip(grad_buffers, buffers):
             acc += (fixed.to(torch.float64) / grad_scale).to(acc.dtype)
     if fused_dq:
-        return (dq * scale).to(q.dtype), dk, dv
+        return torch.empty_like(q).copy_(dq.mul_(scale)), dk, dv
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
     tables, flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
