@@ -156,7 +156,10 @@ def _runtime_plan(handle: str, query: Tensor, key: Tensor, mask_tensors):
         block_mask = noop_block_mask(query.shape[2], key.shape[2], query.device)
     else:
         block_mask = BlockMask(
-            (query.shape[2], key.shape[2]), *mask_tensors, entry.block_size, entry.mask_mod
+            seq_lengths=(query.shape[2], key.shape[2]),
+            **dict(zip(MASK_FIELDS, mask_tensors)),
+            BLOCK_SIZE=entry.block_size,
+            mask_mod=entry.mask_mod,
         )
     return plan_attention(entry.score_mod, block_mask, entry.scale, entry.options, query.device)
 
