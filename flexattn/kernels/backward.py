@@ -319,7 +319,7 @@ def flex_backward(
     q, k, v, out, lse, dout, dlse, *, score_mod, mask_mod,
     kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
     q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-    q_block, kv_block, scale, options, grad_buffers=(), dq_mode=None,
+    q_block, kv_block, scale, options=None, grad_buffers=(), dq_mode=None,
 ):  # fmt: skip
     """Gradients of flex attention with respect to q, k, v and the score mod's captured tensors.
 
@@ -387,7 +387,7 @@ def flex_backward(
     # (2) dK, dV and the captured-tensor gradients (and dQ with dq_mode "atomic")
     grad_scale = 1.0
     buffers = tuple(grad_buffers)
-    if options.deterministic and buffers:
+    if getattr(options, "deterministic", False) and buffers:
         grad_scale = float(2**FIXED_POINT_BITS)
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
     fused_dq = tiles.dq_mode == "atomic"

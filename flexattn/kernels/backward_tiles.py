@@ -49,7 +49,8 @@ def choose_backward_tiles(
 ) -> BackwardTiles:
     """Pick backward tiles for head dims ``(E, Ev)``, ``dtype`` and BlockMask blocks ``(q_block, kv_block)``.
 
-    User options (``bwd_BLOCK_M1`` ... ``bwd_num_stages``) override the defaults field by field;
+    User options (a ``KernelOptions`` or None; ``bwd_BLOCK_M1`` ... ``bwd_num_stages``) override the
+    defaults field by field;
     ``dq_mode`` (one of DQ_MODES) overrides the dQ strategy except under ``options.deterministic``.
     Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, True, KernelOptions())``.
     """
@@ -70,10 +71,10 @@ def choose_backward_tiles(
     else:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
         reason = f"head dim {d} > 128: small tiles keep the accumulators in registers"
-    m1 = options.bwd_BLOCK_M1 or min(m1, q_block)
-    n1 = options.bwd_BLOCK_N1 or min(n1, kv_block)
-    m2 = options.bwd_BLOCK_M2 or min(m2, q_block)
-    n2 = options.bwd_BLOCK_N2 or min(n2, kv_block)
+    m1 = getattr(options, "bwd_BLOCK_M1", None) or min(m1, q_block)
+    n1 = getattr(options, "bwd_BLOCK_N1", None) or min(n1, kv_block)
+    m2 = getattr(options, "bwd_BLOCK_M2", None) or min(m2, q_block)
+    n2 = getattr(options, "bwd_BLOCK_N2", None) or min(n2, kv_block)
     for name, tile, block in (
         ("bwd_BLOCK_M1", m1, q_block),
         ("bwd_BLOCK_N1", n1, kv_block),
@@ -88,8 +89,15 @@ def choose_backward_tiles(
     mode = dq_mode or "separate"
     if mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}.")
-    if options.deterministic:
+    if getattr(options, "deterministic", False):
         mode, reason = "separate", reason + "; deterministic: dQ without atomics"
     return BackwardTiles(
-        m1, n1, m2, n2, options.bwd_num_warps or warps, options.bwd_num_stages or stages, mode, reason
+        m1,
+        n1,
+        m2,
+        n2,
+        getattr(options, "bwd_num_warps", None) or warps,
+        getattr(options, "bwd_num_stages", None) or stages,
+        mode,
+        reason,
     )

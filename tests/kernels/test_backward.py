@@ -379,6 +379,7 @@ def test_inconsistent_arguments_raise_clear_errors(name, monkeypatch):
 
 
 @needs_kernels
-def test_valid_arguments_pass_the_checks():
-    dq, dk, dv = flex_backward(**_valid_backward_args())
+@pytest.mark.parametrize("options", [KernelOptions(), None], ids=["KernelOptions", "None"])
+def test_valid_arguments_pass_the_checks(options):
+    dq, dk, dv = flex_backward(**{**_valid_backward_args(), "options": options})
     assert dq.shape == dk.shape == dv.shape == (1, 2, 32, 16)
