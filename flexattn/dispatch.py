@@ -16,11 +16,12 @@ from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
 
 
-def choose_backend(device: torch.device, options: KernelOptions) -> str:
-    """The backend for tensors on ``device``: "TRITON" or "REFERENCE".
+def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dtype | None = None) -> str:
+    """The backend for tensors of ``dtype`` on ``device``: "TRITON" or "REFERENCE".
 
-    BACKEND "AUTO" picks the Triton kernels for CUDA tensors and the reference backend otherwise;
-    "TRITON" on a non-CUDA device needs Triton's interpreter and raises a clear error without it.
+    BACKEND "AUTO" picks the Triton kernels for CUDA tensors in fp16/bf16/fp32 and the reference
+    backend otherwise (CPU tensors, fp64: the kernels have no fp64 path). "TRITON" on a non-CUDA
+    device needs Triton's interpreter, and refuses fp64; both raise a clear error.
 
     Example:
         >>> choose_backend(torch.device("cpu"), KernelOptions())
@@ -29,7 +30,12 @@ def choose_backend(device: torch.device, options: KernelOptions) -> str:
     if options.BACKEND == "REFERENCE":
         return "REFERENCE"
     if options.BACKEND == "AUTO":
-        return "TRITON" if device.type == "cuda" else "REFERENCE"
+        return "TRITON" if device.type == "cuda" and dtype != torch.float64 else "REFERENCE"
+    if dtype == torch.float64:
+        raise ValueError(
+            "kernel_options={'BACKEND': 'TRITON'}: the Triton kernels take fp16, bf16 or fp32, but the "
+            "inputs are torch.float64. Use BACKEND 'REFERENCE' (or 'AUTO') for fp64, or convert the inputs."
+        )
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"kernel_options={{'BACKEND': 'TRITON'}} needs CUDA tensors, but query is on {device}. "
@@ -60,7 +66,7 @@ def run_attention(
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
-    if choose_backend(query.device, options) == "REFERENCE":
+    if choose_backend(query.device, options, query.dtype) == "REFERENCE":
         return reference_attention(query, key, value, score_mod, block_mask, scale, enable_gqa)
     from flexattn.autograd import triton_flex_attention
 
