@@ -129,6 +129,8 @@ def check_block_tables(tables: dict, B: int, H: int, rows: int, rows_need: str) 
                           (full_idx_name, full_idx, 4)):  # fmt: skip
         if t is None:
             continue
+        if t.device != num.device:
+            raise ValueError(f"{name} is on {t.device} but {num_name} on {num.device}; move the BlockMask with .to().")
         if t.dim() != dims or t.dtype != torch.int32 or t.shape[0] not in (1, B) or t.shape[1] not in (1, H):
             raise ValueError(
                 f"{name} must be int32 with {dims} dims (1 or {B}, 1 or {H}, ...); "

@@ -362,6 +362,10 @@ BAD_BACKWARD_ARGS = {
     "lse-shape": ({"lse": torch.zeros(1, 2, 31)}, "lse"),
     "dlse-shape": ({"dlse": torch.zeros(2, 32)}, "dlse"),
     "grad-buffers-without-captures": ({"grad_buffers": (torch.zeros(3),)}, "grad_buffers"),
+    "table-on-another-device": (
+        {"q_indices": torch.zeros(1, 1, 2, 2, dtype=torch.int32, device="meta")},
+        "meta",
+    ),
     "tile-does-not-divide-block": (
         {"options": KernelOptions(bwd_BLOCK_M1=32)},
         "must divide the BlockMask's block size 16",
