@@ -81,7 +81,7 @@ def flex_attention(
     """
     _check_tensors(query, key, value, enable_gqa)
     request = _check_returns(return_lse, return_aux)
-    if torch.compiler.is_compiling() and _compiles_to_custom_ops(kernel_options, query.device):
+    if torch.compiler.is_compiling() and _compiles_to_custom_ops(kernel_options, query.device, query.dtype):
         # under torch.compile with the Triton backend: custom ops, no graph break. The checks on
         # mods, scale and options run once at trace time (their results are constants).
         from flexattn.custom_ops import traced_attention
@@ -122,9 +122,9 @@ def _check_trace_constants(score_mod, mask_mod, scale, head_dim, kernel_options)
 
 
 @torch._dynamo.assume_constant_result
-def _compiles_to_custom_ops(kernel_options, device) -> bool:
+def _compiles_to_custom_ops(kernel_options, device, dtype) -> bool:
     """Whether a call traced by torch.compile goes to the Triton custom ops (a trace-time constant)."""
-    return choose_backend(device, KernelOptions.from_user(kernel_options)) == "TRITON"
+    return choose_backend(device, KernelOptions.from_user(kernel_options), dtype) == "TRITON"
 
 
 def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):

@@ -183,8 +183,14 @@ def test_reference_backend_still_runs_under_compile():
             lambda q, k: flex_attention(q, k, k, lambda s, b, h: s, kernel_options={"BACKEND": "TRITON"}),
             "score_mod",
         ),
+        (
+            lambda q, k: flex_attention(
+                q.double(), k.double(), k.double(), kernel_options={"BACKEND": "TRITON"}
+            ),
+            "float64",
+        ),
     ],
-    ids=["gqa-without-enable_gqa", "nan-scale", "unknown-option", "score_mod-arity"],
+    ids=["gqa-without-enable_gqa", "nan-scale", "unknown-option", "score_mod-arity", "fp64-on-triton"],
 )
 def test_compiled_calls_validate_their_arguments(bad_call, message):
     """Under torch.compile the custom-op path checks its inputs as eagerly as the plain path."""
@@ -196,3 +202,11 @@ def test_compiled_calls_validate_their_arguments(bad_call, message):
 @pytest.mark.gpu
 def test_compiled_model_matches_eager_gpu():
     _compare_compiled_to_eager("cuda", "inductor", (2, 4, 1000, 64), torch.bfloat16)
+
+
+def test_fp64_cuda_inputs_on_auto_are_traced_through_the_reference_backend():
+    """AUTO sends fp64 to the reference backend under torch.compile too (the kernels have no fp64)."""
+    from flexattn.api import _compiles_to_custom_ops
+
+    assert not _compiles_to_custom_ops(None, torch.device("cuda"), torch.float64)
+    assert _compiles_to_custom_ops(None, torch.device("cuda"), torch.bfloat16)
