@@ -15,6 +15,7 @@ log2(e) folded into one fused multiply-add per score.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import cache
 
 import torch
@@ -33,7 +34,14 @@ from flexattn.kernels.common import (
     sparse_tile_start,
     wrap_index,
 )
-from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, padded_head_dim
+from flexattn.kernels.tiles import (
+    TileCache,
+    Tiles,
+    autotune_candidates,
+    forward_tiles,
+    padded_head_dim,
+    smaller_tiles,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -266,8 +274,40 @@ def flex_forward(
             DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
-    launch(choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch))
+    tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch)
+    fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
+    user_set = any(getattr(options, name, None) for name in ("BLOCK_M", "BLOCK_N", "num_stages"))
+    launch_within_resources(launch, tiles, fit_key, user_set)
     return out, lse, max_scores
+
+
+# Launch configurations shrunk after the compiler reported too little shared memory, by
+# (launch key, first choice): later calls start from the fitted tiles and compile nothing twice.
+_FITTED_TILES: dict[tuple, Tiles] = {}
+
+
+def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) -> Tiles:
+    """Run ``launch(tiles)``; if the compiled kernel needs more shared memory than the GPU has
+    (a mod's working set is not in the estimate of ``tiles.forward_tiles``), retry with
+    ``tiles.smaller_tiles`` and remember the fit. User-chosen tiles are never changed: they get
+    a clear error instead. Returns the tiles that ran."""
+    first = tiles
+    tiles = _FITTED_TILES.get((key, first), first)
+    while True:
+        try:
+            launch(tiles)
+            break
+        except triton.runtime.errors.OutOfResources as err:
+            smaller = None if user_set else smaller_tiles(tiles)
+            if smaller is None:
+                raise ValueError(
+                    f"The forward kernel with BLOCK_M={tiles.BLOCK_M}, BLOCK_N={tiles.BLOCK_N}, "
+                    f"num_stages={tiles.num_stages} does not fit this GPU ({err}). "
+                    + ("Choose smaller kernel_options tiles or fewer stages." if user_set else "")
+                ) from err
+            tiles = replace(smaller, reason=f"{tiles.reason}; shrunk after: {err}")
+    _FITTED_TILES[(key, first)] = tiles
+    return tiles
 
 
 def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch) -> Tiles:

@@ -151,16 +151,25 @@ def forward_tiles(
                     f"head dims ({head_dim}, {v_head_dim}) in {dtype}; this GPU has "
                     f"{shared_memory_limit}. Use smaller tiles or fewer stages."
                 )
-            if tiles.num_stages > 2:
-                tiles = replace(tiles, num_stages=tiles.num_stages - 1)
-            elif tiles.BLOCK_N > 16:
-                tiles = replace(tiles, BLOCK_N=tiles.BLOCK_N // 2)
-            elif tiles.BLOCK_M > 16:
-                tiles = replace(tiles, BLOCK_M=tiles.BLOCK_M // 2)
-            else:
+            smaller = smaller_tiles(tiles)
+            if smaller is None:
                 break
+            tiles = smaller
             why.append("shrunk to fit shared memory")
     return replace(tiles, reason="; ".join(why))
+
+
+def smaller_tiles(tiles: Tiles) -> Tiles | None:
+    """The next configuration to try when ``tiles`` needs more shared memory than the GPU has:
+    one pipeline stage fewer (down to 2), then half the key tile, then half the query tile;
+    None when nothing is left to shrink. Halving keeps every tile a divisor of the mask blocks."""
+    if tiles.num_stages > 2:
+        return replace(tiles, num_stages=tiles.num_stages - 1)
+    if tiles.BLOCK_N > 16:
+        return replace(tiles, BLOCK_N=tiles.BLOCK_N // 2)
+    if tiles.BLOCK_M > 16:
+        return replace(tiles, BLOCK_M=tiles.BLOCK_M // 2)
+    return None
 
 
 def _length_tile(length: int) -> int:

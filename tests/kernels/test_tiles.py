@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from triton.runtime.errors import OutOfResources
 
-from flexattn.kernels.tiles import TileCache, Tiles, autotune_candidates, forward_tiles, shared_memory_bytes
+from flexattn.kernels.forward import launch_within_resources
+from flexattn.kernels.tiles import (
+    TileCache,
+    Tiles,
+    autotune_candidates,
+    forward_tiles,
+    shared_memory_bytes,
+    smaller_tiles,
+)
 from flexattn.options import KernelOptions
 
 H100 = {"capability": (9, 0), "shared_memory_limit": 232448}
@@ -85,3 +94,46 @@ def test_tile_cache_round_trips_through_disk(tmp_path):
     TileCache("forward", tmp_path).put("H100|bf16|E64", tiles)
     assert TileCache("forward", tmp_path).get("H100|bf16|E64") == tiles
     assert TileCache("forward", tmp_path).get("other") is None
+
+
+class FakeCompiler:
+    """A launch that fails like Triton's compiler when a configuration needs too much shared memory."""
+
+    def __init__(self, max_block_n: int):
+        self.max_block_n, self.tried = max_block_n, []
+
+    def __call__(self, tiles: Tiles) -> None:
+        self.tried.append((tiles.BLOCK_M, tiles.BLOCK_N, tiles.num_stages))
+        if self.max_block_n < tiles.BLOCK_N:
+            raise OutOfResources(262176, 232448, "shared memory")
+
+
+def test_too_big_a_compiled_kernel_is_shrunk_once_and_the_fit_remembered():
+    compiler, key = FakeCompiler(max_block_n=32), ("fit-test", 1)
+    first = Tiles(128, 128, 8, 3, "default")
+    ran = launch_within_resources(compiler, first, key, user_set=False)
+    assert (ran.BLOCK_M, ran.BLOCK_N, ran.num_stages) == (128, 32, 2)
+    assert compiler.tried == [(128, 128, 3), (128, 128, 2), (128, 64, 2), (128, 32, 2)]
+    assert "shared memory" in ran.reason
+    compiler.tried.clear()
+    assert launch_within_resources(compiler, first, key, user_set=False) == ran
+    assert compiler.tried == [(128, 32, 2)]  # straight to the fitted tiles
+
+
+def test_user_tiles_that_do_not_fit_raise_instead_of_shrinking():
+    with pytest.raises(ValueError, match="BLOCK_N=128.*smaller kernel_options tiles"):
+        launch_within_resources(FakeCompiler(max_block_n=32), Tiles(64, 128, 4, 2), ("fit-test", 2), True)
+
+
+@pytest.mark.parametrize(
+    "tiles, want",
+    [
+        (Tiles(128, 128, 8, 4), Tiles(128, 128, 8, 3)),
+        (Tiles(128, 128, 8, 2), Tiles(128, 64, 8, 2)),
+        (Tiles(64, 16, 4, 2), Tiles(32, 16, 4, 2)),
+        (Tiles(16, 16, 4, 1), None),
+    ],
+    ids=["stages", "block-n", "block-m", "nothing-left"],
+)
+def test_smaller_tiles_order(tiles, want):
+    assert smaller_tiles(tiles) == want
