@@ -149,6 +149,7 @@ def _flex_forward_kernel(
         idx_row = idx + mask_row * MASK_NKV
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
             start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
+            start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0
             qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
                           DOT_PRECISION)
         for tile in range(0, num_tiles):

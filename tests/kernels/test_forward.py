@@ -152,6 +152,33 @@ def test_descriptor_loads_and_qk_prefetch(use_tma, pipeline_qk, monkeypatch):
     run_forward(shape, torch.float16, "v-document-causal", (16, 32), "cpu")
 
 
+@interpreted
+@pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "qk-prefetch"])
+def test_indices_past_the_count_are_never_read(pipeline_qk, monkeypatch):
+    """Hand-built tables may hold any value past each row's count (here: far out of range)."""
+    choose = forward.forward_tiles
+    monkeypatch.setattr(
+        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=False, pipeline_qk=pipeline_qk)
+    )
+    q, k, v = make_qkv(Shape(B=1, Hq=2, Lq=32, E=16), torch.float16)
+    counts = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.int32)  # (B=1, H=2, NQ=2)
+    indices = torch.full((1, 2, 2, 2), 1 << 24, dtype=torch.int32)
+    indices[0, 0, 1, 0] = indices[0, 1, 0, 0] = 1  # the one listed block of each non-empty row
+    out, lse, _ = flex_forward(
+        q, k, v, score_mod=compile_score_mod(None), mask_mod=compile_mask_mod(None),
+        kv_num_blocks=counts, kv_indices=indices, full_kv_num_blocks=None, full_kv_indices=None,
+        q_block=16, kv_block=16, scale=1.0,
+    )  # fmt: skip
+    empty = [(0, slice(0, 16)), (1, slice(16, 32))]  # (head, rows) with no listed block
+    for h, rows in empty:
+        assert torch.all(out[0, h, rows] == 0) and torch.all(lse[0, h, rows] == float("-inf"))
+    listed = [(0, slice(16, 32)), (1, slice(0, 16))]
+    for h, rows in listed:
+        scores = q[0, h, rows].float() @ k[0, h, 16:32].float().T
+        torch.testing.assert_close(out[0, h, rows].float(), scores.softmax(-1) @ v[0, h, 16:32].float(),
+                                   atol=2e-3, rtol=2e-3)  # fmt: skip
+
+
 @pytest.mark.parametrize("Lq, Lkv", [(0, 33), (33, 0)], ids=["Lq0", "Lkv0"])
 def test_empty_sequences(Lq, Lkv, monkeypatch):
     """No queries: empty outputs. No keys: every row is fully masked (out 0, lse = max = -inf)."""
