@@ -254,22 +254,17 @@ class BlockMask:
         Only valid for mask_mods whose pattern does not depend on the total length. Growing a mask
         needs a new ``create_block_mask``.
         """
-        if (
-            new_q_len > self.seq_lengths[0]
-            and -(-new_q_len // self.BLOCK_SIZE[0]) > self.kv_indices.shape[-2]
-        ):
-            raise ValueError(
-                f"_adjust can only shrink a BlockMask: new_q_len={new_q_len} needs more q blocks than "
-                f"the mask's {self.kv_indices.shape[-2]}. Build a new mask with create_block_mask."
-            )
-        if (
-            new_kv_len > self.seq_lengths[1]
-            and -(-new_kv_len // self.BLOCK_SIZE[1]) > self.kv_indices.shape[-1]
-        ):
-            raise ValueError(
-                f"_adjust can only shrink a BlockMask: new_kv_len={new_kv_len} needs more kv blocks than "
-                f"the mask's {self.kv_indices.shape[-1]}. Build a new mask with create_block_mask."
-            )
+        num_q_blocks, num_kv_blocks = self.kv_indices.shape[-2:]
+        checks = (
+            ("new_q_len", new_q_len, self.seq_lengths[0], self.BLOCK_SIZE[0], num_q_blocks, "q"),
+            ("new_kv_len", new_kv_len, self.seq_lengths[1], self.BLOCK_SIZE[1], num_kv_blocks, "kv"),
+        )
+        for name, new_len, old_len, block, num_blocks, side in checks:
+            if new_len > old_len and -(-new_len // block) > num_blocks:
+                raise ValueError(
+                    f"_adjust can only shrink a BlockMask: {name}={new_len} needs more {side} blocks than "
+                    f"the mask's {num_blocks}. Build a new mask with create_block_mask."
+                )
         nq = -(-new_q_len // self.BLOCK_SIZE[0])
         nkv = -(-new_kv_len // self.BLOCK_SIZE[1])
 
