@@ -6,8 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=.venv/setup.log
-# Where the CPU build of torch comes from on a fresh machine (pip's own index is the fallback).
-TORCH_INDEX=${FLEXATTN_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 
 run_pip() {
     if ! .venv/bin/python -m pip "$@" >>"$LOG" 2>&1; then
@@ -23,10 +21,9 @@ if [ ! -x .venv/bin/python ]; then
     run_pip install -q --upgrade pip
 fi
 if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)"; then
-    # Prefer the small CPU wheel; fall back to whatever pip's configured index offers.
-    .venv/bin/python -m pip install -q --timeout 20 --retries 1 -c scripts/constraints.txt \
-        --index-url "$TORCH_INDEX" torch >>"$LOG" 2>&1 \
-        || run_pip install -q -c scripts/constraints.txt torch
+    # From pip's configured index only (on this project's machines torch==2.13.0 resolves to a
+    # local CPU wheel); set PIP_INDEX_URL / PIP_EXTRA_INDEX_URL to choose another build.
+    run_pip install -q -c scripts/constraints.txt torch
 fi
 stamp=$(cat pyproject.toml scripts/constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.flexattn-installed 2>/dev/null)" != "$stamp" ] \
