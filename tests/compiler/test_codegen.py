@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="needs TRITON_INTERPRET=1 (CPU) or a GPU",
 )
-DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# the interpreter runs on CPU tensors; without it the kernels need CUDA (and the module is skipped
+# on a machine with neither, so building the zoo below must not touch CUDA there)
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
 M, N = 16, 8  # tile: query rows x key columns (different sizes catch axis mix-ups)
 
 
