@@ -164,6 +164,7 @@ def test_reference_backend_still_runs_under_compile():
     )
 
 
+@needs_kernels
 @pytest.mark.parametrize(
     "bad_call, message",
     [
