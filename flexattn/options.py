@@ -76,15 +76,11 @@ class KernelOptions:
 
     def __post_init__(self) -> None:
         if self.BACKEND not in BACKENDS:
-            raise ValueError(
-                f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {self.BACKEND!r}."
-            )
+            raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {self.BACKEND!r}.")
         for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 16 or value & (value - 1)):
-                raise ValueError(
-                    f"kernel_options['{name}'] must be a power of two >= 16, got {value!r}."
-                )
+                raise ValueError(f"kernel_options['{name}'] must be a power of two >= 16, got {value!r}.")
         for name in ("num_warps", "bwd_num_warps"):
             value = getattr(self, name)
             if value is not None and value not in (1, 2, 4, 8, 16):
@@ -105,9 +101,7 @@ class KernelOptions:
         if isinstance(kernel_options, KernelOptions):
             return kernel_options
         if not isinstance(kernel_options, dict):
-            raise TypeError(
-                f"kernel_options must be a dict or None, got {type(kernel_options).__name__}."
-            )
+            raise TypeError(f"kernel_options must be a dict or None, got {type(kernel_options).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for key, value in kernel_options.items():
