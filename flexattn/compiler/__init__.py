@@ -4,6 +4,7 @@
     proxy.py       proxies for the mod's values; typed op builders with PyTorch's semantics
     trace.py       the supported torch surface; run the mod on proxies -> IR (errors.py: refusals)
     autodiff.py    reverse-mode gradient of a score mod, as more IR
+    rewrite.py     value-preserving IR rewrites that make the kernels cheaper (run before codegen)
     analysis.py    tile axes, signs, exactness and argument layout of a graph
     lowering.py    IR node -> Triton expression (helpers in triton_math.py)
     codegen.py     the ``@triton.jit`` device functions (forward, mask, gradient)
@@ -43,6 +44,7 @@ on GPUs, like eager CUDA); smooth score arithmetic uses the fast forms. Gradient
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -58,6 +60,7 @@ from flexattn.compiler.codegen import forward_function, gradient_function, modul
 from flexattn.compiler.errors import ModCompileError
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.proxy import fast_tanh
+from flexattn.compiler.rewrite import hoist_index_casts
 from flexattn.compiler.trace import Program, trace
 from flexattn.kernels.mods import KernelMod
 
@@ -103,12 +106,19 @@ def explain(mod, kind: str | None = None, *, device=None) -> str:
     ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
     """
     kind = kind or _guess_kind(mod)
-    program = trace(mod, kind, device)
+    program = _program(mod, kind, device)
     entry = _entry(program, _target(device, program))
     return (
         f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
         f"# IR\n{program.graph.format([program.output])}\n\n# Triton source\n{entry.source}"
     )
+
+
+def _program(mod, kind: str, device) -> Program:
+    """The traced and rewritten mod: the graph the cache key, ``explain`` and codegen all see."""
+    program = trace(mod, kind, device)
+    graph, (output,) = hoist_index_casts(program.graph, [program.output])
+    return dataclasses.replace(program, graph=graph, output=output)
 
 
 def _guess_kind(mod) -> str:
@@ -175,7 +185,7 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
 
 
 def _compile(mod, kind: str, device) -> KernelMod:
-    program = trace(mod, kind, device)
+    program = _program(mod, kind, device)
     entry = _entry(program, _target(device, program))
     captures = program.graph.captures
     args: list = []
