@@ -199,7 +199,16 @@ def _compile(mod, kind: str, device) -> KernelMod:
         grad_captures=grad_captures,
         make_grad_args=_grad_args_builder(grad_captures) if kind == "score" else None,
         name=program.name,
+        trivial=_is_trivial(program),
     )
+
+
+def _is_trivial(program: Program) -> bool:
+    """A score mod that returns its score unchanged, or a mask mod that is the constant True."""
+    out = program.graph.nodes[program.output]
+    if program.kind == "score":
+        return out.op == "score"
+    return out.op == "const" and out.value is True
 
 
 def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):

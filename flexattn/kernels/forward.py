@@ -68,7 +68,10 @@ def _attend_tile(
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
     scores = qk * sm_scale
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]
+    if KV_TAIL:
+        kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
+    else:
+        kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
     scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if IS_PARTIAL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
@@ -112,7 +115,7 @@ def _flex_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL_BLOCKS: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
-    PIPELINE_QK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PIPELINE_QK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -152,7 +155,7 @@ def _flex_forward_kernel(
             start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0
             qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
                           DOT_PRECISION)
-        for tile in range(0, num_tiles):
+        for tile in tl.range(0, num_tiles, warp_specialize=WARP_SPECIALIZE):
             if PIPELINE_QK:
                 start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), 1,
                                                KV_BLOCK, BLOCK_N)
@@ -216,8 +219,8 @@ def flex_forward(
             kv_block), num_warps, num_stages, USE_TMA (force tensor-descriptor K/V loads; an error
             when k/v cannot take them), ROWS_GUARANTEED_SAFE, autotune (time a few configurations on
             first use of a shape class; the choice is cached in ``$FLEXATTN_CACHE_DIR/forward.json``).
-            Unset knobs come from ``tiles.forward_tiles`` (on Hopper: 128x128 tiles, 8 warps, TMA
-            K/V loads where the strides allow, the next tile's q.k^T issued before the softmax).
+            Unset knobs come from ``tiles.forward_tiles`` (on Hopper: 128-query tiles, TMA K/V loads
+            where the strides allow; per head dim and mask the measured fastest tiles and warps).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
@@ -271,11 +274,11 @@ def flex_forward(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
             **broadcast_flags, HAS_FULL_BLOCKS=full_kv_num_blocks is not None, KV_TAIL=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
-            PIPELINE_QK=tiles.pipeline_qk,
+            PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
             DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
-    tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch)
+    tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, not mask_mod.trivial)
     fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
     user_set = any(getattr(options, name, None) for name in ("BLOCK_M", "BLOCK_N", "num_stages"))
     launch_within_resources(launch, tiles, fit_key, user_set)
@@ -311,7 +314,7 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     return tiles
 
 
-def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch) -> Tiles:
+def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, masked: bool = True) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
     capability, smem = _device_limits(q.device)
     tiles = forward_tiles(
@@ -325,11 +328,15 @@ def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch) -> Tiles
         capability=capability,
         shared_memory_limit=smem,
         options=options,
+        masked=masked,
     )
     if not getattr(options, "autotune", False) or capability is None:
         return tiles
     name = torch.cuda.get_device_name(q.device)
-    key = f"{name}|{q.dtype}|E{E}|Ev{Ev}|blk{q_block}x{kv_block}|Lq{Lq.bit_length()}|Lkv{Lkv.bit_length()}"
+    key = (
+        f"{name}|{q.dtype}|E{E}|Ev{Ev}|blk{q_block}x{kv_block}|Lq{Lq.bit_length()}|Lkv{Lkv.bit_length()}"
+        f"|{'masked' if masked else 'unmasked'}"
+    )
     cache = TileCache("forward")
     cached = cache.get(key)
     if cached is not None:

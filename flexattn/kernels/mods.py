@@ -46,6 +46,8 @@ class KernelMod:
         make_grad_args: builds ``SCORE_GRAD_ARGS`` from fp32 gradient buffers, one per entry
             of ``grad_captures`` and of the same shape (contiguous).
         name: a readable name for logs and errors.
+        trivial: the mod changes nothing (a score mod returning its score, a mask mod returning
+            True); launchers may pick tiles tuned for the unmasked kernel.
     """
 
     fn: Any
@@ -54,6 +56,7 @@ class KernelMod:
     grad_captures: tuple[torch.Tensor, ...] = ()
     make_grad_args: Callable[[tuple[torch.Tensor, ...]], tuple] | None = None
     name: str = "mod"
+    trivial: bool = False
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""

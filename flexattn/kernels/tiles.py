@@ -27,6 +27,7 @@ class Tiles:
     reason: str = ""
     use_tma: bool = False  # load K/V through Hopper tensor descriptors (TMA)
     pipeline_qk: bool = False  # issue the next tile's q.k^T before this tile's softmax
+    warp_specialize: bool = False  # Triton's automatic warp specialization of the kv loop (Hopper+)
 
 
 def next_power_of_2(n: int) -> int:
@@ -53,8 +54,14 @@ def shared_memory_bytes(tiles: Tiles, head_dim_pad: int, v_head_dim_pad: int, el
     return (q_tile + kv_tiles) * elem_bytes
 
 
-def default_tiles(head_dim_pad: int, dtype: torch.dtype, capability: tuple[int, int] | None) -> Tiles:
-    """Tuned starting points per GPU generation, head dim and dtype (before any clamping)."""
+def default_tiles(
+    head_dim_pad: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = True
+) -> Tiles:
+    """Tuned starting points per GPU generation, head dim and dtype (before any clamping).
+
+    ``masked`` is False when the mask_mod is always true (no element-wise mask work in any tile).
+    The Hopper choices are the fastest of the sweep in BENCHMARKS.md (``benchmarks/sweep_tiles.py``).
+    """
     if capability is None:
         return Tiles(32, 32, 4, 1, "interpreter: small tiles keep the CPU emulation quick")
     if dtype == torch.float32:
@@ -63,11 +70,14 @@ def default_tiles(head_dim_pad: int, dtype: torch.dtype, capability: tuple[int, 
         return Tiles(32, 32, 4, 2, "fp32 with a wide head: small tiles to fit shared memory")
     if capability[0] >= 9:
         if head_dim_pad <= 64:
-            return Tiles(128, 128, 8, 3, "Hopper, head dim <= 64: 128x128 tiles, 8 warps, 3 stages, TMA, "
-                         "q.k prefetch", use_tma=True, pipeline_qk=True)  # fmt: skip
+            return Tiles(128, 128, 4, 3, "Hopper, head dim <= 64: 128x128 tiles, 4 warps, 3 stages, TMA "
+                         "(fastest for all 7 paper variants)", use_tma=True)  # fmt: skip
+        if head_dim_pad <= 128 and not masked:
+            return Tiles(128, 64, 4, 3, "Hopper, head dim 128, no mask_mod: 128x64 tiles, 4 warps, 3 stages, "
+                         "TMA (fastest for noop, alibi, soft-cap)", use_tma=True)  # fmt: skip
         if head_dim_pad <= 128:
             return Tiles(128, 128, 8, 2, "Hopper, head dim 128: 128x128 tiles, 8 warps, 2 stages, TMA, "
-                         "q.k prefetch (measured best for masked variants)", use_tma=True, pipeline_qk=True)  # fmt: skip
+                         "q.k prefetch (fastest for masked variants)", use_tma=True, pipeline_qk=True)  # fmt: skip
         return Tiles(64, 64, 4, 2, "Hopper, head dim 256: small tiles to fit registers", use_tma=True)
     if capability[0] >= 8:
         if head_dim_pad <= 64:
@@ -90,11 +100,13 @@ def forward_tiles(
     capability: tuple[int, int] | None,
     shared_memory_limit: int | None,
     options,
+    masked: bool = True,
 ) -> Tiles:
     """Choose the forward launch configuration.
 
     ``capability`` is the CUDA compute capability, or None for the Triton interpreter.
     ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set).
+    ``masked``: whether the mask_mod does element-wise work (False for an always-true mask).
     BLOCK_M must divide ``q_block`` and BLOCK_N must divide ``kv_block`` (one sparse block is then
     visited as whole tiles); defaults are shrunk to fit that, the sequence lengths and shared memory.
 
@@ -115,7 +127,7 @@ def forward_tiles(
         raise ValueError(
             f"Head dims up to 256 are supported by the Triton kernels, got E={head_dim}, Ev={v_head_dim}."
         )
-    tiles = default_tiles(max(e_pad, ev_pad), dtype, capability)
+    tiles = default_tiles(max(e_pad, ev_pad), dtype, capability, masked)
     why = [tiles.reason]
     user_m = getattr(options, "BLOCK_M", None)
     user_n = getattr(options, "BLOCK_N", None)

@@ -118,6 +118,19 @@ def test_none_mods_are_identity_and_always_true():
     assert bool(run_mask(compile_mask_mod(None, device=DEVICE), *tile.indices()).all())
 
 
+def test_trivial_mods_are_flagged_for_the_launchers():
+    import flexattn
+    from flexattn import variants
+
+    assert compile_score_mod(None, device=DEVICE).trivial
+    assert compile_score_mod(lambda s, b, h, q, kv: s, device=DEVICE).trivial
+    assert compile_mask_mod(None, device=DEVICE).trivial
+    assert compile_mask_mod(flexattn.noop_mask, device=DEVICE).trivial
+    assert not compile_score_mod(lambda s, b, h, q, kv: s * 2.0, device=DEVICE).trivial
+    assert not compile_mask_mod(variants.causal(), device=DEVICE).trivial
+    assert not compile_mask_mod(lambda b, h, q, kv: q >= 0, device=DEVICE).trivial
+
+
 # ---- a zoo of score mods covering the supported surface ----------------------------------------
 
 

@@ -21,10 +21,10 @@ H100 = {"capability": (9, 0), "shared_memory_limit": 232448}
 A100 = {"capability": (8, 0), "shared_memory_limit": 166912}
 
 
-def choose(E=128, Ev=None, dtype=torch.bfloat16, L=8192, blocks=(128, 128), gpu=H100, **options):
+def choose(E=128, Ev=None, dtype=torch.bfloat16, L=8192, blocks=(128, 128), gpu=H100, masked=True, **options):
     return forward_tiles(
         head_dim=E, v_head_dim=Ev or E, dtype=dtype, q_len=L, kv_len=L, q_block=blocks[0], kv_block=blocks[1],
-        options=KernelOptions.from_user(options), **gpu,
+        options=KernelOptions.from_user(options), masked=masked, **gpu,
     )  # fmt: skip
 
 
@@ -33,6 +33,18 @@ def test_hopper_defaults_use_big_tiles_tma_and_prefetch():
     assert (tiles.BLOCK_M, tiles.BLOCK_N, tiles.num_warps) == (128, 128, 8)
     assert tiles.use_tma and tiles.pipeline_qk
     assert "Hopper" in tiles.reason
+
+
+@pytest.mark.parametrize("E, masked, want", [
+    (128, False, (128, 64, 4, 3)),   # no mask work: narrower key tiles, 4 warps
+    (128, True, (128, 128, 8, 2)),
+    (64, True, (128, 128, 4, 3)),
+    (64, False, (128, 128, 4, 3)),
+])  # fmt: skip
+def test_hopper_defaults_depend_on_head_dim_and_mask(E, masked, want):
+    tiles = choose(E=E, masked=masked)
+    assert (tiles.BLOCK_M, tiles.BLOCK_N, tiles.num_warps, tiles.num_stages) == want
+    assert tiles.use_tma
 
 
 @pytest.mark.parametrize("blocks, want", [((64, 32), (64, 32)), ((16, 256), (16, 128)), ((48, 80), (16, 16))])

@@ -1,0 +1,189 @@
+"""Tile sweep for the forward and backward kernels on a CUDA GPU (a tuning tool, not a test).
+
+Times a fixed list of launch configurations for a few (config, variant) cases through the public
+``flex_attention`` (the tile choosers are replaced for the duration of one measurement), checks every
+candidate's output against the default's, and prints one line per candidate with the registers and
+spills of the kernels it compiled. The fastest candidates inform the defaults in
+``flexattn/kernels/tiles.py`` and ``backward_tiles.py``; BENCHMARKS.md records what was measured.
+
+    python benchmarks/sweep_tiles.py --json sweep.json          # forward and backward
+    python benchmarks/sweep_tiles.py --only forward --cases E64:noop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import CONFIGS, density, environment, make_variants  # noqa: E402
+
+import flexattn  # noqa: E402
+from flexattn.kernels import backward, backward_tiles, forward  # noqa: E402
+from flexattn.kernels.tiles import Tiles  # noqa: E402
+
+VARIANTS = ("noop", "causal", "alibi", "sliding_window_1024", "prefix_lm", "document", "softcap")
+FORWARD_CASES = tuple(f"E{e}:{v}" for e in (128, 64) for v in VARIANTS)
+BACKWARD_CASES = ("E128:noop", "E128:document")
+
+# per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma, pipeline_qk, warp_specialize)
+FORWARD_CANDIDATES = {
+    128: [
+        (128, 128, 8, 2, True, True, False),
+        (128, 64, 4, 3, True, False, False),
+        (128, 64, 4, 4, True, False, False),
+        (128, 64, 8, 3, True, False, False),
+        (128, 128, 8, 2, True, False, True),
+    ],
+    64: [
+        (128, 128, 8, 3, True, True, False),
+        (128, 128, 4, 3, True, False, False),
+        (128, 128, 4, 4, True, False, False),
+        (128, 64, 4, 3, True, False, False),
+        (128, 128, 4, 3, False, False, False),
+    ],
+}
+# per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode)
+BACKWARD_CANDIDATES = {
+    128: [
+        (64, 128, 128, 64, 8, 2, "separate"),
+        (64, 64, 64, 64, 4, 3, "separate"),
+        (64, 64, 64, 64, 8, 3, "separate"),
+        (64, 128, 64, 64, 8, 2, "separate"),
+        (64, 64, 128, 64, 4, 3, "separate"),
+    ],
+    64: [
+        (32, 64, 64, 32, 4, 3, "separate"),
+        (64, 64, 64, 64, 4, 3, "separate"),
+        (64, 128, 128, 64, 8, 2, "atomic"),
+    ],
+}
+
+
+@contextmanager
+def forward_tiles_fixed(candidate):
+    m, n, warps, stages, tma, pipe, ws = candidate
+    tiles = Tiles(m, n, warps, stages, "sweep", use_tma=tma, pipeline_qk=pipe, warp_specialize=ws)
+    with mock.patch.object(forward, "choose_tiles", lambda *a, **k: tiles):
+        yield
+
+
+@contextmanager
+def backward_tiles_fixed(candidate):
+    m1, n1, m2, n2, warps, stages, mode = candidate
+    choose = backward_tiles.choose_backward_tiles
+
+    def fixed(*args, **kwargs):
+        base = choose(*args, **kwargs)
+        return replace(base, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps,
+                       num_stages=stages, dq_mode=mode, reason="sweep")  # fmt: skip
+
+    with mock.patch.object(backward, "choose_backward_tiles", fixed):
+        yield
+
+
+def compiled_kernels(*jit_functions) -> dict:
+    """``(function name, cache key) -> (registers, spills)`` of every compiled kernel so far."""
+    found = {}
+    for fn in jit_functions:
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, kernel in caches[0].items():
+                try:
+                    kernel._init_handles()
+                    found[(fn.__name__, str(key))] = (kernel.n_regs, kernel.n_spills)
+                except Exception:  # an attribute renamed in another Triton: report nothing
+                    pass
+    return found
+
+
+def resources(before: dict, after: dict) -> str:
+    new = {k: v for k, v in after.items() if k not in before}
+    return " ".join(f"{name.split('_', 2)[-1]}:{r}r/{s}s" for (name, _), (r, s) in new.items()) or "cached"
+
+
+def run_case(case: str, which: str, args, rows: list) -> None:
+    e, variant_name = case.split(":")
+    cfg = next(c for c in CONFIGS if f"E{c.E}" == e)
+    var = next(v for v in make_variants(cfg, "cuda") if v.name == variant_name)
+    q, k, v = (torch.randn(cfg.B, cfg.H, cfg.L, cfg.E, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = flexattn.create_block_mask(
+        var.mask_mod or flexattn.noop_mask, None, None, cfg.L, cfg.L, device="cuda"
+    )
+    flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * density(mask)
+    score = var.flex_score_mod or var.score_mod
+    kernels = (forward._flex_forward_kernel, backward._bwd_dkdv, backward._bwd_dq)
+
+    def fwd():
+        with torch.no_grad():
+            return flexattn.flex_attention(q, k, v, score_mod=score, block_mask=mask)
+
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out = flexattn.flex_attention(qg, kg, vg, score_mod=score, block_mask=mask)
+    dout = torch.randn_like(out)
+
+    def bwd():
+        return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
+
+    reference = fwd() if which == "forward" else bwd()
+    candidates = (FORWARD_CANDIDATES if which == "forward" else BACKWARD_CANDIDATES)[cfg.E]
+    fixer = forward_tiles_fixed if which == "forward" else backward_tiles_fixed
+    for cand in candidates:
+        started = time.time()
+        before = compiled_kernels(*kernels)
+        try:
+            with fixer(cand):
+                if which == "backward":  # a fresh graph so the backward sees these tiles
+                    out = flexattn.flex_attention(qg, kg, vg, score_mod=score, block_mask=mask)
+                result = fwd() if which == "forward" else bwd()
+                results = result if isinstance(result, tuple) else (result,)
+                refs = reference if isinstance(reference, tuple) else (reference,)
+                diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, refs))
+                ms = triton.testing.do_bench(fwd if which == "forward" else bwd, warmup=10, rep=60,
+                                             return_mode="median")  # fmt: skip
+            tflops = (1.0 if which == "forward" else 2.5) * flops / ms / 1e9
+            used = resources(before, compiled_kernels(*kernels))
+            row = {"case": case, "which": which, "candidate": list(cand), "ms": ms, "tflops": tflops,
+                   "max_diff_vs_default": diff, "kernels": used}  # fmt: skip
+        except Exception as err:  # a configuration the compiler rejects: record it and go on
+            message = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            row = {"case": case, "which": which, "candidate": list(cand), "error": message}
+        row["seconds"] = round(time.time() - started, 1)
+        rows.append(row)
+        print(format_row(row), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['which']:8s} {row['case']:28s} {str(tuple(row['candidate'])):44s}"
+    if "error" in row:
+        return f"{head} ERROR {row['error']}"
+    return (f"{head} {row['ms']:7.3f} ms {row['tflops']:5.0f} TF  diff {row['max_diff_vs_default']:.1e}  "
+            f"{row['kernels']}  ({row['seconds']} s)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("forward", "backward"))
+    parser.add_argument("--cases", nargs="*", help="cases as E<dim>:<variant>, e.g. E64:noop")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows: list = []
+    for which, cases in (("forward", FORWARD_CASES), ("backward", BACKWARD_CASES)):
+        if args.only in (None, which):
+            for case in args.cases or cases:
+                run_case(case, which, args, rows)
+
+
+if __name__ == "__main__":
+    main()
