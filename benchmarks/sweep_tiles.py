@@ -25,7 +25,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import CONFIGS, density, environment, make_variants  # noqa: E402
+from bench_attention import CONFIGS, Config, density, environment, make_variants  # noqa: E402
 
 import flexattn  # noqa: E402
 from flexattn.kernels import backward, backward_tiles, forward  # noqa: E402
@@ -113,6 +113,8 @@ def resources(before: dict, after: dict) -> str:
 def run_case(case: str, which: str, args, rows: list) -> None:
     e, variant_name = case.split(":")
     cfg = next(c for c in CONFIGS if f"E{c.E}" == e)
+    if args.shape:  # another (B, H, L) at this head dim
+        cfg = Config(*args.shape[:3], cfg.E)
     var = next(v for v in make_variants(cfg, "cuda") if v.name == variant_name)
     q, k, v = (torch.randn(cfg.B, cfg.H, cfg.L, cfg.E, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = flexattn.create_block_mask(
@@ -147,7 +149,7 @@ def run_case(case: str, which: str, args, rows: list) -> None:
                 results = result if isinstance(result, tuple) else (result,)
                 refs = reference if isinstance(reference, tuple) else (reference,)
                 diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, refs))
-                ms = triton.testing.do_bench(fwd if which == "forward" else bwd, warmup=10, rep=60,
+                ms = triton.testing.do_bench(fwd if which == "forward" else bwd, warmup=200, rep=60,
                                              return_mode="median")  # fmt: skip
             tflops = (1.0 if which == "forward" else 2.5) * flops / ms / 1e9
             used = resources(before, compiled_kernels(*kernels))
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("forward", "backward"))
     parser.add_argument("--cases", nargs="*", help="cases as E<dim>:<variant>, e.g. E64:noop")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "H", "L"), help="instead of the paper's")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows: list = []
