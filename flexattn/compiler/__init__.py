@@ -9,6 +9,7 @@
     lowering.py    IR node -> Triton expression (helpers in triton_math.py)
     codegen.py     the ``@triton.jit`` device functions (forward, mask, gradient)
     cache.py       structure key -> generated functions; the compile counter
+    fingerprint.py a cheap key for a mod's traced meaning: repeat calls skip the trace
 
 Example::
 
@@ -48,16 +49,18 @@ import dataclasses
 import hashlib
 import inspect
 import os
+import threading
+from collections import OrderedDict
 
 import torch
 
 from flexattn.compiler import cache
 from flexattn.compiler.analysis import encode_int
 from flexattn.compiler.autodiff import differentiate
-from flexattn.compiler.cache import clear as clear_cache
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError
+from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.proxy import fast_tanh
 from flexattn.compiler.rewrite import hoist_index_casts
@@ -73,6 +76,21 @@ __all__ = [
     "explain",
     "fast_tanh",
 ]
+
+
+# Compiled mods by fingerprint (most recently used last). A training step calls each mod in every
+# layer, so repeat calls are the common case; the bound keeps closures made per call from piling up.
+KERNEL_MOD_CACHE_SIZE = 256
+_KERNEL_MODS: OrderedDict[tuple, tuple[KernelMod, list]] = OrderedDict()
+_KERNEL_MODS_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every compiled mod and its generated code (the next compile of each traces and
+    generates code again)."""
+    with _KERNEL_MODS_LOCK:
+        _KERNEL_MODS.clear()
+    cache.clear()
 
 
 def _identity(score, b, h, q_idx, kv_idx):
@@ -185,6 +203,26 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
 
 
 def _compile(mod, kind: str, device) -> KernelMod:
+    """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
+    keep: list = []
+    key = mod_key(mod, keep)
+    if key is None:
+        return _compile_traced(mod, kind, device)
+    key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
+    with _KERNEL_MODS_LOCK:
+        hit = _KERNEL_MODS.get(key)
+        if hit is not None:
+            _KERNEL_MODS.move_to_end(key)
+            return hit[0]
+    kernel_mod = _compile_traced(mod, kind, device)
+    with _KERNEL_MODS_LOCK:
+        _KERNEL_MODS[key] = (kernel_mod, keep)  # keep: the objects whose identities are in the key
+        while len(_KERNEL_MODS) > KERNEL_MOD_CACHE_SIZE:
+            _KERNEL_MODS.popitem(last=False)
+    return kernel_mod
+
+
+def _compile_traced(mod, kind: str, device) -> KernelMod:
     program = _program(mod, kind, device)
     entry = _entry(program, _target(device, program))
     captures = program.graph.captures

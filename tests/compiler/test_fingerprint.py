@@ -1,0 +1,191 @@
+"""Repeat compiles of an unchanged mod skip the trace; any change a trace could see traces again.
+
+``trace_count`` counts real traces (``flexattn.compiler._program``). Every test that expects a
+cache hit also checks that a changed mod is traced again *and computes the new values*: a stale
+hit would be a wrong answer, not just a slow one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+import torch
+
+import flexattn
+import flexattn.compiler as compiler
+from flexattn import variants
+from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.compiler.fingerprint import mod_key
+from tests.compiler.harness import eager_mask, eager_score, run_mask, run_score
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+TABLE = torch.randn(4, 64)  # module-level state that mods below read as globals
+OFFSET = 3
+
+
+def global_table_bias(score, b, h, q_idx, kv_idx):
+    return score + TABLE[h, (q_idx - kv_idx + OFFSET) % 64]
+
+
+def _helper(x):
+    return x * OFFSET
+
+
+def calls_helper(score, b, h, q_idx, kv_idx):
+    return score + _helper(q_idx)
+
+
+@pytest.fixture
+def trace_count(monkeypatch):
+    """A list that grows by one entry per real trace."""
+    traced: list = []
+    real = compiler._program
+
+    def counting(mod, kind, device):
+        traced.append(mod)
+        return real(mod, kind, device)
+
+    monkeypatch.setattr(compiler, "_program", counting)
+    compiler.clear_cache()
+    return traced
+
+
+def _tile(M=16, N=32):
+    """score (M, N), q_idx (M,), kv_idx (N,): fresh random positions below 64."""
+    q_idx = torch.randint(0, 64, (M,), dtype=torch.int32)
+    kv_idx = torch.randint(0, 64, (N,), dtype=torch.int32)
+    return torch.randn(M, N), q_idx, kv_idx
+
+
+def _assert_score_mod_runs_like_eager(mod, b=0, h=1):
+    score, q_idx, kv_idx = _tile()
+    got = run_score(compile_score_mod(mod, device="cpu"), score, b, h, q_idx, kv_idx)
+    torch.testing.assert_close(got, eager_score(mod, score, b, h, q_idx, kv_idx))
+
+
+def test_an_unchanged_mod_is_traced_once(trace_count):
+    mod = variants.sliding_window(64)
+    first = compile_mask_mod(mod, device="cpu")
+    assert compile_mask_mod(mod, device="cpu") is first
+    assert len(trace_count) == 1
+
+
+def test_a_fresh_closure_with_the_same_contents_hits(trace_count):
+    compile_mask_mod(variants.sliding_window(64), device="cpu")
+    compile_mask_mod(variants.sliding_window(64), device="cpu")
+    assert len(trace_count) == 1
+    compile_mask_mod(variants.sliding_window(65), device="cpu")  # another number: another trace
+    assert len(trace_count) == 2
+
+
+@interpreted
+def test_a_changed_closure_number_computes_the_new_values(trace_count):
+    for window in (4, 9, 4):
+        mod = variants.sliding_window(window)
+        _, q_idx, kv_idx = _tile()
+        got = run_mask(compile_mask_mod(mod, device="cpu"), 0, 0, q_idx, kv_idx)
+        assert torch.equal(got, eager_mask(mod, 0, 0, q_idx, kv_idx))
+    assert len(trace_count) == 2  # the second window 4 is a hit
+
+
+@interpreted
+def test_rebinding_a_global_tensor_or_number_traces_again(trace_count, monkeypatch):
+    module = sys.modules[__name__]
+    _assert_score_mod_runs_like_eager(global_table_bias)
+    _assert_score_mod_runs_like_eager(global_table_bias)
+    assert len(trace_count) == 1
+    monkeypatch.setattr(module, "TABLE", torch.randn(4, 64))
+    _assert_score_mod_runs_like_eager(global_table_bias)
+    monkeypatch.setattr(module, "OFFSET", 5)
+    _assert_score_mod_runs_like_eager(global_table_bias)
+    assert len(trace_count) == 3
+
+
+@interpreted
+def test_a_global_read_by_a_called_helper_is_part_of_the_key(trace_count, monkeypatch):
+    _assert_score_mod_runs_like_eager(calls_helper)
+    monkeypatch.setattr(sys.modules[__name__], "OFFSET", 7)
+    _assert_score_mod_runs_like_eager(calls_helper)
+    assert len(trace_count) == 2
+
+
+@interpreted
+def test_in_place_updates_and_requires_grad_trace_again_without_new_code(trace_count):
+    table = torch.randn(4, 64)
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, (q_idx - kv_idx) % 64]
+
+    _assert_score_mod_runs_like_eager(bias)
+    table.mul_(2.0)  # the version counter moves: traced again (cheap), code reused
+    before = compiler.codegen_count()
+    _assert_score_mod_runs_like_eager(bias)
+    assert len(trace_count) == 2 and compiler.codegen_count() == before
+    table.requires_grad_(True)
+    assert compile_score_mod(bias, device="cpu").grad_captures[0] is table
+    assert len(trace_count) == 3
+
+
+def test_mods_the_key_cannot_describe_are_traced_every_call(trace_count):
+    class Shift(torch.nn.Module):
+        def forward(self, score, b, h, q_idx, kv_idx):
+            return score + 1.0
+
+    settings = {"window": 8}
+
+    def reads_a_dict(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= settings["window"]
+
+    partial = functools.partial(lambda score, b, h, q_idx, kv_idx, c: score * c, c=2.0)
+    for _ in range(2):
+        compile_score_mod(Shift(), device="cpu")
+        compile_mask_mod(reads_a_dict, device="cpu")
+        compile_score_mod(partial, device="cpu")
+    assert len(trace_count) == 6
+    assert mod_key(reads_a_dict, []) is None and mod_key(partial, []) is None
+
+
+def test_composed_masks_are_keyed_by_their_parts():
+    def key(mod):
+        return mod_key(mod, [])
+
+    both = flexattn.and_masks(variants.causal(), variants.sliding_window(16))
+    assert key(both) == key(flexattn.and_masks(variants.causal(), variants.sliding_window(16)))
+    assert key(both) != key(flexattn.and_masks(variants.causal(), variants.sliding_window(17)))
+    assert key(both) is not None
+
+
+def test_key_tells_tensors_apart_by_identity_shape_and_dtype():
+    a, b = torch.zeros(8), torch.zeros(8)
+
+    def over(t):
+        return lambda b_, h, q_idx, kv_idx: t[q_idx] > 0
+
+    assert mod_key(over(a), []) == mod_key(over(a), [])
+    assert mod_key(over(a), []) != mod_key(over(b), [])
+    assert mod_key(over(a), []) != mod_key(over(a.to(torch.int32)), [])
+
+
+def test_device_and_interpreter_are_part_of_the_cache_key(trace_count, monkeypatch):
+    mod = variants.causal()
+    compile_mask_mod(mod, device="cpu")
+    compile_mask_mod(mod)  # no device: another target decision
+    assert len(trace_count) == 2
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1" else "1")
+    compile_mask_mod(mod, device="cpu")
+    assert len(trace_count) == 3
+
+
+def test_the_cache_is_bounded(trace_count, monkeypatch):
+    monkeypatch.setattr(compiler, "KERNEL_MOD_CACHE_SIZE", 4)
+    for window in range(10):
+        compile_mask_mod(variants.sliding_window(window), device="cpu")
+    assert len(compiler._KERNEL_MODS) == 4
+    compile_mask_mod(variants.sliding_window(9), device="cpu")  # most recent: still there
+    assert len(trace_count) == 10
+    compile_mask_mod(variants.sliding_window(0), device="cpu")  # evicted: traced again
+    assert len(trace_count) == 11
