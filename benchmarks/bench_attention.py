@@ -94,9 +94,8 @@ def make_variants(cfg: Config, device: str) -> list[Variant]:
 
 
 def bench_ms(fn: Callable[[], object], quick: bool) -> float:
-    """Median ms of ``fn``. The 200 ms warm-up brings the GPU back to its boost clock after the idle
-    seconds of compiling (measured on the H100: sub-millisecond kernels timed straight after a
-    compile ran up to 1.5x slower); every implementation gets the same warm-up."""
+    """Median ms of ``fn`` after a 200 ms warm-up, the same for every implementation, so none is
+    timed on a GPU that has just idled through seconds of compiling."""
     return triton.testing.do_bench(
         fn, warmup=50 if quick else 200, rep=40 if quick else 100, return_mode="median"
     )
