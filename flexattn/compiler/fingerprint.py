@@ -10,11 +10,14 @@ up to 1.7 ms). The key (``mod_key``) covers:
 - for functions defined outside flexattn and torch: every module-level name their code (and
   nested code) reads, so rebinding a global tensor or number changes the key;
 - tensors by identity, version counter (in-place updates), shape, strides, dtype, device and
-  requires_grad; Python numbers, strings and None by type and value; modules, classes, dtypes,
-  devices and builtins by identity.
+  requires_grad; Python numbers, strings and None by type and value; dtypes, devices and builtin
+  functions by value or identity; modules and classes by identity only when they belong to a
+  library whose attributes users do not rebind (torch, math, flexattn, ...);
+- torch's default dtype (what ``torch.tensor(0.5)`` in a mod means).
 
-Anything else (objects, dicts, ``nn.Module`` mods, ``functools.partial``, bound methods, nesting
-deeper than ``MAX_DEPTH``) makes the mod uncacheable: it is traced on every call, as before.
+Anything else (objects, dicts, user modules and classes, whose attributes can change without
+changing their identity, ``nn.Module`` mods, ``functools.partial``, bound methods, nesting deeper than
+``MAX_DEPTH``) makes the mod uncacheable: it is traced on every call, as before.
 The caller must keep the objects collected in ``keep`` alive as long as the key is in use: then no
 identity in a key can be reused by another object.
 """
@@ -27,9 +30,13 @@ import types
 import torch
 
 MAX_DEPTH = 16  # nesting of functions and containers (and_masks of and_masks is about 8)
-_LIBRARIES = ("flexattn", "torch")  # their module-level state is not the user's to rebind per call
+_LIBRARIES = ("flexattn", "torch")  # functions whose module-level state users do not rebind per call
+# modules and classes from these packages are keyed by identity (their attributes are stable)
+_STABLE_PACKAGES = frozenset(
+    ("flexattn", "torch", "triton", "math", "cmath", "operator", "functools", "builtins", "numpy", "typing")
+)
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
-_BY_IDENTITY = (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device)
+_BY_IDENTITY = (types.BuiltinFunctionType, torch.dtype, torch.device)
 
 
 class _Uncacheable(Exception):
@@ -42,8 +49,8 @@ def mod_key(mod, keep: list) -> tuple | None:
     Objects whose identity is part of the key are appended to ``keep``.
     """
     try:
-        return _function(mod, keep, 0)
-    except _Uncacheable:
+        return (torch.get_default_dtype(), _function(mod, keep, 0))
+    except (_Uncacheable, RuntimeError, TypeError, ValueError):  # e.g. stride() of a sparse tensor
         return None
 
 
@@ -75,7 +82,9 @@ def _value(value, keep: list, depth: int):
         keep.append(value)
         return ("tensor", id(value), value._version, tuple(value.shape), value.stride(), value.dtype,
                 value.device, value.requires_grad)  # fmt: skip
-    if isinstance(value, _BY_IDENTITY):
+    if isinstance(value, _BY_IDENTITY) or (
+        isinstance(value, types.ModuleType | type) and _package(value) in _STABLE_PACKAGES
+    ):
         keep.append(value)
         return ("id", id(value))
     if depth >= MAX_DEPTH:
@@ -95,3 +104,12 @@ def _global_names(code: types.CodeType) -> tuple[str, ...]:
         if isinstance(const, types.CodeType):
             names += _global_names(const)
     return tuple(dict.fromkeys(names))
+
+
+def _package(module_or_class) -> str:
+    name = (
+        module_or_class.__name__
+        if isinstance(module_or_class, types.ModuleType)
+        else module_or_class.__module__
+    )
+    return (name or "").split(".")[0]

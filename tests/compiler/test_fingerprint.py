@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -29,6 +30,22 @@ OFFSET = 3
 
 def global_table_bias(score, b, h, q_idx, kv_idx):
     return score + TABLE[h, (q_idx - kv_idx + OFFSET) % 64]
+
+
+SETTINGS = types.ModuleType("user_settings")  # a user module: its attributes may change any time
+SETTINGS.WINDOW = 4
+
+
+class Config:
+    window = 4
+
+
+def window_from_module(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= SETTINGS.WINDOW
+
+
+def window_from_class(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= Config.window
 
 
 def _helper(x):
@@ -189,3 +206,30 @@ def test_the_cache_is_bounded(trace_count, monkeypatch):
     assert len(trace_count) == 10
     compile_mask_mod(variants.sliding_window(0), device="cpu")  # evicted: traced again
     assert len(trace_count) == 11
+
+
+@interpreted
+@pytest.mark.parametrize("mod", [window_from_module, window_from_class], ids=["module", "class"])
+def test_attributes_of_user_modules_and_classes_are_never_cached(mod, trace_count, monkeypatch):
+    assert mod_key(mod, []) is None  # the identity of SETTINGS / Config says nothing about WINDOW
+    for window in (4, 9):
+        monkeypatch.setattr(SETTINGS, "WINDOW", window)
+        monkeypatch.setattr(Config, "window", window)
+        _, q_idx, kv_idx = _tile()
+        got = run_mask(compile_mask_mod(mod, device="cpu"), 0, 0, q_idx, kv_idx)
+        assert torch.equal(got, eager_mask(mod, 0, 0, q_idx, kv_idx))
+    assert len(trace_count) == 2
+
+
+def test_library_modules_are_keyed_and_the_default_dtype_is_part_of_the_key():
+    def uses_torch(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx >= kv_idx, score * torch.tensor(0.5), score)
+
+    key = mod_key(uses_torch, [])
+    assert key is not None and key == mod_key(uses_torch, [])
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        assert mod_key(uses_torch, []) != key
+    finally:
+        torch.set_default_dtype(default)
