@@ -3,8 +3,11 @@
 The profiler evidence behind the analysis in BENCHMARKS.md: which kernel (forward, backward
 preprocess, dK/dV, dQ, mask building, copies) takes the time, for the paper's configurations.
 
-    python benchmarks/profile_kernels.py                       # E128 noop and document
-    python benchmarks/profile_kernels.py --cases E64:noop E128:causal
+    python benchmarks/bench_profile.py                       # E128 noop and document
+    python benchmarks/bench_profile.py --cases E64:noop E128:causal
+    flexattn bench profile                                   # the same through the command
+
+Options meant for the other benchmarks (``flexattn bench --quick``) are ignored.
 """
 
 from __future__ import annotations
@@ -52,10 +55,12 @@ def step_for(attention, q, k, v, score_mod, block_mask):
     return step
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="*", default=["E128:noop", "E128:document"])
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_profile.py needs a CUDA GPU.")
     from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
     from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
