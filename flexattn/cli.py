@@ -124,6 +124,7 @@ def _load_script(path: Path):
     """Import a benchmark script by path (benchmarks/ is not an installed package)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses (and pickling) look their module up by name
     spec.loader.exec_module(module)
     if not hasattr(module, "main"):
         raise SystemExit(f"{path} has no main(argv) function.")

@@ -128,3 +128,12 @@ def test_bench_rejects_unknown_benchmark(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "BENCHMARKS_DIR", tmp_path)
     assert main(["bench", "gamma"]) == 2
     assert "available: alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", sorted(cli.BENCHMARKS_DIR.glob("bench_*.py")), ids=lambda p: p.stem)
+def test_every_real_benchmark_takes_shared_options_and_refuses_without_gpu(script, monkeypatch):
+    """`flexattn bench --quick` hands the same options to every benchmark's main(argv)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = cli._load_script(script)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        module.main(["--quick"])
