@@ -10,6 +10,7 @@
     codegen.py     the ``@triton.jit`` device functions (forward, mask, gradient)
     cache.py       structure key -> generated functions; the compile counter
     fingerprint.py a cheap key for a mod's traced meaning: repeat calls skip the trace
+    kernel_mod_cache.py  compiled mods by fingerprint, holding only weak references
 
 Example::
 
@@ -49,8 +50,6 @@ import dataclasses
 import hashlib
 import inspect
 import os
-import threading
-from collections import OrderedDict
 
 import torch
 
@@ -62,6 +61,7 @@ from flexattn.compiler.codegen import forward_function, gradient_function, modul
 from flexattn.compiler.errors import ModCompileError
 from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
+from flexattn.compiler.kernel_mod_cache import KernelModCache
 from flexattn.compiler.proxy import fast_tanh
 from flexattn.compiler.rewrite import hoist_index_casts
 from flexattn.compiler.trace import Program, trace
@@ -78,18 +78,15 @@ __all__ = [
 ]
 
 
-# Compiled mods by fingerprint (most recently used last). A training step calls each mod in every
-# layer, so repeat calls are the common case; the bound keeps closures made per call from piling up.
-KERNEL_MOD_CACHE_SIZE = 256
-_KERNEL_MODS: OrderedDict[tuple, tuple[KernelMod, list]] = OrderedDict()
-_KERNEL_MODS_LOCK = threading.Lock()
+# Compiled mods by fingerprint. A training step calls each mod in every layer, so repeat calls are
+# the common case; the bound keeps closures made per call from piling up.
+_KERNEL_MODS = KernelModCache(size=256)
 
 
 def clear_cache() -> None:
     """Forget every compiled mod and its generated code (the next compile of each traces and
     generates code again)."""
-    with _KERNEL_MODS_LOCK:
-        _KERNEL_MODS.clear()
+    _KERNEL_MODS.clear()
     cache.clear()
 
 
@@ -209,16 +206,10 @@ def _compile(mod, kind: str, device) -> KernelMod:
     if key is None:
         return _compile_traced(mod, kind, device)
     key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
-    with _KERNEL_MODS_LOCK:
-        hit = _KERNEL_MODS.get(key)
-        if hit is not None:
-            _KERNEL_MODS.move_to_end(key)
-            return hit[0]
-    kernel_mod = _compile_traced(mod, kind, device)
-    with _KERNEL_MODS_LOCK:
-        _KERNEL_MODS[key] = (kernel_mod, keep)  # keep: the objects whose identities are in the key
-        while len(_KERNEL_MODS) > KERNEL_MOD_CACHE_SIZE:
-            _KERNEL_MODS.popitem(last=False)
+    kernel_mod = _KERNEL_MODS.get(key)
+    if kernel_mod is None:
+        kernel_mod = _compile_traced(mod, kind, device)
+        _KERNEL_MODS.put(key, kernel_mod, keep)
     return kernel_mod
 
 

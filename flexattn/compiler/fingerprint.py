@@ -18,8 +18,9 @@ up to 1.7 ms). The key (``mod_key``) covers:
 Anything else (objects, dicts, user modules and classes, whose attributes can change without
 changing their identity, ``nn.Module`` mods, ``functools.partial``, bound methods, nesting deeper than
 ``MAX_DEPTH``) makes the mod uncacheable: it is traced on every call, as before.
-The caller must keep the objects collected in ``keep`` alive as long as the key is in use: then no
-identity in a key can be reused by another object.
+Identities are only meaningful while their objects live: ``keep`` collects those objects (tensors,
+code objects, modules, ...) so that a cache can check, through weak references, that none of them
+died (``kernel_mod_cache.py``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _STABLE_PACKAGES = frozenset(
     ("flexattn", "torch", "triton", "math", "cmath", "operator", "functools", "builtins", "numpy", "typing")
 )
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
-_BY_IDENTITY = (types.BuiltinFunctionType, torch.dtype, torch.device)
+_BY_VALUE = (torch.dtype, torch.device)
 
 
 class _Uncacheable(Exception):
@@ -57,7 +58,7 @@ def mod_key(mod, keep: list) -> tuple | None:
 def _function(fn, keep: list, depth: int) -> tuple:
     if not isinstance(fn, types.FunctionType) or depth > MAX_DEPTH:
         raise _Uncacheable
-    keep.append(fn)
+    keep.append(fn.__code__)  # the code's identity is in the key, not the function's (fresh closures hit)
     try:
         cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
     except ValueError:  # an empty cell (a name assigned after the function was defined)
@@ -82,7 +83,9 @@ def _value(value, keep: list, depth: int):
         keep.append(value)
         return ("tensor", id(value), value._version, tuple(value.shape), value.stride(), value.dtype,
                 value.device, value.requires_grad)  # fmt: skip
-    if isinstance(value, _BY_IDENTITY) or (
+    if isinstance(value, _BY_VALUE):
+        return ("value", value)
+    if isinstance(value, types.BuiltinFunctionType) or (
         isinstance(value, types.ModuleType | type) and _package(value) in _STABLE_PACKAGES
     ):
         keep.append(value)

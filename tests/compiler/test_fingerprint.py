@@ -8,9 +8,11 @@ hit would be a wrong answer, not just a slow one.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 import types
+import weakref
 
 import pytest
 import torch
@@ -63,7 +65,7 @@ def trace_count(monkeypatch):
     real = compiler._program
 
     def counting(mod, kind, device):
-        traced.append(mod)
+        traced.append(getattr(mod, "__name__", "mod"))  # not the mod: it would keep its tensors alive
         return real(mod, kind, device)
 
     monkeypatch.setattr(compiler, "_program", counting)
@@ -87,7 +89,7 @@ def _assert_score_mod_runs_like_eager(mod, b=0, h=1):
 def test_an_unchanged_mod_is_traced_once(trace_count):
     mod = variants.sliding_window(64)
     first = compile_mask_mod(mod, device="cpu")
-    assert compile_mask_mod(mod, device="cpu") is first
+    assert compile_mask_mod(mod, device="cpu") == first
     assert len(trace_count) == 1
 
 
@@ -198,7 +200,7 @@ def test_device_and_interpreter_are_part_of_the_cache_key(trace_count, monkeypat
 
 
 def test_the_cache_is_bounded(trace_count, monkeypatch):
-    monkeypatch.setattr(compiler, "KERNEL_MOD_CACHE_SIZE", 4)
+    monkeypatch.setattr(compiler._KERNEL_MODS, "size", 4)
     for window in range(10):
         compile_mask_mod(variants.sliding_window(window), device="cpu")
     assert len(compiler._KERNEL_MODS) == 4
@@ -233,3 +235,47 @@ def test_library_modules_are_keyed_and_the_default_dtype_is_part_of_the_key():
         assert mod_key(uses_torch, []) != key
     finally:
         torch.set_default_dtype(default)
+
+
+def _table_bias(table):
+    def table_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx % 64]
+
+    return table_bias
+
+
+def test_the_cache_keeps_no_captured_tensor_alive(trace_count):
+    """A loop that builds a new tensor and closure each step must not pin every old tensor."""
+    refs = []
+    for _ in range(5):
+        table = torch.randn(4, 64)
+        refs.append(weakref.ref(table))
+        compile_score_mod(_table_bias(table), device="cpu")
+    del table
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert len(trace_count) == 5
+
+
+@interpreted
+def test_a_dead_tensor_whose_id_is_reused_is_not_a_hit(trace_count):
+    """After a captured tensor dies its id can name a new tensor of the same shape: trace again."""
+    for step in range(20):
+        _assert_score_mod_runs_like_eager(_table_bias(torch.randn(4, 64)))
+        gc.collect()
+        assert len(trace_count) == step + 1  # every step's fresh tensor is traced, never served stale
+
+
+@interpreted
+def test_a_fresh_closure_over_a_live_tensor_hits_and_computes_with_it(trace_count):
+    table = torch.randn(4, 64)
+
+    def make():
+        return lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx % 64]
+
+    for _ in range(3):
+        _assert_score_mod_runs_like_eager(make())
+    assert len(trace_count) == 1
+    table.copy_(torch.randn(4, 64))  # new values in place: a trace (version), the same code
+    _assert_score_mod_runs_like_eager(make())
+    assert len(trace_count) == 2
