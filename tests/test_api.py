@@ -145,6 +145,14 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     assert choose_backend(torch.device("cpu"), KernelOptions(BACKEND="TRITON")) == "TRITON"
 
 
+def test_batch_beyond_the_cuda_grid_limit_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    one = torch.randn(1, 1, 16, 16)
+    q = k = v = one.expand(65536, 1, 16, 16)  # no memory: every batch element is the same view
+    with pytest.raises(ValueError, match=r"B=65536.*Split the batch"):
+        flex_attention(q, k, v, kernel_options={"BACKEND": "TRITON"})
+
+
 # ---- errors ---------------------------------------------------------------------------------------
 
 

@@ -82,6 +82,9 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
 
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z: the kernels put heads on y and batch on z
+
+
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_table: torch.Tensor) -> tuple[int, ...]:
     """Check q (B, Hq, Lq, E), k (B, Hkv, Lkv, E), v (B, Hkv, Lkv, Ev) and their device; return (B, Hq, Lq, E)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -115,6 +118,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_table: tor
         )
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors.")
+    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
+        raise ValueError(
+            f"The Triton kernels launch one program row per head and batch element (CUDA grid axes y and z, "
+            f"at most {MAX_GRID_YZ} each); got B={B}, Hq={Hq}. Split the batch into chunks of at most "
+            f"{MAX_GRID_YZ}, or use kernel_options={{'BACKEND': 'REFERENCE'}}."
+        )
     return B, Hq, Lq, E
 
 
