@@ -15,9 +15,10 @@ up to 1.7 ms). The key (``mod_key``) covers:
   library whose attributes users do not rebind (torch, math, flexattn, ...);
 - torch's default dtype (what ``torch.tensor(0.5)`` in a mod means).
 
-Anything else (objects, dicts, user modules and classes, whose attributes can change without
-changing their identity, ``nn.Module`` mods, ``functools.partial``, bound methods, nesting deeper than
-``MAX_DEPTH``) makes the mod uncacheable: it is traced on every call, as before.
+Anything else (objects, dicts, user modules and classes and their instances, even of tuple or
+int subclasses such as a NamedTuple: their attributes can change without changing their identity;
+``nn.Module`` mods, ``functools.partial``, bound methods, nesting deeper than ``MAX_DEPTH``) makes
+the mod uncacheable: it is traced on every call, as before.
 Identities are only meaningful while their objects live: ``keep`` collects those objects (tensors,
 code objects, modules, ...) so that a cache can check, through weak references, that none of them
 died (``kernel_mod_cache.py``).
@@ -77,6 +78,8 @@ def _function(fn, keep: list, depth: int) -> tuple:
 
 
 def _value(value, keep: list, depth: int):
+    if _package(type(value)) not in _STABLE_PACKAGES:  # a NamedTuple, an IntEnum: user class attributes
+        raise _Uncacheable
     if isinstance(value, _SCALARS):
         return (type(value).__name__, value)
     if isinstance(value, torch.Tensor):

@@ -13,6 +13,7 @@ import os
 import sys
 import types
 import weakref
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -48,6 +49,18 @@ def window_from_module(b, h, q_idx, kv_idx):
 
 def window_from_class(b, h, q_idx, kv_idx):
     return (q_idx - kv_idx).abs() <= Config.window
+
+
+class TupleConfig(NamedTuple):  # a user tuple subclass: a class attribute, not a field, sets the window
+    name: str = "window"
+    window = 4
+
+
+TUPLE_CONFIG = TupleConfig()
+
+
+def window_from_tuple_subclass(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= TUPLE_CONFIG.window
 
 
 def _helper(x):
@@ -211,12 +224,17 @@ def test_the_cache_is_bounded(trace_count, monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("mod", [window_from_module, window_from_class], ids=["module", "class"])
+@pytest.mark.parametrize(
+    "mod",
+    [window_from_module, window_from_class, window_from_tuple_subclass],
+    ids=["module", "class", "tuple-subclass"],
+)
 def test_attributes_of_user_modules_and_classes_are_never_cached(mod, trace_count, monkeypatch):
-    assert mod_key(mod, []) is None  # the identity of SETTINGS / Config says nothing about WINDOW
+    assert mod_key(mod, []) is None  # SETTINGS' identity, TUPLE_CONFIG's items say nothing of the window
     for window in (4, 9):
         monkeypatch.setattr(SETTINGS, "WINDOW", window)
         monkeypatch.setattr(Config, "window", window)
+        monkeypatch.setattr(TupleConfig, "window", window)
         _, q_idx, kv_idx = _tile()
         got = run_mask(compile_mask_mod(mod, device="cpu"), 0, 0, q_idx, kv_idx)
         assert torch.equal(got, eager_mask(mod, 0, 0, q_idx, kv_idx))
