@@ -8,7 +8,8 @@ up to 1.7 ms). The key (``mod_key``) covers:
 - the mod's code object, default arguments and closure cells, recursively (mods calling mods,
   the tuple of mods inside ``and_masks``);
 - for functions defined outside flexattn and torch: every module-level name their code (and
-  nested code) reads, so rebinding a global tensor or number changes the key;
+  nested code) reads, so rebinding a global tensor or number changes the key, and the attributes
+  set on the function (``fn.window = 4``);
 - tensors by identity, version counter (in-place updates), shape, strides, dtype, device and
   requires_grad; Python numbers, strings and None by type and value; dtypes, devices and builtin
   functions by value or identity; modules and classes by identity only when they belong to a
@@ -74,6 +75,8 @@ def _function(fn, keep: list, depth: int) -> tuple:
     if (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
         names = [n for n in _global_names(fn.__code__) if n in fn.__globals__]
         parts.append(tuple((n, _value(fn.__globals__[n], keep, depth)) for n in names))
+        if fn.__dict__:  # attributes set on the function (``mask.window = 4``), which mods may read
+            parts.append(_value(tuple(sorted(fn.__dict__.items())), keep, depth))
     return ("function", *parts)
 
 

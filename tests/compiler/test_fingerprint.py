@@ -67,6 +67,17 @@ def _helper(x):
     return x * OFFSET
 
 
+def causal_with_metadata(b, h, q_idx, kv_idx):  # carries a setting for other mods as an attribute
+    return q_idx >= kv_idx
+
+
+causal_with_metadata.window = 4
+
+
+def decay_over_the_window(score, b, h, q_idx, kv_idx):
+    return score - (q_idx - kv_idx).abs() / causal_with_metadata.window
+
+
 def calls_helper(score, b, h, q_idx, kv_idx):
     return score + _helper(q_idx)
 
@@ -142,6 +153,14 @@ def test_a_global_read_by_a_called_helper_is_part_of_the_key(trace_count, monkey
     _assert_score_mod_runs_like_eager(calls_helper)
     monkeypatch.setattr(sys.modules[__name__], "OFFSET", 7)
     _assert_score_mod_runs_like_eager(calls_helper)
+    assert len(trace_count) == 2
+
+
+@interpreted
+def test_an_attribute_of_a_function_the_mod_reads_is_part_of_the_key(trace_count, monkeypatch):
+    _assert_score_mod_runs_like_eager(decay_over_the_window)
+    monkeypatch.setattr(causal_with_metadata, "window", 9)
+    _assert_score_mod_runs_like_eager(decay_over_the_window)
     assert len(trace_count) == 2
 
 
