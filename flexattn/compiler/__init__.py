@@ -203,18 +203,21 @@ def _compile(mod, kind: str, device) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
     keep: list = []
     key = mod_key(mod, keep)
-    if key is None:
-        return _compile_traced(mod, kind, device)
-    key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
-    kernel_mod = _KERNEL_MODS.get(key)
-    if kernel_mod is None:
-        kernel_mod = _compile_traced(mod, kind, device)
+    if key is not None:
+        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
+        kernel_mod = _KERNEL_MODS.get(key)
+        if kernel_mod is not None:
+            return kernel_mod
+    program = _program(mod, kind, device)
+    kernel_mod = _kernel_mod(program, device)
+    # A trace that read a tensor's values (float(t), t.exp()) holds them: writes through .data or
+    # numpy keep the version counter, and a tensor it made carries one call's autograd history.
+    if key is not None and not program.read_tensor_values:
         _KERNEL_MODS.put(key, kernel_mod, keep)
     return kernel_mod
 
 
-def _compile_traced(mod, kind: str, device) -> KernelMod:
-    program = _program(mod, kind, device)
+def _kernel_mod(program: Program, device) -> KernelMod:
     entry = _entry(program, _target(device, program))
     captures = program.graph.captures
     args: list = []
@@ -226,7 +229,7 @@ def _compile_traced(mod, kind: str, device) -> KernelMod:
         args=tuple(args),
         grad_fn=entry.grad_fn,
         grad_captures=grad_captures,
-        make_grad_args=_grad_args_builder(grad_captures) if kind == "score" else None,
+        make_grad_args=_grad_args_builder(grad_captures) if program.kind == "score" else None,
         name=program.name,
         trivial=_is_trivial(program),
     )

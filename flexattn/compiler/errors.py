@@ -25,12 +25,13 @@ class ModCompileError(Exception):
 def tracing(graph: Graph, mod_name: str, device: torch.device | None = None):
     """Make ``graph`` the target of proxy operations (``mod_name`` names it in errors; ``device`` is
     what the mod's values report as their device)."""
-    previous = tuple(getattr(_STATE, k, None) for k in ("graph", "mod_name", "device"))
-    _STATE.graph, _STATE.mod_name, _STATE.device = graph, mod_name, device
+    keys = ("graph", "mod_name", "device", "read_tensor_values")
+    previous = tuple(getattr(_STATE, k, None) for k in keys)
+    _STATE.graph, _STATE.mod_name, _STATE.device, _STATE.read_tensor_values = graph, mod_name, device, False
     try:
         yield
     finally:
-        _STATE.graph, _STATE.mod_name, _STATE.device = previous
+        _STATE.graph, _STATE.mod_name, _STATE.device, _STATE.read_tensor_values = previous
 
 
 def current_graph() -> Graph:
@@ -42,6 +43,16 @@ def current_graph() -> Graph:
 
 def trace_device() -> torch.device:
     return getattr(_STATE, "device", None) or torch.device("cpu")
+
+
+def note_tensor_read() -> None:
+    """Record that the trace in progress read a tensor's values (``float(t)``, ``t.exp()``): its
+    result holds them, and a write through ``.data`` changes them without a version bump."""
+    _STATE.read_tensor_values = True
+
+
+def tensor_values_read() -> bool:
+    return bool(getattr(_STATE, "read_tensor_values", False))
 
 
 def mod_name() -> str:

@@ -19,7 +19,9 @@ up to 1.7 ms). The key (``mod_key``) covers:
 Anything else (objects, dicts, user modules and classes and their instances, even of tuple or
 int subclasses such as a NamedTuple: their attributes can change without changing their identity;
 ``nn.Module`` mods, ``functools.partial``, bound methods, nesting deeper than ``MAX_DEPTH``) makes
-the mod uncacheable: it is traced on every call, as before.
+the mod uncacheable: it is traced on every call, as before. So is a mod whose trace reads a
+tensor's values (``float(t)``, ``if t:``, ``t.exp()``; ``Program.read_tensor_values``): a write
+through ``.data`` or a numpy view changes them without moving the version counter.
 Identities are only meaningful while their objects live: ``keep`` collects those objects (tensors,
 code objects, modules, ...) so that a cache can check, through weak references, that none of them
 died (``kernel_mod_cache.py``).

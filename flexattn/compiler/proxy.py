@@ -16,7 +16,14 @@ from numbers import Number
 import torch
 from torch.overrides import handle_torch_function
 
-from flexattn.compiler.errors import ModCompileError, current_graph, in_place, refuse, trace_device
+from flexattn.compiler.errors import (
+    ModCompileError,
+    current_graph,
+    in_place,
+    note_tensor_read,
+    refuse,
+    trace_device,
+)
 from flexattn.compiler.ir import COMPARISONS, LOGICAL, LOW_PRECISION, OP_TORCH, Node
 
 
@@ -349,6 +356,8 @@ def clamp(x, min=None, max=None) -> Traced:  # noqa: A002 (torch's keyword names
 @untraced
 def constant_like(x, value, dtype=None, **_) -> Traced:
     """``torch.full_like(x, value)`` for a per-element ``x``: a constant."""
+    if isinstance(value, torch.Tensor):  # its value, now, becomes the constant
+        note_tensor_read()
     dtype = dtype or _to_proxy(operand(x)).dtype
     return Traced(current_graph(), current_graph().const(value, dtype))
 

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-from flexattn.compiler.errors import ModCompileError, in_place, mod_name, refuse, tracing
+from flexattn.compiler.errors import (
+    ModCompileError,
+    in_place,
+    mod_name,
+    note_tensor_read,
+    refuse,
+    tensor_values_read,
+    tracing,
+)
 from flexattn.compiler.ir import INPUTS, Graph
 from flexattn.compiler.proxy import (
     PartialIndex,
@@ -37,12 +45,17 @@ from flexattn.compiler.proxy import (
 
 @dataclass
 class Program:
-    """A traced mod: the pruned graph, its single output and the mod's kind ("score"/"mask")."""
+    """A traced mod: the pruned graph, its single output and the mod's kind ("score"/"mask").
+
+    ``read_tensor_values``: the mod ran torch on a real tensor while tracing (``float(t)``, ``if t:``,
+    ``t.exp()``, ``t[0]``), so the graph holds what that read or made at that moment.
+    """
 
     graph: Graph
     output: int
     kind: str
     name: str
+    read_tensor_values: bool
 
 
 # --- the supported torch surface: names -> builders ------------------------------------------------
@@ -239,6 +252,10 @@ _DATA_DEPENDENT = frozenset(
     {"nonzero", "masked_select", "unique", "argwhere", "repeat_interleave", "unique_consecutive", "bincount"}
 )
 _FACTORIES = frozenset({"tensor", "as_tensor", "scalar_tensor", "full", "zeros", "ones"})
+# what a mod may ask of a real tensor without reading its values
+_METADATA = frozenset(
+    {"shape", "dtype", "device", "ndim", "requires_grad", "size", "dim", "stride", "numel", "__len__"}
+)
 
 
 def _getitem(x, index):
@@ -303,13 +320,17 @@ _IN_PLACE_DUNDERS = frozenset(
 )
 
 
-def _has_proxy(values) -> bool:
+def _has(values, kinds) -> bool:
     for v in values:
-        if isinstance(v, Traced | PartialIndex):
+        if isinstance(v, kinds):
             return True
-        if isinstance(v, tuple | list) and _has_proxy(v):
+        if isinstance(v, tuple | list) and _has(v, kinds):
             return True
     return False
+
+
+def _has_proxy(values) -> bool:
+    return _has(values, Traced | PartialIndex)
 
 
 class _TraceMode(TorchFunctionMode):
@@ -328,6 +349,8 @@ class _TraceMode(TorchFunctionMode):
                     data = 0 if name == "zeros" else 1
                     kwargs.setdefault("dtype", torch.get_default_dtype())
                 return constant(data, dtype=kwargs.get("dtype"))
+        if name not in _METADATA and _has((*args, *kwargs.values()), torch.Tensor):
+            note_tensor_read()
         return func(*args, **kwargs)
 
 
@@ -354,5 +377,6 @@ def trace(mod, kind: str, device=None) -> Program:
                 f"got {type(result).__name__}\n  hint: return one value per (b, h, q_idx, kv_idx)"
             )
         out = cast(operand(result), torch.float32 if kind == "score" else torch.bool)
+        read_tensor_values = tensor_values_read()
     pruned, (output,) = graph.pruned([out.node])
-    return Program(pruned, output, kind, _mod_name(mod))
+    return Program(pruned, output, kind, _mod_name(mod), read_tensor_values)

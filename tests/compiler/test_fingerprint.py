@@ -316,3 +316,67 @@ def test_a_fresh_closure_over_a_live_tensor_hits_and_computes_with_it(trace_coun
     table.copy_(torch.randn(4, 64))  # new values in place: a trace (version), the same code
     _assert_score_mod_runs_like_eager(make())
     assert len(trace_count) == 2
+
+
+def _temperature_mods(temperature: torch.Tensor) -> dict:
+    """Mods that read ``temperature``'s value while tracing, so the generated code holds it."""
+
+    def as_float(score, b, h, q_idx, kv_idx):
+        return score / float(temperature)
+
+    def as_branch(score, b, h, q_idx, kv_idx):
+        return score * 2.0 if temperature > 2 else score
+
+    def as_fill(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx >= kv_idx, score, torch.full_like(score, temperature))
+
+    return {"float": as_float, "branch": as_branch, "full-like": as_fill}
+
+
+@interpreted
+@pytest.mark.parametrize("read", ["float", "branch", "full-like"])
+def test_a_trace_that_reads_a_tensor_value_is_not_cached(read, trace_count):
+    """A write through ``.data`` (or a numpy view) changes the value but not the version counter."""
+    temperature = torch.tensor(1.0)
+    mod = _temperature_mods(temperature)[read]
+    for value in (1.0, 4.0):
+        temperature.data.fill_(value)
+        _assert_score_mod_runs_like_eager(mod)
+    assert len(trace_count) == 2
+
+
+def test_reading_a_tensor_shape_is_not_reading_its_values(trace_count):
+    table = torch.randn(4, 64)
+
+    def wrap_around(score, b, h, q_idx, kv_idx):
+        return score + table[h, (q_idx - kv_idx) % table.shape[-1]] * table.size(0)
+
+    for _ in range(2):
+        compile_score_mod(wrap_around, device="cpu")
+    assert len(trace_count) == 1
+
+
+@interpreted
+def test_a_tensor_computed_while_tracing_belongs_to_one_call(trace_count):
+    """``log_scale.exp()`` runs at trace time: its result and its autograd node are one call's own.
+
+    Two forwards before their backwards (gradient accumulation, two losses): a KernelMod reused by
+    the second forward would route both gradients through one exp node, freed by the first backward.
+    """
+    log_scale = torch.zeros(2, requires_grad=True)
+
+    def scaled(score, b, h, q_idx, kv_idx):
+        return score * log_scale.exp()[h]
+
+    q, k, v = (torch.randn(1, 2, 32, 16) for _ in range(3))
+    triton = {"BACKEND": "TRITON"}
+    losses = [
+        flexattn.flex_attention(q, k, v, score_mod=scaled, kernel_options=triton).sum() for _ in range(2)
+    ]
+    for loss in losses:
+        loss.backward()
+    expected = torch.autograd.grad(
+        flexattn.flex_attention(q, k, v, score_mod=scaled, kernel_options={"BACKEND": "REFERENCE"}).sum(),
+        log_scale,
+    )[0]
+    torch.testing.assert_close(log_scale.grad, 2 * expected)
