@@ -255,7 +255,8 @@ def _dummy(x):
 
 
 @functools.lru_cache(maxsize=4096)
-def _result_dtype_cached(op: str, signature: tuple) -> torch.dtype:
+def _result_dtype_cached(op: str, signature: tuple, default_dtype: torch.dtype) -> torch.dtype:
+    """``default_dtype`` is only a key: torch's default decides the dtype of ``int * 0.5``."""
     dummies = [torch.ones((), dtype=s) if isinstance(s, torch.dtype) else s[1] for s in signature]
     return OP_TORCH[op](*dummies).dtype
 
@@ -266,7 +267,7 @@ def result_dtype(op: str, *xs) -> torch.dtype:
         x if isinstance(x, torch.dtype) else x.dtype if isinstance(x, Traced) else (type(x), x) for x in xs
     )
     try:
-        return _result_dtype_cached(op, signature)
+        return _result_dtype_cached(op, signature, torch.get_default_dtype())
     except Exception as e:  # PyTorch's own refusal, e.g. bitwise ops on floats
         raise refuse(f"torch rejects this operation: {e}", "check the operand dtypes") from None
 

@@ -380,3 +380,20 @@ def test_a_tensor_computed_while_tracing_belongs_to_one_call(trace_count):
         log_scale,
     )[0]
     torch.testing.assert_close(log_scale.grad, 2 * expected)
+
+
+@interpreted
+def test_a_new_default_dtype_traces_again_and_promotes_with_it(trace_count):
+    def tenths(b, h, q_idx, kv_idx):  # q_idx * 0.1 is float32 or float64, as the default dtype says
+        return (q_idx * 0.1 - kv_idx * 0.1) * 10 == q_idx - kv_idx
+
+    q_idx = kv_idx = torch.arange(64, dtype=torch.int32)
+    default = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(dtype)
+            got = run_mask(compile_mask_mod(tenths, device="cpu"), 0, 0, q_idx, kv_idx)
+            assert torch.equal(got, eager_mask(tenths, 0, 0, q_idx, kv_idx))
+    finally:
+        torch.set_default_dtype(default)
+    assert len(trace_count) == 2
