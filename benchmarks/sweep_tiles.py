@@ -33,7 +33,7 @@ from flexattn.kernels.tiles import Tiles  # noqa: E402
 
 VARIANTS = ("noop", "causal", "alibi", "sliding_window_1024", "prefix_lm", "document", "softcap")
 FORWARD_CASES = tuple(f"E{e}:{v}" for e in (128, 64) for v in VARIANTS)
-BACKWARD_CASES = ("E128:noop", "E128:document")
+BACKWARD_CASES = ("E128:noop", "E128:document", "E64:noop")
 
 # per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma, pipeline_qk, warp_specialize)
 FORWARD_CANDIDATES = {
@@ -52,19 +52,20 @@ FORWARD_CANDIDATES = {
         (128, 128, 4, 3, False, False, False),
     ],
 }
-# per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode)
+# per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode, use_tma)
 BACKWARD_CANDIDATES = {
     128: [
-        (64, 128, 128, 64, 8, 2, "separate"),
-        (64, 64, 64, 64, 4, 3, "separate"),
-        (64, 64, 64, 64, 8, 3, "separate"),
-        (64, 128, 64, 64, 8, 2, "separate"),
-        (64, 64, 128, 64, 4, 3, "separate"),
+        (64, 128, 128, 64, 8, 2, "separate", True),
+        (64, 64, 64, 64, 4, 3, "separate", True),
+        (64, 64, 64, 64, 4, 2, "separate", True),
+        (32, 64, 64, 64, 4, 2, "separate", True),
+        (32, 64, 64, 64, 4, 3, "separate", True),
     ],
     64: [
-        (32, 64, 64, 32, 4, 3, "separate"),
-        (64, 64, 64, 64, 4, 3, "separate"),
-        (64, 128, 128, 64, 8, 2, "atomic"),
+        (32, 64, 64, 32, 4, 3, "separate", True),
+        (64, 64, 64, 64, 4, 3, "separate", True),
+        (64, 64, 64, 64, 4, 2, "separate", True),
+        (64, 128, 128, 64, 8, 2, "separate", True),
     ],
 }
 
@@ -79,13 +80,13 @@ def forward_tiles_fixed(candidate):
 
 @contextmanager
 def backward_tiles_fixed(candidate):
-    m1, n1, m2, n2, warps, stages, mode = candidate
+    m1, n1, m2, n2, warps, stages, mode, tma = candidate
     choose = backward_tiles.choose_backward_tiles
 
     def fixed(*args, **kwargs):
         base = choose(*args, **kwargs)
         return replace(base, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps,
-                       num_stages=stages, dq_mode=mode, reason="sweep")  # fmt: skip
+                       num_stages=stages, dq_mode=mode, use_tma=tma, reason="sweep")  # fmt: skip
 
     with mock.patch.object(backward, "choose_backward_tiles", fixed):
         yield

@@ -8,9 +8,14 @@ Glossary (the letters every kernel below uses):
     BLOCK_M1, BLOCK_N1  dK/dV kernel: BLOCK_N1 keys per program, BLOCK_M1 queries per step
     BLOCK_M2, BLOCK_N2  dQ kernel: BLOCK_M2 queries per program, BLOCK_N2 keys per step
     CHECK_M, CHECK_N    compile bounds checks on queries / keys in (only where a tile can overhang)
-    LSE2                the forward's logsumexp in base 2 (+inf on empty rows, so that p = 0 there)
-    DELTA               rowsum(dO * O) - dLSE, fp32 (B, HQ, Q_LEN)
+    ROWS                Q_LEN rounded up to a multiple of every query tile: the row count of DELTA and
+                        LSE2, whose padding rows (DELTA = 0, LSE2 = +inf) let the kernels load them unmasked
+    DELTA               rowsum(dO * O) - dLSE, fp32 (B, HQ, ROWS)
+    LSE2                the forward's logsumexp in base 2, fp32 (B, HQ, ROWS); +inf on empty and padding
+                        rows, so that p = exp2(s * log2e - LSE2) = 0 there
     FUSED_DQ            the dK/dV kernel also adds dS K into an fp32 dQ buffer (dq_mode "atomic")
+    SCORE_IS_IDENTITY   the score mod returns its score: the scale folds into the exp2 multiplier and
+                        dS = dM (no score-mod calls)
 
 Math, per (b, hq, i, j) with s = (q . k) * scale and m = score_mod(s) (-inf where masked):
     p = exp(m - lse);  dp = dO . v;  dm = p * (dp - DELTA)
@@ -26,9 +31,12 @@ exactly as in the forward's layout.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flexattn.kernels.backward_tiles import choose_backward_tiles
 from flexattn.kernels.common import (
@@ -38,6 +46,7 @@ from flexattn.kernels.common import (
     dot_precision,
     load_tile,
     sparse_tile_start,
+    tma_compatible,
 )
 from flexattn.kernels.tiles import padded_head_dim
 
@@ -50,18 +59,11 @@ FIXED_POINT_BITS = 32
 # (kernel arguments are grouped by meaning, several per line)
 
 
-@triton.jit
-def _load_lse2(LSE, rows, END):
-    """The forward's natural-log LSE in base 2; +inf on empty rows and at rows >= END, so that p = 0."""
-    lse = tl.load(LSE + rows, mask=rows < END, other=float("-inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-
-
 # ----------------------------------------------------------------------------------------------
-# Preprocess: DELTA = rowsum(dO * O) - dLSE, one program per (BLOCK rows, h, b)
+# Preprocess: DELTA = rowsum(dO * O) - dLSE and LSE2, one program per (BLOCK rows, h, b) of ROWS
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Q_LEN"])
-def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl.constexpr,
+def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, o_strides, do_strides, HQ, Q_LEN, ROWS, EV: tl.constexpr,
                     BLOCK: tl.constexpr, EV_PAD: tl.constexpr, HAS_DLSE: tl.constexpr):
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -72,11 +74,14 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl
                   o_strides[2], o_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
     do = load_tile(DO + b * do_strides[0] + h * do_strides[1] + start.to(tl.int64) * do_strides[2], local, cols,
                    do_strides[2], do_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # 0 on padding rows (o, do load as 0)
     offsets = (b * HQ + h) * Q_LEN + rows
     if HAS_DLSE:
         delta -= tl.load(DLSE + offsets, mask=rows < Q_LEN, other=0.0)
-    tl.store(DELTA + offsets, delta, mask=rows < Q_LEN)
+    lse = tl.load(LSE + offsets, mask=rows < Q_LEN, other=float("-inf"))
+    padded = (b * HQ + h) * ROWS + rows
+    tl.store(DELTA + padded, delta)
+    tl.store(LSE2 + padded, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,37 +91,48 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, o_strides, do_strides, HQ, Q_LEN, EV: tl
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v, start_m, offs_n, b, hq,
-    q_ptr, do_ptr, LSE, DELTA, row0, q_strides, do_strides,  # this head's q / dO rows, its LSE offset
+    q_ptr, do_ptr, LSE2, DELTA, row0, q_strides, do_strides,  # this head's q / dO rows, its LSE2 offset
     DQ_ACC, dq_strides, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M1: tl.constexpr,
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr,
 ):
-    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences)
+    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences).
+    #    With USE_TMA, q_ptr / do_ptr are tensor descriptors over (B, HQ, Q_LEN, E / EV).
     local = tl.arange(0, BLOCK_M1)
     offs_m = start_m + local
     m64 = start_m.to(tl.int64)
-    qT = load_tile(q_ptr + m64 * q_strides[0], tl.arange(0, E_PAD), local, q_strides[1], q_strides[0], E,
-                   Q_LEN - start_m, E != E_PAD, CHECK_M)
-    do = load_tile(do_ptr + m64 * do_strides[0], local, tl.arange(0, EV_PAD), do_strides[0], do_strides[1],
-                   Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
-    lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
-    delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
+    if USE_TMA:
+        qT = tl.trans(q_ptr.load([b, hq, start_m, 0]).reshape(BLOCK_M1, E_PAD))
+        do = do_ptr.load([b, hq, start_m, 0]).reshape(BLOCK_M1, EV_PAD)
+    else:
+        qT = load_tile(q_ptr + m64 * q_strides[0], tl.arange(0, E_PAD), local, q_strides[1], q_strides[0], E,
+                       Q_LEN - start_m, E != E_PAD, CHECK_M)
+        do = load_tile(do_ptr + m64 * do_strides[0], local, tl.arange(0, EV_PAD), do_strides[0], do_strides[1],
+                       Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
+    lse2 = tl.load(LSE2 + row0 + offs_m)  # padded to ROWS: no masks
+    delta = tl.load(DELTA + row0 + offs_m)
 
-    # -- scores and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
-    sT = tl.dot(k, qT, input_precision=PRECISION) * scale
+    # -- scores (base 2) and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
+    qkT = tl.dot(k, qT, input_precision=PRECISION)
     q_idx = (offs_m % Q_LEN)[None, :]
     kv_idx = (offs_n % KV_LEN)[:, None]
-    mT = SCORE_FN(sT, b, hq, q_idx, kv_idx, SCORE_ARGS)
+    if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
+        sT = qkT
+        mT = qkT * (scale * 1.4426950408889634)
+    else:
+        sT = qkT * scale
+        mT = SCORE_FN(sT, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
     if not IS_FULL:
         mT = tl.where(MASK_FN(b, hq, q_idx, kv_idx, MASK_ARGS), mT, float("-inf"))
     if CHECK_M:
         mT = tl.where((offs_m < Q_LEN)[None, :], mT, float("-inf"))
     if CHECK_N:
         mT = tl.where((offs_n < KV_LEN)[:, None], mT, float("-inf"))
-    pT = tl.math.exp2(mT * 1.4426950408889634 - lse2[None, :])
+    pT = tl.math.exp2(mT - lse2[None, :])
 
     # -- dV += P^T dO;  dP^T = V dO^T;  dM = P * (dP - DELTA)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
@@ -124,7 +140,9 @@ def _dkdv_step(
     dmT = pT * (dpT - delta[None, :])
 
     # -- through the score mod (captured-tensor gradients accumulate here), then dK += dS^T Q
-    if GRAD_SCALE != 1.0:
+    if SCORE_IS_IDENTITY:
+        dsT = dmT
+    elif GRAD_SCALE != 1.0:
         dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, dmT * GRAD_SCALE, SCORE_ARGS, SCORE_GRAD_ARGS)
         dsT = dsT * (1.0 / GRAD_SCALE)
     else:
@@ -148,12 +166,12 @@ def _dkdv_step(
 # compiled kernels. (q/k/v strides stay specialized: their divisibility enables wide loads.)
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_ROWS", "MASK_COLS"])
 def _bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
+    Q, K, V, DO, LSE2, DELTA, DK, DV,  # tensors (b, h, position, feature); LSE2, DELTA (B, HQ, ROWS)
     q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
     # transposed BlockMask (contiguous): counts (MB, MASK_H, NKV), indices (MB, MASK_H, NKV, NQ)
     Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, MASK_H, MASK_ROWS, MASK_COLS,
     DQ_ACC, dq_strides,  # fp32 (B, HQ, Q_LEN, E) dQ accumulator, used when FUSED_DQ
-    HQ, Q_LEN, KV_LEN, scale,
+    HQ, Q_LEN, KV_LEN, ROWS, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
@@ -161,6 +179,7 @@ def _bwd_dkdv(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -181,22 +200,26 @@ def _bwd_dkdv(
     kv_block = start_n // KV_BLOCK
     for g in range(G):
         hq = hk * G + g
-        q_ptr = Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1]
-        do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
-        row0 = (b64 * HQ + hq) * Q_LEN
+        if USE_TMA:  # tensor descriptors over the whole (B, HQ, Q_LEN, E) tensors
+            q_ptr, do_ptr = Q, DO
+        else:
+            q_ptr = Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1]
+            do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
+        row0 = (b64 * HQ + hq) * ROWS
         mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + kv_block
         for full in tl.static_range(2 if HAS_FULL else 1):
             nums, indices = Q_NUM, Q_IDX
             if full == 1:
                 nums, indices = FULL_Q_NUM, FULL_Q_IDX
             idx_row = indices + mask_row * MASK_COLS
-            for i in range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1)):
+            for i in tl.range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1), warp_specialize=WARP_SPECIALIZE):
                 start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE, DELTA, row0,
+                    dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                     E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
+                    USE_TMA, SCORE_IS_IDENTITY,
                 )
 
     # -- write dK (scaled) and dV
@@ -220,35 +243,48 @@ def _dq_step(
     k_ptr, v_ptr, k_strides, v_strides, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
-    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N2: tl.constexpr,
-    IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
+    BLOCK_N2: tl.constexpr, IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
-    # -- BLOCK_N2 keys and values, transposed
+    # -- BLOCK_N2 keys and values, transposed (USE_TMA: k_ptr / v_ptr are descriptors over (B, HKV, KV_LEN, E))
     local = tl.arange(0, BLOCK_N2)
     offs_n = start_n + local
     n64 = start_n.to(tl.int64)
-    kT = load_tile(k_ptr + n64 * k_strides[0], tl.arange(0, E_PAD), local, k_strides[1], k_strides[0], E,
-                   KV_LEN - start_n, E != E_PAD, CHECK_N)
-    vT = load_tile(v_ptr + n64 * v_strides[0], tl.arange(0, EV_PAD), local, v_strides[1], v_strides[0], EV,
-                   KV_LEN - start_n, EV != EV_PAD, CHECK_N)
+    if USE_TMA:
+        kT = tl.trans(k_ptr.load([b, hq // G, start_n, 0]).reshape(BLOCK_N2, E_PAD))
+        vT = tl.trans(v_ptr.load([b, hq // G, start_n, 0]).reshape(BLOCK_N2, EV_PAD))
+    else:
+        kT = load_tile(k_ptr + n64 * k_strides[0], tl.arange(0, E_PAD), local, k_strides[1], k_strides[0], E,
+                       KV_LEN - start_n, E != E_PAD, CHECK_N)
+        vT = load_tile(v_ptr + n64 * v_strides[0], tl.arange(0, EV_PAD), local, v_strides[1], v_strides[0], EV,
+                       KV_LEN - start_n, EV != EV_PAD, CHECK_N)
 
-    # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
-    s = tl.dot(q, kT, input_precision=PRECISION) * scale
+    # -- scores (base 2) and probabilities: [BLOCK_M2, BLOCK_N2]
+    qk = tl.dot(q, kT, input_precision=PRECISION)
     q_idx = (offs_m % Q_LEN)[:, None]
     kv_idx = (offs_n % KV_LEN)[None, :]
-    m = SCORE_FN(s, b, hq, q_idx, kv_idx, SCORE_ARGS)
+    if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
+        s = qk
+        m = qk * (scale * 1.4426950408889634)
+    else:
+        s = qk * scale
+        m = SCORE_FN(s, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
     if not IS_FULL:
         m = tl.where(MASK_FN(b, hq, q_idx, kv_idx, MASK_ARGS), m, float("-inf"))
     if CHECK_M:
         m = tl.where((offs_m < Q_LEN)[:, None], m, float("-inf"))
     if CHECK_N:
         m = tl.where((offs_n < KV_LEN)[None, :], m, float("-inf"))
-    p = tl.math.exp2(m * 1.4426950408889634 - lse2[:, None])
+    p = tl.math.exp2(m - lse2[:, None])
 
     # -- dP = dO V^T;  dM = P * (dP - DELTA);  through the score mod;  dQ += dS K
     dp = tl.dot(do, vT, input_precision=PRECISION)
     dm = p * (dp - delta[:, None])
-    ds = SCORE_GRAD_FN(s, b, hq, q_idx, kv_idx, dm, SCORE_ARGS, SCORE_GRAD_ARGS)
+    if SCORE_IS_IDENTITY:
+        ds = dm
+    else:
+        ds = SCORE_GRAD_FN(s, b, hq, q_idx, kv_idx, dm, SCORE_ARGS, SCORE_GRAD_ARGS)
     if (not IS_FULL) or CHECK_M or CHECK_N:
         ds = tl.where(p > 0.0, ds, 0.0)
     dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
@@ -257,17 +293,18 @@ def _dq_step(
 
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_ROWS", "MASK_COLS"])
 def _bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,  # tensors (b, h, position, feature); LSE, DELTA (B, HQ, Q_LEN)
+    Q, K, V, DO, LSE2, DELTA, DQ,  # tensors (b, h, position, feature); LSE2, DELTA (B, HQ, ROWS)
     q_strides, k_strides, v_strides, do_strides, dq_strides,
     # BlockMask (contiguous): counts (MB, MASK_H, NQ), indices (MB, MASK_H, NQ, NKV)
     KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, MASK_H, MASK_ROWS, MASK_COLS,
-    HQ, Q_LEN, KV_LEN, scale,
+    HQ, Q_LEN, KV_LEN, ROWS, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: () (the dK/dV kernel owns the capture grads)
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hq = tl.program_id(1)
     b = tl.program_id(2)
@@ -282,27 +319,31 @@ def _bwd_dq(
                   q_strides[2], q_strides[3], Q_LEN - start_m, E, CHECK_M, E != E_PAD)
     do = load_tile(DO + b64 * do_strides[0] + hq64 * do_strides[1] + m64 * do_strides[2], local,
                    tl.arange(0, EV_PAD), do_strides[2], do_strides[3], Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
-    row0 = (b64 * HQ + hq) * Q_LEN
-    lse2 = _load_lse2(LSE, row0 + offs_m, row0 + Q_LEN)
-    delta = tl.load(DELTA + row0 + offs_m, mask=offs_m < Q_LEN, other=0.0)
+    row0 = (b64 * HQ + hq) * ROWS
+    lse2 = tl.load(LSE2 + row0 + offs_m)  # padded to ROWS: no masks
+    delta = tl.load(DELTA + row0 + offs_m)
     dq = tl.zeros([BLOCK_M2, E_PAD], dtype=tl.float32)
 
     # -- partial kv blocks, then full ones
-    k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
-    v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
+    if USE_TMA:  # tensor descriptors over the whole (B, HKV, KV_LEN, E) tensors
+        k_ptr, v_ptr = K, V
+    else:
+        k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
+        v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
     mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + start_m // Q_BLOCK
     for full in tl.static_range(2 if HAS_FULL else 1):
         nums, indices = KV_NUM, KV_IDX
         if full == 1:
             nums, indices = FULL_KV_NUM, FULL_KV_IDX
         idx_row = indices + mask_row * MASK_COLS
-        for i in range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2)):
+        for i in tl.range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2), warp_specialize=WARP_SPECIALIZE):
             start_n = sparse_tile_start(idx_row, i, 1, KV_BLOCK, BLOCK_N2)
             dq = _dq_step(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                E, EV, E_PAD, EV_PAD, BLOCK_N2, full == 1, CHECK_M, CHECK_N, PRECISION,
+                E, EV, E_PAD, EV_PAD, G, BLOCK_N2, full == 1, CHECK_M, CHECK_N, PRECISION, USE_TMA,
+                SCORE_IS_IDENTITY,
             )
 
     offs_e = tl.arange(0, E_PAD)
@@ -365,23 +406,27 @@ def flex_backward(
     )
     B, HQ, Q_LEN, E = q.shape
     _, HKV, KV_LEN, EV = v.shape
-    tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, q.is_cuda, options, dq_mode)
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, capability, options, dq_mode)
     pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
         "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
         "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": dot_precision(q.dtype),
-        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
+        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "WARP_SPECIALIZE": tiles.warp_specialize,
+        "SCORE_IS_IDENTITY": score_mod.trivial,
     }  # fmt: skip
     lse = lse.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # laid out like k, v (what fake kernels promise)
 
-    # (1) DELTA
-    delta = torch.empty((B, HQ, Q_LEN), device=q.device, dtype=torch.float32)
+    # (1) DELTA and LSE2, padded to ROWS (a multiple of every query tile) so the kernels load them unmasked
+    rows = _padded_rows(Q_LEN, q_block, tiles)
+    delta = torch.empty((B, HQ, rows), device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    _bwd_preprocess[(triton.cdiv(Q_LEN, 64), HQ, B)](
-        out, dout, delta if dlse is None else dlse, delta, out.stride(), dout.stride(), HQ, Q_LEN, EV,
-        BLOCK=64, EV_PAD=pads["EV_PAD"], HAS_DLSE=dlse is not None,
+    _bwd_preprocess[(rows // 64, HQ, B)](
+        out, dout, lse, delta if dlse is None else dlse, delta, lse2, out.stride(), dout.stride(), HQ, Q_LEN,
+        rows, EV, BLOCK=64, EV_PAD=pads["EV_PAD"], HAS_DLSE=dlse is not None,
     )  # fmt: skip
 
     # (2) dK, dV and the captured-tensor gradients (and dQ with dq_mode "atomic")
@@ -393,12 +438,20 @@ def flex_backward(
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
     tables, flags = block_table_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    q_src, dout_src = q, dout
+    use_tma = tiles.use_tma and not fused_dq and tma_compatible(q) and tma_compatible(dout)
+    if use_tma:
+        q_src = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, tiles.BLOCK_M1, pads["E_PAD"]])
+        dout_src = TensorDescriptor(
+            dout, list(dout.shape), list(dout.stride()), [1, 1, tiles.BLOCK_M1, pads["EV_PAD"]]
+        )
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
-        q, k, v, dout, lse, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
-        dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, scale,
+        q_src, k, v, dout_src, lse2, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
+        dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
-        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, **flags, **meta,
+        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=use_tma, **flags,
+        **meta,
     )  # fmt: skip
     if grad_scale != 1.0:
         for acc, fixed in zip(grad_buffers, buffers):
@@ -408,14 +461,26 @@ def flex_backward(
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
     tables, flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    k_src, v_src = k, v
+    use_tma = tiles.use_tma and tma_compatible(k) and tma_compatible(v)
+    if use_tma:
+        k_src = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, tiles.BLOCK_N2, pads["E_PAD"]])
+        v_src = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, tiles.BLOCK_N2, pads["EV_PAD"]])
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), HQ, B)](
-        q, k, v, dout, lse, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
-        *tables, HQ, Q_LEN, KV_LEN, scale,
+        q, k_src, v_src, dout, lse2, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
+        *tables, HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),
         BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
-        CHECK_N=KV_LEN % kv_block != 0, **flags, **meta,
+        CHECK_N=KV_LEN % kv_block != 0, USE_TMA=use_tma, **flags, **meta,
     )  # fmt: skip
     return dq, dk, dv
+
+
+def _padded_rows(q_len: int, q_block: int, tiles) -> int:
+    """ROWS: ``q_len`` rounded up to a multiple of the preprocess block (64), the BlockMask's Q_BLOCK
+    and both kernels' query tiles, so that no query tile reads past the padded DELTA / LSE2 rows."""
+    multiple = math.lcm(64, q_block, tiles.BLOCK_M1, tiles.BLOCK_M2)
+    return triton.cdiv(q_len, multiple) * multiple
 
 
 def _check_inputs(

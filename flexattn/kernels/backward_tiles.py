@@ -11,7 +11,8 @@ dQ strategies (``dq_mode``):
                 ``deterministic``. Measured on the H100 (BENCHMARKS.md).
     "atomic"    the dK/dV kernel also computes dS K and adds it to an fp32 dQ buffer with
                 per-element atomics (5 matmuls; the dQ summation order varies run to run).
-                Correct (tested), not yet timed on a GPU: the candidate for closing the gap to cuDNN.
+                Correct (tested); slower than "separate" on the H100 (the extra product pushes the
+                dK/dV kernel into spills; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class BackwardTiles:
     num_stages: int
     dq_mode: str
     reason: str
+    use_tma: bool = False  # Q/dO (dK/dV kernel) and K/V (dQ kernel) through Hopper tensor descriptors
+    warp_specialize: bool = False  # Triton's automatic warp specialization of both kernels' loops
 
 
 def choose_backward_tiles(
@@ -43,31 +46,38 @@ def choose_backward_tiles(
     dtype: torch.dtype,
     q_block: int,
     kv_block: int,
-    on_gpu: bool,
+    capability: tuple[int, int] | None,
     options,
     dq_mode: str | None = None,
 ) -> BackwardTiles:
     """Pick backward tiles for head dims ``(E, Ev)``, ``dtype`` and BlockMask blocks ``(q_block, kv_block)``.
 
-    User options (a ``KernelOptions`` or None; ``bwd_BLOCK_M1`` ... ``bwd_num_stages``) override the
-    defaults field by field;
+    ``capability`` is the CUDA compute capability, or None for Triton's interpreter.
+    User options (a ``KernelOptions`` or None; ``bwd_BLOCK_M1`` ... ``bwd_num_stages``, ``USE_TMA``)
+    override the defaults field by field;
     ``dq_mode`` (one of DQ_MODES) overrides the dQ strategy except under ``options.deterministic``.
-    Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, True, KernelOptions())``.
+    Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, (9, 0), KernelOptions())``.
     """
     d = max(head_dim, head_dim_v)
-    if not on_gpu:
+    use_tma = False
+    if capability is None:
         # Triton's interpreter runs one program at a time on numpy: big tiles, few programs.
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
         reason = "interpreter: large tiles, few programs"
     elif dtype == torch.float32:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
         reason = "fp32: operands twice as large, small tiles"
+    elif d <= 128 and capability[0] >= 9:
+        stages = 3 if d > 64 else 2
+        m1, n1, m2, n2, warps, use_tma = 64, 64, 64, 64, 4, True
+        reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, {stages} stages, Q/dO and K/V through "
+                  "TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
     elif d <= 64:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 3
-        reason = f"head dim {d} <= 64: 64-key programs, 4 warps (fastest of 5 measured on H100)"
+        reason = f"head dim {d} <= 64: 64-key programs, 4 warps"
     elif d <= 128:
         m1, n1, m2, n2, warps, stages = 64, 128, 128, 64, 8, 2
-        reason = f"head dim {d} <= 128: 128-key programs, 8 warps (fastest of 5 measured on H100)"
+        reason = f"head dim {d} <= 128: 128-key programs, 8 warps"
     else:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
         reason = f"head dim {d} > 128: small tiles keep the accumulators in registers"
@@ -91,6 +101,8 @@ def choose_backward_tiles(
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}.")
     if getattr(options, "deterministic", False):
         mode, reason = "separate", reason + "; deterministic: dQ without atomics"
+    if getattr(options, "USE_TMA", False) and not use_tma:
+        use_tma, reason = True, reason + "; Q/dO and K/V through tensor descriptors (USE_TMA)"
     return BackwardTiles(
         m1,
         n1,
@@ -100,4 +112,5 @@ def choose_backward_tiles(
         getattr(options, "bwd_num_stages", None) or stages,
         mode,
         reason,
+        use_tma=use_tma,
     )

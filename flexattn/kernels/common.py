@@ -82,6 +82,17 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
 
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
+    size = t.element_size()
+    return (
+        (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+        and t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    )
+
+
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z: the kernels put heads on y and batch on z
 
 

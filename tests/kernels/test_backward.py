@@ -242,6 +242,13 @@ def test_gradients_match_float64_cpu(case, dq_mode):
 
 
 @needs_kernels
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[4]], ids=[_id(*CPU_CASES[1]), _id(*CPU_CASES[4])])
+def test_tensor_descriptor_loads_cpu(case):
+    """USE_TMA: Q/dO (dK/dV kernel) and K/V (dQ kernel) through tensor descriptors, tails zero-padded."""
+    run_case(*case, device="cpu", options={"USE_TMA": True})
+
+
+@needs_kernels
 def test_fully_masked_rows_get_zero_gradients():
     dq, *_ = run_case(1, 2, 1, 40, 17, 16, 16, (16, 16), "identity", "late", torch.float16, "cpu")
     assert torch.equal(dq[:, :, :5], torch.zeros_like(dq[:, :, :5]))
@@ -300,6 +307,13 @@ def test_gradients_match_float64_gpu(case):
 @pytest.mark.parametrize("case", GPU_CASES[:2], ids=[_id(*c) for c in GPU_CASES[:2]])
 def test_every_dq_strategy_gpu(case, dq_mode):
     run_case(*case, device="cuda", dq_mode=dq_mode)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_CASES[:5], ids=[_id(*c) for c in GPU_CASES[:5]])
+def test_tensor_descriptor_loads_gpu(case):
+    run_case(*case, device="cuda", options={"USE_TMA": True})
 
 
 @gpu

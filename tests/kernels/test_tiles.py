@@ -1,4 +1,4 @@
-"""Tile choice for the forward kernel: pure decisions, their reasons, the errors, the on-disk cache."""
+"""Tile choice for the forward and backward kernels: pure decisions, reasons, errors, the disk cache."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 from triton.runtime.errors import OutOfResources
 
+from flexattn.kernels.backward_tiles import choose_backward_tiles
 from flexattn.kernels.forward import launch_within_resources
 from flexattn.kernels.tiles import (
     TileCache,
@@ -149,3 +150,25 @@ def test_user_tiles_that_do_not_fit_raise_instead_of_shrinking():
 )
 def test_smaller_tiles_order(tiles, want):
     assert smaller_tiles(tiles) == want
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, E, want",
+    [
+        ((9, 0), torch.bfloat16, 128, (64, 64, 64, 64, 4, 3, True)),
+        ((9, 0), torch.float16, 64, (64, 64, 64, 64, 4, 2, True)),
+        ((9, 0), torch.bfloat16, 256, (32, 64, 64, 32, 4, 1, False)),
+        ((9, 0), torch.float32, 64, (32, 64, 64, 32, 4, 1, False)),
+        ((8, 0), torch.bfloat16, 128, (64, 128, 128, 64, 8, 2, False)),
+        (None, torch.float16, 64, (64, 64, 64, 64, 4, 1, False)),
+    ],
+)
+def test_backward_defaults_per_gpu_generation(capability, dtype, E, want):
+    t = choose_backward_tiles(E, E, dtype, 128, 128, capability, KernelOptions())
+    assert (t.BLOCK_M1, t.BLOCK_N1, t.BLOCK_M2, t.BLOCK_N2, t.num_warps, t.num_stages, t.use_tma) == want
+
+
+def test_backward_tiles_shrink_to_the_mask_blocks_and_honour_use_tma():
+    t = choose_backward_tiles(128, 128, torch.bfloat16, 32, 16, (8, 0), KernelOptions(USE_TMA=True))
+    assert (t.BLOCK_M1, t.BLOCK_N1, t.BLOCK_M2, t.BLOCK_N2, t.use_tma) == (32, 16, 32, 16, True)
+    assert "USE_TMA" in t.reason
