@@ -9,12 +9,13 @@ Glossary:
     partial / full    kv blocks where mask_mod must be evaluated / where every pair is allowed
 
 Scores are kept in natural units for the mods and for max_scores; the softmax uses exp2 with
-log2(e) folded into one fused multiply-add per score.
+log2(e) folded into one fused multiply-add per score. With an identity score mod (RAW_SCORES) the
+kernel keeps raw q.k and folds the scale into that multiply-add too, converting the row maxima to
+natural units once at the end.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from functools import cache
 
@@ -32,6 +33,7 @@ from flexattn.kernels.common import (
     load_tile,
     mask_tail,
     sparse_tile_start,
+    tma_compatible,
     wrap_index,
 )
 from flexattn.kernels.tiles import (
@@ -63,16 +65,27 @@ def _attend_tile(
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     IS_PARTIAL: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i)."""
+    """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i).
+
+    RAW_SCORES (identity score mod, positive scale): scores and m_i stay in raw q.k units and the
+    scale folds into the base-2 multiplier, one multiply per score fewer.
+    """
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
-    scores = qk * sm_scale
+    if RAW_SCORES:
+        scores = qk
+        to_base2 = sm_scale * LOG2E
+    else:
+        scores = qk * sm_scale
+        to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
     if KV_TAIL:
         kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
     else:
         kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
-    scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
+    if not RAW_SCORES:
+        scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if IS_PARTIAL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
     scores = mask_tail(scores, kv_pos[None, :], KV_LEN, KV_TAIL)
@@ -83,9 +96,9 @@ def _attend_tile(
         m_ref = m_new
     else:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows masked so far: p = 0, no NaN
-    m_ref2 = m_ref * LOG2E
-    p = tl.math.exp2(scores * LOG2E - m_ref2[:, None])
-    alpha = tl.math.exp2(m_i * LOG2E - m_ref2)
+    m_ref2 = m_ref * to_base2
+    p = tl.math.exp2(scores * to_base2 - m_ref2[:, None])
+    alpha = tl.math.exp2(m_i * to_base2 - m_ref2)
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
@@ -116,6 +129,7 @@ def _flex_forward_kernel(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL_BLOCKS: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RAW_SCORES: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -168,12 +182,14 @@ def _flex_forward_kernel(
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, qk, v_src, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, sm_scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 0, KV_TAIL, ROWS_SAFE, USE_TMA,
-                EV, EV_PAD, BLOCK_N, DOT_PRECISION,
+                EV, EV_PAD, BLOCK_N, DOT_PRECISION, RAW_SCORES,
             )
             if PIPELINE_QK:
                 qk, start_n = qk_next, start_next
 
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
+    if RAW_SCORES:
+        m_i = m_i * sm_scale  # back to natural units
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -251,7 +267,7 @@ def flex_forward(
 
     e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
     tables, broadcast_flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    tma_ok = _tma_compatible(k) and _tma_compatible(v)
+    tma_ok = tma_compatible(k) and tma_compatible(v)
     if getattr(options, "USE_TMA", False) and not tma_ok:
         raise ValueError(
             "kernel_options['USE_TMA'] needs CUDA k/v with unit feature stride and 16-byte aligned "
@@ -275,7 +291,8 @@ def flex_forward(
             **broadcast_flags, HAS_FULL_BLOCKS=full_kv_num_blocks is not None, KV_TAIL=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
-            DOT_PRECISION=dot_precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            DOT_PRECISION=dot_precision(q.dtype), RAW_SCORES=score_mod.trivial and float(scale) > 0,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
     tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, not mask_mod.trivial)
@@ -364,17 +381,6 @@ def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_k
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
-
-
-def _tma_compatible(t: torch.Tensor) -> bool:
-    """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
-    size = t.element_size()
-    return (
-        (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-        and t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all(s * size % 16 == 0 for s in t.stride()[:-1])
-    )
 
 
 @cache

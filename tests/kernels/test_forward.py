@@ -31,7 +31,9 @@ interpreted = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 
 
-def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE", mask_dims=(True, True)):
+def run_forward(
+    shape, dtype, entry, blocks, device, options=None, layout="BHLE", mask_dims=(True, True), scale=None
+):
     """Run flex_forward on fresh inputs and check (out, lse, max_scores) against the reference."""
     q, k, v = make_qkv(shape, dtype, device)
     if layout == "BLHE":  # stored as (B, L, H, E) and seen through a transpose: strided, no copies
@@ -46,7 +48,7 @@ def run_forward(shape, dtype, entry, blocks, device, options=None, layout="BHLE"
         device=device,
         BLOCK_SIZE=blocks,
     )
-    scale = 0.8 / math.sqrt(shape.E)
+    scale = 0.8 / math.sqrt(shape.E) if scale is None else scale
     out, lse, max_scores = flex_forward(
         q, k, v,
         score_mod=compile_score_mod(score_mod, device=q.device),
@@ -102,6 +104,14 @@ CPU_CASES = [
 )
 def test_shapes_and_block_sizes_cpu(shape, dtype, entry, blocks):
     run_forward(shape, dtype, entry, blocks, "cpu")
+
+
+@interpreted
+@pytest.mark.parametrize("entry", ["noop", "causal"])
+@pytest.mark.parametrize("scale", [-0.3, 2.0])
+def test_identity_score_mod_with_any_scale(entry, scale):
+    """Identity score mods keep raw q.k in the softmax when the scale is positive, scale first otherwise."""
+    run_forward(Shape(B=1, Hq=2, Lq=40, Lkv=33, E=16), torch.float32, entry, (16, 16), "cpu", scale=scale)
 
 
 @interpreted
