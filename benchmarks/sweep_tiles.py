@@ -55,11 +55,11 @@ FORWARD_CANDIDATES = {
 # per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode, use_tma)
 BACKWARD_CANDIDATES = {
     128: [
+        (64, 128, 128, 64, 8, 2, "separate", False),
         (64, 128, 128, 64, 8, 2, "separate", True),
         (64, 64, 64, 64, 4, 3, "separate", True),
         (64, 64, 64, 64, 4, 2, "separate", True),
-        (32, 64, 64, 64, 4, 2, "separate", True),
-        (32, 64, 64, 64, 4, 3, "separate", True),
+        (64, 64, 128, 64, 4, 2, "separate", True),
     ],
     64: [
         (32, 64, 64, 32, 4, 3, "separate", True),

@@ -68,10 +68,9 @@ def choose_backward_tiles(
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
         reason = "fp32: operands twice as large, small tiles"
     elif d <= 128 and capability[0] >= 9:
-        stages = 3 if d > 64 else 2
-        m1, n1, m2, n2, warps, use_tma = 64, 64, 64, 64, 4, True
-        reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, {stages} stages, Q/dO and K/V through "
-                  "TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
+        m1, n1, m2, n2, warps, stages, use_tma = 64, 64, 64, 64, 4, 2, True
+        reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, 2 stages (two programs per SM), Q/dO "
+                  "and K/V through TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
     elif d <= 64:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 3
         reason = f"head dim {d} <= 64: 64-key programs, 4 warps"

@@ -155,7 +155,7 @@ def test_smaller_tiles_order(tiles, want):
 @pytest.mark.parametrize(
     "capability, dtype, E, want",
     [
-        ((9, 0), torch.bfloat16, 128, (64, 64, 64, 64, 4, 3, True)),
+        ((9, 0), torch.bfloat16, 128, (64, 64, 64, 64, 4, 2, True)),
         ((9, 0), torch.float16, 64, (64, 64, 64, 64, 4, 2, True)),
         ((9, 0), torch.bfloat16, 256, (32, 64, 64, 32, 4, 1, False)),
         ((9, 0), torch.float32, 64, (32, 64, 64, 32, 4, 1, False)),
