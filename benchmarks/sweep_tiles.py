@@ -35,7 +35,8 @@ VARIANTS = ("noop", "causal", "alibi", "sliding_window_1024", "prefix_lm", "docu
 FORWARD_CASES = tuple(f"E{e}:{v}" for e in (128, 64) for v in VARIANTS)
 BACKWARD_CASES = ("E128:noop", "E128:document", "E64:noop")
 
-# per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma, pipeline_qk, warp_specialize)
+# per head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma, pipeline_qk, warp_specialize,
+# optionally max_registers)
 FORWARD_CANDIDATES = {
     128: [
         (128, 128, 8, 2, True, True, False),
@@ -45,14 +46,14 @@ FORWARD_CANDIDATES = {
         (128, 128, 8, 2, True, False, True),
     ],
     64: [
-        (128, 128, 8, 3, True, True, False),
         (128, 128, 4, 3, True, False, False),
-        (128, 128, 4, 4, True, False, False),
-        (128, 64, 4, 3, True, False, False),
-        (128, 128, 4, 3, False, False, False),
+        (128, 64, 4, 3, True, False, False, 168),
+        (128, 128, 4, 2, True, False, False, 168),
+        (128, 64, 4, 2, True, False, False, 168),
     ],
 }
-# per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode, use_tma)
+# per head dim: (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_warps, num_stages, dq_mode, use_tma,
+# optionally max_registers of the dK/dV kernel)
 BACKWARD_CANDIDATES = {
     128: [
         (64, 128, 128, 64, 8, 2, "separate", False),
@@ -62,31 +63,42 @@ BACKWARD_CANDIDATES = {
         (64, 64, 128, 64, 4, 2, "separate", True),
     ],
     64: [
-        (32, 64, 64, 32, 4, 3, "separate", True),
-        (64, 64, 64, 64, 4, 3, "separate", True),
         (64, 64, 64, 64, 4, 2, "separate", True),
-        (64, 128, 128, 64, 8, 2, "separate", True),
+        (64, 64, 64, 64, 4, 2, "separate", True, 168),
+        (64, 64, 64, 64, 4, 3, "separate", True, 168),
+        (32, 64, 64, 64, 4, 2, "separate", True, 168),
     ],
 }
 
 
 @contextmanager
 def forward_tiles_fixed(candidate):
-    m, n, warps, stages, tma, pipe, ws = candidate
-    tiles = Tiles(m, n, warps, stages, "sweep", use_tma=tma, pipeline_qk=pipe, warp_specialize=ws)
+    m, n, warps, stages, tma, pipe, ws, *rest = candidate
+    tiles = Tiles(
+        m,
+        n,
+        warps,
+        stages,
+        "sweep",
+        use_tma=tma,
+        pipeline_qk=pipe,
+        warp_specialize=ws,
+        max_registers=rest[0] if rest else None,
+    )
     with mock.patch.object(forward, "choose_tiles", lambda *a, **k: tiles):
         yield
 
 
 @contextmanager
 def backward_tiles_fixed(candidate):
-    m1, n1, m2, n2, warps, stages, mode, tma = candidate
+    m1, n1, m2, n2, warps, stages, mode, tma, *rest = candidate
     choose = backward_tiles.choose_backward_tiles
 
     def fixed(*args, **kwargs):
         base = choose(*args, **kwargs)
         return replace(base, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps,
-                       num_stages=stages, dq_mode=mode, use_tma=tma, reason="sweep")  # fmt: skip
+                       num_stages=stages, dq_mode=mode, use_tma=tma, max_registers=rest[0] if rest else None,
+                       reason="sweep")  # fmt: skip
 
     with mock.patch.object(backward, "choose_backward_tiles", fixed):
         yield

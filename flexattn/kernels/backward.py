@@ -451,7 +451,7 @@ def flex_backward(
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
         CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=use_tma, **flags,
-        **meta,
+        **meta, **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
     )  # fmt: skip
     if grad_scale != 1.0:
         for acc, fixed in zip(grad_buffers, buffers):

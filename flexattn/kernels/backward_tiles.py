@@ -38,6 +38,7 @@ class BackwardTiles:
     reason: str
     use_tma: bool = False  # Q/dO (dK/dV kernel) and K/V (dQ kernel) through Hopper tensor descriptors
     warp_specialize: bool = False  # Triton's automatic warp specialization of both kernels' loops
+    max_registers: int | None = None  # per-thread register cap of the dK/dV kernel (more programs per SM)
 
 
 def choose_backward_tiles(
@@ -59,7 +60,7 @@ def choose_backward_tiles(
     Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, (9, 0), KernelOptions())``.
     """
     d = max(head_dim, head_dim_v)
-    use_tma = False
+    use_tma, max_registers = False, None
     if capability is None:
         # Triton's interpreter runs one program at a time on numpy: big tiles, few programs.
         m1, n1, m2, n2, warps, stages = 64, 64, 64, 64, 4, 1
@@ -71,6 +72,8 @@ def choose_backward_tiles(
         m1, n1, m2, n2, warps, stages, use_tma = 64, 64, 64, 64, 4, 2, True
         reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, 2 stages (two programs per SM), Q/dO "
                   "and K/V through TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
+        if d <= 64:  # 168 registers fit three dK/dV programs per SM (+8-13% for noop / causal)
+            max_registers, reason = 168, reason + "; dK/dV capped at 168 registers: three programs per SM"
     elif d <= 64:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 3
         reason = f"head dim {d} <= 64: 64-key programs, 4 warps"
@@ -80,6 +83,16 @@ def choose_backward_tiles(
     else:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 1
         reason = f"head dim {d} > 128: small tiles keep the accumulators in registers"
+    user_tiles = (
+        "bwd_BLOCK_M1",
+        "bwd_BLOCK_N1",
+        "bwd_BLOCK_M2",
+        "bwd_BLOCK_N2",
+        "bwd_num_warps",
+        "bwd_num_stages",
+    )
+    if any(getattr(options, name, None) for name in user_tiles):
+        max_registers = None  # the cap was measured for the default tiles only
     m1 = getattr(options, "bwd_BLOCK_M1", None) or min(m1, q_block)
     n1 = getattr(options, "bwd_BLOCK_N1", None) or min(n1, kv_block)
     m2 = getattr(options, "bwd_BLOCK_M2", None) or min(m2, q_block)
@@ -112,4 +125,5 @@ def choose_backward_tiles(
         mode,
         reason,
         use_tma=use_tma,
+        max_registers=max_registers,
     )

@@ -293,6 +293,7 @@ def flex_forward(
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
             DOT_PRECISION=dot_precision(q.dtype), RAW_SCORES=score_mod.trivial and float(scale) > 0,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
 
     tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, not mask_mod.trivial)

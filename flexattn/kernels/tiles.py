@@ -28,6 +28,7 @@ class Tiles:
     use_tma: bool = False  # load K/V through Hopper tensor descriptors (TMA)
     pipeline_qk: bool = False  # issue the next tile's q.k^T before this tile's softmax
     warp_specialize: bool = False  # Triton's automatic warp specialization of the kv loop (Hopper+)
+    max_registers: int | None = None  # per-thread register cap (more programs per SM, some spills)
 
 
 def next_power_of_2(n: int) -> int:

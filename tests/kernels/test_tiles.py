@@ -166,9 +166,15 @@ def test_smaller_tiles_order(tiles, want):
 def test_backward_defaults_per_gpu_generation(capability, dtype, E, want):
     t = choose_backward_tiles(E, E, dtype, 128, 128, capability, KernelOptions())
     assert (t.BLOCK_M1, t.BLOCK_N1, t.BLOCK_M2, t.BLOCK_N2, t.num_warps, t.num_stages, t.use_tma) == want
+    assert t.max_registers == (168 if capability == (9, 0) and E <= 64 and dtype != torch.float32 else None)
 
 
 def test_backward_tiles_shrink_to_the_mask_blocks_and_honour_use_tma():
     t = choose_backward_tiles(128, 128, torch.bfloat16, 32, 16, (8, 0), KernelOptions(USE_TMA=True))
     assert (t.BLOCK_M1, t.BLOCK_N1, t.BLOCK_M2, t.BLOCK_N2, t.use_tma) == (32, 16, 32, 16, True)
     assert "USE_TMA" in t.reason
+
+
+def test_backward_register_cap_only_with_the_default_tiles():
+    for options, cap in ((KernelOptions(), 168), (KernelOptions(bwd_num_warps=8), None)):
+        assert choose_backward_tiles(64, 64, torch.bfloat16, 128, 128, (9, 0), options).max_registers == cap
