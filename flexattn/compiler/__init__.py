@@ -232,6 +232,7 @@ def _kernel_mod(program: Program, device) -> KernelMod:
         make_grad_args=_grad_args_builder(grad_captures) if program.kind == "score" else None,
         name=program.name,
         trivial=_is_trivial(program),
+        light=_is_light(program, grad_captures),
     )
 
 
@@ -241,6 +242,24 @@ def _is_trivial(program: Program) -> bool:
     if program.kind == "score":
         return out.op == "score"
     return out.op == "const" and out.value is True
+
+
+# Operations that cost a special-function or multi-instruction sequence per element (and registers for
+# their gradients): a score mod using none of them is "light".
+_HEAVY_OPS = frozenset(
+    {"exp", "exp2", "log", "log2", "log1p", "expm1", "tanh", "fast_tanh", "sigmoid", "sqrt", "rsqrt", "sin",
+     "cos", "erf", "pow", "truediv", "floordiv", "mod"}
+)  # fmt: skip
+_LIGHT_MAX_NODES = 24
+
+
+def _is_light(program: Program, grad_captures: tuple) -> bool:
+    """A score mod of a few cheap element-wise operations and no learnable captures (ALiBi, relative
+    position offsets): its gradient needs few registers, so launchers may cap them (BENCHMARKS.md)."""
+    if program.kind != "score" or grad_captures:
+        return False
+    live = program.graph.live([program.output])
+    return len(live) <= _LIGHT_MAX_NODES and not any(program.graph.nodes[i].op in _HEAVY_OPS for i in live)
 
 
 def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):

@@ -407,7 +407,9 @@ def flex_backward(
     B, HQ, Q_LEN, E = q.shape
     _, HKV, KV_LEN, EV = v.shape
     capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    tiles = choose_backward_tiles(E, EV, q.dtype, q_block, kv_block, capability, options, dq_mode)
+    tiles = choose_backward_tiles(
+        E, EV, q.dtype, q_block, kv_block, capability, options, dq_mode, light_score=score_mod.light
+    )
     pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
         "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,

@@ -50,6 +50,7 @@ def choose_backward_tiles(
     capability: tuple[int, int] | None,
     options,
     dq_mode: str | None = None,
+    light_score: bool = False,
 ) -> BackwardTiles:
     """Pick backward tiles for head dims ``(E, Ev)``, ``dtype`` and BlockMask blocks ``(q_block, kv_block)``.
 
@@ -57,6 +58,8 @@ def choose_backward_tiles(
     User options (a ``KernelOptions`` or None; ``bwd_BLOCK_M1`` ... ``bwd_num_stages``, ``USE_TMA``)
     override the defaults field by field;
     ``dq_mode`` (one of DQ_MODES) overrides the dQ strategy except under ``options.deterministic``.
+    ``light_score``: the score mod is a few cheap operations (``KernelMod.light``): its gradient needs
+    few registers of its own.
     Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, (9, 0), KernelOptions())``.
     """
     d = max(head_dim, head_dim_v)
@@ -72,7 +75,9 @@ def choose_backward_tiles(
         m1, n1, m2, n2, warps, stages, use_tma = 64, 64, 64, 64, 4, 2, True
         reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, 2 stages (two programs per SM), Q/dO "
                   "and K/V through TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
-        if d <= 64:  # 168 registers fit three dK/dV programs per SM (+8-13% for noop / causal)
+        if (
+            d <= 64 and light_score
+        ):  # three dK/dV programs per SM: +4-13% (noop, causal, alibi); soft-cap spills
             max_registers, reason = 168, reason + "; dK/dV capped at 168 registers: three programs per SM"
     elif d <= 64:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 3

@@ -48,6 +48,8 @@ class KernelMod:
         name: a readable name for logs and errors.
         trivial: the mod changes nothing (a score mod returning its score, a mask mod returning
             True); launchers may pick tiles tuned for the unmasked kernel.
+        light: a score mod of a few cheap element-wise operations (no special functions, no
+            learnable captures); launchers may cap the backward's registers for it.
     """
 
     fn: Any
@@ -57,6 +59,7 @@ class KernelMod:
     make_grad_args: Callable[[tuple[torch.Tensor, ...]], tuple] | None = None
     name: str = "mod"
     trivial: bool = False
+    light: bool = False
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""

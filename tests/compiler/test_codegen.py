@@ -131,6 +131,22 @@ def test_trivial_mods_are_flagged_for_the_launchers():
     assert not compile_mask_mod(lambda b, h, q, kv: q >= 0, device=DEVICE).trivial
 
 
+def test_light_score_mods_are_flagged_for_the_launchers():
+    from flexattn import variants
+
+    table = torch.zeros(4, 33, requires_grad=True)
+
+    def learnable(score, b, h, q_idx, kv_idx):
+        return score + table[h, (kv_idx - q_idx).clamp(-16, 16) + 16]
+
+    assert compile_score_mod(None, device=DEVICE).light
+    assert compile_score_mod(variants.alibi(4), device=DEVICE).light
+    assert not compile_score_mod(variants.tanh_softcap(30.0), device=DEVICE).light
+    assert not compile_score_mod(lambda s, b, h, q, kv: s / (1 + (q - kv).abs()), device=DEVICE).light
+    assert not compile_score_mod(learnable, device=DEVICE).light  # gradient atomics need registers
+    assert not compile_mask_mod(variants.causal(), device=DEVICE).light
+
+
 # ---- a zoo of score mods covering the supported surface ----------------------------------------
 
 

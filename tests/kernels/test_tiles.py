@@ -164,7 +164,7 @@ def test_smaller_tiles_order(tiles, want):
     ],
 )
 def test_backward_defaults_per_gpu_generation(capability, dtype, E, want):
-    t = choose_backward_tiles(E, E, dtype, 128, 128, capability, KernelOptions())
+    t = choose_backward_tiles(E, E, dtype, 128, 128, capability, KernelOptions(), light_score=True)
     assert (t.BLOCK_M1, t.BLOCK_N1, t.BLOCK_M2, t.BLOCK_N2, t.num_warps, t.num_stages, t.use_tma) == want
     assert t.max_registers == (168 if capability == (9, 0) and E <= 64 and dtype != torch.float32 else None)
 
@@ -175,6 +175,11 @@ def test_backward_tiles_shrink_to_the_mask_blocks_and_honour_use_tma():
     assert "USE_TMA" in t.reason
 
 
-def test_backward_register_cap_only_with_the_default_tiles():
-    for options, cap in ((KernelOptions(), 168), (KernelOptions(bwd_num_warps=8), None)):
-        assert choose_backward_tiles(64, 64, torch.bfloat16, 128, 128, (9, 0), options).max_registers == cap
+def test_backward_register_cap_only_with_the_default_tiles_and_a_light_score_mod():
+    for options, light, cap in (
+        (KernelOptions(), True, 168),
+        (KernelOptions(), False, None),
+        (KernelOptions(bwd_num_warps=8), True, None),
+    ):
+        tiles = choose_backward_tiles(64, 64, torch.half, 64, 64, (9, 0), options, light_score=light)
+        assert tiles.max_registers == cap
