@@ -85,6 +85,36 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, o_strides, do_strides, HQ, Q_
 
 
 # ----------------------------------------------------------------------------------------------
+# Shared by both kernels: one tile's scores and probabilities, in either layout
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN, scale,
+                   SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+                   IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+                   SCORE_IS_IDENTITY: tl.constexpr):
+    """``(s, p)`` of one tile from the raw ``qk = q . k``: s the score the mods see (natural units),
+    p = exp2(score_mod(s) * log2e - LSE2), 0 where masked or out of range.
+
+    Layout-agnostic: ``lse2``, the indices (``q_idx``, ``kv_idx``, wrapped into range for the mods)
+    and the positions (``q_pos``, ``kv_pos``, for the range checks) come broadcastable to qk's shape:
+    ``[1, M]`` / ``[N, 1]`` for the dK/dV kernel's transposed tile, ``[M, 1]`` / ``[1, N]`` for dQ's.
+    """
+    if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
+        s = qk
+        m = qk * (scale * 1.4426950408889634)
+    else:
+        s = qk * scale
+        m = SCORE_FN(s, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
+    if not IS_FULL:
+        m = tl.where(MASK_FN(b, hq, q_idx, kv_idx, MASK_ARGS), m, float("-inf"))
+    if CHECK_M:
+        m = tl.where(q_pos < Q_LEN, m, float("-inf"))
+    if CHECK_N:
+        m = tl.where(kv_pos < KV_LEN, m, float("-inf"))
+    return s, tl.math.exp2(m - lse2)
+
+
+# ----------------------------------------------------------------------------------------------
 # dK / dV: one program per (BLOCK_N1 keys, kv head, b); loops over the G query heads of
 # the group and, for each, over the query blocks of the transposed BlockMask (partial, then full).
 # ----------------------------------------------------------------------------------------------
@@ -116,23 +146,14 @@ def _dkdv_step(
     lse2 = tl.load(LSE2 + row0 + offs_m)  # padded to ROWS: no masks
     delta = tl.load(DELTA + row0 + offs_m)
 
-    # -- scores (base 2) and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
-    qkT = tl.dot(k, qT, input_precision=PRECISION)
+    # -- scores and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
     q_idx = (offs_m % Q_LEN)[None, :]
     kv_idx = (offs_n % KV_LEN)[:, None]
-    if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
-        sT = qkT
-        mT = qkT * (scale * 1.4426950408889634)
-    else:
-        sT = qkT * scale
-        mT = SCORE_FN(sT, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
-    if not IS_FULL:
-        mT = tl.where(MASK_FN(b, hq, q_idx, kv_idx, MASK_ARGS), mT, float("-inf"))
-    if CHECK_M:
-        mT = tl.where((offs_m < Q_LEN)[None, :], mT, float("-inf"))
-    if CHECK_N:
-        mT = tl.where((offs_n < KV_LEN)[:, None], mT, float("-inf"))
-    pT = tl.math.exp2(mT - lse2[None, :])
+    sT, pT = _probabilities(
+        tl.dot(k, qT, input_precision=PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
+        b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
+        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
+    )
 
     # -- dV += P^T dO;  dP^T = V dO^T;  dM = P * (dP - DELTA)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
@@ -260,23 +281,14 @@ def _dq_step(
         vT = load_tile(v_ptr + n64 * v_strides[0], tl.arange(0, EV_PAD), local, v_strides[1], v_strides[0], EV,
                        KV_LEN - start_n, EV != EV_PAD, CHECK_N)
 
-    # -- scores (base 2) and probabilities: [BLOCK_M2, BLOCK_N2]
-    qk = tl.dot(q, kT, input_precision=PRECISION)
+    # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
     q_idx = (offs_m % Q_LEN)[:, None]
     kv_idx = (offs_n % KV_LEN)[None, :]
-    if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
-        s = qk
-        m = qk * (scale * 1.4426950408889634)
-    else:
-        s = qk * scale
-        m = SCORE_FN(s, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
-    if not IS_FULL:
-        m = tl.where(MASK_FN(b, hq, q_idx, kv_idx, MASK_ARGS), m, float("-inf"))
-    if CHECK_M:
-        m = tl.where((offs_m < Q_LEN)[:, None], m, float("-inf"))
-    if CHECK_N:
-        m = tl.where((offs_n < KV_LEN)[None, :], m, float("-inf"))
-    p = tl.math.exp2(m - lse2[:, None])
+    s, p = _probabilities(
+        tl.dot(q, kT, input_precision=PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
+        b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
+        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
+    )
 
     # -- dP = dO V^T;  dM = P * (dP - DELTA);  through the score mod;  dQ += dS K
     dp = tl.dot(do, vT, input_precision=PRECISION)
