@@ -385,8 +385,9 @@ def flex_backward(
     ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtypes, each laid
     out as ``torch.empty_like`` of its input.
 
-    Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE``, one program per
-    (64 rows, h, b). (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the G
+    Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE`` and the base-2 LSE,
+    one program per (64 rows, h, b), into (B, HQ, ROWS) buffers whose padding rows let (2) and (3)
+    load them unmasked. (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the G
     query heads of its group and, for each, the query blocks of the transposed BlockMask; dK and dV
     stay in registers (no atomics) and the program owns the captured-tensor gradients (atomics in
     the mod's gradient function; with ``options.deterministic`` 64-bit fixed-point atomics, which
