@@ -92,7 +92,7 @@ def causal(b, h, q_idx, kv_idx):
 def test_catalog_entry_matches_per_element_dense(entry):
     B, H, Lq, Lkv, E = 2, 2, 9, 13, 8
     mods = CATALOG[entry](B, H, Lq, Lkv, "cpu")
-    params = [p.requires_grad_() for p in mods.params]  # fp32 captures: grads exact to fp32 rounding
+    params = [p.requires_grad_() for p in mods.params]  # fp32 captures
     q, k, v = make_qkv(Shape(B=B, Hq=H, Lq=Lq, Lkv=Lkv, E=E), torch.float64, requires_grad=True)
     mask = None
     if mods.mask_mod is not None:
@@ -111,8 +111,12 @@ def test_catalog_entry_matches_per_element_dense(entry):
         g = torch.zeros_like(leaf) if g is None else g
         w = torch.zeros_like(leaf) if w is None else w
         assert not bool(torch.isnan(g).any()), f"{name} has NaN"
-        tol = 1e-9 if leaf.dtype == torch.float64 else 1e-6
-        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+        # fp32 captures: per_element_dense's autograd adds their gradient up in fp32, one term per
+        # (b, h, i, j) that reads them (234 for "captured-scalar", cancelling across softmax rows),
+        # off by up to 1.2e-5 over 1000 seeds (the reference's fp64 sum: 5e-7), so 1e-6 failed
+        # about one seed in 25.
+        rtol, atol = (1e-9, 1e-9) if leaf.dtype == torch.float64 else (1e-6, 1e-4)
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---- shapes, three ways ---------------------------------------------------------------------------
