@@ -1,0 +1,204 @@
+"""Compile flexattn's kernels for a GPU on a machine without one, and report what the compiler made.
+
+Triton compiles for any target without a driver. This tool stands in a stub driver for an H100
+(sm_90a), runs the real launchers with small CPU tensors so that every kernel they would launch is
+compiled with the real default tiles (and never launched), and prints per kernel: registers and
+spilled bytes (``ptxas -v`` on the PTX), shared memory, and for every loop of the SASS its instruction
+count and commonest opcodes (``cuobjdump`` from Triton's own CUDA tools). It answers "did this
+change add spills, shared memory or instructions to the inner loop?" at no device time; the
+backward rework in BENCHMARKS.md started from such a count. It relies on Triton internals (the
+driver and ``JITFunction.run``), checked against Triton 3.6.
+
+    python benchmarks/compile_report.py                                  # backward, E128, noop
+    python benchmarks/compile_report.py --pass forward --head-dim 64 --variant causal
+    python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit as triton_jit
+
+import flexattn.compiler as mod_compiler
+from flexattn.block_mask import create_block_mask
+from flexattn.block_mask_build import transpose_ordered
+from flexattn.kernels import backward, forward
+from flexattn.options import KernelOptions
+
+H100 = ((9, 0), 232448)  # compute capability, opt-in shared memory per block
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+VARIANTS = {
+    "noop": None,
+    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+}
+
+
+class _StubDriver:
+    """Just enough of Triton's CUDA driver for compiling (nothing here can launch)."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", H100[0][0] * 10 + H100[0][1], 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only(compiled: list):
+    """Kernels launched inside are compiled for sm_90a and appended to ``compiled`` as (name, kernel)."""
+    run = triton_jit.JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    def on_h100(*args, **kwargs):  # the real backward tile choice, as on an H100
+        args = list(args)
+        args[5] = H100[0]  # choose_backward_tiles(E, EV, dtype, q_block, kv_block, capability, ...)
+        return choose_backward(*args, **kwargs)
+
+    choose_backward = backward.choose_backward_tiles
+    stride_ok = lambda t: t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])  # noqa: E731
+    driver = triton.runtime.driver
+    previous = driver._active  # None until something asked for a driver (there may be no GPU one)
+    driver.set_active(_StubDriver())
+    try:
+        with (
+            mock.patch.object(triton_jit.JITFunction, "run", compile_instead),
+            mock.patch.object(mod_compiler, "_target", lambda device, program: "cuda"),
+            mock.patch.object(forward, "_device_limits", lambda device: H100),
+            mock.patch.object(forward, "tma_compatible", stride_ok),
+            mock.patch.object(backward, "tma_compatible", stride_ok),
+            mock.patch.object(backward, "choose_backward_tiles", on_h100),
+            mock.patch.object(forward, "check_qkv", lambda q, k, v, table: tuple(q.shape)),
+            mock.patch.object(backward, "check_qkv", lambda q, k, v, table: tuple(q.shape)),
+        ):
+            yield
+    finally:
+        driver._active = previous
+
+
+def compile_kernels(which: str, head_dim: int, variant: str, options: dict, length: int = 512) -> list:
+    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel)."""
+    B, H = 1, 2
+    q, k, v = (torch.randn(B, H, length, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    mask = create_block_mask(VARIANTS[variant] or _always, None, None, length, length, device="cpu")
+    opts = KernelOptions.from_user(options)
+    compiled: list = []
+    with compile_only(compiled):
+        score = mod_compiler.compile_score_mod(None, device="cuda")
+        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cuda")
+        tables = {
+            "kv_num_blocks": mask.kv_num_blocks, "kv_indices": mask.kv_indices,
+            "full_kv_num_blocks": mask.full_kv_num_blocks, "full_kv_indices": mask.full_kv_indices,
+        }  # fmt: skip
+        block = {"q_block": mask.BLOCK_SIZE[0], "kv_block": mask.BLOCK_SIZE[1], "scale": head_dim**-0.5}
+        if which == "forward":
+            forward.flex_forward(q, k, v, score_mod=score, mask_mod=mask_mod, **tables, **block, options=opts)
+        else:
+            q_num, q_idx = transpose_ordered(mask.kv_num_blocks, mask.kv_indices)
+            full_num, full_idx = transpose_ordered(mask.full_kv_num_blocks, mask.full_kv_indices)
+            lse = torch.zeros(B, H, length)
+            backward.flex_backward(
+                q, k, v, q, lse, q, None, score_mod=score, mask_mod=mask_mod, **tables,
+                q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_num, full_q_indices=full_idx,
+                **block, options=opts,
+            )  # fmt: skip
+    return compiled
+
+
+def _always(b, h, q_idx, kv_idx):
+    return q_idx >= 0
+
+
+def resources(kernel) -> dict:
+    """Registers and spills (``ptxas -v``) and shared memory of one compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        arch = f"--gpu-name=sm_{H100[0][0]}{H100[0][1]}a"
+        result = subprocess.run(
+            [str(NVIDIA_BIN / "ptxas"), "-v", arch, str(ptx), "-o", str(ptx.with_suffix(".o"))],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+    report = result.stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, report)) else 0  # noqa: E731
+    return {
+        "registers": number(r"Used (\d+) registers"),
+        "spill_stores": number(r"(\d+) bytes spill stores"),
+        "spill_loads": number(r"(\d+) bytes spill loads"),
+        "shared_memory": kernel.metadata.shared,
+    }
+
+
+def sass_loops(kernel, keep: Path | None = None, name: str = "kernel") -> list[dict]:
+    """Every backward branch of the SASS (a loop): address range, instruction count, commonest opcodes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run(
+            [str(NVIDIA_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        (keep / f"{name}.sass").write_text(sass)
+    instructions = []  # (address, opcode)
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            instructions.append((int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)))
+    # Out-of-line stubs after the last EXIT (barrier-wait retries) branch back into loop bodies: not loops.
+    last_exit = max((a for a, op, _ in instructions if op == "EXIT"), default=float("inf"))
+    loops = []
+    for address, opcode, rest in instructions:
+        target = re.search(r"0x([0-9a-f]+)", rest) if opcode == "BRA" and address < last_exit else None
+        if target and int(target.group(1), 16) < address and address - int(target.group(1), 16) > 64:
+            start = int(target.group(1), 16)
+            body = Counter(op for a, op, _ in instructions if start <= a <= address)
+            loops.append({"start": start, "end": address, "instructions": sum(body.values()),
+                          "top": body.most_common(6)})  # fmt: skip
+    return loops
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pass", dest="which", choices=("forward", "backward"), default="backward")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="noop")
+    parser.add_argument("--options", type=json.loads, default={}, help="kernel_options as JSON")
+    parser.add_argument("--sass-dir", type=Path, help="also write each kernel's SASS here")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_report.py compiles real kernels: unset TRITON_INTERPRET to run it.")
+    rows = []
+    for name, kernel in compile_kernels(args.which, args.head_dim, args.variant, args.options):
+        row = {"kernel": name, **resources(kernel), "loops": sass_loops(kernel, args.sass_dir, name)}
+        rows.append(row)
+        spills = f"{row['spill_stores']}/{row['spill_loads']}"
+        print(f"{name}: {row['registers']} registers, spills {spills} bytes (stores/loads), "
+              f"{row['shared_memory']} bytes shared memory")  # fmt: skip
+        for loop in row["loops"]:
+            top = ", ".join(f"{op} {n}" for op, n in loop["top"])
+            print(f"  loop {loop['start']:#x}-{loop['end']:#x}: {loop['instructions']} instructions ({top})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
