@@ -36,7 +36,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flexattn.kernels.backward_tiles import choose_backward_tiles
 from flexattn.kernels.common import (
@@ -46,7 +45,7 @@ from flexattn.kernels.common import (
     dot_precision,
     load_tile,
     sparse_tile_start,
-    tma_compatible,
+    tile_descriptors,
 )
 from flexattn.kernels.tiles import padded_head_dim
 
@@ -200,7 +199,7 @@ def _bwd_dkdv(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -233,7 +232,7 @@ def _bwd_dkdv(
             if full == 1:
                 nums, indices = FULL_Q_NUM, FULL_Q_IDX
             idx_row = indices + mask_row * MASK_COLS
-            for i in tl.range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1), warp_specialize=WARP_SPECIALIZE):
+            for i in range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1)):
                 start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
@@ -316,7 +315,7 @@ def _bwd_dq(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hq = tl.program_id(1)
     b = tl.program_id(2)
@@ -348,7 +347,7 @@ def _bwd_dq(
         if full == 1:
             nums, indices = FULL_KV_NUM, FULL_KV_IDX
         idx_row = indices + mask_row * MASK_COLS
-        for i in tl.range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2), warp_specialize=WARP_SPECIALIZE):
+        for i in range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2)):
             start_n = sparse_tile_start(idx_row, i, 1, KV_BLOCK, BLOCK_N2)
             dq = _dq_step(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
@@ -427,7 +426,7 @@ def flex_backward(
     meta = {
         "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
         "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": dot_precision(q.dtype),
-        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages, "WARP_SPECIALIZE": tiles.warp_specialize,
+        "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
         "SCORE_IS_IDENTITY": score_mod.trivial,
     }  # fmt: skip
     lse = lse.contiguous()
@@ -453,19 +452,17 @@ def flex_backward(
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
     tables, flags = block_table_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
-    q_src, dout_src = q, dout
-    use_tma = tiles.use_tma and not fused_dq and tma_compatible(q) and tma_compatible(dout)
-    if use_tma:
-        q_src = TensorDescriptor(q, list(q.shape), list(q.stride()), [1, 1, tiles.BLOCK_M1, pads["E_PAD"]])
-        dout_src = TensorDescriptor(
-            dout, list(dout.shape), list(dout.stride()), [1, 1, tiles.BLOCK_M1, pads["EV_PAD"]]
-        )
+    descriptors = None
+    if tiles.use_tma and not fused_dq:
+        descriptors = tile_descriptors(((q, pads["E_PAD"]), (dout, pads["EV_PAD"])), tiles.BLOCK_M1)
+    q_src, dout_src = descriptors or (q, dout)
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
         q_src, k, v, dout_src, lse2, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
         dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
-        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=use_tma, **flags,
+        CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=descriptors is not None,
+        **flags,
         **meta, **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
     )  # fmt: skip
     if grad_scale != 1.0:
@@ -476,17 +473,16 @@ def flex_backward(
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
     tables, flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    k_src, v_src = k, v
-    use_tma = tiles.use_tma and tma_compatible(k) and tma_compatible(v)
-    if use_tma:
-        k_src = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, tiles.BLOCK_N2, pads["E_PAD"]])
-        v_src = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, tiles.BLOCK_N2, pads["EV_PAD"]])
+    descriptors = None
+    if tiles.use_tma:
+        descriptors = tile_descriptors(((k, pads["E_PAD"]), (v, pads["EV_PAD"])), tiles.BLOCK_N2)
+    k_src, v_src = descriptors or (k, v)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), HQ, B)](
         q, k_src, v_src, dout, lse2, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
         *tables, HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),
         BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
-        CHECK_N=KV_LEN % kv_block != 0, USE_TMA=use_tma, **flags, **meta,
+        CHECK_N=KV_LEN % kv_block != 0, USE_TMA=descriptors is not None, **flags, **meta,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -37,7 +37,6 @@ class BackwardTiles:
     dq_mode: str
     reason: str
     use_tma: bool = False  # Q/dO (dK/dV kernel) and K/V (dQ kernel) through Hopper tensor descriptors
-    warp_specialize: bool = False  # Triton's automatic warp specialization of both kernels' loops
     max_registers: int | None = None  # per-thread register cap of the dK/dV kernel (more programs per SM)
 
 
@@ -75,9 +74,8 @@ def choose_backward_tiles(
         m1, n1, m2, n2, warps, stages, use_tma = 64, 64, 64, 64, 4, 2, True
         reason = (f"Hopper, head dim {d} <= 128: 64x64 tiles, 4 warps, 2 stages (two programs per SM), Q/dO "
                   "and K/V through TMA (fastest of the sweep in BENCHMARKS.md)")  # fmt: skip
-        if (
-            d <= 64 and light_score
-        ):  # three dK/dV programs per SM: +4-13% (noop, causal, alibi); soft-cap spills
+        # three dK/dV programs per SM: +4-13% (noop, causal, alibi); soft-cap spills under the cap
+        if d <= 64 and light_score:
             max_registers, reason = 168, reason + "; dK/dV capped at 168 registers: three programs per SM"
     elif d <= 64:
         m1, n1, m2, n2, warps, stages = 32, 64, 64, 32, 4, 3

@@ -15,6 +15,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
@@ -82,6 +83,7 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
 
+
 def tma_compatible(t: torch.Tensor) -> bool:
     """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
     size = t.element_size()
@@ -91,6 +93,15 @@ def tma_compatible(t: torch.Tensor) -> bool:
         and t.data_ptr() % 16 == 0
         and all(s * size % 16 == 0 for s in t.stride()[:-1])
     )
+
+
+def tile_descriptors(tensors: tuple[tuple[torch.Tensor, int], ...], rows: int) -> tuple | None:
+    """Tensor descriptors over 4-D (B, H, L, D) tensors, one per ``(tensor, width)`` pair, each
+    loading ``[1, 1, rows, width]`` blocks (zero-padded past L and D); None when any of the tensors
+    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them."""
+    if not all(tma_compatible(t) for t, _ in tensors):
+        return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width]) for t, width in tensors)
 
 
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z: the kernels put heads on y and batch on z

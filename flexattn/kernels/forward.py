@@ -22,7 +22,6 @@ from functools import cache
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flexattn.kernels.common import (
     block_table_args,
@@ -33,6 +32,7 @@ from flexattn.kernels.common import (
     load_tile,
     mask_tail,
     sparse_tile_start,
+    tile_descriptors,
     tma_compatible,
     wrap_index,
 )
@@ -276,11 +276,8 @@ def flex_forward(
         )
 
     def launch(tiles: Tiles) -> None:
-        use_tma = tiles.use_tma and tma_ok
-        k_src, v_src = k, v
-        if use_tma:
-            k_src = TensorDescriptor(k, list(k.shape), list(k.stride()), [1, 1, tiles.BLOCK_N, e_pad])
-            v_src = TensorDescriptor(v, list(v.shape), list(v.stride()), [1, 1, tiles.BLOCK_N, ev_pad])
+        descriptors = tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N) if tiles.use_tma else None
+        k_src, v_src = descriptors or (k, v)
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
             q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
@@ -289,7 +286,7 @@ def flex_forward(
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
             **broadcast_flags, HAS_FULL_BLOCKS=full_kv_num_blocks is not None, KV_TAIL=Lkv % kv_block != 0,
-            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=use_tma,
+            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
             DOT_PRECISION=dot_precision(q.dtype), RAW_SCORES=score_mod.trivial and float(scale) > 0,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
