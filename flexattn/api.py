@@ -87,7 +87,8 @@ def flex_attention(
         from flexattn.custom_ops import traced_attention
 
         mask_mod = None if block_mask is None else block_mask.mask_mod
-        _check_trace_constants(score_mod, mask_mod, scale, query.shape[-1], kernel_options)
+        _check_trace_constants(score_mod, mask_mod, kernel_options)
+        scale = _check_scale(scale, query.shape[-1])  # traced: a new scale is an input, not a recompile
         if block_mask is not None:
             _check_block_mask(block_mask, query, key)
         out, lse, max_scores = traced_attention(
@@ -110,13 +111,12 @@ def flex_attention(
 
 
 @torch._dynamo.assume_constant_result
-def _check_trace_constants(score_mod, mask_mod, scale, head_dim, kernel_options) -> bool:
-    """The checks of the non-tensor arguments, run in plain Python while torch.compile traces."""
+def _check_trace_constants(score_mod, mask_mod, kernel_options) -> bool:
+    """The checks of the mods and options, run in plain Python while torch.compile traces."""
     if score_mod is not None:
         check_mod(score_mod, "score_mod", "score_mod")
     if mask_mod is not None:
         check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
-    _check_scale(scale, head_dim)
     KernelOptions.from_user(kernel_options)
     return True
 

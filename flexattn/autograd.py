@@ -22,9 +22,10 @@ import torch
 from torch._C import _functions
 
 from flexattn.block_mask import BlockMask
-from flexattn.block_mask_build import transpose_ordered
+from flexattn.block_mask_build import complete_q_side
 from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.backward import flex_backward
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.forward import flex_forward
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
@@ -38,39 +39,34 @@ DOUBLE_BACKWARD_ERROR = (
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """Everything the kernels need besides the differentiable tensors: compiled mods, mask, knobs."""
+    """Everything the kernels need besides the differentiable tensors: compiled mods, block lists, knobs."""
 
     score_mod: KernelMod
     mask_mod: KernelMod
-    block_mask: BlockMask
+    tables: BlockTables
     scale: float
     options: KernelOptions
 
     def forward(self, query, key, value):
         """``(out, lse, max_scores)`` from the forward kernel."""
-        m = self.block_mask
+        t = self.tables
         return flex_forward(
             query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            kv_num_blocks=m.kv_num_blocks, kv_indices=m.kv_indices,
-            full_kv_num_blocks=m.full_kv_num_blocks, full_kv_indices=m.full_kv_indices,
-            q_block=m.BLOCK_SIZE[0], kv_block=m.BLOCK_SIZE[1], scale=self.scale, options=self.options,
+            kv_num_blocks=t.kv_num_blocks, kv_indices=t.kv_indices,
+            full_kv_num_blocks=t.full_kv_num_blocks, full_kv_indices=t.full_kv_indices,
+            q_block=t.q_block, kv_block=t.kv_block, scale=self.scale, options=self.options,
         )  # fmt: skip
 
     def backward(self, query, key, value, out, lse, dout, dlse, grad_buffers):
         """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``."""
-        m = self.block_mask
-        q_num, q_idx = m.q_num_blocks, m.q_indices
-        if q_num is None:
-            q_num, q_idx = transpose_ordered(m.kv_num_blocks, m.kv_indices)
-        full_q_num, full_q_idx = m.full_q_num_blocks, m.full_q_indices
-        if full_q_num is None and m.full_kv_num_blocks is not None:
-            full_q_num, full_q_idx = transpose_ordered(m.full_kv_num_blocks, m.full_kv_indices)
+        t = complete_q_side(self.tables)
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            kv_num_blocks=m.kv_num_blocks, kv_indices=m.kv_indices,
-            full_kv_num_blocks=m.full_kv_num_blocks, full_kv_indices=m.full_kv_indices,
-            q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_q_num, full_q_indices=full_q_idx,
-            q_block=m.BLOCK_SIZE[0], kv_block=m.BLOCK_SIZE[1], scale=self.scale, options=self.options,
+            kv_num_blocks=t.kv_num_blocks, kv_indices=t.kv_indices,
+            full_kv_num_blocks=t.full_kv_num_blocks, full_kv_indices=t.full_kv_indices,
+            q_num_blocks=t.q_num_blocks, q_indices=t.q_indices,
+            full_q_num_blocks=t.full_q_num_blocks, full_q_indices=t.full_q_indices,
+            q_block=t.q_block, kv_block=t.kv_block, scale=self.scale, options=self.options,
             grad_buffers=grad_buffers,
         )  # fmt: skip
 
@@ -119,9 +115,8 @@ def plan_attention(
 ) -> AttentionPlan:
     """Compile the mods for ``device`` (cached by structure); bundle them with the mask and options."""
     score = compile_score_mod(score_mod, device=device)
-    return AttentionPlan(
-        score, compile_mask_mod(block_mask.mask_mod, device=device), block_mask, scale, options
-    )
+    mask = compile_mask_mod(block_mask.mask_mod, device=device)
+    return AttentionPlan(score, mask, block_mask.tables(), scale, options)
 
 
 def triton_flex_attention(

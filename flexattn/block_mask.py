@@ -26,6 +26,7 @@ from flexattn.block_mask_build import (
     ordered_to_dense,
     transpose_ordered,
 )
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
 from flexattn.mod_eval import check_mod, required_positional_args
 
@@ -239,6 +240,12 @@ class BlockMask:
             seq_lengths=(q_len, self.seq_lengths[1]),
             compute_q_blocks=self.q_indices is not None,
         )
+
+    def tables(self) -> BlockTables:
+        """The block lists as the kernels read them (``kernels.block_tables.BlockTables``)."""
+        q_block, kv_block = self.BLOCK_SIZE
+        lists = {name: getattr(self, name) for name in BlockTables.TENSORS}
+        return BlockTables(**lists, q_block=q_block, kv_block=kv_block)
 
     def to(self, device: torch.device | str) -> BlockMask:
         """A copy with every tensor on ``device``."""

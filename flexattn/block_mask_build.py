@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.mod_eval import eval_mask_mod, eval_score_mod, index
 
 # Elements of mask_mod output evaluated at once (bool, so ~this many bytes plus the mod's temporaries).
@@ -57,6 +58,19 @@ def transpose_ordered(num: torch.Tensor, indices: torch.Tensor) -> tuple[torch.T
     """(kv_num_blocks, kv_indices) -> (q_num_blocks, q_indices): for each column, the rows visiting it."""
     dense = ordered_to_dense(num, indices, indices.shape[-1])
     return dense_to_ordered(dense.transpose(-2, -1))
+
+
+def complete_q_side(tables: BlockTables) -> BlockTables:
+    """``tables`` with the transposed (q-side) view derived where it is missing (the backward needs it)."""
+    if tables.has_q_side:
+        return tables
+    q_num, q_idx = tables.q_num_blocks, tables.q_indices
+    if q_num is None:
+        q_num, q_idx = transpose_ordered(tables.kv_num_blocks, tables.kv_indices)
+    full_q_num, full_q_idx = tables.full_q_num_blocks, tables.full_q_indices
+    if full_q_num is None and tables.has_full:
+        full_q_num, full_q_idx = transpose_ordered(tables.full_kv_num_blocks, tables.full_kv_indices)
+    return tables.with_q_side(q_num, q_idx, full_q_num, full_q_idx)
 
 
 def _reduce_rows(vals: torch.Tensor, q_block: int) -> tuple[torch.Tensor, torch.Tensor]:

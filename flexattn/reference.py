@@ -108,6 +108,11 @@ def reference_attention(
     rows = max(1, chunk_elements // max(1, B * Hq * Lkv))
     if blocks is not None and rows >= blocks.q_block:
         rows = blocks.q_block  # one q block per chunk keeps its visited columns tight
+    if torch.compiler.is_compiling():
+        # Dynamo traces the mods itself (their captured tensors become graph inputs, their numbers
+        # guards) and AOTAutograd derives the backward of the plain chunk loop.
+        out, lse, max_scores = _forward_chunks(chunk, rows, q5, k5, v5)
+        return out.reshape(B, Hq, Lq, -1).to(query.dtype), lse, max_scores.detach()
     captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
     differentiable = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)

@@ -122,9 +122,9 @@ def test_custom_op_passes_opcheck():
     def relative_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx - kv_idx + L - 1]
 
-    handle = register(relative_bias, None, None, None, 16, {"BACKEND": "TRITON"}, torch.device("cpu"))
+    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"))
     q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(attention_op, (q, k, v, [bias], *[None] * 8, handle))
+    torch.library.opcheck(attention_op, (q, k, v, [bias], [], *[None] * 8, 0, 0, 0.25, handle))
 
 
 @needs_kernels
@@ -139,11 +139,12 @@ def test_backward_op_gradients_have_the_strides_its_fake_promises():
     def relative_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx - kv_idx + L - 1]
 
-    handle = register(relative_bias, None, None, None, 16, {"BACKEND": "TRITON"}, torch.device("cpu"))
+    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"))
     q, k, v = (torch.randn(1, L, 2, 16).transpose(1, 2) for _ in range(3))  # (1, 2, L, 16), strided
-    out, lse, _ = attention_op(q, k, v, [bias.detach()], *[None] * 8, handle)
+    out, lse, _ = attention_op(q, k, v, [bias.detach()], [], *[None] * 8, 0, 0, 0.25, handle)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    args = (q, k, v, out, lse, dout, dlse, [bias.detach()], *[None] * 8, handle)  # no grad of the backward
+    # no grad of the backward
+    args = (q, k, v, out, lse, dout, dlse, [bias.detach()], [], *[None] * 8, 0, 0, 0.25, handle)
     torch.library.opcheck(attention_backward_op, args)
 
 

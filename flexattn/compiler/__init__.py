@@ -54,8 +54,8 @@ import os
 import torch
 
 from flexattn.compiler import cache
-from flexattn.compiler.analysis import encode_int
 from flexattn.compiler.autodiff import differentiate
+from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError
@@ -69,6 +69,7 @@ from flexattn.kernels.mods import KernelMod
 
 __all__ = [
     "ModCompileError",
+    "bind_captures",
     "clear_cache",
     "codegen_count",
     "compile_mask_mod",
@@ -219,21 +220,16 @@ def _compile(mod, kind: str, device) -> KernelMod:
 
 def _kernel_mod(program: Program, device) -> KernelMod:
     entry = _entry(program, _target(device, program))
-    captures = program.graph.captures
-    args: list = []
-    for tensor in captures:
-        args += [tensor, *map(encode_int, (*tensor.shape, *tensor.stride()))]
-    grad_captures = tuple(captures[s] for s in entry.grad_slots)
-    return KernelMod(
+    template = KernelMod(
         fn=entry.fn,
-        args=tuple(args),
+        args=(),
         grad_fn=entry.grad_fn,
-        grad_captures=grad_captures,
-        make_grad_args=_grad_args_builder(grad_captures) if program.kind == "score" else None,
         name=program.name,
         trivial=_is_trivial(program),
-        light=_is_light(program, grad_captures),
+        light=_is_light(program, entry.grad_slots),
+        grad_slots=entry.grad_slots if program.kind == "score" else (),
     )
+    return bind_captures(template, tuple(program.graph.captures), check=False)
 
 
 def _is_trivial(program: Program) -> bool:
@@ -253,34 +249,10 @@ _HEAVY_OPS = frozenset(
 _LIGHT_MAX_NODES = 24
 
 
-def _is_light(program: Program, grad_captures: tuple) -> bool:
+def _is_light(program: Program, grad_slots: tuple) -> bool:
     """A score mod of a few cheap element-wise operations and no learnable captures (ALiBi, relative
     position offsets): its gradient needs few registers, so launchers may cap them (BENCHMARKS.md)."""
-    if program.kind != "score" or grad_captures:
+    if program.kind != "score" or grad_slots:
         return False
     live = program.graph.live([program.output])
     return len(live) <= _LIGHT_MAX_NODES and not any(program.graph.nodes[i].op in _HEAVY_OPS for i in live)
-
-
-def _grad_args_builder(grad_captures: tuple[torch.Tensor, ...]):
-    shapes = [tuple(t.shape) for t in grad_captures]
-    wide = [capture_spec(t, True).wide for t in grad_captures]
-
-    def make_grad_args(buffers: tuple[torch.Tensor, ...]) -> tuple:
-        if len(buffers) != len(shapes):
-            raise ValueError(f"expected {len(shapes)} gradient buffers, got {len(buffers)}")
-        args: list = []
-        for buffer, shape, is_wide in zip(buffers, shapes, wide):
-            if tuple(buffer.shape) != shape or buffer.dtype not in (torch.float32, torch.int64):
-                raise ValueError(
-                    f"gradient buffers must be float32 (or int64 fixed point) of shape {shape}, "
-                    f"got {buffer.dtype} {tuple(buffer.shape)}"
-                )
-            if capture_spec(buffer, False).wide and not is_wide:
-                raise ValueError(
-                    f"gradient buffer strides {buffer.stride()} reach 2**31 elements; pass it contiguous"
-                )
-            args += [buffer, *map(encode_int, buffer.stride())]
-        return tuple(args)
-
-    return make_grad_args

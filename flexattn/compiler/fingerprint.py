@@ -75,7 +75,7 @@ def _function(fn, keep: list, depth: int) -> tuple:
         _value(cells, keep, depth),
     ]
     if (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
-        names = [n for n in _global_names(fn.__code__) if n in fn.__globals__]
+        names = [n for n in global_names(fn.__code__) if n in fn.__globals__]
         parts.append(tuple((n, _value(fn.__globals__[n], keep, depth)) for n in names))
         if fn.__dict__:  # attributes set on the function (``mask.window = 4``), which mods may read
             parts.append(_value(tuple(sorted(fn.__dict__.items())), keep, depth))
@@ -108,12 +108,12 @@ def _value(value, keep: list, depth: int):
 
 
 @functools.cache
-def _global_names(code: types.CodeType) -> tuple[str, ...]:
+def global_names(code: types.CodeType) -> tuple[str, ...]:
     """Names a code object (and the code nested in it: lambdas, comprehensions) may read as globals."""
     names = list(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names += _global_names(const)
+            names += global_names(const)
     return tuple(dict.fromkeys(names))
 
 

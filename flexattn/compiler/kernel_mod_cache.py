@@ -5,8 +5,8 @@ every old tensor pinned in (GPU) memory by this cache. So an entry keeps only we
 
 - to the objects whose identities are in the key (tensors, code objects, modules, ...): once one of
   them is gone its id may name another object, and the entry is dropped on the next lookup;
-- to the captured tensors inside the cached ``KernelMod`` (its ``args`` and ``grad_captures``), which
-  a hit rebuilds from the live tensors. A hit means the mod being compiled holds those same tensors.
+- to the captured tensors of the cached ``KernelMod`` (``captures``); a hit binds the live tensors
+  again (``binding.bind_captures``). A hit means the mod being compiled holds those same tensors.
 
 Entries are evicted least recently used beyond ``size``.
 """
@@ -18,8 +18,7 @@ import threading
 import weakref
 from collections import OrderedDict
 
-import torch
-
+from flexattn.compiler.binding import bind_captures
 from flexattn.kernels.mods import KernelMod
 
 
@@ -32,28 +31,27 @@ def _weak(obj):
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    kernel_mod: KernelMod  # args and grad_captures hold weak references instead of tensors
+    kernel_mod: KernelMod  # captures held as weak references, args rebuilt on a hit
     guards: tuple  # weak references to the objects whose identities are in the key
 
 
-class _TensorRef(weakref.ref):
-    """A captured tensor inside a frozen KernelMod (tells it apart from the encoded ints)."""
-
-
 def _freeze(kernel_mod: KernelMod) -> KernelMod:
-    args = tuple(_TensorRef(a) if isinstance(a, torch.Tensor) else a for a in kernel_mod.args)
+    """The KernelMod without its tensors: ``captures`` become weak references, ``args`` empty."""
     return dataclasses.replace(
-        kernel_mod, args=args, grad_captures=tuple(_TensorRef(t) for t in kernel_mod.grad_captures)
+        kernel_mod,
+        args=(),
+        grad_captures=(),
+        make_grad_args=None,
+        captures=tuple(weakref.ref(t) for t in kernel_mod.captures),
     )
 
 
 def _thaw(frozen: KernelMod) -> KernelMod | None:
     """The KernelMod with its tensors back, or None if one of them is gone."""
-    args = tuple(a() if isinstance(a, _TensorRef) else a for a in frozen.args)
-    grad_captures = tuple(ref() for ref in frozen.grad_captures)
-    if any(a is None for a in args) or any(t is None for t in grad_captures):
+    captures = tuple(ref() for ref in frozen.captures)
+    if any(t is None for t in captures):
         return None
-    return dataclasses.replace(frozen, args=args, grad_captures=grad_captures)
+    return bind_captures(dataclasses.replace(frozen, captures=()), captures)
 
 
 class KernelModCache:

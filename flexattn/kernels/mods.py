@@ -50,6 +50,9 @@ class KernelMod:
             True); launchers may pick tiles tuned for the unmasked kernel.
         light: a score mod of a few cheap element-wise operations (no special functions, no
             learnable captures); launchers may cap the backward's registers for it.
+        captures: every tensor the mod reads, in the order ``args`` holds them (``args`` is built
+            from these; ``flexattn.compiler.bind_captures`` rebuilds it for other tensors).
+        grad_slots: the indices into ``captures`` of ``grad_captures``.
     """
 
     fn: Any
@@ -60,6 +63,8 @@ class KernelMod:
     name: str = "mod"
     trivial: bool = False
     light: bool = False
+    captures: tuple[torch.Tensor, ...] = ()
+    grad_slots: tuple[int, ...] = ()
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""
