@@ -1,0 +1,1 @@
+"""Adapters that put flexattn under other libraries' attention code (one call each)."""
