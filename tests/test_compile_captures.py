@@ -28,12 +28,15 @@ BLOCK = 16  # L = 40: two full blocks and a tail, so masks have partial blocks
 TRITON = {"BACKEND": "TRITON"}
 
 
-def _device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@pytest.fixture(
+    params=[pytest.param("cpu", marks=needs_kernels), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def device(request):
+    return request.param
 
 
-def _inputs(requires_grad=True):
-    return [torch.randn(B, H, L, E, device=_device(), requires_grad=requires_grad) for _ in range(3)]
+def _inputs(device):
+    return [torch.randn(B, H, L, E, device=device, requires_grad=True) for _ in range(3)]
 
 
 def _run(fn, q, k, v, score_mod, block_mask, leaves=()):
@@ -52,12 +55,11 @@ def _compiled():
     return torch.compile(flex_attention, fullgraph=True, backend="aot_eager")
 
 
-def _mask(mask_mod):
-    return create_block_mask(mask_mod, B, None, L, L, device=_device(), BLOCK_SIZE=BLOCK)
+def _mask(mask_mod, device):
+    return create_block_mask(mask_mod, B, None, L, L, device=device, BLOCK_SIZE=BLOCK)
 
 
-@needs_kernels
-def test_recreated_padding_closures_see_their_own_tensor():
+def test_recreated_padding_closures_see_their_own_tensor(device):
     """The issue's reproduction: a new closure per batch over a new padding tensor."""
 
     def padding_mask(keep):
@@ -66,19 +68,18 @@ def test_recreated_padding_closures_see_their_own_tensor():
 
         return mask_mod
 
-    q, k, v = _inputs()
+    q, k, v = _inputs(device)
     compiled = _compiled()
     for masked in (3, 21, 37):  # not multiples of the block size
-        keep = torch.ones(B, L, dtype=torch.bool, device=_device())
+        keep = torch.ones(B, L, dtype=torch.bool, device=device)
         keep[:, :masked] = False
-        block_mask = _mask(padding_mask(keep))
+        block_mask = _mask(padding_mask(keep), device)
         _assert_same(
             _run(compiled, q, k, v, None, block_mask), _run(flex_attention, q, k, v, None, block_mask), masked
         )
 
 
-@needs_kernels
-def test_one_wrapper_over_different_inner_mods():
+def test_one_wrapper_over_different_inner_mods(device):
     """``wrap(causal)`` then ``wrap(sliding)`` (Qwen2 / Gemma2 layers through transformers' wrapper)."""
 
     def causal(b, h, q_idx, kv_idx):
@@ -93,10 +94,10 @@ def test_one_wrapper_over_different_inner_mods():
 
         return mask_mod
 
-    q, k, v = _inputs()
+    q, k, v = _inputs(device)
     compiled = _compiled()
     for inner in (causal, sliding, causal, sliding):
-        block_mask = _mask(wrap(inner))
+        block_mask = _mask(wrap(inner), device)
         _assert_same(
             _run(compiled, q, k, v, None, block_mask),
             _run(flex_attention, q, k, v, None, block_mask),
@@ -104,8 +105,7 @@ def test_one_wrapper_over_different_inner_mods():
         )
 
 
-@needs_kernels
-def test_new_python_constants_recompile():
+def test_new_python_constants_recompile(device):
     """Closures over new ints and floats (a window, a slope) are new constants, never the old ones."""
 
     def window_mask(window):
@@ -120,10 +120,10 @@ def test_new_python_constants_recompile():
 
         return score_mod
 
-    q, k, v = _inputs()
+    q, k, v = _inputs(device)
     compiled = _compiled()
     for window, slope in ((3, 0.5), (9, 0.5), (9, 2.0), (20, 0.125)):
-        block_mask = _mask(window_mask(window))
+        block_mask = _mask(window_mask(window), device)
         score_mod = slope_mod(slope)
         _assert_same(
             _run(compiled, q, k, v, score_mod, block_mask),
@@ -132,8 +132,7 @@ def test_new_python_constants_recompile():
         )
 
 
-@needs_kernels
-def test_score_mod_closures_over_new_learnable_tables():
+def test_score_mod_closures_over_new_learnable_tables(device):
     """A new bias table per call: its values reach the kernels and its gradient comes back."""
 
     def relative_bias(table):
@@ -142,10 +141,10 @@ def test_score_mod_closures_over_new_learnable_tables():
 
         return score_mod
 
-    q, k, v = _inputs()
+    q, k, v = _inputs(device)
     compiled = _compiled()
     for scale in (0.1, 3.0):
-        table = (scale * torch.randn(H, 2 * L - 1, device=_device())).requires_grad_()
+        table = (scale * torch.randn(H, 2 * L - 1, device=device)).requires_grad_()
         score_mod = relative_bias(table)
         _assert_same(
             _run(compiled, q, k, v, score_mod, None, (table,)),
@@ -154,10 +153,9 @@ def test_score_mod_closures_over_new_learnable_tables():
         )
 
 
-@needs_kernels
-def test_captured_tensors_changed_in_place_between_compiled_calls():
-    keep = torch.ones(B, L, dtype=torch.bool, device=_device())
-    bias = torch.zeros(H, device=_device(), requires_grad=True)
+def test_captured_tensors_changed_in_place_between_compiled_calls(device):
+    keep = torch.ones(B, L, dtype=torch.bool, device=device)
+    bias = torch.zeros(H, device=device, requires_grad=True)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return keep[b, kv_idx]
@@ -165,14 +163,14 @@ def test_captured_tensors_changed_in_place_between_compiled_calls():
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[h]
 
-    q, k, v = _inputs()
+    q, k, v = _inputs(device)
     compiled = _compiled()
-    block_mask = _mask(mask_mod)
+    block_mask = _mask(mask_mod, device)
     for step in range(3):
         with torch.no_grad():
             keep[:, : 5 + 9 * step] = False
             bias.add_(torch.randn_like(bias))
-        block_mask = _mask(mask_mod)  # the block lists follow the mask; the mod is the same object
+        block_mask = _mask(mask_mod, device)  # the block lists follow the mask; the mod is the same object
         _assert_same(
             _run(compiled, q, k, v, score_mod, block_mask, (bias,)),
             _run(flex_attention, q, k, v, score_mod, block_mask, (bias,)),
