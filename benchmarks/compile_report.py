@@ -34,11 +34,12 @@ from triton.runtime import jit as triton_jit
 
 import flexattn.compiler as mod_compiler
 from flexattn.block_mask import create_block_mask
-from flexattn.block_mask_build import transpose_ordered
-from flexattn.kernels import backward, common, forward
+from flexattn.block_mask_build import complete_q_side
+from flexattn.kernels import backward, forward
+from flexattn.kernels.device import DeviceLimits
 from flexattn.options import KernelOptions
 
-H100 = ((9, 0), 232448)  # compute capability, opt-in shared memory per block
+H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 VARIANTS = {
     "noop": None,
@@ -50,7 +51,7 @@ class _StubDriver:
     """Just enough of Triton's CUDA driver for compiling (nothing here can launch)."""
 
     def get_current_target(self):
-        return GPUTarget("cuda", H100[0][0] * 10 + H100[0][1], 32)
+        return GPUTarget("cuda", H100.capability[0] * 10 + H100.capability[1], 32)
 
     def get_current_device(self):
         return 0
@@ -61,7 +62,11 @@ class _StubDriver:
 
 @contextlib.contextmanager
 def compile_only(compiled: list):
-    """Kernels launched inside are compiled for sm_90a and appended to ``compiled`` as (name, kernel)."""
+    """Kernels launched inside are compiled for sm_90a and appended to ``compiled`` as (name, kernel).
+
+    Only Triton is stood in for (its driver, and JITFunction.run compiling instead of launching);
+    flexattn is steered through its arguments: ``target=H100`` for the launchers, ``target="cuda"``
+    for the mod compiler."""
     run = triton_jit.JITFunction.run
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
@@ -69,27 +74,11 @@ def compile_only(compiled: list):
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
-    def on_h100(*args, **kwargs):  # the real backward tile choice, as on an H100
-        args = list(args)
-        args[5] = H100[0]  # choose_backward_tiles(E, EV, dtype, q_block, kv_block, capability, ...)
-        return choose_backward(*args, **kwargs)
-
-    choose_backward = backward.choose_backward_tiles
-    stride_ok = lambda t: t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])  # noqa: E731
     driver = triton.runtime.driver
     previous = driver._active  # None until something asked for a driver (there may be no GPU one)
     driver.set_active(_StubDriver())
     try:
-        with (
-            mock.patch.object(triton_jit.JITFunction, "run", compile_instead),
-            mock.patch.object(mod_compiler, "_target", lambda device, program: "cuda"),
-            mock.patch.object(forward, "_device_limits", lambda device: H100),
-            mock.patch.object(forward, "tma_compatible", stride_ok),
-            mock.patch.object(common, "tma_compatible", stride_ok),  # what tile_descriptors asks
-            mock.patch.object(backward, "choose_backward_tiles", on_h100),
-            mock.patch.object(forward, "check_qkv", lambda q, k, v, table: tuple(q.shape)),
-            mock.patch.object(backward, "check_qkv", lambda q, k, v, table: tuple(q.shape)),
-        ):
+        with mock.patch.object(triton_jit.JITFunction, "run", compile_instead):
             yield
     finally:
         driver._active = previous
@@ -103,24 +92,20 @@ def compile_kernels(which: str, head_dim: int, variant: str, options: dict, leng
     opts = KernelOptions.from_user(options)
     compiled: list = []
     with compile_only(compiled):
-        score = mod_compiler.compile_score_mod(None, device="cuda")
-        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cuda")
-        tables = {
-            "kv_num_blocks": mask.kv_num_blocks, "kv_indices": mask.kv_indices,
-            "full_kv_num_blocks": mask.full_kv_num_blocks, "full_kv_indices": mask.full_kv_indices,
-        }  # fmt: skip
-        block = {"q_block": mask.BLOCK_SIZE[0], "kv_block": mask.BLOCK_SIZE[1], "scale": head_dim**-0.5}
+        score = mod_compiler.compile_score_mod(None, device="cpu", target="cuda")
+        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cpu", target="cuda")
+        common = {
+            "score_mod": score,
+            "mask_mod": mask_mod,
+            "scale": head_dim**-0.5,
+            "options": opts,
+            "target": H100,
+        }
         if which == "forward":
-            forward.flex_forward(q, k, v, score_mod=score, mask_mod=mask_mod, **tables, **block, options=opts)
+            forward.flex_forward(q, k, v, tables=mask.tables(), **common)
         else:
-            q_num, q_idx = transpose_ordered(mask.kv_num_blocks, mask.kv_indices)
-            full_num, full_idx = transpose_ordered(mask.full_kv_num_blocks, mask.full_kv_indices)
             lse = torch.zeros(B, H, length)
-            backward.flex_backward(
-                q, k, v, q, lse, q, None, score_mod=score, mask_mod=mask_mod, **tables,
-                q_num_blocks=q_num, q_indices=q_idx, full_q_num_blocks=full_num, full_q_indices=full_idx,
-                **block, options=opts,
-            )  # fmt: skip
+            backward.flex_backward(q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), **common)
     return compiled
 
 
@@ -133,7 +118,7 @@ def resources(kernel) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
         ptx.write_text(kernel.asm["ptx"])
-        arch = f"--gpu-name=sm_{H100[0][0]}{H100[0][1]}a"
+        arch = f"--gpu-name=sm_{H100.capability[0]}{H100.capability[1]}a"
         result = subprocess.run(
             [str(NVIDIA_BIN / "ptxas"), "-v", arch, str(ptx), "-o", str(ptx.with_suffix(".o"))],
             capture_output=True, text=True, check=True,

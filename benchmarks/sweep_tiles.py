@@ -1,7 +1,7 @@
 """Tile sweep for the forward and backward kernels on a CUDA GPU (a tuning tool, not a test).
 
-Times a fixed list of launch configurations for a few (config, variant) cases through the public
-``flex_attention`` (the tile choosers are replaced for the duration of one measurement), checks every
+Times a fixed list of launch configurations for a few (config, variant) cases through the
+attention plan with explicit tiles (``AttentionPlan.forward/backward(..., tiles=...)``), checks every
 candidate's output against the default's, and prints one line per candidate with the registers and
 spills of the kernels it compiled. The fastest candidates inform the defaults in
 ``flexattn/kernels/tiles.py`` and ``backward_tiles.py``; BENCHMARKS.md records what was measured.
@@ -16,10 +16,8 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from unittest import mock
 
 import torch
 import triton
@@ -28,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import CONFIGS, Config, density, environment, make_variants  # noqa: E402
 
 import flexattn  # noqa: E402
-from flexattn.kernels import backward, backward_tiles, forward  # noqa: E402
+from flexattn.kernels import backward, forward  # noqa: E402
+from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles  # noqa: E402
 from flexattn.kernels.tiles import Tiles  # noqa: E402
+from flexattn.options import KernelOptions  # noqa: E402
+from flexattn.plan import plan_attention  # noqa: E402
 
 VARIANTS = ("noop", "causal", "alibi", "sliding_window_1024", "prefix_lm", "document", "softcap")
 FORWARD_CASES = tuple(f"E{e}:{v}" for e in (128, 64) for v in VARIANTS)
@@ -71,37 +72,17 @@ BACKWARD_CANDIDATES = {
 }
 
 
-@contextmanager
-def forward_tiles_fixed(candidate):
+def forward_tiles_of(candidate) -> Tiles:
     m, n, warps, stages, tma, pipe, ws, *rest = candidate
-    tiles = Tiles(
-        m,
-        n,
-        warps,
-        stages,
-        "sweep",
-        use_tma=tma,
-        pipeline_qk=pipe,
-        warp_specialize=ws,
-        max_registers=rest[0] if rest else None,
-    )
-    with mock.patch.object(forward, "choose_tiles", lambda *a, **k: tiles):
-        yield
+    return Tiles(m, n, warps, stages, "sweep", use_tma=tma, pipeline_qk=pipe, warp_specialize=ws,
+                 max_registers=rest[0] if rest else None)  # fmt: skip
 
 
-@contextmanager
-def backward_tiles_fixed(candidate):
+def backward_tiles_of(candidate, base: BackwardTiles) -> BackwardTiles:
     m1, n1, m2, n2, warps, stages, mode, tma, *rest = candidate
-    choose = backward_tiles.choose_backward_tiles
-
-    def fixed(*args, **kwargs):
-        base = choose(*args, **kwargs)
-        return replace(base, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps,
-                       num_stages=stages, dq_mode=mode, use_tma=tma, max_registers=rest[0] if rest else None,
-                       reason="sweep")  # fmt: skip
-
-    with mock.patch.object(backward, "choose_backward_tiles", fixed):
-        yield
+    return replace(base, BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps,
+                   num_stages=stages, dq_mode=mode, use_tma=tma, max_registers=rest[0] if rest else None,
+                   reason="sweep")  # fmt: skip
 
 
 def compiled_kernels(*jit_functions) -> dict:
@@ -136,34 +117,29 @@ def run_case(case: str, which: str, args, rows: list) -> None:
     flops = 4 * cfg.B * cfg.H * cfg.L * cfg.L * cfg.E * density(mask)
     score = var.flex_score_mod or var.score_mod
     kernels = (forward._flex_forward_kernel, backward._bwd_dkdv, backward._bwd_dq)
-
-    def fwd():
-        with torch.no_grad():
-            return flexattn.flex_attention(q, k, v, score_mod=score, block_mask=mask)
-
-    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    out = flexattn.flex_attention(qg, kg, vg, score_mod=score, block_mask=mask)
+    plan = plan_attention(score, mask, cfg.L, cfg.L, cfg.E**-0.5, KernelOptions(), q.device)
+    out, lse, _ = plan.forward(q, k, v)
     dout = torch.randn_like(out)
+    base = choose_backward_tiles(cfg.E, cfg.E, q.dtype, *mask.BLOCK_SIZE, torch.cuda.get_device_capability(),
+                                 KernelOptions(), light_score=plan.score_mod.light)  # fmt: skip
 
-    def bwd():
-        return torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
+    def run(tiles=None):
+        if which == "forward":
+            return plan.forward(q, k, v, tiles=tiles)[0]
+        return plan.backward(q, k, v, out, lse, dout, None, (), tiles=tiles)
 
-    reference = fwd() if which == "forward" else bwd()
+    reference = run()
     candidates = (FORWARD_CANDIDATES if which == "forward" else BACKWARD_CANDIDATES)[cfg.E]
-    fixer = forward_tiles_fixed if which == "forward" else backward_tiles_fixed
     for cand in candidates:
         started = time.time()
         before = compiled_kernels(*kernels)
+        tiles = forward_tiles_of(cand) if which == "forward" else backward_tiles_of(cand, base)
         try:
-            with fixer(cand):
-                if which == "backward":  # a fresh graph so the backward sees these tiles
-                    out = flexattn.flex_attention(qg, kg, vg, score_mod=score, block_mask=mask)
-                result = fwd() if which == "forward" else bwd()
-                results = result if isinstance(result, tuple) else (result,)
-                refs = reference if isinstance(reference, tuple) else (reference,)
-                diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, refs))
-                ms = triton.testing.do_bench(fwd if which == "forward" else bwd, warmup=200, rep=60,
-                                             return_mode="median")  # fmt: skip
+            result = run(tiles)
+            results = result if isinstance(result, tuple) else (result,)
+            refs = reference if isinstance(reference, tuple) else (reference,)
+            diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(results, refs))
+            ms = triton.testing.do_bench(lambda t=tiles: run(t), warmup=200, rep=60, return_mode="median")
             tflops = (1.0 if which == "forward" else 2.5) * flops / ms / 1e9
             used = resources(before, compiled_kernels(*kernels))
             row = {"case": case, "which": which, "candidate": list(cand), "ms": ms, "tflops": tflops,

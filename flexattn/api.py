@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from flexattn.block_mask import BlockMask, noop_block_mask, sliced_mask_mod_error
+from flexattn.block_mask import BlockMask, sliced_mask_mod_error
 from flexattn.dispatch import choose_backend, run_attention
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
@@ -81,50 +81,41 @@ def flex_attention(
     """
     _check_tensors(query, key, value, enable_gqa)
     request = _check_returns(return_lse, return_aux)
-    if torch.compiler.is_compiling() and _compiles_to_custom_ops(kernel_options, query.device, query.dtype):
-        # under torch.compile with the Triton backend: custom ops, no graph break. The checks on
-        # mods, scale and options run once at trace time (their results are constants).
+    scale = _check_scale(scale, query.shape[-1])  # traced under torch.compile: a new scale is an input
+    block_mask = _from_pytorch_block_mask(block_mask)
+    if block_mask is not None:
+        _check_block_mask(block_mask, query, key)
+    mask_mod = None if block_mask is None else block_mask.mask_mod
+    backend, tiles = _check_constants(score_mod, mask_mod, kernel_options, query.device, query.dtype)
+    if block_mask is not None:  # traced under torch.compile (block sizes may be symbolic there)
+        _check_tiles(tuple(block_mask.BLOCK_SIZE), tiles)
+    if backend == "TRITON" and torch.compiler.is_compiling():
+        # torch.compile: the custom ops (no graph break), with the mods' captures as graph inputs
         from flexattn.custom_ops import traced_attention
 
-        mask_mod = None if block_mask is None else block_mask.mask_mod
-        _check_trace_constants(score_mod, mask_mod, kernel_options)
-        scale = _check_scale(scale, query.shape[-1])  # traced: a new scale is an input, not a recompile
-        if block_mask is not None:
-            _check_block_mask(block_mask, query, key)
         out, lse, max_scores = traced_attention(
             query, key, value, score_mod, block_mask, scale, kernel_options
         )
-        return _pack(out, lse, max_scores, request, return_lse, return_aux)
-    if score_mod is not None:
-        check_mod(score_mod, "score_mod", "score_mod")
-    scale = _check_scale(scale, query.shape[-1])
-    options = KernelOptions.from_user(kernel_options)
-    if block_mask is None:
-        block_mask = noop_block_mask(query.shape[2], key.shape[2], query.device)
     else:
-        block_mask = _from_pytorch_block_mask(block_mask)
-        _check_block_mask(block_mask, query, key)
-        _check_mask_mod_and_tiles(block_mask, options)
-
-    out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
+        options = KernelOptions.from_user(kernel_options)
+        out, lse, max_scores = run_attention(
+            query, key, value, score_mod, block_mask, scale, options, backend
+        )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
 
 @torch._dynamo.assume_constant_result
-def _check_trace_constants(score_mod, mask_mod, kernel_options) -> bool:
-    """The checks of the mods and options, run in plain Python while torch.compile traces."""
+def _check_constants(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str, tuple]:
+    """The checks of the mods and the options; ``(backend, (BLOCK_M, BLOCK_N))``.
+
+    Plain Python on every call; under torch.compile a trace-time constant (the values it reads are
+    guarded by the custom-op path, ``custom_ops.traced_attention``)."""
+    options = KernelOptions.from_user(kernel_options)
     if score_mod is not None:
         check_mod(score_mod, "score_mod", "score_mod")
     if mask_mod is not None:
         check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
-    KernelOptions.from_user(kernel_options)
-    return True
-
-
-@torch._dynamo.assume_constant_result
-def _compiles_to_custom_ops(kernel_options, device, dtype) -> bool:
-    """Whether a call traced by torch.compile goes to the Triton custom ops (a trace-time constant)."""
-    return choose_backend(device, KernelOptions.from_user(kernel_options), dtype) == "TRITON"
+    return choose_backend(device, options, dtype), (options.BLOCK_M, options.BLOCK_N)
 
 
 def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):
@@ -253,16 +244,14 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
 
 
-def _check_mask_mod_and_tiles(block_mask: BlockMask, options: KernelOptions) -> None:
-    """The mask_mod's signature, and kernel tiles that divide the mask's blocks."""
-    check_mod(block_mask.mask_mod, "block_mask.mask_mod", "mask_mod")
-    q_block, kv_block = block_mask.BLOCK_SIZE
-    for name, size, block in (("BLOCK_M", options.BLOCK_M, q_block), ("BLOCK_N", options.BLOCK_N, kv_block)):
+def _check_tiles(block_size: tuple[int, int], tiles: tuple[int | None, int | None]) -> None:
+    """Kernel tiles ``(BLOCK_M, BLOCK_N)`` from kernel_options must divide the mask's blocks."""
+    (q_block, kv_block), (block_m, block_n) = block_size, tiles
+    for name, size, block in (("BLOCK_M", block_m, q_block), ("BLOCK_N", block_n, kv_block)):
         if size is not None and block % size != 0:
             raise ValueError(
                 f"kernel_options['{name}']={size} must divide the block mask's block size {block} "
-                f"(BLOCK_SIZE={block_mask.BLOCK_SIZE}). Pick a divisor, or rebuild the mask with "
-                "another BLOCK_SIZE."
+                f"(BLOCK_SIZE={block_size}). Pick a divisor, or rebuild the mask with another BLOCK_SIZE."
             )
 
 

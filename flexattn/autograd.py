@@ -16,59 +16,19 @@ gradients) raises an error that says so. Under ``torch.compile`` the call goes t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch._C import _functions
 
 from flexattn.block_mask import BlockMask
-from flexattn.block_mask_build import complete_q_side
-from flexattn.compiler import compile_mask_mod, compile_score_mod
-from flexattn.kernels.backward import flex_backward
-from flexattn.kernels.block_tables import BlockTables
-from flexattn.kernels.forward import flex_forward
-from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
+from flexattn.plan import AttentionPlan, plan_attention
 
 DOUBLE_BACKWARD_ERROR = (
     b"flexattn: double backward through flex_attention is not supported (its backward kernels are "
     b"not differentiable). Compute gradients without create_graph=True, or use "
     b"kernel_options={'BACKEND': 'REFERENCE'} for higher-order gradients."
 )
-
-
-@dataclass(frozen=True)
-class AttentionPlan:
-    """Everything the kernels need besides the differentiable tensors: compiled mods, block lists, knobs."""
-
-    score_mod: KernelMod
-    mask_mod: KernelMod
-    tables: BlockTables
-    scale: float
-    options: KernelOptions
-
-    def forward(self, query, key, value):
-        """``(out, lse, max_scores)`` from the forward kernel."""
-        t = self.tables
-        return flex_forward(
-            query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            kv_num_blocks=t.kv_num_blocks, kv_indices=t.kv_indices,
-            full_kv_num_blocks=t.full_kv_num_blocks, full_kv_indices=t.full_kv_indices,
-            q_block=t.q_block, kv_block=t.kv_block, scale=self.scale, options=self.options,
-        )  # fmt: skip
-
-    def backward(self, query, key, value, out, lse, dout, dlse, grad_buffers):
-        """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``."""
-        t = complete_q_side(self.tables)
-        return flex_backward(
-            query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            kv_num_blocks=t.kv_num_blocks, kv_indices=t.kv_indices,
-            full_kv_num_blocks=t.full_kv_num_blocks, full_kv_indices=t.full_kv_indices,
-            q_num_blocks=t.q_num_blocks, q_indices=t.q_indices,
-            full_q_num_blocks=t.full_q_num_blocks, full_q_indices=t.full_q_indices,
-            q_block=t.q_block, kv_block=t.kv_block, scale=self.scale, options=self.options,
-            grad_buffers=grad_buffers,
-        )  # fmt: skip
 
 
 class FlexAttentionFunction(torch.autograd.Function):
@@ -110,37 +70,27 @@ def _error_on_double_backward(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Te
     return out if isinstance(out, tuple) else (out,)
 
 
-def plan_attention(
-    score_mod: Callable | None, block_mask: BlockMask, scale: float, options: KernelOptions, device=None
-) -> AttentionPlan:
-    """Compile the mods for ``device`` (cached by structure); bundle them with the mask and options."""
-    score = compile_score_mod(score_mod, device=device)
-    mask = compile_mask_mod(block_mask.mask_mod, device=device)
-    return AttentionPlan(score, mask, block_mask.tables(), scale, options)
-
-
 def triton_flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     score_mod: Callable | None,
-    block_mask: BlockMask,
+    block_mask: BlockMask | None,
     scale: float,
-    enable_gqa: bool,
     options: KernelOptions,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
 
-    Args: as :func:`flexattn.dispatch.run_attention` (validated by flexattn.api; ``enable_gqa`` was
-    checked there, the kernels read the group size from the shapes).
+    Args: as :func:`flexattn.dispatch.run_attention` (validated by flexattn.api; the kernels read the
+    GQA group size from the shapes).
     Returns: out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32.
 
     Example (CPU, ``TRITON_INTERPRET=1``)::
 
         mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
-        out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, False, KernelOptions(BACKEND="TRITON"))
+        out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, KernelOptions(BACKEND="TRITON"))
     """
-    plan = plan_attention(score_mod, block_mask, scale, options, query.device)
+    plan = plan_attention(score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device)
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flexattn.autograd import AttentionPlan
-from flexattn.block_mask import noop_block_mask
 from flexattn.compiler import bind_captures, compile_mask_mod, compile_score_mod
 from flexattn.compiler.reach import Reach, follow, reach
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
+from flexattn.plan import AttentionPlan, block_tables
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,12 @@ def traced_attention(query, key, value, score_mod, block_mask, scale: float, ker
 def _runtime_plan(handle: str, query, key, score_captures, mask_captures, tables, q_block, kv_block, scale):
     entry = _REGISTRY[handle]
     if tables[0] is None:
-        block_tables = noop_block_mask(query.shape[2], key.shape[2], query.device).tables()
+        lists = block_tables(None, query.shape[2], key.shape[2], query.device)
     else:
-        block_tables = BlockTables.from_tensors(tables, q_block, kv_block)
+        lists = BlockTables.from_tensors(tables, q_block, kv_block)
     score = bind_captures(entry.score_mod, tuple(score_captures))
     mask = bind_captures(entry.mask_mod, tuple(mask_captures))
-    return AttentionPlan(score, mask, block_tables, scale, entry.options)
+    return AttentionPlan(score, mask, lists, scale, entry.options)
 
 
 @torch.library.custom_op("flexattn::attention", mutates_args=())

@@ -50,24 +50,24 @@ def run_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     score_mod: Callable | None,
-    block_mask: BlockMask,
+    block_mask: BlockMask | None,
     scale: float,
-    enable_gqa: bool,
     options: KernelOptions,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run attention on the chosen backend.
+    """Run attention on ``backend`` (from :func:`choose_backend`).
 
     Args:
-        query (B, Hq, Lq, E), key (B, Hkv, Lkv, E), value (B, Hkv, Lkv, Ev): same dtype and device.
+        query (B, Hq, Lq, E), key (B, Hkv, Lkv, E), value (B, Hkv, Lkv, Ev): same dtype and device;
+            Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
         score_mod: the user's score_mod, or None for the identity.
-        block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device.
-        scale: finite float. enable_gqa: whether Hq != Hkv was allowed.
-        options: validated KernelOptions.
+        block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device, or None (attend everywhere).
+        scale: finite float. options: validated KernelOptions.
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
-    if choose_backend(query.device, options, query.dtype) == "REFERENCE":
-        return reference_attention(query, key, value, score_mod, block_mask, scale, enable_gqa)
+    if backend == "REFERENCE":
+        return reference_attention(query, key, value, score_mod, block_mask, scale)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
+    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options)

@@ -36,7 +36,6 @@ def reference_attention(
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     scale: float | None = None,
-    enable_gqa: bool = False,
     *,
     compute_dtype: torch.dtype | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
@@ -48,8 +47,7 @@ def reference_attention(
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx)`` or None. Inputs are validated by
             flexattn.api; this function trusts them.
         block_mask: BlockMask for (Lq, Lkv), or None (every pair allowed).
-        scale: score scale, default 1/sqrt(E).
-        enable_gqa: accepted for signature symmetry; GQA follows from Hq != Hkv.
+        scale: score scale, default 1/sqrt(E). GQA follows from the shapes (Hq a multiple of Hkv).
         compute_dtype: dtype of the scores and softmax. Default fp32 (fp64 for fp64 inputs). Pass
             the input dtype for "eager in the test dtype", the middle leg of the three-way tests.
         chunk_elements: budget of score elements per chunk of query rows.

@@ -208,7 +208,7 @@ def test_compiled_model_matches_eager_gpu():
 
 def test_fp64_cuda_inputs_on_auto_are_traced_through_the_reference_backend():
     """AUTO sends fp64 to the reference backend under torch.compile too (the kernels have no fp64)."""
-    from flexattn.api import _compiles_to_custom_ops
+    from flexattn.api import _check_constants
 
-    assert not _compiles_to_custom_ops(None, torch.device("cuda"), torch.float64)
-    assert _compiles_to_custom_ops(None, torch.device("cuda"), torch.bfloat16)
+    assert _check_constants(None, None, None, torch.device("cuda"), torch.float64)[0] == "REFERENCE"
+    assert _check_constants(None, None, None, torch.device("cuda"), torch.bfloat16)[0] == "TRITON"

@@ -141,7 +141,7 @@ def test_shapes_three_way_forward_and_grads(shape, dtype, variant):
     mask = None
     if flags["causal"]:
         mask = create_block_mask(causal, None, None, shape.Lq, shape.lkv, device="cpu")
-    out, lse, _ = reference_attention(q, k, v, score_mod, mask, enable_gqa=True)
+    out, lse, _ = reference_attention(q, k, v, score_mod, mask)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
 

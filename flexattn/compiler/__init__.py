@@ -99,7 +99,7 @@ def _always(b, h, q_idx, kv_idx):
     return True
 
 
-def compile_score_mod(score_mod, *, device=None) -> KernelMod:
+def compile_score_mod(score_mod, *, device=None, target: str | None = None) -> KernelMod:
     """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
 
     ``device`` (optional) is where the kernels run: it picks the code target (Triton's interpreter
@@ -107,13 +107,16 @@ def compile_score_mod(score_mod, *, device=None) -> KernelMod:
     interpreter when ``TRITON_INTERPRET=1`` or no GPU is present. Captured tensors that require
     grad and reach the output differentiably are ``grad_captures``; ``make_grad_args`` takes one
     float32 buffer per entry (same shape) and the generated ``grad_fn`` atomically adds into them.
+    ``target`` ("interpreter", "cuda" or "hip") overrides the code target the device implies (tools
+    that compile for a GPU they do not have: ``benchmarks/compile_report.py``).
     """
-    return _compile(score_mod if score_mod is not None else _identity, "score", device)
+    return _compile(score_mod if score_mod is not None else _identity, "score", device, target)
 
 
-def compile_mask_mod(mask_mod, *, device=None) -> KernelMod:
-    """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod."""
-    return _compile(mask_mod if mask_mod is not None else _always, "mask", device)
+def compile_mask_mod(mask_mod, *, device=None, target: str | None = None) -> KernelMod:
+    """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod
+    (``device`` and ``target`` as in :func:`compile_score_mod`)."""
+    return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target)
 
 
 def explain(mod, kind: str | None = None, *, device=None) -> str:
@@ -200,17 +203,17 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
     return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
 
 
-def _compile(mod, kind: str, device) -> KernelMod:
+def _compile(mod, kind: str, device, target: str | None = None) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
     keep: list = []
     key = mod_key(mod, keep)
     if key is not None:
-        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
+        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), target, key)
         kernel_mod = _KERNEL_MODS.get(key)
         if kernel_mod is not None:
             return kernel_mod
     program = _program(mod, kind, device)
-    kernel_mod = _kernel_mod(program, device)
+    kernel_mod = _kernel_mod(program, device, target)
     # A trace that read a tensor's values (float(t), t.exp()) holds them: writes through .data or
     # numpy keep the version counter, and a tensor it made carries one call's autograd history.
     if key is not None and not program.read_tensor_values:
@@ -218,8 +221,8 @@ def _compile(mod, kind: str, device) -> KernelMod:
     return kernel_mod
 
 
-def _kernel_mod(program: Program, device) -> KernelMod:
-    entry = _entry(program, _target(device, program))
+def _kernel_mod(program: Program, device, target: str | None = None) -> KernelMod:
+    entry = _entry(program, target or _target(device, program))
     template = KernelMod(
         fn=entry.fn,
         args=(),

@@ -37,16 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from flexattn.kernels.backward_tiles import choose_backward_tiles
-from flexattn.kernels.common import (
-    block_table_args,
-    check_block_tables,
-    check_qkv,
-    dot_precision,
-    load_tile,
-    sparse_tile_start,
-    tile_descriptors,
-)
+from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
+from flexattn.kernels.tile_io import load_tile, sparse_tile_start
 from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
@@ -368,21 +363,20 @@ def _bwd_dq(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 def flex_backward(
-    q, k, v, out, lse, dout, dlse, *, score_mod, mask_mod,
-    kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-    q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-    q_block, kv_block, scale, options=None, grad_buffers=(), dq_mode=None,
+    q, k, v, out, lse, dout, dlse, *, score_mod, mask_mod, tables: BlockTables, scale, options=None,
+    grad_buffers=(), dq_mode=None, tiles: BackwardTiles | None = None, target: DeviceLimits | None = None,
 ):  # fmt: skip
     """Gradients of flex attention with respect to q, k, v and the score mod's captured tensors.
 
     Shapes: ``q (B, HQ, Q_LEN, E)``, ``k (B, HKV, KV_LEN, E)``, ``v (B, HKV, KV_LEN, EV)``,
     ``out``/``dout`` ``(B, HQ, Q_LEN, EV)`` (any strides), ``lse`` (natural log, fp32) and ``dlse``
-    (or None) ``(B, HQ, Q_LEN)``. ``score_mod``/``mask_mod`` are ``KernelMod``s; the BlockMask
-    tensors are int32 ``(MB, MH, ...)`` with MB in {1, B}, MH in {1, HQ}; the transposed (q-side)
-    ones are required. ``grad_buffers``: fp32 tensors shaped like ``score_mod.grad_captures``; the
-    captured-tensor gradients are *added* to them. ``dq_mode``: "separate" or "atomic" (see
-    ``backward_tiles``), None for the default. Returns ``(dq, dk, dv)`` in the inputs' dtypes, each laid
-    out as ``torch.empty_like`` of its input.
+    (or None) ``(B, HQ, Q_LEN)``. ``score_mod``/``mask_mod`` are ``KernelMod``s; ``tables`` the
+    ``BlockTables`` (int32 ``(MB, MH, ...)`` with MB in {1, B}, MH in {1, HQ}), the transposed
+    (q-side) view included. ``grad_buffers``: fp32 tensors shaped like ``score_mod.grad_captures``;
+    the captured-tensor gradients are *added* to them. ``dq_mode``: "separate" or "atomic" (see
+    ``backward_tiles``), None for the default. ``tiles`` (explicit ``BackwardTiles``) and ``target``
+    (the GPU to plan for, default the tensors' device) let tools and tests steer the launch.
+    Returns ``(dq, dk, dv)`` in the inputs' dtypes, each laid out as ``torch.empty_like`` of its input.
 
     Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE`` and the base-2 LSE,
     one program per (64 rows, h, b), into (B, HQ, ROWS) buffers whose padding rows let (2) and (3)
@@ -397,35 +391,22 @@ def flex_backward(
     Example::
 
         dq, dk, dv = flex_backward(q, k, v, out, lse, dout, None, score_mod=score, mask_mod=mask,
-                                   kv_num_blocks=m.kv_num_blocks, ..., full_q_indices=m.full_q_indices,
-                                   q_block=128, kv_block=128, scale=q.shape[-1] ** -0.5,
+                                   tables=complete_q_side(mask.tables()), scale=q.shape[-1] ** -0.5,
                                    options=KernelOptions())
     """
-    kv_tables = {
-        "kv_num_blocks": kv_num_blocks,
-        "kv_indices": kv_indices,
-        "full_kv_num_blocks": full_kv_num_blocks,
-        "full_kv_indices": full_kv_indices,
-    }
-    q_tables = {
-        "q_num_blocks": q_num_blocks,
-        "q_indices": q_indices,
-        "full_q_num_blocks": full_q_num_blocks,
-        "full_q_indices": full_q_indices,
-    }
-    _check_inputs(
-        q, k, v, out, lse, dout, dlse, kv_tables, q_tables, q_block, kv_block, score_mod, grad_buffers
-    )
+    target = device_limits(q.device) if target is None else target
+    q_block, kv_block = tables.q_block, tables.kv_block
+    _check_inputs(q, k, v, out, lse, dout, dlse, tables, score_mod, grad_buffers, target)
     B, HQ, Q_LEN, E = q.shape
     _, HKV, KV_LEN, EV = v.shape
-    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
-    tiles = choose_backward_tiles(
-        E, EV, q.dtype, q_block, kv_block, capability, options, dq_mode, light_score=score_mod.light
-    )
+    if tiles is None:
+        tiles = choose_backward_tiles(
+            E, EV, q.dtype, q_block, kv_block, target.capability, options, dq_mode, light_score=score_mod.light
+        )
     pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
         "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
-        "HAS_FULL": full_kv_num_blocks is not None, "PRECISION": dot_precision(q.dtype),
+        "HAS_FULL": tables.has_full, "PRECISION": dot_precision(q.dtype),
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
         "SCORE_IS_IDENTITY": score_mod.trivial,
     }  # fmt: skip
@@ -451,14 +432,14 @@ def flex_backward(
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
     fused_dq = tiles.dq_mode == "atomic"
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused_dq else torch.empty_like(q)
-    tables, flags = block_table_args(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices)
+    table_args, flags = block_table_args(tables, "q")
     descriptors = None
     if tiles.use_tma and not fused_dq:
-        descriptors = tile_descriptors(((q, pads["E_PAD"]), (dout, pads["EV_PAD"])), tiles.BLOCK_M1)
+        descriptors = tile_descriptors(((q, pads["E_PAD"]), (dout, pads["EV_PAD"])), tiles.BLOCK_M1, target)
     q_src, dout_src = descriptors or (q, dout)
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
         q_src, k, v, dout_src, lse2, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
-        dv.stride(), *tables, dq, dq.stride(), HQ, Q_LEN, KV_LEN, rows, scale,
+        dv.stride(), *table_args, dq, dq.stride(), HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
         CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=descriptors is not None,
@@ -472,14 +453,14 @@ def flex_backward(
         return torch.empty_like(q).copy_(dq.mul_(scale)), dk, dv
 
     # (3) dQ; empty SCORE_GRAD_ARGS: the mod's gradient function returns dS and writes no capture grads
-    tables, flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    table_args, flags = block_table_args(tables, "kv")
     descriptors = None
     if tiles.use_tma:
-        descriptors = tile_descriptors(((k, pads["E_PAD"]), (v, pads["EV_PAD"])), tiles.BLOCK_N2)
+        descriptors = tile_descriptors(((k, pads["E_PAD"]), (v, pads["EV_PAD"])), tiles.BLOCK_N2, target)
     k_src, v_src = descriptors or (k, v)
     _bwd_dq[(triton.cdiv(Q_LEN, tiles.BLOCK_M2), HQ, B)](
         q, k_src, v_src, dout, lse2, delta, dq, q.stride(), k.stride(), v.stride(), dout.stride(), dq.stride(),
-        *tables, HQ, Q_LEN, KV_LEN, rows, scale,
+        *table_args, HQ, Q_LEN, KV_LEN, rows, scale,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, (),
         BLOCK_M2=tiles.BLOCK_M2, BLOCK_N2=tiles.BLOCK_N2, CHECK_M=Q_LEN % tiles.BLOCK_M2 != 0,
         CHECK_N=KV_LEN % kv_block != 0, USE_TMA=descriptors is not None, **flags, **meta,
@@ -494,26 +475,18 @@ def _padded_rows(q_len: int, q_block: int, tiles) -> int:
     return triton.cdiv(q_len, multiple) * multiple
 
 
-def _check_inputs(
-    q, k, v, out, lse, dout, dlse, kv_tables, q_tables, q_block, kv_block, score_mod, grad_buffers
-):
+def _check_inputs(q, k, v, out, lse, dout, dlse, tables: BlockTables, score_mod, grad_buffers, target):
     """Clear errors for arguments the kernels would misread (the forward's checks, plus the backward's own)."""
-    B, HQ, Q_LEN, _ = check_qkv(q, k, v, kv_tables["kv_num_blocks"])
+    B, HQ, Q_LEN, _ = check_qkv(q, k, v, tables.kv_num_blocks, target)
     KV_LEN, EV = v.shape[2], v.shape[3]
-    check_block_tables(kv_tables, B, HQ, triton.cdiv(Q_LEN, q_block), f"Q_LEN={Q_LEN} with Q_BLOCK={q_block}")
-    if q_tables["q_num_blocks"] is None or q_tables["q_indices"] is None:
-        raise ValueError(
-            "q_num_blocks and q_indices (the BlockMask's transposed view) are required by the backward; "
-            "derive them with block_mask_build.transpose_ordered(kv_num_blocks, kv_indices)."
-        )
-    check_block_tables(
-        q_tables, B, HQ, triton.cdiv(KV_LEN, kv_block), f"KV_LEN={KV_LEN} with KV_BLOCK={kv_block}"
-    )
-    if (kv_tables["full_kv_num_blocks"] is None) != (q_tables["full_q_num_blocks"] is None):
+    q_block, kv_block = tables.q_block, tables.kv_block
+    check_block_tables(tables, "kv", B, HQ, triton.cdiv(Q_LEN, q_block), f"Q_LEN={Q_LEN} with Q_BLOCK={q_block}")
+    check_block_tables(tables, "q", B, HQ, triton.cdiv(KV_LEN, kv_block), f"KV_LEN={KV_LEN} with KV_BLOCK={kv_block}")
+    if tables.has_full != (tables.full_q_num_blocks is not None):
         raise ValueError(
             "full_kv_num_blocks and full_q_num_blocks (the transposed view of the full blocks) must both be "
-            f"given or both be None; got {'None' if kv_tables['full_kv_num_blocks'] is None else 'a tensor'} "
-            f"and {'None' if q_tables['full_q_num_blocks'] is None else 'a tensor'}."
+            f"given or both be None; got {'a tensor' if tables.has_full else 'None'} "
+            f"and {'None' if tables.full_q_num_blocks is None else 'a tensor'}."
         )
     for name, t in (("out", out), ("dout", dout)):
         if tuple(t.shape) != (B, HQ, Q_LEN, EV) or t.dtype != q.dtype or t.device != q.device:

@@ -17,25 +17,21 @@ natural units once at the end.
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import cache
 
 import torch
 import triton
 import triton.language as tl
 
-from flexattn.kernels.common import (
-    block_table_args,
-    check_block_tables,
-    check_qkv,
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.device import (
+    DeviceLimits,
+    device_limits,
     dot_precision,
-    load_kv_tile,
-    load_tile,
-    mask_tail,
-    sparse_tile_start,
     tile_descriptors,
     tma_compatible,
-    wrap_index,
 )
+from flexattn.kernels.tile_io import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
     TileCache,
     Tiles,
@@ -211,14 +207,11 @@ def flex_forward(
     *,
     score_mod,
     mask_mod,
-    kv_num_blocks: torch.Tensor,
-    kv_indices: torch.Tensor,
-    full_kv_num_blocks: torch.Tensor | None,
-    full_kv_indices: torch.Tensor | None,
-    q_block: int,
-    kv_block: int,
+    tables: BlockTables,
     scale: float,
     options=None,
+    tiles: Tiles | None = None,
+    target: DeviceLimits | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused block-sparse attention forward.
 
@@ -226,10 +219,9 @@ def flex_forward(
         q: (B, Hq, Lq, E); k: (B, Hkv, Lkv, E); v: (B, Hkv, Lkv, Ev). fp16, bf16 or fp32, any
             strides (no copies are made). ``Hq % Hkv == 0``; query head h reads kv head h // (Hq // Hkv).
         score_mod, mask_mod: ``KernelMod``s from ``flexattn.compiler`` (identity / always-true for None).
-        kv_num_blocks, kv_indices: int32 (MB, MH, NQ) and (MB, MH, NQ, NKV): the partial kv blocks
-            per q block (MB in {1, B}, MH in {1, Hq}; size-1 dims broadcast).
-        full_kv_num_blocks, full_kv_indices: the same for full blocks (mask_mod skipped), or None.
-        q_block, kv_block: the BlockMask's BLOCK_SIZE.
+        tables: the block lists (``BlockTables``; the kv side is read): partial kv blocks per q
+            block, and full ones (mask_mod skipped) or None; (MB, MH, ...) with MB in {1, B},
+            MH in {1, Hq} (size-1 dims broadcast).
         scale: multiplies q.k before score_mod.
         options: a ``KernelOptions`` or None. Read here: BLOCK_M, BLOCK_N (must divide q_block /
             kv_block), num_warps, num_stages, USE_TMA (force tensor-descriptor K/V loads; an error
@@ -237,6 +229,10 @@ def flex_forward(
             first use of a shape class; the choice is cached in ``$FLEXATTN_CACHE_DIR/forward.json``).
             Unset knobs come from ``tiles.forward_tiles`` (on Hopper: 128-query tiles, TMA K/V loads
             where the strides allow; per head dim and mask the measured fastest tiles and warps).
+        tiles: an explicit launch configuration (tools and tests); it replaces the choice above and,
+            like user-set options, is never shrunk to fit.
+        target: the GPU to plan for (default: the tensors' device); a GPU target with CPU tensors
+            only compiles (``benchmarks/compile_report.py``).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
@@ -251,11 +247,12 @@ def flex_forward(
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
         out, lse, mx = flex_forward(q, k, v, score_mod=compile_score_mod(None),
-                                    mask_mod=compile_mask_mod(None), kv_num_blocks=..., ...)
+                                    mask_mod=compile_mask_mod(None), tables=mask.tables(), scale=0.125)
     """
-    B, Hq, Lq, E = _check_inputs(
-        q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block
-    )
+    target = device_limits(q.device) if target is None else target
+    q_block, kv_block = tables.q_block, tables.kv_block
+    B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
+    check_block_tables(tables, "kv", B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
     Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -266,8 +263,8 @@ def flex_forward(
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
 
     e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
-    tables, broadcast_flags = block_table_args(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    tma_ok = tma_compatible(k) and tma_compatible(v)
+    table_args, broadcast_flags = block_table_args(tables, "kv")
+    tma_ok = tma_compatible(k, target) and tma_compatible(v, target)
     if getattr(options, "USE_TMA", False) and not tma_ok:
         raise ValueError(
             "kernel_options['USE_TMA'] needs CUDA k/v with unit feature stride and 16-byte aligned "
@@ -276,16 +273,16 @@ def flex_forward(
         )
 
     def launch(tiles: Tiles) -> None:
-        descriptors = tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N) if tiles.use_tma else None
+        descriptors = tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if tiles.use_tma else None
         k_src, v_src = descriptors or (k, v)
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
             q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *tables, Lq, Lkv, Hq, float(scale),
+            *table_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            **broadcast_flags, HAS_FULL_BLOCKS=full_kv_num_blocks is not None, KV_TAIL=Lkv % kv_block != 0,
+            **broadcast_flags, HAS_FULL_BLOCKS=tables.has_full, KV_TAIL=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
             DOT_PRECISION=dot_precision(q.dtype), RAW_SCORES=score_mod.trivial and float(scale) > 0,
@@ -293,9 +290,10 @@ def flex_forward(
             **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
 
-    tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, not mask_mod.trivial)
+    user_set = tiles is not None or any(getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages"))
+    if tiles is None:
+        tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial)
     fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
-    user_set = any(getattr(options, name, None) for name in ("BLOCK_M", "BLOCK_N", "num_stages"))
     launch_within_resources(launch, tiles, fit_key, user_set)
     return out, lse, max_scores
 
@@ -329,9 +327,9 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     return tiles
 
 
-def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, masked: bool = True) -> Tiles:
+def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
-    capability, smem = _device_limits(q.device)
+    capability, smem = target.capability, target.shared_memory
     tiles = forward_tiles(
         head_dim=E,
         v_head_dim=Ev,
@@ -368,27 +366,6 @@ def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, masked: 
     return best
 
 
-def _check_inputs(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, q_block, kv_block):
-    B, Hq, Lq, E = check_qkv(q, k, v, kv_num_blocks)
-    tables = {"kv_num_blocks": kv_num_blocks, "kv_indices": kv_indices,
-              "full_kv_num_blocks": full_kv_num_blocks, "full_kv_indices": full_kv_indices}  # fmt: skip
-    check_block_tables(tables, B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
-    return B, Hq, Lq, E
-
-
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
     return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
-
-
-@cache
-def _device_limits_cached(index: int) -> tuple[tuple[int, int], int]:
-    props = torch.cuda.get_device_properties(index)
-    smem = getattr(props, "shared_memory_per_block_optin", None) or 101376
-    return (props.major, props.minor), int(smem)
-
-
-def _device_limits(device: torch.device) -> tuple[tuple[int, int] | None, int | None]:
-    if device.type != "cuda":
-        return None, None
-    return _device_limits_cached(device.index if device.index is not None else torch.cuda.current_device())

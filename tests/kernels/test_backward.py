@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from flexattn.block_mask import create_block_mask
 from flexattn.kernels.backward import flex_backward
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
 
@@ -194,16 +195,7 @@ def run_case(
         dlse,
         score_mod=_kernel_score_mod(score, kernel_table, Lkv),
         mask_mod=KernelMod(mask_fn, ()),
-        kv_num_blocks=block_mask.kv_num_blocks,
-        kv_indices=block_mask.kv_indices,
-        full_kv_num_blocks=block_mask.full_kv_num_blocks,
-        full_kv_indices=block_mask.full_kv_indices,
-        q_num_blocks=block_mask.q_num_blocks,
-        q_indices=block_mask.q_indices,
-        full_q_num_blocks=block_mask.full_q_num_blocks,
-        full_q_indices=block_mask.full_q_indices,
-        q_block=blocks[0],
-        kv_block=blocks[1],
+        tables=block_mask.tables(),
         scale=scale,
         options=KernelOptions.from_user(options),
         grad_buffers=(grad_table,) if SCORES[score][3] else (),
@@ -387,17 +379,24 @@ BAD_BACKWARD_ARGS = {
 }
 
 
+def _backward(**args):
+    """flex_backward with the block lists (named as in MASK_TABLES) gathered into BlockTables."""
+    lists = [args.pop(name) for name in MASK_TABLES]
+    tables = BlockTables.from_tensors(lists, args.pop("q_block"), args.pop("kv_block"))
+    return flex_backward(**args, tables=tables)
+
+
 @pytest.mark.parametrize("name", sorted(BAD_BACKWARD_ARGS))
 def test_inconsistent_arguments_raise_clear_errors(name, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors pass the device check; no kernel runs
     changes, message = BAD_BACKWARD_ARGS[name]
     args = {**_valid_backward_args(), **changes}
     with pytest.raises(ValueError, match=message):
-        flex_backward(**args)
+        _backward(**args)
 
 
 @needs_kernels
 @pytest.mark.parametrize("options", [KernelOptions(), None], ids=["KernelOptions", "None"])
 def test_valid_arguments_pass_the_checks(options):
-    dq, dk, dv = flex_backward(**{**_valid_backward_args(), "options": options})
+    dq, dk, dv = _backward(**{**_valid_backward_args(), "options": options})
     assert dq.shape == dk.shape == dv.shape == (1, 2, 32, 16)

@@ -18,8 +18,10 @@ import torch
 
 from flexattn import create_block_mask, noop_mask
 from flexattn.compiler import compile_mask_mod, compile_score_mod
-from flexattn.kernels import forward
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.device import device_limits
 from flexattn.kernels.forward import flex_forward
+from flexattn.kernels.tiles import forward_tiles
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
 from tests.catalog import CATALOG
@@ -31,10 +33,23 @@ interpreted = pytest.mark.skipif(
 gpu = pytest.mark.gpu
 
 
+def default_tiles(shape, dtype, blocks, device, **changes):
+    """The launcher's own tile choice for ``shape`` on ``device``, with ``changes`` applied."""
+    target = device_limits(torch.device(device))
+    tiles = forward_tiles(
+        head_dim=shape.E, v_head_dim=shape.ev, dtype=dtype, q_len=shape.Lq, kv_len=shape.lkv,
+        q_block=blocks[0], kv_block=blocks[1], capability=target.capability,
+        shared_memory_limit=target.shared_memory, options=None,
+    )  # fmt: skip
+    return replace(tiles, **changes)
+
+
 def run_forward(
-    shape, dtype, entry, blocks, device, options=None, layout="BHLE", mask_dims=(True, True), scale=None
-):
-    """Run flex_forward on fresh inputs and check (out, lse, max_scores) against the reference."""
+    shape, dtype, entry, blocks, device, options=None, layout="BHLE", mask_dims=(True, True), scale=None,
+    tiles=None,
+):  # fmt: skip
+    """Run flex_forward on fresh inputs and check (out, lse, max_scores) against the reference.
+    ``tiles``: an explicit launch configuration (default: the launcher's choice)."""
     q, k, v = make_qkv(shape, dtype, device)
     if layout == "BLHE":  # stored as (B, L, H, E) and seen through a transpose: strided, no copies
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
@@ -52,10 +67,8 @@ def run_forward(
     out, lse, max_scores = flex_forward(
         q, k, v,
         score_mod=compile_score_mod(score_mod, device=q.device),
-        mask_mod=compile_mask_mod(mask_mod, device=q.device),
-        kv_num_blocks=mask.kv_num_blocks, kv_indices=mask.kv_indices,
-        full_kv_num_blocks=mask.full_kv_num_blocks, full_kv_indices=mask.full_kv_indices,
-        q_block=blocks[0], kv_block=blocks[1], scale=scale, options=KernelOptions.from_user(options),
+        mask_mod=compile_mask_mod(mask_mod, device=q.device), tables=mask.tables(),
+        scale=scale, options=KernelOptions.from_user(options), tiles=tiles,
     )  # fmt: skip
     assert out.shape == (shape.B, shape.Hq, shape.Lq, shape.ev) and out.dtype == dtype
     assert lse.shape == max_scores.shape == (shape.B, shape.Hq, shape.Lq)
@@ -64,13 +77,18 @@ def run_forward(
     def reference(compute_dtype):
         args = [t.double() if compute_dtype is None else t for t in (q, k, v)]
         return reference_attention(
-            *args, score_mod, mask, scale, enable_gqa=True, compute_dtype=compute_dtype
+            *args, score_mod, mask, scale, compute_dtype=compute_dtype
         )
 
     gold, eager = reference(None), reference(dtype)
     for name, actual, g, e in zip(("out", "lse", "max_scores"), (out, lse, max_scores), gold, eager):
         assert_close_to_gold(actual, g, e, name=name)
     return out, lse, max_scores
+
+
+def _kv_tables(num, idx, q_block, kv_block):
+    """Hand-built kv-side block lists (no full blocks, no q side: the forward reads neither)."""
+    return BlockTables(num, idx, None, None, None, None, None, None, q_block, kv_block)
 
 
 # -- CPU (interpreter): every catalog entry once, then shapes, dtypes and mask geometries --
@@ -152,32 +170,26 @@ def test_sparse_block_visited_as_several_tiles():
 @pytest.mark.parametrize(
     "use_tma, pipeline_qk", [(True, False), (False, True), (True, True)], ids=["tma", "qk-prefetch", "both"]
 )
-def test_descriptor_loads_and_qk_prefetch(use_tma, pipeline_qk, monkeypatch):
+def test_descriptor_loads_and_qk_prefetch(use_tma, pipeline_qk):
     """The Hopper paths (on by default there) run in the interpreter too: force them on."""
-    choose = forward.forward_tiles
-    monkeypatch.setattr(
-        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=use_tma, pipeline_qk=pipeline_qk)
-    )
     shape = Shape(B=1, Hq=4, Hkv=2, Lq=40, Lkv=33, E=24, Ev=16)
-    run_forward(shape, torch.float16, "v-document-causal", (16, 32), "cpu")
+    tiles = default_tiles(shape, torch.float16, (16, 32), "cpu", use_tma=use_tma, pipeline_qk=pipeline_qk)
+    run_forward(shape, torch.float16, "v-document-causal", (16, 32), "cpu", tiles=tiles)
 
 
 @interpreted
 @pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "qk-prefetch"])
-def test_indices_past_the_count_are_never_read(pipeline_qk, monkeypatch):
+def test_indices_past_the_count_are_never_read(pipeline_qk):
     """Hand-built tables may hold any value past each row's count (here: far out of range)."""
-    choose = forward.forward_tiles
-    monkeypatch.setattr(
-        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=False, pipeline_qk=pipeline_qk)
-    )
-    q, k, v = make_qkv(Shape(B=1, Hq=2, Lq=32, E=16), torch.float16)
+    shape = Shape(B=1, Hq=2, Lq=32, E=16)
+    q, k, v = make_qkv(shape, torch.float16)
     counts = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.int32)  # (B=1, H=2, NQ=2)
     indices = torch.full((1, 2, 2, 2), 1 << 24, dtype=torch.int32)
     indices[0, 0, 1, 0] = indices[0, 1, 0, 0] = 1  # the one listed block of each non-empty row
     out, lse, _ = flex_forward(
         q, k, v, score_mod=compile_score_mod(None), mask_mod=compile_mask_mod(None),
-        kv_num_blocks=counts, kv_indices=indices, full_kv_num_blocks=None, full_kv_indices=None,
-        q_block=16, kv_block=16, scale=1.0,
+        tables=_kv_tables(counts, indices, 16, 16), scale=1.0,
+        tiles=default_tiles(shape, torch.float16, (16, 16), "cpu", use_tma=False, pipeline_qk=pipeline_qk),
     )  # fmt: skip
     empty = [(0, slice(0, 16)), (1, slice(16, 32))]  # (head, rows) with no listed block
     for h, rows in empty:
@@ -198,8 +210,7 @@ def test_empty_sequences(Lq, Lkv, monkeypatch):
     num, idx = torch.zeros(1, 1, nq, dtype=torch.int32), torch.zeros(1, 1, nq, nkv, dtype=torch.int32)
     out, lse, max_scores = flex_forward(
         q, k, v, score_mod=compile_score_mod(None, device="cpu"),
-        mask_mod=compile_mask_mod(None, device="cpu"), kv_num_blocks=num, kv_indices=idx,
-        full_kv_num_blocks=None, full_kv_indices=None, q_block=16, kv_block=16, scale=1.0,
+        mask_mod=compile_mask_mod(None, device="cpu"), tables=_kv_tables(num, idx, 16, 16), scale=1.0,
     )  # fmt: skip
     assert out.shape == (2, 2, Lq, 24) and lse.shape == max_scores.shape == (2, 2, Lq)
     assert torch.equal(out, torch.zeros_like(out))
@@ -223,9 +234,8 @@ def test_impossible_tiles_raise_clear_errors(options, blocks, message, monkeypat
     with pytest.raises(ValueError, match=message):
         flex_forward(
             q, q, q, score_mod=compile_score_mod(None, device="cpu"),
-            mask_mod=compile_mask_mod(None, device="cpu"),
-            kv_num_blocks=num, kv_indices=idx, full_kv_num_blocks=None, full_kv_indices=None,
-            q_block=blocks[0], kv_block=blocks[1], scale=1.0, options=KernelOptions.from_user(options),
+            mask_mod=compile_mask_mod(None, device="cpu"), tables=_kv_tables(num, idx, *blocks),
+            scale=1.0, options=KernelOptions.from_user(options),
         )  # fmt: skip
 
 
@@ -293,14 +303,11 @@ def test_new_lengths_reuse_the_compiled_kernel():
 
 @gpu
 @pytest.mark.parametrize("pipeline_qk", [False, True], ids=["plain", "qk-prefetch"])
-def test_pointer_loads_gpu(pipeline_qk, monkeypatch):
+def test_pointer_loads_gpu(pipeline_qk):
     """The non-TMA path (used for strides TMA cannot take) at real size, with and without prefetch."""
-    choose = forward.forward_tiles
-    monkeypatch.setattr(
-        forward, "forward_tiles", lambda **kw: replace(choose(**kw), use_tma=False, pipeline_qk=pipeline_qk)
-    )
     shape = Shape(B=2, Hq=8, Hkv=2, Lq=1100, Lkv=900, E=96)
-    run_forward(shape, torch.bfloat16, "v-document-causal", (128, 128), "cuda")
+    tiles = default_tiles(shape, torch.bfloat16, (128, 128), "cuda", use_tma=False, pipeline_qk=pipeline_qk)
+    run_forward(shape, torch.bfloat16, "v-document-causal", (128, 128), "cuda", tiles=tiles)
 
 
 @gpu
@@ -316,10 +323,7 @@ def test_offsets_beyond_int32_gpu():
     mask = create_block_mask(noop_mask, None, None, L, L, device="cuda")
     identity, everything = compile_score_mod(None, device=q.device), compile_mask_mod(None, device=q.device)
     out, lse, _ = flex_forward(
-        q, k, v, score_mod=identity, mask_mod=everything,
-        kv_num_blocks=mask.kv_num_blocks, kv_indices=mask.kv_indices,
-        full_kv_num_blocks=mask.full_kv_num_blocks, full_kv_indices=mask.full_kv_indices,
-        q_block=128, kv_block=128, scale=E**-0.5,
+        q, k, v, score_mod=identity, mask_mod=everything, tables=mask.tables(), scale=E**-0.5,
     )  # fmt: skip
     last = [t[1:].contiguous() for t in (q, k, v)]
     gold = reference_attention(*[t.double() for t in last], None, mask, E**-0.5)

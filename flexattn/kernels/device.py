@@ -1,0 +1,74 @@
+"""What the launchers ask of the GPU: its limits, tensor descriptors (TMA), the dot's precision.
+
+:class:`DeviceLimits` is the target a launch is planned for; launchers read it from the tensors'
+device by default and accept one explicitly, so tools compile for a GPU they do not have
+(``benchmarks/compile_report.py``) and tests choose Hopper paths without patching anything.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """A launch target. ``capability`` None: no GPU (Triton's interpreter)."""
+
+    capability: tuple[int, int] | None = None
+    shared_memory: int | None = None  # opt-in shared memory per block, bytes
+
+    @property
+    def hopper(self) -> bool:
+        return self.capability is not None and self.capability[0] >= 9
+
+
+@cache
+def _cuda_limits(index: int) -> DeviceLimits:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", None) or 101376
+    return DeviceLimits((props.major, props.minor), int(smem))
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The limits of ``device`` (an empty DeviceLimits for CPU tensors)."""
+    if device.type != "cuda":
+        return DeviceLimits()
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
+def tma_compatible(t: torch.Tensor, target: DeviceLimits) -> bool:
+    """A tensor the kernels may read through tensor descriptors: on CUDA, the interpreter or an
+    explicit GPU ``target``, laid out as :func:`tma_layout_ok` asks."""
+    on_gpu = t.is_cuda or target.capability is not None or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_gpu and tma_layout_ok(t)
+
+
+def tile_descriptors(
+    tensors: tuple[tuple[torch.Tensor, int], ...], rows: int, target: DeviceLimits
+) -> tuple | None:
+    """Tensor descriptors over 4-D (B, H, L, D) tensors, one per ``(tensor, width)`` pair, each
+    loading ``[1, 1, rows, width]`` blocks (zero-padded past L and D); None when any of the tensors
+    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them."""
+    if not all(tma_compatible(t, target) for t, _ in tensors):
+        return None
+    return tuple(
+        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width]) for t, width in tensors
+    )
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 (as torch's matmuls do)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

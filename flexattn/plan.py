@@ -1,0 +1,82 @@
+"""The plan of one attention call on the Triton kernels: compiled mods, block tables, scale, options.
+
+Built once per call by :func:`plan_attention` (eager calls, from the user's mods) or by
+``custom_ops`` (compiled calls, from the stored mods bound to the call's captured tensors); both end
+in :class:`AttentionPlan`, whose ``forward`` / ``backward`` launch the kernels and whose ``explain``
+says what will run and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flexattn.block_mask import BlockMask, noop_block_mask
+from flexattn.block_mask_build import complete_q_side
+from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.kernels.backward import flex_backward
+from flexattn.kernels.backward_tiles import BackwardTiles
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.forward import flex_forward
+from flexattn.kernels.mods import KernelMod
+from flexattn.kernels.tiles import Tiles
+from flexattn.options import KernelOptions
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Everything the kernels need besides the differentiable tensors."""
+
+    score_mod: KernelMod
+    mask_mod: KernelMod
+    tables: BlockTables
+    scale: float
+    options: KernelOptions
+
+    def forward(self, query, key, value, *, tiles: Tiles | None = None):
+        """``(out, lse, max_scores)`` from the forward kernel; ``tiles`` overrides its launch choice."""
+        return flex_forward(
+            query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod, tables=self.tables,
+            scale=self.scale, options=self.options, tiles=tiles,
+        )  # fmt: skip
+
+    def backward(
+        self, query, key, value, out, lse, dout, dlse, grad_buffers, *, tiles: BackwardTiles | None = None
+    ):
+        """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``.
+        ``tiles`` overrides the launch choice (``benchmarks/sweep_tiles.py``)."""
+        return flex_backward(
+            query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
+            tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
+            grad_buffers=grad_buffers, tiles=tiles,
+        )  # fmt: skip
+
+
+def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) -> BlockTables:
+    """The kernels' view of ``block_mask``; None means attend everywhere (every block full)."""
+    if block_mask is None:
+        return noop_block_mask(q_len, kv_len, device).tables()
+    return block_mask.tables()
+
+
+def plan_attention(
+    score_mod: Callable | None,
+    block_mask: BlockMask | None,
+    q_len: int,
+    kv_len: int,
+    scale: float,
+    options: KernelOptions,
+    device: torch.device,
+) -> AttentionPlan:
+    """Compile the mods for ``device`` (cached by structure) and bundle them with the block tables.
+
+    Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
+
+        plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
+        out, lse, max_scores = plan.forward(q, k, v)
+    """
+    score = compile_score_mod(score_mod, device=device)
+    mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
+    return AttentionPlan(score, mask, block_tables(block_mask, q_len, kv_len, device), scale, options)
