@@ -50,7 +50,22 @@ _OPMATH = frozenset(
         "rsqrt",
         "sin",
         "cos",
+        "tan",
+        "asin",
+        "acos",
+        "atan",
+        "sinh",
+        "cosh",
+        "asinh",
+        "acosh",
+        "atanh",
         "erf",
+        "erfc",
+        "log10",
+        "fmod",
+        "atan2",
+        "hypot",
+        "copysign",
         "round",
         "trunc",
         "floor",
@@ -78,7 +93,16 @@ _UNARY = {
     "sin": ("tl.sin({0})", "libdevice.sin({0})"),
     "cos": ("tl.cos({0})", "libdevice.cos({0})"),
     "erf": ("tl.erf({0})", "tl.erf({0})"),
+    "erfc": ("tm.erfc({0})", "libdevice.erfc({0})"),
+    "log10": ("tl.log({0}) * 0.4342944819032518", "libdevice.log10({0})"),
+    **{f: (f"tm.{f}({{0}})", f"libdevice.{f}({{0}})") for f in "tan asin acos atan sinh cosh asinh acosh atanh".split()},
     "logical_not": ("({0} == 0)", "({0} == 0)"),
+}
+# Binary functions: (interpreter helper, GPU function); operands are passed as tensors.
+_BINARY_CALLS = {
+    "atan2": ("tm.atan2", "libdevice.atan2"),
+    "hypot": ("tm.hypot", "libdevice.hypot"),
+    "copysign": ("tm.copysign", "libdevice.copysign"),
 }
 # Where a value decides a mask bit, an index or an integer (``exact_nodes``), GPUs use the accurate
 # libdevice / IEEE forms instead of the fast approximations above.
@@ -259,6 +283,18 @@ class Emitter:
             return _UNARY["tanh"][self.gpu].format(x[0])
         if op == "sqrt":
             return f"tl.sqrt({x[0]})"
+        if op == "signbit":
+            return f"tm.signbit({x[0]})"
+        if op in _BINARY_CALLS:
+            return f"{_BINARY_CALLS[op][self.gpu]}({self._ts(args, x)})"
+        if op == "fmod":  # Triton's % is C's fmod on floats and truncating on integers, like torch.fmod
+            return f"{x[0]} % {x[1]}"
+        if op in ("fmax", "fmin") and is_float:
+            return f"tm.{op}({self._ts(args, x)})"
+        if op in ("fmax", "fmin"):
+            op = "maximum" if op == "fmax" else "minimum"
+        if op in ("lshift", "rshift"):
+            return self._shift(op, args, x, dtype)
         if op == "invert":
             return f"~{x[0]}"
         if op == "add":
@@ -298,6 +334,20 @@ class Emitter:
         if op == "clamp_max":
             return f"tl.where({x[0]} > {x[1]}, {x[1]}, {x[0]})"
         raise NotImplementedError(f"no Triton lowering for IR op {op!r}")
+
+    def _shift(self, op: str, args, x: list[str], dtype: torch.dtype) -> str:
+        """Shifts as torch defines them for every count: by a negative count or one of at least the
+        bit width, ``<<`` gives 0 and ``>>`` the sign fill (0 for unsigned); Triton leaves it undefined."""
+        bits = torch.iinfo(dtype).bits if dtype != torch.bool else 1
+        shifted = f"{x[0]} {_INFIX[op]} {x[1]}"
+        count = self.graph.nodes[args[1]]
+        if op == "lshift" or dtype == torch.uint8:
+            overflow = f"{x[0]} * 0"
+        else:
+            overflow = f"{x[0]} >> {bits - 1}"
+        if count.op == "const":
+            return shifted if 0 <= count.value < bits else overflow
+        return f"tl.where(({x[1]} < 0) | ({x[1]} >= {bits}), {overflow}, {shifted})"
 
     def _t(self, i: int, expr: str) -> str:
         """``expr`` as a tensor (helpers need tensors, not Python literals)."""

@@ -315,6 +315,8 @@ def unary(op: str, x) -> Traced:
         return x
     if op in LOGICAL:
         return _new(op, (_node(x, torch.bool),), torch.bool)
+    if op == "signbit":  # a bool from the operand's own bits
+        return _new(op, (x.node,), torch.bool) if x.dtype.is_floating_point else binary("lt", x, 0)
     if op == "invert" and dtype == torch.bool:
         return _new("logical_not", (x.node,), torch.bool)
     return _new(op, (_node(x, dtype),), dtype)
