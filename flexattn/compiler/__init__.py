@@ -25,14 +25,23 @@ Example::
     print(explain(rel_bias))            # IR and generated Triton source
 
 Supported inside mods: Python operators (``+ - * / // % **``, comparisons, ``& | ^ ~ << >>``, unary
-``-``, ``abs``), elementwise torch functions and Tensor methods (where, masked_fill, exp, exp2, log,
-log2, log10, log1p, expm1, tanh, sigmoid, sqrt, rsqrt, abs, sign, clamp/clip/clamp_min/clamp_max,
-minimum/maximum, relu, floor, ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not,
-isnan/isinf/isfinite, square, reciprocal, div(rounding_mode=...), casts, ``*_like``/``new_*``
-constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from captured tensors of any dtype and
+``-``, ``abs``) and every pointwise torch function a mod can call on 0-dim tensors (functions,
+Tensor methods, ``torch.nn.functional`` and ``torch.special`` spellings): arithmetic, pow with tensor
+or scalar exponents, rsqrt/reciprocal, remainder (Python) and fmod (C), floor division and
+div(rounding_mode=...), floor/ceil/round(decimals=...)/trunc/frac, exp/exp2/expm1/log/log2/log10/
+log1p, trig and hyperbolic functions and their inverses, atan2, hypot, erf/erfc/ndtr, sigmoid,
+activations (gelu in both approximations, silu, softplus, mish, elu, selu, celu, relu, relu6,
+leaky_relu, hardtanh, hardsigmoid, hardswish, logsigmoid, softsign, tanhshrink, threshold,
+hardshrink, softshrink), where/masked_fill, clamp/clip, minimum/maximum and the NaN-ignoring
+fmax/fmin, comparisons, logical and bit ops (shifts by any count, as torch defines them),
+isnan/isinf/isfinite/isposinf/isneginf/isclose, nan_to_num, sign/sgn/signbit/copysign, lerp,
+logaddexp, xlogy, casts, ``*_like``/``new_*`` constants and ``torch.tensor(number)`` (the full list:
+``tests/compiler/test_surface.py``); ``fast_tanh``; gathers from captured tensors of any dtype and
 rank (nested gathers, partial indexing), ``searchsorted``/``bucketize`` over a captured sorted 1-D
 tensor, captured Python numbers and 0-dim tensors, nn.Module mods, and mods calling other mods.
-Everything else raises ``ModCompileError`` naming the source line, with a hint.
+Results have eager PyTorch's dtypes, and gradients follow PyTorch's derivative formulas. Everything
+else raises ``ModCompileError`` naming the source line, with a hint; the pointwise functions still
+refused, and why, are in ``composites.REFUSED`` and docs/debugging.md.
 
 Caching: code is generated once per structure. Captured tensors are runtime arguments (new values
 or sizes reuse the code and the compiled kernels); Python numbers in the mod are constants of the
