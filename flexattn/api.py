@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from flexattn.block_mask import BlockMask, noop_block_mask, sliced_mask_mod_error
+from flexattn.block_mask import BlockMask, check_attention_block_size, noop_block_mask, sliced_mask_mod_error
+from flexattn.compiler.checks import check_mod as check_traced
 from flexattn.dispatch import choose_backend, run_attention
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
@@ -104,6 +105,7 @@ def flex_attention(
         block_mask = _from_pytorch_block_mask(block_mask)
         _check_block_mask(block_mask, query, key)
         _check_mask_mod_and_tiles(block_mask, options)
+    _check_mods_trace(score_mod, block_mask.mask_mod, query, key)
 
     out, lse, max_scores = run_attention(query, key, value, score_mod, block_mask, scale, enable_gqa, options)
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
@@ -253,9 +255,17 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
 
 
+def _check_mods_trace(score_mod, mask_mod, query, key) -> None:
+    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
+    grid = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])  # (B, Hq, Lq, Lkv)
+    check_traced(score_mod, "score", grid, query.device)
+    check_traced(mask_mod, "mask", grid, query.device)
+
+
 def _check_mask_mod_and_tiles(block_mask: BlockMask, options: KernelOptions) -> None:
-    """The mask_mod's signature, and kernel tiles that divide the mask's blocks."""
+    """The mask_mod's signature, block sizes every backend accepts, kernel tiles that divide them."""
     check_mod(block_mask.mask_mod, "block_mask.mask_mod", "mask_mod")
+    check_attention_block_size(block_mask.BLOCK_SIZE)
     q_block, kv_block = block_mask.BLOCK_SIZE
     for name, size, block in (("BLOCK_M", options.BLOCK_M, q_block), ("BLOCK_N", options.BLOCK_N, kv_block)):
         if size is not None and block % size != 0:

@@ -62,12 +62,13 @@ import os
 
 import torch
 
-from flexattn.compiler import cache
+from flexattn.compiler import cache, checks
 from flexattn.compiler.analysis import encode_int
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.codegen import forward_function, gradient_function, module_source
-from flexattn.compiler.errors import ModCompileError
+from flexattn.compiler.checks import check_mod
+from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
@@ -78,6 +79,8 @@ from flexattn.kernels.mods import KernelMod
 
 __all__ = [
     "ModCompileError",
+    "ModIndexError",
+    "check_mod",
     "clear_cache",
     "codegen_count",
     "compile_mask_mod",
@@ -97,6 +100,7 @@ def clear_cache() -> None:
     generates code again)."""
     _KERNEL_MODS.clear()
     cache.clear()
+    checks.clear()
 
 
 def _identity(score, b, h, q_idx, kv_idx):

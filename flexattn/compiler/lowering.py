@@ -232,9 +232,17 @@ class Emitter:
                 self.emitted.add(name)
                 helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
                 width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
+                self.lines.append(self._index_assert(node.value, d, a, sizes[d]))
                 self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
             terms.append((name, False))
         return terms
+
+    def _index_assert(self, slot: int, dim: int, index: int, size: str) -> str:
+        """A device-side check that the index lies in [-n, n) (compiled only under TRITON_DEBUG=1;
+        otherwise the index is clamped, see compiler/index_ranges.py)."""
+        i = self.ref(index)
+        inside = f"{i} < {size}" if self.nonneg[index] else f"({i} >= -{size}) & ({i} < {size})"
+        return f'tl.device_assert({inside}, "flexattn: mod index out of range (capture {slot}, dim {dim})")'
 
     def offset(self, i: int, strides: list[str]) -> str:
         terms = [f"{idx} * {stride}" for (idx, _), stride in zip(self.index_terms(i), strides)]

@@ -341,6 +341,19 @@ _IN_PLACE_DUNDERS = frozenset(
 )
 
 
+def _factory_shape(name: str, args: tuple) -> tuple | None:
+    """The shape a scalar factory call makes (``torch.ones(3)`` -> (3,)), None if not plain ints.
+
+    Tensors of other shapes are made for real: a mod may build a small table and gather from it,
+    but not use it as a per-element value (``operand`` says so)."""
+    if name in ("tensor", "as_tensor", "scalar_tensor"):
+        return ()
+    dims = args[:-1] if name == "full" else args
+    if len(dims) == 1 and isinstance(dims[0], tuple | list | torch.Size):
+        dims = tuple(dims[0])
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+
 def _has(values, kinds) -> bool:
     for v in values:
         if isinstance(v, kinds):
@@ -362,13 +375,11 @@ class _TraceMode(TorchFunctionMode):
         if _has_proxy(args) or _has_proxy(kwargs.values()):
             return _call(func, args, kwargs)
         name = _func_name(func)
-        if name in _FACTORIES and args:
-            data = args[0] if name in ("tensor", "as_tensor", "scalar_tensor") else args[-1]
-            shape_ok = name in ("tensor", "as_tensor", "scalar_tensor") or tuple(args[0]) == ()
-            if shape_ok and as_number(data) is not None and len(args) <= 2:
-                if name in ("zeros", "ones"):
-                    data = 0 if name == "zeros" else 1
-                    kwargs.setdefault("dtype", torch.get_default_dtype())
+        if name in _FACTORIES and args and _factory_shape(name, args) == ():
+            data = {"zeros": 0, "ones": 1}.get(name, args[-1] if name == "full" else args[0])
+            if as_number(data) is not None:
+                if name in ("zeros", "ones", "full") and not isinstance(data, bool):
+                    kwargs.setdefault("dtype", torch.get_default_dtype() if name != "full" else None)
                 return constant(data, dtype=kwargs.get("dtype"))
         if name not in _METADATA and _has((*args, *kwargs.values()), torch.Tensor):
             note_tensor_read()
@@ -382,15 +393,17 @@ def _mod_name(mod) -> str:
     return getattr(mod, "__name__", None) or type(mod).__name__
 
 
-def trace(mod, kind: str, device=None) -> Program:
+def trace(mod, kind: str, device=None, sizes: dict | None = None) -> Program:
     """Trace a score mod (``kind="score"``) or mask mod (``kind="mask"``) into a pruned graph.
 
-    ``device`` (optional) is what the mod's values report as ``.device``.
+    ``device`` (optional) is what the mod's values report as ``.device``. ``sizes`` (optional,
+    ``{"b": B, "h": H, "q_idx": Q_LEN, "kv_idx": KV_LEN}``) also checks every gather against the
+    grid the mod will run on (``index_ranges.py``; raises ``ModIndexError``).
     """
     graph = Graph()
     inputs = [Traced(graph, i) for i in range(len(INPUTS))]
     device = torch.device(device) if device is not None else None
-    with tracing(graph, _mod_name(mod), device), _TraceMode():
+    with tracing(graph, _mod_name(mod), device, sizes), _TraceMode():
         result = mod(*inputs) if kind == "score" else mod(*inputs[1:])
         if not isinstance(result, Traced | torch.Tensor | PartialIndex) and as_number(result) is None:
             raise ModCompileError(
