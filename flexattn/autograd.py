@@ -115,10 +115,19 @@ def _error_on_double_backward(grads: tuple[torch.Tensor, ...]) -> tuple[torch.Te
 
 
 def plan_attention(
-    score_mod: Callable | None, block_mask: BlockMask, scale: float, options: KernelOptions, device=None
+    score_mod: Callable | None,
+    block_mask: BlockMask,
+    scale: float,
+    options: KernelOptions,
+    device=None,
+    dtype: torch.dtype | None = None,
 ) -> AttentionPlan:
-    """Compile the mods for ``device`` (cached by structure); bundle them with the mask and options."""
-    score = compile_score_mod(score_mod, device=device)
+    """Compile the mods for ``device`` (cached by structure); bundle them with the mask and options.
+
+    ``dtype`` (the inputs'): fp16/bf16 allow ``options.fast_math`` (hardware tanh in the score mod).
+    """
+    fast_math = options.fast_math and dtype in (torch.float16, torch.bfloat16)
+    score = compile_score_mod(score_mod, device=device, fast_math=fast_math)
     return AttentionPlan(
         score, compile_mask_mod(block_mask.mask_mod, device=device), block_mask, scale, options
     )
@@ -145,7 +154,7 @@ def triton_flex_attention(
         mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
         out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, False, KernelOptions(BACKEND="TRITON"))
     """
-    plan = plan_attention(score_mod, block_mask, scale, options, query.device)
+    plan = plan_attention(score_mod, block_mask, scale, options, query.device, query.dtype)
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

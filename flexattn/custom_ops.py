@@ -161,7 +161,7 @@ def _runtime_plan(handle: str, query: Tensor, key: Tensor, mask_tensors):
             BLOCK_SIZE=entry.block_size,
             mask_mod=entry.mask_mod,
         )
-    return plan_attention(entry.score_mod, block_mask, entry.scale, entry.options, query.device)
+    return plan_attention(entry.score_mod, block_mask, entry.scale, entry.options, query.device, query.dtype)
 
 
 @torch.library.custom_op("flexattn::attention", mutates_args=())

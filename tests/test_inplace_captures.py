@@ -16,7 +16,9 @@ BACKENDS = [
     "REFERENCE",
     pytest.param(
         "TRITON",
-        marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"),
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
+        ),
     ),
 ]
 

@@ -43,7 +43,7 @@ def _non_scalar_score(score, b, h, q_idx, kv_idx):
 
 
 def _if_mask(b, h, q_idx, kv_idx):
-    if q_idx >= kv_idx:
+    if q_idx >= kv_idx:  # noqa: SIM103 (the Python `if` is the point)
         return True
     return False
 
@@ -125,7 +125,9 @@ def test_mask_mod_refusals_are_the_same_on_every_backend(name):
 
 def test_block_size_rule_is_the_same_on_every_backend():
     mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, L, device="cpu", BLOCK_SIZE=(8, 16))
-    errors = {backend: _error(lambda backend=backend: _attention(backend, block_mask=mask)) for backend in BACKENDS}
+    errors = {
+        backend: _error(lambda backend=backend: _attention(backend, block_mask=mask)) for backend in BACKENDS
+    }
     if os.environ.get("TRITON_INTERPRET") != "1":
         del errors["TRITON"]
     assert set(errors.values()) == {(ValueError, errors["REFERENCE"][1])}, errors
@@ -135,7 +137,9 @@ def test_block_size_rule_is_the_same_on_every_backend():
 @pytest.mark.parametrize("bad", [16.0, "16", (16, 16.0), (16,), None])
 def test_block_size_of_the_wrong_type_is_a_clear_error(bad):
     causal = lambda b, h, q, kv: q >= kv  # noqa: E731
-    with pytest.raises(ValueError, match=r"BLOCK_SIZE must be a positive int or a \(Q_BLOCK, KV_BLOCK\) pair"):
+    with pytest.raises(
+        ValueError, match=r"BLOCK_SIZE must be a positive int or a \(Q_BLOCK, KV_BLOCK\) pair"
+    ):
         create_block_mask(causal, None, None, L, L, device="cpu", BLOCK_SIZE=bad)
     num, idx = torch.ones(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="BLOCK_SIZE must be a positive int"):

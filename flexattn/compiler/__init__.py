@@ -66,8 +66,8 @@ from flexattn.compiler import cache, checks
 from flexattn.compiler.analysis import encode_int
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.cache import codegen_count
-from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.checks import check_mod
+from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
@@ -111,7 +111,7 @@ def _always(b, h, q_idx, kv_idx):
     return True
 
 
-def compile_score_mod(score_mod, *, device=None) -> KernelMod:
+def compile_score_mod(score_mod, *, device=None, fast_math: bool = False) -> KernelMod:
     """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
 
     ``device`` (optional) is where the kernels run: it picks the code target (Triton's interpreter
@@ -119,8 +119,11 @@ def compile_score_mod(score_mod, *, device=None) -> KernelMod:
     interpreter when ``TRITON_INTERPRET=1`` or no GPU is present. Captured tensors that require
     grad and reach the output differentiably are ``grad_captures``; ``make_grad_args`` takes one
     float32 buffer per entry (same shape) and the generated ``grad_fn`` atomically adds into them.
+    ``fast_math``: ``torch.tanh`` outside values that decide a mask bit or an index becomes the
+    hardware ``tanh.approx.f32`` on NVIDIA GPUs (relative error 2**-11: for fp16/bf16 attention,
+    where it is below the rounding of the scores to the input dtype; docs/kernel_options.md).
     """
-    return _compile(score_mod if score_mod is not None else _identity, "score", device)
+    return _compile(score_mod if score_mod is not None else _identity, "score", device, fast_math)
 
 
 def compile_mask_mod(mask_mod, *, device=None) -> KernelMod:
@@ -128,14 +131,15 @@ def compile_mask_mod(mask_mod, *, device=None) -> KernelMod:
     return _compile(mask_mod if mask_mod is not None else _always, "mask", device)
 
 
-def explain(mod, kind: str | None = None, *, device=None) -> str:
+def explain(mod, kind: str | None = None, *, device=None, fast_math: bool = False) -> str:
     """The IR and the generated Triton source of a mod, for debugging.
 
     ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
+    ``fast_math`` as for :func:`compile_score_mod`.
     """
     kind = kind or _guess_kind(mod)
     program = _program(mod, kind, device)
-    entry = _entry(program, _target(device, program))
+    entry = _entry(program, _target(device, program), fast_math)
     return (
         f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
         f"# IR\n{program.graph.format([program.output])}\n\n# Triton source\n{entry.source}"
@@ -182,21 +186,22 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _entry(program: Program, target: str) -> cache.CompiledMod:
+def _entry(program: Program, target: str, fast_math: bool = False) -> cache.CompiledMod:
     graph, output = program.graph, program.output
     differentiable = program.kind == "score"
-    key = (program.kind, target, graph.structure_key([output], differentiable))
+    fast_math = fast_math and program.kind == "score" and target == "cuda"
+    key = (program.kind, target, fast_math, graph.structure_key([output], differentiable))
     entry = cache.lookup(key)
     if entry is None:
-        entry = cache.store(key, lambda: _generate(program, target))
+        entry = cache.store(key, lambda: _generate(program, target, fast_math))
     return entry
 
 
-def _generate(program: Program, target: str) -> cache.CompiledMod:
+def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledMod:
     graph, output = program.graph, program.output
     suffix = hashlib.sha256(repr(graph.structure_key([output], True)).encode()).hexdigest()[:8]
     name = f"{program.kind}_mod_{suffix}"
-    functions = [forward_function(graph, output, program.kind, target, name)]
+    functions = [forward_function(graph, output, program.kind, target, name, fast_math)]
     grad_name, grad_slots = None, ()
     if program.kind == "score":
         slots = {s for s, t in enumerate(graph.captures) if capture_spec(t, True).requires_grad}
@@ -204,7 +209,9 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
         grad_slots = tuple(sorted({graph.nodes[load].value for load, _ in gradient.captures}))
         grad_name = f"{name}_grad"
         functions.append(
-            gradient_function(graph, output, gradient.dscore, list(gradient.captures), target, grad_name)
+            gradient_function(
+                graph, output, gradient.dscore, list(gradient.captures), target, grad_name, fast_math
+            )
         )
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)
@@ -212,17 +219,17 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
     return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
 
 
-def _compile(mod, kind: str, device) -> KernelMod:
+def _compile(mod, kind: str, device, fast_math: bool = False) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
     keep: list = []
     key = mod_key(mod, keep)
     if key is not None:
-        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), key)
+        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), fast_math, key)
         kernel_mod = _KERNEL_MODS.get(key)
         if kernel_mod is not None:
             return kernel_mod
     program = _program(mod, kind, device)
-    kernel_mod = _kernel_mod(program, device)
+    kernel_mod = _kernel_mod(program, device, fast_math)
     # A trace that read a tensor's values (float(t), t.exp()) holds them: writes through .data or
     # numpy keep the version counter, and a tensor it made carries one call's autograd history.
     if key is not None and not program.read_tensor_values:
@@ -230,8 +237,8 @@ def _compile(mod, kind: str, device) -> KernelMod:
     return kernel_mod
 
 
-def _kernel_mod(program: Program, device) -> KernelMod:
-    entry = _entry(program, _target(device, program))
+def _kernel_mod(program: Program, device, fast_math: bool = False) -> KernelMod:
+    entry = _entry(program, _target(device, program), fast_math)
     captures = program.graph.captures
     args: list = []
     for tensor in captures:

@@ -406,26 +406,84 @@ HANDLERS = {
 _TABLE_HINT = "precompute a table outside the mod and gather from it (e.g. table[q_idx - kv_idx])"
 REFUSED = {
     **dict.fromkeys(
-        "lgamma digamma polygamma mvlgamma special_gammaln special_digamma special_psi special_polygamma "
-        "special_multigammaln special_gammainc special_gammaincc special_zeta igamma igammac".split(),
+        [
+            "lgamma",
+            "digamma",
+            "polygamma",
+            "mvlgamma",
+            "special_gammaln",
+            "special_digamma",
+            "special_psi",
+            "special_polygamma",
+            "special_multigammaln",
+            "special_gammainc",
+            "special_gammaincc",
+            "special_zeta",
+            "igamma",
+            "igammac",
+        ],
         ("the gamma family has no Triton lowering yet", _TABLE_HINT),
     ),
     **dict.fromkeys(
-        "erfinv special_erfinv special_ndtri special_log_ndtr special_erfcx i0 special_i0 special_i0e "
-        "special_i1 special_i1e special_bessel_j0 special_bessel_j1 special_spherical_bessel_j0".split(),
+        [
+            "erfinv",
+            "special_erfinv",
+            "special_ndtri",
+            "special_log_ndtr",
+            "special_erfcx",
+            "i0",
+            "special_i0",
+            "special_i0e",
+            "special_i1",
+            "special_i1e",
+            "special_bessel_j0",
+            "special_bessel_j1",
+            "special_spherical_bessel_j0",
+        ],
         ("no accurate Triton lowering yet", _TABLE_HINT),
     ),
     **dict.fromkeys(
-        "rand rand_like randn randn_like randint randint_like bernoulli normal poisson dropout "
-        "alpha_dropout feature_alpha_dropout".split(),
+        [
+            "rand",
+            "rand_like",
+            "randn",
+            "randn_like",
+            "randint",
+            "randint_like",
+            "bernoulli",
+            "normal",
+            "poisson",
+            "dropout",
+            "alpha_dropout",
+            "feature_alpha_dropout",
+        ],
         (
             "random numbers in a mod are not reproducible between the forward and the backward pass",
             "draw the noise outside the mod into a captured tensor and gather from it",
         ),
     ),
     **dict.fromkeys(
-        "sum mean prod amax amin argmax argmin logsumexp softmax log_softmax cumsum cumprod std var norm "
-        "special_softmax special_log_softmax special_logsumexp glu".split(),
+        [
+            "sum",
+            "mean",
+            "prod",
+            "amax",
+            "amin",
+            "argmax",
+            "argmin",
+            "logsumexp",
+            "softmax",
+            "log_softmax",
+            "cumsum",
+            "cumprod",
+            "std",
+            "var",
+            "norm",
+            "special_softmax",
+            "special_log_softmax",
+            "special_logsumexp",
+            "glu",
+        ],
         (
             "a mod sees one element, so a reduction has nothing to reduce",
             "precompute it outside the mod into a captured tensor",
@@ -435,9 +493,7 @@ REFUSED = {
         "torch.vmap (which evaluates mods on the reference backend and in create_block_mask) cannot run it",
         "use leaky_relu(x, (lower + upper) / 2), rrelu's value in eval mode",
     ),
-    **dict.fromkeys(
-        ("gcd", "lcm"), ("an integer loop per element has no lowering yet", _TABLE_HINT)
-    ),
+    **dict.fromkeys(("gcd", "lcm"), ("an integer loop per element has no lowering yet", _TABLE_HINT)),
     **dict.fromkeys(
         ("frexp", "nextafter"),
         ("no lowering of this bit-level float operation yet", "precompute it outside the mod"),

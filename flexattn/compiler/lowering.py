@@ -95,7 +95,10 @@ _UNARY = {
     "erf": ("tl.erf({0})", "tl.erf({0})"),
     "erfc": ("tm.erfc({0})", "libdevice.erfc({0})"),
     "log10": ("tl.log({0}) * 0.4342944819032518", "libdevice.log10({0})"),
-    **{f: (f"tm.{f}({{0}})", f"libdevice.{f}({{0}})") for f in "tan asin acos atan sinh cosh asinh acosh atanh".split()},
+    **{
+        f: (f"tm.{f}({{0}})", f"libdevice.{f}({{0}})")
+        for f in ["tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh"]
+    },
     "logical_not": ("({0} == 0)", "({0} == 0)"),
 }
 # Binary functions: (interpreter helper, GPU function); operands are passed as tensors.
@@ -150,8 +153,9 @@ def _literal(value, dtype: torch.dtype) -> str:
 class Emitter:
     """Emits the body of one device function, one line per IR node."""
 
-    def __init__(self, graph: Graph, target: str, output: int) -> None:
+    def __init__(self, graph: Graph, target: str, output: int, fast_math: bool = False) -> None:
         self.graph = graph
+        self.fast_math = fast_math and target == "cuda"  # hardware tanh (fast_math.md); NVIDIA only
         self.exact = exact_nodes(graph, output)
         self.gpu = target != "interpreter"
         self.target = target
@@ -283,6 +287,8 @@ class Emitter:
         is_float = dtype.is_floating_point
         if self.gpu and i in self.exact and op in _ACCURATE_GPU and dtype == torch.float32:
             return _ACCURATE_GPU[op].format(x[0])
+        if op == "tanh" and self.fast_math and i not in self.exact and dtype == torch.float32:
+            return f"tm.fast_tanh({x[0]})"  # relative error <= 2**-11: see docs/kernel_options.md
         if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
             return _UNARY[op][self.gpu].format(x[0])
         if op == "fast_tanh":

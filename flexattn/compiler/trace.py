@@ -327,7 +327,8 @@ def _call(func, args, kwargs):
     handler = _HANDLERS.get(name)
     if handler is None:
         reason, hint = REFUSED.get(
-            name, (None, "mods support elementwise torch ops (see flexattn.compiler's docs); build it from those")
+            name,
+            (None, "mods support elementwise torch ops (see flexattn.compiler's docs); build it from those"),
         )
         raise refuse(f"unsupported function {_qualname(func)}" + (f": {reason}" if reason else ""), hint)
     try:

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (SURFACE: one line per torch function, laid out for reading)
 """The pointwise surface: every torch function a mod may call on 0-dim tensors, against eager PyTorch.
 
 ``SURFACE`` lists each supported function with a mod that calls it; each runs through the harness
@@ -113,8 +114,22 @@ SURFACE = {
 
 # Names the tracer accepts that are plumbing, not math: constants, indexing, no-ops, detach.
 PLUMBING = frozenset(
-    "__getitem__ clone contiguous squeeze detach zeros_like ones_like full_like new_tensor new_zeros "
-    "new_ones new_full searchsorted bucketize".split()
+    [
+        "__getitem__",
+        "clone",
+        "contiguous",
+        "squeeze",
+        "detach",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "new_tensor",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "searchsorted",
+        "bucketize",
+    ]
 )
 
 
@@ -161,7 +176,11 @@ def test_refused_functions_say_why(call):
         compile_score_mod(mod, device=DEVICE)
     message = str(error.value)
     assert "test_surface.py" in message and "hint:" in message, message
-    assert any(reason in message for reason, _ in REFUSED.values()) or "in-place" in message or "random" in message
+    assert (
+        any(reason in message for reason, _ in REFUSED.values())
+        or "in-place" in message
+        or "random" in message
+    )
 
 
 UNARY = [
@@ -177,7 +196,16 @@ BINARY = [
     torch.pow, torch.float_power, torch.logaddexp, torch.xlogy, torch.floor_divide, torch.true_divide,
     torch.ldexp, torch.heaviside, torch.bitwise_left_shift, torch.bitwise_and, torch.lt, torch.logical_xor,
 ]  # fmt: skip
-DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+]
 
 
 def _traced_dtype(fn, dtypes):
