@@ -240,3 +240,34 @@ def test_result_dtypes_follow_torch(fn):
                 _traced_dtype(fn, dtypes)
             continue
         assert _traced_dtype(fn, dtypes) == want, f"{fn.__name__}{dtypes}"
+
+
+# Binary functions with a learnable captured tensor as one operand: their gradients scatter into it.
+LEARNABLE = {
+    "atan2": lambda s, w: torch.atan2(s, w) + torch.atan2(w, s),
+    "hypot": lambda s, w: torch.hypot(s, w),
+    "copysign": lambda s, w: torch.copysign(w, s) + torch.copysign(s, w),
+    "fmod-remainder": lambda s, w: torch.fmod(s, w.abs() + 0.5) + torch.remainder(w, s.abs() + 0.5),
+    "fmax-fmin": lambda s, w: torch.fmax(s, w) + torch.fmin(w, s * 0.5),
+    "lerp": lambda s, w: (
+        torch.lerp(s, w.to(s.dtype), 0.3) + torch.lerp(w.to(s.dtype), s, torch.sigmoid(w).to(s.dtype))
+    ),
+    "logaddexp-xlogy": lambda s, w: torch.logaddexp(s, w) + torch.xlogy(w, s.abs() + 0.25),
+    "pow": lambda s, w: (w.abs() + 0.5) ** (s * 0.1) + (s.abs() + 0.5) ** w,
+    "activations": lambda s, w: F.gelu(w) * s + F.softplus(w) + F.elu(w * s) + torch.asinh(w),
+}
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (CPU) or a GPU",
+)
+@pytest.mark.parametrize("name", list(LEARNABLE))
+def test_gradients_reach_learnable_captures(name):
+    tile = Tile(Lq=40, Lkv=40)
+    weight = torch.randn(tile.H, 40, device=DEVICE) * 2
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return LEARNABLE[name](score, weight[h, kv_idx])
+
+    check_score_mod(mod, tile, [weight])
