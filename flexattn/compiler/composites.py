@@ -402,100 +402,47 @@ HANDLERS = {
     "special_round": round_,
 }
 
+
 # Torch functions that are still refused: name -> (reason, hint). docs/debugging.md lists them.
-_TABLE_HINT = "precompute a table outside the mod and gather from it (e.g. table[q_idx - kv_idx])"
+def _each(names: str, reason: str, hint: str) -> dict[str, tuple[str, str]]:
+    return dict.fromkeys(names.split(), (reason, hint))
+
+
+_TABLE = "precompute a table outside the mod and gather from it (e.g. table[q_idx - kv_idx])"
 REFUSED = {
-    **dict.fromkeys(
-        [
-            "lgamma",
-            "digamma",
-            "polygamma",
-            "mvlgamma",
-            "special_gammaln",
-            "special_digamma",
-            "special_psi",
-            "special_polygamma",
-            "special_multigammaln",
-            "special_gammainc",
-            "special_gammaincc",
-            "special_zeta",
-            "igamma",
-            "igammac",
-        ],
-        ("the gamma family has no Triton lowering yet", _TABLE_HINT),
+    **_each(
+        "lgamma digamma polygamma mvlgamma special_gammaln special_digamma special_psi special_polygamma "
+        "special_multigammaln special_gammainc special_gammaincc special_zeta igamma igammac",
+        "the gamma family has no Triton lowering yet",
+        _TABLE,
     ),
-    **dict.fromkeys(
-        [
-            "erfinv",
-            "special_erfinv",
-            "special_ndtri",
-            "special_log_ndtr",
-            "special_erfcx",
-            "i0",
-            "special_i0",
-            "special_i0e",
-            "special_i1",
-            "special_i1e",
-            "special_bessel_j0",
-            "special_bessel_j1",
-            "special_spherical_bessel_j0",
-        ],
-        ("no accurate Triton lowering yet", _TABLE_HINT),
+    **_each(
+        "erfinv special_erfinv special_ndtri special_log_ndtr special_erfcx i0 special_i0 special_i0e "
+        "special_i1 special_i1e special_bessel_j0 special_bessel_j1 special_spherical_bessel_j0",
+        "no accurate Triton lowering yet",
+        _TABLE,
     ),
-    **dict.fromkeys(
-        [
-            "rand",
-            "rand_like",
-            "randn",
-            "randn_like",
-            "randint",
-            "randint_like",
-            "bernoulli",
-            "normal",
-            "poisson",
-            "dropout",
-            "alpha_dropout",
-            "feature_alpha_dropout",
-        ],
-        (
-            "random numbers in a mod are not reproducible between the forward and the backward pass",
-            "draw the noise outside the mod into a captured tensor and gather from it",
-        ),
+    **_each(
+        "rand rand_like randn randn_like randint randint_like bernoulli normal poisson dropout "
+        "alpha_dropout feature_alpha_dropout",
+        "random numbers in a mod are not reproducible between the forward and the backward pass",
+        "draw the noise outside the mod into a captured tensor and gather from it",
     ),
-    **dict.fromkeys(
-        [
-            "sum",
-            "mean",
-            "prod",
-            "amax",
-            "amin",
-            "argmax",
-            "argmin",
-            "logsumexp",
-            "softmax",
-            "log_softmax",
-            "cumsum",
-            "cumprod",
-            "std",
-            "var",
-            "norm",
-            "special_softmax",
-            "special_log_softmax",
-            "special_logsumexp",
-            "glu",
-        ],
-        (
-            "a mod sees one element, so a reduction has nothing to reduce",
-            "precompute it outside the mod into a captured tensor",
-        ),
+    **_each(
+        "sum mean prod amax amin argmax argmin logsumexp softmax log_softmax cumsum cumprod std var norm "
+        "special_softmax special_log_softmax special_logsumexp glu",
+        "a mod sees one element, so a reduction has nothing to reduce",
+        "precompute it outside the mod into a captured tensor",
     ),
-    "rrelu": (
+    **_each(
+        "rrelu",
         "torch.vmap (which evaluates mods on the reference backend and in create_block_mask) cannot run it",
         "use leaky_relu(x, (lower + upper) / 2), rrelu's value in eval mode",
     ),
-    **dict.fromkeys(("gcd", "lcm"), ("an integer loop per element has no lowering yet", _TABLE_HINT)),
-    **dict.fromkeys(
-        ("frexp", "nextafter"),
-        ("no lowering of this bit-level float operation yet", "precompute it outside the mod"),
+    **_each("gcd lcm", "an integer loop per element has no lowering yet", _TABLE),
+    **_each(
+        "frexp nextafter",
+        "no lowering of this bit-level float operation yet",
+        "precompute it outside the mod",
     ),
 }

@@ -4,7 +4,8 @@
 ``SURFACE`` lists each supported function with a mod that calls it; each runs through the harness
 kernels (Triton's interpreter on CPU) on a random tile: values, dLoss/dscore in both tile
 orientations, three-way against float64 eager (test_codegen.check_score_mod). Integer and boolean
-operations are exact. ``test_every_handler_is_on_the_surface`` keeps the table complete: every name
+operations are exact. ``LEARNABLE`` runs the binary functions with a learnable captured operand,
+whose gradient the kernels scatter into a buffer. ``test_every_handler_is_on_the_surface`` keeps the table complete: every name
 the tracer accepts must be exercised here (or be a spelling listed in ``PLUMBING``), and
 ``test_refused_functions_say_why`` checks the functions still refused (docs/debugging.md).
 ``test_result_dtypes_follow_torch`` compares the traced dtypes with eager's for every input dtype.
