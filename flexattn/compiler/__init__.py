@@ -3,6 +3,9 @@
     ir.py          the typed per-element IR (Graph, Node) and a torch evaluator for it
     proxy.py       proxies for the mod's values; typed op builders with PyTorch's semantics
     trace.py       the supported torch surface; run the mod on proxies -> IR (errors.py: refusals)
+    composites.py  torch functions built from IR primitives (activations, lerp, ...); what is refused
+    checks.py      the trace-time checks every backend runs before evaluating a mod (check_mod)
+    index_ranges.py  gathers certainly out of range on a grid, from the shapes alone
     autodiff.py    reverse-mode gradient of a score mod, as more IR
     rewrite.py     value-preserving IR rewrites that make the kernels cheaper (run before codegen)
     analysis.py    tile axes, signs, exactness and argument layout of a graph
