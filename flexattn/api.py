@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from flexattn.block_mask import BlockMask, sliced_mask_mod_error
+from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
+from flexattn.compiler.checks import check_mod as check_traced
 from flexattn.dispatch import choose_backend, run_attention
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
@@ -98,6 +99,7 @@ def flex_attention(
         )
     else:
         options = KernelOptions.from_user(kernel_options)
+        _check_mods_trace(score_mod, mask_mod, query, key)
         out, lse, max_scores = run_attention(
             query, key, value, score_mod, block_mask, scale, options, backend
         )
@@ -244,8 +246,18 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
 
 
+def _check_mods_trace(score_mod, mask_mod, query, key) -> None:
+    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
+    grid = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])  # (B, Hq, Lq, Lkv)
+    check_traced(score_mod, "score", grid, query.device)
+    if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)
+        check_traced(mask_mod, "mask", grid, query.device)
+
+
 def _check_tiles(block_size: tuple[int, int], tiles: tuple[int | None, int | None]) -> None:
-    """Kernel tiles ``(BLOCK_M, BLOCK_N)`` from kernel_options must divide the mask's blocks."""
+    """Block sizes every backend accepts; kernel tiles ``(BLOCK_M, BLOCK_N)`` from kernel_options
+    that divide them."""
+    check_attention_block_size(block_size)
     (q_block, kv_block), (block_m, block_n) = block_size, tiles
     for name, size, block in (("BLOCK_M", block_m, q_block), ("BLOCK_N", block_n, kv_block)):
         if size is not None and block % size != 0:

@@ -90,7 +90,9 @@ def triton_flex_attention(
         mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
         out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, KernelOptions(BACKEND="TRITON"))
     """
-    plan = plan_attention(score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device)
+    plan = plan_attention(
+        score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device, query.dtype
+    )
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

@@ -26,6 +26,7 @@ from flexattn.block_mask_build import (
     ordered_to_dense,
     transpose_ordered,
 )
+from flexattn.compiler.checks import check_mod as check_traced
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
 from flexattn.mod_eval import check_mod, required_positional_args
@@ -35,6 +36,7 @@ __all__ = [
     "and_masks",
     "create_block_mask",
     "create_mask",
+    "check_attention_block_size",
     "noop_block_mask",
     "noop_mask",
     "or_masks",
@@ -42,16 +44,35 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE = 128
+KERNEL_BLOCK_MULTIPLE = 16  # attention needs blocks in multiples of this (check_attention_block_size)
 
 
 def _block_size_pair(BLOCK_SIZE: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else tuple(BLOCK_SIZE)
+    pair = (BLOCK_SIZE, BLOCK_SIZE) if not isinstance(BLOCK_SIZE, tuple | list) else tuple(BLOCK_SIZE)
     if len(pair) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair):
         raise ValueError(
-            "BLOCK_SIZE must be a positive int or a (Q_BLOCK, KV_BLOCK) pair of positive ints, "
-            f"got {BLOCK_SIZE!r}."
+            "BLOCK_SIZE must be a positive int or a (Q_BLOCK, KV_BLOCK) pair of positive ints "
+            f"(multiples of {KERNEL_BLOCK_MULTIPLE} for attention), got {BLOCK_SIZE!r}"
+            f"{f' ({type(BLOCK_SIZE).__name__})' if not isinstance(BLOCK_SIZE, tuple | list) else ''}. "
+            "Pass e.g. BLOCK_SIZE=128 or BLOCK_SIZE=(128, 64)."
         )
     return pair
+
+
+def check_attention_block_size(BLOCK_SIZE: tuple[int, int]) -> None:
+    """The one rule for a mask used in attention, on every backend: blocks are multiples of 16.
+
+    (The Triton kernels visit a sparse block as whole tiles of at least 16 x 16; the reference
+    backend refuses the same masks so that a mask means the same thing everywhere.)
+    """
+    for name, block in zip(("Q_BLOCK", "KV_BLOCK"), BLOCK_SIZE):
+        if block % KERNEL_BLOCK_MULTIPLE:
+            raise ValueError(
+                f"block_mask has BLOCK_SIZE={tuple(BLOCK_SIZE)}: {name}={block} is not a multiple of "
+                f"{KERNEL_BLOCK_MULTIPLE}, which attention needs on every backend (the kernels visit a "
+                f"block as whole tiles of at least {KERNEL_BLOCK_MULTIPLE}). Rebuild the mask with "
+                f"create_block_mask(..., BLOCK_SIZE=...) in multiples of {KERNEL_BLOCK_MULTIPLE}, e.g. 128."
+            )
 
 
 @dataclass(eq=False)  # identity semantics: tensor fields have no boolean ==
@@ -369,6 +390,7 @@ def create_block_mask(
     Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
     q_block, kv_block = _block_size_pair(BLOCK_SIZE)
     device = _default_device(device)
+    check_traced(mask_mod, "mask", (B, H, Q_LEN, KV_LEN), device)  # the kernels' refusals, here too
     partial, full = classify_blocks(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
     if not separate_full_blocks:
         partial, full = partial | full, None
@@ -408,7 +430,9 @@ def create_mask(
     check_mod(mod_fn, "mod_fn", "score_mod" if is_score_mod else "mask_mod")
     B, H = _check_size("B", B, True), _check_size("H", H, True)
     Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
-    return dense_mask(mod_fn, is_score_mod, B, H, Q_LEN, KV_LEN, _default_device(device))
+    device = _default_device(device)
+    check_traced(mod_fn, "score" if is_score_mod else "mask", (B, H, Q_LEN, KV_LEN), device)
+    return dense_mask(mod_fn, is_score_mod, B, H, Q_LEN, KV_LEN, device)
 
 
 def _arity(fn: Callable) -> int | None:

@@ -36,7 +36,7 @@ from flexattn.compiler.reach import Reach, follow, reach
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
-from flexattn.plan import AttentionPlan, block_tables
+from flexattn.plan import AttentionPlan, block_tables, fast_math_for
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,14 @@ _NO_REACH = Reach((), (), ())
 
 
 @torch._dynamo.assume_constant_result
-def register(score_mod, mask_mod, kernel_options, device) -> str:
+def register(score_mod, mask_mod, kernel_options, device, dtype) -> str:
     """Compile the call's mods and store them with the options; their handle (a graph constant).
 
     Traced graphs hold no user tensor through the registry: the stored mods are bound to meta
     tensors, and the handle is keyed by the generated code and the reach (paths and scalar values).
     """
     options = KernelOptions.from_user(kernel_options)
-    score = compile_score_mod(score_mod, device=device)
+    score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
     mask = compile_mask_mod(mask_mod, device=device)
     score_reach = _NO_REACH if score_mod is None else reach(score_mod, score.captures, "the score_mod")
     mask_reach = _NO_REACH if mask_mod is None else reach(mask_mod, mask.captures, "the mask_mod")
@@ -116,7 +116,7 @@ def traced_attention(query, key, value, score_mod, block_mask, scale: float, ker
     ``scale`` is the checked float (flexattn.api resolves the default).
     """
     mask_mod = None if block_mask is None else block_mask.mask_mod
-    handle = register(score_mod, mask_mod, kernel_options, query.device)
+    handle = register(score_mod, mask_mod, kernel_options, query.device, query.dtype)
     score_captures = _observe(score_mod, *_reach_of(handle, "score"))
     mask_captures = _observe(mask_mod, *_reach_of(handle, "mask"))
     if block_mask is None:

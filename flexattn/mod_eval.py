@@ -104,7 +104,7 @@ def eval_mask_mod(
     device = q.device
     b = index(0, b, device) if isinstance(b, int) else b
     h = index(0, h, device) if isinstance(h, int) else h
-    out = vmap_mod(mask_mod, has_score=False)(b, h, q, kv)
+    out = _run(mask_mod, vmap_mod(mask_mod, has_score=False), b, h, q, kv)
     if out.dtype != torch.bool:
         raise TypeError(
             f"mask_mod {getattr(mask_mod, '__name__', mask_mod)!r} must return a bool tensor, got "
@@ -119,8 +119,22 @@ def eval_score_mod(
     """score_mod over a (B, H, M, N) score grid at the given q/kv positions -> (B, H, M, N)."""
     B, H = score.shape[:2]
     device = score.device
-    out = vmap_mod(score_mod, has_score=True)(score, index(0, B, device), index(0, H, device), q, kv)
+    lifted = vmap_mod(score_mod, has_score=True)
+    out = _run(score_mod, lifted, score, index(0, B, device), index(0, H, device), q, kv)
     return out.expand(score.shape)
+
+
+def _run(mod: Callable, lifted: Callable, *grids: torch.Tensor) -> torch.Tensor:
+    """``lifted(*grids)``, with eager's out-of-range IndexError said in the mod's terms."""
+    try:
+        return lifted(*grids)
+    except IndexError as e:
+        raise IndexError(
+            f"{getattr(mod, '__name__', type(mod).__name__)}: a gather in the mod reads out of range at "
+            f"some (b, h, q_idx, kv_idx) ({e}).\n  hint: mods are evaluated at every (b, h, q_idx, kv_idx) "
+            "of the grid, masked pairs included: clamp the index or size the tensor for the whole grid "
+            "(the Triton kernels clamp such an index; TRITON_DEBUG=1 makes them assert instead)"
+        ) from e
 
 
 def captured_grad_tensors(fn: Callable) -> list[torch.Tensor]:

@@ -55,6 +55,10 @@ class KernelOptions:
         USE_TMA: load Q/K/V tiles with Hopper tensor descriptors where supported.
         deterministic: make gradients of captured tensors bitwise reproducible run to run.
         autotune: search tile sizes on first use of a shape class and cache the choice on disk.
+        fast_math: with fp16/bf16 inputs on NVIDIA GPUs, ``torch.tanh`` in a score_mod becomes the
+            hardware ``tanh.approx.f32`` (relative error <= 2**-11, below the rounding of the scores
+            to the input dtype), except where a value decides a mask bit or an index. fp32 inputs
+            always get the exact tanh. False: exact everywhere (docs/kernel_options.md).
     """
 
     BACKEND: str = "AUTO"
@@ -73,6 +77,7 @@ class KernelOptions:
     USE_TMA: bool = False
     deterministic: bool = False
     autotune: bool = False
+    fast_math: bool = True
 
     def __post_init__(self) -> None:
         if self.BACKEND not in BACKENDS:
@@ -89,7 +94,14 @@ class KernelOptions:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 1 <= value <= 8):
                 raise ValueError(f"kernel_options['{name}'] must be an int in 1..8, got {value!r}.")
-        for name in ("PRESCALE_QK", "ROWS_GUARANTEED_SAFE", "USE_TMA", "deterministic", "autotune"):
+        for name in (
+            "PRESCALE_QK",
+            "ROWS_GUARANTEED_SAFE",
+            "USE_TMA",
+            "deterministic",
+            "autotune",
+            "fast_math",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"kernel_options['{name}'] must be a bool, got {getattr(self, name)!r}.")
 

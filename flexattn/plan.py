@@ -61,6 +61,11 @@ def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) 
     return block_mask.tables()
 
 
+def fast_math_for(options: KernelOptions, dtype: torch.dtype | None) -> bool:
+    """Hardware approximations in the score mod only where their error is below the inputs' rounding."""
+    return options.fast_math and dtype in (torch.float16, torch.bfloat16)
+
+
 def plan_attention(
     score_mod: Callable | None,
     block_mask: BlockMask | None,
@@ -69,14 +74,17 @@ def plan_attention(
     scale: float,
     options: KernelOptions,
     device: torch.device,
+    dtype: torch.dtype | None = None,
 ) -> AttentionPlan:
     """Compile the mods for ``device`` (cached by structure) and bundle them with the block tables.
+
+    ``dtype`` (the inputs'): fp16/bf16 allow ``options.fast_math`` (hardware tanh in the score mod).
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
         plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
         out, lse, max_scores = plan.forward(q, k, v)
     """
-    score = compile_score_mod(score_mod, device=device)
+    score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
     mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
     return AttentionPlan(score, mask, block_tables(block_mask, q_len, kv_len, device), scale, options)

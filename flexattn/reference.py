@@ -167,7 +167,7 @@ class _ChunkedAttention(torch.autograd.Function):
     def forward(ctx, chunk, rows, q5, k5, v5, *captures):
         ctx.chunk, ctx.rows = chunk, rows
         ctx.captures = captures  # the closure uses these very objects; keep them, not copies
-        ctx.save_for_backward(q5, k5, v5)
+        ctx.save_for_backward(q5, k5, v5, *captures)  # captures too: in-place edits before backward raise
         with torch.no_grad():
             out, lse, max_scores = _forward_chunks(chunk, rows, q5, k5, v5)
         ctx.mark_non_differentiable(max_scores)
@@ -175,7 +175,7 @@ class _ChunkedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_lse, _d_max):
-        q5, k5, v5 = ctx.saved_tensors
+        q5, k5, v5, *_ = ctx.saved_tensors  # (autograd's version check of every saved tensor)
         needs = ctx.needs_input_grad[2:]
         # Gradient accumulators, allocated before the loop; None where no gradient is wanted.
         grads = [torch.zeros_like(t) if need else None for t, need in zip([q5, k5, v5, *ctx.captures], needs)]

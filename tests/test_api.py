@@ -55,8 +55,8 @@ def test_catalog_matches_pytorch_flex_attention_in_float64(entry):
     q, k, v = make_qkv(Shape(B=B, Hq=H, Lq=Lq, Lkv=Lkv, E=8), torch.float64)
     ours_mask = theirs_mask = None
     if mods.mask_mod is not None:
-        ours_mask = create_block_mask(mods.mask_mod, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=8)
-        theirs_mask = torch_flex.create_block_mask(mods.mask_mod, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=8)
+        ours_mask = create_block_mask(mods.mask_mod, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=16)
+        theirs_mask = torch_flex.create_block_mask(mods.mask_mod, B, H, Lq, Lkv, device="cpu", BLOCK_SIZE=16)
         assert torch.equal(ours_mask.to_dense(), theirs_mask.to_dense())
     ours = flex_attention(
         q, k, v, mods.score_mod, ours_mask, return_aux=AuxRequest(lse=True, max_scores=True)

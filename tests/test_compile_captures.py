@@ -213,10 +213,14 @@ def test_registry_handles_follow_structure_not_identity():
 
     table = torch.ones(L, dtype=torch.bool)
     device = torch.device("cpu")
-    first = register(None, window_mask(4, table), TRITON, device)
-    assert register(None, window_mask(4, torch.zeros(L, dtype=torch.bool)), TRITON, device) == first
-    assert register(None, window_mask(5, table), TRITON, device) != first
-    assert register(None, window_mask(4.0, table), TRITON, device) != first  # 4 and 4.0 trace differently
+
+    def handle(mask_mod):
+        return register(None, mask_mod, TRITON, device, torch.float32)
+
+    first = handle(window_mask(4, table))
+    assert handle(window_mask(4, torch.zeros(L, dtype=torch.bool))) == first
+    assert handle(window_mask(5, table)) != first
+    assert handle(window_mask(4.0, table)) != first  # 4 and 4.0 trace differently
 
 
 def test_computed_tensor_in_a_mod_is_refused_under_compile():
@@ -229,5 +233,5 @@ def test_computed_tensor_in_a_mod_is_refused_under_compile():
 
     compile_mask_mod(doc_mask)  # eager compile is fine
     with pytest.raises(ValueError, match="computes while it runs"):
-        register(None, doc_mask, {"BACKEND": "TRITON"}, torch.device("cpu"))
+        register(None, doc_mask, {"BACKEND": "TRITON"}, torch.device("cpu"), torch.float32)
     assert compile_score_mod(None).captures == ()

@@ -49,3 +49,47 @@ def test_refuses_under_the_interpreter():
         [sys.executable, "benchmarks/compile_report.py"], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert done.returncode != 0 and "unset TRITON_INTERPRET" in done.stderr
+
+
+_SURFACE_FOR_HOPPER = """
+import sys, torch
+sys.path.insert(0, 'benchmarks')
+import compile_report
+import flexattn.compiler as mod_compiler
+from tests.compiler import harness
+from tests.compiler.test_surface import SURFACE, _mod
+
+bias = torch.randn(4, 64, requires_grad=True)
+
+def everything(score, b, h, q_idx, kv_idx):
+    total = score + bias[h, q_idx - kv_idx]
+    for _, body in SURFACE.values():
+        total = total + _mod(body)(score, b, h, q_idx, kv_idx).float()
+    return total
+
+compiled = []
+with compile_report.compile_only(compiled):
+    for fast_math in (False, True):
+        kmod = mod_compiler.compile_score_mod(everything, device="cuda", fast_math=fast_math)
+        score, index = torch.randn(16, 16), torch.zeros(16, dtype=torch.int32)
+        harness.run_score(kmod, score, 0, 0, index, index)
+        harness.run_grad(kmod, score, 0, 0, index, index, score, (torch.zeros(4, 64),))
+print('TANH=' + ','.join(str('tanh.approx' in kernel.asm['ptx']) for _, kernel in compiled))
+"""
+
+
+def test_the_whole_pointwise_surface_compiles_for_hopper():
+    """Every op of tests/compiler/test_surface.py in one score mod and its gradient, compiled for
+    sm_90a (libdevice calls, bit casts, shifts, index asserts): CI has no GPU to catch invalid code."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", _SURFACE_FOR_HOPPER],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("TANH="))
+    assert line == "TANH=False,False,True,True"  # fast_math: the hardware tanh, forward and gradient

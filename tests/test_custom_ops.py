@@ -122,7 +122,7 @@ def test_custom_op_passes_opcheck():
     def relative_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx - kv_idx + L - 1]
 
-    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"))
+    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"), torch.float32)
     q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
     torch.library.opcheck(attention_op, (q, k, v, [bias], [], *[None] * 8, 0, 0, 0.25, handle))
 
@@ -139,7 +139,7 @@ def test_backward_op_gradients_have_the_strides_its_fake_promises():
     def relative_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h, q_idx - kv_idx + L - 1]
 
-    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"))
+    handle = register(relative_bias, None, {"BACKEND": "TRITON"}, torch.device("cpu"), torch.float32)
     q, k, v = (torch.randn(1, L, 2, 16).transpose(1, 2) for _ in range(3))  # (1, 2, L, 16), strided
     out, lse, _ = attention_op(q, k, v, [bias.detach()], [], *[None] * 8, 0, 0, 0.25, handle)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)

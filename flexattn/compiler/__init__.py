@@ -3,6 +3,9 @@
     ir.py          the typed per-element IR (Graph, Node) and a torch evaluator for it
     proxy.py       proxies for the mod's values; typed op builders with PyTorch's semantics
     trace.py       the supported torch surface; run the mod on proxies -> IR (errors.py: refusals)
+    composites.py  torch functions built from IR primitives (activations, lerp, ...); what is refused
+    checks.py      the trace-time checks every backend runs before evaluating a mod (check_mod)
+    index_ranges.py  gathers certainly out of range on a grid, from the shapes alone
     autodiff.py    reverse-mode gradient of a score mod, as more IR
     rewrite.py     value-preserving IR rewrites that make the kernels cheaper (run before codegen)
     analysis.py    tile axes, signs, exactness and argument layout of a graph
@@ -25,14 +28,23 @@ Example::
     print(explain(rel_bias))            # IR and generated Triton source
 
 Supported inside mods: Python operators (``+ - * / // % **``, comparisons, ``& | ^ ~ << >>``, unary
-``-``, ``abs``), elementwise torch functions and Tensor methods (where, masked_fill, exp, exp2, log,
-log2, log10, log1p, expm1, tanh, sigmoid, sqrt, rsqrt, abs, sign, clamp/clip/clamp_min/clamp_max,
-minimum/maximum, relu, floor, ceil, round, trunc, sin, cos, erf, logical_and/or/xor/not,
-isnan/isinf/isfinite, square, reciprocal, div(rounding_mode=...), casts, ``*_like``/``new_*``
-constants, ``torch.tensor(number)``), ``fast_tanh``, gathers from captured tensors of any dtype and
+``-``, ``abs``) and every pointwise torch function a mod can call on 0-dim tensors (functions,
+Tensor methods, ``torch.nn.functional`` and ``torch.special`` spellings): arithmetic, pow with tensor
+or scalar exponents, rsqrt/reciprocal, remainder (Python) and fmod (C), floor division and
+div(rounding_mode=...), floor/ceil/round(decimals=...)/trunc/frac, exp/exp2/expm1/log/log2/log10/
+log1p, trig and hyperbolic functions and their inverses, atan2, hypot, erf/erfc/ndtr, sigmoid,
+activations (gelu in both approximations, silu, softplus, mish, elu, selu, celu, relu, relu6,
+leaky_relu, hardtanh, hardsigmoid, hardswish, logsigmoid, softsign, tanhshrink, threshold,
+hardshrink, softshrink), where/masked_fill, clamp/clip, minimum/maximum and the NaN-ignoring
+fmax/fmin, comparisons, logical and bit ops (shifts by any count, as torch defines them),
+isnan/isinf/isfinite/isposinf/isneginf/isclose, nan_to_num, sign/sgn/signbit/copysign, lerp,
+logaddexp, xlogy, casts, ``*_like``/``new_*`` constants and ``torch.tensor(number)`` (the full list:
+``tests/compiler/test_surface.py``); ``fast_tanh``; gathers from captured tensors of any dtype and
 rank (nested gathers, partial indexing), ``searchsorted``/``bucketize`` over a captured sorted 1-D
 tensor, captured Python numbers and 0-dim tensors, nn.Module mods, and mods calling other mods.
-Everything else raises ``ModCompileError`` naming the source line, with a hint.
+Results have eager PyTorch's dtypes, and gradients follow PyTorch's derivative formulas. Everything
+else raises ``ModCompileError`` naming the source line, with a hint; the pointwise functions still
+refused, and why, are in ``composites.REFUSED`` and docs/debugging.md.
 
 Caching: code is generated once per structure. Captured tensors are runtime arguments (new values
 or sizes reuse the code and the compiled kernels); Python numbers in the mod are constants of the
@@ -53,12 +65,13 @@ import os
 
 import torch
 
-from flexattn.compiler import cache
+from flexattn.compiler import cache, checks
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
+from flexattn.compiler.checks import check_mod
 from flexattn.compiler.codegen import forward_function, gradient_function, module_source
-from flexattn.compiler.errors import ModCompileError
+from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
@@ -69,7 +82,9 @@ from flexattn.kernels.mods import KernelMod
 
 __all__ = [
     "ModCompileError",
+    "ModIndexError",
     "bind_captures",
+    "check_mod",
     "clear_cache",
     "codegen_count",
     "compile_mask_mod",
@@ -89,6 +104,7 @@ def clear_cache() -> None:
     generates code again)."""
     _KERNEL_MODS.clear()
     cache.clear()
+    checks.clear()
 
 
 def _identity(score, b, h, q_idx, kv_idx):
@@ -99,7 +115,9 @@ def _always(b, h, q_idx, kv_idx):
     return True
 
 
-def compile_score_mod(score_mod, *, device=None, target: str | None = None) -> KernelMod:
+def compile_score_mod(
+    score_mod, *, device=None, fast_math: bool = False, target: str | None = None
+) -> KernelMod:
     """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
 
     ``device`` (optional) is where the kernels run: it picks the code target (Triton's interpreter
@@ -107,26 +125,30 @@ def compile_score_mod(score_mod, *, device=None, target: str | None = None) -> K
     interpreter when ``TRITON_INTERPRET=1`` or no GPU is present. Captured tensors that require
     grad and reach the output differentiably are ``grad_captures``; ``make_grad_args`` takes one
     float32 buffer per entry (same shape) and the generated ``grad_fn`` atomically adds into them.
+    ``fast_math``: ``torch.tanh`` outside values that decide a mask bit or an index becomes the
+    hardware ``tanh.approx.f32`` on NVIDIA GPUs (relative error 2**-11: for fp16/bf16 attention,
+    where it is below the rounding of the scores to the input dtype; docs/kernel_options.md).
     ``target`` ("interpreter", "cuda" or "hip") overrides the code target the device implies (tools
     that compile for a GPU they do not have: ``benchmarks/compile_report.py``).
     """
-    return _compile(score_mod if score_mod is not None else _identity, "score", device, target)
+    return _compile(score_mod if score_mod is not None else _identity, "score", device, fast_math, target)
 
 
 def compile_mask_mod(mask_mod, *, device=None, target: str | None = None) -> KernelMod:
     """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod
     (``device`` and ``target`` as in :func:`compile_score_mod`)."""
-    return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target)
+    return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target=target)
 
 
-def explain(mod, kind: str | None = None, *, device=None) -> str:
+def explain(mod, kind: str | None = None, *, device=None, fast_math: bool = False) -> str:
     """The IR and the generated Triton source of a mod, for debugging.
 
     ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
+    ``fast_math`` as for :func:`compile_score_mod`.
     """
     kind = kind or _guess_kind(mod)
     program = _program(mod, kind, device)
-    entry = _entry(program, _target(device, program))
+    entry = _entry(program, _target(device, program), fast_math)
     return (
         f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
         f"# IR\n{program.graph.format([program.output])}\n\n# Triton source\n{entry.source}"
@@ -173,21 +195,22 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-def _entry(program: Program, target: str) -> cache.CompiledMod:
+def _entry(program: Program, target: str, fast_math: bool = False) -> cache.CompiledMod:
     graph, output = program.graph, program.output
     differentiable = program.kind == "score"
-    key = (program.kind, target, graph.structure_key([output], differentiable))
+    fast_math = fast_math and program.kind == "score" and target == "cuda"
+    key = (program.kind, target, fast_math, graph.structure_key([output], differentiable))
     entry = cache.lookup(key)
     if entry is None:
-        entry = cache.store(key, lambda: _generate(program, target))
+        entry = cache.store(key, lambda: _generate(program, target, fast_math))
     return entry
 
 
-def _generate(program: Program, target: str) -> cache.CompiledMod:
+def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledMod:
     graph, output = program.graph, program.output
     suffix = hashlib.sha256(repr(graph.structure_key([output], True)).encode()).hexdigest()[:8]
     name = f"{program.kind}_mod_{suffix}"
-    functions = [forward_function(graph, output, program.kind, target, name)]
+    functions = [forward_function(graph, output, program.kind, target, name, fast_math)]
     grad_name, grad_slots = None, ()
     if program.kind == "score":
         slots = {s for s, t in enumerate(graph.captures) if capture_spec(t, True).requires_grad}
@@ -195,7 +218,9 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
         grad_slots = tuple(sorted({graph.nodes[load].value for load, _ in gradient.captures}))
         grad_name = f"{name}_grad"
         functions.append(
-            gradient_function(graph, output, gradient.dscore, list(gradient.captures), target, grad_name)
+            gradient_function(
+                graph, output, gradient.dscore, list(gradient.captures), target, grad_name, fast_math
+            )
         )
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)
@@ -203,17 +228,24 @@ def _generate(program: Program, target: str) -> cache.CompiledMod:
     return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
 
 
-def _compile(mod, kind: str, device, target: str | None = None) -> KernelMod:
+def _compile(mod, kind: str, device, fast_math: bool = False, target: str | None = None) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
     keep: list = []
     key = mod_key(mod, keep)
     if key is not None:
-        key = (kind, None if device is None else str(torch.device(device)), _interpreted(), target, key)
+        key = (
+            kind,
+            None if device is None else str(torch.device(device)),
+            _interpreted(),
+            fast_math,
+            target,
+            key,
+        )
         kernel_mod = _KERNEL_MODS.get(key)
         if kernel_mod is not None:
             return kernel_mod
     program = _program(mod, kind, device)
-    kernel_mod = _kernel_mod(program, device, target)
+    kernel_mod = _kernel_mod(program, device, fast_math, target)
     # A trace that read a tensor's values (float(t), t.exp()) holds them: writes through .data or
     # numpy keep the version counter, and a tensor it made carries one call's autograd history.
     if key is not None and not program.read_tensor_values:
@@ -221,8 +253,8 @@ def _compile(mod, kind: str, device, target: str | None = None) -> KernelMod:
     return kernel_mod
 
 
-def _kernel_mod(program: Program, device, target: str | None = None) -> KernelMod:
-    entry = _entry(program, target or _target(device, program))
+def _kernel_mod(program: Program, device, fast_math: bool = False, target: str | None = None) -> KernelMod:
+    entry = _entry(program, target or _target(device, program), fast_math)
     template = KernelMod(
         fn=entry.fn,
         args=(),

@@ -83,7 +83,23 @@ def non_negative(graph: Graph) -> list[bool]:
 
 
 _DISCONTINUOUS = (
-    frozenset({"floor", "ceil", "round", "trunc", "sign", "floordiv", "mod", "load", "search"}) | COMPARISONS
+    frozenset(
+        {
+            "floor",
+            "ceil",
+            "round",
+            "trunc",
+            "sign",
+            "signbit",
+            "copysign",
+            "floordiv",
+            "mod",
+            "fmod",
+            "load",
+            "search",
+        }
+    )
+    | COMPARISONS
 )
 
 

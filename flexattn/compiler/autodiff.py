@@ -123,6 +123,25 @@ def _local_rules(b: _Builder, node: Node, i: int, g: int) -> list[tuple[int, int
     if op == "mod":
         quotient = b.f(b.op("floordiv", x, args[1], dtype=node.dtype))
         return [(x, g), (args[1], b.neg(b.mul(g, quotient)))]
+    if op == "fmod":
+        quotient = b.op("trunc", b.div(x, args[1]))
+        return [(x, g), (args[1], b.neg(b.mul(g, quotient)))]
+    if op in ("fmax", "fmin"):
+        keep = b.op(
+            "logical_or", b.cmp("ge" if op == "fmax" else "le", x, args[1]), b.cmp("ne", args[1], args[1]),
+            dtype=torch.bool,
+        )  # fmt: skip
+        zero = b.c(0.0)
+        return [(x, b.where(keep, g, zero)), (args[1], b.where(keep, zero, g))]
+    if op == "atan2":
+        other = args[1]
+        recip = b.div(b.c(1.0), b.add(b.mul(x, x), b.mul(other, other)))
+        return [(x, b.mul(g, b.mul(other, recip))), (other, b.mul(g, b.neg(b.mul(x, recip))))]
+    if op == "hypot":
+        return [(x, b.mul(g, b.div(x, y))), (args[1], b.mul(g, b.div(args[1], y)))]
+    if op == "copysign":
+        ratio = b.where(b.cmp("eq", b.f(x), b.c(0.0)), b.c(0.0), b.div(y, x))
+        return [(x, b.mul(g, ratio))]
     if op == "neg":
         return [(x, b.neg(g))]
     if op == "abs":
@@ -189,4 +208,15 @@ _UNARY_DERIVATIVES = {
     "sin": lambda b, x, y: b.op("cos", x),
     "cos": lambda b, x, y: b.neg(b.op("sin", x)),
     "erf": lambda b, x, y: b.mul(b.c(_TWO_OVER_SQRT_PI), b.op("exp", b.neg(b.mul(x, x)))),
+    "erfc": lambda b, x, y: b.mul(b.c(-_TWO_OVER_SQRT_PI), b.op("exp", b.neg(b.mul(x, x)))),
+    "log10": lambda b, x, y: b.div(b.c(1.0), b.mul(x, b.c(math.log(10.0)))),
+    "tan": lambda b, x, y: b.add(b.c(1.0), b.mul(y, y)),
+    "asin": lambda b, x, y: b.op("rsqrt", b.sub(b.c(1.0), b.mul(x, x))),
+    "acos": lambda b, x, y: b.neg(b.op("rsqrt", b.sub(b.c(1.0), b.mul(x, x)))),
+    "atan": lambda b, x, y: b.div(b.c(1.0), b.add(b.mul(x, x), b.c(1.0))),
+    "sinh": lambda b, x, y: b.op("cosh", x),
+    "cosh": lambda b, x, y: b.op("sinh", x),
+    "asinh": lambda b, x, y: b.op("rsqrt", b.add(b.mul(x, x), b.c(1.0))),
+    "acosh": lambda b, x, y: b.op("rsqrt", b.sub(b.mul(x, x), b.c(1.0))),
+    "atanh": lambda b, x, y: b.div(b.c(1.0), b.sub(b.c(1.0), b.mul(x, x))),
 }

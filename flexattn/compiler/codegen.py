@@ -52,9 +52,11 @@ def _function(name: str, params: str, doc: str, body: list[str]) -> str:
     return "\n".join(lines)
 
 
-def forward_function(graph: Graph, output: int, kind: str, target: str, name: str) -> str:
-    """Source of the score or mask device function."""
-    em = Emitter(graph, target, output)
+def forward_function(
+    graph: Graph, output: int, kind: str, target: str, name: str, fast_math: bool = False
+) -> str:
+    """Source of the score or mask device function (``fast_math``: see ``Emitter``)."""
+    em = Emitter(graph, target, output, fast_math)
     em.emit(graph.live([output]))
     body = list(em.lines) + [f"out = {em.tensor(output)}"]
     body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
@@ -65,10 +67,16 @@ def forward_function(graph: Graph, output: int, kind: str, target: str, name: st
 
 
 def gradient_function(
-    graph: Graph, output: int, dscore: int, grads: list[tuple[int, int]], target: str, name: str
+    graph: Graph,
+    output: int,
+    dscore: int,
+    grads: list[tuple[int, int]],
+    target: str,
+    name: str,
+    fast_math: bool = False,
 ) -> str:
     """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
-    em = Emitter(graph, target, output)
+    em = Emitter(graph, target, output, fast_math)
     em.emit(graph.live([dscore]))
     body = list(em.lines)
     if grads:

@@ -21,17 +21,33 @@ class ModCompileError(Exception):
     """A mod uses something the compiler cannot turn into kernel code (message has line + hint)."""
 
 
+class ModIndexError(IndexError):
+    """A gather in a mod reads outside a captured tensor for some (b, h, q_idx, kv_idx) of the grid
+    (message has the source line, the index range, the tensor's shape and a hint)."""
+
+
+_KEYS = ("graph", "mod_name", "device", "read_tensor_values", "sizes")
+
+
 @contextlib.contextmanager
-def tracing(graph: Graph, mod_name: str, device: torch.device | None = None):
+def tracing(graph: Graph, mod_name: str, device: torch.device | None = None, sizes: dict | None = None):
     """Make ``graph`` the target of proxy operations (``mod_name`` names it in errors; ``device`` is
-    what the mod's values report as their device)."""
-    keys = ("graph", "mod_name", "device", "read_tensor_values")
-    previous = tuple(getattr(_STATE, k, None) for k in keys)
-    _STATE.graph, _STATE.mod_name, _STATE.device, _STATE.read_tensor_values = graph, mod_name, device, False
+    what the mod's values report as their device; ``sizes``, if given, is the grid the mod will be
+    evaluated on, ``{"b": B, "h": H, "q_idx": Q_LEN, "kv_idx": KV_LEN}``, against which gathers are
+    checked as they are traced)."""
+    previous = tuple(getattr(_STATE, k, None) for k in _KEYS)
+    for key, value in zip(_KEYS, (graph, mod_name, device, False, sizes)):
+        setattr(_STATE, key, value)
     try:
         yield
     finally:
-        _STATE.graph, _STATE.mod_name, _STATE.device, _STATE.read_tensor_values = previous
+        for key, value in zip(_KEYS, previous):
+            setattr(_STATE, key, value)
+
+
+def trace_sizes() -> dict | None:
+    """The grid of the trace in progress (see ``tracing``), or None when it is not checked."""
+    return getattr(_STATE, "sizes", None)
 
 
 def current_graph() -> Graph:
@@ -78,3 +94,17 @@ def refuse(what: str, hint: str) -> ModCompileError:
 
 def in_place(what: str) -> ModCompileError:
     return refuse(f"in-place operation ({what})", "write it out of place, e.g. `score = score + bias`")
+
+
+def out_of_range(dim: int, shape: tuple, lo: int, hi: int) -> ModIndexError:
+    """The error for a gather whose index leaves ``[-n, n)`` for some element of the grid."""
+    sizes = trace_sizes()
+    n = shape[dim]
+    names = {"b": "B", "h": "H", "q_idx": "Q_LEN", "kv_idx": "KV_LEN"}
+    grid = ", ".join(f"{name}={sizes[key]}" for key, name in names.items())
+    return ModIndexError(
+        f"{mod_name()}: the index into dimension {dim} of a captured tensor of shape {shape} takes values "
+        f"in [{lo}, {hi}] on the grid ({grid}), but must lie in [{-n}, {n})\n  at {_user_location()}\n"
+        f"  hint: mods are evaluated at every (b, h, q_idx, kv_idx), masked pairs included: clamp the "
+        f"index (e.g. idx.clamp({-n if lo < 0 else 0}, {n - 1})) or size the tensor for the whole grid"
+    )

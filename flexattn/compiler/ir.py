@@ -15,10 +15,12 @@ Ops (``Node.op``):
     load        value = capture slot; args = one index per dimension of the captured tensor
     search      value = (capture slot, right); args = (v,): torch.searchsorted(capture, v, right=right)
     cast        to Node.dtype
-    unary       neg abs sign exp exp2 log log2 log1p expm1 tanh fast_tanh sigmoid sqrt rsqrt
-                floor ceil round trunc sin cos erf invert logical_not detach
-    binary      add sub mul truediv floordiv mod pow maximum minimum clamp_min clamp_max
-                lt le gt ge eq ne and or xor lshift rshift logical_and logical_or logical_xor
+    unary       neg abs sign signbit exp exp2 log log2 log10 log1p expm1 tanh fast_tanh sigmoid
+                sqrt rsqrt floor ceil round trunc sin cos tan asin acos atan sinh cosh asinh
+                acosh atanh erf erfc invert logical_not detach
+    binary      add sub mul truediv floordiv mod fmod pow maximum minimum fmax fmin clamp_min
+                clamp_max atan2 hypot copysign lt le gt ge eq ne and or xor lshift rshift
+                logical_and logical_or logical_xor
     ternary     where (cond, a, b)
 
 ``OP_TORCH`` gives each op's meaning as a torch function; ``evaluate`` runs a graph with torch
@@ -57,7 +59,19 @@ OP_TORCH = {
     "trunc": torch.trunc,
     "sin": torch.sin,
     "cos": torch.cos,
+    "tan": torch.tan,
+    "asin": torch.asin,
+    "acos": torch.acos,
+    "atan": torch.atan,
+    "sinh": torch.sinh,
+    "cosh": torch.cosh,
+    "asinh": torch.asinh,
+    "acosh": torch.acosh,
+    "atanh": torch.atanh,
     "erf": torch.erf,
+    "erfc": torch.erfc,
+    "log10": torch.log10,
+    "signbit": torch.signbit,
     "invert": torch.bitwise_not,
     "detach": torch.detach,
     "logical_not": torch.logical_not,
@@ -67,9 +81,15 @@ OP_TORCH = {
     "truediv": torch.true_divide,
     "floordiv": torch.floor_divide,
     "mod": torch.remainder,
+    "fmod": torch.fmod,
     "pow": torch.pow,
     "maximum": torch.maximum,
     "minimum": torch.minimum,
+    "fmax": torch.fmax,
+    "fmin": torch.fmin,
+    "atan2": torch.atan2,
+    "hypot": torch.hypot,
+    "copysign": torch.copysign,
     "clamp_min": torch.clamp_min,
     "clamp_max": torch.clamp_max,
     "lt": torch.lt,

@@ -50,7 +50,22 @@ _OPMATH = frozenset(
         "rsqrt",
         "sin",
         "cos",
+        "tan",
+        "asin",
+        "acos",
+        "atan",
+        "sinh",
+        "cosh",
+        "asinh",
+        "acosh",
+        "atanh",
         "erf",
+        "erfc",
+        "log10",
+        "fmod",
+        "atan2",
+        "hypot",
+        "copysign",
         "round",
         "trunc",
         "floor",
@@ -78,7 +93,19 @@ _UNARY = {
     "sin": ("tl.sin({0})", "libdevice.sin({0})"),
     "cos": ("tl.cos({0})", "libdevice.cos({0})"),
     "erf": ("tl.erf({0})", "tl.erf({0})"),
+    "erfc": ("tm.erfc({0})", "libdevice.erfc({0})"),
+    "log10": ("tl.log({0}) * 0.4342944819032518", "libdevice.log10({0})"),
+    **{
+        f: (f"tm.{f}({{0}})", f"libdevice.{f}({{0}})")
+        for f in ["tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh", "atanh"]
+    },
     "logical_not": ("({0} == 0)", "({0} == 0)"),
+}
+# Binary functions: (interpreter helper, GPU function); operands are passed as tensors.
+_BINARY_CALLS = {
+    "atan2": ("tm.atan2", "libdevice.atan2"),
+    "hypot": ("tm.hypot", "libdevice.hypot"),
+    "copysign": ("tm.copysign", "libdevice.copysign"),
 }
 # Where a value decides a mask bit, an index or an integer (``exact_nodes``), GPUs use the accurate
 # libdevice / IEEE forms instead of the fast approximations above.
@@ -126,8 +153,9 @@ def _literal(value, dtype: torch.dtype) -> str:
 class Emitter:
     """Emits the body of one device function, one line per IR node."""
 
-    def __init__(self, graph: Graph, target: str, output: int) -> None:
+    def __init__(self, graph: Graph, target: str, output: int, fast_math: bool = False) -> None:
         self.graph = graph
+        self.fast_math = fast_math and target == "cuda"  # hardware tanh (fast_math.md); NVIDIA only
         self.exact = exact_nodes(graph, output)
         self.gpu = target != "interpreter"
         self.target = target
@@ -208,9 +236,17 @@ class Emitter:
                 self.emitted.add(name)
                 helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
                 width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
+                self.lines.append(self._index_assert(node.value, d, a, sizes[d]))
                 self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
             terms.append((name, False))
         return terms
+
+    def _index_assert(self, slot: int, dim: int, index: int, size: str) -> str:
+        """A device-side check that the index lies in [-n, n) (compiled only under TRITON_DEBUG=1;
+        otherwise the index is clamped, see compiler/index_ranges.py)."""
+        i = self.ref(index)
+        inside = f"{i} < {size}" if self.nonneg[index] else f"({i} >= -{size}) & ({i} < {size})"
+        return f'tl.device_assert({inside}, "flexattn: mod index out of range (capture {slot}, dim {dim})")'
 
     def offset(self, i: int, strides: list[str]) -> str:
         terms = [f"{idx} * {stride}" for (idx, _), stride in zip(self.index_terms(i), strides)]
@@ -251,6 +287,8 @@ class Emitter:
         is_float = dtype.is_floating_point
         if self.gpu and i in self.exact and op in _ACCURATE_GPU and dtype == torch.float32:
             return _ACCURATE_GPU[op].format(x[0])
+        if op == "tanh" and self.fast_math and i not in self.exact and dtype == torch.float32:
+            return f"tm.fast_tanh({x[0]})"  # relative error <= 2**-11: see docs/kernel_options.md
         if op in _UNARY and (op == "logical_not" or dtype != torch.bool):
             return _UNARY[op][self.gpu].format(x[0])
         if op == "fast_tanh":
@@ -259,6 +297,18 @@ class Emitter:
             return _UNARY["tanh"][self.gpu].format(x[0])
         if op == "sqrt":
             return f"tl.sqrt({x[0]})"
+        if op == "signbit":
+            return f"tm.signbit({x[0]})"
+        if op in _BINARY_CALLS:
+            return f"{_BINARY_CALLS[op][self.gpu]}({self._ts(args, x)})"
+        if op == "fmod":  # Triton's % is C's fmod on floats and truncating on integers, like torch.fmod
+            return f"{x[0]} % {x[1]}"
+        if op in ("fmax", "fmin") and is_float:
+            return f"tm.{op}({self._ts(args, x)})"
+        if op in ("fmax", "fmin"):
+            op = "maximum" if op == "fmax" else "minimum"
+        if op in ("lshift", "rshift"):
+            return self._shift(op, args, x, dtype)
         if op == "invert":
             return f"~{x[0]}"
         if op == "add":
@@ -298,6 +348,20 @@ class Emitter:
         if op == "clamp_max":
             return f"tl.where({x[0]} > {x[1]}, {x[1]}, {x[0]})"
         raise NotImplementedError(f"no Triton lowering for IR op {op!r}")
+
+    def _shift(self, op: str, args, x: list[str], dtype: torch.dtype) -> str:
+        """Shifts as torch defines them for every count: by a negative count or one of at least the
+        bit width, ``<<`` gives 0 and ``>>`` the sign fill (0 for unsigned); Triton leaves it undefined."""
+        bits = torch.iinfo(dtype).bits if dtype != torch.bool else 1
+        shifted = f"{x[0]} {_INFIX[op]} {x[1]}"
+        count = self.graph.nodes[args[1]]
+        if op == "lshift" or dtype == torch.uint8:
+            overflow = f"{x[0]} * 0"
+        else:
+            overflow = f"{x[0]} >> {bits - 1}"
+        if count.op == "const":
+            return shifted if 0 <= count.value < bits else overflow
+        return f"tl.where(({x[1]} < 0) | ({x[1]} >= {bits}), {overflow}, {shifted})"
 
     def _t(self, i: int, expr: str) -> str:
         """``expr`` as a tensor (helpers need tensors, not Python literals)."""

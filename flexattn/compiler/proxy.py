@@ -21,9 +21,12 @@ from flexattn.compiler.errors import (
     current_graph,
     in_place,
     note_tensor_read,
+    out_of_range,
     refuse,
     trace_device,
+    trace_sizes,
 )
+from flexattn.compiler.index_ranges import attained_range
 from flexattn.compiler.ir import COMPARISONS, LOGICAL, LOW_PRECISION, OP_TORCH, Node
 
 
@@ -242,7 +245,8 @@ def operand(x) -> Traced | bool | int | float:
             graph = current_graph()
             return Traced(graph, graph.add(Node("load", (), x.dtype, graph.capture(x))))
         raise refuse(
-            f"a captured tensor of shape {tuple(x.shape)} was used as a per-element value",
+            f"a tensor of shape {tuple(x.shape)} was used as a per-element value (a mod computes one "
+            "0-dim value per (b, h, q_idx, kv_idx))",
             "index it with b, h, q_idx, kv_idx (e.g. bias[h, q_idx]) so each element reads one number",
         )
     if isinstance(x, PartialIndex):
@@ -315,6 +319,8 @@ def unary(op: str, x) -> Traced:
         return x
     if op in LOGICAL:
         return _new(op, (_node(x, torch.bool),), torch.bool)
+    if op == "signbit":  # a bool from the operand's own bits
+        return _new(op, (x.node,), torch.bool) if x.dtype.is_floating_point else binary("lt", x, 0)
     if op == "invert" and dtype == torch.bool:
         return _new("logical_not", (x.node,), torch.bool)
     return _new(op, (_node(x, dtype),), dtype)
@@ -394,6 +400,12 @@ def gather(tensor: torch.Tensor, prefix: tuple[int, ...], index) -> Traced | Par
         )
     if len(nodes) < tensor.ndim:
         return PartialIndex(tensor, tuple(nodes))
+    sizes = trace_sizes()
+    if sizes is not None:
+        for dim, node in enumerate(nodes):
+            found = attained_range(graph, node, sizes)
+            if found is not None and (found[0] < -tensor.shape[dim] or found[1] >= tensor.shape[dim]):
+                raise out_of_range(dim, tuple(tensor.shape), *found)
     return Traced(graph, graph.add(Node("load", tuple(nodes), tensor.dtype, graph.capture(tensor))))
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
+from flexattn.compiler.composites import HANDLERS as COMPOSITES
+from flexattn.compiler.composites import REFUSED
 from flexattn.compiler.errors import (
     ModCompileError,
     in_place,
@@ -102,12 +104,6 @@ def _bucketize(value, boundaries, *, out_int32=False, right=False):
     return searchsorted(boundaries, value, right, out_int32)
 
 
-def _round(x, *, decimals=0):
-    if decimals:
-        raise refuse("round(decimals=...)", "scale explicitly: torch.round(x * 100) / 100")
-    return unary("round", x)
-
-
 def _new_constant(x, size, value, dtype=None, **_):
     if tuple(size) != ():
         raise refuse(
@@ -121,10 +117,14 @@ def _isnan(x):
 
 
 def _isinf(x):
+    if not operand(x).dtype.is_floating_point:
+        return constant(False)
     return binary("eq", unary("abs", x), float("inf"))
 
 
 def _isfinite(x):
+    if not operand(x).dtype.is_floating_point:
+        return constant(True)
     return binary("lt", unary("abs", x), float("inf"))
 
 
@@ -149,6 +149,8 @@ _CASTS = {
     "int": torch.int32,
     "long": torch.int64,
     "short": torch.int16,
+    "char": torch.int8,
+    "byte": torch.uint8,
     "bool": torch.bool,
 }
 # IR op: the torch names that mean it (functions, Tensor methods, operator dunders)
@@ -171,7 +173,19 @@ _UNARY_NAMES = {
     "trunc": "trunc fix",
     "sin": "sin",
     "cos": "cos",
+    "tan": "tan",
+    "asin": "asin arcsin",
+    "acos": "acos arccos",
+    "atan": "atan arctan",
+    "sinh": "sinh",
+    "cosh": "cosh",
+    "asinh": "asinh arcsinh",
+    "acosh": "acosh arccosh",
+    "atanh": "atanh arctanh",
     "erf": "erf special_erf",
+    "erfc": "erfc special_erfc",
+    "log10": "log10",
+    "signbit": "signbit",
     "invert": "bitwise_not __invert__",
     "logical_not": "logical_not",
 }
@@ -182,9 +196,15 @@ _BINARY_NAMES = {
     "truediv": "true_divide __truediv__",
     "floordiv": "floor_divide __floordiv__",
     "mod": "remainder __mod__",
+    "fmod": "fmod",
     "pow": "pow __pow__",
-    "maximum": "maximum fmax",
-    "minimum": "minimum fmin",
+    "maximum": "maximum",
+    "minimum": "minimum",
+    "fmax": "fmax",
+    "fmin": "fmin",
+    "atan2": "atan2 arctan2",
+    "hypot": "hypot",
+    "copysign": "copysign",
     "lt": "lt less __lt__",
     "le": "le less_equal __le__",
     "gt": "gt greater __gt__",
@@ -221,12 +241,9 @@ _HANDLERS = {
     "clip": clamp,
     "clamp_min": lambda x, lo: clamp(x, lo, None),
     "clamp_max": lambda x, hi: clamp(x, None, hi),
-    "relu": lambda x, *a, **k: clamp(x, 0, None),
     "masked_fill": lambda x, mask, value: where(mask, value, x),
-    "square": lambda x: binary("mul", x, x),
+    "square": lambda x: binary("pow", x, 2),
     "reciprocal": lambda x: binary("truediv", 1.0, x),
-    "log10": lambda x: binary("mul", unary("log", x), 1 / 2.302585092994046),
-    "round": _round,
     "searchsorted": _searchsorted,
     "bucketize": _bucketize,
     "isnan": _isnan,
@@ -245,8 +262,10 @@ _HANDLERS = {
     "clone": _identity,
     "detach": lambda x: unary("detach", x),
     "contiguous": _identity,
+    "positive": _identity,
     "squeeze": _identity,
     "__getitem__": lambda x, index: _getitem(x, index),
+    **COMPOSITES,
 }
 _DATA_DEPENDENT = frozenset(
     {"nonzero", "masked_select", "unique", "argwhere", "repeat_interleave", "unique_consecutive", "bincount"}
@@ -303,12 +322,15 @@ def _call(func, args, kwargs):
         raise in_place(name)
     if name.startswith("__i") and name[3:-2] in _IN_PLACE_DUNDERS:
         raise in_place(name)
+    if kwargs.get("inplace") is True:
+        raise in_place(f"{_qualname(func)}(..., inplace=True)")
     handler = _HANDLERS.get(name)
     if handler is None:
-        raise refuse(
-            f"unsupported function {_qualname(func)}",
-            "mods support elementwise torch ops (see flexattn.compiler's docs); build it from those",
+        reason, hint = REFUSED.get(
+            name,
+            (None, "mods support elementwise torch ops (see flexattn.compiler's docs); build it from those"),
         )
+        raise refuse(f"unsupported function {_qualname(func)}" + (f": {reason}" if reason else ""), hint)
     try:
         return handler(*args, **kwargs)
     except TypeError as e:
@@ -318,6 +340,19 @@ def _call(func, args, kwargs):
 _IN_PLACE_DUNDERS = frozenset(
     {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "div"}
 )
+
+
+def _factory_shape(name: str, args: tuple) -> tuple | None:
+    """The shape a scalar factory call makes (``torch.ones(3)`` -> (3,)), None if not plain ints.
+
+    Tensors of other shapes are made for real: a mod may build a small table and gather from it,
+    but not use it as a per-element value (``operand`` says so)."""
+    if name in ("tensor", "as_tensor", "scalar_tensor"):
+        return ()
+    dims = args[:-1] if name == "full" else args
+    if len(dims) == 1 and isinstance(dims[0], tuple | list | torch.Size):
+        dims = tuple(dims[0])
+    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
 
 
 def _has(values, kinds) -> bool:
@@ -341,13 +376,11 @@ class _TraceMode(TorchFunctionMode):
         if _has_proxy(args) or _has_proxy(kwargs.values()):
             return _call(func, args, kwargs)
         name = _func_name(func)
-        if name in _FACTORIES and args:
-            data = args[0] if name in ("tensor", "as_tensor", "scalar_tensor") else args[-1]
-            shape_ok = name in ("tensor", "as_tensor", "scalar_tensor") or tuple(args[0]) == ()
-            if shape_ok and as_number(data) is not None and len(args) <= 2:
-                if name in ("zeros", "ones"):
-                    data = 0 if name == "zeros" else 1
-                    kwargs.setdefault("dtype", torch.get_default_dtype())
+        if name in _FACTORIES and args and _factory_shape(name, args) == ():
+            data = {"zeros": 0, "ones": 1}.get(name, args[-1] if name == "full" else args[0])
+            if as_number(data) is not None:
+                if name in ("zeros", "ones", "full") and not isinstance(data, bool):
+                    kwargs.setdefault("dtype", torch.get_default_dtype() if name != "full" else None)
                 return constant(data, dtype=kwargs.get("dtype"))
         if name not in _METADATA and _has((*args, *kwargs.values()), torch.Tensor):
             note_tensor_read()
@@ -361,15 +394,17 @@ def _mod_name(mod) -> str:
     return getattr(mod, "__name__", None) or type(mod).__name__
 
 
-def trace(mod, kind: str, device=None) -> Program:
+def trace(mod, kind: str, device=None, sizes: dict | None = None) -> Program:
     """Trace a score mod (``kind="score"``) or mask mod (``kind="mask"``) into a pruned graph.
 
-    ``device`` (optional) is what the mod's values report as ``.device``.
+    ``device`` (optional) is what the mod's values report as ``.device``. ``sizes`` (optional,
+    ``{"b": B, "h": H, "q_idx": Q_LEN, "kv_idx": KV_LEN}``) also checks every gather against the
+    grid the mod will run on (``index_ranges.py``; raises ``ModIndexError``).
     """
     graph = Graph()
     inputs = [Traced(graph, i) for i in range(len(INPUTS))]
     device = torch.device(device) if device is not None else None
-    with tracing(graph, _mod_name(mod), device), _TraceMode():
+    with tracing(graph, _mod_name(mod), device, sizes), _TraceMode():
         result = mod(*inputs) if kind == "score" else mod(*inputs[1:])
         if not isinstance(result, Traced | torch.Tensor | PartialIndex) and as_number(result) is None:
             raise ModCompileError(

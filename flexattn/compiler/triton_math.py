@@ -176,3 +176,144 @@ def searchsorted(ptr, n, stride, v, RIGHT: tl.constexpr):
         lo = tl.where(active & (go_right != 0), mid + 1, lo)
         hi = tl.where(active & (go_right == 0), mid, hi)
     return lo
+
+
+# --- the rest of the pointwise surface: bits and NaN rules for every target, special functions
+# from core ops for the interpreter (GPUs call libdevice instead; see lowering.py) -------------
+
+
+@triton.jit
+def signbit(x):
+    """torch.signbit: the sign bit of a float (True for -0.0 and negative NaNs)."""
+    if x.dtype == tl.float64:
+        return x.to(tl.int64, bitcast=True) < 0
+    elif x.dtype == tl.float32:
+        return x.to(tl.int32, bitcast=True) < 0
+    else:
+        return x.to(tl.int16, bitcast=True) < 0
+
+
+@triton.jit
+def copysign(a, b):
+    """|a| with the sign bit of b (torch.copysign)."""
+    return tl.where(signbit(b), -tl.abs(a), tl.abs(a))
+
+
+@triton.jit
+def fmax(a, b):
+    """torch.fmax: the maximum, ignoring a NaN operand (NaN only if both are NaN)."""
+    return tl.where(a != a, b, tl.where(b != b, a, tl.maximum(a, b)))
+
+
+@triton.jit
+def fmin(a, b):
+    """torch.fmin: the minimum, ignoring a NaN operand (NaN only if both are NaN)."""
+    return tl.where(a != a, b, tl.where(b != b, a, tl.minimum(a, b)))
+
+
+@triton.jit
+def tan(x):
+    return tl.sin(x) / tl.cos(x)
+
+
+@triton.jit
+def atan(x):
+    """Cephes' atanf: range reduction to |t| <= tan(pi/8), then an odd polynomial (~1e-7)."""
+    ax = tl.abs(x)
+    big = ax > 2.414213562373095
+    mid = ax > 0.4142135623730950
+    t = tl.where(big, -1.0 / tl.where(big, ax, 1.0), tl.where(mid, (ax - 1.0) / (ax + 1.0), ax))
+    y0 = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    z = t * t
+    p = (
+        ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
+    ) * z * t + t
+    r = y0 + p
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def atan2(y, x):
+    """torch.atan2: the angle of (x, y), quadrant from the signs (also of zeros)."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    hi = tl.maximum(ax, ay)
+    lo = tl.minimum(ax, ay)
+    r = atan(lo / tl.where(hi == 0, 1.0, hi))
+    r = tl.where(ax == float("inf"), tl.where(ay == float("inf"), 0.7853981633974483, r), r)
+    r = tl.where(ay > ax, 1.5707963267948966 - r, r)
+    r = tl.where(signbit(x), 3.141592653589793 - r, r)
+    return copysign(r, y)
+
+
+@triton.jit
+def asin(x):
+    return atan2(x, tl.sqrt((1.0 - x) * (1.0 + x)))
+
+
+@triton.jit
+def acos(x):
+    return atan2(tl.sqrt((1.0 - x) * (1.0 + x)), x)
+
+
+@triton.jit
+def sinh(x):
+    """sinh from expm1 (no cancellation near 0); exp(|x| - log 2) where exp(|x|) would overflow."""
+    ax = tl.abs(x)
+    u = expm1(ax)
+    r = tl.where(ax > 20.0, tl.exp(ax - 0.6931471805599453), 0.5 * (u + u / (u + 1.0)))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def cosh(x):
+    ax = tl.abs(x)
+    e = tl.exp(ax)
+    return tl.where(ax > 20.0, tl.exp(ax - 0.6931471805599453), 0.5 * (e + 1.0 / e))
+
+
+@triton.jit
+def asinh(x):
+    """log1p form (accurate near 0); log(2|x|) for large |x|, where x * x would overflow."""
+    ax = tl.abs(x)
+    small = log1p(ax + ax * ax / (1.0 + tl.sqrt(1.0 + ax * ax)))
+    r = tl.where(ax > 1.0e4, tl.log(ax) + 0.6931471805599453, small)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def acosh(x):
+    t = x - 1.0
+    small = log1p(t + tl.sqrt(2.0 * t + t * t))
+    return tl.where(x > 1.0e4, tl.log(x) + 0.6931471805599453, small)
+
+
+@triton.jit
+def atanh(x):
+    ax = tl.abs(x)
+    r = 0.5 * log1p(2.0 * ax / (1.0 - ax))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def erfc(x):
+    """1 - erf(x) without cancellation: Numerical Recipes' erfcc (relative error < 1.2e-7)."""
+    z = tl.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -0.82215223 + t * 0.17087277
+    poly = 0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * poly))
+    poly = 1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * poly)))
+    r = t * tl.exp(-z * z - 1.26551223 + t * poly)
+    return tl.where(x >= 0, r, 2.0 - r)
+
+
+@triton.jit
+def hypot(a, b):
+    """sqrt(a * a + b * b) without overflow or underflow in the squares."""
+    aa = tl.abs(a)
+    ab = tl.abs(b)
+    hi = tl.maximum(aa, ab)
+    lo = tl.minimum(aa, ab)
+    ratio = lo / tl.where(hi == 0, 1.0, hi)
+    h = hi * tl.sqrt(1.0 + ratio * ratio)
+    return tl.where(aa == float("inf"), aa, tl.where(ab == float("inf"), ab, h))

@@ -401,7 +401,15 @@ def flex_backward(
     _, HKV, KV_LEN, EV = v.shape
     if tiles is None:
         tiles = choose_backward_tiles(
-            E, EV, q.dtype, q_block, kv_block, target.capability, options, dq_mode, light_score=score_mod.light
+            E,
+            EV,
+            q.dtype,
+            q_block,
+            kv_block,
+            target.capability,
+            options,
+            dq_mode,
+            light_score=score_mod.light,
         )
     pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
@@ -480,8 +488,12 @@ def _check_inputs(q, k, v, out, lse, dout, dlse, tables: BlockTables, score_mod,
     B, HQ, Q_LEN, _ = check_qkv(q, k, v, tables.kv_num_blocks, target)
     KV_LEN, EV = v.shape[2], v.shape[3]
     q_block, kv_block = tables.q_block, tables.kv_block
-    check_block_tables(tables, "kv", B, HQ, triton.cdiv(Q_LEN, q_block), f"Q_LEN={Q_LEN} with Q_BLOCK={q_block}")
-    check_block_tables(tables, "q", B, HQ, triton.cdiv(KV_LEN, kv_block), f"KV_LEN={KV_LEN} with KV_BLOCK={kv_block}")
+    check_block_tables(
+        tables, "kv", B, HQ, triton.cdiv(Q_LEN, q_block), f"Q_LEN={Q_LEN} with Q_BLOCK={q_block}"
+    )
+    check_block_tables(
+        tables, "q", B, HQ, triton.cdiv(KV_LEN, kv_block), f"KV_LEN={KV_LEN} with KV_BLOCK={kv_block}"
+    )
     if tables.has_full != (tables.full_q_num_blocks is not None):
         raise ValueError(
             "full_kv_num_blocks and full_q_num_blocks (the transposed view of the full blocks) must both be "

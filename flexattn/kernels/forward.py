@@ -273,7 +273,9 @@ def flex_forward(
         )
 
     def launch(tiles: Tiles) -> None:
-        descriptors = tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if tiles.use_tma else None
+        descriptors = (
+            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if tiles.use_tma else None
+        )
         k_src, v_src = descriptors or (k, v)
         grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
         _flex_forward_kernel[grid](
@@ -290,9 +292,13 @@ def flex_forward(
             **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
 
-    user_set = tiles is not None or any(getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages"))
+    user_set = tiles is not None or any(
+        getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")
+    )
     if tiles is None:
-        tiles = choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial)
+        tiles = choose_tiles(
+            q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial
+        )
     fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
     launch_within_resources(launch, tiles, fit_key, user_set)
     return out, lse, max_scores
@@ -327,7 +333,9 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     return tiles
 
 
-def choose_tiles(q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True) -> Tiles:
+def choose_tiles(
+    q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True
+) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
     capability, smem = target.capability, target.shared_memory
     tiles = forward_tiles(

@@ -90,7 +90,7 @@ def _boolean_mask_index(score, b, h, q_idx, kv_idx):
 
 
 def _unsupported_function(score, b, h, q_idx, kv_idx):
-    return torch.nn.functional.gelu(score)
+    return torch.lgamma(score)
 
 
 def _unsupported_method(score, b, h, q_idx, kv_idx):
@@ -155,14 +155,14 @@ REFUSALS = {  # id -> (mod, kind, words in the message, words in the hint)
     "unsupported-function": (
         _unsupported_function,
         "score",
-        "unsupported function torch.nn.functional.gelu",
-        "elementwise",
+        "unsupported function torch.lgamma: the gamma family has no Triton lowering",
+        "precompute a table outside the mod",
     ),
     "unsupported-method": (
         _unsupported_method,
         "score",
-        "unsupported function torch.Tensor.logsumexp",
-        "elementwise",
+        "unsupported function torch.Tensor.logsumexp: a mod sees one element",
+        "precompute it outside the mod",
     ),
     "whole-capture-as-value": (
         _whole_capture_as_value,

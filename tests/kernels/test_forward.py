@@ -76,9 +76,7 @@ def run_forward(
 
     def reference(compute_dtype):
         args = [t.double() if compute_dtype is None else t for t in (q, k, v)]
-        return reference_attention(
-            *args, score_mod, mask, scale, compute_dtype=compute_dtype
-        )
+        return reference_attention(*args, score_mod, mask, scale, compute_dtype=compute_dtype)
 
     gold, eager = reference(None), reference(dtype)
     for name, actual, g, e in zip(("out", "lse", "max_scores"), (out, lse, max_scores), gold, eager):
