@@ -70,7 +70,7 @@ def everything(score, b, h, q_idx, kv_idx):
 compiled = []
 with compile_report.compile_only(compiled):
     for fast_math in (False, True):
-        kmod = mod_compiler.compile_score_mod(everything, device="cuda", fast_math=fast_math)
+        kmod = mod_compiler.compile_score_mod(everything, device="cpu", fast_math=fast_math, target="cuda")
         score, index = torch.randn(16, 16), torch.zeros(16, dtype=torch.int32)
         harness.run_score(kmod, score, 0, 0, index, index)
         harness.run_grad(kmod, score, 0, 0, index, index, score, (torch.zeros(4, 64),))

@@ -14,12 +14,11 @@ import os
 import pytest
 import torch
 
-import flexattn.autograd
 from flexattn import KernelOptions, create_block_mask, flex_attention
-from flexattn.autograd import plan_attention
 from flexattn.compiler import _program, compile_score_mod
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.codegen import forward_function, gradient_function
+from flexattn.plan import fast_math_for, plan_attention
 from tests.helpers import assert_close_to_gold, gold_and_eager
 
 
@@ -67,17 +66,14 @@ def test_a_tanh_that_decides_an_integer_stays_exact():
         (torch.bfloat16, False, False),
     ],
 )
-def test_the_option_and_the_input_dtype_decide(monkeypatch, dtype, enabled, want):
-    seen = {}
-
-    def recording(score_mod, *, device=None, fast_math=False):
-        seen["fast_math"] = fast_math
-        return compile_score_mod(score_mod, device=device, fast_math=fast_math)
-
-    monkeypatch.setattr(flexattn.autograd, "compile_score_mod", recording)
+def test_the_option_and_the_input_dtype_decide(dtype, enabled, want):
+    """The plan compiles the score mod with ``fast_math_for(options, dtype)``."""
+    assert fast_math_for(KernelOptions(fast_math=enabled), dtype) is want
     mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
-    plan_attention(_softcap, mask, 0.25, KernelOptions(fast_math=enabled), "cpu", dtype)
-    assert seen["fast_math"] is want
+    plan = plan_attention(
+        _softcap, mask, 32, 32, 0.25, KernelOptions(fast_math=enabled), torch.device("cpu"), dtype
+    )
+    assert plan.score_mod.fn is compile_score_mod(_softcap, device="cpu", fast_math=want).fn
 
 
 def test_the_option_is_validated():
