@@ -153,8 +153,8 @@ def _classify_kernel(
         # -- decide what the index ranges decide --
         blocks = start + offs
         valid = blocks < NKV
-        kv_lo = blocks * KV_BLOCK
-        kv_hi = tl.minimum(kv_lo + KV_BLOCK, KV_LEN) - 1
+        kv_hi = tl.minimum(blocks * KV_BLOCK + KV_BLOCK, KV_LEN) - 1
+        kv_lo = tl.minimum(blocks * KV_BLOCK, kv_hi)  # lanes past NKV: a valid (unused) range
         lo, hi = INTERVAL_FN(b, h, q_start, q_end - 1, kv_lo, kv_hi, MASK_ARGS, RANGES)
         cls = tl.where(lo > 0, 2, tl.where(hi == 0, 0, 3))
         cls = tl.where(valid, cls, 0)
