@@ -370,7 +370,7 @@ def create_block_mask(
     Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
     q_block, kv_block = _block_size_pair(BLOCK_SIZE)
     device = _default_device(device)
-    choice = choose_builder(mask_mod, device, backend, q_block, kv_block, max(Q_LEN, KV_LEN))
+    choice = choose_builder(mask_mod, device, backend, q_block, kv_block)
     if choice.builder == "triton":
         tables = build_tables(choice, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full_blocks)
         return BlockMask(

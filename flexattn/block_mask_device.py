@@ -26,7 +26,6 @@ from flexattn.kernels.block_mask_kernel import BlockMaskMod, BlockTables, build_
 
 BACKENDS = ("auto", "triton", "torch")
 MAX_GRAIN = 64  # positions per grain of the captured tensors' min/max tables
-MAX_GRAINS = 1 << 16  # grains per table row: bounds the tables' memory for long sequences
 
 _LOG = logging.getLogger("flexattn.block_mask")
 
@@ -44,20 +43,15 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def grain_for(q_block: int, kv_block: int, length: int) -> int:
-    """Grain of the min/max tables: the largest power of two <= MAX_GRAIN dividing both block sizes
-    (tiles then cover whole grains, so gathers are bounded exactly), coarser only for very long
-    sequences (at most MAX_GRAINS grains per row)."""
+def grain_for(q_block: int, kv_block: int) -> int:
+    """Grain of the min/max tables of long captured rows: the largest power of two <= MAX_GRAIN
+    dividing both block sizes, so that tiles cover whole grains and gathers are bounded exactly
+    (``compiler.intervals.table_grain`` keeps short rows per position)."""
     common = math.gcd(q_block, kv_block)
-    grain = min(MAX_GRAIN, common & -common)
-    while -(-length // grain) > MAX_GRAINS:
-        grain *= 2
-    return grain
+    return min(MAX_GRAIN, common & -common)
 
 
-def choose_builder(
-    mask_mod, device: torch.device, backend: str, q_block: int, kv_block: int, length: int
-) -> BuilderChoice:
+def choose_builder(mask_mod, device: torch.device, backend: str, q_block: int, kv_block: int) -> BuilderChoice:
     """Pick the builder for ``create_block_mask(..., backend=backend)`` (compiling the mod if Triton)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -76,7 +70,7 @@ def choose_builder(
         if backend == "triton":
             raise ValueError(f"create_block_mask(backend='triton') needs a CUDA or CPU device, got {device}.")
         return BuilderChoice("torch", f"no generated kernel for {device.type} tensors")
-    grain = grain_for(q_block, kv_block, length)
+    grain = grain_for(q_block, kv_block)
     try:
         mod = compile_block_mask_mod(mask_mod, device=device, grain=grain)
     except ModCompileError as e:
@@ -96,14 +90,14 @@ def build_tables(
     return build_block_tables(choice.mod, B, H, q_len, kv_len, q_block, kv_block, device, separate_full)
 
 
-def explain_block_mask(mask_mod, device=None, backend: str = "auto", BLOCK_SIZE=128, length: int = 1) -> str:
+def explain_block_mask(mask_mod, device=None, backend: str = "auto", BLOCK_SIZE=128) -> str:
     """Which builder ``create_block_mask`` would use for ``mask_mod`` on ``device``, and why.
 
     Example:
-        >>> explain_block_mask(lambda b, h, q, kv: q >= kv, device="cpu")
-        'torch: CPU tensors (...)'
+        >>> explain_block_mask(lambda b, h, q, kv: q >= kv, device="cpu").split(":")[0]
+        'torch'
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     q_block, kv_block = (BLOCK_SIZE, BLOCK_SIZE) if isinstance(BLOCK_SIZE, int) else BLOCK_SIZE
-    choice = choose_builder(mask_mod, device, backend, q_block, kv_block, length)
+    choice = choose_builder(mask_mod, device, backend, q_block, kv_block)
     return f"{choice.builder}: {choice.reason}"

@@ -400,9 +400,25 @@ def range_table(rows: torch.Tensor, grain: int) -> tuple[torch.Tensor, torch.Ten
     return tmin.contiguous(), tmax.contiguous(), lg
 
 
+SMALL_TABLE = 1 << 13  # rows this long are tabled per position (exact for any index range)
+MAX_TABLE = 1 << 16  # grains per row at most (bounds the memory for very long rows)
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def table_grain(n: int, grain: int) -> int:
+    """Positions per grain for a row of ``n``: 1 for short rows (small tables like per-document
+    offsets stay exact), up to ``grain`` for long ones, more only beyond MAX_TABLE grains."""
+    g = min(grain, _pow2_at_least(-(-n // SMALL_TABLE)))
+    return max(g, _pow2_at_least(-(-n // MAX_TABLE)))
+
+
 def range_args(plan: IntervalPlan, captures: list[torch.Tensor], grain: int) -> tuple:
     """The ``ranges`` tuple of an interval function: per global slot a 2-element int64 (min, max)
-    tensor, per table (tmin, tmax, lg, rows, blocks, grain) with the ints encoded."""
+    tensor, per table (tmin, tmax, lg, rows, blocks, grain) with the ints encoded. ``grain``: the
+    coarsest grain wanted for long rows (``table_grain``)."""
     args: list = []
     for slot in plan.global_slots:
         t = captures[slot].detach()
@@ -412,6 +428,7 @@ def range_args(plan: IntervalPlan, captures: list[torch.Tensor], grain: int) -> 
         t = captures[spec.slot].detach()
         n = t.shape[spec.dim]
         rows = t.movedim(spec.dim, -1).reshape(-1, n)
-        tmin, tmax, lg = range_table(rows, grain)
-        args += [tmin, tmax, lg, *map(encode_int, (rows.shape[0], tmin.shape[-1], grain))]
+        g = table_grain(n, grain)
+        tmin, tmax, lg = range_table(rows, g)
+        args += [tmin, tmax, lg, *map(encode_int, (rows.shape[0], tmin.shape[-1], g))]
     return tuple(args)
