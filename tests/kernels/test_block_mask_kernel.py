@@ -55,3 +55,104 @@ GRIDS = [
 def test_catalog_masks_match_the_torch_builder(entry, grid):
     B, H, Lq, Lkv, block = grid
     assert_same_blocks(MASK_MODS[entry](B, H, Lq, Lkv, DEVICE), B, H, Lq, Lkv, block)
+
+
+# ---- attention-gym masks, random block sizes, broadcast and per-batch/per-head masks ------------------
+
+
+def _random_docs(L, max_docs=6):
+    lengths = torch.randint(1, max(2, L // 2), (max_docs,))
+    lengths = lengths[lengths.cumsum(0) < L]
+    lengths = torch.cat([lengths, (L - lengths.sum()).view(1)])
+    return V.document_ids_from_lengths(lengths).to(DEVICE)
+
+
+def _gym(name, B, L):
+    if name == "causal":
+        return V.causal()
+    if name == "sliding-window":
+        return V.sliding_window(int(torch.randint(1, L, ())))
+    if name == "prefix-lm":
+        return V.prefix_lm(int(torch.randint(0, L, ())))
+    if name == "prefix-lm-per-batch":
+        return V.prefix_lm(torch.randint(0, L, (B,), dtype=torch.int32, device=DEVICE))
+    if name == "document":
+        return V.document_mask(_random_docs(L))
+    if name == "document-causal-per-batch":
+        return V.document_mask(torch.stack([_random_docs(L) for _ in range(B)]), V.causal())
+    if name == "dilated":
+        return V.dilated_sliding_window(4, 3)
+    if name == "chunked":
+        return V.chunked(int(torch.randint(1, L, ())), causal=True)
+    if name == "natten-1d":
+        return V.natten_1d(L, int(torch.randint(1, L, ())))
+    if name == "natten-2d":
+        return V.natten_2d(L // 10, 10, (3, 5))
+    if name == "per-head-window":
+        return lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 4 * b + 8 * h
+    raise KeyError(name)
+
+
+GYM = [
+    "causal", "sliding-window", "prefix-lm", "prefix-lm-per-batch", "document", "document-causal-per-batch",
+    "dilated", "chunked", "natten-1d", "natten-2d", "per-head-window",
+]  # fmt: skip
+BLOCKS = [2, 3, 8, 16, 24, 32, 64]
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("name", GYM)
+def test_attention_gym_masks_with_random_block_sizes(name, seed):
+    L = int(torch.randint(40, 100, ()))
+    B = 2
+    H = None if name != "per-head-window" else 3
+    block = (BLOCKS[int(torch.randint(len(BLOCKS), ()))], BLOCKS[int(torch.randint(len(BLOCKS), ()))])
+    mask = assert_same_blocks(_gym(name, B, L), B, H, L, L, block)
+    assert mask.kv_num_blocks.shape[:2] == (B, H or 1)
+
+
+@pytest.mark.parametrize("separate_full", [True, False], ids=["full-separated", "all-partial"])
+@pytest.mark.parametrize("batch_heads", [(None, None), (3, None), (None, 2), (2, 3)], ids=str)
+def test_broadcast_and_separate_full_blocks(batch_heads, separate_full):
+    B, H = batch_heads
+    mod = or_masks(and_masks(V.causal(), lambda b, h, q, kv: (q - kv) < 20 + 5 * h), lambda b, h, q, kv: kv < b)
+    mask = assert_same_blocks(mod, B, H, 75, 90, (16, 8), separate_full)
+    assert (mask.full_kv_indices is None) == (not separate_full)
+
+
+def test_cross_attention_lengths_and_tiny_masks():
+    assert_same_blocks(V.causal(), None, None, 1, 1, 16)
+    assert_same_blocks(V.causal(), 1, 1, 5, 300, (4, 64))
+    assert_same_blocks(lambda b, h, q, kv: kv % 7 == q % 5, 1, 1, 70, 33, (8, 16))
+
+
+def test_new_lengths_and_new_captured_values_do_not_generate_code():
+    docs = _random_docs(100)
+    mod = V.document_mask(docs, V.causal())
+    create_block_mask(mod, None, None, 100, 100, device=DEVICE, BLOCK_SIZE=16, backend="triton")
+    before = codegen_count()
+    for L in (64, 100):
+        other = V.document_mask(_random_docs(L), V.causal())
+        assert_same_blocks(other, None, None, L, L, 16)
+    assert codegen_count() == before
+
+
+def test_interpreter_is_required_on_cpu_and_backend_is_validated(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        create_block_mask(V.causal(), None, None, 8, 8, device=DEVICE, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        create_block_mask(V.causal(), None, None, 8, 8, device="cpu", backend="triton")
+
+
+def test_mods_the_compiler_cannot_trace_fall_back_to_the_torch_builder():
+    from flexattn.block_mask_device import choose_builder
+    from flexattn.compiler import ModCompileError
+
+    def reads_a_value(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx if q_idx.item() >= 0 else q_idx < kv_idx
+
+    choice = choose_builder(reads_a_value, torch.device("cuda"), "auto", 128, 128)
+    assert choice.builder == "torch" and "does not compile" in choice.reason and "item" in choice.reason
+    with pytest.raises(ModCompileError, match="item"):
+        create_block_mask(reads_a_value, None, None, 8, 8, device=DEVICE, backend="triton")
