@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_block_mas
 def _load():
     spec = importlib.util.spec_from_file_location("bench_block_mask", _PATH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
