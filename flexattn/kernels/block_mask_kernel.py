@@ -18,8 +18,8 @@ Two kernels:
    full block lists are written in ascending order as they are found (a prefix sum per step), and
    every class into a (B, H, NQ, NKV) int8 table.
 2. ``_transpose_kernel``, one program per (T kv blocks, b * H + h): walks the q blocks of its columns
-   in ascending order and appends each to the q-side lists of the columns that visit it: the
-   transposed view for the backward, sorted by construction.
+   in ascending order, QS at a time, and appends each to the q-side lists of the columns that visit
+   it (a prefix sum down each column): the transposed view for the backward, sorted by construction.
 
 Memory is the block tables themselves plus the int8 class table: O(B * H * NQ * NKV), never L x L.
 Nothing is synchronised with the host.
@@ -40,6 +40,7 @@ from flexattn.kernels.mods import KernelMod
 EMPTY, PARTIAL, FULL, UNDECIDED = 0, 1, 2, 3
 KV_BLOCKS_PER_STEP = 64  # T of the classifier: fixed, so new lengths reuse the compiled kernel
 COLUMNS_PER_PROGRAM = 32  # T of the transpose
+Q_BLOCKS_PER_STEP = 32  # QS of the transpose
 SUB_TILE_ELEMENTS = 4096
 MAX_GRID_Y = 65535
 
@@ -184,7 +185,7 @@ def _transpose_kernel(
     # input: classes (B*H, NQ, NKV) int8; outputs: counts (B*H, NKV), indices (B*H, NKV, NQ) int32 (zeroed)
     CLASSES, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
     NQ, NKV,
-    T: tl.constexpr, SEPARATE_FULL: tl.constexpr,
+    T: tl.constexpr, QS: tl.constexpr, SEPARATE_FULL: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * T + tl.arange(0, T)
@@ -192,18 +193,27 @@ def _transpose_kernel(
     out_rows = (bh * NKV + cols) * NQ  # start of each column's q list
     n_partial = tl.zeros((T,), tl.int32)
     n_full = tl.zeros((T,), tl.int32)
-    for qb in range(0, NQ):
-        cls = tl.load(CLASSES + (bh * NQ + qb) * NKV + cols, mask=valid, other=0)
-        partial = cls == 1
-        tl.store(Q_IDX + out_rows + n_partial, tl.zeros((T,), tl.int32) + qb, mask=partial)
-        n_partial += partial.to(tl.int32)
+    for q0 in range(0, NQ, QS):
+        # QS q blocks of T columns at once; each column appends its visitors in q order
+        q_blocks = q0 + tl.arange(0, QS)
+        inside = (q_blocks < NQ)[:, None] & valid[None, :]
+        cls = tl.load(CLASSES + (bh * NQ + q_blocks[:, None]) * NKV + cols[None, :], mask=inside, other=0)
+        rows = tl.zeros((QS, T), tl.int32) + q_blocks[:, None]
+        n_partial = _append_columns(Q_IDX, out_rows, n_partial, rows, cls == 1)
         if SEPARATE_FULL:
-            full = cls == 2
-            tl.store(FULL_Q_IDX + out_rows + n_full, tl.zeros((T,), tl.int32) + qb, mask=full)
-            n_full += full.to(tl.int32)
+            n_full = _append_columns(FULL_Q_IDX, out_rows, n_full, rows, cls == 2)
     tl.store(Q_NUM + bh * NKV + cols, n_partial, mask=valid)
     if SEPARATE_FULL:
         tl.store(FULL_Q_NUM + bh * NKV + cols, n_full, mask=valid)
+
+
+@triton.jit
+def _append_columns(IDX, col_base, counts, rows, selected):
+    """Per column j: write ``rows[selected[:, j], j]`` at ``IDX[col_base[j] + counts[j] + rank]``."""
+    picked = selected.to(tl.int32)
+    pos = counts[None, :] + tl.cumsum(picked, 0) - 1
+    tl.store(IDX + col_base[None, :] + pos, rows, mask=selected)
+    return counts + tl.sum(picked, 0)
 
 
 def _sub_tile(q_block: int, kv_block: int) -> tuple[int, int]:
@@ -267,7 +277,7 @@ def build_block_tables(
         full_q_num = full_q_idx = q_num
     _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), B * H)](
         classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv,
-        T=COLUMNS_PER_PROGRAM, SEPARATE_FULL=separate_full, num_warps=1,
+        T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=separate_full, num_warps=4,
     )  # fmt: skip
     if not separate_full:
         full_num = full_idx = full_q_num = full_q_idx = None
