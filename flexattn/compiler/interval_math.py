@@ -28,14 +28,6 @@ def _within(x, bound):
 
 
 @triton.jit
-def top(like):
-    """The widest int64 bounds, shaped like ``like``."""
-    lo = tl.zeros_like(like).to(tl.int64) + I64_MIN
-    hi = tl.zeros_like(like).to(tl.int64) + I64_MAX
-    return lo, hi
-
-
-@triton.jit
 def fit(lo, hi, MIN: tl.constexpr, MAX: tl.constexpr):
     """Bounds of a value of a dtype with range [MIN, MAX]: widened to it where they leave it."""
     ok = (lo >= MIN) & (hi <= MAX)

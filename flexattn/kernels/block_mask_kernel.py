@@ -5,7 +5,9 @@ Glossary:
     Q_LEN, KV_LEN     sequence lengths (runtime values: new lengths do not recompile)
     Q_BLOCK, KV_BLOCK the BlockMask's block sizes (runtime values)
     NQ, NKV           number of q blocks / kv blocks
-    T                 kv blocks classified together (one vector step along a row of tiles)
+    T                 kv blocks classified together (one vector step along a row of tiles);
+                      in the transpose, kv blocks (columns) per program
+    QS                q blocks the transpose takes per step
     SUB_M, SUB_N      the sub-tile in which an undecided block is evaluated element by element
     classes           EMPTY 0 (never visited), PARTIAL 1 (mask_mod evaluated), FULL 2 (all allowed);
                       UNDECIDED 3 only inside the classifier

@@ -12,11 +12,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexattn import and_masks, create_block_mask, or_masks
 from flexattn import variants as V
 from flexattn.compiler import codegen_count
 from tests.catalog import MASK_MODS
+from tests.compiler.test_intervals import _bool_exprs, _int_exprs, make_mod
 from tests.test_block_mask import assert_well_formed
 
 pytestmark = pytest.mark.skipif(
@@ -156,3 +159,21 @@ def test_mods_the_compiler_cannot_trace_fall_back_to_the_torch_builder():
     assert choice.builder == "torch" and "does not compile" in choice.reason and "item" in choice.reason
     with pytest.raises(ModCompileError, match="item"):
         create_block_mask(reads_a_value, None, None, 8, 8, device=DEVICE, backend="triton")
+
+
+def test_slicing_and_adjust_reuse_device_built_masks():
+    mod = V.sliding_window(20)
+    big = create_block_mask(mod, 2, None, 100, 120, device=DEVICE, BLOCK_SIZE=16, backend="triton")
+    small = big._adjust(50, 70)
+    fresh = create_block_mask(mod, 2, None, 50, 70, device=DEVICE, BLOCK_SIZE=16, backend="torch")
+    assert torch.equal(small.to_dense(), fresh.to_dense())
+    # (a cropped tail block keeps its class from the longer mask: partial where a fresh mask may say full)
+    assert torch.equal(big[1].to_dense(), big.to_dense()[1:2])
+    assert_well_formed(small.to("cpu"))
+
+
+@settings(max_examples=10, deadline=None)
+@given(expr=_bool_exprs(_int_exprs()), block=st.sampled_from([(8, 8), (4, 16), (16, 3)]))
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
+def test_random_mask_expressions_match_the_torch_builder(expr, block):
+    assert_same_blocks(make_mod(expr), 2, 2, 29, 37, block)
