@@ -13,13 +13,13 @@ Glossary:
                       UNDECIDED 3 only inside the classifier
 
 Two kernels:
-1. ``_classify_kernel``, one program per (q block, b * H + h): walks its row of tiles T kv blocks at
+1. ``_classify_kernel``, one program per (q block, h, b): walks its row of tiles T kv blocks at
    a time. The mod's interval function (``flexattn.compiler.intervals``) decides most tiles from
    their index ranges alone; only the undecided ones run the mask mod on their elements, sub-tile
    by sub-tile, stopping as soon as both a True and a False pair are seen. Each row's partial and
    full block lists are written in ascending order as they are found (a prefix sum per step), and
    every class into a (B, H, NQ, NKV) int8 table.
-2. ``_transpose_kernel``, one program per (T kv blocks, b * H + h): walks the q blocks of its columns
+2. ``_transpose_kernel``, one program per (T kv blocks, h, b): walks the q blocks of its columns
    in ascending order, QS at a time, and appends each to the q-side lists of the columns that visit
    it (a prefix sum down each column): the transposed view for the backward, sorted by construction.
 
@@ -44,7 +44,7 @@ KV_BLOCKS_PER_STEP = 64  # T of the classifier: fixed, so new lengths reuse the 
 COLUMNS_PER_PROGRAM = 32  # T of the transpose
 Q_BLOCKS_PER_STEP = 32  # QS of the transpose
 SUB_TILE_ELEMENTS = 4096
-MAX_GRID_Y = 65535
+MAX_GRID_YZ = 65535
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,9 @@ def _classify_kernel(
     T: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr, SEPARATE_FULL: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    row = bh.to(tl.int64) * NQ + qb
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    row = (b.to(tl.int64) * H + h) * NQ + qb
     row_base = row * NKV
     q_start = qb * Q_BLOCK
     q_end = tl.minimum(q_start + Q_BLOCK, Q_LEN)
@@ -182,14 +181,14 @@ def _classify_kernel(
         _zero_tail(FULL_IDX, row_base, n_full, NKV, T)
 
 
-@triton.jit(do_not_specialize=["NQ", "NKV"])
+@triton.jit(do_not_specialize=["NQ", "NKV", "H"])
 def _transpose_kernel(
     # input: classes (B*H, NQ, NKV) int8; outputs: counts (B*H, NKV), indices (B*H, NKV, NQ) int32 (zeroed)
     CLASSES, Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX,
-    NQ, NKV,
+    NQ, NKV, H,
     T: tl.constexpr, QS: tl.constexpr, SEPARATE_FULL: tl.constexpr,
 ):  # fmt: skip
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(2).to(tl.int64) * H + tl.program_id(1)
     cols = tl.program_id(0) * T + tl.arange(0, T)
     valid = cols < NKV
     out_rows = (bh * NKV + cols) * NQ  # start of each column's q list
@@ -238,8 +237,8 @@ def build_block_tables(
 ) -> BlockTables:
     """Classify every (b, h, q block, kv block) tile of ``mod`` on ``device`` and list the blocks.
 
-    How it is parallelized: the classifier runs one program per (q block, b * H + h) over that row of
-    NKV tiles, the transpose one program per (32 kv blocks, b * H + h) over the NQ q blocks; both are
+    How it is parallelized: the classifier runs one program per (q block, h, b) over that row of
+    NKV tiles, the transpose one program per (32 kv blocks, h, b) over the NQ q blocks; both are
     launched back to back with no host synchronisation. Positions past ``q_len`` / ``kv_len`` in a
     tail block are ignored (a tail block whose in-range pairs are all allowed is FULL).
 
@@ -250,10 +249,10 @@ def build_block_tables(
         tables.full_kv_num_blocks[0, 0].tolist()     # [0, 1, 2]
     """
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
-    if B * H > MAX_GRID_Y:
+    if max(B, H) > MAX_GRID_YZ:
         raise ValueError(
-            f"create_block_mask on the device supports B * H <= {MAX_GRID_Y}, got B={B}, H={H}: "
-            "build a mask broadcast over heads (H=None) or split the batch."
+            f"create_block_mask on the device supports B and H up to {MAX_GRID_YZ} (CUDA's grid limit), "
+            f"got B={B}, H={H}: split the batch into several masks."
         )
     i32 = dict(dtype=torch.int32, device=device)
     kv_num = torch.empty(B, H, nq, **i32)
@@ -264,7 +263,7 @@ def build_block_tables(
     else:
         full_num = full_idx = kv_num  # never written (SEPARATE_FULL=False)
     sub_m, sub_n = _sub_tile(q_block, kv_block)
-    _classify_kernel[(nq, B * H)](
+    _classify_kernel[(nq, H, B)](
         kv_num, kv_idx, full_num, full_idx, classes,
         q_len, kv_len, nq, nkv, H, q_block, kv_block,
         mod.mask.fn, mod.mask.args, mod.interval_fn, mod.ranges,
@@ -277,8 +276,8 @@ def build_block_tables(
         full_q_num, full_q_idx = torch.empty_like(q_num), torch.zeros_like(q_idx)
     else:
         full_q_num = full_q_idx = q_num
-    _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), B * H)](
-        classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv,
+    _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), H, B)](
+        classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv, H,
         T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=separate_full, num_warps=4,
     )  # fmt: skip
     if not separate_full:
