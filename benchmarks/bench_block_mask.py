@@ -100,7 +100,9 @@ def make_mask_mod(case: Case, device) -> Callable:
 
 def _builder(name: str) -> Callable:
     if name == "flexattn":
-        return lambda mod, B, S: flexattn.create_block_mask(mod, B, None, S, S, device="cuda", backend="triton")
+        return lambda mod, B, S: flexattn.create_block_mask(
+            mod, B, None, S, S, device="cuda", backend="triton"
+        )
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
     compiled = name == "torch-compiled"
@@ -157,7 +159,7 @@ def plan(args: argparse.Namespace) -> list[tuple[Case, str]]:
             for B in args.batch:
                 case = Case(mask, S, B)
                 for builder in args.builders:
-                    if builder == "torch-eager" and S > args.eager_max:
+                    if builder == "torch-eager" and args.eager_max < S:
                         continue
                     runs.append((case, builder))
     return runs
@@ -169,13 +171,17 @@ def table(results: list[Result]) -> str:
         if r.error:
             lines.append(f"| {r.case} | {r.builder} | {r.error} | | |")
         else:
-            lines.append(f"| {r.case} | {r.builder} | {r.first_ms:.1f} | {r.time_ms:.3f} | {r.peak_mib:.1f} |")
+            lines.append(
+                f"| {r.case} | {r.builder} | {r.first_ms:.1f} | {r.time_ms:.3f} | {r.peak_mib:.1f} |"
+            )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", type=_parse_size, default=[_parse_size(s) for s in ("8k", "32k", "128k", "1M")])
+    parser.add_argument(
+        "--sizes", nargs="+", type=_parse_size, default=[_parse_size(s) for s in ("8k", "32k", "128k", "1M")]
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
     parser.add_argument("--builders", nargs="+", choices=BUILDERS, default=list(BUILDERS))
@@ -202,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     for case, builder in runs:
         results.append(measure(case, builder, args.reps))
         r = results[-1]
-        print(f"{r.case:32s} {r.builder:15s} " + (r.error or f"first {r.first_ms:9.1f} ms  time {r.time_ms:9.3f} ms  peak {r.peak_mib:8.1f} MiB"), flush=True)
+        print(
+            f"{r.case:32s} {r.builder:15s} "
+            + (
+                r.error or f"first {r.first_ms:9.1f} ms  time {r.time_ms:9.3f} ms  peak {r.peak_mib:8.1f} MiB"
+            ),
+            flush=True,
+        )
     print()
     print(table(results))
     if args.json:

@@ -51,7 +51,9 @@ def grain_for(q_block: int, kv_block: int) -> int:
     return min(MAX_GRAIN, common & -common)
 
 
-def choose_builder(mask_mod, device: torch.device, backend: str, q_block: int, kv_block: int) -> BuilderChoice:
+def choose_builder(
+    mask_mod, device: torch.device, backend: str, q_block: int, kv_block: int
+) -> BuilderChoice:
     """Pick the builder for ``create_block_mask(..., backend=backend)`` (compiling the mod if Triton)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -59,7 +61,8 @@ def choose_builder(mask_mod, device: torch.device, backend: str, q_block: int, k
         return BuilderChoice("torch", "backend='torch' was requested")
     if device.type == "cpu" and backend == "auto":
         return BuilderChoice(
-            "torch", "CPU tensors (backend='triton' with TRITON_INTERPRET=1 runs the kernel in Triton's interpreter)"
+            "torch",
+            "CPU tensors (backend='triton' with TRITON_INTERPRET=1 runs the kernel in Triton's interpreter)",
         )
     if device.type == "cpu" and not _interpreted():
         raise ValueError(

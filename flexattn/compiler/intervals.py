@@ -270,7 +270,9 @@ class _IntervalEmitter:
         wrapped = []
         for d, a in enumerate(args):
             if not self.known(a):  # a float index: any position
-                self.lines.append(f"w{i}_{d}l, w{i}_{d}h = im.wrap(tl.full((), 0, tl.int64), {sizes[d]} - 1, {sizes[d]})")
+                self.lines.append(
+                    f"w{i}_{d}l, w{i}_{d}h = im.wrap(tl.full((), 0, tl.int64), {sizes[d]} - 1, {sizes[d]})"
+                )
             else:
                 self.lines.append(f"w{i}_{d}l, w{i}_{d}h = im.wrap(l{a}, u{a}, {sizes[d]})")
             wrapped.append((f"w{i}_{d}l", f"w{i}_{d}h"))
@@ -342,7 +344,9 @@ class _IntervalEmitter:
         return lines
 
     def plan(self) -> IntervalPlan:
-        tables = tuple(RangeTableSpec(slot, dim) for (slot, dim), _ in sorted(self.tables.items(), key=lambda x: x[1]))
+        tables = tuple(
+            RangeTableSpec(slot, dim) for (slot, dim), _ in sorted(self.tables.items(), key=lambda x: x[1])
+        )
         return IntervalPlan(tables, tuple(sorted(self.global_slots)), tuple(sorted(self.unknown)))
 
 
@@ -353,7 +357,10 @@ def interval_function(graph: Graph, output: int, name: str) -> tuple[str, Interv
     body = em.prologue() + em.lines
     if em.known(output):
         lo, hi = em.bounds(output)
-        body += [f"lo, _ = tl.broadcast(({lo}).to(tl.int64), kv_lo)", f"hi, _ = tl.broadcast(({hi}).to(tl.int64), kv_lo)"]
+        body += [
+            f"lo, _ = tl.broadcast(({lo}).to(tl.int64), kv_lo)",
+            f"hi, _ = tl.broadcast(({hi}).to(tl.int64), kv_lo)",
+        ]
     else:
         body += ["lo = tl.zeros_like(kv_lo).to(tl.int64)", "hi = lo + 1"]
     body.append("return lo, hi")

@@ -30,7 +30,9 @@ T = 16  # kv tiles per q tile in the test kernel
 
 
 @triton.jit
-def _bounds_kernel(LO, HI, BH, Q_RANGE, KV_RANGE, MASK_ARGS, INTERVAL_FN: tl.constexpr, RANGES, T: tl.constexpr):
+def _bounds_kernel(
+    LO, HI, BH, Q_RANGE, KV_RANGE, MASK_ARGS, INTERVAL_FN: tl.constexpr, RANGES, T: tl.constexpr
+):
     """Program i: tile rows (b, h, [q_lo, q_hi]) x T kv ranges -> int64 bounds of the mask."""
     i = tl.program_id(0)
     b, h = tl.load(BH + 2 * i), tl.load(BH + 2 * i + 1)
@@ -111,7 +113,9 @@ def test_common_masks_leave_only_partial_tiles_undecided(name):
     block_range = torch.stack([starts, starts + blk - 1], -1)
     bh = torch.zeros(n, 2, dtype=torch.int32)
     kv_range = block_range[torch.arange(T) % n].expand(n, T, 2).contiguous()  # row i: kv blocks 0..n-1, ...
-    lo, hi = (t.cpu() for t in tile_bounds(mask_mod, bh.to(DEVICE), block_range.to(DEVICE), kv_range.to(DEVICE), 8))
+    lo, hi = (
+        t.cpu() for t in tile_bounds(mask_mod, bh.to(DEVICE), block_range.to(DEVICE), kv_range.to(DEVICE), 8)
+    )
     tiles = dense.view(n, blk, n, blk).transpose(1, 2)
     partial = tiles.any(-1).any(-1) & ~tiles.all(-1).all(-1)
     undecided = (lo == 0) & (hi == 1)
@@ -139,7 +143,9 @@ def _int_exprs():
                 lambda t: f"torch.{t[0]}({t[1]}, {t[2]})"
             )
             | inner.map(lambda e: f"table[{e} % 11]")
-            | st.tuples(_bool_exprs(inner), inner, inner).map(lambda t: f"torch.where({t[0]}, {t[1]}, {t[2]})")
+            | st.tuples(_bool_exprs(inner), inner, inner).map(
+                lambda t: f"torch.where({t[0]}, {t[1]}, {t[2]})"
+            )
         )
 
     return st.recursive(leaves, extend, max_leaves=4)
@@ -151,8 +157,10 @@ def _bool_exprs(ints):
     )
     return st.recursive(
         compare,
-        lambda inner: st.tuples(st.sampled_from(["&", "|"]), inner, inner).map(lambda t: f"({t[1]} {t[0]} {t[2]})")
-        | inner.map(lambda e: f"(~{e})"),
+        lambda inner: (
+            st.tuples(st.sampled_from(["&", "|"]), inner, inner).map(lambda t: f"({t[1]} {t[0]} {t[2]})")
+            | inner.map(lambda e: f"(~{e})")
+        ),
         max_leaves=2,
     )
 

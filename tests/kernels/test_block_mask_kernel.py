@@ -118,7 +118,9 @@ def test_attention_gym_masks_with_random_block_sizes(name, seed):
 @pytest.mark.parametrize("batch_heads", [(None, None), (3, None), (None, 2), (2, 3)], ids=str)
 def test_broadcast_and_separate_full_blocks(batch_heads, separate_full):
     B, H = batch_heads
-    mod = or_masks(and_masks(V.causal(), lambda b, h, q, kv: (q - kv) < 20 + 5 * h), lambda b, h, q, kv: kv < b)
+    mod = or_masks(
+        and_masks(V.causal(), lambda b, h, q, kv: (q - kv) < 20 + 5 * h), lambda b, h, q, kv: kv < b
+    )
     mask = assert_same_blocks(mod, B, H, 75, 90, (16, 8), separate_full)
     assert (mask.full_kv_indices is None) == (not separate_full)
 
