@@ -179,3 +179,11 @@ def test_slicing_and_adjust_reuse_device_built_masks():
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
 def test_random_mask_expressions_match_the_torch_builder(expr, block):
     assert_same_blocks(make_mod(expr), 2, 2, 29, 37, block)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["causal", "sliding-window", "prefix-lm-per-batch", "document-causal-per-batch"])
+def test_real_sizes_on_the_gpu(name):
+    """S = 16384 (128 x 128 blocks of 128), B = 2: the same blocks as the torch builder."""
+    S, B = 16384, 2
+    assert_same_blocks(_gym(name, B, S), B, None, S, S, 128)
