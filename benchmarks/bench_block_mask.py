@@ -5,8 +5,11 @@ Masks (self-attention, S = Q_LEN = KV_LEN, BLOCK_SIZE 128): causal, sliding wind
 prefix LM (S/4), and packed documents with random lengths (about one per 4096 tokens: a few hundred
 at 1M), per batch element when B > 1. For each (mask, S, B) it reports:
 
-- ``first``: the first call with a new mask_mod (flexattn: after ``clear_cache()``, so tracing,
-  code generation and Triton compilation; torch compiled: its compile), in ms;
+- ``first``: the first call with a new mask_mod, in ms. flexattn: after ``clear_cache()`` (trace and
+  code generation); the Triton compile of the kernels happens in the first row of each mask only
+  (Triton's cache starts empty in a fresh directory, unless ``--keep-triton-cache``), later rows of
+  the same mask show that new lengths and batch sizes do not recompile. torch compiled: after
+  ``torch._dynamo.reset()``, so its compile, every row;
 - ``time``: the median of ``--reps`` further calls (CUDA events around each call), in ms;
 - ``peak``: peak GPU memory allocated during one call beyond what was allocated before, in MiB
   (the BlockMask's own tables are part of it: (B, 1, S/128, S/128) int32 lists, four of them).
@@ -26,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -189,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eager-max", type=_parse_size, default=_parse_size("32k"),
                         help="skip torch eager above this S (it builds an S x S mask)")  # fmt: skip
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--keep-triton-cache",
+        action="store_true",
+        help="reuse Triton's on-disk cache (first calls skip compiles)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     return parser.parse_args(argv)
 
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_block_mask.py needs a CUDA GPU (use --dry-run to see the plan).", file=sys.stderr)
         return 1
+    if not args.keep_triton_cache:
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-block-mask-triton-")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, flexattn {flexattn.__file__}")
     results = []
     for case, builder in runs:
