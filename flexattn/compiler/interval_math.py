@@ -1,7 +1,9 @@
 """``@triton.jit`` transfer functions of the interval domain (``im.<name>`` in generated code).
 
 Every integer or boolean value of a mask mod is bounded by an int64 pair ``(lo, hi)``: each element
-of the tile lies in ``[lo, hi]``. Booleans are ``0 <= lo <= hi <= 1``: ``lo == 1`` means all True,
+of the tile lies in ``[lo, hi]``. Float32 values are bounded by float32 pairs, NaN meaning unknown
+(every comparison below is written so that NaN bounds decide nothing); known float bounds are
+finite, so the values they bound are finite too. Booleans are ``0 <= lo <= hi <= 1``: ``lo == 1`` means all True,
 ``hi == 0`` all False. Each function returns bounds that contain every value the operation can take
 for operands in the given bounds (soundness); where that cannot be guaranteed (possible int64
 overflow, a divisor interval holding 0) it returns the widest bounds, ``[INT64_MIN, INT64_MAX]``, or
@@ -172,20 +174,28 @@ def truth(al, ah):
 
 
 @triton.jit
+def _i(flag):
+    """A comparison as int64 0/1 (the interpreter types 0-dim float comparisons as floats, so they
+    are combined with ``&``/``|`` only after this)."""
+    return flag.to(tl.int64)
+
+
+@triton.jit
 def lt(al, ah, bl, bh):
-    return (ah < bl).to(tl.int64), (al < bh).to(tl.int64)
+    """Written so that NaN bounds (an unknown float) decide nothing: each decision is an ordered compare."""
+    return (ah < bl).to(tl.int64), 1 - (al >= bh).to(tl.int64)
 
 
 @triton.jit
 def le(al, ah, bl, bh):
-    return (ah <= bl).to(tl.int64), (al <= bh).to(tl.int64)
+    return (ah <= bl).to(tl.int64), 1 - (al > bh).to(tl.int64)
 
 
 @triton.jit
 def eq(al, ah, bl, bh):
     """Equal for sure only when both are the same single value; surely unequal when disjoint."""
-    lo = ((al == ah) & (bl == bh) & (al == bl)).to(tl.int64)
-    hi = ((al <= bh) & (bl <= ah)).to(tl.int64)
+    lo = _i(al == ah) & _i(bl == bh) & _i(al == bl)
+    hi = 1 - (_i(ah < bl) | _i(bh < al))
     return lo, hi
 
 
@@ -241,3 +251,137 @@ def range_min_max(tmin, tmax, lg, row, lo, hi, rows, blocks, grain):
     mn = tl.minimum(tl.load(tmin + base + a), tl.load(tmin + base + second))
     mx = tl.maximum(tl.load(tmax + base + a), tl.load(tmax + base + second))
     return mn, mx
+
+
+# ---- float32 -----------------------------------------------------------------------------------------
+# Exactly rounded IEEE operations are monotone, so bounds computed with the same operation contain
+# the values eager PyTorch computes. Sums and differences are widened outward by F_EPS times their
+# operands' magnitudes (generously above rounding: it also covers a compiler contracting a product
+# into the sum, fma, in either place); quotients by F_EPS times the result (eager CUDA divides by a
+# number as a multiply by its reciprocal); products, negation, abs, min/max, floor/ceil/trunc and
+# casts are exact. Non-finite bounds become NaN (unknown).
+
+F_EPS = tl.constexpr(2.0**-20)
+F_TINY = tl.constexpr(2.0**-100)
+
+
+@triton.jit
+def f_known(lo, hi):
+    """NaN bounds unless both are finite."""
+    bad = (_i(tl.abs(lo) == float("inf")) | _i(tl.abs(hi) == float("inf")) | _i(lo != lo) | _i(hi != hi)) != 0
+    return tl.where(bad, float("nan"), lo), tl.where(bad, float("nan"), hi)
+
+
+@triton.jit
+def _f_widen(lo, hi, scale):
+    pad = scale * F_EPS + F_TINY
+    return f_known(lo - pad, hi + pad)
+
+
+@triton.jit
+def _f_mag(lo, hi):
+    return tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def f_add(al, ah, bl, bh):
+    return _f_widen(al + bl, ah + bh, _f_mag(al, ah) + _f_mag(bl, bh))
+
+
+@triton.jit
+def f_sub(al, ah, bl, bh):
+    return _f_widen(al - bh, ah - bl, _f_mag(al, ah) + _f_mag(bl, bh))
+
+
+@triton.jit
+def _f_corners(p1, p2, p3, p4):
+    lo = tl.minimum(
+        tl.minimum(p1, p2, propagate_nan=tl.PropagateNan.ALL),
+        tl.minimum(p3, p4, propagate_nan=tl.PropagateNan.ALL),
+        propagate_nan=tl.PropagateNan.ALL,
+    )
+    hi = tl.maximum(
+        tl.maximum(p1, p2, propagate_nan=tl.PropagateNan.ALL),
+        tl.maximum(p3, p4, propagate_nan=tl.PropagateNan.ALL),
+        propagate_nan=tl.PropagateNan.ALL,
+    )
+    return lo, hi
+
+
+@triton.jit
+def f_mul(al, ah, bl, bh):
+    lo, hi = _f_corners(al * bl, al * bh, ah * bl, ah * bh)
+    return f_known(lo, hi)
+
+
+@triton.jit
+def f_div(al, ah, bl, bh, EXACT: tl.constexpr):
+    """``a / b`` where ``b`` keeps one sign (else unknown); EXACT: b is a power of two (no rounding)."""
+    ok = (_i(bl > 0) | _i(bh < 0)) != 0
+    dl = tl.where(ok, bl, 1.0)
+    dh = tl.where(ok, bh, 1.0)
+    lo, hi = _f_corners(tl.div_rn(al, dl), tl.div_rn(al, dh), tl.div_rn(ah, dl), tl.div_rn(ah, dh))
+    if EXACT:
+        lo, hi = f_known(lo, hi)
+    else:
+        lo, hi = _f_widen(lo, hi, _f_mag(lo, hi))
+    return tl.where(ok, lo, float("nan")), tl.where(ok, hi, float("nan"))
+
+
+@triton.jit
+def f_absolute(al, ah):
+    lo = tl.where(_i(al >= 0) != 0, al, tl.where(_i(ah <= 0) != 0, -ah, 0.0))
+    hi = tl.maximum(tl.abs(al), tl.abs(ah), propagate_nan=tl.PropagateNan.ALL)
+    return f_known(tl.where(al != al, al, lo), hi)
+
+
+@triton.jit
+def f_minmax(al, ah, bl, bh, MAX: tl.constexpr):
+    if MAX:
+        return tl.maximum(al, bl, propagate_nan=tl.PropagateNan.ALL), tl.maximum(
+            ah, bh, propagate_nan=tl.PropagateNan.ALL
+        )
+    return tl.minimum(al, bl, propagate_nan=tl.PropagateNan.ALL), tl.minimum(
+        ah, bh, propagate_nan=tl.PropagateNan.ALL
+    )
+
+
+@triton.jit
+def f_select(cl, ch, al, ah, bl, bh):
+    lo = tl.where(cl == 1, al, tl.where(ch == 0, bl, tl.minimum(al, bl, propagate_nan=tl.PropagateNan.ALL)))
+    hi = tl.where(cl == 1, ah, tl.where(ch == 0, bh, tl.maximum(ah, bh, propagate_nan=tl.PropagateNan.ALL)))
+    return lo, hi
+
+
+@triton.jit
+def f_to_int(al, ah, LOW: tl.constexpr, HIGH: tl.constexpr):
+    """Truncation toward zero into an integer dtype: known for values strictly inside (LOW, HIGH)."""
+    ok = (_i(al > LOW) & _i(ah < HIGH)) != 0
+    lo = tl.where(ok, al, 0.0).to(tl.int64)
+    hi = tl.where(ok, ah, 0.0).to(tl.int64)
+    return tl.where(ok, lo, I64_MIN), tl.where(ok, hi, I64_MAX)
+
+
+@triton.jit
+def f_truth(al, ah):
+    """``x != 0`` of a float interval (NaN bounds: unknown)."""
+    lo = _i(al > 0) | _i(ah < 0)
+    hi = 1 - (_i(al == 0) & _i(ah == 0))
+    return lo, hi
+
+
+@triton.jit
+def f_range_min_max(tmin, tmax, lg, row, lo, hi, rows, blocks, grain):
+    """``range_min_max`` for float tables (NaN propagates: a NaN in the range makes it unknown)."""
+    a = lo // grain
+    c = hi // grain
+    k = tl.load(lg + (c - a + 1))
+    base = (k * rows + row) * blocks
+    second = c - (tl.full((), 1, tl.int64) << k) + 1
+    mn = tl.minimum(
+        tl.load(tmin + base + a), tl.load(tmin + base + second), propagate_nan=tl.PropagateNan.ALL
+    )
+    mx = tl.maximum(
+        tl.load(tmax + base + a), tl.load(tmax + base + second), propagate_nan=tl.PropagateNan.ALL
+    )
+    return f_known(mn, mx)

@@ -11,8 +11,11 @@ anything it does not model is unknown (the dtype's whole range, or ``[0, 1]`` fo
 - modelled: constants, casts between integer/bool dtypes, ``+ - *``, negation, abs, sign, Python
   ``//`` and ``%``, minimum/maximum/clamp, comparisons, ``& | ^ ~``, shifts, logical ops,
   ``where``, searchsorted over a captured sorted tensor, and gathers from captured integer/bool
-  tensors (below);
-- unknown: every floating-point value (so a comparison of floats is undecided), integer ``pow``.
+  tensors (below); float32 values too (casts from and to integers, ``+ - * /``, negation, abs,
+  minimum/maximum, floor/ceil/trunc, comparisons, ``where``, float32 gathers), with bounds widened
+  where rounding could differ (``interval_math``: the float section);
+- unknown: float16/bfloat16/float64 values, transcendental functions (exp, log, tanh, ...),
+  ``round``, integer ``pow``.
 
 Gathers: a load whose index varies over the tile along one dimension of the captured tensor
 (``doc[q_idx]``, ``doc[b, kv_idx]``) is bounded by the min and max of the tensor over the index
@@ -32,6 +35,7 @@ block of a row of tiles); ``caps``: the mask mod's ``KernelMod.args``; ``ranges`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +96,8 @@ def _is_int(dtype: torch.dtype) -> bool:
 
 
 class _IntervalEmitter:
-    """Emits ``l{i}, u{i}`` (int64 bounds) for each integer/bool node; float nodes stay unknown."""
+    """Emits ``l{i}, u{i}`` for each node: int64 bounds of integers/bools, float32 bounds of float32
+    values (NaN: unknown); other float dtypes get no bounds (unknown to their users)."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
@@ -106,8 +111,15 @@ class _IntervalEmitter:
 
     # ---- helpers -----------------------------------------------------------------------------------
 
+    def kind(self, i: int) -> str | None:
+        """ "int" (int64 bounds: integers and bools), "float" (float32 bounds) or None (unknown)."""
+        dtype = self.graph.nodes[i].dtype
+        if _is_int(dtype):
+            return "int"
+        return "float" if dtype == torch.float32 else None
+
     def known(self, i: int) -> bool:
-        return _is_int(self.graph.nodes[i].dtype)
+        return self.kind(i) is not None
 
     def bounds(self, i: int) -> tuple[str, str]:
         return f"l{i}", f"u{i}"
@@ -129,12 +141,21 @@ class _IntervalEmitter:
             lo, hi = _INT_RANGE[dtype]
             self.set(i, f"im.fit(l{i}, u{i}, {lo}, {hi})")
 
+    def set_nan(self, i: int, reason: str | None = None) -> None:
+        """Unknown float32 bounds."""
+        if reason:
+            self.unknown.add(reason)
+        self.set(i, 'tl.full((), float("nan"), tl.float32)', 'tl.full((), float("nan"), tl.float32)')
+
     def truth(self, a: int) -> tuple[str, str]:
         """Boolean bounds of ``a != 0`` (a itself when boolean)."""
         if self.graph.nodes[a].dtype == torch.bool:
             return self.bounds(a)
+        if self.kind(a) is None:
+            return "tl.full((), 0, tl.int64)", "tl.full((), 1, tl.int64)"
         name = f"t{a}"
-        self.lines.append(f"{name}_l, {name}_h = im.truth(l{a}, u{a})")
+        helper = "im.truth" if self.kind(a) == "int" else "im.f_truth"
+        self.lines.append(f"{name}_l, {name}_h = {helper}(l{a}, u{a})")
         return f"{name}_l", f"{name}_h"
 
     # ---- nodes ----------------------------------------------------------------------------------
@@ -142,11 +163,15 @@ class _IntervalEmitter:
     def emit(self, order: list[int]) -> None:
         for i in order:
             node = self.graph.nodes[i]
-            if not self.known(i):
+            kind = self.kind(i)
+            if kind is None:
                 if node.op not in ("const", "score", "cast", "load") and node.op not in COMPARISONS:
-                    self.unknown.add(f"float {node.op}")
+                    self.unknown.add(f"{str(node.dtype).removeprefix('torch.')} {node.op}")
                 continue
-            self._emit(i)
+            if kind == "float":
+                self._emit_float(i)
+            else:
+                self._emit(i)
 
     def _emit(self, i: int) -> None:
         node = self.graph.nodes[i]
@@ -160,8 +185,8 @@ class _IntervalEmitter:
         elif op == "const":
             value = int(node.value)
             self.set(i, f"tl.full((), {value}, tl.int64)", f"tl.full((), {value}, tl.int64)")
-        elif op not in ("load", "search") and not all(self.known(a) for a in args):
-            self._emit_from_unknown(i)
+        elif op not in ("load", "search") and not all(self.kind(a) == "int" for a in args):
+            self._emit_from_float(i)
         elif op == "cast":
             self._emit_cast(i)
         elif op == "where":
@@ -176,9 +201,68 @@ class _IntervalEmitter:
         else:
             self._emit_binary(i)
 
-    def _emit_from_unknown(self, i: int) -> None:
-        """A node with a float operand: comparisons and casts of floats are unknown."""
-        self.set_top(i)
+    def _emit_from_float(self, i: int) -> None:
+        """An integer/bool node with float operands: comparisons and casts of float32 bounds."""
+        node = self.graph.nodes[i]
+        op, args = node.op, node.args
+        if any(self.kind(a) is None for a in args):
+            self.set_top(i)
+        elif op == "cast" and node.dtype == torch.bool:
+            self.set(i, f"im.f_truth(l{args[0]}, u{args[0]})")
+        elif op == "cast":
+            low, high = _INT_RANGE[node.dtype]
+            self.set(i, f"im.f_to_int(l{args[0]}, u{args[0]}, {float(low - 1)!r}, {float(high + 1)!r})")
+            self.fit(i)
+        elif op in _COMPARE:
+            helper, swap = _COMPARE[op]
+            a, b = args[::-1] if swap else args
+            self.set(i, f"{helper}(l{a}, u{a}, l{b}, u{b})")
+        else:
+            self.set_top(i, f"{op} of floats")
+
+    def _emit_float(self, i: int) -> None:
+        """A float32 node (see interval_math's float section for the rounding argument)."""
+        node = self.graph.nodes[i]
+        op, args = node.op, node.args
+        if op == "const":
+            value = float(node.value)
+            if value != value or value in (float("inf"), float("-inf")):
+                self.set_nan(i)
+            else:
+                self.set(i, f"tl.full((), {value!r}, tl.float32)", f"tl.full((), {value!r}, tl.float32)")
+        elif op == "score" or (op != "load" and any(self.kind(a) is None for a in args)):
+            self.set_nan(i, f"float {op}")
+        elif op == "load":
+            self._emit_load(i)
+            self.set(i, f"im.f_known(l{i}, u{i})")
+        elif op == "cast":  # from an integer (float32 -> float32 casts do not exist)
+            (a,) = args
+            self.set(i, f"l{a}.to(tl.float32)", f"u{a}.to(tl.float32)")
+        elif op == "where":
+            c_lo, c_hi = self.truth(args[0])
+            self.set(i, f"im.f_select({c_lo}, {c_hi}, l{args[1]}, u{args[1]}, l{args[2]}, u{args[2]})")
+        elif len(args) == 1:
+            (a,) = args
+            exact = {"neg": (f"-u{a}", f"-l{a}"), "detach": (f"l{a}", f"u{a}")}
+            exact |= {f: (f"tl.{f}(l{a})", f"tl.{f}(u{a})") for f in ("floor", "ceil")}
+            exact["trunc"] = (f"tm.trunc(l{a})", f"tm.trunc(u{a})")
+            if op in exact:
+                self.set(i, *exact[op])
+            elif op == "abs":
+                self.set(i, f"im.f_absolute(l{a}, u{a})")
+            else:
+                self.set_nan(i, f"float {op}")
+        else:
+            a, b = args
+            operands = f"l{a}, u{a}, l{b}, u{b}"
+            if op in ("add", "sub", "mul"):
+                self.set(i, f"im.f_{op}({operands})")
+            elif op == "truediv":
+                self.set(i, f"im.f_div({operands}, {_power_of_two(self.graph.nodes[b])})")
+            elif op in ("maximum", "clamp_min", "minimum", "clamp_max"):
+                self.set(i, f"im.f_minmax({operands}, {op in ('maximum', 'clamp_min')})")
+            else:
+                self.set_nan(i, f"float {op}")
 
     def _emit_cast(self, i: int) -> None:
         node = self.graph.nodes[i]
@@ -269,14 +353,15 @@ class _IntervalEmitter:
         ndim = len(args)
         wrapped = []
         for d, a in enumerate(args):
-            if not self.known(a):  # a float index: any position
+            if self.kind(a) != "int":  # a float index: any position
                 self.lines.append(
                     f"w{i}_{d}l, w{i}_{d}h = im.wrap(tl.full((), 0, tl.int64), {sizes[d]} - 1, {sizes[d]})"
                 )
             else:
                 self.lines.append(f"w{i}_{d}l, w{i}_{d}h = im.wrap(l{a}, u{a}, {sizes[d]})")
             wrapped.append((f"w{i}_{d}l", f"w{i}_{d}h"))
-        ranged = [d for d, a in enumerate(args) if not self.known(a) or self.dims[a] & {M, N}]
+        ranged = [d for d, a in enumerate(args) if self.kind(a) != "int" or self.dims[a] & {M, N}]
+        is_float = self.kind(i) == "float"
         if len(ranged) > 1:
             gmin, gmax = self._global(slot)
             self.set(i, f"tl.full((), 0, tl.int64) + {gmin}", f"tl.full((), 0, tl.int64) + {gmax}")
@@ -285,7 +370,8 @@ class _IntervalEmitter:
         valid = " & ".join(f"({wrapped[d][0]} == {wrapped[d][1]})" for d in points)
         if not ranged:
             offset = " + ".join(f"{wrapped[d][0]} * {strides[d]}" for d in range(ndim)) or "0"
-            self.lines.append(f"v{i} = tl.load({ptr} + {offset}).to(tl.int64)")
+            bound_type = "tl.float32" if is_float else "tl.int64"
+            self.lines.append(f"v{i} = tl.load({ptr} + {offset}).to({bound_type})")
             self._guarded(i, f"v{i}", f"v{i}", valid, slot)
             return
         (d,) = ranged
@@ -298,7 +384,7 @@ class _IntervalEmitter:
         t = f"r{table}"
         lo, hi = wrapped[d]
         self.lines.append(
-            f"m{i}_l, m{i}_h = im.range_min_max({t}_min, {t}_max, {t}_lg, {row}, {lo}, {hi}, "
+            f"m{i}_l, m{i}_h = im.{'f_' if is_float else ''}range_min_max({t}_min, {t}_max, {t}_lg, {row}, {lo}, {hi}, "
             f"{t}_rows, {t}_blocks, {t}_grain)"
         )
         self._guarded(i, f"m{i}_l", f"m{i}_h", valid, slot)
@@ -316,7 +402,7 @@ class _IntervalEmitter:
         node = self.graph.nodes[i]
         (slot, right), (v,) = node.value, node.args
         ptr, sizes, strides = self._capture(slot)
-        if not self.known(v) or not _is_int(self.graph.captures[slot].dtype):
+        if self.kind(v) != "int" or not _is_int(self.graph.captures[slot].dtype):
             self.set(i, "tl.full((), 0, tl.int64)", f"{sizes[0]}.to(tl.int64)")
             self.unknown.add("float searchsorted")
             return
@@ -350,6 +436,14 @@ class _IntervalEmitter:
         return IntervalPlan(tables, tuple(sorted(self.global_slots)), tuple(sorted(self.unknown)))
 
 
+def _power_of_two(node) -> bool:
+    """A constant divisor 2**k: dividing by it is exact in every form (x / c, x * (1 / c))."""
+    if node.op != "const" or not isinstance(node.value, int | float) or node.value == 0:
+        return False
+    value = abs(float(node.value))
+    return math.isfinite(value) and math.frexp(value)[0] == 0.5
+
+
 def interval_function(graph: Graph, output: int, name: str) -> tuple[str, IntervalPlan]:
     """Source of the ``@triton.jit`` interval function of a mask graph, and its run-time plan."""
     em = _IntervalEmitter(graph)
@@ -380,21 +474,22 @@ def range_table(rows: torch.Tensor, grain: int) -> tuple[torch.Tensor, torch.Ten
     """Sparse min/max tables over the grains of each row.
 
     Args:
-        rows: integer tensor (R, n).
+        rows: integer, bool or float32 tensor (R, n).
         grain: positions per grain (>= 1).
     Returns:
-        tmin, tmax: int64 (levels, R, nb), nb = ceil(n / grain): entry (k, r, i) is the min / max
+        tmin, tmax: int64 (float32 for floats) (levels, R, nb), nb = ceil(n / grain): entry (k, r, i) is the min / max
             of row r over grains i .. i + 2**k - 1 (clipped to the last grain).
         lg: int64 (nb + 1,): floor(log2(c)) for c >= 1 (the level of a c-grain query).
     """
     R, n = rows.shape
     nb = -(-n // grain)
-    x = rows.to(torch.int64)
+    dtype = torch.float32 if rows.is_floating_point() else torch.int64
+    x = rows.to(dtype)
     if nb * grain != n:
         x = torch.cat([x, x[:, -1:].expand(R, nb * grain - n)], dim=1)
     x = x.view(R, nb, grain)
     levels = nb.bit_length()
-    tmin = torch.empty(levels, R, nb, dtype=torch.int64, device=rows.device)
+    tmin = torch.empty(levels, R, nb, dtype=dtype, device=rows.device)
     tmax = torch.empty_like(tmin)
     tmin[0], tmax[0] = x.amin(-1), x.amax(-1)
     for k in range(1, levels):
@@ -429,7 +524,7 @@ def range_args(plan: IntervalPlan, captures: list[torch.Tensor], grain: int) -> 
     args: list = []
     for slot in plan.global_slots:
         t = captures[slot].detach()
-        flat = t.reshape(-1).to(torch.int64)
+        flat = t.reshape(-1).to(torch.float32 if t.is_floating_point() else torch.int64)
         args.append(torch.stack([flat.min(), flat.max()]))
     for spec in plan.tables:
         t = captures[spec.slot].detach()

@@ -99,6 +99,8 @@ SHARP = {
     "document": lambda L: V.document_mask(_docs([7, 1, 20, 13, 23])),
     # inside a tile spanning documents the analysis cannot relate q and kv: aligned documents here
     "document-causal": lambda L: V.document_mask(_docs([8, 16, 24, 16]), V.causal()),
+    "float-chunks": lambda L: lambda b, h, q, kv: torch.floor(q.float() / 16) == torch.floor(kv.float() / 16),
+    "float-band": lambda L: lambda b, h, q, kv: (q - kv).float() * 0.125 <= 2.0,
 }
 
 
@@ -125,6 +127,7 @@ def test_common_masks_leave_only_partial_tiles_undecided(name):
 # ---- property: random mask expressions ----------------------------------------------------------
 
 _TABLE = torch.randint(-4, 40, (11,), dtype=torch.int32)
+_FTABLE = torch.tensor([-2.5, 0.0, 3.25, 17.0, 1e-3])
 
 
 def _int_exprs():
@@ -143,6 +146,15 @@ def _int_exprs():
                 lambda t: f"torch.{t[0]}({t[1]}, {t[2]})"
             )
             | inner.map(lambda e: f"table[{e} % 11]")
+            | st.tuples(inner, st.sampled_from([2, 3, 0.5, -4, 7.5])).map(
+                lambda t: f"torch.floor({t[0]}.float() / {t[1]}).int()"
+            )
+            | st.tuples(
+                inner, st.sampled_from([0.3, -1.5, 2.0, 1e-3]), st.sampled_from([0.0, 0.25, -3.5])
+            ).map(lambda t: f"({t[0]}.float() * {t[1]} + {t[2]}).int()")
+            | st.tuples(inner, inner).map(
+                lambda t: f"torch.maximum({t[0]}.float(), ftable[{t[1]} % 5]).int()"
+            )
             | st.tuples(_bool_exprs(inner), inner, inner).map(
                 lambda t: f"torch.where({t[0]}, {t[1]}, {t[2]})"
             )
@@ -168,13 +180,14 @@ def _bool_exprs(ints):
 def make_mod(expr: str):
     table = _TABLE.to(DEVICE)
     source = f"def random_mask(b, h, q, kv):\n    return {expr}\n"
-    scope = {"torch": torch, "table": table, "C": lambda c: torch.tensor(c, dtype=torch.int32)}
+    scope = {"torch": torch, "table": table, "ftable": _FTABLE.to(DEVICE)}
+    scope["C"] = lambda c: torch.tensor(c, dtype=torch.int32)
     exec(source, scope)  # noqa: S102 - test-generated expressions only
     return scope["random_mask"]
 
 
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(expr=_bool_exprs(_int_exprs()))
 def test_random_mask_expressions_are_sound(expr):
     assert_sound(make_mod(expr), 2, 2, 23, 29, n=6, grain=2)

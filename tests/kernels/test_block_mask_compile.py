@@ -24,7 +24,8 @@ from flexattn import variants as V
 from flexattn.kernels.block_mask_kernel import build_block_tables
 ids = torch.stack([V.document_ids_from_lengths(torch.tensor([1000, 3000, 4192])) for _ in range(2)])
 mods = {"causal": V.causal(), "document_causal": V.document_mask(ids, V.causal()),
-        "sliding_window": V.sliding_window(1024), "prefix_lm_per_batch": V.prefix_lm(torch.tensor([10, 20]))}
+        "sliding_window": V.sliding_window(1024), "prefix_lm_per_batch": V.prefix_lm(torch.tensor([10, 20])),
+        "float_band": lambda b, h, q, kv: torch.floor((q - kv).float() / 3.0) * 0.5 + torch.rand(4)[h] <= 7.0}
 rows = []
 for name, mod in mods.items():
     compiled = []
@@ -47,7 +48,7 @@ def test_classifier_and_transpose_compile_for_hopper_without_spills():
     rows = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("ROWS="))[5:])
     assert {(r["mod"], r["kernel"]) for r in rows} == {
         (m, k)
-        for m in ("causal", "document_causal", "sliding_window", "prefix_lm_per_batch")
+        for m in ("causal", "document_causal", "sliding_window", "prefix_lm_per_batch", "float_band")
         for k in ("_classify_kernel", "_transpose_kernel")
     }
     for row in rows:
