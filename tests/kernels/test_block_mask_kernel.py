@@ -187,3 +187,18 @@ def test_real_sizes_on_the_gpu(name):
     """S = 16384 (128 x 128 blocks of 128), B = 2: the same blocks as the torch builder."""
     S, B = 16384, 2
     assert_same_blocks(_gym(name, B, S), B, None, S, S, 128)
+
+
+def test_attention_with_a_device_built_mask_matches_the_torch_built_one():
+    from flexattn import flex_attention
+
+    B, H, L = 2, 2, 72
+    mod = V.document_mask(torch.stack([_random_docs(L) for _ in range(B)]), V.causal())
+    q, k, v = (torch.randn(B, H, L, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    outs = []
+    for backend in ("triton", "torch"):
+        mask = create_block_mask(mod, B, None, L, L, device=DEVICE, BLOCK_SIZE=16, backend=backend)
+        out = flex_attention(q, k, v, block_mask=mask, kernel_options={"BACKEND": "TRITON"})
+        outs.append((out, *torch.autograd.grad(out.sum(), (q, k, v))))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want)
