@@ -182,7 +182,9 @@ def test_random_mask_expressions_match_the_torch_builder(expr, block):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["causal", "sliding-window", "prefix-lm-per-batch", "document-causal-per-batch"])
+@pytest.mark.parametrize(
+    "name", ["causal", "sliding-window", "prefix-lm-per-batch", "document-causal-per-batch"]
+)
 def test_real_sizes_on_the_gpu(name):
     """S = 16384 (128 x 128 blocks of 128), B = 2: the same blocks as the torch builder."""
     S, B = 16384, 2
