@@ -29,6 +29,7 @@ Nothing is synchronised with the host.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,28 +259,32 @@ def build_block_tables(
     kv_num = torch.empty(B, H, nq, **i32)
     kv_idx = torch.empty(B, H, nq, nkv, **i32)
     classes = torch.empty(B, H, nq, nkv, dtype=torch.int8, device=device)
-    if separate_full:
-        full_num, full_idx = torch.empty_like(kv_num), torch.empty_like(kv_idx)
-    else:
-        full_num = full_idx = kv_num  # never written (SEPARATE_FULL=False)
-    sub_m, sub_n = _sub_tile(q_block, kv_block)
-    _classify_kernel[(nq, H, B)](
-        kv_num, kv_idx, full_num, full_idx, classes,
-        q_len, kv_len, nq, nkv, H, q_block, kv_block,
-        mod.mask.fn, mod.mask.args, mod.interval_fn, mod.ranges,
-        T=KV_BLOCKS_PER_STEP, SUB_M=sub_m, SUB_N=sub_n, SEPARATE_FULL=separate_full,
-        num_warps=4,
-    )  # fmt: skip
     q_num = torch.empty(B, H, nkv, **i32)
     q_idx = torch.zeros(B, H, nkv, nq, **i32)
     if separate_full:
+        full_num, full_idx = torch.empty_like(kv_num), torch.empty_like(kv_idx)
         full_q_num, full_q_idx = torch.empty_like(q_num), torch.zeros_like(q_idx)
-    else:
+    else:  # never written (SEPARATE_FULL=False)
+        full_num = full_idx = kv_num
         full_q_num = full_q_idx = q_num
-    _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), H, B)](
-        classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv, H,
-        T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=separate_full, num_warps=4,
-    )  # fmt: skip
+    sub_m, sub_n = _sub_tile(q_block, kv_block)
+    with _on(device):  # Triton launches on the current device
+        _classify_kernel[(nq, H, B)](
+            kv_num, kv_idx, full_num, full_idx, classes,
+            q_len, kv_len, nq, nkv, H, q_block, kv_block,
+            mod.mask.fn, mod.mask.args, mod.interval_fn, mod.ranges,
+            T=KV_BLOCKS_PER_STEP, SUB_M=sub_m, SUB_N=sub_n, SEPARATE_FULL=separate_full,
+            num_warps=4,
+        )  # fmt: skip
+        _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), H, B)](
+            classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv, H,
+            T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=separate_full, num_warps=4,
+        )  # fmt: skip
     if not separate_full:
         full_num = full_idx = full_q_num = full_q_idx = None
     return BlockTables(kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx)
+
+
+def _on(device: torch.device):
+    """The CUDA device context of ``device`` (a no-op elsewhere)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

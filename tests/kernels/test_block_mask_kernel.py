@@ -129,6 +129,8 @@ def test_cross_attention_lengths_and_tiny_masks():
     assert_same_blocks(V.causal(), None, None, 1, 1, 16)
     assert_same_blocks(V.causal(), 1, 1, 5, 300, (4, 64))
     assert_same_blocks(lambda b, h, q, kv: kv % 7 == q % 5, 1, 1, 70, 33, (8, 16))
+    assert_same_blocks(V.sliding_window(5), 1, 1, 20, 19, (1, 4))
+    assert_same_blocks(V.causal(), 1, 1, 7, 30, (1, 1))
 
 
 def test_new_lengths_and_new_captured_values_do_not_generate_code():
