@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from flexattn import create_mask
 from flexattn import variants as V
 from flexattn.compiler import compile_block_mask_mod
 from tests.catalog import MASK_MODS
+from tests.mask_exprs import make_mod, mask_exprs
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -126,68 +126,9 @@ def test_common_masks_leave_only_partial_tiles_undecided(name):
 
 # ---- property: random mask expressions ----------------------------------------------------------
 
-_TABLE = torch.randint(-4, 40, (11,), dtype=torch.int32)
-_FTABLE = torch.tensor([-2.5, 0.0, 3.25, 17.0, 1e-3])
-
-
-def _int_exprs():
-    leaves = st.sampled_from(["q", "kv", "b", "h"]) | st.integers(-6, 30).map(lambda c: f"C({c})")
-
-    def extend(inner):
-        const = st.integers(-5, 9)
-        divisor = st.sampled_from([1, 2, 3, 5, 8, -3])
-        return (
-            st.tuples(st.sampled_from(["+", "-"]), inner, inner).map(lambda t: f"({t[1]} {t[0]} {t[2]})")
-            | st.tuples(inner, const).map(lambda t: f"({t[0]} * {t[1]})")
-            | st.tuples(inner, divisor).map(lambda t: f"({t[0]} // {t[1]})")
-            | st.tuples(inner, divisor).map(lambda t: f"({t[0]} % {t[1]})")
-            | inner.map(lambda e: f"torch.abs({e})")
-            | st.tuples(st.sampled_from(["minimum", "maximum"]), inner, inner).map(
-                lambda t: f"torch.{t[0]}({t[1]}, {t[2]})"
-            )
-            | inner.map(lambda e: f"table[{e} % 11]")
-            | st.tuples(inner, st.sampled_from([2, 3, 0.5, -4, 7.5])).map(
-                lambda t: f"torch.floor({t[0]}.float() / {t[1]}).int()"
-            )
-            | st.tuples(
-                inner, st.sampled_from([0.3, -1.5, 2.0, 1e-3]), st.sampled_from([0.0, 0.25, -3.5])
-            ).map(lambda t: f"({t[0]}.float() * {t[1]} + {t[2]}).int()")
-            | st.tuples(inner, inner).map(
-                lambda t: f"torch.maximum({t[0]}.float(), ftable[{t[1]} % 5]).int()"
-            )
-            | st.tuples(_bool_exprs(inner), inner, inner).map(
-                lambda t: f"torch.where({t[0]}, {t[1]}, {t[2]})"
-            )
-        )
-
-    return st.recursive(leaves, extend, max_leaves=4)
-
-
-def _bool_exprs(ints):
-    compare = st.tuples(st.sampled_from(["<", "<=", ">", ">=", "==", "!="]), ints, ints).map(
-        lambda t: f"({t[1]} {t[0]} {t[2]})"
-    )
-    return st.recursive(
-        compare,
-        lambda inner: (
-            st.tuples(st.sampled_from(["&", "|"]), inner, inner).map(lambda t: f"({t[1]} {t[0]} {t[2]})")
-            | inner.map(lambda e: f"(~{e})")
-        ),
-        max_leaves=2,
-    )
-
-
-def make_mod(expr: str):
-    table = _TABLE.to(DEVICE)
-    source = f"def random_mask(b, h, q, kv):\n    return {expr}\n"
-    scope = {"torch": torch, "table": table, "ftable": _FTABLE.to(DEVICE)}
-    scope["C"] = lambda c: torch.tensor(c, dtype=torch.int32)
-    exec(source, scope)  # noqa: S102 - test-generated expressions only
-    return scope["random_mask"]
-
 
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @settings(max_examples=30, deadline=None)
-@given(expr=_bool_exprs(_int_exprs()))
+@given(expr=mask_exprs())
 def test_random_mask_expressions_are_sound(expr):
     assert_sound(make_mod(expr), 2, 2, 23, 29, n=6, grain=2)

@@ -19,7 +19,7 @@ from flexattn import and_masks, create_block_mask, or_masks
 from flexattn import variants as V
 from flexattn.compiler import codegen_count
 from tests.catalog import MASK_MODS
-from tests.compiler.test_intervals import _bool_exprs, _int_exprs, make_mod
+from tests.mask_exprs import make_mod, mask_exprs
 from tests.test_block_mask import assert_well_formed
 
 pytestmark = pytest.mark.skipif(
@@ -177,7 +177,7 @@ def test_slicing_and_adjust_reuse_device_built_masks():
 
 
 @settings(max_examples=10, deadline=None)
-@given(expr=_bool_exprs(_int_exprs()), block=st.sampled_from([(8, 8), (4, 16), (16, 3)]))
+@given(expr=mask_exprs(), block=st.sampled_from([(8, 8), (4, 16), (16, 3)]))
 @pytest.mark.filterwarnings("ignore:Generating overly large repr")
 def test_random_mask_expressions_match_the_torch_builder(expr, block):
     assert_same_blocks(make_mod(expr), 2, 2, 29, 37, block)
