@@ -35,6 +35,7 @@ block of a row of tiles); ``caps``: the mask mod's ``KernelMod.args``; ``ranges`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -471,14 +472,15 @@ def interval_function(graph: Graph, output: int, name: str) -> tuple[str, Interv
 
 
 def range_table(rows: torch.Tensor, grain: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sparse min/max tables over the grains of each row.
+    """Sparse min/max tables over the grains of each row (2 + 2 * levels device ops, no host sync).
 
     Args:
         rows: integer, bool or float32 tensor (R, n).
         grain: positions per grain (>= 1).
     Returns:
-        tmin, tmax: int64 (float32 for floats) (levels, R, nb), nb = ceil(n / grain): entry (k, r, i) is the min / max
-            of row r over grains i .. i + 2**k - 1 (clipped to the last grain).
+        tmin, tmax: int64 (float32 for floats) (levels, R, nb), nb = ceil(n / grain): entry (k, r, i),
+            for i <= nb - 2**k, is the min / max of row r over grains i .. i + 2**k - 1. Entries past
+            nb - 2**k are never read by a query (``interval_math.range_min_max``) and left unset.
         lg: int64 (nb + 1,): floor(log2(c)) for c >= 1 (the level of a c-grain query).
     """
     R, n = rows.shape
@@ -491,15 +493,20 @@ def range_table(rows: torch.Tensor, grain: int) -> tuple[torch.Tensor, torch.Ten
     levels = nb.bit_length()
     tmin = torch.empty(levels, R, nb, dtype=dtype, device=rows.device)
     tmax = torch.empty_like(tmin)
-    tmin[0], tmax[0] = x.amin(-1), x.amax(-1)
+    torch.amin(x, -1, out=tmin[0])
+    torch.amax(x, -1, out=tmax[0])
     for k in range(1, levels):
-        w = 1 << (k - 1)
-        tmin[k], tmax[k] = tmin[k - 1], tmax[k - 1]
-        torch.minimum(tmin[k - 1, :, : nb - w], tmin[k - 1, :, w:], out=tmin[k, :, : nb - w])
-        torch.maximum(tmax[k - 1, :, : nb - w], tmax[k - 1, :, w:], out=tmax[k, :, : nb - w])
-    counts = torch.arange(nb + 1, device=rows.device).clamp(min=1).to(torch.float64)
-    lg = (torch.frexp(counts).exponent - 1).to(torch.int64)
-    return tmin.contiguous(), tmax.contiguous(), lg
+        w, valid = 1 << (k - 1), nb - (1 << k) + 1
+        torch.minimum(tmin[k - 1, :, :valid], tmin[k - 1, :, w : w + valid], out=tmin[k, :, :valid])
+        torch.maximum(tmax[k - 1, :, :valid], tmax[k - 1, :, w : w + valid], out=tmax[k, :, :valid])
+    return tmin, tmax, _log2_table(nb, rows.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _log2_table(nb: int, device: torch.device) -> torch.Tensor:
+    """int64 (nb + 1,): floor(log2(max(c, 1))) (read-only; shared by every table of nb grains)."""
+    counts = torch.arange(nb + 1, device=device).clamp(min=1).to(torch.float64)
+    return (torch.frexp(counts).exponent - 1).to(torch.int64)
 
 
 SMALL_TABLE = 1 << 13  # rows this long are tabled per position (exact for any index range)

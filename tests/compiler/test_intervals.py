@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from flexattn import create_mask
 from flexattn import variants as V
 from flexattn.compiler import compile_block_mask_mod
+from flexattn.compiler.intervals import range_table
 from tests.catalog import MASK_MODS
 from tests.mask_exprs import make_mod, mask_exprs
 
@@ -122,6 +123,23 @@ def test_common_masks_leave_only_partial_tiles_undecided(name):
     partial = tiles.any(-1).any(-1) & ~tiles.all(-1).all(-1)
     undecided = (lo == 0) & (hi == 1)
     assert torch.equal(undecided[:, :n], partial)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float32])
+@pytest.mark.parametrize("n,grain", [(1, 1), (37, 1), (37, 4), (64, 8), (100, 64)])
+def test_range_tables_answer_every_grain_range_exactly(n, grain, dtype):
+    rows = torch.randint(-50, 50, (3, n)).to(dtype)
+    tmin, tmax, lg = range_table(rows, grain)
+    nb = -(-n // grain)
+    padded = torch.cat([rows, rows[:, -1:].expand(3, nb * grain - n)], 1).view(3, nb, grain)
+    for a in range(nb):
+        for c in range(a, nb):
+            k = int(lg[c - a + 1])
+            second = c - (1 << k) + 1
+            got_min = torch.minimum(tmin[k, :, a], tmin[k, :, second])
+            got_max = torch.maximum(tmax[k, :, a], tmax[k, :, second])
+            assert torch.equal(got_min, padded[:, a : c + 1].amin((1, 2)).to(got_min.dtype))
+            assert torch.equal(got_max, padded[:, a : c + 1].amax((1, 2)).to(got_max.dtype))
 
 
 # ---- property: random mask expressions ----------------------------------------------------------
