@@ -12,6 +12,7 @@
     fingerprint.py a cheap key for a mod's traced meaning: repeat calls skip the trace
     kernel_mod_cache.py  compiled mods by fingerprint, holding only weak references
     intervals.py   interval analysis of a mask mod: decides block-mask tiles from index ranges
+    range_tables.py      the min/max tables of captured tensors its gathers read
     interval_cache.py    the generated interval functions (interval_math.py: their helpers)
 
 Example::
@@ -62,10 +63,10 @@ from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.codegen import forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError
 from flexattn.compiler.fingerprint import mod_key
-from flexattn.compiler.intervals import range_args
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
 from flexattn.compiler.proxy import fast_tanh
+from flexattn.compiler.range_tables import range_args
 from flexattn.compiler.rewrite import hoist_index_casts
 from flexattn.compiler.trace import Program, trace
 from flexattn.kernels.block_mask_kernel import BlockMaskMod

@@ -1,10 +1,10 @@
 """``@triton.jit`` transfer functions of the interval domain (``im.<name>`` in generated code).
 
 Every integer or boolean value of a mask mod is bounded by an int64 pair ``(lo, hi)``: each element
-of the tile lies in ``[lo, hi]``. Float32 values are bounded by float32 pairs, NaN meaning unknown
-(every comparison below is written so that NaN bounds decide nothing); known float bounds are
-finite, so the values they bound are finite too. Booleans are ``0 <= lo <= hi <= 1``: ``lo == 1`` means all True,
-``hi == 0`` all False. Each function returns bounds that contain every value the operation can take
+of the tile lies in ``[lo, hi]``. Booleans are ``0 <= lo <= hi <= 1``: ``lo == 1`` means all True,
+``hi == 0`` all False. Float32 values are bounded by float32 pairs, NaN meaning unknown (every
+comparison below is written so that NaN bounds decide nothing); known float bounds are finite, so
+the values they bound are finite too. Each function returns bounds that contain every value the operation can take
 for operands in the given bounds (soundness); where that cannot be guaranteed (possible int64
 overflow, a divisor interval holding 0) it returns the widest bounds, ``[INT64_MIN, INT64_MAX]``, or
 ``[0, 1]`` for booleans. Results of narrower integer dtypes are passed through ``fit``, which widens
@@ -238,7 +238,7 @@ def wrap(lo, hi, size):
 def range_min_max(tmin, tmax, lg, row, lo, hi, rows, blocks, grain):
     """Min and max of a captured tensor over positions [lo, hi] (wrapped, int64) of one row.
 
-    A sparse table (``compiler.intervals.range_table``) holds, per level k, the min/max over 2**k
+    A sparse table (``compiler.range_tables.range_table``) holds, per level k, the min/max over 2**k
     consecutive grains of ``grain`` positions: (levels, rows, blocks) int64. Two overlapping windows
     of one level cover the grains of [lo, hi] (a superset of it: sound, and exact when lo and hi+1
     are multiples of ``grain``).

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from flexattn import create_mask
 from flexattn import variants as V
 from flexattn.compiler import compile_block_mask_mod
-from flexattn.compiler.intervals import range_table
+from flexattn.compiler.range_tables import range_table
 from tests.catalog import MASK_MODS
 from tests.mask_exprs import make_mod, mask_exprs
 
