@@ -26,6 +26,7 @@ from flexattn.block_mask_build import (
     ordered_to_dense,
     transpose_ordered,
 )
+from flexattn.block_mask_device import build_tables, choose_builder
 from flexattn.compiler.checks import check_mod as check_traced
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
@@ -364,8 +365,10 @@ def create_block_mask(
     BLOCK_SIZE: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
     _compile: bool = False,
     separate_full_blocks: bool = True,
+    *,
+    backend: str = "auto",
 ) -> BlockMask:
-    """Build a BlockMask by evaluating ``mask_mod(b, h, q_idx, kv_idx)`` over the whole index grid.
+    """Build a BlockMask from ``mask_mod(b, h, q_idx, kv_idx)``.
 
     Args:
         mask_mod: per-element mask (int32 0-dim indices -> bool), as for PyTorch.
@@ -375,6 +378,11 @@ def create_block_mask(
         BLOCK_SIZE: int or (Q_BLOCK, KV_BLOCK).
         _compile: accepted for compatibility with PyTorch; ignored.
         separate_full_blocks: list blocks where every pair is allowed as *full* (mask_mod skipped).
+        backend: "auto" (default): on CUDA a kernel generated from the mask mod decides most blocks
+            from their index ranges and evaluates only the rest element by element (no L x L pass, no
+            host sync); on CPU, and for mods the compiler cannot trace, the chunked torch evaluation.
+            "triton" forces the kernel (on CPU through Triton's interpreter: needs TRITON_INTERPRET=1),
+            "torch" the chunked evaluation. Both give the same blocks (see block_mask_device).
     Returns:
         BlockMask with tensors (B or 1, H or 1, NQ, NKV). Positions past Q_LEN / KV_LEN in a tail
         block are ignored when classifying (see block_mask_build), so such blocks may be full.
@@ -391,6 +399,13 @@ def create_block_mask(
     q_block, kv_block = _block_size_pair(BLOCK_SIZE)
     device = _default_device(device)
     check_traced(mask_mod, "mask", (B, H, Q_LEN, KV_LEN), device)  # the kernels' refusals, here too
+    choice = choose_builder(mask_mod, device, backend, q_block, kv_block)
+    if choice.builder == "triton":
+        tables = build_tables(choice, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full_blocks)
+        lists = {name: getattr(tables, name) for name in BlockTables.TENSORS}
+        return BlockMask(
+            seq_lengths=(Q_LEN, KV_LEN), **lists, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod
+        )
     partial, full = classify_blocks(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
     if not separate_full_blocks:
         partial, full = partial | full, None

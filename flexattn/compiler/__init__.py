@@ -14,6 +14,9 @@
     cache.py       structure key -> generated functions; the compile counter
     fingerprint.py a cheap key for a mod's traced meaning: repeat calls skip the trace
     kernel_mod_cache.py  compiled mods by fingerprint, holding only weak references
+    intervals.py   interval analysis of a mask mod: decides block-mask tiles from index ranges
+    range_tables.py      the min/max tables of captured tensors its gathers read
+    interval_cache.py    the generated interval functions (interval_math.py: their helpers)
 
 Example::
 
@@ -65,7 +68,7 @@ import os
 
 import torch
 
-from flexattn.compiler import cache, checks
+from flexattn.compiler import cache, checks, interval_cache
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
@@ -76,8 +79,10 @@ from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
 from flexattn.compiler.proxy import fast_tanh
+from flexattn.compiler.range_tables import range_args
 from flexattn.compiler.rewrite import hoist_index_casts
 from flexattn.compiler.trace import Program, trace
+from flexattn.kernels.block_mask_kernel import BlockMaskMod
 from flexattn.kernels.mods import KernelMod
 
 __all__ = [
@@ -87,6 +92,7 @@ __all__ = [
     "check_mod",
     "clear_cache",
     "codegen_count",
+    "compile_block_mask_mod",
     "compile_mask_mod",
     "compile_score_mod",
     "explain",
@@ -105,6 +111,7 @@ def clear_cache() -> None:
     _KERNEL_MODS.clear()
     cache.clear()
     checks.clear()
+    interval_cache.clear()
 
 
 def _identity(score, b, h, q_idx, kv_idx):
@@ -140,19 +147,51 @@ def compile_mask_mod(mask_mod, *, device=None, target: str | None = None) -> Ker
     return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target=target)
 
 
+def compile_block_mask_mod(
+    mask_mod, *, device=None, grain: int = 64, target: str | None = None
+) -> BlockMaskMod:
+    """Compile ``mask_mod`` for building block masks on ``device`` (``create_block_mask``'s kernel).
+
+    Returns the element-wise mask (``compile_mask_mod``), its interval function
+    (``compiler.intervals``) and the min/max tables of its captured tensors, built now on their
+    device over grains of ``grain`` positions. Repeat calls with an unchanged mod skip the trace;
+    new captured values only rebuild the tables. ``target`` as for :func:`compile_score_mod`.
+    """
+    mod = mask_mod if mask_mod is not None else _always
+    mask = compile_mask_mod(mod, device=device, target=target)
+    entry = interval_cache.for_mask_fn(mask.fn)
+    if entry is None:
+        program = _program(mod, "mask", device)
+        entry = interval_cache.interval_entry(program, target or _target(device, program))
+        interval_cache.remember(mask.fn, entry)
+    return BlockMaskMod(mask, entry.fn, range_args(entry.plan, list(mask.captures), grain), mask.name)
+
+
 def explain(mod, kind: str | None = None, *, device=None, fast_math: bool = False) -> str:
     """The IR and the generated Triton source of a mod, for debugging.
 
-    ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod.
+    ``kind`` is "score" or "mask"; by default a mod with 5 parameters is a score mod. For a mask mod
+    it also shows how ``create_block_mask`` builds masks on the GPU: the interval function that
+    decides tiles from their index ranges, and what it leaves to element-wise evaluation.
     ``fast_math`` as for :func:`compile_score_mod`.
     """
     kind = kind or _guess_kind(mod)
     program = _program(mod, kind, device)
-    entry = _entry(program, _target(device, program), fast_math)
-    return (
+    target = _target(device, program)
+    entry = _entry(program, target, fast_math)
+    text = (
         f"# mod {program.name!r} ({kind} mod), generated file {entry.path}\n"
         f"# IR\n{program.graph.format([program.output])}\n\n# Triton source\n{entry.source}"
     )
+    if kind == "mask":
+        intervals = interval_cache.interval_entry(program, target)
+        unknown = ", ".join(intervals.plan.unknown_ops) or "nothing"
+        text += (
+            "\n# create_block_mask on the GPU: the generated kernel (compiler/intervals.py decides tiles "
+            f"from index ranges; unknown to it: {unknown}; undecided tiles are evaluated element-wise)\n"
+            f"# interval function, generated file {intervals.path}\n{intervals.source}"
+        )
+    return text
 
 
 def _program(mod, kind: str, device) -> Program:
