@@ -200,7 +200,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="reuse Triton's on-disk cache (first calls skip compiles)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
-    return parser.parse_args(argv)
+    parser.add_argument("--quick", action="store_true", help="8k and 32k, B=1 only, 3 timed calls")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.batch, args.reps = [s for s in args.sizes if s <= _parse_size("32k")], [1], 3
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case}  {builder}")
         return 0
     if not torch.cuda.is_available():
-        print("bench_block_mask.py needs a CUDA GPU (use --dry-run to see the plan).", file=sys.stderr)
-        return 1
+        raise SystemExit("bench_block_mask.py needs a CUDA GPU (use --dry-run to see the plan).")
     if not args.keep_triton_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-block-mask-triton-")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, flexattn {flexattn.__file__}")

@@ -31,6 +31,8 @@ _ACCEPTED_NO_OPS = {
     "FORCE_USE_FLEX_ATTENTION": "flexattn has no dense fallback kernel to avoid",
     "BLOCKS_ARE_CONTIGUOUS": "a hint only; flexattn reads the block indices either way",
     "WRITE_DQ": "flexattn always computes dQ when query requires grad",
+    "PRESCALE_QK": "identity score mods already fold the scale into the exp2 multiplier; other mods "
+    "need the scaled score itself",
 }
 
 
@@ -48,8 +50,6 @@ class KernelOptions:
         bwd_BLOCK_M1, bwd_BLOCK_N1: backward dK/dV tiles (queries x keys).
         bwd_BLOCK_M2, bwd_BLOCK_N2: backward dQ tiles (queries x keys).
         bwd_num_warps, bwd_num_stages: backward launch parameters.
-        PRESCALE_QK: multiply q by ``scale * log2(e)`` before the QK^T product instead of scaling
-            every score (faster, slightly different rounding).
         ROWS_GUARANTEED_SAFE: promise that no query row is fully masked, so the kernel may skip
             the guards that keep such rows at out = 0, lse = -inf.
         USE_TMA: load Q/K/V tiles with Hopper tensor descriptors where supported.
@@ -72,7 +72,6 @@ class KernelOptions:
     bwd_BLOCK_N2: int | None = None
     bwd_num_warps: int | None = None
     bwd_num_stages: int | None = None
-    PRESCALE_QK: bool = False
     ROWS_GUARANTEED_SAFE: bool = False
     USE_TMA: bool = False
     deterministic: bool = False
@@ -95,7 +94,6 @@ class KernelOptions:
             if value is not None and (not _is_int(value) or not 1 <= value <= 8):
                 raise ValueError(f"kernel_options['{name}'] must be an int in 1..8, got {value!r}.")
         for name in (
-            "PRESCALE_QK",
             "ROWS_GUARANTEED_SAFE",
             "USE_TMA",
             "deterministic",

@@ -1,7 +1,7 @@
 """Backward kernels (FlashAttention-2 style) and their launcher ``flex_backward``.
 
 Glossary (the letters every kernel below uses):
-    B, HQ, HKV          batch, query heads, key/value heads; G = HQ // HKV query heads per kv head
+    B, HQ, HKV          batch, query heads, key/value heads; GQA_GROUP = HQ // HKV query heads per kv head
     Q_LEN, KV_LEN       sequence lengths of queries and keys (runtime values)
     E, EV               head dims of q/k and of v; E_PAD / EV_PAD: their power-of-two tile widths
     Q_BLOCK, KV_BLOCK   the BlockMask's block sizes (sparsity granularity)
@@ -109,7 +109,7 @@ def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN,
 
 
 # ----------------------------------------------------------------------------------------------
-# dK / dV: one program per (BLOCK_N1 keys, kv head, b); loops over the G query heads of
+# dK / dV: one program per (BLOCK_N1 keys, kv head, b); loops over the GQA_GROUP query heads of
 # the group and, for each, over the query blocks of the transposed BlockMask (partial, then full).
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -121,7 +121,7 @@ def _dkdv_step(
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M1: tl.constexpr,
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     SCORE_IS_IDENTITY: tl.constexpr,
 ):
     # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences).
@@ -144,14 +144,14 @@ def _dkdv_step(
     q_idx = (offs_m % Q_LEN)[None, :]
     kv_idx = (offs_n % KV_LEN)[:, None]
     sT, pT = _probabilities(
-        tl.dot(k, qT, input_precision=PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
+        tl.dot(k, qT, input_precision=DOT_PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
         IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
     )
 
     # -- dV += P^T dO;  dP^T = V dO^T;  dM = P * (dP - DELTA)
-    dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dmT = pT * (dpT - delta[None, :])
 
     # -- through the score mod (captured-tensor gradients accumulate here), then dK += dS^T Q
@@ -165,14 +165,14 @@ def _dkdv_step(
     if (not IS_FULL) or CHECK_M or CHECK_N:
         dsT = tl.where(pT > 0.0, dsT, 0.0)  # masked, out of range or empty rows: exactly zero, never NaN
     dsT = dsT.to(qT.dtype)
-    dk += tl.dot(dsT, tl.trans(qT), input_precision=PRECISION)
+    dk += tl.dot(dsT, tl.trans(qT), input_precision=DOT_PRECISION)
 
     # -- FUSED_DQ: dQ (unscaled) += dS K, added atomically to the fp32 accumulator
     if FUSED_DQ:
         offs_e = tl.arange(0, E_PAD)
         dq_ptrs = (DQ_ACC + b.to(tl.int64) * dq_strides[0] + hq.to(tl.int64) * dq_strides[1] + m64 * dq_strides[2]
                    + local[:, None] * dq_strides[2] + offs_e[None, :] * dq_strides[3])
-        dq = tl.dot(tl.trans(dsT), k, input_precision=PRECISION)
+        dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION)
         tl.atomic_add(dq_ptrs, dq, mask=(offs_m < Q_LEN)[:, None] & (offs_e < E)[None, :], sem="relaxed")
     return dk, dv
 
@@ -189,11 +189,11 @@ def _bwd_dkdv(
     HQ, Q_LEN, KV_LEN, ROWS, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
-    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, GQA_GROUP: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hk = tl.program_id(1)
@@ -211,10 +211,10 @@ def _bwd_dkdv(
     dk = tl.zeros([BLOCK_N1, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, EV_PAD], dtype=tl.float32)
 
-    # -- sum over the G query heads of the group (no atomics on dK / dV), partial then full blocks
+    # -- sum over the GQA_GROUP query heads of the group (no atomics on dK / dV), partial then full blocks
     kv_block = start_n // KV_BLOCK
-    for g in range(G):
-        hq = hk * G + g
+    for g in range(GQA_GROUP):
+        hq = hk * GQA_GROUP + g
         if USE_TMA:  # tensor descriptors over the whole (B, HQ, Q_LEN, E) tensors
             q_ptr, do_ptr = Q, DO
         else:
@@ -233,7 +233,7 @@ def _bwd_dkdv(
                     dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                    E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, PRECISION,
+                    E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, DOT_PRECISION,
                     USE_TMA, SCORE_IS_IDENTITY,
                 )
 
@@ -258,8 +258,8 @@ def _dq_step(
     k_ptr, v_ptr, k_strides, v_strides, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
-    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
-    BLOCK_N2: tl.constexpr, IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, GQA_GROUP: tl.constexpr,
+    BLOCK_N2: tl.constexpr, IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     # -- BLOCK_N2 keys and values, transposed (USE_TMA: k_ptr / v_ptr are descriptors over (B, HKV, KV_LEN, E))
@@ -267,8 +267,8 @@ def _dq_step(
     offs_n = start_n + local
     n64 = start_n.to(tl.int64)
     if USE_TMA:
-        kT = tl.trans(k_ptr.load([b, hq // G, start_n, 0]).reshape(BLOCK_N2, E_PAD))
-        vT = tl.trans(v_ptr.load([b, hq // G, start_n, 0]).reshape(BLOCK_N2, EV_PAD))
+        kT = tl.trans(k_ptr.load([b, hq // GQA_GROUP, start_n, 0]).reshape(BLOCK_N2, E_PAD))
+        vT = tl.trans(v_ptr.load([b, hq // GQA_GROUP, start_n, 0]).reshape(BLOCK_N2, EV_PAD))
     else:
         kT = load_tile(k_ptr + n64 * k_strides[0], tl.arange(0, E_PAD), local, k_strides[1], k_strides[0], E,
                        KV_LEN - start_n, E != E_PAD, CHECK_N)
@@ -279,13 +279,13 @@ def _dq_step(
     q_idx = (offs_m % Q_LEN)[:, None]
     kv_idx = (offs_n % KV_LEN)[None, :]
     s, p = _probabilities(
-        tl.dot(q, kT, input_precision=PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
+        tl.dot(q, kT, input_precision=DOT_PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
         IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
     )
 
     # -- dP = dO V^T;  dM = P * (dP - DELTA);  through the score mod;  dQ += dS K
-    dp = tl.dot(do, vT, input_precision=PRECISION)
+    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
     dm = p * (dp - delta[:, None])
     if SCORE_IS_IDENTITY:
         ds = dm
@@ -293,7 +293,7 @@ def _dq_step(
         ds = SCORE_GRAD_FN(s, b, hq, q_idx, kv_idx, dm, SCORE_ARGS, SCORE_GRAD_ARGS)
     if (not IS_FULL) or CHECK_M or CHECK_N:
         ds = tl.where(p > 0.0, ds, 0.0)
-    dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PRECISION)
+    dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
     return dq
 
 
@@ -306,15 +306,15 @@ def _bwd_dq(
     HQ, Q_LEN, KV_LEN, ROWS, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,  # here: () (the dK/dV kernel owns the capture grads)
-    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, G: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, GQA_GROUP: tl.constexpr,
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
-    HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
 ):
     hq = tl.program_id(1)
     b = tl.program_id(2)
-    b64, hq64, hk64 = b.to(tl.int64), hq.to(tl.int64), (hq // G).to(tl.int64)
+    b64, hq64, hk64 = b.to(tl.int64), hq.to(tl.int64), (hq // GQA_GROUP).to(tl.int64)
     start_m = tl.program_id(0) * BLOCK_M2
     local = tl.arange(0, BLOCK_M2)
     offs_m = start_m + local
@@ -348,7 +348,7 @@ def _bwd_dq(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
-                E, EV, E_PAD, EV_PAD, G, BLOCK_N2, full == 1, CHECK_M, CHECK_N, PRECISION, USE_TMA,
+                E, EV, E_PAD, EV_PAD, GQA_GROUP, BLOCK_N2, full == 1, CHECK_M, CHECK_N, DOT_PRECISION, USE_TMA,
                 SCORE_IS_IDENTITY,
             )
 
@@ -380,7 +380,7 @@ def flex_backward(
 
     Parallelization: up to three launches. (1) ``DELTA = rowsum(dO * O) - dLSE`` and the base-2 LSE,
     one program per (64 rows, h, b), into (B, HQ, ROWS) buffers whose padding rows let (2) and (3)
-    load them unmasked. (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the G
+    load them unmasked. (2) dK/dV: one program per (BLOCK_N1 keys, kv head, b) that loops over the GQA_GROUP
     query heads of its group and, for each, the query blocks of the transposed BlockMask; dK and dV
     stay in registers (no atomics) and the program owns the captured-tensor gradients (atomics in
     the mod's gradient function; with ``options.deterministic`` 64-bit fixed-point atomics, which
@@ -413,8 +413,8 @@ def flex_backward(
         )
     pads = {"E_PAD": padded_head_dim(E), "EV_PAD": padded_head_dim(EV)}
     meta = {
-        "E": E, "EV": EV, **pads, "G": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
-        "HAS_FULL": tables.has_full, "PRECISION": dot_precision(q.dtype),
+        "E": E, "EV": EV, **pads, "GQA_GROUP": HQ // HKV, "Q_BLOCK": q_block, "KV_BLOCK": kv_block,
+        "HAS_FULL": tables.has_full, "DOT_PRECISION": dot_precision(q.dtype),
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
         "SCORE_IS_IDENTITY": score_mod.trivial,
     }  # fmt: skip

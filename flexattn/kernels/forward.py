@@ -9,7 +9,7 @@ Glossary:
     partial / full    kv blocks where mask_mod must be evaluated / where every pair is allowed
 
 Scores are kept in natural units for the mods and for max_scores; the softmax uses exp2 with
-log2(e) folded into one fused multiply-add per score. With an identity score mod (RAW_SCORES) the
+log2(e) folded into one fused multiply-add per score. With an identity score mod (SCORE_IS_IDENTITY) the
 kernel keeps raw q.k and folds the scale into that multiply-add too, converting the row maxima to
 natural units once at the end.
 """
@@ -47,9 +47,9 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 # fmt: off
 @triton.jit
 def _qk_tile(q, k_src, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
-             BLOCK_N: tl.constexpr, KV_TAIL: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n."""
-    k = load_kv_tile(k_src, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA)
+    k = load_kv_tile(k_src, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA)
     return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
 
@@ -57,34 +57,34 @@ def _qk_tile(q, k_src, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD
 def _attend_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
     qk, v_src, start_n, q_idx, b, h, hk,             # this tile: raw q.k^T, V source, first key, indices
-    v_strides, KV_LEN, sm_scale,
+    v_strides, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
-    IS_PARTIAL: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
+    IS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    RAW_SCORES: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i).
 
-    RAW_SCORES (identity score mod, positive scale): scores and m_i stay in raw q.k units and the
+    SCORE_IS_IDENTITY (identity score mod, positive scale): scores and m_i stay in raw q.k units and the
     scale folds into the base-2 multiplier, one multiply per score fewer.
     """
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
-    if RAW_SCORES:
+    if SCORE_IS_IDENTITY:
         scores = qk
-        to_base2 = sm_scale * LOG2E
+        to_base2 = scale * LOG2E
     else:
-        scores = qk * sm_scale
+        scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    if KV_TAIL:
+    if CHECK_N:
         kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
     else:
         kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
-    if not RAW_SCORES:
+    if not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
-    if IS_PARTIAL:
+    if not IS_FULL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
-    scores = mask_tail(scores, kv_pos[None, :], KV_LEN, KV_TAIL)
+    scores = mask_tail(scores, kv_pos[None, :], KV_LEN, CHECK_N)
 
     # -- online softmax in base 2: p = exp2(s * log2e - m * log2e), one FMA per score --
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -98,7 +98,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
-    v = load_kv_tile(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, KV_TAIL, USE_TMA)
+    v = load_kv_tile(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, CHECK_N, USE_TMA)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -116,16 +116,16 @@ def _flex_forward_kernel(
     # MB is B or 1 (MASK_PER_BATCH 1 or 0), MASK_H is HQ or 1 (MASK_PER_HEAD 1 or 0)
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
     # sizes and scale
-    Q_LEN, KV_LEN, HQ, sm_scale,
+    Q_LEN, KV_LEN, HQ, scale,
     # compiled mods
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     # meta-parameters
     GQA_GROUP: tl.constexpr, E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
-    HAS_FULL_BLOCKS: tl.constexpr, KV_TAIL: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    RAW_SCORES: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -154,7 +154,7 @@ def _flex_forward_kernel(
     # -- partial kv blocks (mask_mod evaluated element-wise), then full kv blocks (mask_mod skipped) --
     mask_bh = b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD  # 0 on a broadcast dim
     mask_row = mask_bh.to(tl.int64) * MASK_NQ + start_m // Q_BLOCK
-    for full in tl.static_range(2 if HAS_FULL_BLOCKS else 1):
+    for full in tl.static_range(2 if HAS_FULL else 1):
         nums, idx = KV_NUM_BLKS, KV_IDX
         if full == 1:
             nums, idx = FULL_KV_NUM_BLKS, FULL_KV_IDX
@@ -163,29 +163,29 @@ def _flex_forward_kernel(
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
             start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
             start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0
-            qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
+            qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
                           DOT_PRECISION)
         for tile in tl.range(0, num_tiles, warp_specialize=WARP_SPECIALIZE):
             if PIPELINE_QK:
                 start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), 1,
                                                KV_BLOCK, BLOCK_N)
-                qk_next = _qk_tile(q, k_src, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL,
+                qk_next = _qk_tile(q, k_src, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N,
                                    USE_TMA, DOT_PRECISION)
             else:
                 start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
-                qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, KV_TAIL, USE_TMA,
+                qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
                               DOT_PRECISION)
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, qk, v_src, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, sm_scale,
-                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 0, KV_TAIL, ROWS_SAFE, USE_TMA,
-                EV, EV_PAD, BLOCK_N, DOT_PRECISION, RAW_SCORES,
+                acc, l_i, m_i, qk, v_src, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
+                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 1, CHECK_N, ROWS_SAFE, USE_TMA,
+                EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
             )
             if PIPELINE_QK:
                 qk, start_n = qk_next, start_next
 
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
-    if RAW_SCORES:
-        m_i = m_i * sm_scale  # back to natural units
+    if SCORE_IS_IDENTITY:
+        m_i = m_i * scale  # back to natural units
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -284,10 +284,10 @@ def flex_forward(
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            **broadcast_flags, HAS_FULL_BLOCKS=tables.has_full, KV_TAIL=Lkv % kv_block != 0,
+            **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
-            DOT_PRECISION=dot_precision(q.dtype), RAW_SCORES=score_mod.trivial and float(scale) > 0,
+            DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip

@@ -8,7 +8,9 @@ conventions (every template follows them, at exactly one place per kernel):
     dscore = SCORE_GRAD_FN(score, b, h, q_idx, kv_idx, dout, SCORE_ARGS, SCORE_GRAD_ARGS)
 
 - ``score``: fp32 ``[BLOCK_M, BLOCK_N]`` (the scaled q.k product, before the mod).
-- ``b``, ``h``: int32 scalars (``h`` is the *query* head).
+- ``b``, ``h``: int32 scalars (``h`` is the *query* head), or int32 ``[BLOCK_M, 1]`` vectors when
+  a kernel packs several query heads (and sequences) into the rows of one tile (decoding with GQA
+  packing); generated code only broadcasts, so both work (``tests/compiler/test_row_heads.py``).
 - ``q_idx``: int32 ``[BLOCK_M, 1]`` and ``kv_idx``: int32 ``[1, BLOCK_N]``, absolute positions
   (the backward dK/dV kernel passes the transposed layout: ``q_idx [1, BLOCK_M]``,
   ``kv_idx [BLOCK_N, 1]``, ``score [BLOCK_N, BLOCK_M]``; device functions must only broadcast),
