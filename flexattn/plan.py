@@ -17,11 +17,12 @@ from flexattn.block_mask import BlockMask, noop_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.backward import flex_backward
-from flexattn.kernels.backward_tiles import BackwardTiles
+from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.forward import flex_forward
 from flexattn.kernels.mods import KernelMod
-from flexattn.kernels.tiles import Tiles
+from flexattn.kernels.tiles import Tiles, forward_tiles
 from flexattn.options import KernelOptions
 
 
@@ -52,6 +53,34 @@ class AttentionPlan:
             tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
             grad_buffers=grad_buffers, tiles=tiles,
         )  # fmt: skip
+
+    def explain(self, query, key, value, target: DeviceLimits | None = None) -> str:
+        """What the kernels will run for these inputs and why: mods, blocks, forward and backward tiles
+        (the launchers' own pure choices, ``kernels/tiles.py`` and ``kernels/backward_tiles.py``)."""
+        target = device_limits(query.device) if target is None else target
+        t = self.tables
+        (E, Ev), (Lq, Lkv) = (query.shape[-1], value.shape[-1]), (query.shape[2], key.shape[2])
+        fwd = forward_tiles(
+            head_dim=E, v_head_dim=Ev, dtype=query.dtype, q_len=Lq, kv_len=Lkv, q_block=t.q_block,
+            kv_block=t.kv_block, capability=target.capability, shared_memory_limit=target.shared_memory,
+            options=self.options, masked=not self.mask_mod.trivial,
+        )  # fmt: skip
+        bwd = choose_backward_tiles(
+            E, Ev, query.dtype, t.q_block, t.kv_block, target.capability, self.options,
+            light_score=self.score_mod.light,
+        )  # fmt: skip
+        mods = f"score_mod {self.score_mod.name!r}" + (" (identity)" if self.score_mod.trivial else "")
+        mods += f", mask_mod {self.mask_mod.name!r}" + (" (always true)" if self.mask_mod.trivial else "")
+        arch = "interpreter" if target.capability is None else "sm_{}{}".format(*target.capability)
+        return "\n".join([
+            f"target: {arch}",
+            f"mods: {mods}",
+            f"blocks: {t.q_block}x{t.kv_block}, full blocks {'separate' if t.has_full else 'not separated'}",
+            f"forward tiles: {fwd.BLOCK_M}x{fwd.BLOCK_N}, {fwd.num_warps} warps, {fwd.num_stages} stages: "
+            f"{fwd.reason}",
+            f"backward tiles: dK/dV {bwd.BLOCK_M1}x{bwd.BLOCK_N1}, dQ {bwd.BLOCK_M2}x{bwd.BLOCK_N2}, "
+            f"dq {bwd.dq_mode}: {bwd.reason}",
+        ])  # fmt: skip
 
 
 def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) -> BlockTables:
