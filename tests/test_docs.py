@@ -68,7 +68,8 @@ def test_every_fence_names_its_language(page):
 def test_python_blocks_run_as_pasted(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks may write files (pictures)
     python = [b for b in blocks(page) if b.language == "python"]
-    assert len(python) == PYTHON_BLOCKS[page], f"{page}: {len(python)} Python blocks, expected {PYTHON_BLOCKS[page]}"
+    expected = PYTHON_BLOCKS[page]
+    assert len(python) == expected, f"{page}: {len(python)} Python blocks, expected {expected}"
     namespace: dict = {}
     for block in python:
         if not block.code.startswith(CONTINUES):
