@@ -17,6 +17,13 @@ Importing the package is cheap: every public name is loaded on first access (PEP
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first access
+    from flexattn.api import AuxOutput, AuxRequest, flex_attention
+    from flexattn.block_mask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
+    from flexattn.compiler import explain
+    from flexattn.options import FlexKernelOptions, KernelOptions
 
 # public name -> the module that defines it (loaded on first access).
 _PUBLIC = {
@@ -35,7 +42,20 @@ _PUBLIC = {
 }
 _SUBMODULES = ("compiler", "gallery", "variants")
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "AuxOutput",
+    "AuxRequest",
+    "BlockMask",
+    "FlexKernelOptions",
+    "KernelOptions",
+    "and_masks",
+    "create_block_mask",
+    "create_mask",
+    "explain",
+    "flex_attention",
+    "noop_mask",
+    "or_masks",
+]
 __version__ = "0.1.0"
 
 

@@ -38,6 +38,6 @@ def test_public_names_resolve_lazily_to_their_definitions():
     assert flexattn.flex_attention is api.flex_attention
     assert flexattn.BlockMask is block_mask.BlockMask
     assert flexattn.FlexKernelOptions is options.FlexKernelOptions
-    assert set(flexattn.__all__) <= set(dir(flexattn))
+    assert set(flexattn.__all__) == set(flexattn._PUBLIC) and set(flexattn.__all__) <= set(dir(flexattn))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         flexattn.nope  # noqa: B018
