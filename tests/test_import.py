@@ -41,3 +41,15 @@ def test_public_names_resolve_lazily_to_their_definitions():
     assert set(flexattn.__all__) == set(flexattn._PUBLIC) and set(flexattn.__all__) <= set(dir(flexattn))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         flexattn.nope  # noqa: B018
+
+
+def test_cli_help_loads_not_even_torch():
+    code = (
+        "import sys\nfrom flexattn.cli import main\n"
+        "for argv in (['--help'], ['demo', '--help'], ['show', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: flexattn" in result.stdout
+    assert result.stdout.split()[-1] == "False"
