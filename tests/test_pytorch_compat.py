@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import builtins
+import doctest
 import inspect
 import re
 import textwrap
@@ -258,3 +259,8 @@ def test_flex_kernel_options_has_pytorchs_keys_and_every_key_is_accepted():
     assert set(typing.get_type_hints(torch_flex.FlexKernelOptions)) - ROCM_ONLY <= set(hints)
     for key, hint in hints.items():
         flexattn.KernelOptions.from_user({key: _sample_value(key, hint)})  # raises on an unknown key
+
+
+def test_options_docstring_examples_run():
+    result = doctest.testmod(flexattn.options, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
