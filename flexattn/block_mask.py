@@ -277,6 +277,35 @@ class BlockMask:
         }
         return replace(self, **moved)
 
+    # ---- PyTorch interoperability ---------------------------------------------------------------
+
+    # PyTorch's BlockMask (2.13) also carries precomputed dQ write orders; flexattn never builds
+    # them, so they read as None and a mask passed to PyTorch's flex_attention goes without them.
+    dq_write_order = dq_write_order_full = dq_kv_order = dq_kv_order_spt = None
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The fields as a positional tuple, in the order of PyTorch's ``BlockMask.as_tuple``.
+
+        This is how PyTorch's own ``flex_attention`` reads a mask, so a flexattn BlockMask can be
+        passed to it. ``flatten=True`` spreads ``seq_lengths`` and ``BLOCK_SIZE`` into two ints each:
+        ``(Q_LEN, KV_LEN, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, dq_write_order,
+        dq_write_order_full, dq_kv_order, dq_kv_order_spt, Q_BLOCK, KV_BLOCK, mask_mod)``.
+        Inside flexattn, use the named fields.
+        """
+        seq_lengths = tuple(self.seq_lengths) if flatten else (tuple(self.seq_lengths),)
+        block_size = tuple(self.BLOCK_SIZE) if flatten else (tuple(self.BLOCK_SIZE),)
+        return (
+            *seq_lengths,
+            *(getattr(self, name) for name in _TENSOR_FIELDS),
+            self.dq_write_order,
+            self.dq_write_order_full,
+            self.dq_kv_order,
+            self.dq_kv_order_spt,
+            *block_size,
+            self.mask_mod,
+        )
+
     def _adjust(self, new_q_len: int, new_kv_len: int) -> BlockMask:
         """The same mask cropped to shorter lengths (the top-left corner), e.g. for a shorter prompt.
 

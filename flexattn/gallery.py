@@ -163,19 +163,21 @@ class DemoRow:
     picture: str
 
 
-def run_demo(config: DemoConfig, progress: Callable | None = None) -> list[DemoRow]:
+def run_demo(config: DemoConfig, on_row: Callable[[DemoRow], None] | None = None) -> list[DemoRow]:
     """Run every variant of ``config.variants``; return one :class:`DemoRow` per variant.
 
-    ``progress`` wraps the list of variants (e.g. ``tqdm``); pictures go to ``config.out_dir``.
+    ``on_row`` is called with each row as soon as its variant finishes (``flexattn demo`` prints
+    it); pictures go to ``config.out_dir``.
     """
     config = config.resolved()
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = progress(config.variants) if progress else config.variants
     rows = []
-    for name in names:
+    for name in config.variants:
         case = build_case(name, config.length, config.device, config.heads)
         rows.append(_run_case(name, case, config, out_dir))
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -230,23 +232,38 @@ def _time_ms(fn: Callable, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def format_table(rows: list[DemoRow], config: DemoConfig) -> str:
-    """The demo's result table, one line per variant, with a header naming the sizes."""
+def table_header(config: DemoConfig) -> str:
+    """The lines above the demo's table: the sizes, what each column means, the column names."""
     config = config.resolved()
-    dtype = "bf16" if torch.device(config.device).type == "cuda" else "fp32"
-    backend = "Triton kernels" if torch.device(config.device).type == "cuda" else "reference backend"
-    header = (
-        f"flexattn demo on {config.device} ({backend}): B={config.batch} H={config.heads} L={config.length} "
-        f"E={config.head_dim} {dtype}, blocks of {config.block_size}; error vs the float64 reference"
+    gpu = torch.device(config.device).type == "cuda"
+    dtype = "bf16" if gpu else "fp32"
+    backend = "Triton kernels" if gpu else "reference backend"
+    timing = "CUDA-event time, triton.testing.do_bench" if gpu else "wall clock, 3 calls"
+    return "\n".join(
+        [
+            f"flexattn demo on {config.device} ({backend}): B={config.batch} H={config.heads} "
+            f"L={config.length} E={config.head_dim} {dtype}, blocks of {config.block_size}",
+            "  sparsity: share of the (q, kv) area in skipped blocks; "
+            "max err: max |flexattn - float64 reference|",
+            f"  ok: max err <= 3 x the {dtype} reference backend's own error + 1e-5",
+            f"  fwd ms: median milliseconds of one forward call ({timing})",
+            f"{'variant':<24}{'mods':<48}{'sparsity':>9}{'max err':>10}{'ok':>4}{'fwd ms':>11}",
+        ]
     )
-    lines = [header, f"{'variant':<24}{'mods':<48}{'sparsity':>9}{'max err':>10}{'ok':>4}{'time':>11}"]
-    for r in rows:
-        title = r.title if len(r.title) <= 46 else r.title[:43] + "..."
-        lines.append(
-            f"{r.variant:<24}{title:<48}{r.sparsity:>8.1f}%{r.max_error:>10.1e}"
-            f"{'yes' if r.ok else 'NO':>4}{r.milliseconds:>9.2f}ms"
-        )
-    return "\n".join(lines)
+
+
+def format_row(row: DemoRow) -> str:
+    """One line of the demo's table (columns as in :func:`table_header`)."""
+    title = row.title if len(row.title) <= 46 else row.title[:43] + "..."
+    return (
+        f"{row.variant:<24}{title:<48}{row.sparsity:>8.1f}%{row.max_error:>10.1e}"
+        f"{'yes' if row.ok else 'NO':>4}{row.milliseconds:>11.2f}"
+    )
+
+
+def format_table(rows: list[DemoRow], config: DemoConfig) -> str:
+    """The demo's whole result table: :func:`table_header`, then one :func:`format_row` per variant."""
+    return "\n".join([table_header(config), *map(format_row, rows)])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,7 +341,7 @@ def save_picture(case: Case, block_size: int, path: Path, device="cpu") -> None:
     if case.score_mod is not None:
         ax = axes[0, 1]
         image = ax.imshow(score_picture(case, device).numpy(), cmap="viridis", interpolation="nearest")
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.colorbar(image, ax=ax, fraction=0.046, label="added to a zero score (blank: masked)")
         ax.set_title(f"{case.score_mod.__name__}: score_mod(0, b=0, h=0, q, kv)", fontsize=9)
         ax.set_xlabel("kv_idx")
     fig.suptitle(f"{case.title}  (Lq={case.q_len}, Lkv={case.kv_len}, blocks of {block_size})", fontsize=10)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE")
 
@@ -34,6 +34,49 @@ _ACCEPTED_NO_OPS = {
     "PRESCALE_QK": "identity score mods already fold the scale into the exp2 multiplier; other mods "
     "need the scaled score itself",
 }
+
+
+class FlexKernelOptions(TypedDict, total=False):
+    """The keys of ``kernel_options=``, for type checkers (PyTorch's ``FlexKernelOptions``, extended).
+
+    A plain dict works the same; every key is optional. Meanings are on :class:`KernelOptions` and
+    in docs/kernel_options.md. PyTorch's spellings (``fwd_*``, ``BLOCK_M1``...) and its hint-only
+    keys are accepted; ``BACKEND`` takes flexattn's values, not PyTorch's "FLASH"/"TRITON_DECODE".
+
+    Example:
+        >>> options: FlexKernelOptions = {"BLOCK_M": 64, "BLOCK_N": 64, "PRESCALE_QK": True}
+        >>> KernelOptions.from_user(options).BLOCK_M
+        64
+    """
+
+    BACKEND: Literal["AUTO", "TRITON", "REFERENCE"]
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    fwd_BLOCK_M: int
+    fwd_BLOCK_N: int
+    fwd_num_warps: int
+    fwd_num_stages: int
+    BLOCK_M1: int
+    BLOCK_N1: int
+    BLOCK_M2: int
+    BLOCK_N2: int
+    bwd_BLOCK_M1: int
+    bwd_BLOCK_N1: int
+    bwd_BLOCK_M2: int
+    bwd_BLOCK_N2: int
+    bwd_num_warps: int
+    bwd_num_stages: int
+    PRESCALE_QK: bool
+    ROWS_GUARANTEED_SAFE: bool
+    USE_TMA: bool
+    deterministic: bool
+    autotune: bool
+    OUTPUT_LOGSUMEXP: bool
+    FORCE_USE_FLEX_ATTENTION: bool
+    BLOCKS_ARE_CONTIGUOUS: bool
+    WRITE_DQ: bool
 
 
 @dataclass(frozen=True)
@@ -104,7 +147,9 @@ class KernelOptions:
                 raise ValueError(f"kernel_options['{name}'] must be a bool, got {getattr(self, name)!r}.")
 
     @classmethod
-    def from_user(cls, kernel_options: dict[str, Any] | KernelOptions | None) -> KernelOptions:
+    def from_user(
+        cls, kernel_options: FlexKernelOptions | dict[str, Any] | KernelOptions | None
+    ) -> KernelOptions:
         """Validate a user's ``kernel_options`` dict (PyTorch spellings accepted) into KernelOptions."""
         if kernel_options is None:
             return cls()

@@ -2,7 +2,8 @@
 cleanly without CUDA.
 
 Every test runs with a new random seed (printed with the failure). Reproduce a failure with
-``FLEXATTN_SEED=<seed> bash scripts/test.sh -k <test id>``.
+``FLEXATTN_SEED=<seed> bash scripts/test.sh -k <test id>``. ``FLEXATTN_SEEDS=<s1>,<s2>,...`` runs
+every test once per listed seed (test ids end in ``-seed<s>``); ``scripts/seed_sweep.sh`` uses it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def _swept_seeds() -> list[int]:
+    """The seeds of ``FLEXATTN_SEEDS`` (comma-separated; the same list in every xdist worker)."""
+    spec = os.environ.get("FLEXATTN_SEEDS", "")
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise pytest.UsageError(f"FLEXATTN_SEEDS must be comma-separated integers, got {spec!r}.") from None
+
+
+def pytest_generate_tests(metafunc):
+    seeds = _swept_seeds()
+    if seeds:
+        metafunc.fixturenames.append("flexattn_swept_seed")
+        metafunc.parametrize("flexattn_swept_seed", seeds, ids=lambda s: f"seed{s}")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """Seed torch with a fresh seed (or FLEXATTN_SEED) and remember it for the failure report."""
-    fixed = os.environ.get("FLEXATTN_SEED")
+    """Seed torch with a fresh seed (or FLEXATTN_SEED, or the swept one) and remember it for the
+    failure report."""
+    callspec = getattr(request.node, "callspec", None)
+    fixed = callspec.params.get("flexattn_swept_seed") if callspec else None
+    fixed = fixed if fixed is not None else os.environ.get("FLEXATTN_SEED")
     seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     request.node.flexattn_seed = seed

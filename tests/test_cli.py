@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from flexattn import cli
+from flexattn import cli, gallery
 from flexattn.cli import main
 from flexattn.gallery import GALLERY, build_case, element_picture
 
@@ -137,3 +140,94 @@ def test_every_real_benchmark_takes_shared_options_and_refuses_without_gpu(scrip
     module = cli._load_script(script)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         module.main(["--quick"])
+
+
+# ---- errors: one line on stderr, never a traceback ----------------------------------------------
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``flexattn ARGV``, whether it returns or exits."""
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["show", "causal", "--length", "0"], "--length: must be a positive integer, got '0'"),
+        (["show", "causal", "--block-size", "x"], "--block-size: must be a positive integer, got 'x'"),
+        (["show", "bogus"], "unknown variant 'bogus'. Choose from: noop, causal"),
+        (["show"], "name a variant"),
+        (["demo", "--length", "-3"], "--length: must be a positive integer, got '-3'"),
+        (["demo", "--heads", "0"], "--heads: must be a positive integer"),
+        (["demo", "--device", "tpu"], "--device must be cpu or cuda (or cuda:N), got 'tpu'"),
+        (["demo", "--variants", "causal,nope"], "unknown variant(s) 'nope'"),
+        (["demo", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["nope"], "invalid choice: 'nope'"),
+    ],
+    ids=lambda x: "_".join(x) if isinstance(x, list) else None,
+)
+def test_bad_arguments_give_one_line_and_status_2(argv, says, capsys):
+    status, out, err = run_cli(argv, capsys)
+    assert status == 2
+    assert says in err and err.startswith("flexattn") and err.count("\n") == 1, err
+    assert out == ""
+
+
+def test_demo_on_cuda_without_a_gpu_says_so_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, _, err = run_cli(["demo", "--device", "cuda"], capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert "no CUDA GPU is available" in err and "--device cpu" in err
+
+
+def test_errors_while_running_are_one_line_unless_a_traceback_is_asked_for(monkeypatch, capsys):
+    def boom(*args, **kwargs):
+        raise ValueError("Q_LEN must be a positive int,\n got 0.")
+
+    monkeypatch.setattr(gallery, "run_demo", boom)
+    status, _, err = run_cli(["demo", "--device", "cpu"], capsys)
+    assert status == 2
+    assert err == (
+        "flexattn demo: ValueError: Q_LEN must be a positive int, got 0. "
+        "(FLEXATTN_TRACEBACK=1 shows the traceback)\n"
+    )
+    monkeypatch.setenv("FLEXATTN_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="positive int"):
+        main(["demo", "--device", "cpu"])
+
+
+def test_a_fresh_process_prints_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "flexattn.cli", "show", "causal", "--length", "0"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "flexattn show: argument --length: must be a positive integer, got '0' (see `flexattn show --help`)"
+    ]
+
+
+# ---- the demo's table ----------------------------------------------------------------------------
+
+
+def test_demo_header_states_units_and_rows_print_as_they_finish(tmp_path, monkeypatch, capsys):
+    printed_before = []  # stdout at the start of each variant
+
+    def fake_run_case(name, case, config, out_dir):
+        printed_before.append(capsys.readouterr().out)
+        return gallery.DemoRow(name, case.title, 0.0, 0.0, 0.0, True, 1.5, "")
+
+    monkeypatch.setattr(gallery, "_run_case", fake_run_case)
+    status = main(["demo", "--device", "cpu", "--variants", "noop,causal", "--out", str(tmp_path)])
+    assert status == 0
+    header = printed_before[0]
+    assert "fwd ms: median milliseconds of one forward call" in header
+    assert header.splitlines()[-1].split()[-1] == "ms"  # the column itself: "fwd ms"
+    assert printed_before[1].startswith("noop ")  # noop's row was out before causal started

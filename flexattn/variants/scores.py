@@ -18,8 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from flexattn.compiler import fast_tanh
-
 
 def alibi_slopes(num_heads: int, device=None) -> torch.Tensor:
     """ALiBi's per-head slopes ``(num_heads,)`` fp32, as in Press et al. (2022).
@@ -72,6 +70,9 @@ def tanh_softcap(cap: float, approx: bool = False):
     """
     if not cap > 0:
         raise ValueError(f"cap must be > 0, got {cap!r}.")
+    if approx:
+        from flexattn.compiler import fast_tanh  # the compiler loads on first use, not at import
+
     tanh = fast_tanh if approx else torch.tanh
 
     def softcap(score, b, h, q_idx, kv_idx):

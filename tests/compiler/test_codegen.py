@@ -17,7 +17,7 @@ import torch
 from flexattn.compiler import compile_mask_mod, compile_score_mod, explain, fast_tanh
 from tests.catalog import CATALOG
 from tests.compiler.harness import eager_mask, eager_score, run_grad, run_mask, run_score
-from tests.helpers import assert_close_to_gold
+from tests.helpers import DEFAULT_FLOOR, assert_close_to_gold
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
@@ -60,6 +60,7 @@ def check_score_mod(mod, tile: Tile, params=(), floor=None) -> None:
 
     gold_grads = _eager_grads(mod, tile.score.double(), tile, params)
     eager_grads = _eager_grads(mod, tile.score, tile, params)
+    sum_floors = _fp32_sum_floors(mod, tile, params, gold_grads[1:])
     for transposed in (False, True):
         buffers = tuple(torch.zeros(t.shape, device=DEVICE) for t in kmod.grad_captures)
         dscore = run_grad(kmod, tile.score, *tile.indices(), tile.dout, buffers, transposed=transposed)
@@ -69,7 +70,8 @@ def check_score_mod(mod, tile: Tile, params=(), floor=None) -> None:
         # captures may be tensors computed from params (weight * weight): autograd carries their grads on
         ours = _chain(kmod.grad_captures, buffers, params)
         for i, (g_ours, g, e) in enumerate(zip(ours, gold_grads[1:], eager_grads[1:])):
-            assert_close_to_gold(g_ours, g, e, name=f"grad of param {i} transposed={transposed}")
+            name = f"grad of param {i} transposed={transposed}"
+            assert_close_to_gold(g_ours, g, e, floor=sum_floors[i], name=name)
 
 
 def _chain(captures, buffers, params) -> list[torch.Tensor]:
@@ -81,6 +83,36 @@ def _chain(captures, buffers, params) -> list[torch.Tensor]:
     cotangents = [b.to(c.dtype) for b, c in zip(buffers, captures)]
     grads = torch.autograd.grad(captures, params, cotangents, allow_unused=True, retain_graph=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+
+def _fp32_sum_floors(mod, tile: Tile, params, gold_grads) -> list[float]:
+    """Per param, the floor for its gradient: the error bound of the fp32 sum the kernel computes.
+
+    A param's gradient is an inner product over the tile, ``sum_ij dout_ij * d mod_ij / d param``,
+    which the kernel sums in fp32 in an order of its own (tile reductions, then atomics). Any order
+    of n fp32 additions of products errs by at most gamma_n * sum_ij |dout_ij * d mod_ij / d param|
+    (gamma_n = n u / (1 - n u), u = 2**-24; Higham, Accuracy and Stability, 3.1). Eager PyTorch on
+    CPU accumulates fp32 sums in double, so err(eager) can be exactly 0 and cannot stand in for
+    this. The bound is normalised like ``rel_err`` (by max |gold|) and added to the default floor.
+    """
+    default = DEFAULT_FLOOR[torch.float32]
+    out = eager_score(mod, tile.score.double(), *tile.indices())  # (M, N) float64
+    if not params or not out.requires_grad:
+        return [default] * len(params)
+    n, u = M * N, 2.0**-24
+    gamma = n * u / (1 - n * u)
+    one_hot = torch.eye(n, dtype=out.dtype, device=out.device).reshape(n, M, N)
+    # d out_ij / d param for every tile element ij: each (n, *param.shape)
+    jacobians = torch.autograd.grad(out, params, one_hot, allow_unused=True, is_grads_batched=True)
+    floors = []
+    for jacobian, p, gold in zip(jacobians, params, gold_grads):
+        if jacobian is None:
+            floors.append(default)
+            continue
+        dout = tile.dout.double().reshape(n, *([1] * p.dim()))
+        abs_sum = (dout * jacobian.double()).abs().sum(0).max().item()  # max over param elements
+        floors.append(default + gamma * abs_sum / max(gold.abs().max().item(), 1e-30))
+    return floors
 
 
 def _eager_grads(mod, score, tile: Tile, params) -> list[torch.Tensor]:
