@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,11 +27,11 @@ from flexattn.block_mask_build import (
     ordered_to_dense,
     transpose_ordered,
 )
-from flexattn.block_mask_device import build_tables, choose_builder
-from flexattn.compiler.checks import check_mod as check_traced
-from flexattn.kernels.block_tables import BlockTables
 from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
 from flexattn.mod_eval import check_mod, required_positional_args
+
+if TYPE_CHECKING:
+    from flexattn.kernels.block_tables import BlockTables
 
 __all__ = [
     "BlockMask",
@@ -265,6 +266,8 @@ class BlockMask:
 
     def tables(self) -> BlockTables:
         """The block lists as the kernels read them (``kernels.block_tables.BlockTables``)."""
+        from flexattn.kernels.block_tables import BlockTables  # the kernels' types load on first use
+
         q_block, kv_block = self.BLOCK_SIZE
         lists = {name: getattr(self, name) for name in BlockTables.TENSORS}
         return BlockTables(**lists, q_block=q_block, kv_block=kv_block)
@@ -427,11 +430,15 @@ def create_block_mask(
     Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
     q_block, kv_block = _block_size_pair(BLOCK_SIZE)
     device = _default_device(device)
+    # the compiler and the device builder load on first use (``import flexattn`` stays light)
+    from flexattn.block_mask_device import build_tables, choose_builder
+    from flexattn.compiler.checks import check_mod as check_traced
+
     check_traced(mask_mod, "mask", (B, H, Q_LEN, KV_LEN), device)  # the kernels' refusals, here too
     choice = choose_builder(mask_mod, device, backend, q_block, kv_block)
     if choice.builder == "triton":
         tables = build_tables(choice, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full_blocks)
-        lists = {name: getattr(tables, name) for name in BlockTables.TENSORS}
+        lists = {name: getattr(tables, name) for name in tables.TENSORS}
         return BlockMask(
             seq_lengths=(Q_LEN, KV_LEN), **lists, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod
         )
@@ -475,6 +482,8 @@ def create_mask(
     B, H = _check_size("B", B, True), _check_size("H", H, True)
     Q_LEN, KV_LEN = _check_size("Q_LEN", Q_LEN, False), _check_size("KV_LEN", KV_LEN, False)
     device = _default_device(device)
+    from flexattn.compiler.checks import check_mod as check_traced  # loads on first use
+
     check_traced(mod_fn, "score" if is_score_mod else "mask", (B, H, Q_LEN, KV_LEN), device)
     return dense_mask(mod_fn, is_score_mod, B, H, Q_LEN, KV_LEN, device)
 

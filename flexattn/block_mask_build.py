@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from flexattn.kernels.block_tables import BlockTables
 from flexattn.mod_eval import eval_mask_mod, eval_score_mod, index
+
+if TYPE_CHECKING:
+    from flexattn.kernels.block_tables import BlockTables
 
 # Elements of mask_mod output evaluated at once (bool, so ~this many bytes plus the mod's temporaries).
 DEFAULT_BUDGET = 1 << 22

@@ -27,7 +27,7 @@ PYTHON_BLOCKS = {
     "docs/api.md": 0,
     "docs/architecture.md": 0,
     "docs/composing_masks.md": 5,
-    "docs/debugging.md": 5,
+    "docs/debugging.md": 6,
     "docs/kernel_options.md": 1,
     "docs/learnable_bias.md": 2,
     "docs/programming_model.md": 1,
