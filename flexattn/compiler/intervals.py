@@ -42,7 +42,7 @@ import torch
 
 from flexattn.compiler.analysis import M, N, capture_layouts, tile_dims
 from flexattn.compiler.ir import COMPARISONS, Graph
-from flexattn.compiler.lowering import unpack_capture
+from flexattn.compiler.lowering import capture_symbols, unpack_capture
 
 _INT_RANGE = {
     torch.bool: (0, 1),
@@ -334,9 +334,7 @@ class _IntervalEmitter:
 
     def _capture(self, slot: int) -> tuple[str, list[str], list[str]]:
         layout = self.layouts[slot]
-        ptr = f"c{slot}"
-        sizes = [f"c{slot}_n{d}" for d in range(layout.ndim)]
-        strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
+        ptr, sizes, strides = capture_symbols(slot, layout.ndim)
         if slot not in self.unpacked:
             self.unpacked.add(slot)
             self.lines += unpack_capture("caps", layout.base, ptr, sizes, strides, layout.wide)

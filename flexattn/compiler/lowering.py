@@ -212,9 +212,7 @@ class Emitter:
 
     def capture_names(self, slot: int) -> tuple[str, list[str], list[str]]:
         layout = self.layouts[slot]
-        ptr = f"c{slot}"
-        sizes = [f"c{slot}_n{d}" for d in range(layout.ndim)]
-        strides = [f"c{slot}_s{d}" for d in range(layout.ndim)]
+        ptr, sizes, strides = capture_symbols(slot, layout.ndim)
         if ptr not in self.prologue:
             self.prologue.add(ptr)
             self.lines += unpack_capture("caps", layout.base, ptr, sizes, strides, layout.wide)
@@ -417,6 +415,11 @@ class Emitter:
             return f"tm.ipow({self._ts(args, x)})"
         pow_fn = "libdevice.pow" if self.gpu else "tm.pow"
         return f"{pow_fn}({self._ts(args, x)})"
+
+
+def capture_symbols(slot: int, ndim: int) -> tuple[str, list[str], list[str]]:
+    """The names generated code gives captured tensor ``slot``: pointer, sizes, strides."""
+    return f"c{slot}", [f"c{slot}_n{d}" for d in range(ndim)], [f"c{slot}_s{d}" for d in range(ndim)]
 
 
 def unpack_capture(
