@@ -15,9 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
-from flexattn.compiler.checks import check_mod as check_traced
-from flexattn.dispatch import choose_backend, run_attention
-from flexattn.mod_eval import check_mod
+from flexattn.dispatch import check_call, run_attention
 from flexattn.options import KernelOptions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -87,7 +85,9 @@ def flex_attention(
     if block_mask is not None:
         _check_block_mask(block_mask, query, key)
     mask_mod = None if block_mask is None else block_mask.mask_mod
-    backend, tiles = _check_constants(score_mod, mask_mod, kernel_options, query.device, query.dtype)
+    if torch.compiler.is_compiling():
+        import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
+    backend, tiles = check_call(score_mod, mask_mod, kernel_options, query.device, query.dtype)
     if block_mask is not None:  # traced under torch.compile (block sizes may be symbolic there)
         _check_tiles(tuple(block_mask.BLOCK_SIZE), tiles)
     if backend == "TRITON" and torch.compiler.is_compiling():
@@ -104,20 +104,6 @@ def flex_attention(
             query, key, value, score_mod, block_mask, scale, options, backend
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
-
-
-@torch._dynamo.assume_constant_result
-def _check_constants(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str, tuple]:
-    """The checks of the mods and the options; ``(backend, (BLOCK_M, BLOCK_N))``.
-
-    Plain Python on every call; under torch.compile a trace-time constant (the values it reads are
-    guarded by the custom-op path, ``custom_ops.traced_attention``)."""
-    options = KernelOptions.from_user(kernel_options)
-    if score_mod is not None:
-        check_mod(score_mod, "score_mod", "score_mod")
-    if mask_mod is not None:
-        check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
-    return choose_backend(device, options, dtype), (options.BLOCK_M, options.BLOCK_N)
 
 
 def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):
@@ -248,6 +234,8 @@ def _check_block_mask(block_mask, query, key) -> None:
 
 def _check_mods_trace(score_mod, mask_mod, query, key) -> None:
     """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
+    from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
+
     grid = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])  # (B, Hq, Lq, Lkv)
     check_traced(score_mod, "score", grid, query.device)
     if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from flexattn.block_mask import BlockMask
+from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
 
@@ -43,6 +44,21 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
             "Python to run the kernels in Triton's (slow) interpreter, or use BACKEND 'AUTO'/'REFERENCE'."
         )
     return "TRITON"
+
+
+def check_call(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str, tuple]:
+    """The checks of a call's mods and options; ``(backend, (BLOCK_M, BLOCK_N))``.
+
+    Plain Python on every eager call. ``flexattn.custom_ops`` marks it a trace-time constant for
+    torch.compile (``torch._dynamo.assume_constant_result``), so ``import flexattn`` needs no Dynamo;
+    the values it reads are guarded by the custom-op path (``custom_ops.traced_attention``).
+    """
+    options = KernelOptions.from_user(kernel_options)
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
+    if mask_mod is not None:
+        check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
+    return choose_backend(device, options, dtype), (options.BLOCK_M, options.BLOCK_N)
 
 
 def run_attention(

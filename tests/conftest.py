@@ -63,3 +63,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """A test that compiles ``flex_attention`` counts its own graphs: every such test compiles one
+    code object, and Dynamo keeps at most ``recompile_limit`` (8) graphs per code object; past that
+    it stops compiling the frame and traces the frames it calls instead."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -28,13 +28,7 @@ BLOCK = 16  # L = 40: two full blocks and a tail, so masks have partial blocks
 TRITON = {"BACKEND": "TRITON"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    """Each test counts its own recompiles: every test here compiles ``flex_attention``, one code
-    object, and Dynamo keeps at most ``recompile_limit`` (8) graphs per code object."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture(

@@ -14,6 +14,8 @@ import torch
 from flexattn import AuxRequest, create_block_mask, flex_attention
 from flexattn.custom_ops import attention_op
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
+
 needs_kernels = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU kernel tests need TRITON_INTERPRET=1"
 )
@@ -208,7 +210,7 @@ def test_compiled_model_matches_eager_gpu():
 
 def test_fp64_cuda_inputs_on_auto_are_traced_through_the_reference_backend():
     """AUTO sends fp64 to the reference backend under torch.compile too (the kernels have no fp64)."""
-    from flexattn.api import _check_constants
+    from flexattn.dispatch import check_call
 
-    assert _check_constants(None, None, None, torch.device("cuda"), torch.float64)[0] == "REFERENCE"
-    assert _check_constants(None, None, None, torch.device("cuda"), torch.bfloat16)[0] == "TRITON"
+    assert check_call(None, None, None, torch.device("cuda"), torch.float64)[0] == "REFERENCE"
+    assert check_call(None, None, None, torch.device("cuda"), torch.bfloat16)[0] == "TRITON"

@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from flexattn.integrations.transformers import use_flexattn  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
+
 VOCAB, LENGTH = 101, 37
 
 
