@@ -85,12 +85,15 @@ def flex_attention(
     if block_mask is not None:
         _check_block_mask(block_mask, query, key)
     mask_mod = None if block_mask is None else block_mask.mask_mod
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
-    backend, tiles = check_call(score_mod, mask_mod, kernel_options, query.device, query.dtype)
+    # eager calls parse the options once, here; traced ones hand check_call the user's dict (a constant)
+    options = kernel_options if compiling else KernelOptions.from_user(kernel_options)
+    backend, tiles = check_call(score_mod, mask_mod, options, query.device, query.dtype)
     if block_mask is not None:  # traced under torch.compile (block sizes may be symbolic there)
         _check_tiles(tuple(block_mask.BLOCK_SIZE), tiles)
-    if backend == "TRITON" and torch.compiler.is_compiling():
+    if backend == "TRITON" and compiling:
         # torch.compile: the custom ops (no graph break), with the mods' captures as graph inputs
         from flexattn.custom_ops import traced_attention
 
@@ -98,7 +101,7 @@ def flex_attention(
             query, key, value, score_mod, block_mask, scale, kernel_options
         )
     else:
-        options = KernelOptions.from_user(kernel_options)
+        options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
         _check_mods_trace(score_mod, mask_mod, query, key)
         out, lse, max_scores = run_attention(
             query, key, value, score_mod, block_mask, scale, options, backend

@@ -49,6 +49,8 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
 def check_call(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str, tuple]:
     """The checks of a call's mods and options; ``(backend, (BLOCK_M, BLOCK_N))``.
 
+    ``kernel_options``: the user's dict, or KernelOptions already parsed from it.
+
     Plain Python on every eager call. ``flexattn.custom_ops`` marks it a trace-time constant for
     torch.compile (``torch._dynamo.assume_constant_result``), so ``import flexattn`` needs no Dynamo;
     the values it reads are guarded by the custom-op path (``custom_ops.traced_attention``).

@@ -41,17 +41,13 @@ def device_limits(device: torch.device) -> DeviceLimits:
     return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def tma_layout_ok(t: torch.Tensor) -> bool:
-    """Hopper tensor descriptors need a unit feature stride and 16-byte aligned base and strides."""
-    size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
-
-
 def tma_compatible(t: torch.Tensor, target: DeviceLimits) -> bool:
-    """A tensor the kernels may read through tensor descriptors: on CUDA, the interpreter or an
-    explicit GPU ``target``, laid out as :func:`tma_layout_ok` asks."""
+    """A tensor the kernels may read through Hopper tensor descriptors: on CUDA, the interpreter or
+    an explicit GPU ``target``, with a unit feature stride and 16-byte aligned base and strides."""
     on_gpu = t.is_cuda or target.capability is not None or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_gpu and tma_layout_ok(t)
+    size = t.element_size()
+    aligned = t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    return on_gpu and t.stride(-1) == 1 and aligned
 
 
 def tile_descriptors(
