@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=10, help="timed calls after the first (median)")
     parser.add_argument("--eager-max", type=_parse_size, default=_parse_size("32k"),
                         help="skip torch eager above this S (it builds an S x S mask)")  # fmt: skip
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", help="also write the results to this JSON file (after every row)")
     parser.add_argument(
         "--keep-triton-cache",
         action="store_true",
@@ -230,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+        if args.json:  # after every row, so a run stopped at its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump([asdict(r) for r in results], f, indent=1)
     print()
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=1)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Train a small GPT on packed documents with a document-causal mask: flexattn vs SDPA + dense mask.
 
 Every batch row packs several documents of random lengths; a token may attend only to earlier
-tokens of its own document. Three runs train the same model (same initial weights, same batches):
+tokens of its own document. Each run trains the same model (same initial weights, same batches):
 
 - ``flexattn``: ``create_block_mask(document_mask(doc_ids, causal()))`` per batch, then
   ``flexattn.flex_attention`` (the Triton kernels on CUDA, the reference backend on CPU); blocks
@@ -9,6 +9,8 @@ tokens of its own document. Three runs train the same model (same initial weight
 - ``flexattn-boundaries``: the same mask mod and kernels, with the BlockMask computed from the
   document boundaries (:func:`document_causal_block_mask`) instead of evaluating every element.
 - ``sdpa``: ``F.scaled_dot_product_attention`` with the dense boolean mask ``(B, 1, L, L)``.
+- ``torch-flex`` (CUDA only by default): PyTorch's compiled ``flex_attention`` with its own
+  ``create_block_mask`` of the same mod, per batch.
 
 Each reports tokens/s (mask construction included) and peak memory, then one summary line.
 
@@ -138,7 +140,7 @@ def _sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The two attention implementations.
+# The attention implementations.
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -203,11 +205,29 @@ def sdpa_attention(doc_ids: torch.Tensor):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
+_TORCH_FLEX = None
+
+
+def torch_flex_attention(doc_ids: torch.Tensor):
+    """PyTorch's own flex_attention (compiled) with its own ``create_block_mask``, for comparison."""
+    global _TORCH_FLEX
+    from torch.nn.attention import flex_attention as torch_flex
+
+    if _TORCH_FLEX is None:
+        _TORCH_FLEX = torch.compile(torch_flex.flex_attention)
+    B, L = doc_ids.shape
+    mask_mod = document_mask(doc_ids, causal())
+    block_mask = torch_flex.create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
+    return lambda q, k, v: _TORCH_FLEX(q, k, v, block_mask=block_mask)
+
+
 ATTENTION = {
     "flexattn": flexattn_attention,
     "flexattn-boundaries": flexattn_boundaries_attention,
     "sdpa": sdpa_attention,
+    "torch-flex": torch_flex_attention,
 }
+DEFAULT_RUNS = {"cuda": list(ATTENTION), "cpu": ["flexattn", "flexattn-boundaries", "sdpa"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="training steps per run (default: 300; CPU config: 20)")
     parser.add_argument("--seq-len", type=int, help="tokens per packed row")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--runs", default=",".join(ATTENTION), help="comma-separated subset of %(default)s")
+    parser.add_argument("--runs", help=f"comma-separated subset of {','.join(ATTENTION)} (default: all on CUDA)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -297,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         f"documents of {cfg.min_doc}-{cfg.max_doc} tokens, {cfg.steps} steps on {card}",
         flush=True,
     )
-    results = [train(name, cfg, device) for name in args.runs.split(",")]
+    names = args.runs.split(",") if args.runs else DEFAULT_RUNS[device.type]
+    results = [train(name, cfg, device) for name in names]
 
     baseline = next((r for r in results if r.name == "sdpa"), None)
     runs = " | ".join(

@@ -13,6 +13,9 @@ from explicit block lists::
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -282,7 +285,7 @@ class BlockMask:
 
     # ---- PyTorch interoperability ---------------------------------------------------------------
 
-    # PyTorch's BlockMask (2.13) also carries precomputed dQ write orders; flexattn never builds
+    # PyTorch's BlockMask (2.12+) also carries precomputed dQ write orders; flexattn never builds
     # them, so they read as None and a mask passed to PyTorch's flex_attention goes without them.
     dq_write_order = dq_write_order_full = dq_kv_order = dq_kv_order_spt = None
 
@@ -292,19 +295,17 @@ class BlockMask:
         This is how PyTorch's own ``flex_attention`` reads a mask, so a flexattn BlockMask can be
         passed to it. ``flatten=True`` spreads ``seq_lengths`` and ``BLOCK_SIZE`` into two ints each:
         ``(Q_LEN, KV_LEN, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, dq_write_order,
-        dq_write_order_full, dq_kv_order, dq_kv_order_spt, Q_BLOCK, KV_BLOCK, mask_mod)``.
-        Inside flexattn, use the named fields.
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *extra, Q_BLOCK, KV_BLOCK,
+        mask_mod)``, where ``extra`` are the fields the installed PyTorch's BlockMask has beyond these
+        (``dq_write_order, dq_write_order_full, dq_kv_order, dq_kv_order_spt`` since torch 2.12; all
+        None here). Inside flexattn, use the named fields.
         """
         seq_lengths = tuple(self.seq_lengths) if flatten else (tuple(self.seq_lengths),)
         block_size = tuple(self.BLOCK_SIZE) if flatten else (tuple(self.BLOCK_SIZE),)
         return (
             *seq_lengths,
             *(getattr(self, name) for name in _TENSOR_FIELDS),
-            self.dq_write_order,
-            self.dq_write_order_full,
-            self.dq_kv_order,
-            self.dq_kv_order_spt,
+            *(getattr(self, name, None) for name in _pytorch_extra_fields()),
             *block_size,
             self.mask_mod,
         )
@@ -517,3 +518,12 @@ def noop_block_mask(
         BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
         mask_mod=noop_mask,
     )
+
+
+@functools.cache
+def _pytorch_extra_fields() -> tuple[str, ...]:
+    """The installed PyTorch BlockMask's constructor fields after ``mask_mod`` (as_tuple's layout)."""
+    from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask
+
+    names = list(inspect.signature(TorchBlockMask.__init__).parameters)
+    return tuple(names[names.index("mask_mod") + 1 :])

@@ -107,7 +107,10 @@ def _observe(mod, tensor_paths, scalars, functions) -> list[Tensor]:
     recorded from these very objects; a later call whose values differ fails the guards instead."""
     for path, type_name, value in scalars:
         got = follow(mod, path)
-        if type(got).__name__ != type_name or not (got == value if value == value else got != got):
+        # Only `==` here: torch 2.11's `!=` polyfill asks for guards on the recorded values, which
+        # come from a constant source (the graph fails to compile)
+        same_value = got == value if value == value else not (got == got)
+        if not (type(got).__name__ == type_name and same_value):
             raise RuntimeError(f"flexattn: a mod's value at {path} changed while torch.compile traced it")
     for path in functions:
         if not callable(follow(mod, path)):

@@ -20,7 +20,7 @@ nn.Modules, bound methods, ``functools.partial``), since under torch.compile no 
 the mod on every call.
 
 A path is a tuple of steps ``(kind, key)``: ``("cell", i)`` closure cell, ``("default", i)``,
-``("kwdefault", name)``, ``("global", name)`` a module-level name of a function's module, ``("attr",
+``("kwdefault", name)``, ``("global", (module, name))`` a module-level name of a function's module, ``("attr",
 name)``, ``("item", key)`` of a list, tuple or dict.
 """
 
@@ -98,7 +98,8 @@ def follow(root, path: Path):
         elif kind == "kwdefault":
             obj = obj.__kwdefaults__[key]
         elif kind == "global":  # through sys.modules: Dynamo cannot read __globals__ of inner functions
-            obj = getattr(sys.modules[obj.__module__], key)
+            module, name = key  # the module named in the path: a function made in traced code has no source
+            obj = getattr(sys.modules[module], name)
         elif kind == "attr":
             obj = getattr(obj, key)
         else:
@@ -162,7 +163,7 @@ def _function_children(fn: types.FunctionType):
     if module is not None and getattr(module, "__dict__", None) is fn.__globals__:
         for name in global_names(fn.__code__):
             if name in fn.__globals__ and not isinstance(fn.__globals__[name], types.ModuleType):
-                yield ("global", name), fn.__globals__[name]
+                yield ("global", (fn.__module__, name)), fn.__globals__[name]
     for name, value in vars(fn).items():  # attributes set on the function (``mask.window = 4``)
         yield ("attr", name), value
 
