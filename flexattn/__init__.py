@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from flexattn.api import AuxOutput, AuxRequest, flex_attention
     from flexattn.block_mask import BlockMask, and_masks, create_block_mask, create_mask, noop_mask, or_masks
     from flexattn.compiler import explain
+    from flexattn.kernels.positions import Positions
     from flexattn.options import FlexKernelOptions, KernelOptions
 
 # public name -> the module that defines it (loaded on first access).
@@ -39,6 +40,7 @@ _PUBLIC = {
     "explain": "flexattn.compiler",
     "FlexKernelOptions": "flexattn.options",
     "KernelOptions": "flexattn.options",
+    "Positions": "flexattn.kernels.positions",
 }
 _SUBMODULES = ("compiler", "gallery", "variants")
 
@@ -48,6 +50,7 @@ __all__ = [
     "BlockMask",
     "FlexKernelOptions",
     "KernelOptions",
+    "Positions",
     "and_masks",
     "create_block_mask",
     "create_mask",

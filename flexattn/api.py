@@ -16,6 +16,7 @@ import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
 from flexattn.dispatch import check_call, run_attention
+from flexattn.kernels.positions import Positions
 from flexattn.options import KernelOptions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,6 +48,7 @@ def flex_attention(
     kernel_options: dict[str, Any] | None = None,
     *,
     return_aux: AuxRequest | None = None,
+    positions: Positions | None = None,
 ):
     """Attention with a user-defined score_mod and a block-sparse mask.
 
@@ -66,6 +68,11 @@ def flex_attention(
         return_lse: also return the logsumexp (prefer ``return_aux``).
         kernel_options: dict of kernel knobs, see :class:`flexattn.KernelOptions`.
         return_aux: ``AuxRequest(lse=..., max_scores=...)``.
+        positions: (flexattn extension, keyword only) where the rows sit, for decoding and chunked
+            prefill: query token i of batch b is position ``q_offset[b] + i`` (the mods see it), sequence
+            b has ``kv_lengths[b]`` keys of the (padded) key tensors. A block_mask is then built for the
+            whole sequence (Q_LEN >= last query position + 1, KV_LEN = Lkv) and read at the absolute
+            positions. Inference only (no gradients); kv_offset must be 0. See :class:`Positions`.
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; ``(out, lse)`` with ``return_lse``;
         ``(out, AuxOutput(lse, max_scores))`` with ``return_aux``. lse / max_scores: fp32 (B, Hq, Lq).
@@ -82,10 +89,11 @@ def flex_attention(
     request = _check_returns(return_lse, return_aux)
     scale = _check_scale(scale, query.shape[-1])  # traced under torch.compile: a new scale is an input
     block_mask = _from_pytorch_block_mask(block_mask)
-    if block_mask is not None:
-        _check_block_mask(block_mask, query, key)
-    mask_mod = None if block_mask is None else block_mask.mask_mod
     compiling = torch.compiler.is_compiling()
+    positions, q_end = _check_positions(positions, query, key, compiling)
+    if block_mask is not None:
+        _check_block_mask(block_mask, query, key, q_end)
+    mask_mod = None if block_mask is None else block_mask.mask_mod
     if compiling:
         import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
     # eager calls parse the options once, here; traced ones hand check_call the user's dict (a constant)
@@ -102,9 +110,9 @@ def flex_attention(
         )
     else:
         options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
-        _check_mods_trace(score_mod, mask_mod, query, key)
+        _check_mods_trace(score_mod, mask_mod, query, key, q_end)
         out, lse, max_scores = run_attention(
-            query, key, value, score_mod, block_mask, scale, options, backend
+            query, key, value, score_mod, block_mask, scale, options, backend, positions
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
@@ -194,8 +202,9 @@ def _from_pytorch_block_mask(block_mask):
     return BlockMask(**values)
 
 
-def _check_block_mask(block_mask, query, key) -> None:
-    """Shape, broadcast and device checks of a BlockMask against query / key."""
+def _check_block_mask(block_mask, query, key, q_end: int | None = None) -> None:
+    """Shape, broadcast and device checks of a BlockMask against query / key. ``q_end`` (with
+    positions): one past the last query position; the mask is then built for the whole sequence."""
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
             "block_mask must be a flexattn.BlockMask (from create_block_mask), "
@@ -203,7 +212,16 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
     B, Hq, Lq, _ = query.shape
     Lkv = key.shape[2]
-    if tuple(block_mask.seq_lengths) != (Lq, Lkv):
+    if q_end is not None:
+        mask_q, mask_kv = block_mask.seq_lengths
+        if mask_q < q_end or mask_kv != Lkv:
+            raise ValueError(
+                f"With positions, block_mask is indexed by absolute positions: build it for the whole "
+                f"sequence, Q_LEN >= {q_end} (the last query position + 1) and KV_LEN = {Lkv} (the key "
+                f"tensors' length); got (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)}."
+            )
+        Lq = mask_q
+    elif tuple(block_mask.seq_lengths) != (Lq, Lkv):
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)} but query/key have "
             f"Lq={Lq}, Lkv={Lkv}. Build a new mask with create_block_mask(..., Q_LEN={Lq}, KV_LEN={Lkv}), "
@@ -235,11 +253,38 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
 
 
-def _check_mods_trace(score_mod, mask_mod, query, key) -> None:
+def _check_positions(positions, query, key, compiling: bool) -> tuple[Positions | None, int | None]:
+    """Checked positions (None for the default) and one past the last query position (None: Lq)."""
+    if positions is None:
+        return None, None
+    if not isinstance(positions, Positions):
+        raise TypeError(
+            "positions must be a flexattn.Positions(q_offset=..., kv_lengths=...), "
+            f"got {type(positions).__name__}."
+        )
+    if compiling:
+        raise ValueError(
+            "positions are not supported under torch.compile yet; call flex_attention eagerly for decoding."
+        )
+    positions.check(query.shape[0], key.shape[2], query.device)
+    if positions.kv_offset != 0:
+        raise ValueError(
+            f"Positions.kv_offset={positions.kv_offset} is not supported yet (keys start at position 0); "
+            "pass kv_offset=0."
+        )
+    if positions.is_default:
+        return None, None
+    offset = positions.q_offset
+    last = int(offset.max()) if isinstance(offset, torch.Tensor) else offset
+    return positions, last + query.shape[2]
+
+
+def _check_mods_trace(score_mod, mask_mod, query, key, q_end: int | None = None) -> None:
     """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
     from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
 
-    grid = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])  # (B, Hq, Lq, Lkv)
+    q_len = query.shape[2] if q_end is None else q_end  # with positions: every absolute query position
+    grid = (query.shape[0], query.shape[1], q_len, key.shape[2])  # (B, Hq, Lq, Lkv)
     check_traced(score_mod, "score", grid, query.device)
     if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)
         check_traced(mask_mod, "mask", grid, query.device)

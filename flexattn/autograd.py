@@ -21,6 +21,7 @@ import torch
 from torch._C import _functions
 
 from flexattn.block_mask import BlockMask
+from flexattn.kernels.positions import Positions
 from flexattn.options import KernelOptions
 from flexattn.plan import AttentionPlan, plan_attention
 
@@ -41,7 +42,7 @@ class FlexAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, plan: AttentionPlan, *captures):
-        out, lse, max_scores = plan.forward(query, key, value)
+        out, lse, max_scores = plan.forward(query, key, value, needs_grad=True)
         ctx.mark_non_differentiable(max_scores)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, key, value, out, lse, *captures)  # captures: in-place edits are caught
@@ -78,8 +79,11 @@ def triton_flex_attention(
     block_mask: BlockMask | None,
     scale: float,
     options: KernelOptions,
+    positions: Positions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
+    Inference calls run the kernel ``AttentionPlan.choose`` names (prefill or split-KV decode);
+    ``positions`` (inference only) go to the decode kernel.
 
     Args: as :func:`flexattn.dispatch.run_attention` (validated by flexattn.api; the kernels read the
     GQA group size from the shapes).
@@ -96,5 +100,7 @@ def triton_flex_attention(
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:
-        return plan.forward(query, key, value)
+        return plan.forward(query, key, value, positions=positions)
+    if positions is not None:
+        plan.forward(query, key, value, positions=positions, needs_grad=True)  # raises: no backward
     return FlexAttentionFunction.apply(query, key, value, plan, *captures)

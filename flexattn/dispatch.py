@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from flexattn.block_mask import BlockMask
+from flexattn.kernels.positions import Positions
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
@@ -72,6 +73,7 @@ def run_attention(
     scale: float,
     options: KernelOptions,
     backend: str,
+    positions: Positions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
@@ -81,11 +83,12 @@ def run_attention(
         score_mod: the user's score_mod, or None for the identity.
         block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device, or None (attend everywhere).
         scale: finite float. options: validated KernelOptions.
+        positions: checked ``Positions`` (not the default), or None.
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
     if backend == "REFERENCE":
-        return reference_attention(query, key, value, score_mod, block_mask, scale)
+        return reference_attention(query, key, value, score_mod, block_mask, scale, positions=positions)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options)
+    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options, positions)

@@ -8,6 +8,7 @@ says what will run and why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,9 +20,12 @@ from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.decode import flex_decode
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.forward import flex_forward
+from flexattn.kernels.kernel_choice import KernelChoice, choose_kernel, decode_launch
 from flexattn.kernels.mods import KernelMod
+from flexattn.kernels.positions import Positions
 from flexattn.kernels.tiles import Tiles, forward_tiles
 from flexattn.options import KernelOptions
 
@@ -35,9 +39,50 @@ class AttentionPlan:
     tables: BlockTables
     scale: float
     options: KernelOptions
+    dense: bool = False  # no block mask was given: the decode kernel visits every key, reads no tables
 
-    def forward(self, query, key, value, *, tiles: Tiles | None = None):
-        """``(out, lse, max_scores)`` from the forward kernel; ``tiles`` overrides its launch choice."""
+    def choose(
+        self, query, key, *, positions: Positions | None = None, needs_grad: bool = False,
+        prefill_tiles: bool = False, target: DeviceLimits | None = None,
+    ) -> KernelChoice:  # fmt: skip
+        """Which forward kernel runs (``kernels.kernel_choice.choose_kernel``), with the decode splits."""
+        positions = Positions() if positions is None else positions
+        per_head = self.tables.kv_num_blocks.shape[1] > 1 and not self.dense
+        choice = choose_kernel(
+            q_len=query.shape[2], q_heads=query.shape[1], kv_heads=key.shape[1],
+            positions_given=not positions.is_default, kv_offset=positions.kv_offset, needs_grad=needs_grad,
+            per_head_mask=per_head, prefill_tiles_given=prefill_tiles,
+        )  # fmt: skip
+        if choice.kind != "decode":
+            return choice
+        target = device_limits(query.device) if target is None else target
+        sparse = not self.dense
+        launch = decode_launch(
+            batch=query.shape[0], q_heads=query.shape[1], kv_heads=key.shape[1], q_len=query.shape[2],
+            kv_len=key.shape[2], head_dim=query.shape[3], v_head_dim=query.shape[3], dtype=query.dtype,
+            q_block=self.tables.q_block if sparse else None,
+            kv_block=self.tables.kv_block if sparse else None,
+            per_head_mask=per_head, target=target,
+        )  # fmt: skip
+        return dataclasses.replace(choice, splits=launch.splits)
+
+    def forward(
+        self, query, key, value, *, tiles: Tiles | None = None, positions: Positions | None = None,
+        needs_grad: bool = False,
+    ):  # fmt: skip
+        """``(out, lse, max_scores)`` from the kernel :meth:`choose` names (prefill or decode); ``tiles``
+        forces the prefill kernel with that launch; ``needs_grad``: the caller will run the backward."""
+        choice = self.choose(
+            query, key, positions=positions, needs_grad=needs_grad, prefill_tiles=tiles is not None
+        )
+        if choice.kind == "unsupported":
+            raise ValueError(f"flex_attention: {choice.reason}.")
+        if choice.kind == "decode":
+            return flex_decode(
+                query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
+                tables=None if self.dense else self.tables, scale=self.scale, positions=positions,
+                splits=choice.splits,
+            )  # fmt: skip
         return flex_forward(
             query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod, tables=self.tables,
             scale=self.scale, options=self.options, tiles=tiles,
@@ -54,10 +99,14 @@ class AttentionPlan:
             grad_buffers=grad_buffers, tiles=tiles,
         )  # fmt: skip
 
-    def explain(self, query, key, value, target: DeviceLimits | None = None) -> str:
-        """What the kernels will run for these inputs and why: mods, blocks, forward and backward tiles
-        (the launchers' own pure choices, ``kernels/tiles.py`` and ``kernels/backward_tiles.py``)."""
+    def explain(
+        self, query, key, value, target: DeviceLimits | None = None, positions: Positions | None = None
+    ) -> str:
+        """What the kernels will run for these inputs and why: the forward kernel (prefill or decode, for
+        an inference call), mods, blocks, forward and backward tiles (the launchers' own pure choices,
+        ``kernels/kernel_choice.py``, ``kernels/tiles.py`` and ``kernels/backward_tiles.py``)."""
         target = device_limits(query.device) if target is None else target
+        choice = self.choose(query, key, positions=positions, target=target)
         t = self.tables
         (E, Ev), (Lq, Lkv) = (query.shape[-1], value.shape[-1]), (query.shape[2], key.shape[2])
         fwd = forward_tiles(
@@ -74,6 +123,7 @@ class AttentionPlan:
         arch = "interpreter" if target.capability is None else "sm_{}{}".format(*target.capability)
         return "\n".join([
             f"target: {arch}",
+            f"forward kernel (inference): {choice}",
             f"mods: {mods}",
             f"blocks: {t.q_block}x{t.kv_block}, full blocks {'separate' if t.has_full else 'not separated'}",
             f"forward tiles: {fwd.BLOCK_M}x{fwd.BLOCK_N}, {fwd.num_warps} warps, {fwd.num_stages} stages: "
@@ -116,4 +166,5 @@ def plan_attention(
     """
     score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
     mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
-    return AttentionPlan(score, mask, block_tables(block_mask, q_len, kv_len, device), scale, options)
+    tables = block_tables(block_mask, q_len, kv_len, device)
+    return AttentionPlan(score, mask, tables, scale, options, dense=block_mask is None)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from flexattn.block_mask import BlockMask
+from flexattn.kernels.positions import Positions
 from flexattn.mod_eval import captured_grad_tensors, eval_mask_mod, eval_score_mod, index
 
 # Elements of one (B, Hq, rows, Lkv) score chunk; a chunk's intermediates take ~10x this in bytes.
@@ -39,6 +40,7 @@ def reference_attention(
     *,
     compute_dtype: torch.dtype | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    positions: Positions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlexAttention forward in chunked PyTorch, differentiable.
 
@@ -51,6 +53,9 @@ def reference_attention(
         compute_dtype: dtype of the scores and softmax. Default fp32 (fp64 for fp64 inputs). Pass
             the input dtype for "eager in the test dtype", the middle leg of the three-way tests.
         chunk_elements: budget of score elements per chunk of query rows.
+        positions: query token i of batch b at position ``q_offset[b] + i`` (the mods and the block
+            mask, built for the whole sequence, see that position); sequence b has ``kv_lengths[b]``
+            keys. Checked by flexattn.api (kv_offset 0). Runs one sequence at a time.
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse and max_scores (B, Hq, Lq) in fp32 (fp64 for fp64
         compute). max_scores carries no gradient.
@@ -61,13 +66,54 @@ def reference_attention(
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 5, 8]), torch.Size([1, 2, 5]))
     """
+    if positions is not None and not positions.is_default:
+        return _per_sequence(query, key, value, score_mod, block_mask, scale, compute_dtype, chunk_elements,
+                             positions)  # fmt: skip
+    return _attention(query, key, value, score_mod, block_mask, scale, compute_dtype, chunk_elements)
+
+
+def _per_sequence(query, key, value, score_mod, block_mask, scale, compute_dtype, chunk_elements, positions):
+    """Each sequence on its own: its query offset, its keys, the mods told which sequence it is."""
+    results = []
+    for b in range(query.shape[0]):
+        offset = positions.q_offset
+        offset = int(offset[b]) if isinstance(offset, torch.Tensor) else int(offset)
+        keys = key.shape[2] if positions.kv_lengths is None else int(positions.kv_lengths[b])
+        if keys == 0:  # no keys: every row fully masked
+            stat = torch.float64 if (compute_dtype or query.dtype) == torch.float64 else torch.float32
+            empty = torch.full(query[b : b + 1].shape[:3], -math.inf, dtype=stat, device=query.device)
+            out = query.new_zeros(*query.shape[:3], value.shape[-1])[b : b + 1]
+            results.append((out, empty, empty.clone()))
+            continue
+        results.append(
+            _attention(
+                query[b : b + 1], key[b : b + 1, :, :keys], value[b : b + 1, :, :keys],
+                _in_batch(score_mod, b, has_score=True), block_mask, scale, compute_dtype, chunk_elements,
+                q_offset=offset, batch=b,
+            )
+        )  # fmt: skip
+    return tuple(torch.cat(parts) for parts in zip(*results))
+
+
+def _in_batch(mod: Callable | None, batch: int, has_score: bool) -> Callable | None:
+    """``mod`` seeing batch index ``batch`` where it is evaluated on a one-sequence slice."""
+    if mod is None or batch == 0:
+        return mod
+    if has_score:
+        return lambda s, b, h, q_idx, kv_idx: mod(s, b + batch, h, q_idx, kv_idx)
+    return lambda b, h, q_idx, kv_idx: mod(b + batch, h, q_idx, kv_idx)
+
+
+def _attention(query, key, value, score_mod, block_mask, scale, compute_dtype, chunk_elements,
+               q_offset: int = 0, batch: int = 0):  # fmt: skip
+    """The reference forward for query rows at positions ``q_offset + i`` of batch slice ``batch``."""
     B, Hq, Lq, E = query.shape
     Hkv, Lkv = key.shape[1], key.shape[2]
     if compute_dtype is None:
         compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
     stat_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
-    blocks = _BlockRows(block_mask, Lkv) if block_mask is not None else None
+    blocks = _BlockRows(block_mask, Lkv, batch) if block_mask is not None else None
 
     group = Hq // Hkv
     q5 = query.to(compute_dtype).reshape(B, Hkv, group, Lq, E)  # (B, Hkv, G, Lq, E)
@@ -76,8 +122,9 @@ def reference_attention(
 
     def chunk(q_chunk: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int):
         rows = q_chunk.shape[3]
-        q_idx, kv_idx = index(start, start + rows, q_chunk.device), index(0, Lkv, q_chunk.device)
-        columns = blocks.columns(start, start + rows) if blocks is not None else None
+        first = q_offset + start
+        q_idx, kv_idx = index(first, first + rows, q_chunk.device), index(0, Lkv, q_chunk.device)
+        columns = blocks.columns(first, first + rows) if blocks is not None else None
         if columns is not None:  # only the kv positions of visited blocks (a sparse mask's savings)
             kv_idx = columns
             k, v = k.index_select(3, columns), v.index_select(3, columns)
@@ -207,11 +254,16 @@ class _ChunkedAttention(torch.autograd.Function):
 class _BlockRows:
     """Expands a BlockMask to per-element "allowed" pairs for a chunk of query positions."""
 
-    def __init__(self, block_mask: BlockMask, kv_len: int):
-        self.mask_mod = block_mask.mask_mod
+    def __init__(self, block_mask: BlockMask, kv_len: int, batch: int = 0):
+        """``batch``: the sequence a one-sequence slice is (its block rows; the mask_mod sees it)."""
+        self.mask_mod = _in_batch(block_mask.mask_mod, batch, has_score=False)
         self.q_block, self.kv_block = block_mask.BLOCK_SIZE
         self.full = block_mask._dense_blocks(full=True)  # (Bm, Hm, NQ, NKV)
         self.partial = block_mask._dense_blocks(full=False)
+        if batch and self.full.shape[0] > 1:
+            self.full, self.partial = self.full[batch : batch + 1], self.partial[batch : batch + 1]
+        nkv = -(-kv_len // self.kv_block)  # a shorter sequence (ragged batch) uses its first blocks
+        self.full, self.partial = self.full[..., :nkv], self.partial[..., :nkv]
         self.everything_full = bool(self.full.all()) and not bool(self.partial.any())
         self.visited = (self.full | self.partial).flatten(0, 1).any(dim=0)  # (NQ, NKV), any b / h
         self.kv_len = kv_len

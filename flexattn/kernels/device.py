@@ -21,6 +21,7 @@ class DeviceLimits:
 
     capability: tuple[int, int] | None = None
     shared_memory: int | None = None  # opt-in shared memory per block, bytes
+    multiprocessors: int | None = None  # SM count (the decode kernel's key splits fill them)
 
     @property
     def hopper(self) -> bool:
@@ -31,7 +32,7 @@ class DeviceLimits:
 def _cuda_limits(index: int) -> DeviceLimits:
     props = torch.cuda.get_device_properties(index)
     smem = getattr(props, "shared_memory_per_block_optin", None) or 101376
-    return DeviceLimits((props.major, props.minor), int(smem))
+    return DeviceLimits((props.major, props.minor), int(smem), int(props.multi_processor_count))
 
 
 def device_limits(device: torch.device) -> DeviceLimits:

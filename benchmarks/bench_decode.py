@@ -1,0 +1,263 @@
+"""Decode benchmark: flexattn's split-KV decode kernel vs its prefill kernel, torch's compiled
+flex_attention and SDPA (flash, cuDNN), side by side in one process.
+
+B8 Hq32 Hkv8 E128 bf16, KV cache 8k / 32k / 128k, Lq = 1 / 4 / 8 / 16 query tokens at the end of the
+cache, two variants:
+
+- ``noop``: every key (SDPA: plain attention with ``enable_gqa``);
+- ``causal+alibi``: causal over the cache (query token i at position L - Lq + i) plus an ALiBi bias.
+  flexattn decode: a BlockMask for the whole sequence (L, L) read at the absolute positions
+  (``Positions(q_offset=L - Lq)``); flexattn prefill and torch flex: a mask for (Lq, L) with the offset
+  inside the mask_mod. SDPA cannot express it (n/a).
+
+and a ragged batch (8 caches of 1k..128k keys padded to 128k, ``Positions(kv_lengths=...)``), where the
+bandwidth counts only the keys that exist.
+
+Effective bandwidth = bytes of K and V read / time (median of ``triton.testing.do_bench``); ratio
+columns are flexattn decode over each other implementation (higher is better).
+
+Usage (CUDA machine)::
+
+    python benchmarks/bench_decode.py --json decode.json    # whole run, ~3 minutes on an H200
+    python benchmarks/bench_decode.py --dry-run             # list the rows and flexattn's kernel choice
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import flexattn
+from flexattn import Positions
+
+B, HQ, HKV, E = 8, 32, 8, 128
+KV_LENGTHS = (8192, 32768, 131072)
+Q_LENS = (1, 4, 8, 16)
+VARIANTS = ("noop", "causal+alibi")
+RAGGED = (1024, 131072, 8192, 100000, 4096, 65536, 32768, 16384)
+SLOPES = [2.0 ** (-8.0 * (h + 1) / HQ) for h in range(HQ)]
+
+
+@dataclass(frozen=True)
+class Row:
+    kv_len: int
+    q_len: int
+    variant: str
+    ragged: bool = False
+
+    def __str__(self) -> str:
+        kind = "ragged 1k-128k" if self.ragged else f"KV {self.kv_len // 1024}k"
+        return f"{kind} Lq{self.q_len} {self.variant}"
+
+
+def rows() -> list[Row]:
+    table = [Row(L, lq, variant) for variant in VARIANTS for L in KV_LENGTHS for lq in Q_LENS]
+    return table + [Row(max(RAGGED), lq, "noop", ragged=True) for lq in (1, 4)]
+
+
+def alibi(score, b, h, q_idx, kv_idx):
+    return score + _slopes[h] * (kv_idx - q_idx)
+
+
+def causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+_slopes = torch.tensor(SLOPES)
+
+
+def offset_causal(offset: int):
+    def causal_at_offset(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+
+    return causal_at_offset
+
+
+def offset_alibi(offset: int):
+    def alibi_at_offset(score, b, h, q_idx, kv_idx):
+        return score + _slopes[h] * (kv_idx - q_idx - offset)
+
+    return alibi_at_offset
+
+
+def bench(fn) -> float:
+    """Median milliseconds of ``fn()``."""
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def run_row(row: Row, torch_flex, device) -> dict:
+    L, lq = row.kv_len, row.q_len
+    q = torch.randn(B, HQ, lq, E, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B, HKV, L, E, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    offset = L - lq
+    result = {"row": str(row), "kv_len": L, "q_len": lq, "variant": row.variant, "ragged": row.ragged}
+    if row.ragged:
+        lengths = torch.tensor(RAGGED, dtype=torch.int32, device=device)
+        positions = Positions(q_offset=lengths - lq, kv_lengths=lengths)
+        tokens = sum(RAGGED)
+        calls = {
+            "flexattn decode": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True, positions=positions)
+        }
+        padded = Positions(q_offset=offset)
+        calls["flexattn decode (padded)"] = lambda: flexattn.flex_attention(q, k, v, enable_gqa=True,
+                                                                            positions=padded)  # fmt: skip
+    elif row.variant == "noop":
+        tokens = B * L
+        plan = _prefill_plan(None, None, lq, L, device)
+        calls = {
+            "flexattn decode": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True),
+            "flexattn prefill": lambda: _prefill(plan, q, k, v),
+            "torch flex": lambda: torch_flex(q, k, v, enable_gqa=True),
+            "sdpa flash": lambda: _sdpa(q, k, v, "FLASH_ATTENTION"),
+            "sdpa cudnn": lambda: _sdpa(q, k, v, "CUDNN_ATTENTION"),
+        }
+    else:
+        tokens = B * L
+        full_mask = flexattn.create_block_mask(causal, None, None, L, L, device=device)
+        positions = Positions(q_offset=offset)
+        short_causal, short_alibi = offset_causal(offset), offset_alibi(offset)
+        short_mask = flexattn.create_block_mask(short_causal, None, None, lq, L, device=device)
+        plan = _prefill_plan(short_alibi, short_mask, lq, L, device)
+        from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
+
+        torch_mask = torch_block_mask(short_causal, None, None, lq, L, device=device)
+        calls = {
+            "flexattn decode": lambda: flexattn.flex_attention(
+                q, k, v, alibi, full_mask, enable_gqa=True, positions=positions
+            ),
+            "flexattn prefill": lambda: _prefill(plan, q, k, v),
+            "torch flex": lambda: torch_flex(q, k, v, short_alibi, torch_mask, enable_gqa=True),
+        }
+    kv_bytes = 2 * tokens * HKV * E * k.element_size()
+    for name, call in calls.items():
+        try:
+            ms = bench(call)
+            result[name] = {"us": round(ms * 1e3, 1), "TB/s": round(kv_bytes / (ms * 1e-3) / 1e12, 3)}
+        except Exception as err:  # a backend that cannot run this row: say why, keep going
+            result[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    if "flexattn prefill" in calls or "sdpa flash" in calls:
+        _check_agreement(result, calls)
+    return result
+
+
+def _check_agreement(result: dict, calls: dict) -> None:
+    """Max |decode - other| over the outputs (bf16): the row is only meaningful if they agree."""
+    ref = calls["flexattn decode"]()
+    for name in ("flexattn prefill", "torch flex", "sdpa cudnn"):
+        if name in calls and "us" in result.get(name, {}):
+            other = calls[name]()
+            other = other[0] if isinstance(other, tuple) else other
+            result[name]["max_diff"] = round(float((ref.float() - other.float()).abs().max()), 4)
+
+
+def _prefill_plan(score_mod, block_mask, lq, L, device):
+    from flexattn.options import KernelOptions
+    from flexattn.plan import plan_attention
+
+    return plan_attention(score_mod, block_mask, lq, L, 1 / math.sqrt(E), KernelOptions(BACKEND="TRITON"),
+                          torch.device(device), torch.bfloat16)  # fmt: skip
+
+
+def _prefill(plan, q, k, v):
+    """The prefill kernel on the same plan (what flexattn ran for decoding before the decode kernel)."""
+    from flexattn.kernels.forward import flex_forward
+
+    return flex_forward(q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=plan.tables,
+                        scale=plan.scale, options=plan.options)  # fmt: skip
+
+
+def _sdpa(q, k, v, backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def print_row(result: dict) -> None:
+    cells = []
+    decode = result.get("flexattn decode", {})
+    for name, value in result.items():
+        if not isinstance(value, dict):
+            continue
+        if "error" in value:
+            cells.append(f"{name}: {value['error']}")
+            continue
+        text = f"{name} {value['us']} us {value['TB/s']} TB/s"
+        if name != "flexattn decode" and "us" in decode:
+            text += f" (decode x{value['us'] / decode['us']:.2f})"
+        if "max_diff" in value:
+            text += f" diff {value['max_diff']}"
+        cells.append(text)
+    print(f"{result['row']:<28} | " + " | ".join(cells), flush=True)
+
+
+def dry_run() -> None:
+    """The rows and flexattn's kernel choice for each (shape-only CPU tensors, nothing launched)."""
+    from flexattn.kernels.device import DeviceLimits
+    from flexattn.options import KernelOptions
+    from flexattn.plan import plan_attention
+
+    h200 = DeviceLimits((9, 0), 232448, 132)
+    for row in rows():
+        q = torch.empty(1, dtype=torch.bfloat16).expand(B, HQ, row.q_len, E)
+        k = torch.empty(1, dtype=torch.bfloat16).expand(B, HKV, row.kv_len, E)
+        mask = None
+        if row.variant != "noop":
+            mask = flexattn.create_block_mask(causal, None, None, row.kv_len, row.kv_len, device="cpu")
+        score_mod = alibi if mask is not None else None
+        options = KernelOptions(BACKEND="TRITON")
+        plan = plan_attention(score_mod, mask, row.q_len, row.kv_len, 1 / math.sqrt(E), options,
+                              torch.device("cpu"), torch.bfloat16)  # fmt: skip
+        positions = None
+        if row.ragged:
+            lengths = torch.tensor(RAGGED, dtype=torch.int32)
+            positions = Positions(q_offset=lengths - row.q_len, kv_lengths=lengths)
+        elif mask is not None:
+            positions = Positions(q_offset=row.kv_len - row.q_len)
+        print(f"{str(row):<28} | {plan.choose(q, k, positions=positions, target=h200)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list rows and kernel choices, launch nothing")
+    parser.add_argument("--json", help="write the results here (rewritten after every row)")
+    args = parser.parse_args()
+    if args.dry_run:
+        dry_run()
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_decode needs a CUDA GPU (or --dry-run)")
+    torch_flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
+    device = "cuda"
+    global _slopes
+    _slopes = _slopes.to(device)
+    print(
+        f"{torch.cuda.get_device_name()} torch {torch.__version__}, B{B} Hq{HQ} Hkv{HKV} E{E} bf16",
+        flush=True,
+    )
+    results, start = [], time.time()
+    for row in rows():
+        result = run_row(row, torch_flex, device)
+        results.append(result)
+        print_row(result)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+        torch.cuda.empty_cache()
+    print(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

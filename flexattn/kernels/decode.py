@@ -1,0 +1,440 @@
+"""The split-KV decode kernel: GQA packing, query offsets, ragged caches, the compiled mods inlined.
+
+For short queries (decoding: 1 to a few dozen query tokens per sequence) the prefill kernel has too
+few query tiles to fill the GPU and reads every K/V byte once per query head. This kernel instead
+
+- packs the query rows of PACK query heads that share one kv head (a GQA group, or one head when
+  the block mask differs per head) into the rows of one tile: row ``r`` is token ``r // PACK`` of
+  head ``r % PACK`` of the group, so each K/V tile is loaded once per kv head;
+- splits the keys across programs (NUM_SPLITS, chosen at run time by ``kernel_choice.choose_splits``);
+  each split writes a partial ``(out fp32, lse, max)`` to a workspace, and ``_decode_merge_kernel``
+  combines the splits through their lse (max-shifted: exact up to rounding);
+- reads where the rows sit from ``Positions``: query token ``i`` of batch ``b`` is position
+  ``q_offset[b] + i`` (the mods see it, the BlockMask is indexed by it) and sequence ``b`` has
+  ``kv_lengths[b]`` keys; splits past a sequence's length exit at once.
+
+Glossary:
+    B, HQ, HKV        batch, query heads, key/value heads (query head h reads kv head h // GQA_GROUP)
+    Q_LEN, KV_LEN     query tokens per sequence, the key tensors' (padded) length
+    PACK              query heads per tile (GQA_GROUP, or 1 with a per-head block mask)
+    BLOCK_M, BLOCK_N  the tile: BLOCK_M packed rows (>= 16 for tl.dot) x BLOCK_N keys
+    UNIT              the split granularity: KV_BLOCK with a block mask (SPARSE), else BLOCK_N
+    UNITS_PER_SPLIT   units of keys per split; split s covers keys [s, s + 1) * UNITS_PER_SPLIT * UNIT
+    Q_BLOCK, KV_BLOCK the BlockMask's block sizes (BLOCK_N divides KV_BLOCK; BLOCK_M // PACK <= Q_BLOCK,
+                      so one tile's tokens lie in at most two q blocks of the mask)
+
+Block-sparse walk (SPARSE): a split visits the kv blocks of its range in order; for each it looks
+the block up in the (partial, full) lists of the tile's two q-block rows with a moving pointer per
+list (sorted lists; the pointers start from a binary search), and attends only where some row lists
+the block. Full blocks skip the mask_mod; a partial block evaluates it for the rows that list it
+as partial. Without a block mask (not SPARSE) every key is visited and no list is read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
+from flexattn.kernels.kernel_choice import DecodeTiles, decode_launch
+from flexattn.kernels.positions import Positions
+from flexattn.kernels.tile_io import load_kv_tile, mask_tail, wrap_index
+from flexattn.kernels.tiles import padded_head_dim
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
+# fmt: off
+@triton.jit
+def _decode_tile(
+    acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
+    q, k_src, v_src, start_n, kv_len, b, h, q_idx,   # this tile: first key, the sequence's key count
+    status, any_partial,                             # per row: 0 skip / 1 partial / 2 full; scalar
+    k_strides, v_strides, scale,
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    SPARSE: tl.constexpr, CHECK_N: tl.constexpr,
+    E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i)."""
+    # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
+    k = load_kv_tile(k_src, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SCORE_IS_IDENTITY:
+        scores = qk
+        to_base2 = scale * LOG2E
+    else:
+        scores = qk * scale
+        to_base2 = LOG2E
+    kv_pos = start_n + tl.arange(0, BLOCK_N)
+    if CHECK_N:
+        kv_idx = wrap_index(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
+    else:
+        kv_idx = kv_pos[None, :]
+    if not SCORE_IS_IDENTITY:
+        scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
+    if SPARSE:
+        allowed = (status[:, None] > 0) & (kv_idx >= 0)  # (BLOCK_M, BLOCK_N)
+        if any_partial:
+            keep = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)
+            allowed = allowed & ((status[:, None] == 2) | keep)
+        scores = tl.where(allowed, scores, float("-inf"))
+    scores = mask_tail(scores, kv_pos[None, :], kv_len, CHECK_N)
+
+    # -- online softmax in base 2; rows masked so far keep p = 0 (no NaN) --
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_ref2 = tl.where(m_new == float("-inf"), 0.0, m_new) * to_base2
+    p = tl.math.exp2(scores * to_base2 - m_ref2[:, None])
+    alpha = tl.math.exp2(m_i * to_base2 - m_ref2)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    # -- accumulate p @ v --
+    v = load_kv_tile(v_src, b, 0, start_n, v_strides, kv_len, EV, EV_PAD, BLOCK_N, CHECK_N, False)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _lower_bound(idx_row, n, target, SEARCH_STEPS):
+    """The first position in the sorted list ``idx_row[:n]`` whose value is >= target (n if none)."""
+    lo = n * 0
+    hi = n
+    last = tl.maximum(n - 1, 0)
+    for _ in range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        value = tl.load(idx_row + tl.minimum(mid, last))
+        right = active & (value < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(active & (value >= target), mid, hi)
+    return lo
+
+
+@triton.jit
+def _listed(idx_row, n, ptr, block):
+    """Whether ``block`` is the list's entry at ``ptr`` (blocks are visited in ascending order), and
+    the pointer moved past it if so."""
+    value = tl.load(idx_row + tl.minimum(ptr, tl.maximum(n - 1, 0)))
+    hit = (ptr < n) & (value == block)
+    return hit, ptr + hit.to(tl.int32)
+
+
+# Lengths, offsets and split sizes change per call: not specialized, so they reuse the compiled kernel.
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "q_offset", "MASK_H", "MASK_NQ", "MASK_NKV",
+                               "UNITS_PER_SPLIT", "SEARCH_STEPS"])
+def _decode_split_kernel(
+    # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); strides (batch, head,
+    # position, feature). Workspace (contiguous fp32): PART_OUT (NUM_SPLITS, B, HQ, Q_LEN, EV),
+    # PART_LSE and PART_MAX (NUM_SPLITS, B, HQ, Q_LEN)
+    Q, K, V, PART_OUT, PART_LSE, PART_MAX,
+    q_strides, k_strides, v_strides,
+    # positions: int32 (B,) query offsets (PER_BATCH_Q_OFFSET) or the int q_offset; int32 (B,) key counts
+    # (HAS_KV_LENGTHS) or KV_LEN for every sequence
+    Q_OFFSETS, q_offset, KV_LENGTHS,
+    # block mask (SPARSE; contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV)
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
+    # sizes, scale, splits
+    B, Q_LEN, KV_LEN, HQ, scale, UNITS_PER_SPLIT, SEARCH_STEPS,
+    # compiled mods
+    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
+    # meta-parameters
+    GQA_GROUP: tl.constexpr, PACK: tl.constexpr, M_TILES: tl.constexpr,
+    E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
+    MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
+    PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+):
+    # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
+    split = tl.program_id(0)
+    group = tl.program_id(1) // M_TILES
+    m_tile = tl.program_id(1) % M_TILES
+    b = tl.program_id(2)
+    if HAS_KV_LENGTHS:
+        kv_len = tl.load(KV_LENGTHS + b)
+    else:
+        kv_len = KV_LEN
+    UNIT: tl.constexpr = KV_BLOCK if SPARSE else BLOCK_N
+    split_start = split * UNITS_PER_SPLIT * UNIT
+    if split_start < kv_len:
+        split_end = tl.minimum(split_start + UNITS_PER_SPLIT * UNIT, kv_len)
+        if PER_BATCH_Q_OFFSET:
+            q_off = tl.load(Q_OFFSETS + b)
+        else:
+            q_off = q_offset
+
+        # -- the packed rows: token r // PACK of query head group * PACK + r % PACK --
+        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        token = rows // PACK
+        row_ok = token < Q_LEN
+        token = tl.where(row_ok, token, 0)  # padding rows repeat token 0 (never stored)
+        h = group * PACK + rows % PACK
+        hk = (group * PACK) // GQA_GROUP
+        b64 = b.to(tl.int64)
+        offs_e = tl.arange(0, E_PAD)
+        q_ptrs = (Q + b64 * q_strides[0] + h.to(tl.int64)[:, None] * q_strides[1]
+                  + token.to(tl.int64)[:, None] * q_strides[2] + offs_e[None, :] * q_strides[3])
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        q_pos = q_off + token
+        q_idx = q_pos[:, None]
+        h_idx = h[:, None]
+        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
+        v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+        kn_strides = (k_strides[2], k_strides[3])
+        vn_strides = (v_strides[2], v_strides[3])
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
+
+        if SPARSE:
+            # -- the tile's two q-block rows of the mask (the same one when its tokens share a block) --
+            first_token = (m_tile * BLOCK_M) // PACK
+            last_token = tl.minimum((m_tile * BLOCK_M + BLOCK_M - 1) // PACK, Q_LEN - 1)
+            row_block0 = (q_off + first_token) // Q_BLOCK
+            row_block1 = tl.minimum((q_off + last_token) // Q_BLOCK, MASK_NQ - 1)
+            in_row1 = (q_pos // Q_BLOCK) != row_block0
+            mask_bh = b * (MASK_PER_BATCH * MASK_H) + (group * PACK) * MASK_PER_HEAD  # 0 on a broadcast dim
+            mask_row0 = mask_bh.to(tl.int64) * MASK_NQ + row_block0
+            mask_row1 = mask_bh.to(tl.int64) * MASK_NQ + row_block1
+            n_p0 = tl.load(KV_NUM_BLKS + mask_row0)
+            n_p1 = tl.load(KV_NUM_BLKS + mask_row1)
+            idx_p0 = KV_IDX + mask_row0 * MASK_NKV
+            idx_p1 = KV_IDX + mask_row1 * MASK_NKV
+            block_start = split_start // KV_BLOCK
+            ptr_p0 = _lower_bound(idx_p0, n_p0, block_start, SEARCH_STEPS)
+            ptr_p1 = _lower_bound(idx_p1, n_p1, block_start, SEARCH_STEPS)
+            if HAS_FULL:
+                n_f0 = tl.load(FULL_KV_NUM_BLKS + mask_row0)
+                n_f1 = tl.load(FULL_KV_NUM_BLKS + mask_row1)
+                idx_f0 = FULL_KV_IDX + mask_row0 * MASK_NKV
+                idx_f1 = FULL_KV_IDX + mask_row1 * MASK_NKV
+                ptr_f0 = _lower_bound(idx_f0, n_f0, block_start, SEARCH_STEPS)
+                ptr_f1 = _lower_bound(idx_f1, n_f1, block_start, SEARCH_STEPS)
+            for block in range(block_start, tl.cdiv(split_end, KV_BLOCK)):
+                hit_p0, ptr_p0 = _listed(idx_p0, n_p0, ptr_p0, block)
+                hit_p1, ptr_p1 = _listed(idx_p1, n_p1, ptr_p1, block)
+                status0 = hit_p0.to(tl.int32)
+                status1 = hit_p1.to(tl.int32)
+                if HAS_FULL:
+                    hit_f0, ptr_f0 = _listed(idx_f0, n_f0, ptr_f0, block)
+                    hit_f1, ptr_f1 = _listed(idx_f1, n_f1, ptr_f1, block)
+                    status0 = tl.where(hit_f0, 2, status0)
+                    status1 = tl.where(hit_f1, 2, status1)
+                if (status0 > 0) | (status1 > 0):
+                    status = tl.where(in_row1, status1, status0)
+                    any_partial = tl.max((status == 1).to(tl.int32), 0) > 0
+                    for t in tl.static_range(KV_BLOCK // BLOCK_N):
+                        start_n = block * KV_BLOCK + t * BLOCK_N
+                        if start_n < split_end:
+                            acc, l_i, m_i = _decode_tile(
+                                acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                                status, any_partial, kn_strides, vn_strides, scale,
+                                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                                E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                            )
+        else:
+            # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
+            full_tiles = (split_end - split_start) // BLOCK_N
+            for tile in range(0, full_tiles):
+                start_n = split_start + tile * BLOCK_N
+                acc, l_i, m_i = _decode_tile(
+                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                    m_i, False, kn_strides, vn_strides, scale,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                )
+            if split_start + full_tiles * BLOCK_N < split_end:
+                start_n = split_start + full_tiles * BLOCK_N
+                acc, l_i, m_i = _decode_tile(
+                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                    m_i, False, kn_strides, vn_strides, scale,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, True,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                )
+
+        # -- this split's partial result: normalised out, lse and max (natural units); empty: 0, -inf --
+        if SCORE_IS_IDENTITY:
+            m_i = m_i * scale
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+        stat_row = ((split * B + b).to(tl.int64) * HQ + h) * Q_LEN + token
+        offs_ev = tl.arange(0, EV_PAD)
+        tl.store(PART_OUT + stat_row[:, None] * EV + offs_ev[None, :], acc,
+                 mask=row_ok[:, None] & (offs_ev[None, :] < EV))
+        tl.store(PART_LSE + stat_row, lse, mask=row_ok)
+        tl.store(PART_MAX + stat_row, m_i, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "SPLIT_SIZE"])
+def _decode_merge_kernel(
+    # workspace as written by _decode_split_kernel; OUT (B, HQ, Q_LEN, EV), LSE and MAX_SCORES (B, HQ, Q_LEN)
+    PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides,
+    KV_LENGTHS, B, HQ, Q_LEN, KV_LEN, SPLIT_SIZE,
+    EV: tl.constexpr, EV_PAD: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
+):
+    # -- one program per output row (b, h, token); splits past the sequence's keys were never written --
+    row = tl.program_id(0)
+    b = row // (HQ * Q_LEN)
+    h = (row // Q_LEN) % HQ
+    token = row % Q_LEN
+    if HAS_KV_LENGTHS:
+        kv_len = tl.load(KV_LENGTHS + b)
+    else:
+        kv_len = KV_LEN
+    n_splits = tl.cdiv(kv_len, SPLIT_SIZE)
+    split_stride = B * HQ * Q_LEN
+    row64 = row.to(tl.int64)
+
+    # -- exact merge through the lse: weights exp(lse_s - max_s lse_s) --
+    lse_max = tl.full([1], float("-inf"), dtype=tl.float32)
+    max_score = tl.full([1], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_splits):
+        lse_max = tl.maximum(lse_max, tl.load(PART_LSE + row64 + s * split_stride + tl.zeros([1], tl.int32)))
+        max_score = tl.maximum(max_score, tl.load(PART_MAX + row64 + s * split_stride + tl.zeros([1], tl.int32)))
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    offs_ev = tl.arange(0, EV_PAD)
+    acc = tl.zeros([EV_PAD], dtype=tl.float32)
+    weight_sum = tl.zeros([1], dtype=tl.float32)
+    for s in range(0, n_splits):
+        part = row64 + s * split_stride
+        weight = tl.exp(tl.load(PART_LSE + part + tl.zeros([1], tl.int64)) - lse_ref)
+        acc += weight * tl.load(PART_OUT + part * EV + offs_ev, mask=offs_ev < EV, other=0.0)
+        weight_sum += weight
+    empty = weight_sum == 0.0
+    out = acc / tl.where(empty, 1.0, weight_sum)
+    lse = tl.where(empty, float("-inf"), lse_ref + tl.log(tl.where(empty, 1.0, weight_sum)))
+    o_ptr = OUT + b.to(tl.int64) * o_strides[0] + h * o_strides[1] + token * o_strides[2]
+    tl.store(o_ptr + offs_ev * o_strides[3], out.to(OUT.dtype.element_ty), mask=offs_ev < EV)
+    tl.store(LSE + row64 + tl.zeros([1], tl.int32), lse)
+    tl.store(MAX_SCORES + row64 + tl.zeros([1], tl.int32), max_score)
+
+
+# fmt: on
+def flex_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    score_mod,
+    mask_mod,
+    tables: BlockTables | None,
+    scale: float,
+    positions: Positions | None = None,
+    splits: int | None = None,
+    tiles: DecodeTiles | None = None,
+    target: DeviceLimits | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split-KV attention forward for short queries (no backward: decoding is inference).
+
+    Args:
+        q: (B, Hq, Lq, E); k: (B, Hkv, Lkv, E); v: (B, Hkv, Lkv, Ev). fp16, bf16 or fp32, any strides.
+            ``Hq % Hkv == 0``; query head h reads kv head h // (Hq // Hkv).
+        score_mod, mask_mod: ``KernelMod``s (the mods see absolute positions ``q_offset[b] + i``).
+        tables: the block mask's ``BlockTables`` in absolute positions (built for the whole sequence:
+            ``NQ >= ceil((max q_offset + Lq) / q_block)`` rows), or None: attend to every key
+            (mask_mod must then be trivial). A per-head mask packs one query head per tile.
+        scale: multiplies q.k before score_mod.
+        positions: query offsets and per-sequence key counts (``Positions``; kv_offset must be 0);
+            None: tokens at 0..Lq-1, every key present. Checked by the caller (``Positions.check``).
+        splits: the number of key splits (default ``kernel_choice.choose_splits`` from the lengths
+            and the GPU's SM count); tests pass several to check the merge.
+        tiles: an explicit ``DecodeTiles`` (default ``kernel_choice.decode_tiles``).
+        target: the GPU to plan for (default: the tensors' device).
+
+    Returns:
+        out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
+        a row with no allowed key gives out 0, lse = max = -inf.
+
+    Parallelization: grid ``(splits, Hq // PACK * M_TILES, B)``. Program (s, g, b) loads the packed
+    query rows of head group g (PACK heads x Lq tokens, M_TILES tiles of BLOCK_M rows when they do not
+    fit one) once, streams the keys of split s of sequence b (block-sparse: only listed kv blocks;
+    exits at once when the split starts past ``kv_lengths[b]``) with the online softmax in registers,
+    and writes a partial (out, lse, max) to an fp32 workspace. ``_decode_merge_kernel`` (one program
+    per output row) combines the partials of the splits that ran.
+
+    Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
+
+        out, lse, mx = flex_decode(q, k, v, score_mod=compile_score_mod(None),
+                                   mask_mod=compile_mask_mod(None), tables=None, scale=0.125)
+    """
+    positions = Positions() if positions is None else positions
+    if positions.kv_offset != 0:
+        raise ValueError(
+            f"flex_decode: Positions.kv_offset={positions.kv_offset} is not supported by the decode kernel; "
+            "pass the keys from position 0 (kv_offset=0)."
+        )
+    if tables is None and not mask_mod.trivial:
+        raise ValueError(
+            "flex_decode: a mask_mod needs its BlockTables (tables=None means attend everywhere)."
+        )
+    target = device_limits(q.device) if target is None else target
+    device_table = tables.kv_num_blocks if tables is not None else q
+    B, Hq, Lq, E = check_qkv(q, k, v, device_table, target)
+    Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
+    group = Hq // Hkv
+    launch = decode_launch(
+        batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lkv, head_dim=E, v_head_dim=Ev, dtype=q.dtype,
+        q_block=tables.q_block if tables is not None else None,
+        kv_block=tables.kv_block if tables is not None else None,
+        per_head_mask=tables is not None and tables.kv_num_blocks.shape[1] > 1, target=target,
+        splits=splits, tiles=tiles,
+    )  # fmt: skip
+    tiles, pack, unit, n_splits = launch.tiles, launch.pack, launch.unit, launch.splits
+    if tables is not None:
+        check_block_tables(tables, "kv", B, Hq, 1, "a decode call")
+        if tables.kv_block % tiles.BLOCK_N or pack * tables.q_block < tiles.BLOCK_M:
+            raise ValueError(
+                f"flex_decode: tiles {tiles.BLOCK_M}x{tiles.BLOCK_N} do not fit blocks "
+                f"{tables.q_block}x{tables.kv_block} (BLOCK_N must divide kv_block; BLOCK_M <= {pack} * q_block)."
+            )
+    out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    max_scores = torch.empty_like(lse)
+    if Lkv == 0:
+        return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
+
+    part_out = torch.empty((n_splits, B, Hq, Lq, Ev), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((n_splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+    part_max = torch.empty_like(part_lse)
+    q_offsets, kv_lengths = positions.q_offset, positions.kv_lengths
+    per_batch_offset = isinstance(q_offsets, torch.Tensor)
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if tables is not None:
+        table_args, broadcast_flags = block_table_args(tables, "kv")
+        search_steps = int(tables.kv_indices.shape[-1]).bit_length() + 1
+    else:
+        table_args = (dummy, dummy, dummy, dummy, 1, 1, 1)
+        broadcast_flags = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}
+        search_steps = 0
+    _decode_split_kernel[(n_splits, (Hq // pack) * launch.m_tiles, B)](
+        q, k, v, part_out, part_lse, part_max, _strides(q), _strides(k), _strides(v),
+        q_offsets if per_batch_offset else dummy, 0 if per_batch_offset else int(q_offsets),
+        dummy if kv_lengths is None else kv_lengths,
+        *table_args, B, Lq, Lkv, Hq, float(scale), launch.units_per_split, search_steps,
+        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
+        GQA_GROUP=group, PACK=pack, M_TILES=launch.m_tiles, E=E, EV=Ev,
+        E_PAD=padded_head_dim(E), EV_PAD=padded_head_dim(Ev), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
+        Q_BLOCK=tables.q_block if tables is not None else 1, KV_BLOCK=unit,
+        **broadcast_flags, SPARSE=tables is not None, HAS_FULL=tables is not None and tables.has_full,
+        PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
+        DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    _decode_merge_kernel[(B * Hq * Lq,)](
+        part_out, part_lse, part_max, out, lse, max_scores, _strides(out),
+        dummy if kv_lengths is None else kv_lengths, B, Hq, Lq, Lkv, launch.units_per_split * unit,
+        EV=Ev, EV_PAD=padded_head_dim(Ev), HAS_KV_LENGTHS=kv_lengths is not None,
+        num_warps=4 if Ev >= 128 else 2,
+    )  # fmt: skip
+    return out, lse, max_scores
+
+
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    """Strides with 0 on size-1 dims (as the forward kernel passes them)."""
+    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))

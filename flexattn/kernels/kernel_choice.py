@@ -1,0 +1,185 @@
+"""Which forward kernel runs a call (prefill or split-KV decode), and the decode kernel's launch shape.
+
+Small pure functions that say why: :func:`choose_kernel` returns a :class:`KernelChoice`
+(``AttentionPlan.explain`` prints it); :func:`decode_launch` fixes the decode kernel's tiles, GQA
+packing and number of key splits from the shapes and the GPU (the same function the launcher uses,
+so the explanation is what runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.tiles import largest_tile_dividing, next_power_of_2, padded_head_dim
+
+DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile holds
+SPLIT_WAVES = 2  # aim for at least this many programs per SM (ragged batches and tails even out)
+INTERPRETER_SMS = 4  # "SMs" assumed without a GPU: a few splits, quick on the CPU
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """``kind``: "prefill", "decode" or "unsupported" (``reason`` then says what to change)."""
+
+    kind: str
+    reason: str
+    splits: int | None = None  # decode: key splits per (sequence, head group)
+
+    def __str__(self) -> str:
+        splits = f", {self.splits} key splits" if self.splits else ""
+        return f"{self.kind}{splits}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    """One launch configuration of the decode kernel."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """The decode kernel's launch: tiles, heads per tile, row tiles per head group, key splits."""
+
+    tiles: DecodeTiles
+    pack: int  # query heads packed into one tile (the GQA group, or 1 with a per-head block mask)
+    m_tiles: int  # row tiles per head group (pack * Lq rows in tiles of BLOCK_M)
+    unit: int  # split granularity in keys: the mask's kv block, or BLOCK_N without a mask
+    splits: int
+    units_per_split: int
+
+
+def decode_tiles(
+    *,
+    pack: int,
+    q_len: int,
+    head_dim: int,
+    v_head_dim: int,
+    dtype: torch.dtype,
+    q_block: int | None,
+    kv_block: int | None,
+    capability: tuple[int, int] | None,
+) -> DecodeTiles:
+    """Tiles for ``pack * q_len`` packed rows: BLOCK_M the next power of two >= 16 (at most 128, and
+    at most ``pack * q_block`` so that one tile's tokens touch at most two q blocks of the mask);
+    BLOCK_N wide enough to stream K/V at full bandwidth, dividing kv_block."""
+    rows = pack * q_len
+    block_m = min(max(16, next_power_of_2(rows)), DECODE_MAX_ROWS)
+    if q_block is not None:
+        block_m = min(block_m, max(16, largest_tile_dividing(pack * q_block, pack * q_block)))
+    wide = max(padded_head_dim(head_dim), padded_head_dim(v_head_dim))
+    if capability is None:
+        block_n, warps, stages, why = 16, 4, 1, "interpreter: small key tiles keep the CPU emulation quick"
+    elif dtype == torch.float32 or wide > 128:
+        block_n, warps, stages, why = 32, 4, 2, "fp32 or head dim > 128: 32-key tiles fit shared memory"
+    else:
+        block_n, warps, stages, why = 128, 4, 3, "128-key tiles, 3 stages: K/V streamed at full bandwidth"
+    if block_m >= 128:
+        warps = 8
+    if kv_block is not None:
+        block_n = largest_tile_dividing(kv_block, block_n)
+    return DecodeTiles(block_m, block_n, warps, stages, f"{rows} packed rows in {block_m}-row tiles; {why}")
+
+
+def choose_splits(programs: int, units: int, target: DeviceLimits) -> int:
+    """Key splits so that ``programs * splits`` fills the GPU at least ``SPLIT_WAVES`` times over with
+    a full last wave (wave efficiency >= 95%, else the most efficient count up to 4x that); each split
+    at least one unit of keys. ``programs``: (sequences x head groups x row tiles)."""
+    sms = target.multiprocessors or INTERPRETER_SMS
+    programs = max(1, programs)
+    least = max(1, min(units, -(-(SPLIT_WAVES * sms) // programs)))
+
+    def efficiency(splits: int) -> float:
+        total = programs * splits
+        return total / (-(-total // sms) * sms)
+
+    candidates = range(least, max(least, min(units, 4 * least)) + 1)
+    good = [s for s in candidates if efficiency(s) >= 0.95]
+    return good[0] if good else max(candidates, key=efficiency)
+
+
+def decode_launch(
+    *,
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    v_head_dim: int,
+    dtype: torch.dtype,
+    q_block: int | None,
+    kv_block: int | None,
+    per_head_mask: bool,
+    target: DeviceLimits,
+    splits: int | None = None,
+    tiles: DecodeTiles | None = None,
+) -> DecodeLaunch:
+    """The decode kernel's launch for these shapes (``q_block``/``kv_block`` None: no block mask)."""
+    pack = 1 if per_head_mask else q_heads // kv_heads
+    if tiles is None:
+        tiles = decode_tiles(
+            pack=pack, q_len=q_len, head_dim=head_dim, v_head_dim=v_head_dim, dtype=dtype,
+            q_block=q_block, kv_block=kv_block, capability=target.capability,
+        )  # fmt: skip
+    m_tiles = -(-(pack * q_len) // tiles.BLOCK_M)
+    unit = kv_block if kv_block is not None else tiles.BLOCK_N
+    units = max(1, -(-kv_len // unit))
+    programs = batch * (q_heads // pack) * m_tiles
+    if splits is None:
+        splits = choose_splits(programs, units, target)
+    elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
+        raise ValueError(f"splits must be an int >= 1, got {splits!r}.")
+    units_per_split = -(-units // min(splits, units))
+    return DecodeLaunch(tiles, pack, m_tiles, unit, -(-units // units_per_split), units_per_split)
+
+
+def choose_kernel(
+    *,
+    q_len: int,
+    q_heads: int,
+    kv_heads: int,
+    positions_given: bool,
+    kv_offset: int,
+    needs_grad: bool,
+    per_head_mask: bool,
+    prefill_tiles_given: bool,
+    splits: int | None = None,
+) -> KernelChoice:
+    """Prefill or decode for one call; "unsupported" (with the fix) when neither kernel can take it.
+
+    - gradients need the prefill kernels (the decode kernel has no backward), which read no Positions;
+    - Positions (query offsets, ragged key lengths) are read by the decode kernel (kv_offset 0 only);
+    - otherwise decode when the packed query rows (GQA group x Lq) fit one tile: each K/V byte is
+      then read once per kv head, where prefill reads it once per query head.
+    """
+    group = q_heads // kv_heads
+    pack = 1 if per_head_mask else group
+    rows = pack * q_len
+    if kv_offset != 0:
+        return KernelChoice("unsupported", f"Positions.kv_offset={kv_offset}: the Triton kernels read keys "
+                            "from position 0; use kernel_options={'BACKEND': 'REFERENCE'} or kv_offset=0")  # fmt: skip
+    if needs_grad and positions_given:
+        return KernelChoice("unsupported", "positions are for inference (the decode kernel has no backward); "
+                            "call under torch.no_grad() / inference_mode, or drop positions to train")  # fmt: skip
+    if needs_grad:
+        return KernelChoice("prefill", "gradients needed: the decode kernel has no backward")
+    if prefill_tiles_given:
+        return KernelChoice("prefill", "explicit prefill tiles")
+    if positions_given:
+        return KernelChoice("decode", "positions (query offsets / key lengths) are read by the decode kernel",
+                            splits)  # fmt: skip
+    if rows <= DECODE_MAX_ROWS:
+        packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
+        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head",
+                            splits)  # fmt: skip
+    return KernelChoice(
+        "prefill", f"{rows} packed rows > {DECODE_MAX_ROWS}: prefill's query tiles fill the GPU"
+    )
