@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
 from flexattn.dispatch import check_call, run_attention
-from flexattn.kernels.positions import Positions
 from flexattn.options import KernelOptions
+
+if TYPE_CHECKING:  # (the kernels package loads on first use: import flexattn stays cheap)
+    from flexattn.kernels.positions import Positions
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -257,6 +259,8 @@ def _check_positions(positions, query, key, compiling: bool) -> tuple[Positions 
     """Checked positions (None for the default) and one past the last query position (None: Lq)."""
     if positions is None:
         return None, None
+    from flexattn.kernels.positions import Positions
+
     if not isinstance(positions, Positions):
         raise TypeError(
             "positions must be a flexattn.Positions(q_offset=..., kv_lengths=...), "

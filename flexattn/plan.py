@@ -51,7 +51,7 @@ class AttentionPlan:
         choice = choose_kernel(
             q_len=query.shape[2], q_heads=query.shape[1], kv_heads=key.shape[1],
             positions_given=not positions.is_default, kv_offset=positions.kv_offset, needs_grad=needs_grad,
-            per_head_mask=per_head, prefill_tiles_given=prefill_tiles,
+            per_head_mask=per_head, prefill_tiles=_prefill_knobs(self.options, prefill_tiles),
         )  # fmt: skip
         if choice.kind != "decode":
             return choice
@@ -131,6 +131,17 @@ class AttentionPlan:
             f"backward tiles: dK/dV {bwd.BLOCK_M1}x{bwd.BLOCK_N1}, dQ {bwd.BLOCK_M2}x{bwd.BLOCK_N2}, "
             f"dq {bwd.dq_mode}: {bwd.reason}",
         ])  # fmt: skip
+
+
+PREFILL_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "autotune")
+
+
+def _prefill_knobs(options: KernelOptions, tiles_given: bool) -> str | None:
+    """What in this call configures the prefill kernel (None: nothing), for the kernel choice."""
+    if tiles_given:
+        return "explicit prefill tiles"
+    knobs = [name for name in PREFILL_KNOBS if getattr(options, name, None)]
+    return f"kernel_options {', '.join(knobs)}" if knobs else None
 
 
 def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) -> BlockTables:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexattn.block_mask import BlockMask
-from flexattn.kernels.positions import Positions
 from flexattn.mod_eval import captured_grad_tensors, eval_mask_mod, eval_score_mod, index
+
+if TYPE_CHECKING:  # (the kernels package loads on first use)
+    from flexattn.kernels.positions import Positions
 
 # Elements of one (B, Hq, rows, Lkv) score chunk; a chunk's intermediates take ~10x this in bytes.
 DEFAULT_CHUNK_ELEMENTS = 1 << 21

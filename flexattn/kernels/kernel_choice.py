@@ -150,13 +150,15 @@ def choose_kernel(
     kv_offset: int,
     needs_grad: bool,
     per_head_mask: bool,
-    prefill_tiles_given: bool,
+    prefill_tiles: str | None,
     splits: int | None = None,
 ) -> KernelChoice:
     """Prefill or decode for one call; "unsupported" (with the fix) when neither kernel can take it.
 
     - gradients need the prefill kernels (the decode kernel has no backward), which read no Positions;
     - Positions (query offsets, ragged key lengths) are read by the decode kernel (kv_offset 0 only);
+    - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
+      autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
     - otherwise decode when the packed query rows (GQA group x Lq) fit one tile: each K/V byte is
       then read once per kv head, where prefill reads it once per query head.
     """
@@ -171,8 +173,11 @@ def choose_kernel(
                             "call under torch.no_grad() / inference_mode, or drop positions to train")  # fmt: skip
     if needs_grad:
         return KernelChoice("prefill", "gradients needed: the decode kernel has no backward")
-    if prefill_tiles_given:
-        return KernelChoice("prefill", "explicit prefill tiles")
+    if prefill_tiles and positions_given:
+        return KernelChoice("unsupported", f"{prefill_tiles} configure the prefill kernel, which reads no "
+                            "positions; drop them (the decode kernel chooses its own tiles)")  # fmt: skip
+    if prefill_tiles:
+        return KernelChoice("prefill", f"{prefill_tiles} configure the prefill kernel")
     if positions_given:
         return KernelChoice("decode", "positions (query offsets / key lengths) are read by the decode kernel",
                             splits)  # fmt: skip
