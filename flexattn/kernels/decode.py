@@ -23,11 +23,13 @@ Glossary:
     Q_BLOCK, KV_BLOCK the BlockMask's block sizes (BLOCK_N divides KV_BLOCK; BLOCK_M // PACK <= Q_BLOCK,
                       so one tile's tokens lie in at most two q blocks of the mask)
 
-Block-sparse walk (SPARSE): a split visits the kv blocks of its range in order; for each it looks
-the block up in the (partial, full) lists of the tile's two q-block rows with a moving pointer per
-list (sorted lists; the pointers start from a binary search), and attends only where some row lists
-the block. Full blocks skip the mask_mod; a partial block evaluates it for the rows that list it
-as partial. Without a block mask (not SPARSE) every key is visited and no list is read.
+Block-sparse walk (SPARSE): when all of a tile's tokens lie in one q block of the mask (the common
+case), the split visits the entries of that row's partial list, then of its full list, that fall
+in its key range (found by binary search), as the prefill kernel does. When they straddle two q
+blocks, the split visits the kv blocks of its range in order, looks each up in both rows' (partial,
+full) lists with a moving pointer per list, and attends only where some row lists the block. Full
+blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial.
+Without a block mask (not SPARSE) every key is visited and no list is read.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
 from flexattn.kernels.kernel_choice import DecodeTiles, decode_launch
 from flexattn.kernels.positions import Positions
-from flexattn.kernels.tile_io import load_kv_tile, mask_tail, wrap_index
+from flexattn.kernels.tile_io import load_kv_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -197,46 +199,69 @@ def _decode_split_kernel(
             last_token = tl.minimum((m_tile * BLOCK_M + BLOCK_M - 1) // PACK, Q_LEN - 1)
             row_block0 = (q_off + first_token) // Q_BLOCK
             row_block1 = tl.minimum((q_off + last_token) // Q_BLOCK, MASK_NQ - 1)
-            in_row1 = (q_pos // Q_BLOCK) != row_block0
             mask_bh = b * (MASK_PER_BATCH * MASK_H) + (group * PACK) * MASK_PER_HEAD  # 0 on a broadcast dim
             mask_row0 = mask_bh.to(tl.int64) * MASK_NQ + row_block0
             mask_row1 = mask_bh.to(tl.int64) * MASK_NQ + row_block1
-            n_p0 = tl.load(KV_NUM_BLKS + mask_row0)
-            n_p1 = tl.load(KV_NUM_BLKS + mask_row1)
-            idx_p0 = KV_IDX + mask_row0 * MASK_NKV
-            idx_p1 = KV_IDX + mask_row1 * MASK_NKV
             block_start = split_start // KV_BLOCK
-            ptr_p0 = _lower_bound(idx_p0, n_p0, block_start, SEARCH_STEPS)
-            ptr_p1 = _lower_bound(idx_p1, n_p1, block_start, SEARCH_STEPS)
-            if HAS_FULL:
-                n_f0 = tl.load(FULL_KV_NUM_BLKS + mask_row0)
-                n_f1 = tl.load(FULL_KV_NUM_BLKS + mask_row1)
-                idx_f0 = FULL_KV_IDX + mask_row0 * MASK_NKV
-                idx_f1 = FULL_KV_IDX + mask_row1 * MASK_NKV
-                ptr_f0 = _lower_bound(idx_f0, n_f0, block_start, SEARCH_STEPS)
-                ptr_f1 = _lower_bound(idx_f1, n_f1, block_start, SEARCH_STEPS)
-            for block in range(block_start, tl.cdiv(split_end, KV_BLOCK)):
-                hit_p0, ptr_p0 = _listed(idx_p0, n_p0, ptr_p0, block)
-                hit_p1, ptr_p1 = _listed(idx_p1, n_p1, ptr_p1, block)
-                status0 = hit_p0.to(tl.int32)
-                status1 = hit_p1.to(tl.int32)
+            block_end = tl.cdiv(split_end, KV_BLOCK)
+            TILES_PER_BLOCK: tl.constexpr = KV_BLOCK // BLOCK_N
+            if row_block0 == row_block1:
+                # -- one mask row for the whole tile: its lists' entries in this split, partial then full --
+                for full in tl.static_range(2 if HAS_FULL else 1):
+                    nums, idx = KV_NUM_BLKS, KV_IDX
+                    if full == 1:
+                        nums, idx = FULL_KV_NUM_BLKS, FULL_KV_IDX
+                    n = tl.load(nums + mask_row0)
+                    idx_row = idx + mask_row0 * MASK_NKV
+                    first = _lower_bound(idx_row, n, block_start, SEARCH_STEPS)
+                    last = _lower_bound(idx_row, n, block_end, SEARCH_STEPS)
+                    status = tl.full([BLOCK_M], 1 + full, tl.int32)
+                    for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
+                        start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
+                        acc, l_i, m_i = _decode_tile(
+                            acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                            status, full == 0, kn_strides, vn_strides, scale,
+                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                        )
+            else:
+                # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
+                in_row1 = (q_pos // Q_BLOCK) != row_block0
+                n_p0 = tl.load(KV_NUM_BLKS + mask_row0)
+                n_p1 = tl.load(KV_NUM_BLKS + mask_row1)
+                idx_p0 = KV_IDX + mask_row0 * MASK_NKV
+                idx_p1 = KV_IDX + mask_row1 * MASK_NKV
+                ptr_p0 = _lower_bound(idx_p0, n_p0, block_start, SEARCH_STEPS)
+                ptr_p1 = _lower_bound(idx_p1, n_p1, block_start, SEARCH_STEPS)
                 if HAS_FULL:
-                    hit_f0, ptr_f0 = _listed(idx_f0, n_f0, ptr_f0, block)
-                    hit_f1, ptr_f1 = _listed(idx_f1, n_f1, ptr_f1, block)
-                    status0 = tl.where(hit_f0, 2, status0)
-                    status1 = tl.where(hit_f1, 2, status1)
-                if (status0 > 0) | (status1 > 0):
-                    status = tl.where(in_row1, status1, status0)
-                    any_partial = tl.max((status == 1).to(tl.int32), 0) > 0
-                    for t in tl.static_range(KV_BLOCK // BLOCK_N):
-                        start_n = block * KV_BLOCK + t * BLOCK_N
-                        if start_n < split_end:
-                            acc, l_i, m_i = _decode_tile(
-                                acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
-                                status, any_partial, kn_strides, vn_strides, scale,
-                                SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
-                                E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
-                            )
+                    n_f0 = tl.load(FULL_KV_NUM_BLKS + mask_row0)
+                    n_f1 = tl.load(FULL_KV_NUM_BLKS + mask_row1)
+                    idx_f0 = FULL_KV_IDX + mask_row0 * MASK_NKV
+                    idx_f1 = FULL_KV_IDX + mask_row1 * MASK_NKV
+                    ptr_f0 = _lower_bound(idx_f0, n_f0, block_start, SEARCH_STEPS)
+                    ptr_f1 = _lower_bound(idx_f1, n_f1, block_start, SEARCH_STEPS)
+                for block in range(block_start, block_end):
+                    hit_p0, ptr_p0 = _listed(idx_p0, n_p0, ptr_p0, block)
+                    hit_p1, ptr_p1 = _listed(idx_p1, n_p1, ptr_p1, block)
+                    status0 = hit_p0.to(tl.int32)
+                    status1 = hit_p1.to(tl.int32)
+                    if HAS_FULL:
+                        hit_f0, ptr_f0 = _listed(idx_f0, n_f0, ptr_f0, block)
+                        hit_f1, ptr_f1 = _listed(idx_f1, n_f1, ptr_f1, block)
+                        status0 = tl.where(hit_f0, 2, status0)
+                        status1 = tl.where(hit_f1, 2, status1)
+                    if (status0 > 0) | (status1 > 0):
+                        status = tl.where(in_row1, status1, status0)
+                        any_partial = tl.max((status == 1).to(tl.int32), 0) > 0
+                        for t in tl.static_range(TILES_PER_BLOCK):
+                            start_n = block * KV_BLOCK + t * BLOCK_N
+                            if start_n < split_end:
+                                acc, l_i, m_i = _decode_tile(
+                                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                                    status, any_partial, kn_strides, vn_strides, scale,
+                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                                )
         else:
             # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
             full_tiles = (split_end - split_start) // BLOCK_N

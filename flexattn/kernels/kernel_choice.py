@@ -81,8 +81,9 @@ def decode_tiles(
         block_n, warps, stages, why = 32, 4, 2, "fp32 or head dim > 128: 32-key tiles fit shared memory"
     else:
         block_n, warps, stages, why = 128, 4, 3, "128-key tiles, 3 stages: K/V streamed at full bandwidth"
-    if block_m >= 128:
-        warps = 8
+    if block_m >= 64 and capability is not None:
+        block_n, warps = min(block_n, 64), 8  # 64+ rows x 128 keys of scores with 4 warps spill
+        why += f"; {block_m} rows: {block_n}-key tiles, 8 warps"
     if kv_block is not None:
         block_n = largest_tile_dividing(kv_block, block_n)
     return DecodeTiles(block_m, block_n, warps, stages, f"{rows} packed rows in {block_m}-row tiles; {why}")
