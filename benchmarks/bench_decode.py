@@ -13,8 +13,12 @@ cache, two variants:
 and a ragged batch (8 caches of 1k..128k keys padded to 128k, ``Positions(kv_lengths=...)``), where the
 bandwidth counts only the keys that exist.
 
-Effective bandwidth = bytes of K and V read / time (median of ``triton.testing.do_bench``); ratio
-columns are flexattn decode over each other implementation (higher is better).
+Effective bandwidth = bytes of K and V read / time. Every implementation is timed replaying a CUDA
+graph (``triton.testing.do_bench_cudagraph``: GPU time, no host overhead), eagerly where capture
+fails (the row says ``timed: eager``). ``flexattn decode`` launches a prebuilt plan
+(``AttentionPlan.forward``); ``flexattn call`` is the whole eager ``flexattn.flex_attention`` call
+(checks, mod lookup, host time included). Each cell also gives the time relative to flexattn
+decode (x > 1: slower than flexattn decode) and the largest difference of its output from it.
 
 Usage (CUDA machine)::
 
@@ -25,6 +29,7 @@ Usage (CUDA machine)::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -87,11 +92,18 @@ def offset_alibi(offset: int):
     return alibi_at_offset
 
 
-def bench(fn) -> float:
-    """Median milliseconds of ``fn()``."""
+def bench(fn, graph: bool = True) -> tuple[float, str]:
+    """Milliseconds per call of ``fn`` and how they were taken: replayed from a CUDA graph (GPU time
+    only, what a serving loop with graphs pays) or, where capture fails or ``graph`` is False, eager
+    calls (host time included; median of ``triton.testing.do_bench``)."""
     import triton
 
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"), "graph"
+        except Exception:  # noqa: BLE001 (a call that cannot be captured is timed eagerly)
+            torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"), "eager"
 
 
 def run_row(row: Row, torch_flex, device) -> dict:
@@ -104,18 +116,20 @@ def run_row(row: Row, torch_flex, device) -> dict:
     if row.ragged:
         lengths = torch.tensor(RAGGED, dtype=torch.int32, device=device)
         positions = Positions(q_offset=lengths - lq, kv_lengths=lengths)
-        tokens = sum(RAGGED)
-        calls = {
-            "flexattn decode": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True, positions=positions)
-        }
         padded = Positions(q_offset=offset)
-        calls["flexattn decode (padded)"] = lambda: flexattn.flex_attention(q, k, v, enable_gqa=True,
-                                                                            positions=padded)  # fmt: skip
+        tokens = sum(RAGGED)
+        plan = _plan(None, None, lq, L, device)
+        calls = {
+            "flexattn decode": lambda: plan.forward(q, k, v, positions=positions),
+            "flexattn call": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True, positions=positions),
+            "flexattn decode (padded, all 128k)": lambda: plan.forward(q, k, v, positions=padded),
+        }
     elif row.variant == "noop":
         tokens = B * L
-        plan = _prefill_plan(None, None, lq, L, device)
+        plan = _plan(None, None, lq, L, device)
         calls = {
-            "flexattn decode": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True),
+            "flexattn decode": lambda: plan.forward(q, k, v),
+            "flexattn call": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True),
             "flexattn prefill": lambda: _prefill(plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, enable_gqa=True),
             "sdpa flash": lambda: _sdpa(q, k, v, "FLASH_ATTENTION"),
@@ -123,44 +137,58 @@ def run_row(row: Row, torch_flex, device) -> dict:
         }
     else:
         tokens = B * L
-        full_mask = flexattn.create_block_mask(causal, None, None, L, L, device=device)
+        full_mask = _whole_sequence_mask(L, device)
         positions = Positions(q_offset=offset)
+        plan = _plan(alibi, full_mask, lq, L, device)
         short_causal, short_alibi = offset_causal(offset), offset_alibi(offset)
         short_mask = flexattn.create_block_mask(short_causal, None, None, lq, L, device=device)
-        plan = _prefill_plan(short_alibi, short_mask, lq, L, device)
+        short_plan = _plan(short_alibi, short_mask, lq, L, device)
         from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
         torch_mask = torch_block_mask(short_causal, None, None, lq, L, device=device)
         calls = {
-            "flexattn decode": lambda: flexattn.flex_attention(
+            "flexattn decode": lambda: plan.forward(q, k, v, positions=positions),
+            "flexattn call": lambda: flexattn.flex_attention(
                 q, k, v, alibi, full_mask, enable_gqa=True, positions=positions
             ),
-            "flexattn prefill": lambda: _prefill(plan, q, k, v),
+            "flexattn prefill": lambda: _prefill(short_plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, short_alibi, torch_mask, enable_gqa=True),
         }
     kv_bytes = 2 * tokens * HKV * E * k.element_size()
     for name, call in calls.items():
         try:
-            ms = bench(call)
-            result[name] = {"us": round(ms * 1e3, 1), "TB/s": round(kv_bytes / (ms * 1e-3) / 1e12, 3)}
-        except Exception as err:  # a backend that cannot run this row: say why, keep going
+            ms, how = bench(call, graph=name != "flexattn call")
+            result[name] = {
+                "us": round(ms * 1e3, 1),
+                "TB/s": round(kv_bytes / (ms * 1e-3) / 1e12, 3),
+                "timed": how,
+            }
+        except Exception as err:  # noqa: BLE001 (a backend that cannot run this row: say why, keep going)
             result[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
-    if "flexattn prefill" in calls or "sdpa flash" in calls:
-        _check_agreement(result, calls)
+    _check_agreement(result, calls)
     return result
 
 
 def _check_agreement(result: dict, calls: dict) -> None:
     """Max |decode - other| over the outputs (bf16): the row is only meaningful if they agree."""
-    ref = calls["flexattn decode"]()
-    for name in ("flexattn prefill", "torch flex", "sdpa cudnn"):
+    if "us" not in result.get("flexattn decode", {}):
+        return
+    ref = calls["flexattn decode"]()[0]
+    for name in ("flexattn call", "flexattn prefill", "torch flex", "sdpa cudnn"):
         if name in calls and "us" in result.get(name, {}):
             other = calls[name]()
             other = other[0] if isinstance(other, tuple) else other
             result[name]["max_diff"] = round(float((ref.float() - other.float()).abs().max()), 4)
 
 
-def _prefill_plan(score_mod, block_mask, lq, L, device):
+@functools.cache
+def _whole_sequence_mask(L: int, device: str):
+    """The causal BlockMask of the whole sequence (L, L), built once per length."""
+    return flexattn.create_block_mask(causal, None, None, L, L, device=device)
+
+
+def _plan(score_mod, block_mask, lq, L, device):
+    """A flexattn plan built once (mods compiled, tables read): what a repeated call launches."""
     from flexattn.options import KernelOptions
     from flexattn.plan import plan_attention
 
@@ -169,7 +197,7 @@ def _prefill_plan(score_mod, block_mask, lq, L, device):
 
 
 def _prefill(plan, q, k, v):
-    """The prefill kernel on the same plan (what flexattn ran for decoding before the decode kernel)."""
+    """The prefill kernel on a plan (what flexattn ran for decoding before the decode kernel)."""
     from flexattn.kernels.forward import flex_forward
 
     return flex_forward(q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=plan.tables,
@@ -212,8 +240,8 @@ def dry_run() -> None:
         q = torch.empty(1, dtype=torch.bfloat16).expand(B, HQ, row.q_len, E)
         k = torch.empty(1, dtype=torch.bfloat16).expand(B, HKV, row.kv_len, E)
         mask = None
-        if row.variant != "noop":
-            mask = flexattn.create_block_mask(causal, None, None, row.kv_len, row.kv_len, device="cpu")
+        if row.variant != "noop":  # the choice reads the block sizes only: one q block of the mask is enough
+            mask = flexattn.create_block_mask(causal, None, None, 128, row.kv_len, device="cpu")
         score_mod = alibi if mask is not None else None
         options = KernelOptions(BACKEND="TRITON")
         plan = plan_attention(score_mod, mask, row.q_len, row.kv_len, 1 / math.sqrt(E), options,
