@@ -252,7 +252,7 @@ def dry_run() -> None:
             positions = Positions(q_offset=lengths - row.q_len, kv_lengths=lengths)
         elif mask is not None:
             positions = Positions(q_offset=row.kv_len - row.q_len)
-        print(f"{str(row):<28} | {plan.choose(q, k, positions=positions, target=h200)}")
+        print(f"{str(row):<28} | {plan.choose(q, k, k, positions=positions, target=h200)}")
 
 
 def main() -> None:

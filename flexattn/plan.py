@@ -42,7 +42,7 @@ class AttentionPlan:
     dense: bool = False  # no block mask was given: the decode kernel visits every key, reads no tables
 
     def choose(
-        self, query, key, *, positions: Positions | None = None, needs_grad: bool = False,
+        self, query, key, value, *, positions: Positions | None = None, needs_grad: bool = False,
         prefill_tiles: bool = False, target: DeviceLimits | None = None,
     ) -> KernelChoice:  # fmt: skip
         """Which forward kernel runs (``kernels.kernel_choice.choose_kernel``), with the decode splits."""
@@ -59,7 +59,7 @@ class AttentionPlan:
         sparse = not self.dense
         launch = decode_launch(
             batch=query.shape[0], q_heads=query.shape[1], kv_heads=key.shape[1], q_len=query.shape[2],
-            kv_len=key.shape[2], head_dim=query.shape[3], v_head_dim=query.shape[3], dtype=query.dtype,
+            kv_len=key.shape[2], head_dim=query.shape[3], v_head_dim=value.shape[3], dtype=query.dtype,
             q_block=self.tables.q_block if sparse else None,
             kv_block=self.tables.kv_block if sparse else None,
             per_head_mask=per_head, target=target,
@@ -73,7 +73,7 @@ class AttentionPlan:
         """``(out, lse, max_scores)`` from the kernel :meth:`choose` names (prefill or decode); ``tiles``
         forces the prefill kernel with that launch; ``needs_grad``: the caller will run the backward."""
         choice = self.choose(
-            query, key, positions=positions, needs_grad=needs_grad, prefill_tiles=tiles is not None
+            query, key, value, positions=positions, needs_grad=needs_grad, prefill_tiles=tiles is not None
         )
         if choice.kind == "unsupported":
             raise ValueError(f"flex_attention: {choice.reason}.")
@@ -106,7 +106,7 @@ class AttentionPlan:
         an inference call), mods, blocks, forward and backward tiles (the launchers' own pure choices,
         ``kernels/kernel_choice.py``, ``kernels/tiles.py`` and ``kernels/backward_tiles.py``)."""
         target = device_limits(query.device) if target is None else target
-        choice = self.choose(query, key, positions=positions, target=target)
+        choice = self.choose(query, key, value, positions=positions, target=target)
         t = self.tables
         (E, Ev), (Lq, Lkv) = (query.shape[-1], value.shape[-1]), (query.shape[2], key.shape[2])
         fwd = forward_tiles(

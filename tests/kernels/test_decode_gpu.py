@@ -39,7 +39,7 @@ def test_decode_matches_prefill_and_sdpa(lq):
     out = flex_attention(q, k, v, enable_gqa=True)  # the decode kernel (kernel choice)
     plan = plan_attention(None, None, lq, L, 1 / math.sqrt(E), KernelOptions(BACKEND="TRITON"),
                           q.device, q.dtype)  # fmt: skip
-    assert plan.choose(q, k).kind == "decode"
+    assert plan.choose(q, k, v).kind == "decode"
     prefill, _, _ = flex_forward(
         q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=plan.tables, scale=plan.scale
     )
