@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.attention.flex_attention  # (torch 2.11 does not import the submodule itself)
 import torch.nn.functional as F
 
 import flexattn

@@ -94,7 +94,7 @@ def flex_attention(
     compiling = torch.compiler.is_compiling()
     positions, q_end = _check_positions(positions, query, key, compiling)
     if block_mask is not None:
-        _check_block_mask(block_mask, query, key, q_end)
+        _check_block_mask(block_mask, query, key, positions is not None, q_end)
     mask_mod = None if block_mask is None else block_mask.mask_mod
     if compiling:
         import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
@@ -112,7 +112,9 @@ def flex_attention(
         )
     else:
         options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
-        _check_mods_trace(score_mod, mask_mod, query, key, q_end)
+        _check_mods_trace(
+            score_mod, mask_mod, query, key, _trace_q_len(positions, q_end, block_mask, query, key)
+        )
         out, lse, max_scores = run_attention(
             query, key, value, score_mod, block_mask, scale, options, backend, positions
         )
@@ -204,9 +206,9 @@ def _from_pytorch_block_mask(block_mask):
     return BlockMask(**values)
 
 
-def _check_block_mask(block_mask, query, key, q_end: int | None = None) -> None:
-    """Shape, broadcast and device checks of a BlockMask against query / key. ``q_end`` (with
-    positions): one past the last query position; the mask is then built for the whole sequence."""
+def _check_block_mask(block_mask, query, key, positions: bool = False, q_end: int | None = None) -> None:
+    """Shape, broadcast and device checks of a BlockMask against query / key. With ``positions`` the
+    mask is built for the whole sequence; ``q_end``: one past the last query position, if known."""
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
             "block_mask must be a flexattn.BlockMask (from create_block_mask), "
@@ -214,12 +216,12 @@ def _check_block_mask(block_mask, query, key, q_end: int | None = None) -> None:
         )
     B, Hq, Lq, _ = query.shape
     Lkv = key.shape[2]
-    if q_end is not None:
+    if positions:
         mask_q, mask_kv = block_mask.seq_lengths
-        if mask_q < q_end or mask_kv != Lkv:
+        if mask_q < (q_end or Lq) or mask_kv != Lkv:
             raise ValueError(
                 f"With positions, block_mask is indexed by absolute positions: build it for the whole "
-                f"sequence, Q_LEN >= {q_end} (the last query position + 1) and KV_LEN = {Lkv} (the key "
+                f"sequence, Q_LEN >= {q_end or Lq} (the last query position + 1) and KV_LEN = {Lkv} (the key "
                 f"tensors' length); got (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)}."
             )
         Lq = mask_q
@@ -256,7 +258,8 @@ def _check_block_mask(block_mask, query, key, q_end: int | None = None) -> None:
 
 
 def _check_positions(positions, query, key, compiling: bool) -> tuple[Positions | None, int | None]:
-    """Checked positions (None for the default) and one past the last query position (None: Lq)."""
+    """Checked positions (None for the default) and one past the last query position (None: Lq, or
+    not known without reading GPU tensors: ``Positions.check`` reads no GPU values)."""
     if positions is None:
         return None, None
     from flexattn.kernels.positions import Positions
@@ -278,16 +281,25 @@ def _check_positions(positions, query, key, compiling: bool) -> tuple[Positions 
         )
     if positions.is_default:
         return None, None
-    offset = positions.q_offset
-    last = int(offset.max()) if isinstance(offset, torch.Tensor) else offset
-    return positions, last + query.shape[2]
+    return positions, positions.q_end(query.shape[2])
 
 
-def _check_mods_trace(score_mod, mask_mod, query, key, q_end: int | None = None) -> None:
-    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
+def _trace_q_len(positions, q_end, block_mask, query, key) -> int:
+    """The query positions the mods are checked over: Lq, or with positions one past the last
+    (when not known without a GPU read: the mask's Q_LEN, else the longer of Lq and Lkv)."""
+    if positions is None:
+        return query.shape[2]
+    if q_end is not None:
+        return q_end
+    return block_mask.seq_lengths[0] if block_mask is not None else max(query.shape[2], key.shape[2])
+
+
+def _check_mods_trace(score_mod, mask_mod, query, key, q_len: int | None = None) -> None:
+    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks).
+    ``q_len``: the query positions to check over (default Lq)."""
     from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
 
-    q_len = query.shape[2] if q_end is None else q_end  # with positions: every absolute query position
+    q_len = query.shape[2] if q_len is None else q_len
     grid = (query.shape[0], query.shape[1], q_len, key.shape[2])  # (B, Hq, Lq, Lkv)
     check_traced(score_mod, "score", grid, query.device)
     if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)

@@ -62,7 +62,7 @@ class AttentionPlan:
             kv_len=key.shape[2], head_dim=query.shape[3], v_head_dim=value.shape[3], dtype=query.dtype,
             q_block=self.tables.q_block if sparse else None,
             kv_block=self.tables.kv_block if sparse else None,
-            per_head_mask=per_head, target=target,
+            per_head_mask=per_head, target=target, ragged=positions.kv_lengths is not None,
         )  # fmt: skip
         return dataclasses.replace(choice, splits=launch.splits)
 

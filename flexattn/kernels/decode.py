@@ -157,7 +157,7 @@ def _decode_split_kernel(
     m_tile = tl.program_id(1) % M_TILES
     b = tl.program_id(2)
     if HAS_KV_LENGTHS:
-        kv_len = tl.load(KV_LENGTHS + b)
+        kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + b), 0), KV_LEN)  # (in bounds whatever the values)
     else:
         kv_len = KV_LEN
     UNIT: tl.constexpr = KV_BLOCK if SPARSE else BLOCK_N
@@ -197,8 +197,8 @@ def _decode_split_kernel(
             # -- the tile's two q-block rows of the mask (the same one when its tokens share a block) --
             first_token = (m_tile * BLOCK_M) // PACK
             last_token = tl.minimum((m_tile * BLOCK_M + BLOCK_M - 1) // PACK, Q_LEN - 1)
-            row_block0 = (q_off + first_token) // Q_BLOCK
-            row_block1 = tl.minimum((q_off + last_token) // Q_BLOCK, MASK_NQ - 1)
+            row_block0 = tl.minimum(tl.maximum((q_off + first_token) // Q_BLOCK, 0), MASK_NQ - 1)
+            row_block1 = tl.minimum(tl.maximum((q_off + last_token) // Q_BLOCK, 0), MASK_NQ - 1)
             mask_bh = b * (MASK_PER_BATCH * MASK_H) + (group * PACK) * MASK_PER_HEAD  # 0 on a broadcast dim
             mask_row0 = mask_bh.to(tl.int64) * MASK_NQ + row_block0
             mask_row1 = mask_bh.to(tl.int64) * MASK_NQ + row_block1
@@ -309,7 +309,7 @@ def _decode_merge_kernel(
     h = (row // Q_LEN) % HQ
     token = row % Q_LEN
     if HAS_KV_LENGTHS:
-        kv_len = tl.load(KV_LENGTHS + b)
+        kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + b), 0), KV_LEN)
     else:
         kv_len = KV_LEN
     n_splits = tl.cdiv(kv_len, SPLIT_SIZE)
@@ -408,7 +408,7 @@ def flex_decode(
         q_block=tables.q_block if tables is not None else None,
         kv_block=tables.kv_block if tables is not None else None,
         per_head_mask=tables is not None and tables.kv_num_blocks.shape[1] > 1, target=target,
-        splits=splits, tiles=tiles,
+        ragged=positions.kv_lengths is not None, splits=splits, tiles=tiles,
     )  # fmt: skip
     tiles, pack, unit, n_splits = launch.tiles, launch.pack, launch.unit, launch.splits
     if tables is not None:
@@ -429,7 +429,7 @@ def flex_decode(
     part_max = torch.empty_like(part_lse)
     q_offsets, kv_lengths = positions.q_offset, positions.kv_lengths
     per_batch_offset = isinstance(q_offsets, torch.Tensor)
-    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # stands in for absent int32 tensors
     if tables is not None:
         table_args, broadcast_flags = block_table_args(tables, "kv")
         search_steps = int(tables.kv_indices.shape[-1]).bit_length() + 1

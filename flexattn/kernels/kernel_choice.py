@@ -16,7 +16,8 @@ from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.tiles import largest_tile_dividing, next_power_of_2, padded_head_dim
 
 DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile holds
-SPLIT_WAVES = 2  # aim for at least this many programs per SM (ragged batches and tails even out)
+SPLIT_WAVES = 2  # aim for at least this many programs per SM
+RAGGED_SPLIT_WAVES = 16  # ragged batches: splits sized for the padded length, so many more (short ones exit)
 INTERPRETER_SMS = 4  # "SMs" assumed without a GPU: a few splits, quick on the CPU
 
 
@@ -89,13 +90,18 @@ def decode_tiles(
     return DecodeTiles(block_m, block_n, warps, stages, f"{rows} packed rows in {block_m}-row tiles; {why}")
 
 
-def choose_splits(programs: int, units: int, target: DeviceLimits) -> int:
+def choose_splits(programs: int, units: int, target: DeviceLimits, ragged: bool = False) -> int:
     """Key splits so that ``programs * splits`` fills the GPU at least ``SPLIT_WAVES`` times over with
     a full last wave (wave efficiency >= 95%, else the most efficient count up to 4x that); each split
-    at least one unit of keys. ``programs``: (sequences x head groups x row tiles)."""
+    at least one unit of keys. ``programs``: (sequences x head groups x row tiles).
+
+    ``ragged`` (per-sequence key counts, not read on the host): the splits are cut from the padded
+    length and those past a sequence's end exit at once, so ``RAGGED_SPLIT_WAVES`` makes them small
+    enough that the long sequences' splits still spread over every SM."""
     sms = target.multiprocessors or INTERPRETER_SMS
     programs = max(1, programs)
-    least = max(1, min(units, -(-(SPLIT_WAVES * sms) // programs)))
+    waves = RAGGED_SPLIT_WAVES if ragged else SPLIT_WAVES
+    least = max(1, min(units, -(-(waves * sms) // programs)))
 
     def efficiency(splits: int) -> float:
         total = programs * splits
@@ -120,10 +126,12 @@ def decode_launch(
     kv_block: int | None,
     per_head_mask: bool,
     target: DeviceLimits,
+    ragged: bool = False,
     splits: int | None = None,
     tiles: DecodeTiles | None = None,
 ) -> DecodeLaunch:
-    """The decode kernel's launch for these shapes (``q_block``/``kv_block`` None: no block mask)."""
+    """The decode kernel's launch for these shapes (``q_block``/``kv_block`` None: no block mask;
+    ``ragged``: per-sequence key counts are given)."""
     pack = 1 if per_head_mask else q_heads // kv_heads
     if tiles is None:
         tiles = decode_tiles(
@@ -135,7 +143,7 @@ def decode_launch(
     units = max(1, -(-kv_len // unit))
     programs = batch * (q_heads // pack) * m_tiles
     if splits is None:
-        splits = choose_splits(programs, units, target)
+        splits = choose_splits(programs, units, target, ragged)
     elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an int >= 1, got {splits!r}.")
     units_per_split = -(-units // min(splits, units))

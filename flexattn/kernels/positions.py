@@ -39,10 +39,16 @@ class Positions:
         )
 
     def check(self, batch: int, kv_len: int, device: torch.device) -> None:
-        """Raise ValueError naming the field when these positions do not fit a call of this batch."""
+        """Raise ValueError naming the field when these positions do not fit a call of this batch.
+
+        The values of tensors are checked only where reading them costs no host-GPU synchronisation
+        (CPU tensors): on a GPU only dtype, shape and device are, so a call stays sync-free (and
+        capturable in a CUDA graph). Out-of-range values there are the caller's error; the kernels
+        keep every memory access in bounds regardless.
+        """
         if isinstance(self.q_offset, torch.Tensor):
             _check_per_sequence("q_offset", self.q_offset, batch, device)
-            if self.q_offset.numel() and int(self.q_offset.min()) < 0:
+            if _readable(self.q_offset) and int(self.q_offset.min()) < 0:
                 raise ValueError("Positions.q_offset: offsets must be >= 0")
         elif not isinstance(self.q_offset, int) or isinstance(self.q_offset, bool) or self.q_offset < 0:
             raise ValueError(
@@ -52,13 +58,27 @@ class Positions:
             raise ValueError(f"Positions.kv_offset must be an int >= 0, got {self.kv_offset!r}")
         if self.kv_lengths is not None:
             _check_per_sequence("kv_lengths", self.kv_lengths, batch, device)
-            if self.kv_lengths.numel() and (
+            if _readable(self.kv_lengths) and (
                 int(self.kv_lengths.min()) < 0 or int(self.kv_lengths.max()) > kv_len
             ):
                 raise ValueError(
                     f"Positions.kv_lengths must lie in [0, {kv_len}] (the key tensor's length); "
                     "pad the cache to the longest sequence"
                 )
+
+    def q_end(self, q_len: int) -> int | None:
+        """One past the last query position of a call with ``q_len`` query tokens, or None when the
+        offsets live on a GPU (reading them would synchronise)."""
+        if isinstance(self.q_offset, torch.Tensor):
+            if not _readable(self.q_offset):
+                return None
+            return int(self.q_offset.max()) + q_len if self.q_offset.numel() else q_len
+        return self.q_offset + q_len
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Values readable without a host-GPU synchronisation (and there are some)."""
+    return t.device.type == "cpu" and t.numel() > 0
 
 
 def _check_per_sequence(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:

@@ -328,3 +328,25 @@ def test_rows_beyond_one_tile():
     """4 heads x 6 tokens = 24 packed rows in 16-row tiles: two row tiles per kv head, the second
     starting mid-sequence and its tokens straddling two q blocks of the mask."""
     run_decode(1, 4, 1, 6, 40, 16, "alibi-causal", blocks=(16, 16), tiles=DecodeTiles(16, 16, 4, 1))
+
+
+def test_out_of_range_positions_stay_in_bounds():
+    """Values the host does not read on a GPU (Positions.check) cannot make the kernel read out of
+    bounds: key counts are clamped to [0, Lkv] and mask rows to the mask's."""
+    q, k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 1, 40, 16), torch.randn(2, 1, 40, 16)
+    mask = create_block_mask(_causal, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
+    args = dict(
+        score_mod=compile_score_mod(None), mask_mod=compile_mask_mod(_causal), tables=mask.tables(), scale=0.3
+    )
+    wild = Positions(
+        q_offset=torch.tensor([39, 500], dtype=torch.int32),
+        kv_lengths=torch.tensor([99, -5], dtype=torch.int32),
+    )
+    out, lse, _ = flex_decode(q, k, v, positions=wild, **args)
+    tame = Positions(
+        q_offset=torch.tensor([39, 39], dtype=torch.int32),
+        kv_lengths=torch.tensor([40, 0], dtype=torch.int32),
+    )
+    out_tame, lse_tame, _ = flex_decode(q, k, v, positions=tame, **args)
+    torch.testing.assert_close(out[0], out_tame[0])
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
