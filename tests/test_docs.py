@@ -24,7 +24,7 @@ CONTINUES = "# continues the "
 # (a fence renamed by mistake, a page the extractor no longer parses); update it with the docs.
 PYTHON_BLOCKS = {
     "README.md": 1,
-    "docs/api.md": 0,
+    "docs/api.md": 1,
     "docs/architecture.md": 0,
     "docs/composing_masks.md": 5,
     "docs/debugging.md": 6,
