@@ -24,6 +24,9 @@ Usage (CUDA machine)::
 
     python benchmarks/bench_decode.py --json decode.json    # whole run, ~3 minutes on an H200
     python benchmarks/bench_decode.py --dry-run             # list the rows and flexattn's kernel choice
+
+The run ends with a sweep of the decode kernel's split count and tiles at 8k / 32k keys (``--no-sweep``
+skips it): tuning data for ``flexattn/kernels/kernel_choice.py``.
 """
 
 from __future__ import annotations
@@ -256,12 +259,57 @@ def dry_run() -> None:
         print(f"{str(row):<28} | {plan.choose(q, k, k, positions=positions, target=h200)}")
 
 
+SWEEP_SPLITS = (2, 4, 6, 8, 12, 16, 24, 32)
+SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3))  # (BLOCK_N, warps, stages)
+
+
+def sweep(device) -> list[dict]:
+    """The decode kernel alone (noop, CUDA graphs) at other split counts and tiles than it picks, at 8k
+    and 32k keys: data for tuning ``kernel_choice`` (printed and saved, changes nothing)."""
+    results = []
+    for L in (8192, 32768):
+        for lq in (1, 16):
+            q = torch.randn(B, HQ, lq, E, device=device, dtype=torch.bfloat16)
+            k, v = (torch.randn(B, HKV, L, E, device=device, dtype=torch.bfloat16) for _ in range(2))
+            cells = _sweep_cells(q, k, v, _plan(None, None, lq, L, device))
+            results.append({"row": f"sweep KV {L // 1024}k Lq{lq} noop (TB/s)", **cells})
+            text = " | ".join(f"{name} {value}" for name, value in cells.items())
+            print(f"sweep KV {L // 1024}k Lq{lq} TB/s | {text}", flush=True)
+    return results
+
+
+def _sweep_cells(q, k, v, plan) -> dict:
+    from flexattn.kernels.decode import flex_decode
+    from flexattn.kernels.kernel_choice import DecodeTiles, decode_tiles
+
+    lq, L = q.shape[2], k.shape[2]
+    auto = decode_tiles(pack=HQ // HKV, q_len=lq, head_dim=E, v_head_dim=E, dtype=q.dtype, q_block=None,
+                        kv_block=None, capability=torch.cuda.get_device_capability())  # fmt: skip
+    configs = [(f"splits {s}", s, None) for s in SWEEP_SPLITS]
+    configs += [(f"tiles {auto.BLOCK_M}x{n} w{w} s{st}", None, DecodeTiles(auto.BLOCK_M, n, w, st))
+                for n, w, st in SWEEP_TILES]  # fmt: skip
+    cells = {}
+    for name, splits, tiles in configs:
+
+        def call(splits=splits, tiles=tiles):
+            return flex_decode(q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=None,
+                               scale=plan.scale, splits=splits, tiles=tiles)  # fmt: skip
+
+        try:
+            ms, _ = bench(call)
+            cells[name] = round(2 * B * L * HKV * E * q.element_size() / (ms * 1e-3) / 1e12, 3)
+        except Exception as err:  # noqa: BLE001 (a configuration that does not fit: say so, keep going)
+            cells[name] = type(err).__name__
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dry-run", action="store_true", help="list rows and kernel choices, launch nothing")
     parser.add_argument("--json", help="write the results here (rewritten after every row)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the split / tile sweep at the end")
     args = parser.parse_args()
     if args.dry_run:
         dry_run()
@@ -285,6 +333,11 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
         torch.cuda.empty_cache()
+    if not args.no_sweep:
+        results += sweep(device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
     print(f"total {time.time() - start:.0f} s")
 
 
