@@ -80,3 +80,24 @@ def test_decode_causal_alibi_ragged(lq):
         )
         assert_close_to_gold(lse[b : b + 1], gold.lse[:, :, n - lq :], eager.lse[:, :, n - lq :],
                              name=f"lse b{b}")  # fmt: skip
+
+
+def test_decode_replays_in_a_cuda_graph():
+    """A decode call with per-sequence positions is capturable (no host sync) and replays what it
+    computes eagerly, for new cache contents and new lengths written into the same tensors."""
+    q, k, v = _qkv(4)
+    lengths = torch.tensor([8192, 17, 4000, 5, 8191, 300, 6000, 128], dtype=torch.int32, device="cuda")
+    positions = Positions(q_offset=lengths - 4, kv_lengths=lengths)
+    plan = plan_attention(
+        None, None, 4, L, 1 / math.sqrt(E), KernelOptions(BACKEND="TRITON"), q.device, q.dtype
+    )
+    plan.forward(q, k, v, positions=positions)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured, _, _ = plan.forward(q, k, v, positions=positions)
+    q.normal_(), k.normal_(), v.normal_()
+    lengths.copy_(torch.tensor([100, 8192, 5, 4000, 17, 8191, 128, 300], dtype=torch.int32))
+    positions.q_offset.copy_(lengths - 4)
+    graph.replay()
+    eager, _, _ = plan.forward(q, k, v, positions=positions)
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)
