@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from flexattn.block_mask import BlockMask
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
@@ -72,6 +73,8 @@ def run_attention(
     scale: float,
     options: KernelOptions,
     backend: str,
+    *,
+    kv_pages: PagedKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
@@ -81,11 +84,15 @@ def run_attention(
         score_mod: the user's score_mod, or None for the identity.
         block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device, or None (attend everywhere).
         scale: finite float. options: validated KernelOptions.
+        kv_pages: key / value are paged caches (1, Hkv, rows, E) read through this page table
+            (``flexattn.paged``; inference only), or None. The reference backend gathers them.
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
     if backend == "REFERENCE":
+        if kv_pages is not None:  # the oracle gathers the pages; the kernels read them in place
+            key, value = kv_pages.gather(key), kv_pages.gather(value)
         return reference_attention(query, key, value, score_mod, block_mask, scale)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options)
+    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options, kv_pages=kv_pages)

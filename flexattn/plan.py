@@ -22,6 +22,7 @@ from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.forward import flex_forward
 from flexattn.kernels.mods import KernelMod
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tiles import Tiles, forward_tiles
 from flexattn.options import KernelOptions
 
@@ -35,12 +36,13 @@ class AttentionPlan:
     tables: BlockTables
     scale: float
     options: KernelOptions
+    kv_pages: PagedKV | None = None  # key / value are paged caches read through this table (forward only)
 
     def forward(self, query, key, value, *, tiles: Tiles | None = None):
         """``(out, lse, max_scores)`` from the forward kernel; ``tiles`` overrides its launch choice."""
         return flex_forward(
             query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod, tables=self.tables,
-            scale=self.scale, options=self.options, tiles=tiles,
+            scale=self.scale, options=self.options, tiles=tiles, paged=self.kv_pages,
         )  # fmt: skip
 
     def backward(
@@ -48,6 +50,8 @@ class AttentionPlan:
     ):
         """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``.
         ``tiles`` overrides the launch choice (``benchmarks/sweep_tiles.py``)."""
+        if self.kv_pages is not None:
+            raise ValueError("Paged KV caches are inference only: there is no backward over them.")
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
             tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
@@ -104,10 +108,13 @@ def plan_attention(
     options: KernelOptions,
     device: torch.device,
     dtype: torch.dtype | None = None,
+    *,
+    kv_pages: PagedKV | None = None,
 ) -> AttentionPlan:
     """Compile the mods for ``device`` (cached by structure) and bundle them with the block tables.
 
     ``dtype`` (the inputs'): fp16/bf16 allow ``options.fast_math`` (hardware tanh in the score mod).
+    ``kv_pages``: the keys / values are paged caches (``kv_len`` is then the logical length).
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
@@ -116,4 +123,5 @@ def plan_attention(
     """
     score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
     mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
-    return AttentionPlan(score, mask, block_tables(block_mask, q_len, kv_len, device), scale, options)
+    tables = block_tables(block_mask, q_len, kv_len, device)
+    return AttentionPlan(score, mask, tables, scale, options, kv_pages)

@@ -79,3 +79,63 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
         tile = load_tile(src + start.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
+
+
+# fmt: off
+@triton.jit
+def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+                       PAGE: tl.constexpr):  # fmt: on
+    """The K or V tile of *logical* rows ``[start, start + BLOCK)``, read through a page table.
+
+    Logical row r of the sequence lives at physical row ``pages[r // PAGE] * PAGE + r % PAGE`` of the
+    cache; ``pages`` points at the sequence's page-table row (int32, -1 where no page is reserved: those
+    rows read page 0 and must be masked by the caller, as the converted block mask does). Zero beyond
+    LEN (with CHECK_ROWS) and D, like :func:`load_kv_tile`, whose contiguous path this replaces.
+
+    A tile inside one page (PAGE a multiple of BLOCK; tiles start at multiples of BLOCK) is one
+    contiguous run of rows: one page lookup, then the contiguous load (or a TMA load with USE_TMA:
+    ``src`` is then a descriptor over the cache (1, HKV, N_PAGES * PAGE, D), whose rows past LEN are
+    read from the page, not zeroed). A tile spanning several pages loads per-row addresses.
+    Without USE_TMA ``src`` points at head hk of the cache and ``strides`` are (position, feature).
+    """
+    if PAGE % BLOCK == 0:
+        page = tl.load(pages + tl.minimum(start, LEN - 1) // PAGE)  # (start may pass LEN in a tail block)
+        first = tl.maximum(page, 0) * PAGE + start % PAGE
+        if USE_TMA:
+            tile = src.load([0, hk, first, 0]).reshape(BLOCK, D_PAD)
+        else:
+            tile = load_tile(src + first.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
+                             strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D_PAD)
+        if CHECK_ROWS:
+            page = tl.load(pages + rows // PAGE, mask=rows < LEN, other=0)
+        else:
+            page = tl.load(pages + rows // PAGE)
+        physical = (tl.maximum(page, 0) * PAGE + rows % PAGE).to(tl.int64)
+        ptrs = src + physical[:, None] * strides[0] + cols[None, :] * strides[1]
+        if CHECK_ROWS and D != D_PAD:
+            tile = tl.load(ptrs, mask=(rows[:, None] < LEN) & (cols[None, :] < D), other=0.0)
+        elif CHECK_ROWS:
+            tile = tl.load(ptrs, mask=rows[:, None] < LEN, other=0.0)
+        elif D != D_PAD:
+            tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+# fmt: off
+@triton.jit
+def load_kv(src, pages, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+            CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
+    """A K or V tile from either source: contiguous (PAGE == 0, :func:`load_kv_tile`; ``pages``
+    unused) or paged (:func:`load_paged_kv_tile`; ``src`` at head hk of the cache, or its descriptor)."""
+    if PAGE == 0:
+        tile = load_kv_tile(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
+    else:
+        tile = load_paged_kv_tile(src, pages, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA,
+                                  PAGE)
+    return tile
