@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from flexattn.block_mask import BlockMask
-from flexattn.kernels.paged_kv import PagedKV
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
+
+if TYPE_CHECKING:
+    from flexattn.kernels.paged_kv import PagedKV  # (the kernels load on first use)
 
 
 def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dtype | None = None) -> str:
