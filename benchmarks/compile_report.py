@@ -12,6 +12,7 @@ driver and ``JITFunction.run``), checked against Triton 3.6.
     python benchmarks/compile_report.py                                  # backward, E128, noop
     python benchmarks/compile_report.py --pass forward --head-dim 64 --variant causal
     python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
+    python benchmarks/compile_report.py --pass forward --paged 16                # K/V through a page table
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.kernels import backward, forward
 from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.options import KernelOptions
 
 H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
@@ -84,10 +86,19 @@ def compile_only(compiled: list):
         driver._active = previous
 
 
-def compile_kernels(which: str, head_dim: int, variant: str, options: dict, length: int = 512) -> list:
-    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel)."""
+def compile_kernels(
+    which: str, head_dim: int, variant: str, options: dict, length: int = 512, page: int = 0
+) -> list:
+    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel).
+    ``page`` > 0: the forward reads K/V from a paged cache of that page size."""
     B, H = 1, 2
     q, k, v = (torch.randn(B, H, length, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    paged = None
+    if page:
+        if which != "forward":
+            raise SystemExit("--paged compiles the forward pass only (paged caches are inference only)")
+        table = torch.arange(length // page, dtype=torch.int32).flip(0)[None]  # (1, pages)
+        paged = PagedKV(table, page, length)
     mask = create_block_mask(VARIANTS[variant] or _always, None, None, length, length, device="cpu")
     opts = KernelOptions.from_user(options)
     compiled: list = []
@@ -102,7 +113,7 @@ def compile_kernels(which: str, head_dim: int, variant: str, options: dict, leng
             "target": H100,
         }
         if which == "forward":
-            forward.flex_forward(q, k, v, tables=mask.tables(), **common)
+            forward.flex_forward(q, k, v, tables=mask.tables(), paged=paged, **common)
         else:
             lse = torch.zeros(B, H, length)
             backward.flex_backward(q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), **common)
@@ -169,11 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="noop")
     parser.add_argument("--options", type=json.loads, default={}, help="kernel_options as JSON")
     parser.add_argument("--sass-dir", type=Path, help="also write each kernel's SASS here")
+    parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="forward over a paged cache")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_report.py compiles real kernels: unset TRITON_INTERPRET to run it.")
     rows = []
-    for name, kernel in compile_kernels(args.which, args.head_dim, args.variant, args.options):
+    kernels = compile_kernels(args.which, args.head_dim, args.variant, args.options, page=args.paged)
+    for name, kernel in kernels:
         row = {"kernel": name, **resources(kernel), "loops": sass_loops(kernel, args.sass_dir, name)}
         rows.append(row)
         spills = f"{row['spill_stores']}/{row['spill_loads']}"
