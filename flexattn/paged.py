@@ -259,7 +259,8 @@ class PagedAttention:
             blocks only partly live are partial, and its mask_mod adds "the key exists".
             Pass it with the caches: ``flex_attention(q, k_cache, v_cache, block_mask=...)``.
 
-        Runs on the device without host synchronisation (the page table is read there).
+        The block lists are computed on the device; the one host synchronisation, the range check
+        of ``batch_idx``, is skipped while a CUDA graph is being captured.
         """
         q_len, kv_len_max = block_mask.seq_lengths
         q_block, kv_block = block_mask.BLOCK_SIZE
@@ -351,7 +352,8 @@ class PagedAttention:
             )
 
     def _check_batches(self, batch_idx: torch.Tensor, what: str) -> None:
-        if batch_idx.numel() and not torch.compiler.is_compiling():
+        capturing = batch_idx.is_cuda and torch.cuda.is_current_stream_capturing()
+        if batch_idx.numel() and not capturing and not torch.compiler.is_compiling():
             lo, hi = int(batch_idx.min()), int(batch_idx.max())
             for b in (lo, hi):
                 self._check_batch(b, what)

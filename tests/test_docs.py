@@ -30,6 +30,7 @@ PYTHON_BLOCKS = {
     "docs/debugging.md": 6,
     "docs/kernel_options.md": 1,
     "docs/learnable_bias.md": 2,
+    "docs/paged_kv.md": 1,
     "docs/programming_model.md": 1,
     "docs/variants.md": 12,
 }
