@@ -32,7 +32,7 @@ from flexattn.kernels.device import (
     tma_compatible,
 )
 from flexattn.kernels.paged_kv import PagedKV
-from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
     TileCache,
     Tiles,
@@ -47,18 +47,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 # fmt: off
 @triton.jit
-def _qk_tile(q, k_src, pages, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
+def _qk_tile(q, k_src, kv_rows, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
              BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
              PAGE: tl.constexpr):
-    """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n."""
-    k = load_kv(k_src, pages, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
+    """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n (paged: at kv_rows)."""
+    k = load_kv(k_src, kv_rows, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
     return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
-    qk, v_src, pages, start_n, q_idx, b, h, hk,      # this tile: raw q.k^T, V source, page row, first key
+    qk, v_src, kv_rows, start_n, q_idx, b, h, hk,    # this tile: raw q.k^T, V source, paged rows, first key
     v_strides, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     IS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
@@ -100,7 +100,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
-    v = load_kv(v_src, pages, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
+    v = load_kv(v_src, kv_rows, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -168,25 +168,28 @@ def _flex_forward_kernel(
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
             start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
             start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0
-            qk = _qk_tile(q, k_src, pages, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
+            kv_rows = paged_rows(pages, start_n, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+            qk = _qk_tile(q, k_src, kv_rows, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
                           DOT_PRECISION, PAGE)
         for tile in tl.range(0, num_tiles, warp_specialize=WARP_SPECIALIZE):
             if PIPELINE_QK:
                 start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), 1,
                                                KV_BLOCK, BLOCK_N)
-                qk_next = _qk_tile(q, k_src, pages, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N,
+                rows_next = paged_rows(pages, start_next, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+                qk_next = _qk_tile(q, k_src, rows_next, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N,
                                    CHECK_N, USE_TMA, DOT_PRECISION, PAGE)
             else:
                 start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
-                qk = _qk_tile(q, k_src, pages, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
+                kv_rows = paged_rows(pages, start_n, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+                qk = _qk_tile(q, k_src, kv_rows, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
                               DOT_PRECISION, PAGE)
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, qk, v_src, pages, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
+                acc, l_i, m_i, qk, v_src, kv_rows, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 1, CHECK_N, ROWS_SAFE, USE_TMA,
                 EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
             )
             if PIPELINE_QK:
-                qk, start_n = qk_next, start_next
+                qk, start_n, kv_rows = qk_next, start_next, rows_next
 
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
     if SCORE_IS_IDENTITY:

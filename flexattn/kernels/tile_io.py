@@ -83,43 +83,61 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
 
 # fmt: off
 @triton.jit
-def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr,
-                       BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
-                       PAGE: tl.constexpr):  # fmt: on
-    """The K or V tile of *logical* rows ``[start, start + BLOCK)``, read through a page table.
+def paged_rows(pages, start, LEN, BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
+    """Where the *logical* rows ``[start, start + BLOCK)`` of a paged K/V cache live: computed once per
+    tile and shared by its K and V loads (:func:`load_kv`).
 
-    Logical row r of the sequence lives at physical row ``pages[r // PAGE] * PAGE + r % PAGE`` of the
-    cache; ``pages`` points at the sequence's page-table row (int32, -1 where no page is reserved: those
-    rows read page 0 and must be masked by the caller, as the converted block mask does). Zero beyond
-    LEN (with CHECK_ROWS) and D, like :func:`load_kv_tile`, whose contiguous path this replaces.
-
-    A tile inside one page (PAGE a multiple of BLOCK; tiles start at multiples of BLOCK) is one
-    contiguous run of rows: one page lookup, then the contiguous load (or a TMA load with USE_TMA:
-    ``src`` is then a descriptor over the cache (1, HKV, N_PAGES * PAGE, D), whose rows past LEN are
-    read from the page, not zeroed). A tile spanning several pages loads per-row addresses.
-    Without USE_TMA ``src`` points at head hk of the cache and ``strides`` are (position, feature).
+    Logical row r is physical row ``pages[r // PAGE] * PAGE + r % PAGE``; ``pages`` points at the
+    sequence's page-table row (int32, -1 where no page is reserved: those rows read page 0 and must
+    be kept out of the softmax by the caller, as the converted block mask does). Returns the first
+    physical row (a scalar) when the tile sits in one page (PAGE a multiple of BLOCK; tiles start at
+    multiples of BLOCK), else the (BLOCK,) physical rows; ``start`` itself when PAGE == 0 (contiguous).
     """
-    if PAGE % BLOCK == 0:
+    if PAGE == 0:
+        rows = start
+    elif PAGE % BLOCK == 0:
         page = tl.load(pages + tl.minimum(start, LEN - 1) // PAGE)  # (start may pass LEN in a tail block)
-        first = tl.maximum(page, 0) * PAGE + start % PAGE
-        if USE_TMA:
-            tile = src.load([0, hk, first, 0]).reshape(BLOCK, D_PAD)
+        rows = tl.maximum(page, 0) * PAGE + start % PAGE
+    else:
+        logical = start + tl.arange(0, BLOCK)
+        if CHECK_ROWS:
+            page = tl.load(pages + logical // PAGE, mask=logical < LEN, other=0)
         else:
-            tile = load_tile(src + first.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
+            page = tl.load(pages + logical // PAGE)
+        rows = tl.maximum(page, 0) * PAGE + logical % PAGE
+    return rows
+
+
+# fmt: off
+@triton.jit
+def load_kv(src, rows, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+            CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
+    """The (BLOCK, D_PAD) K or V tile of logical rows ``[start, start + BLOCK)`` from either source,
+    zero beyond LEN (with CHECK_ROWS) and D.
+
+    PAGE == 0: contiguous, :func:`load_kv_tile` (``rows`` unused). PAGE > 0: a paged cache
+    (1, HKV, N_PAGES * PAGE, D) at the physical ``rows`` from :func:`paged_rows`; ``src`` points at head
+    hk of the cache with ``strides`` (position, feature), or with USE_TMA is a descriptor over the whole
+    cache (only for tiles inside one page; its rows past LEN come from the page and are not zeroed:
+    the caller masks their scores, and their values meet p = 0). A tile spanning pages loads per-row
+    addresses.
+    """
+    if PAGE == 0:
+        tile = load_kv_tile(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
+    elif PAGE % BLOCK == 0:
+        if USE_TMA:
+            tile = src.load([0, hk, rows, 0]).reshape(BLOCK, D_PAD)
+        else:
+            tile = load_tile(src + rows.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
                              strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     else:
-        rows = start + tl.arange(0, BLOCK)
+        logical = start + tl.arange(0, BLOCK)
         cols = tl.arange(0, D_PAD)
-        if CHECK_ROWS:
-            page = tl.load(pages + rows // PAGE, mask=rows < LEN, other=0)
-        else:
-            page = tl.load(pages + rows // PAGE)
-        physical = (tl.maximum(page, 0) * PAGE + rows % PAGE).to(tl.int64)
-        ptrs = src + physical[:, None] * strides[0] + cols[None, :] * strides[1]
+        ptrs = src + rows.to(tl.int64)[:, None] * strides[0] + cols[None, :] * strides[1]
         if CHECK_ROWS and D != D_PAD:
-            tile = tl.load(ptrs, mask=(rows[:, None] < LEN) & (cols[None, :] < D), other=0.0)
+            tile = tl.load(ptrs, mask=(logical[:, None] < LEN) & (cols[None, :] < D), other=0.0)
         elif CHECK_ROWS:
-            tile = tl.load(ptrs, mask=rows[:, None] < LEN, other=0.0)
+            tile = tl.load(ptrs, mask=logical[:, None] < LEN, other=0.0)
         elif D != D_PAD:
             tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
         else:
@@ -129,13 +147,11 @@ def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_P
 
 # fmt: off
 @triton.jit
-def load_kv(src, pages, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-            CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
-    """A K or V tile from either source: contiguous (PAGE == 0, :func:`load_kv_tile`; ``pages``
-    unused) or paged (:func:`load_paged_kv_tile`; ``src`` at head hk of the cache, or its descriptor)."""
-    if PAGE == 0:
-        tile = load_kv_tile(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
-    else:
-        tile = load_paged_kv_tile(src, pages, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA,
-                                  PAGE)
-    return tile
+def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+                       PAGE: tl.constexpr):  # fmt: on
+    """:func:`load_kv_tile` for a paged cache in one call (``pages``: the sequence's page-table row):
+    :func:`paged_rows`, then :func:`load_kv`. Kernels loading K and V of one tile share the rows
+    instead."""
+    rows = paged_rows(pages, start, LEN, BLOCK, CHECK_ROWS, PAGE)
+    return load_kv(src, rows, 0, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA, PAGE)
