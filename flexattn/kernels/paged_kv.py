@@ -55,6 +55,13 @@ class PagedKV:
                     f"The paged {name} cache must be (1, Hkv, n_pages * page_size, E) with page_size="
                     f"{self.page_size}, got {tuple(cache.shape)}"
                 )
+        for name, cache in (("key", k_cache), ("value", v_cache)):
+            last = (cache.shape[2] - 1) * cache.stride(2) + (cache.shape[3] - 1) * cache.stride(3)
+            if last >= 2**31:  # the tile loader addresses rows within a head with int32 offsets
+                raise ValueError(
+                    f"The paged {name} cache spans {last + 1} elements within one head (strides "
+                    f"{cache.stride()}), more than 2**31: split it into several caches"
+                )
         if k_cache.shape[1:3] != v_cache.shape[1:3]:
             raise ValueError(
                 f"The key and value caches must share (Hkv, rows), got {tuple(k_cache.shape)} and "
