@@ -31,7 +31,7 @@ zeros: as with a contiguous cache, masked keys of a visited tile still pass thro
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,19 @@ class PagedBlockMask(BlockMask):
     paged caches as key / value to :func:`flexattn.flex_attention`."""
 
     kv_pages: PagedKV | None = None
+
+    def to(self, device: torch.device | str) -> PagedBlockMask:
+        """A copy with every tensor, the page table too, on ``device``."""
+        moved = super().to(device)
+        pages = self.kv_pages
+        moved.kv_pages = None if pages is None else replace(pages, page_table=pages.page_table.to(device))
+        return moved
+
+    def __getitem__(self, index):
+        raise ValueError(
+            "A PagedBlockMask is bound to the page-table rows of its batch: slice the logical mask, then "
+            "convert the slice with PagedAttention.convert_logical_block_mask(mask, batch_idx)."
+        )
 
 
 class PagedAttention:

@@ -241,6 +241,16 @@ def test_converted_mask_keeps_live_blocks_only():
     assert mask.kv_pages.page_table.dtype == torch.int32 and mask.kv_pages.kv_len == 128
 
 
+def test_paged_mask_moves_with_its_table_and_refuses_slicing():
+    paged = PagedAttention(4, 16, 2, device="cpu")
+    paged.reserve(0, 20)
+    logical = create_block_mask(lambda b, h, i, j: i >= j, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    mask = paged.convert_logical_block_mask(logical, torch.arange(2)).to("cpu")
+    assert mask.kv_pages.page_table.device.type == "cpu" and mask.kv_pages.page_size == 16
+    with pytest.raises(ValueError, match="slice the logical mask, then convert the slice"):
+        mask[0]
+
+
 # ---- drop-in for PyTorch's PagedAttention -------------------------------------------------------------
 
 
