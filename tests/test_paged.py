@@ -91,10 +91,13 @@ def alibi(score, b, h, q_idx, kv_idx):
     return score - (h + 1) * 0.125 * (q_idx - kv_idx).abs()
 
 
-def check_paged_call(case, q, mask_mod, score_mod, blocks, q_len, backend="TRITON", scale=None):
+def check_paged_call(
+    case, q, mask_mod, score_mod, blocks, q_len, backend="TRITON", scale=None, per_head=False
+):
     """flex_attention over the paged cache vs the reference over the contiguous keys."""
     B, Lkv = q.shape[0], case.k.shape[2]
-    logical = create_block_mask(mask_mod, B, None, q_len, Lkv, device=q.device, BLOCK_SIZE=blocks)
+    H = q.shape[1] if per_head else None
+    logical = create_block_mask(mask_mod, B, H, q_len, Lkv, device=q.device, BLOCK_SIZE=blocks)
     mask = case.paged.convert_logical_block_mask(logical, torch.arange(B, device=q.device), case.lengths)
     out, lse = flex_attention(
         q, case.k_cache, case.v_cache, score_mod=score_mod, block_mask=mask, scale=scale,
@@ -106,7 +109,7 @@ def check_paged_call(case, q, mask_mod, score_mod, blocks, q_len, backend="TRITO
     def contiguous_mask(b, h, q_idx, kv_idx):
         return mask_mod(b, h, q_idx, kv_idx) & (kv_idx < lengths[b])
 
-    dense = create_block_mask(contiguous_mask, B, None, q_len, Lkv, device=q.device, BLOCK_SIZE=blocks)
+    dense = create_block_mask(contiguous_mask, B, H, q_len, Lkv, device=q.device, BLOCK_SIZE=blocks)
     gold = reference_attention(q.double(), case.k.double(), case.v.double(), score_mod, dense, scale)
     eager = reference_attention(q, case.k, case.v, score_mod, dense, scale, compute_dtype=q.dtype)
     assert_close_to_gold(out, gold[0], eager[0], name="out")
@@ -154,6 +157,21 @@ def test_chunked_prefill_and_decode_read_the_cache_at_an_offset(page):
         offset = Lkv - q_len  # these queries are the last rows of the longest sequence
         q = torch.randn(len(lengths), 2, q_len, 32)
         check_paged_call(case, q, causal_from(offset), alibi, (32, max(page, 32)), q_len)
+
+
+@interpreted
+@pytest.mark.parametrize("page", [16, 64])
+def test_per_head_masks_and_an_empty_sequence(page):
+    """A mask per query head (a window growing with h) over GQA, and a sequence with no keys yet
+    (its rows give out = 0, lse = -inf)."""
+    case = make_paged((0, 77, 130), page, Hkv=2, E=16, Ev=16, dtype=torch.float32)
+    q = torch.randn(3, 4, 40, 16)
+
+    def window_per_head(b, h, q_idx, kv_idx):
+        return (q_idx + 90 >= kv_idx) & (q_idx + 90 - kv_idx < 24 * (h + 1))
+
+    out = check_paged_call(case, q, window_per_head, None, (32, 64), 40, per_head=True)
+    assert bool((out[0] == 0).all())
 
 
 @interpreted
