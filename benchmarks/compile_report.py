@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import jit as triton_jit
 
 import flexattn.compiler as mod_compiler
+import flexattn.variants as variants
 from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.kernels import backward, forward
@@ -41,9 +42,11 @@ from flexattn.options import KernelOptions
 
 H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-VARIANTS = {
-    "noop": None,
-    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+VARIANTS = {  # name -> (mask_mod, score_mod builder taking the head count)
+    "noop": (None, None),
+    "causal": (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None),
+    "alibi": (None, lambda heads: variants.alibi(heads, device="cpu")),
+    "softcap": (None, lambda heads: variants.tanh_softcap(30.0)),
 }
 
 
@@ -88,12 +91,14 @@ def compile_kernels(which: str, head_dim: int, variant: str, options: dict, leng
     """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel)."""
     B, H = 1, 2
     q, k, v = (torch.randn(B, H, length, head_dim, dtype=torch.bfloat16) for _ in range(3))
-    mask = create_block_mask(VARIANTS[variant] or _always, None, None, length, length, device="cpu")
+    mask_fn, score_builder = VARIANTS[variant]
+    mask = create_block_mask(mask_fn or _always, None, None, length, length, device="cpu")
     opts = KernelOptions.from_user(options)
     compiled: list = []
     with compile_only(compiled):
-        score = mod_compiler.compile_score_mod(None, device="cpu", target="cuda")
-        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cpu", target="cuda")
+        score_fn = None if score_builder is None else score_builder(H)
+        score = mod_compiler.compile_score_mod(score_fn, device="cpu", target="cuda", fast_math=True)
+        mask_mod = mod_compiler.compile_mask_mod(mask_fn, device="cpu", target="cuda")
         common = {
             "score_mod": score,
             "mask_mod": mask_mod,

@@ -41,7 +41,7 @@ from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
-from flexattn.kernels.tile_io import load_tile, sparse_tile_start
+from flexattn.kernels.tile_io import load_tile, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
@@ -141,8 +141,8 @@ def _dkdv_step(
     delta = tl.load(DELTA + row0 + offs_m)
 
     # -- scores and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
-    q_idx = (offs_m % Q_LEN)[None, :]
-    kv_idx = (offs_n % KV_LEN)[:, None]
+    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[None, :]  # the modulo only where a tile can overhang
+    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[:, None]
     sT, pT = _probabilities(
         tl.dot(k, qT, input_precision=DOT_PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
@@ -276,8 +276,8 @@ def _dq_step(
                        KV_LEN - start_n, EV != EV_PAD, CHECK_N)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
-    q_idx = (offs_m % Q_LEN)[:, None]
-    kv_idx = (offs_n % KV_LEN)[None, :]
+    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[:, None]
+    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[None, :]
     s, p = _probabilities(
         tl.dot(q, kT, input_precision=DOT_PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,

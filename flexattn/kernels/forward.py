@@ -76,10 +76,7 @@ def _attend_tile(
         scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    if CHECK_N:
-        kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
-    else:
-        kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
+    kv_idx = wrap_index(kv_pos, KV_LEN, CHECK_N)[None, :]  # tail keys read in bounds; mask_tail drops them
     if not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if not IS_FULL:
