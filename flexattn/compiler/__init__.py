@@ -69,11 +69,11 @@ import os
 import torch
 
 from flexattn.compiler import cache, checks, interval_cache
+from flexattn.compiler.additive import additive_term, base2_bias
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.checks import check_mod
-from flexattn.compiler.additive import additive_term, base2_bias
 from flexattn.compiler.codegen import bias_function, forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import mod_key

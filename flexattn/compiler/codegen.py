@@ -75,7 +75,9 @@ def bias_function(graph: Graph, bias: int, target: str, name: str, fast_math: bo
     body = list(em.lines) + [f"out = {em.tensor(bias)}.to(tl.float32)"]
     body += _broadcast_to_tile(em, "out", bias, mask=True)
     body.append("return out")
-    return _function(name, "b, h, q_idx, kv_idx, caps", "Additive score mod's bias times log2(e) (generated).", body)
+    return _function(
+        name, "b, h, q_idx, kv_idx, caps", "Additive score mod's bias times log2(e) (generated).", body
+    )
 
 
 def gradient_function(
