@@ -47,7 +47,14 @@ VARIANTS = {  # name -> (mask_mod, score_mod builder taking the head count)
     "causal": (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None),
     "alibi": (None, lambda heads: variants.alibi(heads, device="cpu")),
     "softcap": (None, lambda heads: variants.tanh_softcap(30.0)),
+    "relbias": (None, lambda heads: _relative_bias(heads)),
 }
+
+
+def _relative_bias(heads: int, length: int = 512):
+    """A learnable relative-position table (heads, 2 * length - 1), as in bench_attention.py."""
+    table = torch.randn(heads, 2 * length - 1, requires_grad=True)
+    return lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + length - 1]
 
 
 class _StubDriver:
@@ -110,7 +117,10 @@ def compile_kernels(which: str, head_dim: int, variant: str, options: dict, leng
             forward.flex_forward(q, k, v, tables=mask.tables(), **common)
         else:
             lse = torch.zeros(B, H, length)
-            backward.flex_backward(q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), **common)
+            grads = tuple(torch.zeros(t.shape) for t in score.grad_captures)  # learnable captures' buffers
+            backward.flex_backward(
+                q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), grad_buffers=grads, **common
+            )
     return compiled
 
 

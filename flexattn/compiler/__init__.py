@@ -70,6 +70,7 @@ import torch
 
 from flexattn.compiler import cache, checks, interval_cache
 from flexattn.compiler.additive import additive_term, base2_bias
+from flexattn.compiler.analysis import M, N, tile_dims
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
@@ -310,9 +311,17 @@ def _kernel_mod(program: Program, device, fast_math: bool = False, target: str |
         name=program.name,
         trivial=_is_trivial(program),
         light=_is_light(program, entry.grad_slots),
+        tile_gathers=_gathers_per_score(program),
         grad_slots=entry.grad_slots if program.kind == "score" else (),
     )
     return bind_captures(template, tuple(program.graph.captures), check=False)
+
+
+def _gathers_per_score(program: Program) -> bool:
+    """Whether the mod loads a captured tensor at an index varying along both tile axes."""
+    dims = tile_dims(program.graph)
+    live = program.graph.live([program.output])
+    return any(program.graph.nodes[i].op == "load" and dims[i] == {M, N} for i in live)
 
 
 def _is_trivial(program: Program) -> bool:

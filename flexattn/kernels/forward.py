@@ -304,7 +304,18 @@ def flex_forward(
     )
     if tiles is None:
         tiles = choose_tiles(
-            q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial
+            q,
+            E,
+            Ev,
+            Lq,
+            Lkv,
+            q_block,
+            kv_block,
+            options,
+            launch,
+            target,
+            not mask_mod.trivial,
+            score_mod.tile_gathers or mask_mod.tile_gathers,
         )
     fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
     launch_within_resources(launch, tiles, fit_key, user_set)
@@ -341,7 +352,18 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
 
 
 def choose_tiles(
-    q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True
+    q,
+    E,
+    Ev,
+    Lq,
+    Lkv,
+    q_block,
+    kv_block,
+    options,
+    launch,
+    target: DeviceLimits,
+    masked=True,
+    tile_gathers=False,
 ) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
     capability, smem = target.capability, target.shared_memory
@@ -357,6 +379,7 @@ def choose_tiles(
         shared_memory_limit=smem,
         options=options,
         masked=masked,
+        tile_gathers=tile_gathers,
     )
     if not getattr(options, "autotune", False) or capability is None:
         return tiles

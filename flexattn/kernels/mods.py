@@ -62,6 +62,9 @@ class KernelMod:
         grad_slots: the indices into ``captures`` of ``grad_captures``.
         bias_fn: additive score mods only: the ``@triton.jit`` base-2 bias ``(b, h, q_idx, kv_idx,
             SCORE_ARGS) -> f * log2(e)`` the kernels fold into their exp2 argument, else None.
+        tile_gathers: the mod reads a captured tensor at an index that varies along both tile axes
+            (a relative-position table ``t[h, q_idx - kv_idx]``): one 64-bit address per score, so
+            launchers pick smaller tiles (``kernels/tiles.py``).
     """
 
     fn: Any
@@ -75,6 +78,7 @@ class KernelMod:
     captures: tuple[torch.Tensor, ...] = ()
     grad_slots: tuple[int, ...] = ()
     bias_fn: Any = None
+    tile_gathers: bool = False
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""
