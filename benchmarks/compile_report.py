@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import jit as triton_jit
 
 import flexattn.compiler as mod_compiler
+import flexattn.variants as variants
 from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.kernels import backward, forward
@@ -43,10 +44,19 @@ from flexattn.options import KernelOptions
 
 H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-VARIANTS = {
-    "noop": None,
-    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+VARIANTS = {  # name -> (mask_mod, score_mod builder taking the head count)
+    "noop": (None, None),
+    "causal": (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None),
+    "alibi": (None, lambda heads: variants.alibi(heads, device="cpu")),
+    "softcap": (None, lambda heads: variants.tanh_softcap(30.0)),
+    "relbias": (None, lambda heads: _relative_bias(heads)),
 }
+
+
+def _relative_bias(heads: int, length: int = 512):
+    """A learnable relative-position table (heads, 2 * length - 1), as in bench_attention.py."""
+    table = torch.randn(heads, 2 * length - 1, requires_grad=True)
+    return lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + length - 1]
 
 
 class _StubDriver:
@@ -99,12 +109,14 @@ def compile_kernels(
             raise SystemExit("--paged compiles the forward pass only (paged caches are inference only)")
         table = torch.arange(length // page, dtype=torch.int32).flip(0)[None]  # (1, pages)
         paged = PagedKV(table, page, length)
-    mask = create_block_mask(VARIANTS[variant] or _always, None, None, length, length, device="cpu")
+    mask_fn, score_builder = VARIANTS[variant]
+    mask = create_block_mask(mask_fn or _always, None, None, length, length, device="cpu")
     opts = KernelOptions.from_user(options)
     compiled: list = []
     with compile_only(compiled):
-        score = mod_compiler.compile_score_mod(None, device="cpu", target="cuda")
-        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cpu", target="cuda")
+        score_fn = None if score_builder is None else score_builder(H)
+        score = mod_compiler.compile_score_mod(score_fn, device="cpu", target="cuda", fast_math=True)
+        mask_mod = mod_compiler.compile_mask_mod(mask_fn, device="cpu", target="cuda")
         common = {
             "score_mod": score,
             "mask_mod": mask_mod,
@@ -116,7 +128,10 @@ def compile_kernels(
             forward.flex_forward(q, k, v, tables=mask.tables(), paged=paged, **common)
         else:
             lse = torch.zeros(B, H, length)
-            backward.flex_backward(q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), **common)
+            grads = tuple(torch.zeros(t.shape) for t in score.grad_captures)  # learnable captures' buffers
+            backward.flex_backward(
+                q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), grad_buffers=grads, **common
+            )
     return compiled
 
 

@@ -68,6 +68,7 @@ class AttentionPlan:
             head_dim=E, v_head_dim=Ev, dtype=query.dtype, q_len=Lq, kv_len=Lkv, q_block=t.q_block,
             kv_block=t.kv_block, capability=target.capability, shared_memory_limit=target.shared_memory,
             options=self.options, masked=not self.mask_mod.trivial,
+            tile_gathers=self.score_mod.tile_gathers or self.mask_mod.tile_gathers,
         )  # fmt: skip
         bwd = choose_backward_tiles(
             E, Ev, query.dtype, t.q_block, t.kv_block, target.capability, self.options,

@@ -69,11 +69,13 @@ import os
 import torch
 
 from flexattn.compiler import cache, checks, interval_cache
+from flexattn.compiler.additive import additive_term, base2_bias
+from flexattn.compiler.analysis import M, N, tile_dims
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.checks import check_mod
-from flexattn.compiler.codegen import forward_function, gradient_function, module_source
+from flexattn.compiler.codegen import bias_function, forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import mod_key
 from flexattn.compiler.ir import capture_spec
@@ -261,10 +263,17 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
                 graph, output, gradient.dscore, list(gradient.captures), target, grad_name, fast_math
             )
         )
+    bias_name = None
+    term = additive_term(graph, output) if program.kind == "score" else None
+    if term is not None:
+        with_bias = graph.copy()  # the same capture slots, so the bias reads the score mod's caps
+        bias_name = f"{name}_bias"
+        functions.append(bias_function(with_bias, base2_bias(with_bias, term), target, bias_name, fast_math))
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)
     grad_fn = getattr(module, grad_name) if grad_name else None
-    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
+    bias_fn = getattr(module, bias_name) if bias_name else None
+    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path, bias_fn)
 
 
 def _compile(mod, kind: str, device, fast_math: bool = False, target: str | None = None) -> KernelMod:
@@ -298,12 +307,21 @@ def _kernel_mod(program: Program, device, fast_math: bool = False, target: str |
         fn=entry.fn,
         args=(),
         grad_fn=entry.grad_fn,
+        bias_fn=entry.bias_fn,
         name=program.name,
         trivial=_is_trivial(program),
         light=_is_light(program, entry.grad_slots),
+        tile_gathers=_gathers_per_score(program),
         grad_slots=entry.grad_slots if program.kind == "score" else (),
     )
     return bind_captures(template, tuple(program.graph.captures), check=False)
+
+
+def _gathers_per_score(program: Program) -> bool:
+    """Whether the mod loads a captured tensor at an index varying along both tile axes."""
+    dims = tile_dims(program.graph)
+    live = program.graph.live([program.output])
+    return any(program.graph.nodes[i].op == "load" and dims[i] == {M, N} for i in live)
 
 
 def _is_trivial(program: Program) -> bool:

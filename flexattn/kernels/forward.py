@@ -11,7 +11,8 @@ Glossary:
 Scores are kept in natural units for the mods and for max_scores; the softmax uses exp2 with
 log2(e) folded into one fused multiply-add per score. With an identity score mod (SCORE_IS_IDENTITY) the
 kernel keeps raw q.k and folds the scale into that multiply-add too, converting the row maxima to
-natural units once at the end.
+natural units once at the end. An additive score mod (SCORE_IS_ADDITIVE, ``score + f(b, h, q, kv)``)
+keeps base-2 scores ``qk * (scale * log2e) + BIAS_FN(...)`` (compiler/additive.py) and converts likewise.
 """
 
 from __future__ import annotations
@@ -63,26 +64,30 @@ def _attend_tile(
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     IS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i).
 
     SCORE_IS_IDENTITY (identity score mod, positive scale): scores and m_i stay in raw q.k units and the
-    scale folds into the base-2 multiplier, one multiply per score fewer.
+    scale folds into the base-2 multiplier, one multiply per score fewer. SCORE_IS_ADDITIVE (``score +
+    f(...)``): scores and m_i are in base 2, ``qk * (scale * log2e) + BIAS_FN(...)``, one FMA per score.
     """
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
     if SCORE_IS_IDENTITY:
         scores = qk
         to_base2 = scale * LOG2E
+    elif SCORE_IS_ADDITIVE:
+        scores = qk * (scale * LOG2E)
+        to_base2 = 1.0
     else:
         scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    if CHECK_N:
-        kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
-    else:
-        kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
-    if not SCORE_IS_IDENTITY:
+    kv_idx = wrap_index(kv_pos, KV_LEN, CHECK_N)[None, :]  # tail keys read in bounds; mask_tail drops them
+    if SCORE_IS_ADDITIVE:
+        scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
+    elif not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if not IS_FULL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
@@ -129,7 +134,8 @@ def _flex_forward_kernel(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -186,7 +192,7 @@ def _flex_forward_kernel(
             acc, l_i, m_i = _attend_tile(
                 acc, l_i, m_i, qk, v_src, kv_rows, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 1, CHECK_N, ROWS_SAFE, USE_TMA,
-                EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN, PAGE,
             )
             if PIPELINE_QK:
                 qk, start_n, kv_rows = qk_next, start_next, rows_next
@@ -194,6 +200,8 @@ def _flex_forward_kernel(
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
     if SCORE_IS_IDENTITY:
         m_i = m_i * scale  # back to natural units
+    elif SCORE_IS_ADDITIVE:
+        m_i = m_i * (1.0 / LOG2E)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -313,7 +321,7 @@ def flex_forward(
             ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
             PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
             DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
-            PAGE=page,
+            SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn, PAGE=page,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
@@ -323,7 +331,19 @@ def flex_forward(
     )
     if tiles is None:
         tiles = choose_tiles(
-            q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial, page
+            q,
+            E,
+            Ev,
+            Lq,
+            Lkv,
+            q_block,
+            kv_block,
+            options,
+            launch,
+            target,
+            not mask_mod.trivial,
+            score_mod.tile_gathers or mask_mod.tile_gathers,
+            page,
         )
     fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device, page)
     launch_within_resources(launch, tiles, fit_key, user_set)
@@ -360,7 +380,19 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
 
 
 def choose_tiles(
-    q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True, page=0
+    q,
+    E,
+    Ev,
+    Lq,
+    Lkv,
+    q_block,
+    kv_block,
+    options,
+    launch,
+    target: DeviceLimits,
+    masked=True,
+    tile_gathers=False,
+    page=0,
 ) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
     capability, smem = target.capability, target.shared_memory
@@ -376,6 +408,7 @@ def choose_tiles(
         shared_memory_limit=smem,
         options=options,
         masked=masked,
+        tile_gathers=tile_gathers,
     )
     if not getattr(options, "autotune", False) or capability is None:
         return tiles

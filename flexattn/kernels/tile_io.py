@@ -28,9 +28,15 @@ def sparse_tile_start(indices_ptr, tile, stride_index, SPARSE_BLOCK: tl.constexp
 
 
 @triton.jit
-def wrap_index(index, LEN):
-    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails."""
-    return index % LEN
+def wrap_index(index, LEN, CHECK: tl.constexpr = True):
+    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails.
+
+    Only where CHECK says a tile can overhang LEN; otherwise every position is in range and the
+    (integer-division) modulo is skipped.
+    """
+    if CHECK:
+        index = index % LEN
+    return index
 
 
 @triton.jit

@@ -102,12 +102,16 @@ def forward_tiles(
     shared_memory_limit: int | None,
     options,
     masked: bool = True,
+    tile_gathers: bool = False,
 ) -> Tiles:
     """Choose the forward launch configuration.
 
     ``capability`` is the CUDA compute capability, or None for the Triton interpreter.
     ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set).
     ``masked``: whether the mask_mod does element-wise work (False for an always-true mask).
+    ``tile_gathers``: a mod gathers one value per score (``KernelMod.tile_gathers``): BLOCK_M is
+    capped at 64, since 128 x 64 tiles spill the per-score addresses (compile_report ``--variant
+    relbias``: 472 bytes of spills at 128 x 64, none at 64 x 64).
     BLOCK_M must divide ``q_block`` and BLOCK_N must divide ``kv_block`` (one sparse block is then
     visited as whole tiles); defaults are shrunk to fit that, the sequence lengths and shared memory.
 
@@ -135,6 +139,9 @@ def forward_tiles(
     _check_user_tile("BLOCK_M", user_m, "Q_BLOCK", q_block)
     _check_user_tile("BLOCK_N", user_n, "KV_BLOCK", kv_block)
 
+    if tile_gathers and tiles.BLOCK_M > 64:
+        tiles = replace(tiles, BLOCK_M=64)
+        why.append("BLOCK_M 64: a mod gathers one value per score (its addresses spill at 128)")
     block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, _length_tile(q_len)))
     block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, _length_tile(kv_len)))
     if (block_m, block_n) != (tiles.BLOCK_M, tiles.BLOCK_N):
