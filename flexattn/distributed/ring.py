@@ -1,0 +1,279 @@
+"""Ring attention: attention over a sequence sharded across the ranks of a process group.
+
+Rank r holds the queries, keys and values of its plan segments. In N = world_size steps the K/V
+shards travel around the ring (step t holds rank (r - t)'s, received while step t - 1 computes);
+each step computes this rank's query segments against the visiting key segments with
+``flex_attention(..., return_lse=True)`` (mods at global positions, the global mask sliced), skipping
+pairs the mask never visits, and the partials merge exactly through their LSE.
+
+Backward (one ``torch.autograd.Function``, so every rank runs the same communication whatever it
+skipped): the gradients of each step's partials follow from those of the merged result
+(``merge.partial_grads``); ``torch.autograd.grad`` through the step's flex_attention calls gives dq,
+the captured-tensor gradients and the visiting shard's dK/dV, which are added to a dK/dV accumulator
+that travels the ring behind the K/V (received while the step computes) and arrives home after N hops.
+
+Memory: the forward keeps, for the backward, each computed pair's flex_attention graph — the
+visiting K/V (every rank's, i.e. the whole sequence's K/V on each rank over the steps) and the
+partial out / lse — plus the merged out in fp32. Inference (nothing requires grad) keeps nothing
+and holds at most two K/V shards at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flexattn.distributed.comm import RingComm
+from flexattn.distributed.merge import LseAccumulator, partial_grads
+from flexattn.distributed.shard_call import shard_call
+from flexattn.distributed.shard_mask import ShardedMask
+from flexattn.mod_eval import captured_grad_tensors
+
+
+@dataclass
+class RingStats:
+    """What a ring call computed: ``calls`` lists (step, q segment, kv segment) of each attention call."""
+
+    calls: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def ring_flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    sharded_mask: ShardedMask,
+    score_mod: Callable | None = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+    kernel_options: dict | None = None,
+    *,
+    group=None,
+    stats: RingStats | None = None,
+):
+    """``flex_attention`` over the sequence sharded by ``sharded_mask.plan``, exact.
+
+    Args:
+        query (B, Hq, L_r, E), key (B, Hkv, L_r, E), value (B, Hkv, L_r, Ev): this rank's rows
+            (``shard_sequence`` of the global tensors, L_r = plan.local_len(rank)).
+        sharded_mask: ``shard_block_mask(global_mask, plan, rank)`` for this rank of ``group``.
+        score_mod, scale, enable_gqa, kernel_options: as in ``flex_attention``; the mods see global
+            positions. Learnable tensors captured by score_mod get their (summed) local gradient:
+            all-reduce them across ranks like any parameter gradient.
+        return_lse: also return lse (B, Hq, L_r).
+        group: the process group (None: the default one); its size must be the plan's world size.
+        stats: a ``RingStats`` to record the calls in (tests, debugging).
+    Returns:
+        out (B, Hq, L_r, Ev) in query's dtype, and lse (fp32, fp64 for fp64 inputs) with ``return_lse``.
+    """
+    comm = RingComm(group)
+    _check(query, key, value, sharded_mask, comm)
+    ring = _Ring(
+        sharded_mask,
+        score_mod,
+        1.0 / math.sqrt(query.shape[-1]) if scale is None else scale,
+        enable_gqa,
+        kernel_options,
+        comm,
+        stats,
+    )
+    captures = captured_grad_tensors(score_mod) if score_mod is not None else []
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
+    if wants_grad:
+        out, lse = _RingAttention.apply(ring, query, key, value, *captures)
+    else:
+        with torch.no_grad():
+            out, lse, _ = ring.forward(query, key, value, keep_graph=False)
+    return (out, lse) if return_lse else out
+
+
+@dataclass
+class _Ring:
+    """The non-tensor parts of one ring call."""
+
+    mask: ShardedMask
+    score_mod: Callable | None
+    scale: float
+    enable_gqa: bool
+    kernel_options: dict | None
+    comm: RingComm
+    stats: RingStats | None
+
+    def kv_shape(self, t: torch.Tensor, step: int) -> torch.Size:
+        """Shape of the K (or V) shard held at ``step``: ``t``'s with the source rank's length."""
+        shape = list(t.shape)
+        shape[2] = self.mask.plan.local_len(self.mask.source(step))
+        return torch.Size(shape)
+
+    def forward(self, q, k, v, keep_graph: bool):
+        """Run the ring; returns out, lse and (with ``keep_graph``) the per-step graph for backward."""
+        segments = self.mask.plan.segments[self.mask.rank]
+        B, Hq, _, _ = q.shape
+        merged = [LseAccumulator((B, Hq, s.length, v.shape[-1]), q) for s in segments]
+        steps = []  # per step: (k leaf, v leaf, [(q segment, out_i, lse_i), ...])
+        q_in = q.detach().requires_grad_(q.requires_grad) if keep_graph else q
+        k_t, v_t = k, v
+        world = self.comm.world_size
+        for step in range(world):
+            transfer = None
+            if step + 1 < world:  # send on what we hold, receive the next shard, while computing
+                transfer = self.comm.start(
+                    [k_t, v_t], [self.kv_shape(k, step + 1), self.kv_shape(v, step + 1)]
+                )
+            if keep_graph:
+                k_in = k_t.detach().requires_grad_(k.requires_grad)
+                v_in = v_t.detach().requires_grad_(v.requires_grad)
+            else:
+                k_in, v_in = k_t, v_t
+            partials = []
+            for pair in self.mask.steps[step]:
+                if pair.call is None:
+                    continue
+                (qa, qb), (ka, kb) = pair.q_rows, pair.kv_rows
+                with torch.enable_grad() if keep_graph else torch.no_grad():
+                    out_i, lse_i = shard_call(
+                        q_in[:, :, qa:qb],
+                        k_in[:, :, ka:kb],
+                        v_in[:, :, ka:kb],
+                        self.score_mod,
+                        pair.call,
+                        self.scale,
+                        self.enable_gqa,
+                        self.kernel_options,
+                    )
+                merged[pair.q_segment].add(out_i.detach(), lse_i.detach())
+                if self.stats is not None:
+                    self.stats.calls.append((step, pair.q_segment, pair.kv_segment))
+                if keep_graph:
+                    partials.append((pair.q_segment, out_i, lse_i))
+            if keep_graph:
+                steps.append((k_in, v_in, partials))
+            if transfer is not None:
+                k_t, v_t = transfer.wait()
+        out = torch.cat([m.out for m in merged], dim=2)
+        lse = torch.cat([m.lse for m in merged], dim=2)
+        saved = _Saved(q_in, steps, [m.out for m in merged], [m.lse for m in merged]) if keep_graph else None
+        return out.to(q.dtype), lse, saved
+
+    def backward(self, saved: _Saved, d_out, d_lse, wants, captures, k, v):
+        """dq, dk, dv, d_captures (None where not wanted) for the merged result's gradients."""
+        segments = self.mask.plan.segments[self.mask.rank]
+        rows = _segment_rows(segments)
+        acc_dtype = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
+        dq = torch.zeros_like(saved.q, dtype=acc_dtype) if wants[0] else None
+        d_caps = [
+            torch.zeros_like(c, dtype=torch.float32 if c.dtype != torch.float64 else c.dtype)
+            if need
+            else None
+            for c, need in zip(captures, wants[3:])
+        ]
+        world = self.comm.world_size
+        acc, transfer = None, None
+        for step, (k_in, v_in, partials) in enumerate(saved.steps):
+            grads = self._step_grads(saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures)
+            g_q, g_k, g_v, g_caps = grads
+            if dq is not None and g_q is not None:
+                dq += g_q
+            for i, g in enumerate(g_caps):
+                if d_caps[i] is not None and g is not None:
+                    d_caps[i] += g
+            if step == 0:
+                acc = [
+                    torch.zeros(k_in.shape, dtype=acc_dtype, device=k.device),
+                    torch.zeros(v_in.shape, dtype=acc_dtype, device=v.device),
+                ]
+            else:
+                acc = transfer.wait()
+            for a, g in zip(acc, (g_k, g_v)):
+                if g is not None:
+                    a += g
+            if world > 1:  # the accumulator follows its shard to the next rank; the last hop takes it home
+                nxt = (step + 1) % world
+                transfer = self.comm.start(acc, [self.kv_shape(k, nxt), self.kv_shape(v, nxt)])
+        dk, dv = transfer.wait() if world > 1 else acc
+        return (
+            None if dq is None else dq.to(saved.q.dtype),
+            dk.to(k.dtype) if wants[1] else None,
+            dv.to(v.dtype) if wants[2] else None,
+            [None if g is None else g.to(c.dtype) for g, c in zip(d_caps, captures)],
+        )
+
+    def _step_grads(self, saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures):
+        """Gradients of one step's calls w.r.t. (q, visiting k, visiting v, captures)."""
+        leaves = [saved.q, k_in, v_in, *captures]
+        wrt = [t for t, need in zip(leaves, wants) if need]
+        outputs, upstream = [], []
+        for seg, out_i, lse_i in partials:
+            a, b = rows[seg]
+            g_out, g_lse = partial_grads(
+                out_i, lse_i, saved.out[seg], saved.lse[seg], d_out[:, :, a:b], d_lse[:, :, a:b]
+            )
+            for t, g in ((out_i, g_out), (lse_i, g_lse)):
+                if t.requires_grad:
+                    outputs.append(t)
+                    upstream.append(g)
+        got = iter(
+            torch.autograd.grad(outputs, wrt, upstream, allow_unused=True) if outputs else [None] * len(wrt)
+        )
+        grads = [next(got) if need else None for need in wants]
+        return grads[0], grads[1], grads[2], grads[3:]
+
+
+@dataclass
+class _Saved:
+    q: torch.Tensor  # the local query leaf of the steps' graphs
+    steps: list  # per step: (k leaf, v leaf, [(q segment, out_i, lse_i)])
+    out: list[torch.Tensor]  # merged out per q segment (fp32 / fp64)
+    lse: list[torch.Tensor]  # merged lse per q segment
+
+
+def _segment_rows(segments) -> list[tuple[int, int]]:
+    rows, offset = [], 0
+    for s in segments:
+        rows.append((offset, offset + s.length))
+        offset += s.length
+    return rows
+
+
+class _RingAttention(torch.autograd.Function):
+    """Inputs: the ring, q, k, v and the score_mod's learnable captured tensors."""
+
+    @staticmethod
+    def forward(ctx, ring: _Ring, q, k, v, *captures):
+        out, lse, saved = ring.forward(q, k, v, keep_graph=True)
+        ctx.ring, ctx.saved, ctx.captures = ring, saved, captures
+        ctx.kv_meta = (k.detach(), v.detach())
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        k, v = ctx.kv_meta
+        wants = ctx.needs_input_grad[1:]
+        dq, dk, dv, d_caps = ctx.ring.backward(ctx.saved, d_out, d_lse, wants, ctx.captures, k, v)
+        ctx.saved = None
+        return (None, dq, dk, dv, *d_caps)
+
+
+def _check(query, key, value, sharded_mask: ShardedMask, comm: RingComm) -> None:
+    if not isinstance(sharded_mask, ShardedMask):
+        raise TypeError(
+            "sharded_mask must be a ShardedMask from shard_block_mask(block_mask, plan, rank), "
+            f"got {type(sharded_mask).__name__}"
+        )
+    plan = sharded_mask.plan
+    if comm.world_size != plan.world_size or comm.rank != sharded_mask.rank:
+        raise ValueError(
+            f"sharded_mask is for rank {sharded_mask.rank} of {plan.world_size}, but this process is rank "
+            f"{comm.rank} of {comm.world_size} in the group: build it with shard_block_mask(mask, plan, "
+            f"{comm.rank}) from a plan for {comm.world_size} ranks"
+        )
+    local = plan.local_len(sharded_mask.rank)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4 or t.shape[2] != local:
+            raise ValueError(
+                f"{name} must be this rank's shard (B, H, {local}, E) (plan.local_len({sharded_mask.rank})), "
+                f"got shape {tuple(t.shape)}: pass shard_sequence(x, plan, rank, dim=2)"
+            )
