@@ -1,0 +1,48 @@
+"""ring_flex_attention on 2, 3 and 4 gloo ranks equals single-device flex_attention (float64, reference
+backend): out, lse, dq, dk, dv and a learnable captured table's gradient, for causal, document,
+sliding-window and padded-document masks, ALiBi and a relative-bias score_mod, every plan strategy.
+It makes exactly the calls the mask needs: pairs with no visited block are skipped.
+
+One spawn per world size runs all its cases (tests/distributed/ring_cases.py); a hang fails after
+the timeout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.ring_cases import CASES, run_cases
+from tests.distributed.spawn_ranks import run_ranks
+from tests.helpers import DEFAULT_FLOOR
+
+TOLERANCE = DEFAULT_FLOOR[torch.float64]
+CASES_PER_WORLD = {
+    2: list(CASES),
+    3: ["causal-zigzag", "causal-contiguous-bias", "document-balanced-alibi", "padded-documents-balanced"],
+    4: ["causal-zigzag", "document-zigzag-bias"],
+}
+MUST_SKIP = {"causal-contiguous-bias", "window-contiguous-alibi"}  # some (rank, step) pairs see nothing
+
+
+@pytest.mark.parametrize("world", sorted(CASES_PER_WORLD), ids=lambda w: f"ranks{w}")
+def test_ring_equals_single_device_and_skips_invisible_shards(world):
+    names = CASES_PER_WORLD[world]
+    per_rank = run_ranks(run_cases, world, names, timeout=240)
+    failures = []
+    for name in names:
+        results = [per_rank[rank][name] for rank in range(world)]
+        for rank, r in enumerate(results):
+            bad = {k: e for k, e in r["errors"].items() if not e <= TOLERANCE}
+            if bad:
+                failures.append(f"{name} rank {rank}: errors above {TOLERANCE}: {bad}")
+            if r["calls"] != r["expected_calls"]:
+                failures.append(f"{name} rank {rank}: calls {r['calls']} != mask's {r['expected_calls']}")
+        skipped = sum(r["pairs"] - len(r["calls"]) for r in results)
+        if name in MUST_SKIP and skipped == 0:
+            failures.append(f"{name}: no pair skipped")
+        if name.startswith("padded") and sum(r["empty_rows"] for r in results) == 0:
+            failures.append(f"{name}: no row without keys (lse -inf) was tested")
+        if "bias" in name and "dtable" not in results[0]["errors"]:
+            failures.append(f"{name}: the captured table's gradient was not compared")
+    assert not failures, "\n".join(failures)
