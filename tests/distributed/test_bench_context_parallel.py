@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_context_parallel.py"
@@ -11,6 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_context_para
 def test_dry_run_prints_the_plans(capsys):
     spec = importlib.util.spec_from_file_location("bench_context_parallel", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     module.main(["--dry-run", "--world-size", "4", "--tokens", "8192", "--mean-doc", "1024"])
     out = capsys.readouterr().out
