@@ -51,6 +51,9 @@ CASES = {
         Case("window-contiguous-alibi", "window", "alibi", "contiguous", block=32, L=256),
         Case("padded-documents-balanced", "padded_documents", "none", "balanced"),
         Case("full-zigzag-bias", "full", "bias", "zigzag", B=1, L=96),
+        Case(
+            "document-zigzag-bias-small", "document", "bias", "zigzag", B=1, Hq=2, Hkv=1, L=128, E=16, Ev=16
+        ),
     ]
 }
 
@@ -66,72 +69,110 @@ def _doc_ids(B: int, L: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def _mask_mod(case: Case, g: torch.Generator):
+def _mask_mod(case: Case, g: torch.Generator, device):
     if case.mask == "causal":
         return causal()
     if case.mask == "window":
         return sliding_window(40)
     if case.mask == "full":
         return lambda b, h, q_idx, kv_idx: q_idx >= 0
-    inner = document_mask(_doc_ids(case.B, case.L, g), causal())
+    inner = document_mask(_doc_ids(case.B, case.L, g).to(device), causal())
     if case.mask == "document":
         return inner
     # padding: the last 20-59 query rows of each batch row see nothing (out 0, lse -inf)
     valid = torch.arange(case.L)[None, :] < case.L - torch.randint(20, 60, (case.B, 1), generator=g)
+    valid = valid.to(device)
     return lambda b, h, q_idx, kv_idx: inner(b, h, q_idx, kv_idx) & valid[b, q_idx]
 
 
-def _score_mod(case: Case, g: torch.Generator):
+def _score_mod(case: Case, table: torch.Tensor | None):
     if case.score == "none":
-        return None, None
+        return None
     if case.score == "alibi":
-        return alibi(case.Hq), None
-    table = torch.randn(case.Hq, 33, generator=g, dtype=torch.float64).requires_grad_()
+        return alibi(case.Hq, device=None if table is None else table.device)
 
     def relative_bias(score, b, h, q_idx, kv_idx):
         return score + table[h, (q_idx - kv_idx).abs().clamp(max=32)]
 
-    return relative_bias, table
+    return relative_bias
 
 
-def run_case(rank: int, world: int, name: str) -> dict:
+class _Problem:
+    """One case's global inputs and mods on one device, in one dtype (the same values everywhere)."""
+
+    def __init__(self, case: Case, device, dtype, backend: str | None = None):
+        g = torch.Generator().manual_seed(1000 + sum(map(ord, case.name)))
+        self.mask = create_block_mask(
+            _mask_mod(case, g, device), case.B, None, case.L, case.L, device=device, BLOCK_SIZE=case.block
+        )
+        table = torch.randn(case.Hq, 33, generator=g, dtype=torch.float64)
+        self.table = table.to(device, dtype).requires_grad_() if case.score == "bias" else None
+        self.score_mod = _score_mod(case, self.table if case.score == "bias" else table.to(device))
+        tensors = [
+            torch.randn(case.B, case.Hq, case.L, case.E, generator=g, dtype=torch.float64),
+            torch.randn(case.B, case.Hkv, case.L, case.E, generator=g, dtype=torch.float64),
+            torch.randn(case.B, case.Hkv, case.L, case.Ev, generator=g, dtype=torch.float64),
+        ]
+        self.q, self.k, self.v = (t.to(device, dtype).requires_grad_() for t in tensors)
+        self.d_out = torch.randn(case.B, case.Hq, case.L, case.Ev, generator=g, dtype=torch.float64)
+        self.d_lse = torch.randn(case.B, case.Hq, case.L, generator=g, dtype=torch.float64)
+        self.d_out, self.d_lse = self.d_out.to(device, dtype), self.d_lse.to(device, torch.float32)
+        self.gqa = case.Hq != case.Hkv
+        self.options = None if backend is None else {"BACKEND": backend}
+
+    def single_device(self) -> dict:
+        out, lse = flex_attention(
+            self.q,
+            self.k,
+            self.v,
+            self.score_mod,
+            self.mask,
+            enable_gqa=self.gqa,
+            return_lse=True,
+            kernel_options=self.options,
+        )
+        d_lse = self.d_lse.to(lse.dtype)
+        return _grads(out, lse, self.d_out, d_lse, self.q, self.k, self.v, self.table)
+
+
+def run_case(rank: int, world: int, name: str, device="cpu", dtype=torch.float64, backend=None) -> dict:
+    """Ring on ``device`` in ``dtype`` against float64 gold on the CPU (and, below float64, the
+    reference backend in ``dtype`` on the CPU: the three-way rule's eager leg)."""
     case = CASES[name]
-    g = torch.Generator().manual_seed(1000 + sum(map(ord, name)))
-    mask = create_block_mask(
-        _mask_mod(case, g), case.B, None, case.L, case.L, device="cpu", BLOCK_SIZE=case.block
-    )
-    score_mod, table = _score_mod(case, g)
-    shape = dict(dtype=torch.float64)
-    q = torch.randn(case.B, case.Hq, case.L, case.E, generator=g, **shape).requires_grad_()
-    k = torch.randn(case.B, case.Hkv, case.L, case.E, generator=g, **shape).requires_grad_()
-    v = torch.randn(case.B, case.Hkv, case.L, case.Ev, generator=g, **shape).requires_grad_()
-    d_out = torch.randn(case.B, case.Hq, case.L, case.Ev, generator=g, **shape)
-    d_lse = torch.randn(case.B, case.Hq, case.L, generator=g, **shape)
-    gqa = case.Hq != case.Hkv
-
-    out, lse = flex_attention(q, k, v, score_mod, mask, enable_gqa=gqa, return_lse=True)
-    gold = _grads(out, lse, d_out, d_lse, q, k, v, table)
-
-    plan = plan_shards(mask, world, case.strategy)
-    sharded = shard_block_mask(mask, plan, rank)
-    local = [shard_sequence(t.detach(), plan, rank).requires_grad_() for t in (q, k, v)]
+    gold = _Problem(case, "cpu", torch.float64).single_device()
+    eager = gold if dtype == torch.float64 else _Problem(case, "cpu", dtype, "REFERENCE").single_device()
+    p = _Problem(case, device, dtype, backend)
+    plan = plan_shards(p.mask, world, case.strategy)
+    sharded = shard_block_mask(p.mask, plan, rank)
+    local = [shard_sequence(t.detach(), plan, rank).requires_grad_() for t in (p.q, p.k, p.v)]
     stats = RingStats()
     out_r, lse_r = ring_flex_attention(
-        *local, sharded, score_mod=score_mod, enable_gqa=gqa, return_lse=True, stats=stats
+        *local,
+        sharded,
+        score_mod=p.score_mod,
+        enable_gqa=p.gqa,
+        return_lse=True,
+        stats=stats,
+        kernel_options=p.options,
     )
-    ring = _grads(
-        out_r, lse_r, shard_sequence(d_out, plan, rank), shard_sequence(d_lse, plan, rank), *local, table
-    )
-    if table is not None:
+    d_out, d_lse = (shard_sequence(t, plan, rank) for t in (p.d_out, p.d_lse))
+    ring = _grads(out_r, lse_r, d_out, d_lse.to(lse_r.dtype), *local, p.table)
+    if p.table is not None:
         dist.all_reduce(ring["dtable"])  # each rank holds its queries' share of the table's gradient
-    errors = {}
+    errors, eager_errors = {}, {}
     for key, value in ring.items():
-        want = gold[key] if key == "dtable" else shard_sequence(gold[key], plan, rank)
-        errors[key] = _err(value, want)
+        want, base = (
+            (gold[key], eager[key])
+            if key == "dtable"
+            else (shard_sequence(gold[key], plan, rank), shard_sequence(eager[key], plan, rank))
+        )
+        errors[key] = _err(value.cpu(), want)
+        eager_errors[key] = _err(base, want)
     return {
         "errors": errors,
+        "eager_errors": eager_errors,
         "calls": sorted(stats.calls),
-        "expected_calls": _expected_calls(mask, plan, rank),
+        "expected_calls": _expected_calls(p.mask.to("cpu"), plan, rank),
         "pairs": sum(len(pairs) for pairs in sharded.steps),
         "empty_rows": int(torch.isinf(lse_r).sum()),
     }
@@ -169,5 +210,11 @@ def _expected_calls(mask, plan, rank) -> list[tuple[int, int, int]]:
     return calls
 
 
-def run_cases(rank: int, world: int, names: list[str]) -> dict:
-    return {name: run_case(rank, world, name) for name in names}
+def run_cases(
+    rank: int, world: int, names: list[str], device="cpu", dtype=torch.float64, backend=None
+) -> dict:
+    """``run_case`` of each name; ``device="cuda"`` puts rank r on GPU r; ``backend`` is the ring's
+    kernel_options BACKEND (None: AUTO)."""
+    if device == "cuda":
+        device = f"cuda:{rank}"
+    return {name: run_case(rank, world, name, device, dtype, backend) for name in names}

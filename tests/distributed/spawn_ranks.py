@@ -1,7 +1,8 @@
-"""Run a function on N CPU processes joined in a gloo group; a hang fails instead of stalling CI.
+"""Run a function on N processes joined in a gloo (or NCCL) group; a hang fails instead of stalling CI.
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, each calling
-``fn(rank, world_size, *args)`` inside an initialised gloo process group, and returns their results
+``fn(rank, world_size, *args)`` inside an initialised process group (gloo; ``backend="nccl"``: rank
+r on GPU r), and returns their results
 in rank order. ``fn`` must be importable (a module-level function) and return picklable values.
 A worker's exception is re-raised here with its traceback; past ``timeout`` seconds every worker is
 killed and the call raises ``TimeoutError``.
@@ -26,12 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
     workers = [
-        context.Process(target=_worker, args=(fn, rank, world_size, port, timeout, args, results))
+        context.Process(target=_worker, args=(fn, rank, world_size, port, timeout, backend, args, results))
         for rank in range(world_size)
     ]
     for w in workers:
@@ -63,14 +64,16 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     return [got[r] for r in range(world_size)]
 
 
-def _worker(fn, rank, world_size, port, timeout, args, results):
+def _worker(fn, rank, world_size, port, timeout, backend, args, results):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
