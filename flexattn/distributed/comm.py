@@ -58,15 +58,16 @@ class RingComm:
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
-    def start(self, send: list[torch.Tensor], recv_shapes: list[torch.Size]) -> Transfer:
+    def start(self, send: list[torch.Tensor], recv_shapes: list[torch.Size], tag: int = 0) -> Transfer:
         """Post sends of ``send`` to the next rank and receives of ``recv_shapes`` (same dtypes and
-        device as ``send``, in order) from the previous rank."""
+        device as ``send``, in order) from the previous rank. Tensor i travels with tag ``tag + i``:
+        transfers in flight at the same time need tags apart (gloo matches by tag)."""
         received = [torch.empty(shape, dtype=t.dtype, device=t.device) for t, shape in zip(send, recv_shapes)]
         send = [t.contiguous() for t in send]
         ops = []
-        for tag, (out, back) in enumerate(zip(send, received)):
-            ops.append(dist.P2POp(dist.isend, out, self.next, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, back, self.prev, self.group, tag))
+        for i, (out, back) in enumerate(zip(send, received)):
+            ops.append(dist.P2POp(dist.isend, out, self.next, self.group, tag + i))
+            ops.append(dist.P2POp(dist.irecv, back, self.prev, self.group, tag + i))
         stream = self._stream(send[0].device)
         if stream is None:
             return Transfer(dist.batch_isend_irecv(ops), received, None)

@@ -12,10 +12,13 @@ skipped): the gradients of each step's partials follow from those of the merged 
 the captured-tensor gradients and the visiting shard's dK/dV, which are added to a dK/dV accumulator
 that travels the ring behind the K/V (received while the step computes) and arrives home after N hops.
 
-Memory: the forward keeps, for the backward, each computed pair's flex_attention graph — the
-visiting K/V (every rank's, i.e. the whole sequence's K/V on each rank over the steps) and the
-partial out / lse — plus the merged out in fp32. Inference (nothing requires grad) keeps nothing
-and holds at most two K/V shards at a time.
+Memory for the backward (besides the merged out and lse, fp32, of the local rows):
+- default: each computed pair's flex_attention graph — the visiting K/V (over the steps, every
+  rank's: the whole sequence's K/V on each rank) and the partial out / lse;
+- ``recompute=True``: only the local q, k, v; the backward sends the K/V around the ring again
+  (tags 0-1, overlapped with compute like the forward) and recomputes each step's forward before its
+  gradients — one more forward and one more K/V rotation, memory O(local shard).
+Inference (nothing requires grad) keeps nothing and holds at most two K/V shards at a time.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from flexattn.mod_eval import captured_grad_tensors
 
 @dataclass
 class RingStats:
-    """What a ring call computed: ``calls`` lists (step, q segment, kv segment) of each attention call."""
+    """What a ring call computed: ``calls`` lists (step, q segment, kv segment) of each forward
+    attention call (a ``recompute`` backward repeats them)."""
 
     calls: list[tuple[int, int, int]] = field(default_factory=list)
 
@@ -52,6 +56,7 @@ def ring_flex_attention(
     kernel_options: dict | None = None,
     *,
     group=None,
+    recompute: bool = False,
     stats: RingStats | None = None,
 ):
     """``flex_attention`` over the sequence sharded by ``sharded_mask.plan``, exact.
@@ -65,6 +70,9 @@ def ring_flex_attention(
             all-reduce them across ranks like any parameter gradient.
         return_lse: also return lse (B, Hq, L_r).
         group: the process group (None: the default one); its size must be the plan's world size.
+        recompute: keep only q, k, v for the backward, which sends the K/V around the ring again and
+            recomputes each step's forward (memory O(local shard) instead of every visiting K/V
+            shard and partial result; costs one more forward and one more K/V rotation).
         stats: a ``RingStats`` to record the calls in (tests, debugging).
     Returns:
         out (B, Hq, L_r, Ev) in query's dtype, and lse (fp32, fp64 for fp64 inputs) with ``return_lse``.
@@ -83,10 +91,11 @@ def ring_flex_attention(
     captures = captured_grad_tensors(score_mod) if score_mod is not None else []
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if wants_grad:
-        out, lse = _RingAttention.apply(ring, query, key, value, *captures)
+        keep = "inputs" if recompute else "graphs"
+        out, lse = _RingAttention.apply(ring, keep, query, key, value, *captures)
     else:
         with torch.no_grad():
-            out, lse, _ = ring.forward(query, key, value, keep_graph=False)
+            out, lse, _ = ring.forward(query, key, value, "nothing")
     return (out, lse) if return_lse else out
 
 
@@ -108,83 +117,103 @@ class _Ring:
         shape[2] = self.mask.plan.local_len(self.mask.source(step))
         return torch.Size(shape)
 
-    def forward(self, q, k, v, keep_graph: bool):
-        """Run the ring; returns out, lse and (with ``keep_graph``) the per-step graph for backward."""
+    def forward(self, q, k, v, keep: str):
+        """Run the ring. ``keep``: "nothing" (inference), "graphs" (each step's flex_attention graph for
+        the backward) or "inputs" (only q, k, v: the backward recomputes). Returns out, lse, _Saved."""
         segments = self.mask.plan.segments[self.mask.rank]
         B, Hq, _, _ = q.shape
         merged = [LseAccumulator((B, Hq, s.length, v.shape[-1]), q) for s in segments]
-        steps = []  # per step: (k leaf, v leaf, [(q segment, out_i, lse_i), ...])
-        q_in = q.detach().requires_grad_(q.requires_grad) if keep_graph else q
+        graphs = keep == "graphs"
+        q_in = q.detach().requires_grad_(q.requires_grad) if keep != "nothing" else q
+        steps = []
+        for step, k_t, v_t in self._circulate(k, v, tag=0):
+            k_in, v_in, partials = self._step(
+                step, q_in, k_t, v_t, graphs, k.requires_grad, v.requires_grad, record=True
+            )
+            for seg, out_i, lse_i in partials:
+                merged[seg].add(out_i.detach(), lse_i.detach())
+            if graphs:
+                steps.append((k_in, v_in, partials))
+        out = torch.cat([m.out for m in merged], dim=2)
+        lse = torch.cat([m.lse for m in merged], dim=2)
+        saved = None
+        if keep != "nothing":
+            saved = _Saved(
+                q_in,
+                k.detach(),
+                v.detach(),
+                steps if graphs else None,
+                [m.out for m in merged],
+                [m.lse for m in merged],
+            )
+        return out.to(q.dtype), lse, saved
+
+    def _circulate(self, k, v, tag: int):
+        """Yield (step, K, V held at that step); the next shard is in flight while the caller computes."""
         k_t, v_t = k, v
         world = self.comm.world_size
         for step in range(world):
             transfer = None
-            if step + 1 < world:  # send on what we hold, receive the next shard, while computing
-                transfer = self.comm.start(
-                    [k_t, v_t], [self.kv_shape(k, step + 1), self.kv_shape(v, step + 1)]
-                )
-            if keep_graph:
-                k_in = k_t.detach().requires_grad_(k.requires_grad)
-                v_in = v_t.detach().requires_grad_(v.requires_grad)
-            else:
-                k_in, v_in = k_t, v_t
-            partials = []
-            for pair in self.mask.steps[step]:
-                if pair.call is None:
-                    continue
-                (qa, qb), (ka, kb) = pair.q_rows, pair.kv_rows
-                with torch.enable_grad() if keep_graph else torch.no_grad():
-                    out_i, lse_i = shard_call(
-                        q_in[:, :, qa:qb],
-                        k_in[:, :, ka:kb],
-                        v_in[:, :, ka:kb],
-                        self.score_mod,
-                        pair.call,
-                        self.scale,
-                        self.enable_gqa,
-                        self.kernel_options,
-                    )
-                merged[pair.q_segment].add(out_i.detach(), lse_i.detach())
-                if self.stats is not None:
-                    self.stats.calls.append((step, pair.q_segment, pair.kv_segment))
-                if keep_graph:
-                    partials.append((pair.q_segment, out_i, lse_i))
-            if keep_graph:
-                steps.append((k_in, v_in, partials))
+            if step + 1 < world:  # send on what we hold, receive the next shard
+                shapes = [self.kv_shape(k, step + 1), self.kv_shape(v, step + 1)]
+                transfer = self.comm.start([k_t, v_t], shapes, tag=tag)
+            yield step, k_t, v_t
             if transfer is not None:
                 k_t, v_t = transfer.wait()
-        out = torch.cat([m.out for m in merged], dim=2)
-        lse = torch.cat([m.lse for m in merged], dim=2)
-        saved = _Saved(q_in, steps, [m.out for m in merged], [m.lse for m in merged]) if keep_graph else None
-        return out.to(q.dtype), lse, saved
 
-    def backward(self, saved: _Saved, d_out, d_lse, wants, captures, k, v):
-        """dq, dk, dv, d_captures (None where not wanted) for the merged result's gradients."""
-        segments = self.mask.plan.segments[self.mask.rank]
-        rows = _segment_rows(segments)
+    def _step(self, step, q_in, k_t, v_t, grad: bool, k_grad: bool, v_grad: bool, record: bool):
+        """The calls of one ring step: (k leaf, v leaf, [(q segment, out_i, lse_i)]), with autograd
+        graphs when ``grad``; ``record``: list them in the stats (forward calls only)."""
+        if grad:
+            k_t, v_t = k_t.detach().requires_grad_(k_grad), v_t.detach().requires_grad_(v_grad)
+        partials = []
+        for pair in self.mask.steps[step]:
+            if pair.call is None:
+                continue  # no block of the pair is visited: skipped
+            (qa, qb), (ka, kb) = pair.q_rows, pair.kv_rows
+            with torch.enable_grad() if grad else torch.no_grad():
+                out_i, lse_i = shard_call(
+                    q_in[:, :, qa:qb],
+                    k_t[:, :, ka:kb],
+                    v_t[:, :, ka:kb],
+                    self.score_mod,
+                    pair.call,
+                    self.scale,
+                    self.enable_gqa,
+                    self.kernel_options,
+                )
+            if record and self.stats is not None:
+                self.stats.calls.append((step, pair.q_segment, pair.kv_segment))
+            partials.append((pair.q_segment, out_i, lse_i))
+        return k_t, v_t, partials
+
+    def backward(self, saved: _Saved, d_out, d_lse, wants, captures):
+        """dq, dk, dv, d_captures (None where not wanted) from the merged result's gradients."""
+        k, v = saved.k, saved.v
+        rows = _segment_rows(self.mask.plan.segments[self.mask.rank])
         acc_dtype = torch.float32 if k.dtype in (torch.float16, torch.bfloat16) else k.dtype
         dq = torch.zeros_like(saved.q, dtype=acc_dtype) if wants[0] else None
-        d_caps = [
-            torch.zeros_like(c, dtype=torch.float32 if c.dtype != torch.float64 else c.dtype)
-            if need
-            else None
-            for c, need in zip(captures, wants[3:])
-        ]
+        d_caps = [_zeros_fp32(c) if need else None for c, need in zip(captures, wants[3:])]
+        if saved.steps is not None:
+            steps = ((step, *graph) for step, graph in enumerate(saved.steps))
+        else:  # recompute: the K/V travel again (tags 0-1; the accumulators use 2-3)
+            steps = (
+                (step, *self._step(step, saved.q, k_t, v_t, True, wants[1], wants[2], record=False))
+                for step, k_t, v_t in self._circulate(k, v, tag=0)
+            )
         world = self.comm.world_size
         acc, transfer = None, None
-        for step, (k_in, v_in, partials) in enumerate(saved.steps):
-            grads = self._step_grads(saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures)
-            g_q, g_k, g_v, g_caps = grads
-            if dq is not None and g_q is not None:
+        for step, k_in, v_in, partials in steps:
+            g_q, g_k, g_v, g_caps = self._step_grads(
+                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures
+            )
+            if g_q is not None:
                 dq += g_q
-            for i, g in enumerate(g_caps):
-                if d_caps[i] is not None and g is not None:
-                    d_caps[i] += g
+            for total, g in zip(d_caps, g_caps):
+                if g is not None:
+                    total += g
             if step == 0:
-                acc = [
-                    torch.zeros(k_in.shape, dtype=acc_dtype, device=k.device),
-                    torch.zeros(v_in.shape, dtype=acc_dtype, device=v.device),
-                ]
+                acc = [torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (k_in, v_in)]
             else:
                 acc = transfer.wait()
             for a, g in zip(acc, (g_k, g_v)):
@@ -192,7 +221,7 @@ class _Ring:
                     a += g
             if world > 1:  # the accumulator follows its shard to the next rank; the last hop takes it home
                 nxt = (step + 1) % world
-                transfer = self.comm.start(acc, [self.kv_shape(k, nxt), self.kv_shape(v, nxt)])
+                transfer = self.comm.start(acc, [self.kv_shape(k, nxt), self.kv_shape(v, nxt)], tag=2)
         dk, dv = transfer.wait() if world > 1 else acc
         return (
             None if dq is None else dq.to(saved.q.dtype),
@@ -225,9 +254,15 @@ class _Ring:
 @dataclass
 class _Saved:
     q: torch.Tensor  # the local query leaf of the steps' graphs
-    steps: list  # per step: (k leaf, v leaf, [(q segment, out_i, lse_i)])
+    k: torch.Tensor  # this rank's K and V (detached)
+    v: torch.Tensor
+    steps: list | None  # per step (k leaf, v leaf, [(q segment, out_i, lse_i)]); None: recompute
     out: list[torch.Tensor]  # merged out per q segment (fp32 / fp64)
     lse: list[torch.Tensor]  # merged lse per q segment
+
+
+def _zeros_fp32(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(t, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def _segment_rows(segments) -> list[tuple[int, int]]:
@@ -239,22 +274,21 @@ def _segment_rows(segments) -> list[tuple[int, int]]:
 
 
 class _RingAttention(torch.autograd.Function):
-    """Inputs: the ring, q, k, v and the score_mod's learnable captured tensors."""
+    """Inputs: the ring, what to keep ("graphs" or "inputs"), q, k, v and the score_mod's learnable
+    captured tensors."""
 
     @staticmethod
-    def forward(ctx, ring: _Ring, q, k, v, *captures):
-        out, lse, saved = ring.forward(q, k, v, keep_graph=True)
+    def forward(ctx, ring: _Ring, keep: str, q, k, v, *captures):
+        out, lse, saved = ring.forward(q, k, v, keep)
         ctx.ring, ctx.saved, ctx.captures = ring, saved, captures
-        ctx.kv_meta = (k.detach(), v.detach())
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        k, v = ctx.kv_meta
-        wants = ctx.needs_input_grad[1:]
-        dq, dk, dv, d_caps = ctx.ring.backward(ctx.saved, d_out, d_lse, wants, ctx.captures, k, v)
+        wants = ctx.needs_input_grad[2:]
+        dq, dk, dv, d_caps = ctx.ring.backward(ctx.saved, d_out, d_lse, wants, ctx.captures)
         ctx.saved = None
-        return (None, dq, dk, dv, *d_caps)
+        return (None, None, dq, dk, dv, *d_caps)
 
 
 def _check(query, key, value, sharded_mask: ShardedMask, comm: RingComm) -> None:

@@ -39,6 +39,7 @@ class Case:
     E: int = 17
     Ev: int = 13
     block: int = 16
+    recompute: bool = False  # ring_flex_attention(recompute=...)
 
 
 CASES = {
@@ -51,6 +52,10 @@ CASES = {
         Case("window-contiguous-alibi", "window", "alibi", "contiguous", block=32, L=256),
         Case("padded-documents-balanced", "padded_documents", "none", "balanced"),
         Case("full-zigzag-bias", "full", "bias", "zigzag", B=1, L=96),
+        Case("causal-zigzag-recompute", "causal", "alibi", "zigzag", recompute=True),
+        Case(
+            "padded-documents-bias-recompute", "padded_documents", "bias", "balanced", Hkv=1, recompute=True
+        ),
         Case(
             "document-zigzag-bias-small", "document", "bias", "zigzag", B=1, Hq=2, Hkv=1, L=128, E=16, Ev=16
         ),
@@ -154,6 +159,7 @@ def run_case(rank: int, world: int, name: str, device="cpu", dtype=torch.float64
         return_lse=True,
         stats=stats,
         kernel_options=p.options,
+        recompute=case.recompute,
     )
     d_out, d_lse = (shard_sequence(t, plan, rank) for t in (p.d_out, p.d_lse))
     ring = _grads(out_r, lse_r, d_out, d_lse.to(lse_r.dtype), *local, p.table)
