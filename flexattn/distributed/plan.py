@@ -26,12 +26,15 @@ of the global one. Example::
       rank 0: [0, 256) [768, 1024)  512 tokens  68 blocks
       rank 1: [256, 768)  512 tokens  68 blocks
       work max / mean = 1.000
+      ring steps, slowest rank's blocks: [36, 32]; busy 1.000
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from flexattn.block_mask import BlockMask
 
@@ -61,6 +64,8 @@ class ShardPlan:
         segments: per rank, its segments in ascending order; a rank's local tensors hold its
             segments one after another (``shard_sequence``).
         work: per rank, the mask blocks its queries visit.
+        pair_work: ``pair_work[r][s]``: the blocks rank r's queries visit among rank s's keys (ring
+            step t runs ``pair_work[r][(r - t) % N]`` on every rank r at once), or None.
     """
 
     seq_len: int
@@ -68,6 +73,7 @@ class ShardPlan:
     strategy: str
     segments: tuple[tuple[Segment, ...], ...]
     work: tuple[int, ...]
+    pair_work: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def world_size(self) -> int:
@@ -83,8 +89,21 @@ class ShardPlan:
         mean = sum(self.work) / len(self.work)
         return max(self.work) / mean if mean > 0 else 1.0
 
+    def step_work(self, step: int) -> tuple[int, ...]:
+        """Blocks each rank computes at ring step ``step`` (its queries, rank (r - step)'s keys)."""
+        n = self.world_size
+        return tuple(self.pair_work[r][(r - step) % n] for r in range(n))
+
+    @property
+    def ring_busy(self) -> float:
+        """Fraction of the ranks' step time spent computing when every ring step lasts as long as its
+        slowest rank (1.0: every step is balanced)."""
+        slowest = sum(max(self.step_work(t)) for t in range(self.world_size))
+        return sum(self.work) / (self.world_size * slowest) if slowest else 1.0
+
     def describe(self) -> str:
-        """One line per rank: segments, tokens and visited blocks; then the imbalance."""
+        """One line per rank: segments, tokens and visited blocks; then the imbalance and, per ring
+        step, the slowest rank's blocks."""
         lines = [
             f"ShardPlan {self.strategy}: {self.seq_len} tokens on {self.world_size} ranks, "
             f"unit {self.unit} tokens"
@@ -93,6 +112,9 @@ class ShardPlan:
             spans = " ".join(f"[{s.start}, {s.stop})" for s in segments)
             lines.append(f"  rank {rank}: {spans}  {self.local_len(rank)} tokens  {work} blocks")
         lines.append(f"  work max / mean = {self.imbalance:.3f}")
+        if self.pair_work is not None:
+            slowest = [max(self.step_work(t)) for t in range(self.world_size)]
+            lines.append(f"  ring steps, slowest rank's blocks: {slowest}; busy {self.ring_busy:.3f}")
         return "\n".join(lines)
 
 
@@ -118,7 +140,8 @@ def plan_shards(
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not isinstance(chunks_per_rank, int) or chunks_per_rank < 1:
         raise ValueError(f"chunks_per_rank must be an int >= 1, got {chunks_per_rank!r}")
-    unit_work, unit = _unit_work(block_mask)
+    visited = _visited_blocks(block_mask)
+    unit_work, unit = _unit_work(block_mask, visited)
     chunks = {"contiguous": 1, "zigzag": 2, "balanced": chunks_per_rank}[strategy] * world_size
     if len(unit_work) < chunks:
         raise ValueError(
@@ -136,10 +159,28 @@ def plan_shards(
         owners = _largest_first(chunk_work, world_size, chunks_per_rank)
     segments = tuple(_merge_runs(sorted(cs), bounds, unit) for cs in owners)
     work = tuple(sum(chunk_work[c] for c in cs) for cs in owners)
-    return ShardPlan(block_mask.seq_lengths[0], unit, strategy, segments, work)
+    pair_work = _pair_work(visited, segments, block_mask.BLOCK_SIZE)
+    return ShardPlan(block_mask.seq_lengths[0], unit, strategy, segments, work, pair_work)
 
 
-def _unit_work(block_mask: BlockMask) -> tuple[list[int], int]:
+def _visited_blocks(block_mask: BlockMask) -> torch.Tensor:
+    """int64 (NQ, NKV): how many (b, h) of the mask visit each block."""
+    return block_mask.to_dense().sum(dim=(0, 1), dtype=torch.int64)
+
+
+def _pair_work(visited: torch.Tensor, segments, block_size) -> tuple[tuple[int, ...], ...]:
+    """Blocks rank r's query segments visit among rank s's key segments, for every (r, s)."""
+    q_block, kv_block = block_size
+
+    def blocks(segs, size):
+        return torch.cat([torch.arange(s.start // size, s.stop // size) for s in segs])
+
+    rows = [visited.index_select(0, blocks(segs, q_block).to(visited.device)) for segs in segments]
+    cols = [blocks(segs, kv_block).to(visited.device) for segs in segments]
+    return tuple(tuple(int(r.index_select(1, c).sum()) for c in cols) for r in rows)
+
+
+def _unit_work(block_mask: BlockMask, visited: torch.Tensor) -> tuple[list[int], int]:
     """Visited blocks per planning unit of query rows, and the unit in tokens."""
     q_len, kv_len = block_mask.seq_lengths
     q_block, kv_block = block_mask.BLOCK_SIZE
@@ -156,7 +197,7 @@ def _unit_work(block_mask: BlockMask) -> tuple[list[int], int]:
             f"to a multiple of {unit} (e.g. {-(-q_len // unit) * unit}) or build the mask with a block "
             "size that divides it."
         )
-    per_q_block = block_mask.to_dense().sum(dim=(0, 1, 3))  # (NQ,) visited blocks over b, h, kv
+    per_q_block = visited.sum(dim=1)  # (NQ,) visited blocks over b, h, kv
     per_unit = per_q_block.reshape(-1, unit // q_block).sum(dim=1)
     return [int(w) for w in per_unit.tolist()], unit
 

@@ -125,3 +125,34 @@ def test_shard_masks_are_slices_of_the_global_mask(strategy):
                 assert (pair.call.positions.q_offset, pair.call.positions.kv_offset) == (qs.start, ks.start)
                 assert [int(t) for t in pair.call.offsets] == [qs.start, ks.start]
     assert sum(shard_block_mask(mask, plan, r).skipped for r in range(3)) > 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pair_work_splits_each_ranks_work_by_key_owner(strategy):
+    mask = document_block_mask(2, 16 * 24)
+    plan = plan_shards(mask, 3, strategy)
+    dense = mask.to_dense().sum(dim=(0, 1))  # (NQ, NKV)
+    for r in range(3):
+        assert sum(plan.pair_work[r]) == plan.work[r]
+        for s in range(3):
+            want = sum(
+                int(dense[qs.start // 16 : qs.stop // 16, ks.start // 16 : ks.stop // 16].sum())
+                for qs in plan.segments[r]
+                for ks in plan.segments[s]
+            )
+            assert plan.pair_work[r][s] == want
+    slowest = sum(max(plan.step_work(t)) for t in range(3))
+    assert plan.ring_busy == pytest.approx(sum(plan.work) / (3 * slowest))
+    assert 0 < plan.ring_busy <= 1
+
+
+def test_the_module_examples_run():
+    import doctest
+
+    import flexattn.distributed.plan as plan_module
+    import flexattn.distributed.shard_mask as shard_mask_module
+    import flexattn.distributed.sharding as sharding_module
+
+    for module in (plan_module, sharding_module, shard_mask_module):
+        result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
