@@ -1,4 +1,5 @@
-"""Ring communication: send tensors to the next rank and receive the previous rank's, asynchronously.
+"""Point-to-point communication of the ring: send tensors to the next rank and receive the previous
+rank's (``start``), or exchange with any ranks at once (``exchange``), asynchronously.
 
 ``RingComm.start`` posts batched ``isend`` / ``irecv`` (``torch.distributed.batch_isend_irecv``) and
 returns at once; ``Transfer.wait`` returns the received tensors. Between the two the caller computes,
@@ -76,6 +77,40 @@ class RingComm:
             requests = dist.batch_isend_irecv(ops)
         for t in (*send, *received):
             t.record_stream(stream)  # the caching allocator keeps them until the comm stream is done
+        return Transfer(requests, received, stream)
+
+    def exchange(
+        self,
+        sends: list[tuple[int, list[torch.Tensor]]],
+        recvs: list[tuple[int, list[torch.Size]]],
+        like: list[torch.Tensor],
+        tag: int = 0,
+    ) -> Transfer:
+        """Post, in one batch, sends of tensors to group ranks and receives from group ranks.
+
+        ``sends``: (peer, tensors); ``recvs``: (peer, shapes), each received tensor with the dtype and
+        device of ``like[i]``. ``Transfer.wait()`` returns the received tensors flat, in ``recvs``
+        order. Every rank posts its whole exchange at once, so no ordering between peers can deadlock.
+        """
+        ops, received = [], []
+        for peer, tensors in sends:
+            for i, t in enumerate(tensors):
+                ops.append(dist.P2POp(dist.isend, t.contiguous(), self._global(peer), self.group, tag + i))
+        for peer, shapes in recvs:
+            for i, (shape, t) in enumerate(zip(shapes, like)):
+                back = torch.empty(shape, dtype=t.dtype, device=t.device)
+                received.append(back)
+                ops.append(dist.P2POp(dist.irecv, back, self._global(peer), self.group, tag + i))
+        if not ops:
+            return Transfer([], received, None)
+        stream = self._stream(like[0].device)
+        if stream is None:
+            return Transfer(dist.batch_isend_irecv(ops), received, None)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            requests = dist.batch_isend_irecv(ops)
+        for op in ops:
+            op.tensor.record_stream(stream)
         return Transfer(requests, received, stream)
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream | None:

@@ -42,6 +42,7 @@ class RingStats:
     attention call (a ``recompute`` backward repeats them)."""
 
     calls: list[tuple[int, int, int]] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)  # ranks whose K/V reached this one (forward)
 
 
 def ring_flex_attention(
@@ -57,6 +58,7 @@ def ring_flex_attention(
     *,
     group=None,
     recompute: bool = False,
+    schedule: str = "ring",
     stats: RingStats | None = None,
 ):
     """``flex_attention`` over the sequence sharded by ``sharded_mask.plan``, exact.
@@ -73,12 +75,18 @@ def ring_flex_attention(
         recompute: keep only q, k, v for the backward, which sends the K/V around the ring again and
             recomputes each step's forward (memory O(local shard) instead of every visiting K/V
             shard and partial result; costs one more forward and one more K/V rotation).
+        schedule: "ring": K/V shards travel rank to rank, one step at a time (every shard passes every
+            rank; each step waits for its slowest rank). "direct": each rank sends its K/V straight to
+            the ranks whose queries see it (``plan.pair_work``) and to no other, computes its own
+            shard while they travel, then the rest; dK/dV go straight back to their owners. No step
+            waits for another rank's compute and unneeded shards are never sent, but a rank receives
+            all the shards it needs at once (held until the end of the forward).
         stats: a ``RingStats`` to record the calls in (tests, debugging).
     Returns:
         out (B, Hq, L_r, Ev) in query's dtype, and lse (fp32, fp64 for fp64 inputs) with ``return_lse``.
     """
     comm = RingComm(group)
-    _check(query, key, value, sharded_mask, comm)
+    _check(query, key, value, sharded_mask, comm, schedule)
     ring = _Ring(
         sharded_mask,
         score_mod,
@@ -87,6 +95,7 @@ def ring_flex_attention(
         kernel_options,
         comm,
         stats,
+        schedule,
     )
     captures = captured_grad_tensors(score_mod) if score_mod is not None else []
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
@@ -110,6 +119,7 @@ class _Ring:
     kernel_options: dict | None
     comm: RingComm
     stats: RingStats | None
+    schedule: str = "ring"
 
     def kv_shape(self, t: torch.Tensor, step: int) -> torch.Size:
         """Shape of the K (or V) shard held at ``step``: ``t``'s with the source rank's length."""
@@ -126,14 +136,16 @@ class _Ring:
         graphs = keep == "graphs"
         q_in = q.detach().requires_grad_(q.requires_grad) if keep != "nothing" else q
         steps = []
-        for step, k_t, v_t in self._circulate(k, v, tag=0):
+        for step, k_t, v_t in self._shards(k, v, tag=0):
             k_in, v_in, partials = self._step(
                 step, q_in, k_t, v_t, graphs, k.requires_grad, v.requires_grad, record=True
             )
             for seg, out_i, lse_i in partials:
                 merged[seg].add(out_i.detach(), lse_i.detach())
             if graphs:
-                steps.append((k_in, v_in, partials))
+                steps.append((step, k_in, v_in, partials))
+            if step > 0 and self.stats is not None:
+                self.stats.received.append(self.mask.source(step))
         out = torch.cat([m.out for m in merged], dim=2)
         lse = torch.cat([m.lse for m in merged], dim=2)
         saved = None
@@ -147,6 +159,26 @@ class _Ring:
                 [m.lse for m in merged],
             )
         return out.to(q.dtype), lse, saved
+
+    def _shards(self, k, v, tag: int):
+        """Yield (step, K, V of rank source(step)) for every step this schedule computes."""
+        return self._circulate(k, v, tag) if self.schedule == "ring" else self._direct(k, v, tag)
+
+    def _needs(self, rank: int, source: int) -> bool:
+        """Whether rank ``rank``'s queries see any key of rank ``source``."""
+        return rank == source or self.mask.plan.pair_work[rank][source] > 0
+
+    def _direct(self, k, v, tag: int):
+        """Own shard first; meanwhile every needed shard arrives straight from its owner."""
+        rank, world = self.mask.rank, self.comm.world_size
+        steps = [t for t in range(1, world) if self._needs(rank, self.mask.source(t))]
+        sends = [(d, [k, v]) for d in range(world) if d != rank and self._needs(d, rank)]
+        recvs = [(self.mask.source(t), [self.kv_shape(k, t), self.kv_shape(v, t)]) for t in steps]
+        transfer = self.comm.exchange(sends, recvs, [k, v], tag=tag)
+        yield 0, k, v
+        received = transfer.wait()
+        for i, step in enumerate(steps):
+            yield step, received[2 * i], received[2 * i + 1]
 
     def _circulate(self, k, v, tag: int):
         """Yield (step, K, V held at that step); the next shard is in flight while the caller computes."""
@@ -195,13 +227,17 @@ class _Ring:
         dq = torch.zeros_like(saved.q, dtype=acc_dtype) if wants[0] else None
         d_caps = [_zeros_fp32(c) if need else None for c, need in zip(captures, wants[3:])]
         if saved.steps is not None:
-            steps = ((step, *graph) for step, graph in enumerate(saved.steps))
+            steps = iter(saved.steps)
         else:  # recompute: the K/V travel again (tags 0-1; the accumulators use 2-3)
             steps = (
                 (step, *self._step(step, saved.q, k_t, v_t, True, wants[1], wants[2], record=False))
-                for step, k_t, v_t in self._circulate(k, v, tag=0)
+                for step, k_t, v_t in self._shards(k, v, tag=0)
             )
         world = self.comm.world_size
+        if self.schedule == "direct":
+            return self._backward_direct(
+                saved, steps, rows, d_out, d_lse, wants, captures, dq, d_caps, acc_dtype
+            )
         acc, transfer = None, None
         for step, k_in, v_in, partials in steps:
             g_q, g_k, g_v, g_caps = self._step_grads(
@@ -223,6 +259,43 @@ class _Ring:
                 nxt = (step + 1) % world
                 transfer = self.comm.start(acc, [self.kv_shape(k, nxt), self.kv_shape(v, nxt)], tag=2)
         dk, dv = transfer.wait() if world > 1 else acc
+        return (
+            None if dq is None else dq.to(saved.q.dtype),
+            dk.to(k.dtype) if wants[1] else None,
+            dv.to(v.dtype) if wants[2] else None,
+            [None if g is None else g.to(c.dtype) for g, c in zip(d_caps, captures)],
+        )
+
+    def _backward_direct(self, saved, steps, rows, d_out, d_lse, wants, captures, dq, d_caps, acc_dtype):
+        """Direct schedule: each visiting shard's dK/dV go straight back to its owner, summed there."""
+        k, v = saved.k, saved.v
+        rank, world = self.mask.rank, self.comm.world_size
+        own, outgoing = None, []
+        for step, k_in, v_in, partials in steps:
+            g_q, g_k, g_v, g_caps = self._step_grads(
+                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures
+            )
+            if g_q is not None:
+                dq += g_q
+            for total, g in zip(d_caps, g_caps):
+                if g is not None:
+                    total += g
+            grads = [
+                torch.zeros(t.shape, dtype=acc_dtype, device=t.device) if g is None else g.to(acc_dtype)
+                for t, g in ((k_in, g_k), (v_in, g_v))
+            ]
+            if step == 0:
+                own = grads
+            else:
+                outgoing.append((self.mask.source(step), grads))
+        senders = [d for d in range(world) if d != rank and self._needs(d, rank)]
+        shapes = [own[0].shape, own[1].shape]
+        transfer = self.comm.exchange(outgoing, [(d, shapes) for d in senders], own, tag=2)
+        received = transfer.wait()
+        dk, dv = own
+        for i in range(len(senders)):
+            dk += received[2 * i]
+            dv += received[2 * i + 1]
         return (
             None if dq is None else dq.to(saved.q.dtype),
             dk.to(k.dtype) if wants[1] else None,
@@ -256,7 +329,7 @@ class _Saved:
     q: torch.Tensor  # the local query leaf of the steps' graphs
     k: torch.Tensor  # this rank's K and V (detached)
     v: torch.Tensor
-    steps: list | None  # per step (k leaf, v leaf, [(q segment, out_i, lse_i)]); None: recompute
+    steps: list | None  # per step (step, k leaf, v leaf, [(q segment, out_i, lse_i)]); None: recompute
     out: list[torch.Tensor]  # merged out per q segment (fp32 / fp64)
     lse: list[torch.Tensor]  # merged lse per q segment
 
@@ -291,13 +364,17 @@ class _RingAttention(torch.autograd.Function):
         return (None, None, dq, dk, dv, *d_caps)
 
 
-def _check(query, key, value, sharded_mask: ShardedMask, comm: RingComm) -> None:
+def _check(query, key, value, sharded_mask: ShardedMask, comm: RingComm, schedule: str) -> None:
     if not isinstance(sharded_mask, ShardedMask):
         raise TypeError(
             "sharded_mask must be a ShardedMask from shard_block_mask(block_mask, plan, rank), "
             f"got {type(sharded_mask).__name__}"
         )
     plan = sharded_mask.plan
+    if schedule not in ("ring", "direct"):
+        raise ValueError(f"schedule must be 'ring' or 'direct', got {schedule!r}")
+    if schedule == "direct" and plan.pair_work is None:
+        raise ValueError("schedule='direct' needs the plan's pair_work: make the plan with plan_shards")
     if comm.world_size != plan.world_size or comm.rank != sharded_mask.rank:
         raise ValueError(
             f"sharded_mask is for rank {sharded_mask.rank} of {plan.world_size}, but this process is rank "

@@ -41,6 +41,7 @@ class Case:
     Ev: int = 13
     block: int = 16
     recompute: bool = False  # ring_flex_attention(recompute=...)
+    schedule: str = "ring"  # ring_flex_attention(schedule=...)
 
 
 CASES = {
@@ -54,6 +55,17 @@ CASES = {
         Case("padded-documents-balanced", "padded_documents", "none", "balanced"),
         Case("full-zigzag-bias", "full", "bias", "zigzag", B=1, L=96),
         Case("causal-zigzag-recompute", "causal", "alibi", "zigzag", recompute=True),
+        Case("document-balanced-bias-direct", "document", "bias", "balanced", schedule="direct"),
+        Case(
+            "window-contiguous-direct-recompute",
+            "window",
+            "alibi",
+            "contiguous",
+            block=32,
+            L=256,
+            schedule="direct",
+            recompute=True,
+        ),
         Case(
             "padded-documents-bias-recompute", "padded_documents", "bias", "balanced", Hkv=1, recompute=True
         ),
@@ -159,6 +171,7 @@ def run_case(rank: int, world: int, name: str, device="cpu", dtype=torch.float64
         stats=stats,
         kernel_options=p.options,
         recompute=case.recompute,
+        schedule=case.schedule,
     )
     d_out, d_lse = (shard_sequence(t, plan, rank) for t in (p.d_out, p.d_lse))
     ring = _grads(out_r, lse_r, d_out, d_lse.to(lse_r.dtype), *local, p.table)
@@ -179,6 +192,8 @@ def run_case(rank: int, world: int, name: str, device="cpu", dtype=torch.float64
         "errors": errors,
         "eager_errors": eager_errors,
         "calls": sorted(stats.calls),
+        "received": sorted(stats.received),
+        "needed": sorted({(rank - step) % world for step, _, _ in stats.calls if step > 0}),
         "expected_calls": _expected_calls(p.mask.to("cpu"), plan, rank),
         "pairs": sum(len(pairs) for pairs in sharded.steps),
         "empty_rows": int(torch.isinf(lse_r).sum()),

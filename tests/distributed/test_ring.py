@@ -1,6 +1,7 @@
 """ring_flex_attention on 2, 3 and 4 gloo ranks equals single-device flex_attention (float64, reference
 backend): out, lse, dq, dk, dv and a learnable captured table's gradient, for causal, document,
-sliding-window and padded-document masks, ALiBi and a relative-bias score_mod, every plan strategy.
+sliding-window and padded-document masks, ALiBi and a relative-bias score_mod, every plan strategy,
+both schedules (ring, direct), with and without recompute.
 It makes exactly the calls the mask needs: pairs with no visited block are skipped.
 
 One spawn per world size runs all its cases (tests/distributed/ring_cases.py); a hang fails after
@@ -21,10 +22,14 @@ from tests.helpers import DEFAULT_FLOOR
 TOLERANCE = DEFAULT_FLOOR[torch.float64]
 CASES_PER_WORLD = {
     2: [name for name in CASES if not name.endswith("-small")],  # -small: the interpreter test's
-    3: ["causal-contiguous-bias", "document-balanced-alibi", "padded-documents-bias-recompute"],
-    4: ["document-zigzag-bias"],
+    3: ["causal-contiguous-bias", "document-balanced-bias-direct", "padded-documents-bias-recompute"],
+    4: ["document-zigzag-bias", "window-contiguous-direct-recompute"],
 }
-MUST_SKIP = {"causal-contiguous-bias", "window-contiguous-alibi"}  # some (rank, step) pairs see nothing
+MUST_SKIP = {
+    "causal-contiguous-bias",
+    "window-contiguous-alibi",
+    "window-contiguous-direct-recompute",
+}  # some (rank, step) pairs see nothing
 
 
 @pytest.mark.parametrize("world", sorted(CASES_PER_WORLD), ids=lambda w: f"ranks{w}")
@@ -38,11 +43,19 @@ def test_ring_equals_single_device_and_skips_invisible_shards(world):
             bad = {k: e for k, e in r["errors"].items() if not e <= TOLERANCE}
             if bad:
                 failures.append(f"{name} rank {rank}: errors above {TOLERANCE}: {bad}")
+            direct = CASES[name].schedule == "direct"
+            if direct and r["received"] != r["needed"]:
+                failures.append(f"{name} rank {rank}: received K/V of {r['received']}, needs {r['needed']}")
+            if not direct and r["received"] != sorted((rank - t) % world for t in range(1, world)):
+                failures.append(f"{name} rank {rank}: the ring brought K/V of {r['received']} only")
             if r["calls"] != r["expected_calls"]:
                 failures.append(f"{name} rank {rank}: calls {r['calls']} != mask's {r['expected_calls']}")
         skipped = sum(r["pairs"] - len(r["calls"]) for r in results)
         if name in MUST_SKIP and skipped == 0:
             failures.append(f"{name}: no pair skipped")
+        direct = CASES[name].schedule == "direct"
+        if direct and name in MUST_SKIP and all(len(r["received"]) == world - 1 for r in results):
+            failures.append(f"{name}: the direct schedule sent every shard to every rank")
         if name.startswith("padded") and sum(r["empty_rows"] for r in results) == 0:
             failures.append(f"{name}: no row without keys (lse -inf) was tested")
         if "bias" in name and "dtable" not in results[0]["errors"]:
