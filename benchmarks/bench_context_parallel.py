@@ -9,7 +9,10 @@ forward + backward, it reports per configuration:
   and below; longer sequences are measured at L / world tokens, marked ``@L/N``);
 - ``efficiency``: TFLOP/s/GPU / single TFLOP/s (1.0 = perfect scaling);
 - ``peak GB``: the largest ``torch.cuda.max_memory_allocated`` over the ranks;
-- the plan's imbalance (max / mean visited blocks per rank).
+- the plan's imbalance (max / mean visited blocks per rank) and ring busy fraction (``ShardPlan.ring_busy``).
+
+``--schedule direct`` sends each K/V shard only to the ranks that need it; ``--recompute`` keeps only
+q, k, v for the backward (needed for the longest sequences).
 
 Usage (one node)::
 
@@ -50,7 +53,9 @@ class Row:
     tokens: int
     world: int
     strategy: str
+    schedule: str
     imbalance: float
+    ring_busy: float
     ring_ms: float | None = None
     tflops_per_gpu: float | None = None
     single_tflops: float | None = None
@@ -143,10 +148,31 @@ def measure(args, kind: str, tokens: int, rank: int, world: int, single_cache: d
     for t in (q, k, v):
         t.requires_grad_()
     torch.cuda.reset_peak_memory_stats()
-    ms = time_ms(fwd_bwd(lambda a, b, c: ring_flex_attention(a, b, c, sharded), q, k, v, d_out), args.iters)
+    ms = time_ms(
+        fwd_bwd(
+            lambda a, b, c: ring_flex_attention(
+                a, b, c, sharded, schedule=args.schedule, recompute=args.recompute
+            ),
+            q,
+            k,
+            v,
+            d_out,
+        ),
+        args.iters,
+    )
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    row = Row(kind, tokens, world, args.strategy, plan.imbalance, ms, peak_gb=float(peak))
+    row = Row(
+        kind,
+        tokens,
+        world,
+        args.strategy,
+        args.schedule,
+        plan.imbalance,
+        plan.ring_busy,
+        ms,
+        peak_gb=float(peak),
+    )
     row.tflops_per_gpu = flops(args, tokens, density(mask)) / world / (ms * 1e-3) / 1e12
     single_tokens = tokens if tokens <= args.single_max_tokens else tokens // world
     key = (kind, single_tokens)
@@ -174,7 +200,8 @@ def dry_run(args) -> None:
 
 def format_row(r: Row) -> str:
     return (
-        f"{r.mask:>8} {r.tokens:>8} x{r.world} {r.strategy:>9} imb {r.imbalance:.3f} | "
+        f"{r.mask:>8} {r.tokens:>8} x{r.world} {r.strategy:>9} {r.schedule:>6} imb {r.imbalance:.3f} "
+        f"busy {r.ring_busy:.2f} | "
         f"ring {r.ring_ms:8.2f} ms "
         f"{r.tflops_per_gpu:6.1f} TFLOP/s/GPU | single {r.single_tflops:6.1f} @{r.single_at:<3} | "
         f"eff {r.efficiency:.2f} | peak {r.peak_gb:.1f} GB"
@@ -196,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--mean-doc", type=int, default=8192, help="mean document length (document mask)")
     parser.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced", "contiguous"])
+    parser.add_argument("--schedule", default="ring", choices=["ring", "direct"])
+    parser.add_argument("--recompute", action="store_true", help="ring_flex_attention(recompute=True)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--single-max-tokens", type=int, default=131072)
     parser.add_argument("--json", type=Path, help="write the rows here (rank 0)")

@@ -43,6 +43,7 @@ def train(
     *,
     context_parallel: bool = True,
     strategy: str = "zigzag",
+    schedule: str = "ring",
     block: int = 128,
     seed: int = 0,
     log=print,
@@ -72,7 +73,9 @@ def train(
                 shard_sequence(t, plan, rank, dim=1) for t in (inputs, targets, positions)
             )
 
-            attend = functools.partial(ring_flex_attention, sharded_mask=sharded)  # on (B, H, L_r, E)
+            attend = functools.partial(
+                ring_flex_attention, sharded_mask=sharded, schedule=schedule
+            )  # on (B, H, L_r, E)
         else:
             attend = functools.partial(flex_attention, block_mask=block_mask)
         with autocast:
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per packed row (the sequence that is sharded)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--strategy", default="zigzag", choices=["zigzag", "balanced", "contiguous"])
+    parser.add_argument("--schedule", default="ring", choices=["ring", "direct"])
     parser.add_argument("--single-device", action="store_true", help="no process group: plain flex_attention")
     args = parser.parse_args(argv)
 
@@ -122,9 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         log = print if rank == 0 else (lambda *a, **k: None)
         log(
             f"GPT {cfg.n_layer}x{cfg.d_model}, B{cfg.batch_size} x L{cfg.seq_len} packed documents, "
-            f"sequence sharded over {dist.get_world_size()} ranks ({args.strategy}), {cfg.steps} steps"
+            f"sequence sharded over {dist.get_world_size()} ranks ({args.strategy}, {args.schedule}), "
+            f"{cfg.steps} steps"
         )
-        train(cfg, device, strategy=args.strategy, block=block, log=log)
+        train(cfg, device, strategy=args.strategy, schedule=args.schedule, block=block, log=log)
     finally:
         dist.destroy_process_group()
 
