@@ -12,6 +12,10 @@ skipped): the gradients of each step's partials follow from those of the merged 
 the captured-tensor gradients and the visiting shard's dK/dV, which are added to a dK/dV accumulator
 that travels the ring behind the K/V (received while the step computes) and arrives home after N hops.
 
+``schedule="direct"`` replaces the rotation by one exchange: each rank sends its K/V only to the
+ranks whose queries see them (``plan.pair_work``), computes its own shard while they travel, then the
+rest; in the backward each visiting shard's dK/dV go straight back to its owner.
+
 Memory for the backward (besides the merged out and lse, fp32, of the local rows):
 - default: each computed pair's flex_attention graph — the visiting K/V (over the steps, every
   rank's: the whole sequence's K/V on each rank) and the partial out / lse;
