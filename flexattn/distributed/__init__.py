@@ -11,7 +11,8 @@ See docs/context_parallel.md.
 """
 
 from flexattn.distributed.plan import STRATEGIES, Segment, ShardPlan, plan_shards
-from flexattn.distributed.ring import RingStats, ring_flex_attention
+from flexattn.distributed.ring import ring_flex_attention
+from flexattn.distributed.ring_run import RingStats
 from flexattn.distributed.shard_mask import ShardedMask, ShardPair, shard_block_mask
 from flexattn.distributed.sharding import gather_sequence, global_positions, shard_sequence, unshard_sequence
 
