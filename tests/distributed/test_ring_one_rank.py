@@ -60,3 +60,24 @@ def test_without_a_process_group_the_error_says_how_to_start_one():
     sharded = shard_block_mask(mask, plan_shards(mask, 1, "zigzag"), 0)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ring_flex_attention(q, k, v, sharded)
+
+
+def test_recompute_keeps_no_attention_graph_for_the_backward(one_rank):
+    mask, q, k, v = causal_problem(L=128)
+    sharded = shard_block_mask(mask, plan_shards(mask, 1, "zigzag"), 0)
+    packed = {}
+    for recompute in (False, True):
+        sizes = []
+
+        def pack(t, sizes=sizes):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ring_flex_attention(q, k, v, sharded, recompute=recompute)
+        packed[recompute] = sum(sizes)
+        out.sum().backward()  # both still give gradients
+        assert q.grad is not None and k.grad is not None
+        q.grad = k.grad = v.grad = None
+    assert packed[False] >= k.numel() * k.element_size()  # at least the K/V of the step is kept
+    assert packed[True] == 0
