@@ -15,6 +15,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_WARM: set = set()
+
+
+def _warm_up(group) -> None:
+    """One barrier per NCCL group before its first point-to-point batch: NCCL needs every rank in the
+    first ``batch_isend_irecv`` of a communicator, and a direct exchange may give a rank nothing to send."""
+    key = id(group) if group is not None else None
+    if key in _WARM or dist.get_backend(group) != "nccl":
+        return
+    dist.barrier(group=group)
+    _WARM.add(key)
+
 
 @dataclass
 class Transfer:
@@ -55,6 +67,7 @@ class RingComm:
         self.next = self._global((self.rank + 1) % self.world_size)
         self.prev = self._global((self.rank - 1) % self.world_size)
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        _warm_up(group)
 
     def _global(self, group_rank: int) -> int:
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
