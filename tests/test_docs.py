@@ -27,6 +27,7 @@ PYTHON_BLOCKS = {
     "docs/api.md": 0,
     "docs/architecture.md": 0,
     "docs/composing_masks.md": 5,
+    "docs/context_parallel.md": 1,
     "docs/debugging.md": 6,
     "docs/kernel_options.md": 1,
     "docs/learnable_bias.md": 2,

@@ -76,9 +76,9 @@ def test_flex_attention_path_matches_eager(kind, device, backend, monkeypatch):
     monkeypatch.setattr(transformers.masking_utils, "create_block_mask", spy)
     torch.manual_seed(0)
     config = _config(kind)
-    build = transformers.AutoModelForCausalLM.from_config
-    eager = build(config, attn_implementation="eager").to(device)
-    flex = build(config, attn_implementation="flex_attention").to(device)
+    from_config = transformers.AutoModelForCausalLM.from_config
+    eager = from_config(config, attn_implementation="eager").to(device)
+    flex = from_config(config, attn_implementation="flex_attention").to(device)
     flex.load_state_dict(eager.state_dict())
     for padded in (False, True):  # the second call reaches the compiled graph with new mask closures
         ids, mask = (t.to(device) for t in _batch(padded))
