@@ -78,6 +78,7 @@ def triton_flex_attention(
     block_mask: BlockMask | None,
     scale: float,
     options: KernelOptions,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
 
@@ -91,8 +92,9 @@ def triton_flex_attention(
         out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, KernelOptions(BACKEND="TRITON"))
     """
     plan = plan_attention(
-        score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device, query.dtype
-    )
+        score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device, query.dtype,
+        fingerprints,
+    )  # fmt: skip
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

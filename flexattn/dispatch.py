@@ -72,6 +72,7 @@ def run_attention(
     scale: float,
     options: KernelOptions,
     backend: str,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
@@ -81,6 +82,8 @@ def run_attention(
         score_mod: the user's score_mod, or None for the identity.
         block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device, or None (attend everywhere).
         scale: finite float. options: validated KernelOptions.
+        fingerprints: the mods' ``compiler.fingerprint.CallFingerprints`` from this call's checks,
+            or None (the Triton path then fingerprints them itself).
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
@@ -88,4 +91,4 @@ def run_attention(
         return reference_attention(query, key, value, score_mod, block_mask, scale)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options)
+    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options, fingerprints)

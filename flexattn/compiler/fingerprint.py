@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import functools
 import types
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,6 +48,44 @@ _BY_VALUE = (torch.dtype, torch.device)
 
 class _Uncacheable(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """``mod_key`` of one mod, computed once per call and shared by the call's check and compile.
+
+    ``key`` is None for a mod the key cannot describe; ``keep`` holds the objects whose identities
+    are in the key. Consumers use it only for the very object it was made from (``mod``).
+    """
+
+    mod: Any
+    key: tuple | None
+    keep: tuple
+
+
+@dataclass(frozen=True)
+class CallFingerprints:
+    """The fingerprints of one call's score_mod and mask_mod (None where not computed)."""
+
+    score: Fingerprint | None = None
+    mask: Fingerprint | None = None
+
+
+def fingerprint(mod) -> Fingerprint:
+    """The :class:`Fingerprint` of ``mod`` now.
+
+    Example:
+        >>> fingerprint(lambda b, h, q, kv: q >= kv).key is not None
+        True
+    """
+    keep: list = []
+    key = mod_key(mod, keep)
+    return Fingerprint(mod, key, tuple(keep))
+
+
+def fingerprint_of(mod, given: Fingerprint | None) -> Fingerprint:
+    """``given`` if it was made from ``mod``, else a fresh fingerprint."""
+    return given if given is not None and given.mod is mod else fingerprint(mod)
 
 
 def mod_key(mod, keep: list) -> tuple | None:
