@@ -20,6 +20,7 @@ import flexattn.compiler.checks as compiler_checks
 from flexattn import create_block_mask, flex_attention
 from flexattn.compiler import ModCompileError
 from flexattn.kernels import forward
+from flexattn.kernels.launch import LaunchCache
 from flexattn.kernels.tiles import forward_tiles
 from flexattn.options import KernelOptions, parse_options
 from flexattn.plan import noop_tables
@@ -53,7 +54,7 @@ def launches(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((grid, args, kwargs))
 
-    monkeypatch.setattr(forward, "_flex_forward_kernel", Recorder())
+    monkeypatch.setattr(forward, "_LAUNCHES", LaunchCache(Recorder()))
     return calls
 
 

@@ -51,12 +51,15 @@ def tma_compatible(t: torch.Tensor, target: DeviceLimits) -> bool:
 
 
 def tile_descriptors(
-    tensors: tuple[tuple[torch.Tensor, int], ...], rows: int, target: DeviceLimits
+    tensors: tuple[tuple[torch.Tensor, int], ...], rows: int, target: DeviceLimits, *, compatible=None
 ) -> tuple | None:
     """Tensor descriptors over 4-D (B, H, L, D) tensors, one per ``(tensor, width)`` pair, each
     loading ``[1, 1, rows, width]`` blocks (zero-padded past L and D); None when any of the tensors
-    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them."""
-    if not all(tma_compatible(t, target) for t, _ in tensors):
+    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them.
+    ``compatible``: that test's answer for all of them, when the caller has it already."""
+    if compatible is None:
+        compatible = all(tma_compatible(t, target) for t, _ in tensors)
+    if not compatible:
         return None
     return tuple(
         TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width]) for t, width in tensors

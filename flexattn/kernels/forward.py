@@ -32,6 +32,7 @@ from flexattn.kernels.device import (
     tile_descriptors,
     tma_compatible,
 )
+from flexattn.kernels.launch import LaunchCache, alignment, args_key
 from flexattn.kernels.tile_io import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
     TileCache,
@@ -258,7 +259,7 @@ def flex_forward(
     target = device_limits(q.device) if target is None else target
     q_block, kv_block = tables.q_block, tables.kv_block
     B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
-    check_block_tables(tables, "kv", B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
+    check_block_tables(tables, "kv", B, Hq, -(-Lq // q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
     Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -280,14 +281,18 @@ def flex_forward(
 
     def launch(tiles: Tiles) -> None:
         descriptors = (
-            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if tiles.use_tma else None
+            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target, compatible=tma_ok)
+            if tiles.use_tma
+            else None
         )
         k_src, v_src = descriptors or (k, v)
-        grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
-        _flex_forward_kernel[grid](
-            q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *table_args, Lq, Lkv, Hq, float(scale),
+        grid = (-(-Lq // tiles.BLOCK_M), Hq, B)
+        strides = (_strides(q), _strides(k), _strides(v), _strides(out))
+        args = (
+            q, k_src, v_src, out, lse, max_scores, *strides, *table_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
+        )  # fmt: skip
+        kwargs = dict(
             GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
             **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
@@ -298,6 +303,15 @@ def flex_forward(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
+        # What Triton specialises on, or more: dtypes and 16-byte alignment of the pointers, the
+        # specialised ints by value, the unspecialised ones (lengths, mask sizes) by width.
+        pointers = (q, out, lse, max_scores, *table_args[:4]) + (() if descriptors else (k, v))
+        key = (
+            tuple(kwargs.items()), q.dtype, strides, Hq, id(score_mod.fn), id(mask_mod.fn), alignment(*pointers),
+            (k.shape, k.stride(), v.shape, v.stride()) if descriptors else None,
+            max(Lq, Lkv, *table_args[4:]) < 2**31, args_key(score_mod.args), args_key(mask_mod.args),
+        )  # fmt: skip
+        _LAUNCHES.launch(grid, key, args, kwargs, pinned=(score_mod.fn, mask_mod.fn))
 
     user_set = tiles is not None or any(
         getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")
@@ -322,6 +336,10 @@ def flex_forward(
     return out, lse, max_scores
 
 
+# The compiled forward kernels by launch key: repeat calls skip Triton's argument binding (launch.py).
+_LAUNCHES = LaunchCache(_flex_forward_kernel)
+
+
 # Launch configurations shrunk after the compiler reported too little shared memory, by
 # (launch key, first choice): later calls start from the fitted tiles and compile nothing twice.
 _FITTED_TILES: dict[tuple, Tiles] = {}
@@ -333,7 +351,8 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     ``tiles.smaller_tiles`` and remember the fit. User-chosen tiles are never changed: they get
     a clear error instead. Returns the tiles that ran."""
     first = tiles
-    tiles = _FITTED_TILES.get((key, first), first)
+    fitted = _FITTED_TILES.get((key, first))
+    tiles = fitted or first
     while True:
         try:
             launch(tiles)
@@ -347,7 +366,8 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
                     + ("Choose smaller kernel_options tiles or fewer stages." if user_set else "")
                 ) from err
             tiles = replace(smaller, reason=f"{tiles.reason}; shrunk after: {err}")
-    _FITTED_TILES[(key, first)] = tiles
+    if tiles is not fitted:
+        _FITTED_TILES[(key, first)] = tiles
     return tiles
 
 
