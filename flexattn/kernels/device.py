@@ -7,6 +7,7 @@ device by default and accept one explicitly, so tools compile for a GPU they do 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -61,9 +62,29 @@ def tile_descriptors(
         compatible = all(tma_compatible(t, target) for t, _ in tensors)
     if not compatible:
         return None
-    return tuple(
-        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width]) for t, width in tensors
-    )
+    return tuple(_descriptor(t, [1, 1, rows, width]) for t, width in tensors)
+
+
+# TensorDescriptor's own checks: the tensor's (alignment, unit last stride, 16-byte strides) are
+# tma_compatible's, a shape has no zero, and the block shape's depend on it alone. So a block shape
+# that passed them once is not checked again (when the class is the plain dataclass of Triton 3.6).
+_PLAIN_DESCRIPTOR = tuple(f.name for f in dataclasses.fields(TensorDescriptor)) == (
+    "base", "shape", "strides", "block_shape", "padding",
+)  # fmt: skip
+_CHECKED_BLOCKS: set[tuple[int, ...]] = set()
+
+
+def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
+    """``TensorDescriptor(t, t.shape, t.stride(), block_shape)`` for a ``tma_compatible`` tensor."""
+    if _PLAIN_DESCRIPTOR and tuple(block_shape) in _CHECKED_BLOCKS and 0 not in t.shape:
+        descriptor = object.__new__(TensorDescriptor)
+        descriptor.__dict__.update(
+            base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block_shape, padding="zero"
+        )
+        return descriptor
+    descriptor = TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape)
+    _CHECKED_BLOCKS.add(tuple(block_shape))
+    return descriptor
 
 
 def dot_precision(dtype: torch.dtype) -> str:
