@@ -20,7 +20,7 @@ specialisation key, kernel lookup) really runs, but a stub driver's launcher doe
 measures the host path of a GPU call on a machine without one, like ``compile_report.py`` it
 relies on Triton 3.6 internals (the driver interface).
 
-    python benchmarks/bench_host.py --device cuda                 # the table on the GPU
+    python benchmarks/bench_host.py                               # the table (on the GPU if there is one)
     python benchmarks/bench_host.py --device cuda --json host.json
     python benchmarks/bench_host.py --simulate-launch             # flexattn's GPU host path on CPU
     python benchmarks/bench_host.py --breakdown decode            # cProfile's top entries, flexattn
@@ -110,8 +110,9 @@ def time_call(
     return {"host_us": statistics.median(host), "wall_sync_us": statistics.median(wall)}
 
 
-def breakdown(call: Callable, calls: int, top: int) -> str:
-    """cProfile's ``top`` entries by cumulative time over ``calls`` calls (after one warm call)."""
+def breakdown(call: Callable, calls: int, top: int, sort: str = "cumulative") -> str:
+    """cProfile's ``top`` entries by ``sort`` (cumulative or tottime) over ``calls`` calls (after one
+    warm call)."""
     call()
     profile = cProfile.Profile()
     profile.enable()
@@ -119,7 +120,7 @@ def breakdown(call: Callable, calls: int, top: int) -> str:
         call()
     profile.disable()
     text = io.StringIO()
-    pstats.Stats(profile, stream=text).sort_stats(os.environ.get("BENCH_HOST_SORT", "cumulative")).print_stats(top)
+    pstats.Stats(profile, stream=text).sort_stats(sort).print_stats(top)
     return text.getvalue()
 
 
@@ -186,7 +187,7 @@ def simulated_gpu():
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="float16 or bfloat16 on CUDA (default), float32 on CPU")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
@@ -196,12 +197,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--simulate-launch", action="store_true", help="flexattn only, see the docstring")
     parser.add_argument("--breakdown", metavar="CASE", choices=list(CASES), help="cProfile flexattn on CASE")
     parser.add_argument("--top", type=int, default=30, help="entries shown by --breakdown")
+    parser.add_argument(
+        "--sort", choices=("cumulative", "tottime"), default="cumulative", help="--breakdown order"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument(
         "--clock", choices=("wall", "thread"), default="wall",
         help="thread: this thread's CPU time (a loaded shared machine; single-threaded paths only)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    args, _ = parser.parse_known_args(argv)  # `flexattn bench --quick` passes other benchmarks' options
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.simulate_launch:
         args.impls, args.device = ["flexattn"], "cpu"
         args.dtype = args.dtype or "float16"
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     with context:
         if args.breakdown:
             call = make_call("flexattn", CASES[args.breakdown], args.device, args.dtype, options)
-            print(breakdown(call, args.calls, args.top))
+            print(breakdown(call, args.calls, args.top, args.sort))
             return 0
         rows = []
         for name in args.cases:
