@@ -292,26 +292,35 @@ def flex_forward(
             q, k_src, v_src, out, lse, max_scores, *strides, *table_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
         )  # fmt: skip
-        kwargs = dict(
-            GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
-            BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
-            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
-            PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
-            DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
-            SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
-        )  # fmt: skip
-        # What Triton specialises on, or more: dtypes and 16-byte alignment of the pointers, the
-        # specialised ints by value, the unspecialised ones (lengths, mask sizes) by width.
+        rows_safe = bool(getattr(options, "ROWS_GUARANTEED_SAFE", False))
+        identity = score_mod.trivial and float(scale) > 0
+        precision = dot_precision(q.dtype)
+
+        def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
+            return dict(
+                GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
+                BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
+                **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
+                ROWS_SAFE=rows_safe, USE_TMA=descriptors is not None,
+                PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
+                DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity,
+                SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
+            )  # fmt: skip
+
+        # What Triton specialises on, or more: the values keywords() is made of (tiles holds the
+        # launch options), dtypes and 16-byte alignment of the pointers, the specialised ints by
+        # value, the unspecialised ones (lengths, mask sizes) by width.
         pointers = (q, out, lse, max_scores, *table_args[:4]) + (() if descriptors else (k, v))
         key = (
-            tuple(kwargs.items()), q.dtype, strides, Hq, id(score_mod.fn), id(mask_mod.fn), alignment(*pointers),
+            tiles, Hq // Hkv, E, Ev, q_block, kv_block, tuple(broadcast_flags.values()), tables.has_full,
+            Lkv % kv_block != 0, rows_safe, descriptors is not None, precision, identity,
+            q.dtype, strides, Hq, id(score_mod.fn), id(score_mod.bias_fn), id(mask_mod.fn), alignment(*pointers),
             (k.shape, k.stride(), v.shape, v.stride()) if descriptors else None,
             max(Lq, Lkv, *table_args[4:]) < 2**31, args_key(score_mod.args), args_key(mask_mod.args),
         )  # fmt: skip
-        _LAUNCHES.launch(grid, key, args, kwargs, pinned=(score_mod.fn, mask_mod.fn))
+        _LAUNCHES.launch(grid, key, args, keywords, pinned=(score_mod.fn, score_mod.bias_fn, mask_mod.fn))
 
     user_set = tiles is not None or any(
         getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")

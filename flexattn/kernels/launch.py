@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,12 @@ class _Entry:
 class LaunchCache:
     """Compiled kernels of one ``@triton.jit`` function by the launcher's key (bounded LRU).
 
-    ``launch(grid, key, args, kwargs, pinned)``: ``args`` are the positional arguments in
-    parameter order, ``kwargs`` the rest of the parameters (constexprs) and Triton's launch options
-    (``num_warps``, ``num_stages``, ``maxnreg``). ``key`` must determine everything
-    ``JITFunction.run`` specialises on for these arguments, except the state read here (the
-    current device, Triton's debug and instrumentation knobs); ``pinned`` are the objects whose
-    ``id`` is in the key.
+    ``launch(grid, key, args, keywords, pinned)``: ``args`` are the positional arguments in
+    parameter order; ``keywords()`` returns the rest of the parameters (constexprs) and Triton's
+    launch options (``num_warps``, ``num_stages``, ``maxnreg``) by name, and is called only when
+    Triton binds them (a miss). ``key`` must determine those and everything ``JITFunction.run``
+    specialises on for ``args``, except the state read here (the current device, Triton's debug
+    and instrumentation knobs); ``pinned`` are the objects whose ``id`` is in the key.
     """
 
     def __init__(self, fn, size: int = 256):
@@ -62,16 +63,19 @@ class LaunchCache:
         with self._lock:
             self._entries.clear()
 
-    def launch(self, grid: tuple[int, int, int], key: tuple, args: tuple, kwargs: dict, pinned: tuple = ()):
+    def launch(
+        self, grid: tuple[int, int, int], key: tuple, args: tuple, keywords: Callable[[], dict], pinned=()
+    ):
         if not self.direct or self.fn.pre_run_hooks:
-            return self.fn[grid](*args, **kwargs)
+            return self.fn[grid](*args, **keywords())
         runtime = knobs.runtime
         if not (_no_hooks(runtime.launch_enter_hook) and _no_hooks(runtime.launch_exit_hook)):
-            return self.fn[grid](*args, **kwargs)  # a profiler's hooks get their launch metadata
+            return self.fn[grid](*args, **keywords())  # a profiler's hooks get their launch metadata
         device = driver.active.get_current_device()
         key = (device, runtime.debug, knobs.compilation.instrumentation_mode, key)
         entry = self._entries.get(key)
         if entry is None:
+            kwargs = keywords()
             kernel = self.fn[grid](*args, **kwargs)
             if kernel is not None and not hasattr(kernel, "result"):  # compiled (not still compiling)
                 self._remember(key, kernel, kwargs, len(args), pinned)
