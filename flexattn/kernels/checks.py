@@ -73,7 +73,7 @@ def check_block_tables(tables: BlockTables, side: str, B: int, H: int, rows: int
     """
     names = SIDES[side]
     num_name, idx_name, full_num_name, full_idx_name = names
-    num, idx, full_num, full_idx = (getattr(tables, name) for name in names)
+    num, idx, full_num, full_idx = [getattr(tables, name) for name in names]
     if num is not None and idx is not None and _well_formed(num, idx, full_num, full_idx, B, H, rows):
         return  # every check below passes (the repeat call's path: one pass over the shapes)
     if num is None or idx is None:
@@ -136,9 +136,9 @@ def block_table_args(tables: BlockTables, side: str) -> tuple[tuple, dict]:
     with contiguous tables; a batch or head dim of size 1 is broadcast (its flag is 0). The partial
     tables stand in for absent full ones (the kernel's HAS_FULL flag is then False).
     """
-    num, idx, full_num, full_idx = (getattr(tables, name) for name in SIDES[side])
+    num, idx, full_num, full_idx = [getattr(tables, name) for name in SIDES[side]]
     if full_num is None:
         full_num, full_idx = num, idx
-    lists = tuple(t.contiguous() for t in (num, idx, full_num, full_idx))
+    lists = (num.contiguous(), idx.contiguous(), full_num.contiguous(), full_idx.contiguous())
     mask_b, mask_h, rows, cols = idx.shape
     return (*lists, mask_h, rows, cols), {"MASK_PER_BATCH": int(mask_b > 1), "MASK_PER_HEAD": int(mask_h > 1)}

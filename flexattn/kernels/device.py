@@ -47,7 +47,7 @@ def tma_compatible(t: torch.Tensor, target: DeviceLimits) -> bool:
     an explicit GPU ``target``, with a unit feature stride and 16-byte aligned base and strides."""
     on_gpu = t.is_cuda or target.capability is not None or os.environ.get("TRITON_INTERPRET") == "1"
     size = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    aligned = t.data_ptr() % 16 == 0 and all([s * size % 16 == 0 for s in t.stride()[:-1]])
     return on_gpu and t.stride(-1) == 1 and aligned
 
 

@@ -435,4 +435,4 @@ def choose_tiles(
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
-    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+    return tuple([s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)])  # (a list: no generator)

@@ -107,9 +107,9 @@ def _no_hooks(hook) -> bool:
 def args_key(args: tuple) -> tuple:
     """A compiled mod's runtime arguments as Triton specialises on them, or more: each tensor's
     dtype and alignment, every int (sizes and strides) by value."""
-    return tuple((a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args)
+    return tuple([(a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def alignment(*tensors) -> tuple[int, ...]:
     """Each tensor's address modulo 16 (Triton specialises pointers on 16-byte alignment)."""
-    return tuple(t.data_ptr() % 16 for t in tensors)
+    return tuple([t.data_ptr() % 16 for t in tensors])
