@@ -109,8 +109,8 @@ def noop_tables(q_len: int, kv_len: int, device: torch.device) -> BlockTables:
     if tables is None:
         tables = noop_block_mask(q_len, kv_len, device).tables()
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            if len(_NOOP_TABLES) >= _NOOP_TABLES_SIZE:
-                _NOOP_TABLES.pop(next(iter(_NOOP_TABLES)))
+            if len(_NOOP_TABLES) >= _NOOP_TABLES_SIZE:  # a bound, not an order: start afresh
+                _NOOP_TABLES.clear()
             _NOOP_TABLES[key] = tables
     return tables
 
