@@ -16,7 +16,7 @@ import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
 from flexattn.dispatch import check_call, run_attention
-from flexattn.options import KernelOptions
+from flexattn.options import KernelOptions, parse_options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -93,7 +93,7 @@ def flex_attention(
     if compiling:
         import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
     # eager calls parse the options once, here; traced ones hand check_call the user's dict (a constant)
-    options = kernel_options if compiling else KernelOptions.from_user(kernel_options)
+    options = kernel_options if compiling else parse_options(kernel_options)
     backend, tiles = check_call(score_mod, mask_mod, options, query.device, query.dtype)
     if block_mask is not None:  # traced under torch.compile (block sizes may be symbolic there)
         _check_tiles(tuple(block_mask.BLOCK_SIZE), tiles)
@@ -111,9 +111,18 @@ def flex_attention(
         )
     else:
         options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
-        _check_mods_trace(score_mod, mask_mod, query, kv_len)
+        fingerprints = _check_mods_trace(score_mod, mask_mod, query, kv_len)
         out, lse, max_scores = run_attention(
-            query, key, value, score_mod, block_mask, scale, options, backend, kv_pages=kv_pages
+            query,
+            key,
+            value,
+            score_mod,
+            block_mask,
+            scale,
+            options,
+            backend,
+            kv_pages=kv_pages,
+            fingerprints=fingerprints,
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
@@ -265,14 +274,22 @@ def _check_block_mask(block_mask, query, kv_len: int) -> None:
         )
 
 
-def _check_mods_trace(score_mod, mask_mod, query, kv_len: int) -> None:
-    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
+def _check_mods_trace(score_mod, mask_mod, query, kv_len: int):
+    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks).
+
+    Returns the mods' ``CallFingerprints``: the Triton path compiles them with the same keys."""
     from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
+    from flexattn.compiler.fingerprint import CallFingerprints, fingerprint
 
     grid = (query.shape[0], query.shape[1], query.shape[2], kv_len)  # (B, Hq, Lq, Lkv)
-    check_traced(score_mod, "score", grid, query.device)
+    score = mask = None
+    if score_mod is not None:
+        score = fingerprint(score_mod)
+        check_traced(score_mod, "score", grid, query.device, fingerprint=score)
     if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)
-        check_traced(mask_mod, "mask", grid, query.device)
+        mask = fingerprint(mask_mod)
+        check_traced(mask_mod, "mask", grid, query.device, fingerprint=mask)
+    return CallFingerprints(score, mask)
 
 
 def _check_tiles(block_size: tuple[int, int], tiles: tuple[int | None, int | None]) -> None:

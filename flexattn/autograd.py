@@ -81,6 +81,7 @@ def triton_flex_attention(
     options: KernelOptions,
     *,
     kv_pages: PagedKV | None = None,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
 
@@ -96,16 +97,9 @@ def triton_flex_attention(
     """
     kv_len = key.shape[2] if kv_pages is None else kv_pages.kv_len
     plan = plan_attention(
-        score_mod,
-        block_mask,
-        query.shape[2],
-        kv_len,
-        scale,
-        options,
-        query.device,
-        query.dtype,
-        kv_pages=kv_pages,
-    )
+        score_mod, block_mask, query.shape[2], kv_len, scale, options, query.device, query.dtype,
+        kv_pages=kv_pages, fingerprints=fingerprints,
+    )  # fmt: skip
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

@@ -78,6 +78,7 @@ def run_attention(
     backend: str,
     *,
     kv_pages: PagedKV | None = None,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
@@ -89,6 +90,8 @@ def run_attention(
         scale: finite float. options: validated KernelOptions.
         kv_pages: key / value are paged caches (1, Hkv, rows, E) read through this page table
             (``flexattn.paged``; inference only), or None. The reference backend gathers them.
+        fingerprints: the mods' ``compiler.fingerprint.CallFingerprints`` from this call's checks,
+            or None (the Triton path then fingerprints them itself).
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
@@ -98,4 +101,6 @@ def run_attention(
         return reference_attention(query, key, value, score_mod, block_mask, scale)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options, kv_pages=kv_pages)
+    return triton_flex_attention(
+        query, key, value, score_mod, block_mask, scale, options, kv_pages=kv_pages, fingerprints=fingerprints
+    )

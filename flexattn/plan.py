@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from flexattn.block_mask import BlockMask, noop_block_mask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, noop_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.compiler.fingerprint import CallFingerprints
 from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
@@ -91,8 +92,31 @@ class AttentionPlan:
 def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) -> BlockTables:
     """The kernels' view of ``block_mask``; None means attend everywhere (every block full)."""
     if block_mask is None:
-        return noop_block_mask(q_len, kv_len, device).tables()
+        return noop_tables(q_len, kv_len, torch.device(device))
     return block_mask.tables()
+
+
+# The every-block-full tables by (NQ, NKV, device): they depend on the lengths only through the block
+# counts (a decode loop reuses one set for 128 steps) and no kernel writes them.
+_NOOP_TABLES: dict[tuple, BlockTables] = {}
+_NOOP_TABLES_SIZE = 64
+
+
+def noop_tables(q_len: int, kv_len: int, device: torch.device) -> BlockTables:
+    """The tables of ``noop_block_mask(q_len, kv_len, device)``, built once per block counts.
+
+    Not remembered while a CUDA graph is being captured on the current stream: tensors made then are
+    only written when the graph replays, so an eager call must never read them.
+    """
+    key = (-(-q_len // DEFAULT_BLOCK_SIZE), -(-kv_len // DEFAULT_BLOCK_SIZE), device)
+    tables = _NOOP_TABLES.get(key)
+    if tables is None:
+        tables = noop_block_mask(q_len, kv_len, device).tables()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_NOOP_TABLES) >= _NOOP_TABLES_SIZE:  # a bound, not an order: start afresh
+                _NOOP_TABLES.clear()
+            _NOOP_TABLES[key] = tables
+    return tables
 
 
 def fast_math_for(options: KernelOptions, dtype: torch.dtype | None) -> bool:
@@ -111,18 +135,23 @@ def plan_attention(
     dtype: torch.dtype | None = None,
     *,
     kv_pages: PagedKV | None = None,
+    fingerprints: CallFingerprints | None = None,
 ) -> AttentionPlan:
     """Compile the mods for ``device`` (cached by structure) and bundle them with the block tables.
 
     ``dtype`` (the inputs'): fp16/bf16 allow ``options.fast_math`` (hardware tanh in the score mod).
     ``kv_pages``: the keys / values are paged caches (``kv_len`` is then the logical length).
+    ``fingerprints``: the mods' fingerprints from this call's checks (each mod is keyed once a call).
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
         plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
         out, lse, max_scores = plan.forward(q, k, v)
     """
-    score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
-    mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
+    fingerprints = fingerprints or CallFingerprints()
+    fast_math = fast_math_for(options, dtype)
+    score = compile_score_mod(score_mod, device=device, fast_math=fast_math, fingerprint=fingerprints.score)
+    mask_mod = None if block_mask is None else block_mask.mask_mod
+    mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
     tables = block_tables(block_mask, q_len, kv_len, device)
     return AttentionPlan(score, mask, tables, scale, options, kv_pages)

@@ -77,7 +77,8 @@ from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.checks import check_mod
 from flexattn.compiler.codegen import bias_function, forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError, ModIndexError
-from flexattn.compiler.fingerprint import mod_key
+from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of
+from flexattn.compiler.fingerprint import fingerprint as fingerprint_now
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
 from flexattn.compiler.proxy import fast_tanh
@@ -125,7 +126,12 @@ def _always(b, h, q_idx, kv_idx):
 
 
 def compile_score_mod(
-    score_mod, *, device=None, fast_math: bool = False, target: str | None = None
+    score_mod,
+    *,
+    device=None,
+    fast_math: bool = False,
+    target: str | None = None,
+    fingerprint: Fingerprint | None = None,
 ) -> KernelMod:
     """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
 
@@ -138,15 +144,35 @@ def compile_score_mod(
     hardware ``tanh.approx.f32`` on NVIDIA GPUs (relative error 2**-11: for fp16/bf16 attention,
     where it is below the rounding of the scores to the input dtype; docs/kernel_options.md).
     ``target`` ("interpreter", "cuda" or "hip") overrides the code target the device implies (tools
-    that compile for a GPU they do not have: ``benchmarks/compile_report.py``).
+    that compile for a GPU they do not have: ``benchmarks/compile_report.py``). ``fingerprint``: the
+    mod's ``fingerprint.fingerprint``, if the caller computed it this call (its checks did).
     """
-    return _compile(score_mod if score_mod is not None else _identity, "score", device, fast_math, target)
+    if score_mod is None:
+        score_mod, fingerprint = _identity, _builtin_fingerprint(_identity)
+    return _compile(score_mod, "score", device, fast_math, target, fingerprint)
 
 
-def compile_mask_mod(mask_mod, *, device=None, target: str | None = None) -> KernelMod:
+def compile_mask_mod(
+    mask_mod, *, device=None, target: str | None = None, fingerprint: Fingerprint | None = None
+) -> KernelMod:
     """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod
-    (``device`` and ``target`` as in :func:`compile_score_mod`)."""
-    return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target=target)
+    (``device``, ``target`` and ``fingerprint`` as in :func:`compile_score_mod`)."""
+    if mask_mod is None:
+        mask_mod, fingerprint = _always, _builtin_fingerprint(_always)
+    return _compile(mask_mod, "mask", device, target=target, fingerprint=fingerprint)
+
+
+_BUILTIN_FINGERPRINTS: dict[tuple, Fingerprint] = {}
+
+
+def _builtin_fingerprint(mod) -> Fingerprint:
+    """The fingerprint of ``_identity`` / ``_always`` (no closure, defaults or user globals: their
+    key changes only with torch's default dtype), computed once per default dtype."""
+    key = (mod, torch.get_default_dtype())
+    found = _BUILTIN_FINGERPRINTS.get(key)
+    if found is None:
+        found = _BUILTIN_FINGERPRINTS[key] = fingerprint_now(mod)
+    return found
 
 
 def compile_block_mask_mod(
@@ -276,10 +302,12 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
     return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path, bias_fn)
 
 
-def _compile(mod, kind: str, device, fast_math: bool = False, target: str | None = None) -> KernelMod:
+def _compile(
+    mod, kind: str, device, fast_math: bool = False, target: str | None = None, fingerprint=None
+) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
-    keep: list = []
-    key = mod_key(mod, keep)
+    fingerprint = fingerprint_of(mod, fingerprint)
+    key, keep = fingerprint.key, fingerprint.keep
     if key is not None:
         key = (
             kind,

@@ -32,6 +32,7 @@ from flexattn.kernels.device import (
     tile_descriptors,
     tma_compatible,
 )
+from flexattn.kernels.launch import LaunchCache, alignment, args_key
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
@@ -308,23 +309,47 @@ def flex_forward(
                 f"kernel_options['USE_TMA'] with a paged cache needs page_size ({page}) to be a multiple of "
                 f"BLOCK_N ({tiles.BLOCK_N}); drop USE_TMA or pick a smaller BLOCK_N."
             )
-        descriptors = tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if use_tma else None
+        descriptors = (
+            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target, compatible=tma_ok)
+            if use_tma
+            else None
+        )
         k_src, v_src = descriptors or (k, v)
-        grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
-        _flex_forward_kernel[grid](
-            q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *table_args, *page_args, Lq, Lkv, Hq, float(scale),
+        grid = (-(-Lq // tiles.BLOCK_M), Hq, B)
+        strides = (_strides(q), _strides(k), _strides(v), _strides(out))
+        args = (
+            q, k_src, v_src, out, lse, max_scores, *strides, *table_args, *page_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
-            GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
-            BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
-            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
-            PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
-            DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
-            SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn, PAGE=page,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
+        rows_safe = bool(getattr(options, "ROWS_GUARANTEED_SAFE", False))
+        identity = score_mod.trivial and float(scale) > 0
+        precision = dot_precision(q.dtype)
+
+        def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
+            return dict(
+                GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
+                BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
+                **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
+                ROWS_SAFE=rows_safe, USE_TMA=descriptors is not None,
+                PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
+                DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity,
+                SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn, PAGE=page,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
+            )  # fmt: skip
+
+        # What Triton specialises on, or more: the values keywords() is made of (tiles holds the
+        # launch options), dtypes and 16-byte alignment of the pointers, the specialised ints by
+        # value, the unspecialised ones (lengths, mask sizes, the page table's row stride) by width.
+        pointers = (q, out, lse, max_scores, *table_args[:4], page_args[0]) + (() if descriptors else (k, v))
+        key = (
+            tiles, Hq // Hkv, E, Ev, q_block, kv_block, tuple(broadcast_flags.values()), tables.has_full,
+            Lkv % kv_block != 0, rows_safe, descriptors is not None, precision, identity, page,
+            q.dtype, strides, Hq, id(score_mod.fn), id(score_mod.bias_fn), id(mask_mod.fn), alignment(*pointers),
+            (k.shape, k.stride(), v.shape, v.stride()) if descriptors else None,
+            max(Lq, Lkv, page_args[1], *table_args[4:]) < 2**31, args_key(score_mod.args), args_key(mask_mod.args),
+        )  # fmt: skip
+        _LAUNCHES.launch(grid, key, args, keywords, pinned=(score_mod.fn, score_mod.bias_fn, mask_mod.fn))
 
     user_set = tiles is not None or any(
         getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")
@@ -350,6 +375,10 @@ def flex_forward(
     return out, lse, max_scores
 
 
+# The compiled forward kernels by launch key: repeat calls skip Triton's argument binding (launch.py).
+_LAUNCHES = LaunchCache(_flex_forward_kernel)
+
+
 # Launch configurations shrunk after the compiler reported too little shared memory, by
 # (launch key, first choice): later calls start from the fitted tiles and compile nothing twice.
 _FITTED_TILES: dict[tuple, Tiles] = {}
@@ -361,7 +390,8 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     ``tiles.smaller_tiles`` and remember the fit. User-chosen tiles are never changed: they get
     a clear error instead. Returns the tiles that ran."""
     first = tiles
-    tiles = _FITTED_TILES.get((key, first), first)
+    fitted = _FITTED_TILES.get((key, first))
+    tiles = fitted or first
     while True:
         try:
             launch(tiles)
@@ -375,7 +405,8 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
                     + ("Choose smaller kernel_options tiles or fewer stages." if user_set else "")
                 ) from err
             tiles = replace(smaller, reason=f"{tiles.reason}; shrunk after: {err}")
-    _FITTED_TILES[(key, first)] = tiles
+    if tiles is not fitted:
+        _FITTED_TILES[(key, first)] = tiles
     return tiles
 
 
@@ -435,4 +466,4 @@ def choose_tiles(
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
-    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+    return tuple([s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)])  # (a list: no generator)
