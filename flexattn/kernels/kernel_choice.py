@@ -160,12 +160,14 @@ def choose_kernel(
     needs_grad: bool,
     per_head_mask: bool,
     prefill_tiles: str | None,
+    paged: bool = False,
     splits: int | None = None,
 ) -> KernelChoice:
     """Prefill or decode for one call; "unsupported" (with the fix) when neither kernel can take it.
 
     - gradients need the prefill kernels (the decode kernel has no backward), which read no Positions;
     - Positions (query offsets, ragged key lengths) are read by the decode kernel (kv_offset 0 only);
+    - paged K/V caches are read through their page table by the prefill kernel only (for now);
     - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
       autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
     - otherwise decode when the packed query rows (GQA group x Lq) fit one tile: each K/V byte is
@@ -180,6 +182,12 @@ def choose_kernel(
     if needs_grad and positions_given:
         return KernelChoice("unsupported", "positions are for inference (the decode kernel has no backward); "
                             "call under torch.no_grad() / inference_mode, or drop positions to train")  # fmt: skip
+    if paged and positions_given:
+        return KernelChoice("unsupported", "positions with a paged KV cache: the prefill kernel reads pages "
+                            "but no positions, the decode kernel positions but no pages; drop positions "
+                            "(the paged block mask carries the lengths)")  # fmt: skip
+    if paged:
+        return KernelChoice("prefill", "paged K/V caches: the prefill kernel reads the page table")
     if needs_grad:
         return KernelChoice("prefill", "gradients needed: the decode kernel has no backward")
     if prefill_tiles and positions_given:
