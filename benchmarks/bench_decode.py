@@ -303,19 +303,20 @@ def _sweep_cells(q, k, v, plan) -> dict:
     return cells
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dry-run", action="store_true", help="list rows and kernel choices, launch nothing")
     parser.add_argument("--json", help="write the results here (rewritten after every row)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the split / tile sweep at the end")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="KV 8k and 32k only, no sweep (flexattn bench)")
+    args = parser.parse_args(argv)
     if args.dry_run:
         dry_run()
-        return
+        return 0
     if not torch.cuda.is_available():
-        sys.exit("bench_decode needs a CUDA GPU (or --dry-run)")
+        raise SystemExit("bench_decode.py needs a CUDA GPU (use --dry-run to see the rows).")
     torch_flex = torch.compile(torch.nn.attention.flex_attention.flex_attention)
     device = "cuda"
     global _slopes
@@ -326,6 +327,8 @@ def main() -> None:
     )
     results, start = [], time.time()
     for row in rows():
+        if args.quick and row.kv_len > 32768:
+            continue
         result = run_row(row, torch_flex, device)
         results.append(result)
         print_row(result)
@@ -333,13 +336,14 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
         torch.cuda.empty_cache()
-    if not args.no_sweep:
+    if not (args.no_sweep or args.quick):
         results += sweep(device)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
     print(f"total {time.time() - start:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
