@@ -104,10 +104,10 @@ def bench(fn, graph: bool = True) -> tuple[float, str]:
 
     if graph:
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"), "graph"
+            return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median"), "graph"
         except Exception:  # noqa: BLE001 (a call that cannot be captured is timed eagerly)
             torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"), "eager"
+    return triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median"), "eager"
 
 
 def run_row(row: Row, torch_flex, device) -> dict:
