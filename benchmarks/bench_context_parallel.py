@@ -230,12 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the rows here (rank 0)")
     parser.add_argument("--dry-run", action="store_true", help="print the plans; no GPU or process group")
     parser.add_argument("--world-size", type=int, default=8, help="ranks for --dry-run")
+    parser.add_argument("--quick", action="store_true", help="32k and 128k tokens, 3 iterations")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.iters = [t for t in args.tokens if t <= 131072], 3
     if args.dry_run:
         dry_run(args)
         return
     if not torch.cuda.is_available():
-        raise SystemExit("bench_context_parallel needs CUDA GPUs (launch with torchrun); try --dry-run")
+        raise SystemExit("bench_context_parallel.py needs a CUDA GPU per rank (launch with torchrun); try --dry-run")
     dist.init_process_group("nccl")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -185,6 +185,9 @@ def simulated_gpu():
         driver._active = previous
 
 
+RUNS_ON_CPU = True  # host time is measured on CPU as well (tests/test_cli.py)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -194,6 +197,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="100 calls, 2 repeats")
     parser.add_argument("--simulate-launch", action="store_true", help="flexattn only, see the docstring")
     parser.add_argument("--breakdown", metavar="CASE", choices=list(CASES), help="cProfile flexattn on CASE")
     parser.add_argument("--top", type=int, default=30, help="entries shown by --breakdown")
@@ -206,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="thread: this thread's CPU time (a loaded shared machine; single-threaded paths only)",
     )  # fmt: skip
     args, _ = parser.parse_known_args(argv)  # `flexattn bench --quick` passes other benchmarks' options
+    if args.quick:
+        args.calls, args.warmup, args.repeats = 100, 10, 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.simulate_launch:
         args.impls, args.device = ["flexattn"], "cpu"

@@ -238,7 +238,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--pages", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--json", help="write the rows as JSON to this file (after every row)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, check the setup on CPU")
+    parser.add_argument("--quick", action="store_true", help="KV 8k only")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.kv = [kv for kv in args.kv if kv <= 8192] or args.kv[:1]
     if args.dry_run:
         dry_run(args)
         return []
