@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         dry_run(args)
         return
     if not torch.cuda.is_available():
-        raise SystemExit("bench_context_parallel.py needs a CUDA GPU per rank (launch with torchrun); try --dry-run")
+        raise SystemExit("bench_context_parallel.py needs a CUDA GPU per rank (use torchrun); try --dry-run")
     dist.init_process_group("nccl")
     try:
         rank, world = dist.get_rank(), dist.get_world_size()

@@ -52,7 +52,7 @@ class AttentionPlan:
         positions = Positions() if positions is None else positions
         per_head = self.tables.kv_num_blocks.shape[1] > 1 and not self.dense
         choice = choose_kernel(
-            q_len=query.shape[2], q_heads=query.shape[1], kv_heads=key.shape[1],
+            q_len=query.shape[2], kv_len=key.shape[2], q_heads=query.shape[1], kv_heads=key.shape[1],
             positions_given=not positions.is_default, kv_offset=positions.kv_offset, needs_grad=needs_grad,
             per_head_mask=per_head, prefill_tiles=_prefill_knobs(self.options, prefill_tiles),
             paged=self.kv_pages is not None,

@@ -169,6 +169,9 @@ def test_prefill_tiles_with_positions_raise():
 def test_explain_names_the_forward_kernel():
     q, k, v = _inputs(1)
     plan = plan_attention(None, None, 1, L, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
-    assert "forward kernel (inference): decode" in plan.explain(q, k, v)
+    assert f"forward kernel (inference): prefill: Lkv={L} < 2048" in plan.explain(q, k, v)  # a short cache
+    long_k, long_v = (torch.randn(B, k.shape[1], 4096, E) for _ in range(2))  # explain launches nothing
+    long_plan = plan_attention(None, None, 1, 4096, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
+    assert "forward kernel (inference): decode" in long_plan.explain(q, long_k, long_v)
     long_q = torch.randn(B, HQ, 65, E)  # 2 heads x 65 tokens: more rows than one tile
-    assert "forward kernel (inference): prefill" in plan.explain(long_q, k, v)
+    assert "forward kernel (inference): prefill" in long_plan.explain(long_q, long_k, long_v)

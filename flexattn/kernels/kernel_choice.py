@@ -16,6 +16,9 @@ from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.tiles import largest_tile_dividing, next_power_of_2, padded_head_dim
 
 DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile holds
+# Without Positions, caches shorter than this take the prefill kernel: one launch (and the host path's
+# launch cache) against split-KV's two launches and workspace, for a few key tiles per head.
+DECODE_MIN_KV_LEN = 2048
 SPLIT_WAVES = 2  # aim for at least this many programs per SM
 RAGGED_SPLIT_WAVES = 16  # ragged batches: splits sized for the padded length, so many more (short ones exit)
 INTERPRETER_SMS = 4  # "SMs" assumed without a GPU: a few splits, quick on the CPU
@@ -153,6 +156,7 @@ def decode_launch(
 def choose_kernel(
     *,
     q_len: int,
+    kv_len: int,
     q_heads: int,
     kv_heads: int,
     positions_given: bool,
@@ -170,6 +174,7 @@ def choose_kernel(
     - paged K/V caches are read through their page table by the prefill kernel only (for now);
     - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
       autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
+    - short caches (Lkv < DECODE_MIN_KV_LEN) without positions take the prefill kernel (one launch);
     - otherwise decode when the packed query rows (GQA group x Lq) fit one tile: each K/V byte is
       then read once per kv head, where prefill reads it once per query head.
     """
@@ -198,6 +203,9 @@ def choose_kernel(
     if positions_given:
         return KernelChoice("decode", "positions (query offsets / key lengths) are read by the decode kernel",
                             splits)  # fmt: skip
+    if kv_len < DECODE_MIN_KV_LEN:
+        return KernelChoice("prefill", f"Lkv={kv_len} < {DECODE_MIN_KV_LEN}: a few key tiles per head, one "
+                            "prefill launch costs less than split-KV and its merge")  # fmt: skip
     if rows <= DECODE_MAX_ROWS:
         packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
         return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head",

@@ -13,7 +13,7 @@ H200 = DeviceLimits((9, 0), 232448, 132)
 
 def _choice(**changes):
     args = dict(
-        q_len=1, q_heads=32, kv_heads=8, positions_given=False, kv_offset=0, needs_grad=False,
+        q_len=1, kv_len=8192, q_heads=32, kv_heads=8, positions_given=False, kv_offset=0, needs_grad=False,
         per_head_mask=False, prefill_tiles=None,
     )  # fmt: skip
     args.update(changes)
@@ -33,9 +33,11 @@ def _choice(**changes):
         ({"kv_offset": 16, "positions_given": True}, "unsupported", "kv_offset=16"),
         ({"prefill_tiles": "kernel_options BLOCK_M"}, "prefill", "kernel_options BLOCK_M"),
         ({"prefill_tiles": "kernel_options BLOCK_M", "positions_given": True}, "unsupported", "drop them"),
+        ({"kv_len": 2047}, "prefill", "Lkv=2047 < 2048"),
+        ({"kv_len": 300, "positions_given": True}, "decode", "positions"),
     ],
     ids=["decode", "32-tokens", "33-tokens", "per-head", "grad", "grad-positions", "positions", "kv-offset",
-         "tiles", "tiles-positions"],
+         "tiles", "tiles-positions", "short-cache", "short-cache-positions"],
 )  # fmt: skip
 def test_choose_kernel_says_why(changes, kind, says):
     choice = _choice(**changes)
