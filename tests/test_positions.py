@@ -171,7 +171,8 @@ def test_explain_names_the_forward_kernel():
     plan = plan_attention(None, None, 1, L, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
     assert f"forward kernel (inference): prefill: Lkv={L} < 2048" in plan.explain(q, k, v)  # a short cache
     long_k, long_v = (torch.randn(B, k.shape[1], 4096, E) for _ in range(2))  # explain launches nothing
-    long_plan = plan_attention(None, None, 1, 4096, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
+    triton = KernelOptions(BACKEND="TRITON")
+    long_plan = plan_attention(None, None, 1, 4096, 0.25, triton, torch.device("cpu"))
     assert "forward kernel (inference): decode" in long_plan.explain(q, long_k, long_v)
     long_q = torch.randn(B, HQ, 65, E)  # 2 heads x 65 tokens: more rows than one tile
     assert "forward kernel (inference): prefill" in long_plan.explain(long_q, long_k, long_v)
