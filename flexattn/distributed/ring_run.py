@@ -158,14 +158,9 @@ class RingRun:
             )
         acc, transfer = None, None
         for step, k_in, v_in, partials in steps:
-            g_q, g_k, g_v, g_caps = self._step_grads(
-                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures
+            g_k, g_v = self._add_step_grads(
+                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures, dq, d_caps
             )
-            if g_q is not None:
-                dq += g_q
-            for total, g in zip(d_caps, g_caps):
-                if g is not None:
-                    total += g
             if step == 0:
                 acc = [torch.zeros(t.shape, dtype=acc_dtype, device=t.device) for t in (k_in, v_in)]
             else:
@@ -184,20 +179,27 @@ class RingRun:
             [None if g is None else g.to(c.dtype) for g, c in zip(d_caps, captures)],
         )
 
+    def _add_step_grads(self, saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures, dq, d_caps):
+        """One ring step's gradients: dQ and the captures' grads summed in place; returns (dK, dV)."""
+        g_q, g_k, g_v, g_caps = self._step_grads(
+            saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures
+        )
+        if g_q is not None:
+            dq += g_q
+        for total, g in zip(d_caps, g_caps):
+            if g is not None:
+                total += g
+        return g_k, g_v
+
     def _backward_direct(self, saved, steps, rows, d_out, d_lse, wants, captures, dq, d_caps, acc_dtype):
         """Direct schedule: each visiting shard's dK/dV go straight back to its owner, summed there."""
         k, v = saved.k, saved.v
         rank, world = self.mask.rank, self.comm.world_size
         own, outgoing = None, []
         for step, k_in, v_in, partials in steps:
-            g_q, g_k, g_v, g_caps = self._step_grads(
-                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures
+            g_k, g_v = self._add_step_grads(
+                saved, partials, rows, d_out, d_lse, k_in, v_in, wants, captures, dq, d_caps
             )
-            if g_q is not None:
-                dq += g_q
-            for total, g in zip(d_caps, g_caps):
-                if g is not None:
-                    total += g
             grads = [
                 torch.zeros(t.shape, dtype=acc_dtype, device=t.device) if g is None else g.to(acc_dtype)
                 for t, g in ((k_in, g_k), (v_in, g_v))
