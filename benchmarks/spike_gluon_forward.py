@@ -3,17 +3,20 @@
 For B4 H16 L8192 E128 and B4 H16 L16384 E64, noop and causal, bf16, on fresh random inputs:
 
 1. correctness first: the Gluon kernel (each tile variant) and flexattn's Triton kernel against an
-   fp32 reference (torch SDPA in float32 for out, a float32 logsumexp for lse) on a few heads, and
-   Gluon against flexattn's Triton kernel on every head; failures are printed loudly, the run goes on;
+   fp32 reference (torch SDPA in float32 for out, a float32 logsumexp for lse) on two heads, and
+   Gluon against flexattn's Triton kernel on every head; failures are printed loudly, the run goes on
+   (a wrong kernel is still timed, and marked);
 2. then the median time (``triton.testing.do_bench``) of flexattn (Triton), every Gluon variant,
-   SDPA cuDNN and SDPA flash; TFLOP/s = 4*B*H*L*L*E (/2 causal) / time, and ratios to cuDNN.
+   SDPA cuDNN and SDPA flash; TFLOP/s = 4*B*H*L*L*E (/2 causal) / time, and ratios to cuDNN and to
+   flexattn's Triton kernel. Causal rows also time the Gluon kernel with flexattn's compiled causal
+   mask_mod inlined (``-mod``) instead of its built-in mask: the cost of the generated code.
 
-A hung Gluon kernel would hang the run, so a small smoke test of every Gluon variant (both head
-dims, noop and causal, bf16 and fp16) runs first in a child process with a time limit; when it
-fails or hangs, the main run skips Gluon and still times the rest. Compiled kernels land in
-Triton's cache, so the main run does not compile them again.
+A hung Gluon kernel would hang the run, so a smoke test of every Gluon variant (both head dims, noop
+and causal, bf16 and fp16, plus compiled mods: document mask, tanh soft-cap, ALiBi) on small shapes
+runs first in a child process with a time limit; when it hangs, the main run skips Gluon and still
+times the rest. Compiled kernels land in Triton's cache, so the main run does not compile them again.
 
-    python benchmarks/spike_gluon_forward.py --json /tmp/spike.json     # H200, ~2 minutes
+    python benchmarks/spike_gluon_forward.py --json /tmp/spike.json     # H200, ~2-3 minutes
     python benchmarks/spike_gluon_forward.py --dry-run                  # no GPU: plan + sm_90a compile
 """
 
@@ -37,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from flexattn.kernels.hopper.forward_ws import flash_forward_ws, flops  # noqa: E402
 
 CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
-# Tile variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong).
+# Tile variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong); first = default.
 VARIANTS = {
     128: [(64, 128, 2, True), (64, 128, 2, False), (64, 128, 3, True)],
     64: [(64, 128, 3, True), (64, 128, 3, False), (64, 128, 2, True)],
@@ -45,32 +48,55 @@ VARIANTS = {
 OUT_TOL, LSE_TOL = 2e-2, 2e-2  # relative error of out (Frobenius), max abs error of lse (bf16 inputs)
 
 
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
 def variant_name(v) -> str:
     bm, bn, st, pp = v
     return f"gluon-m{2 * bm}x{bn}-s{st}{'-pp' if pp else ''}"
 
 
-def run_gluon(q, k, v, causal, variant):
+def run_gluon(q, k, v, causal, variant, score_mod=None, mask_mod=None):
+    """The Gluon kernel; score_mod / mask_mod are compiled KernelMods (or None)."""
     bm, bn, st, pp = variant
-    return flash_forward_ws(q, k, v, causal=causal, block_m=bm, block_n=bn, stages=st, pingpong=pp)
+    return flash_forward_ws(q, k, v, causal=causal, score_mod=score_mod, mask_mod=mask_mod,
+                            block_m=bm, block_n=bn, stages=st, pingpong=pp)  # fmt: skip
 
 
 # -- references -------------------------------------------------------------------------------
-def reference(q, k, v, causal, heads):
-    """fp32 out (SDPA in float32) and lse (float32 logsumexp) for the (b, h) pairs in ``heads``."""
+def reference(q, k, v, causal, heads, score_mod=None, mask_mod=None):
+    """fp32 out and lse (natural log) for the (b, h) pairs in ``heads``: (len(heads), L, E), (len(heads), L).
+
+    Without mods, out is torch SDPA in float32; lse (and out with mods) come from float32 scores in
+    chunks of 2048 rows. Mods are the user's Python functions, applied by broadcasting."""
     scale = q.shape[-1] ** -0.5
     outs, lses = [], []
     for b, h in heads:
         qf, kf, vf = (t[b, h].float() for t in (q, k, v))  # (L, E)
-        outs.append(F.scaled_dot_product_attention(qf[None], kf[None], vf[None], is_causal=causal)[0])
-        rows = []
-        for start in range(0, qf.shape[0], 2048):  # chunks of rows: (2048, L) fp32 scores at a time
+        L = qf.shape[0]
+        kv_idx = torch.arange(L, device=q.device)[None, :]
+        bt, ht = torch.tensor(b, device=q.device), torch.tensor(h, device=q.device)
+        rows, out_rows = [], []
+        for start in range(0, L, 2048):  # (2048, L) fp32 scores at a time
             s = qf[start : start + 2048] @ kf.T * scale
+            q_idx = torch.arange(start, start + s.shape[0], device=q.device)[:, None]
+            if score_mod is not None:
+                s = score_mod(s, bt, ht, q_idx, kv_idx)
+            keep = torch.ones_like(s, dtype=torch.bool)
             if causal:
-                q_idx = torch.arange(start, start + s.shape[0], device=s.device)[:, None]
-                s = s.masked_fill(torch.arange(s.shape[1], device=s.device)[None, :] > q_idx, -math.inf)
+                keep &= q_idx >= kv_idx
+            if mask_mod is not None:
+                keep &= mask_mod(bt, ht, q_idx, kv_idx)
+            s = s.masked_fill(~keep, -math.inf)
             rows.append(torch.logsumexp(s, dim=-1))
+            if score_mod is not None or mask_mod is not None:
+                out_rows.append(torch.softmax(s, dim=-1) @ vf)
         lses.append(torch.cat(rows))
+        if out_rows:
+            outs.append(torch.cat(out_rows))
+        else:
+            outs.append(F.scaled_dot_product_attention(qf[None], kf[None], vf[None], is_causal=causal)[0])
     return torch.stack(outs), torch.stack(lses)
 
 
@@ -89,12 +115,16 @@ def verdict(err: dict) -> str:
     return "ok" if ok else "FAIL"
 
 
+def compiled(kind, mod, device):
+    import flexattn.compiler as C
+
+    return (C.compile_score_mod if kind == "score" else C.compile_mask_mod)(mod, device=device)
+
+
 def flexattn_call(causal, L, device):
     import flexattn
 
-    mask = None
-    if causal:
-        mask = flexattn.create_block_mask(lambda b, h, q, kv: q >= kv, None, None, L, L, device=device)
+    mask = flexattn.create_block_mask(_causal, None, None, L, L, device=device) if causal else None
 
     def call(q, k, v):
         return flexattn.flex_attention(q, k, v, block_mask=mask, return_lse=True)
@@ -119,43 +149,63 @@ def bench_ms(fn) -> float:
 
 
 # -- smoke test (child process) ---------------------------------------------------------------
-def smoke() -> int:
-    """Small shapes, every variant, both dtypes: Gluon vs the fp32 reference. Exit code 1 on a failure."""
-    failures = 0
+def smoke_cases():
+    """(name, E, dtype, causal, variant, score_mod, mask_mod) for the small-shape smoke test."""
+    from flexattn import variants as V
+
+    cases = []
     for E, variants in VARIANTS.items():
         for variant in variants:
             for causal in (False, True):
-                for dtype in (torch.bfloat16, torch.float16):
-                    if dtype == torch.float16 and variant != variants[0]:
-                        continue
-                    B, H, L = 2, 3, 1024
-                    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=dtype) for _ in range(3))
-                    heads = [(0, 0), (1, 2)]
-                    name = f"smoke {variant_name(variant)} E{E} L{L} {'causal' if causal else 'noop'} {dtype}"
-                    try:
-                        out, lse = run_gluon(q, k, v, causal, variant)
-                        torch.cuda.synchronize()
-                        err = errors(out, lse, *reference(q, k, v, causal, heads), heads)
-                        v_ = verdict(err)
-                        failures += v_ != "ok"
-                        print(
-                            f"{name}: {v_} out_rel {err['out_rel']:.2e} lse_max_abs {err['lse_max_abs']:.2e}"
-                        )
-                    except Exception:
-                        failures += 1
-                        print(f"{name}: ERROR\n{traceback.format_exc()}")
-                    sys.stdout.flush()
+                for dtype in (torch.bfloat16, torch.float16) if variant == variants[0] else (torch.bfloat16,):
+                    cases.append((E, dtype, causal, variant, None, None))
+    doc_ids = V.document_ids_from_lengths(torch.tensor([300, 500, 224])).repeat(2, 1).cuda()
+    default = VARIANTS[128][0]
+    cases += [
+        (128, torch.bfloat16, True, default, None, _causal),
+        (128, torch.bfloat16, False, default, None, V.document_mask(doc_ids)),
+        (128, torch.bfloat16, False, default, V.tanh_softcap(30.0), None),
+        (64, torch.bfloat16, True, VARIANTS[64][0], V.alibi(3, device="cuda"), None),
+    ]
+    return cases
+
+
+def smoke() -> int:
+    """Small shapes, every variant, both dtypes, a few compiled mods: Gluon vs the fp32 reference."""
+    failures = 0
+    for E, dtype, causal, variant, score_mod, mask_mod in smoke_cases():
+        B, H, L = 2, 3, 1024
+        q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=dtype) for _ in range(3))
+        heads = [(0, 0), (1, 2)]
+        mods = "".join(f" {kind}={getattr(m, '__name__', 'mod')}" for kind, m in (("score", score_mod),
+                       ("mask", mask_mod)) if m is not None)  # fmt: skip
+        name = f"smoke {variant_name(variant)} E{E} L{L} {'causal' if causal else 'noop'} {dtype}{mods}"
+        try:
+            km_score = None if score_mod is None else compiled("score", score_mod, q.device)
+            km_mask = None if mask_mod is None else compiled("mask", mask_mod, q.device)
+            out, lse = run_gluon(q, k, v, causal, variant, km_score, km_mask)
+            torch.cuda.synchronize()
+            err = errors(out, lse, *reference(q, k, v, causal, heads, score_mod, mask_mod), heads)
+            flag = verdict(err)
+            failures += flag != "ok"
+            print(f"{name}: {flag} out_rel {err['out_rel']:.2e} lse_max_abs {err['lse_max_abs']:.2e}")
+        except Exception:
+            failures += 1
+            print(f"{name}: ERROR\n{traceback.format_exc()}")
+        sys.stdout.flush()
+    print(f"smoke: {failures} failure(s)")
     return 1 if failures else 0
 
 
 def run_smoke_child(timeout_s: float) -> bool:
+    """The smoke test in a child process; False when it hung (then Gluon is skipped)."""
     print(f"== smoke test in a child process (limit {timeout_s:.0f} s)", flush=True)
     try:
         result = subprocess.run(
             [sys.executable, __file__, "--smoke"], timeout=timeout_s, capture_output=True, text=True
         )
     except subprocess.TimeoutExpired as e:
-        print((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
+        print(e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
         print("!! SMOKE TEST TIMED OUT (a Gluon kernel hangs?): Gluon is skipped in the main run", flush=True)
         return False
     print(result.stdout + result.stderr[-4000:], flush=True)
@@ -165,28 +215,41 @@ def run_smoke_child(timeout_s: float) -> bool:
 
 
 # -- main run ---------------------------------------------------------------------------------
-def run_config(B, H, L, E, causal, gluon_ok, rows, json_path):
+def implementations(E, causal, L, device, gluon_ok) -> dict:
     from torch.nn.attention import SDPBackend
 
-    label = f"B{B} H{H} L{L} E{E} {'causal' if causal else 'noop'} bf16"
-    print(f"\n== {label}", flush=True)
-    torch.manual_seed(int(time.time()))
-    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    heads = [(0, 0), (B - 1, H - 1)]
-    ref_out, ref_lse = reference(q, k, v, causal, heads)
-    total = flops(B, H, L, E, causal)
-    row = {"config": label, "tflops": {}, "errors": {}}
-
-    impls = {"flexattn-triton": flexattn_call(causal, L, q.device)}
+    impls = {"flexattn-triton": flexattn_call(causal, L, device)}
     if gluon_ok:
         for variant in VARIANTS[E]:
             impls[variant_name(variant)] = lambda q, k, v, variant=variant: run_gluon(
                 q, k, v, causal, variant
             )
+        if causal:
+            default = VARIANTS[E][0]
+            mask = compiled("mask", _causal, device)
+            impls[variant_name(default) + "-mod"] = lambda q, k, v: run_gluon(
+                q, k, v, True, default, None, mask
+            )
     impls["sdpa-cudnn"] = sdpa_call(SDPBackend.CUDNN_ATTENTION, causal)
     impls["sdpa-flash"] = sdpa_call(SDPBackend.FLASH_ATTENTION, causal)
+    return impls
 
+
+def run_config(B, H, L, E, causal, gluon_ok, rows, json_path):
+    label = f"B{B} H{H} L{L} E{E} {'causal' if causal else 'noop'} bf16"
+    print(f"\n== {label}", flush=True)
+    torch.manual_seed(time.time_ns() % 2**31)
+    q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    heads = [(0, 0), (B - 1, H - 1)]
+    ref_out, ref_lse = reference(q, k, v, causal, heads)
+    total = flops(B, H, L, E, causal)
+    row = {"config": label, "tflops": {}, "errors": {}, "wrong": []}
     triton_out = None
+    try:
+        impls = implementations(E, causal, L, q.device, gluon_ok)
+    except Exception as exc:
+        print(f"  !! could not set up the implementations: {type(exc).__name__}: {exc}", flush=True)
+        return
     for name, call in impls.items():
         try:
             with torch.no_grad():
@@ -202,20 +265,20 @@ def run_config(B, H, L, E, causal, gluon_ok, rows, json_path):
                 row["errors"][name] = err
                 extra = "".join(f" {key} {val:.2e}" for key, val in err.items())
                 flag = verdict(err)
-                print(f"  {name:24s} {'correct' if flag == 'ok' else '!!!! WRONG !!!!'}:{extra}", flush=True)
+                print(f"  {name:28s} {'correct' if flag == 'ok' else '!!!! WRONG !!!!'}:{extra}", flush=True)
                 if flag != "ok":
-                    row["wrong"] = row.get("wrong", []) + [name]  # still timed: a spike wants the speed too
+                    row["wrong"].append(name)  # still timed: a spike wants the speed too
             ms = bench_ms(lambda call=call: call(q, k, v))
             row["tflops"][name] = total / ms / 1e9
         except Exception as exc:
-            print(f"  {name:24s} ERROR {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
+            print(f"  {name:28s} ERROR {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
             row["errors"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     cudnn, ours = row["tflops"].get("sdpa-cudnn"), row["tflops"].get("flexattn-triton")
     for name, tf in row["tflops"].items():
         ratio = f"  {tf / cudnn:.2f}x cuDNN" if cudnn else ""
         ratio += f"  {tf / ours:.2f}x flexattn-triton" if ours else ""
-        wrong = "  (WRONG RESULTS)" if name in row.get("wrong", []) else ""
-        print(f"  {name:24s} {tf:7.1f} TFLOP/s{ratio}{wrong}", flush=True)
+        wrong = "  (WRONG RESULTS)" if name in row["wrong"] else ""
+        print(f"  {name:28s} {tf:7.1f} TFLOP/s{ratio}{wrong}", flush=True)
     rows.append(row)
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1))

@@ -22,10 +22,11 @@ How a CTA is organised (one CTA per (NUM_CONSUMERS * BLOCK_M query rows, batch*h
               cores (inter-warpgroup ping-pong, as in FA3).
     registers: the producer warpgroup is given few registers (setmaxnreg), the consumers the rest.
 
-Softmax in base 2: t = s * qk_scale with qk_scale = scale * log2(e) folded into one multiply;
-lse = (m + log2 l) * ln 2 (natural log). Causal: key tiles above the diagonal are never loaded,
-only tiles that straddle the diagonal evaluate the mask (``_score_mask``, the one place a compiled
-mod would be inlined).
+Softmax in base 2 with qk_scale = scale * log2(e): the row max m is kept in raw q.k units and
+p = exp2(s * qk_scale - m * qk_scale) is one FFMA per score; lse = (m * qk_scale + log2 l) * ln 2
+(natural log). Causal: key tiles above the diagonal are never loaded,
+only tiles that straddle the diagonal evaluate the mask. ``_score_mask`` is the one place compiled
+score/mask mods (flexattn's generated ``@triton.jit`` functions, called as they are) are inlined.
 """
 
 from __future__ import annotations
@@ -45,19 +46,54 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 LOG2E = 1.4426950408889634
 
 
+# fmt: off
 # ---------------------------------------------------------------------------------------------
-# The score/mask step: the one place a compiled score_mod / mask_mod would be inlined.
+# The score/mask step: the one place the compiled score_mod / mask_mod are inlined.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _score_mask(s, q_idx, kv_idx, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-    """Raw q.k (fp32 [BLOCK_M, BLOCK_N]) -> base-2 scaled scores, -inf where masked.
+def _score_mask(s, q_idx, kv_idx, mods, SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr,
+                MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """Raw q.k (fp32 [BLOCK_M, BLOCK_N]) -> (scores the softmax sees, -inf where masked; their base-2 multiplier).
 
-    q_idx int32 [BLOCK_M, 1], kv_idx int32 [1, BLOCK_N] (absolute positions). MASKED is False on
-    tiles known to be fully visible: no mask work there."""
-    t = s * qk_scale
-    if MASKED and CAUSAL:
-        t = gl.where(q_idx >= kv_idx, t, -float("inf"))
-    return t
+    q_idx int32 [BLOCK_M, 1], kv_idx int32 [1, BLOCK_N] (absolute positions); mods = (b, h, scale,
+    qk_scale, SCORE_ARGS, MASK_ARGS). The mods follow flexattn's calling convention
+    (``flexattn/kernels/mods.py``): SCORE_FN(score, b, h, q_idx, kv_idx, SCORE_ARGS) on the scaled
+    score, MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS) -> int1. Without a score mod the scores stay in
+    raw q.k units and the multiplier is qk_scale = scale * log2(e) (folded into the exp2's FFMA).
+    MASKED is False on tiles known to be fully visible (below the causal diagonal): no mask work."""
+    b, h, scale, qk_scale, score_args, mask_args = mods
+    if SCORE_FN is None:
+        to_base2 = qk_scale
+    else:
+        s = SCORE_FN(s * scale, b, h, q_idx, kv_idx, score_args)
+        to_base2 = 1.4426950408889634
+    if MASKED:
+        if MASK_FN is None:
+            if CAUSAL:
+                s = gl.where(q_idx >= kv_idx, s, -float("inf"))
+        else:
+            s = gl.where(MASK_FN(b, h, q_idx, kv_idx, mask_args), s, -float("inf"))
+    return s, to_base2
+
+
+@gluon.jit
+def _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr,
+                  MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+    """One tile's online-softmax update. Returns p (fp32, s's layout), alpha, m, l.
+
+    m_i is the running row max in the units _score_mask returns (its multiplier is positive, so
+    max and scaling commute); p = exp2(s * c - m * c) is one FFMA and one MUFU.EX2 per score."""
+    s, to_base2 = _score_mask(s, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    if MASKED:
+        m_ref = gl.where(m_new == -float("inf"), 0.0, m_new)  # rows fully masked so far: p = 0, no NaN
+    else:
+        m_ref = m_new
+    m_scaled = m_ref * to_base2
+    p = gl.exp2(s * to_base2 - gl.expand_dims(m_scaled, 1))
+    alpha = gl.exp2(m_i * to_base2 - m_scaled)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +102,7 @@ def _score_mask(s, q_idx, kv_idx, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.con
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr):  # fmt: skip
+              NUM_CONSUMERS: gl.constexpr):
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
@@ -88,7 +124,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_ro
 # Consumers: one warpgroup each.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _take_turn(turn, CONSUMER: gl.constexpr, count, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr):
+def _take_turn(turn, CONSUMER: gl.constexpr, count, PINGPONG: gl.constexpr):
     """Wait until it is this consumer's turn to issue GEMMs (its count-th turn)."""
     if PINGPONG:
         # consumer 0 goes first: its first wait is on the fresh barrier's completed phase 1
@@ -103,46 +139,33 @@ def _pass_turn(turn, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUME
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, q_idx, kv_idx, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
-    """One tile's online-softmax update. Returns p (fp32, s's layout), alpha, m, l."""
-    t = _score_mask(s, q_idx, kv_idx, qk_scale, MASKED, CAUSAL)
-    m_new = gl.maximum(m_i, gl.max(t, 1))
-    if MASKED:
-        m_ref = gl.where(m_new == -float("inf"), 0.0, m_new)  # fully masked rows so far: p = 0, no NaN
-    else:
-        m_ref = m_new
-    p = gl.exp2(t - gl.expand_dims(m_ref, 1))
-    alpha = gl.exp2(m_i - m_ref)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i
+def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_base, mods,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
+                   CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """Steps j in [j_start, j_end): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, then S_j's softmax.
 
-
-@gluon.jit
-def _consumer_loop(acc, p_op, m_i, l_i, q, k_smem, v_smem, bars, j_start, j_end, count, q_idx, kv_base,
-                   qk_scale, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                   CONSUMER: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
-                   PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
-                   STAGES: gl.constexpr):  # fmt: skip
-    """Steps j in [j_start, j_end): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, softmax of S_j."""
+    state = (acc, p_op, m_i, l_i, count): the output accumulator, P_{j-1} as the wgmma A operand,
+    the row max and sum, and the number of GEMM turns taken."""
+    acc, p_op, m_i, l_i, count = state
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     BLOCK_M: gl.constexpr = q.type.shape[0]
     for j in range(j_start, j_end):
         stage = j % STAGES
-        phase = (j // STAGES) & 1
         prev = (j - 1) % STAGES
-        prev_phase = ((j - 1) // STAGES) & 1
-        mbarrier.wait(k_ready.index(stage), phase)
-        _take_turn(turn, CONSUMER, count, PINGPONG, NUM_CONSUMERS)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                          use_acc=False, is_async=True)  # fmt: skip
-        mbarrier.wait(v_ready.index(prev), prev_phase)
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        _take_turn(turn, CONSUMER, count, PINGPONG)
+        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)),
+                          gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
         _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
         count += 1
-        s = warpgroup_mma_wait(1, deps=(s,))
+        s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} may still run
         mbarrier.arrive(k_empty.index(stage), count=1)
         kv_idx = gl.expand_dims(kv_base + j * BLOCK_N, 0)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, kv_idx, qk_scale, MASKED, CAUSAL)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -151,18 +174,18 @@ def _consumer_loop(acc, p_op, m_i, l_i, q, k_smem, v_smem, bars, j_start, j_end,
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, qk_scale,
-              n_blocks_all, CONSUMER: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-              CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
-    """BLOCK_M query rows starting at q_start + CONSUMER * BLOCK_M: out rows and lse."""
+def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks_all, mods,
+              SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+    """BLOCK_M query rows starting at q_start + CONSUMER * BLOCK_M: their out rows and lse."""
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     dtype: gl.constexpr = q_smem.dtype
     # wgmma layouts: one warpgroup, m64 x n(BLOCK_N or HEAD_DIM) x k16 instructions
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+                                                       instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])  # fmt: skip
+                                                       instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
@@ -172,97 +195,53 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     if CAUSAL:
         n_blocks = gl.minimum(gl.cdiv(row0 + BLOCK_M, BLOCK_N), n_blocks_all)
         n_full = gl.minimum((row0 + 1) // BLOCK_N, n_blocks)  # tiles entirely at or below the diagonal
-    else:
+    elif MASK_FN is None:
         n_blocks = n_blocks_all
         n_full = n_blocks
+    else:  # a mask mod and no block classification in this spike: every tile evaluates it
+        n_blocks = n_blocks_all
+        n_full = 0
+    HAS_MASK: gl.constexpr = CAUSAL or (MASK_FN is not None)
 
     q = q_smem.index(CONSUMER)
     mbarrier.wait(q_ready.index(CONSUMER), 0)
 
-    # -- prologue: S_0 and its softmax (masked when causal: cheap, and right if tile 0 straddles) --
+    # -- prologue: S_0 and its softmax (masked whenever any tile is: cheap, and right if tile 0 is) --
     m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    count = 0
     mbarrier.wait(k_ready.index(0), 0)
-    _take_turn(turn, CONSUMER, count, PINGPONG, NUM_CONSUMERS)
+    _take_turn(turn, CONSUMER, 0, PINGPONG)
     s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                      use_acc=False, is_async=True)  # fmt: skip
+                      use_acc=False, is_async=True)
     _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
-    count += 1
     s = warpgroup_mma_wait(0, deps=(s,))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _softmax_step(
-        s, m_i, l_i, q_idx, gl.expand_dims(kv_base, 0), qk_scale, CAUSAL, CAUSAL
-    )
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, gl.expand_dims(kv_base, 0), mods, SCORE_FN, MASK_FN,
+                                       HAS_MASK, CAUSAL)
+    state = (acc, gl.convert_layout(p.to(dtype), p_layout), m_i, l_i, 1)
 
-    # -- main loop: unmasked tiles, then the tiles straddling the diagonal --
-    acc, p_op, m_i, l_i, count = _consumer_loop(
-        acc,
-        p_op,
-        m_i,
-        l_i,
-        q,
-        k_smem,
-        v_smem,
-        bars,
-        1,
-        gl.maximum(n_full, 1),
-        count,
-        q_idx,
-        kv_base,
-        qk_scale,
-        s_layout,
-        o_layout,
-        p_layout,
-        CONSUMER,
-        False,
-        CAUSAL,
-        PINGPONG,
-        NUM_CONSUMERS,
-        BLOCK_N,
-        STAGES,
-    )
-    if CAUSAL:
-        acc, p_op, m_i, l_i, count = _consumer_loop(
-            acc,
-            p_op,
-            m_i,
-            l_i,
-            q,
-            k_smem,
-            v_smem,
-            bars,
-            gl.maximum(n_full, 1),
-            n_blocks,
-            count,
-            q_idx,
-            kv_base,
-            qk_scale,
-            s_layout,
-            o_layout,
-            p_layout,
-            CONSUMER,
-            True,
-            CAUSAL,
-            PINGPONG,
-            NUM_CONSUMERS,
-            BLOCK_N,
-            STAGES,
-        )
+    # -- main loop: fully visible tiles, then the tiles that need the mask --
+    state = _consumer_loop(state, q, k_smem, v_smem, bars, 1, gl.maximum(n_full, 1), q_idx, kv_base, mods,
+                           s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, False, CAUSAL,
+                           CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES)
+    if HAS_MASK:
+        state = _consumer_loop(state, q, k_smem, v_smem, bars, gl.maximum(n_full, 1), n_blocks, q_idx, kv_base,
+                               mods, s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, True, CAUSAL,
+                               CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES)
+    acc, p_op, m_i, l_i, count = state
 
     # -- epilogue: the last P V --
     last = (n_blocks - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-    _take_turn(turn, CONSUMER, count, PINGPONG, NUM_CONSUMERS)
+    _take_turn(turn, CONSUMER, count, PINGPONG)
     acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
     _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
     count += 1
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
 
-    # -- tiles the producer loads for the other consumers only: release them, keep the turns going --
+    # -- tiles the producer loads for the other consumer only (causal): release them, pass the turns --
     for j in range(n_blocks, n_blocks_all):
         stage = j % STAGES
         phase = (j // STAGES) & 1
@@ -270,11 +249,16 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
         mbarrier.arrive(k_empty.index(stage), count=1)
         mbarrier.wait(v_ready.index(stage), phase)
         mbarrier.arrive(v_empty.index(stage), count=1)
-        _take_turn(turn, CONSUMER, count, PINGPONG, NUM_CONSUMERS)
+        _take_turn(turn, CONSUMER, count, PINGPONG)
         _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
         count += 1
 
     # -- write out (B, H, L, E) and lse (B, H, L), natural log --
+    b, h, scale, qk_scale, score_args, mask_args = mods
+    if SCORE_FN is None:
+        to_base2 = qk_scale  # m_i is in raw q.k units
+    else:
+        to_base2 = 1.4426950408889634
     l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
     out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
@@ -282,7 +266,7 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     base = bh.to(gl.int64) * seq_len
     offsets = (base + gl.expand_dims(rows, 1)) * HEAD_DIM + gl.expand_dims(cols, 0)
     gl.store(out_ptr + offsets, out)
-    lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i * to_base2 + gl.log2(l_i)) * 0.6931471805599453
     gl.store(lse_ptr + base + row0 + gl.arange(0, BLOCK_M, layout=row_layout), lse)
 
 
@@ -290,12 +274,14 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
 def _flash_fwd_ws_kernel(
     # descriptors over (B*H*L, E) views of q, k, v; out (B, H, L, E) and lse (B, H, L) contiguous
     q_desc, k_desc, v_desc, out_ptr, lse_ptr,
-    # sizes and scale
-    seq_len, qk_scale,
+    # sizes and scale (qk_scale = scale * log2(e))
+    seq_len, num_heads, scale, qk_scale,
+    # compiled mods (None: identity score / no mask beyond CAUSAL) and their runtime tuples
+    SCORE_FN: gl.constexpr, SCORE_ARGS, MASK_FN: gl.constexpr, MASK_ARGS,
     # meta-parameters
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
     CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-):  # fmt: skip
+):
     NUM_CONSUMERS: gl.constexpr = 2
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
@@ -308,6 +294,7 @@ def _flash_fwd_ws_kernel(
     n_blocks = seq_len // BLOCK_N
     if CAUSAL:
         n_blocks = gl.minimum(gl.cdiv(q_start + NUM_CONSUMERS * BLOCK_M, BLOCK_N), n_blocks)
+    mods = (bh // num_heads, bh % num_heads, scale, qk_scale, SCORE_ARGS, MASK_ARGS)
 
     q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -324,84 +311,22 @@ def _flash_fwd_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)
+        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)  # every consumer reads every tile
         mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
     fence_async_shared()
     bars = (q_ready, k_ready, k_empty, v_ready, v_empty, turn)
 
-    gl.warp_specialize(
-        [
-            (
-                _consumer,
-                (
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    bars,
-                    out_ptr,
-                    lse_ptr,
-                    bh,
-                    q_start,
-                    seq_len,
-                    qk_scale,
-                    n_blocks,
-                    0,
-                    BLOCK_M,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                    NUM_CONSUMERS,
-                    CAUSAL,
-                    PINGPONG,
-                ),
-            ),
-            (
-                _consumer,
-                (
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    bars,
-                    out_ptr,
-                    lse_ptr,
-                    bh,
-                    q_start,
-                    seq_len,
-                    qk_scale,
-                    n_blocks,
-                    1,
-                    BLOCK_M,
-                    BLOCK_N,
-                    HEAD_DIM,
-                    STAGES,
-                    NUM_CONSUMERS,
-                    CAUSAL,
-                    PINGPONG,
-                ),
-            ),
-            (
-                _producer,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    q_smem,
-                    k_smem,
-                    v_smem,
-                    bars,
-                    q_row,
-                    kv_row,
-                    n_blocks,
-                    BLOCK_M,
-                    BLOCK_N,
-                    STAGES,
-                    NUM_CONSUMERS,
-                ),
-            ),
-        ],
-        [4, 1],
-        [CONSUMER_REGS, PRODUCER_REGS],
-    )
+    # Tuples are written out in full: concatenating them here would turn constexprs into plain ints,
+    # which warp_specialize cannot pass to a partition.
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                     SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+        (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                     SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
+                     BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,14 +335,21 @@ def _flash_fwd_ws_kernel(
 DEFAULT_TILES = {64: (64, 128, 3), 128: (64, 128, 2)}  # E -> (BLOCK_M per consumer, BLOCK_N, STAGES)
 
 
-def flash_forward_ws(q, k, v, *, causal=False, scale=None, block_m=None, block_n=None, stages=None,
-                     pingpong=True, consumer_regs=240, producer_regs=24, warmup=False):  # fmt: skip
+def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_mod=None, block_m=None,
+                     block_n=None, stages=None, pingpong=True, consumer_regs=240, producer_regs=24,
+                     warmup=False):  # fmt: skip
     """Attention forward on Hopper: q, k, v (B, H, L, E) bf16/fp16 -> out (B, H, L, E), lse (B, H, L) fp32.
 
     Parallelised over (L / (2 * block_m), B * H) CTAs; each CTA has two consumer warpgroups (block_m
     query rows each) and one producer warp. L must be a multiple of 2 * block_m and of block_n; E is
-    64 or 128; k and v have q's shape (no GQA, no E != Ev in this spike). ``warmup=True`` compiles
-    without launching (Triton's warmup; needs only a driver that names the target).
+    64 or 128; k and v have q's shape (no GQA, no E != Ev in this spike).
+
+    ``causal``: key tiles above the diagonal are skipped and only diagonal tiles are masked.
+    ``score_mod`` / ``mask_mod``: compiled mods (``flexattn.kernels.mods.KernelMod``: ``.fn`` and
+    ``.args``) or None, inlined at the kernel's one score/mask step. There are no block tables in
+    this spike: with ``causal`` the mask mod runs on the diagonal tiles only (it must allow every
+    pair below the diagonal, as the causal mask does), without it on every tile. ``warmup=True``
+    compiles without launching (Triton's warmup; needs only a driver that names the target).
 
         out, lse = flash_forward_ws(q, k, v, causal=True)
     """
@@ -434,6 +366,8 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, block_m=None, block_n
     if L % cta_m or L % block_n:
         raise ValueError(f"L={L} must be a multiple of 2*block_m={cta_m} and of block_n={block_n}")
     scale = E**-0.5 if scale is None else scale
+    if scale <= 0:
+        raise ValueError(f"scale must be positive (the row max is kept in scaled units); got {scale}")
     q2, k2, v2 = (t.contiguous().view(B * H * L, E) for t in (q, k, v))
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m, E], gdtype)
@@ -444,7 +378,23 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, block_m=None, block_n
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     grid = (L // cta_m, B * H)
-    args = (q_desc, k_desc, v_desc, out, lse, L, scale * LOG2E)
+    score_fn, score_args = (None, ()) if score_mod is None else (score_mod.fn, score_mod.args)
+    mask_fn, mask_args = (None, ()) if mask_mod is None else (mask_mod.fn, mask_mod.args)
+    args = (
+        q_desc,
+        k_desc,
+        v_desc,
+        out,
+        lse,
+        L,
+        H,
+        scale,
+        scale * LOG2E,
+        score_fn,
+        score_args,
+        mask_fn,
+        mask_args,
+    )
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=E, STAGES=stages, CAUSAL=causal,
                 PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
                 num_warps=4)  # fmt: skip
