@@ -8,6 +8,7 @@ register reallocation (``setmaxnreg``, SASS ``USETMAXREG``), with the setmaxnreg
 
     python benchmarks/gluon_compile_report.py                       # every head dim x mask, default tiles
     python benchmarks/gluon_compile_report.py --head-dim 128 --causal --block-n 128 --stages 3
+    python benchmarks/gluon_compile_report.py --head-dim 64 --consumers 3
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ def stub_driver():
 def compile_variant(head_dim: int, causal: bool, variant=None, dtype=torch.bfloat16, **kwargs):
     """The compiled kernel (Triton's CompiledKernel) for one head dim, mask and tile variant.
 
-    ``variant`` is (block_m, block_n, stages, pingpong) or None for the defaults."""
-    bm, bn, st, pp = variant or (*DEFAULT_TILES[head_dim], True)
-    q = torch.zeros(1, 1, 2 * max(bm, bn), head_dim, dtype=dtype)
+    ``variant`` is (block_m, block_n, stages, pingpong, consumers) or None for the defaults."""
+    bm, bn, st, pp, nc = variant or (*DEFAULT_TILES[head_dim], True, 2)
+    q = torch.zeros(1, 1, 4 * max(bm, bn), head_dim, dtype=dtype)
     with stub_driver():
         return flash_forward_ws(q, q, q, causal=causal, block_m=bm, block_n=bn, stages=st, pingpong=pp,
-                                warmup=True, **kwargs)  # fmt: skip
+                                consumers=nc, warmup=True, **kwargs)  # fmt: skip
 
 
 def instructions(kernel) -> dict:
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block-n", type=int)
     parser.add_argument("--stages", type=int)
     parser.add_argument("--no-pingpong", action="store_true")
+    parser.add_argument("--consumers", type=int, default=2, choices=(2, 3), help="consumer warpgroups")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -100,7 +102,13 @@ def main(argv=None) -> None:
     )
     for head_dim, causal in combos:
         bm, bn, st = DEFAULT_TILES[head_dim]
-        variant = (args.block_m or bm, args.block_n or bn, args.stages or st, not args.no_pingpong)
+        variant = (
+            args.block_m or bm,
+            args.block_n or bn,
+            args.stages or st,
+            not args.no_pingpong,
+            args.consumers,
+        )
         kernel = compile_variant(head_dim, bool(causal), variant, dtype)
         print(f"E{head_dim} {'causal' if causal else 'noop  '} {variant}: {report(kernel)}")
 

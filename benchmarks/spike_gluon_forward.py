@@ -40,10 +40,12 @@ sys.path.insert(0, str(ROOT))
 from flexattn.kernels.hopper.forward_ws import flash_forward_ws, flops  # noqa: E402
 
 CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
-# Tile variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong); first = default.
+# Variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong, consumer
+# warpgroups); the first is the default. Three consumers (192-row CTAs, 160 registers each, FA3's
+# hdim-64 shape) spill at E128.
 VARIANTS = {
-    128: [(64, 128, 2, True), (64, 128, 2, False), (64, 128, 3, True)],
-    64: [(64, 128, 3, True), (64, 128, 3, False), (64, 128, 2, True)],
+    128: [(64, 128, 2, True, 2), (64, 128, 2, False, 2), (64, 128, 3, True, 2)],
+    64: [(64, 128, 3, True, 2), (64, 128, 3, False, 2), (64, 128, 3, True, 3), (64, 128, 2, True, 3)],
 }
 OUT_TOL, LSE_TOL = 2e-2, 2e-2  # relative error of out (Frobenius), max abs error of lse (bf16 inputs)
 
@@ -53,15 +55,15 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 def variant_name(v) -> str:
-    bm, bn, st, pp = v
-    return f"gluon-m{2 * bm}x{bn}-s{st}{'-pp' if pp else ''}"
+    bm, bn, st, pp, nc = v
+    return f"gluon-{nc}wg-m{nc * bm}x{bn}-s{st}{'-pp' if pp else ''}"
 
 
 def run_gluon(q, k, v, causal, variant, score_mod=None, mask_mod=None):
     """The Gluon kernel; score_mod / mask_mod are compiled KernelMods (or None)."""
-    bm, bn, st, pp = variant
+    bm, bn, st, pp, nc = variant
     return flash_forward_ws(q, k, v, causal=causal, score_mod=score_mod, mask_mod=mask_mod,
-                            block_m=bm, block_n=bn, stages=st, pingpong=pp)  # fmt: skip
+                            block_m=bm, block_n=bn, stages=st, pingpong=pp, consumers=nc)  # fmt: skip
 
 
 # -- references -------------------------------------------------------------------------------
@@ -166,6 +168,7 @@ def smoke_cases():
         (128, torch.bfloat16, False, default, None, V.document_mask(doc_ids)),
         (128, torch.bfloat16, False, default, V.tanh_softcap(30.0), None),
         (64, torch.bfloat16, True, VARIANTS[64][0], V.alibi(3, device="cuda"), None),
+        (64, torch.bfloat16, False, VARIANTS[64][2], None, V.document_mask(doc_ids)),  # three consumers
     ]
     return cases
 

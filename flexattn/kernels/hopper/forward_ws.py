@@ -2,36 +2,38 @@
 
 Glossary:
     B, H              batch and heads (q, k, v share the head count here: no GQA yet)
-    L                 sequence length, the same for queries and keys; a multiple of the CTA's tiles
+    L                 sequence length, the same for queries and keys; a multiple of BLOCK_N
     E                 head dim of q, k and v (64 or 128)
     BLOCK_M           query rows of ONE consumer warpgroup (64); a CTA holds NUM_CONSUMERS of them
-    BLOCK_N           keys per K/V tile
+    BLOCK_N           keys per K/V tile (a power of two, as every Gluon tensor dimension)
     STAGES            depth of the shared-memory ring of K/V tiles
 
 How a CTA is organised (one CTA per (NUM_CONSUMERS * BLOCK_M query rows, batch*head)):
-    producer  (1 warp, few registers): TMA loads of both consumers' Q tiles, then every K and V tile
+    producer  (1 warp, few registers): TMA loads of the consumers' Q tiles, then every K and V tile
               into a STAGES-deep ring; K and V each have a ready and an empty mbarrier per stage
               (empty counts NUM_CONSUMERS arrivals: every consumer reads every tile).
-    consumers (NUM_CONSUMERS warpgroups: the default partition plus workers): each owns BLOCK_M query
-              rows and runs the online softmax over the key tiles with warpgroup_mma:
+    consumers (NUM_CONSUMERS = 2 or 3 warpgroups: the default partition plus workers): each owns
+              BLOCK_M query rows and runs the online softmax over the key tiles with warpgroup_mma:
                   S_j = Q K_j^T (smem x smem)       O += P_{j-1} V_{j-1} (registers x smem)
               Both GEMMs of a step are issued back to back, then the consumer waits for S_j only
               and does S_j's softmax while P_{j-1} V_{j-1} still runs (intra-warpgroup overlap).
               With PINGPONG the consumers take turns issuing their GEMMs (an mbarrier per
-              consumer), so one warpgroup's softmax runs while the other's GEMMs occupy the tensor
-              cores (inter-warpgroup ping-pong, as in FA3).
+              consumer, round robin), so one warpgroup's softmax runs while another's GEMMs occupy
+              the tensor cores (inter-warpgroup ping-pong, as in FA3).
     registers: the producer warpgroup is given few registers (setmaxnreg), the consumers the rest.
 
-Softmax in base 2 with qk_scale = scale * log2(e): the row max m is kept in raw q.k units and
-p = exp2(s * qk_scale - m * qk_scale) is one FFMA per score; lse = (m * qk_scale + log2 l) * ln 2
-(natural log). Causal: key tiles above the diagonal are never loaded,
-only tiles that straddle the diagonal evaluate the mask. ``_score_mask`` is the one place compiled
-score/mask mods (flexattn's generated ``@triton.jit`` functions, called as they are) are inlined.
+Softmax in base 2 with qk_scale = scale * log2(e): the row max m is kept in the scores' own units
+(raw q.k without a score mod) and p = exp2(s * qk_scale - m * qk_scale) is one FFMA per score;
+lse = (m * qk_scale + log2 l) * ln 2 (natural log). Causal: key tiles above the diagonal are never
+loaded, only tiles that straddle the diagonal evaluate the mask. ``_score_mask`` is the one place
+compiled score/mask mods (flexattn's generated ``@triton.jit`` functions, called as they are) are
+inlined.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -265,9 +267,10 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
     base = bh.to(gl.int64) * seq_len
     offsets = (base + gl.expand_dims(rows, 1)) * HEAD_DIM + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offsets, out)
+    gl.store(out_ptr + offsets, out, mask=gl.expand_dims(rows < seq_len, 1))  # the last CTA may overhang L
     lse = (m_i * to_base2 + gl.log2(l_i)) * 0.6931471805599453
-    gl.store(lse_ptr + base + row0 + gl.arange(0, BLOCK_M, layout=row_layout), lse)
+    lse_rows = row0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    gl.store(lse_ptr + base + lse_rows, lse, mask=lse_rows < seq_len)
 
 
 @gluon.jit
@@ -280,9 +283,9 @@ def _flash_fwd_ws_kernel(
     SCORE_FN: gl.constexpr, SCORE_ARGS, MASK_FN: gl.constexpr, MASK_ARGS,
     # meta-parameters
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
 ):
-    NUM_CONSUMERS: gl.constexpr = 2
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
     if CAUSAL:
@@ -318,14 +321,29 @@ def _flash_fwd_ws_kernel(
 
     # Tuples are written out in full: concatenating them here would turn constexprs into plain ints,
     # which warp_specialize cannot pass to a partition.
-    gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                     SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
-        (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                     SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
-                     BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # Tuples are written out in full: concatenating them here would turn constexprs into plain ints,
+    # which warp_specialize cannot pass to a partition.
+    if NUM_CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
+                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.static_assert(NUM_CONSUMERS == 3, "two or three consumer warpgroups")
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
+                         SCORE_FN, MASK_FN, 2, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
+                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 # fmt: on
 
 
@@ -336,13 +354,15 @@ DEFAULT_TILES = {64: (64, 128, 3), 128: (64, 128, 2)}  # E -> (BLOCK_M per consu
 
 
 def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_mod=None, block_m=None,
-                     block_n=None, stages=None, pingpong=True, consumer_regs=240, producer_regs=24,
+                     block_n=None, stages=None, consumers=2, pingpong=True, consumer_regs=None, producer_regs=24,
                      warmup=False):  # fmt: skip
     """Attention forward on Hopper: q, k, v (B, H, L, E) bf16/fp16 -> out (B, H, L, E), lse (B, H, L) fp32.
 
-    Parallelised over (L / (2 * block_m), B * H) CTAs; each CTA has two consumer warpgroups (block_m
-    query rows each) and one producer warp. L must be a multiple of 2 * block_m and of block_n; E is
-    64 or 128; k and v have q's shape (no GQA, no E != Ev in this spike).
+    Parallelised over (cdiv(L, consumers * block_m), B * H) CTAs; each CTA has ``consumers`` (2 or 3)
+    consumer warpgroups of block_m query rows each and one producer warp; the last CTA's rows past L
+    are computed on whatever the Q tile holds and not stored. L must be a multiple of block_n; E is
+    64 or 128; k and v have q's shape (no GQA, no E != Ev in this spike). ``consumer_regs`` defaults
+    to 240 with two consumers and 160 with three (setmaxnreg; the producer keeps ``producer_regs``).
 
     ``causal``: key tiles above the diagonal are skipped and only diagonal tiles are masked.
     ``score_mod`` / ``mask_mod``: compiled mods (``flexattn.kernels.mods.KernelMod``: ``.fn`` and
@@ -362,9 +382,13 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
         raise ValueError(f"head dim {E} is not supported here (64 or 128)")
     d_m, d_n, d_s = DEFAULT_TILES[E]
     block_m, block_n, stages = block_m or d_m, block_n or d_n, stages or d_s
-    cta_m = 2 * block_m
-    if L % cta_m or L % block_n:
-        raise ValueError(f"L={L} must be a multiple of 2*block_m={cta_m} and of block_n={block_n}")
+    if consumers not in (2, 3):
+        raise ValueError(f"consumers must be 2 or 3 (warpgroups per CTA); got {consumers}")
+    if L % block_n or consumers * block_m > L:
+        raise ValueError(f"L={L} must be a multiple of block_n={block_n} and at least consumers*block_m")
+    cta_m = consumers * block_m
+    # registers per thread: 64K per CTA over (consumers + 1) warpgroups, the producer's given back
+    consumer_regs = consumer_regs or {2: 240, 3: 160}[consumers]
     scale = E**-0.5 if scale is None else scale
     if scale <= 0:
         raise ValueError(f"scale must be positive (the row max is kept in scaled units); got {scale}")
@@ -377,7 +401,7 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
     v_desc = TensorDescriptor.from_tensor(v2, [block_n, E], kv_layout)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    grid = (L // cta_m, B * H)
+    grid = (triton.cdiv(L, cta_m), B * H)
     score_fn, score_args = (None, ()) if score_mod is None else (score_mod.fn, score_mod.args)
     mask_fn, mask_args = (None, ()) if mask_mod is None else (mask_mod.fn, mask_mod.args)
     args = (
@@ -395,7 +419,7 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
         mask_fn,
         mask_args,
     )
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=E, STAGES=stages, CAUSAL=causal,
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=E, STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
                 PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
                 num_warps=4)  # fmt: skip
     if warmup:
