@@ -13,8 +13,9 @@ For B4 H16 L8192 E128 and B4 H16 L16384 E64, noop and causal, bf16, on fresh ran
 
 A hung Gluon kernel would hang the run, so a smoke test of every Gluon variant (both head dims, noop
 and causal, bf16 and fp16, plus compiled mods: document mask, tanh soft-cap, ALiBi) on small shapes
-runs first in a child process with a time limit; when it hangs, the main run skips Gluon and still
-times the rest. Compiled kernels land in Triton's cache, so the main run does not compile them again.
+runs first in parallel child processes with a time limit; when one hangs, the main run skips Gluon
+and still times the rest. Compiled kernels land in Triton's cache (sizes are not specialized), so
+the main run does not compile them again.
 
     python benchmarks/spike_gluon_forward.py --json /tmp/spike.json     # H200, ~2-3 minutes
     python benchmarks/spike_gluon_forward.py --dry-run                  # no GPU: plan + sm_90a compile
@@ -23,6 +24,7 @@ times the rest. Compiled kernels land in Triton's cache, so the main run does no
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import subprocess
@@ -173,10 +175,12 @@ def smoke_cases():
     return cases
 
 
-def smoke() -> int:
-    """Small shapes, every variant, both dtypes, a few compiled mods: Gluon vs the fp32 reference."""
+def smoke(shard: int, shards: int) -> int:
+    """Small shapes, every variant, both dtypes, a few compiled mods: Gluon vs the fp32 reference.
+
+    Runs every ``shards``-th case starting at ``shard`` (children run in parallel, compiling at once)."""
     failures = 0
-    for E, dtype, causal, variant, score_mod, mask_mod in smoke_cases():
+    for E, dtype, causal, variant, score_mod, mask_mod in smoke_cases()[shard::shards]:
         B, H, L = 2, 3, 1024
         q, k, v = (torch.randn(B, H, L, E, device="cuda", dtype=dtype) for _ in range(3))
         heads = [(0, 0), (1, 2)]
@@ -196,25 +200,37 @@ def smoke() -> int:
             failures += 1
             print(f"{name}: ERROR\n{traceback.format_exc()}")
         sys.stdout.flush()
-    print(f"smoke: {failures} failure(s)")
+    print(f"smoke shard {shard}/{shards}: {failures} failure(s)")
     return 1 if failures else 0
 
 
-def run_smoke_child(timeout_s: float) -> bool:
-    """The smoke test in a child process; False when it hung (then Gluon is skipped)."""
-    print(f"== smoke test in a child process (limit {timeout_s:.0f} s)", flush=True)
-    try:
-        result = subprocess.run(
-            [sys.executable, __file__, "--smoke"], timeout=timeout_s, capture_output=True, text=True
-        )
-    except subprocess.TimeoutExpired as e:
-        print(e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or ""))
+def run_smoke_children(timeout_s: float, shards: int) -> bool:
+    """The smoke test in ``shards`` parallel child processes; False when one hung (Gluon is skipped)."""
+    print(f"== smoke test in {shards} child processes (limit {timeout_s:.0f} s)", flush=True)
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--smoke", f"{i}/{shards}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(shards)
+    ]
+    deadline, hung, failed = time.time() + timeout_s, False, False
+    for child in children:
+        try:
+            output, _ = child.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            output, _ = child.communicate()
+            hung = True
+        print(output[-6000:], end="", flush=True)
+        failed |= child.returncode != 0
+    if hung:
         print("!! SMOKE TEST TIMED OUT (a Gluon kernel hangs?): Gluon is skipped in the main run", flush=True)
-        return False
-    print(result.stdout + result.stderr[-4000:], flush=True)
-    if result.returncode != 0:
+    elif failed:
         print("!! SMOKE TEST FAILED: the main run still runs Gluon (errors are reported per row)", flush=True)
-    return True
+    return not hung
 
 
 # -- main run ---------------------------------------------------------------------------------
@@ -311,18 +327,23 @@ def main() -> None:
         "--dry-run", action="store_true", help="no GPU: print the plan and compile for sm_90a"
     )
     parser.add_argument("--json", help="write the rows here (after every row)")
-    parser.add_argument("--smoke", action="store_true", help="(child mode) only the small-shape smoke test")
+    parser.add_argument("--smoke", metavar="I/N", help="(child mode) only shard I of N of the smoke test")
     parser.add_argument("--smoke-timeout", type=float, default=150.0)
+    parser.add_argument("--smoke-shards", type=int, default=4, help="parallel smoke-test processes")
     parser.add_argument("--skip-smoke", action="store_true")
+    parser.add_argument("--watchdog", type=float, default=420.0, help="exit after this many seconds")
     args = parser.parse_args()
     if args.dry_run:
         dry_run()
         return
     if args.smoke:
-        sys.exit(smoke())
+        shard, shards = (int(x) for x in args.smoke.split("/"))
+        sys.exit(smoke(shard, shards))
     start = time.time()
+    # a kernel that hangs at the full sizes: print where, and exit, instead of holding the GPU
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
-    gluon_ok = True if args.skip_smoke else run_smoke_child(args.smoke_timeout)
+    gluon_ok = True if args.skip_smoke else run_smoke_children(args.smoke_timeout, args.smoke_shards)
     rows: list = []
     for B, H, L, E in CONFIGS:
         for causal in (False, True):

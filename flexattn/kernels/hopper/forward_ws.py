@@ -273,7 +273,8 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     gl.store(lse_ptr + base + lse_rows, lse, mask=lse_rows < seq_len)
 
 
-@gluon.jit
+# Sizes are not specialized: a new length or head count reuses the compiled kernel.
+@gluon.jit(do_not_specialize=["seq_len", "num_heads"])
 def _flash_fwd_ws_kernel(
     # descriptors over (B*H*L, E) views of q, k, v; out (B, H, L, E) and lse (B, H, L) contiguous
     q_desc, k_desc, v_desc, out_ptr, lse_ptr,
