@@ -44,9 +44,10 @@ from flexattn.kernels.hopper.forward_ws import flash_forward_ws, flops  # noqa: 
 CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
 # Variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong, consumer
 # warpgroups); the first is the default (DEFAULT_TILES). Three consumers (192-row CTAs, 160
-# registers each, FA3's hdim-64 shape) spill at E128. First H200 run (2026-12-02, TFLOP/s, noop /
-# causal): E128 2 stages 601/558 with ping-pong, 620/558 without, 3 stages 596/550; E64 (2 consumers)
-# 3 stages 438/417 with ping-pong, 438/415 without, 2 stages 457/423 with.
+# registers each, FA3's hdim-64 shape) spill at E128 (and 32 bytes at E64 causal). First H200 run
+# (2026-12-02, TFLOP/s, noop / causal; before the V wait that keeps the softmax overlapped): E128
+# 2 stages 601/558 with ping-pong, 620/558 without, 3 stages 596/550; E64 (2 consumers) 3 stages
+# 438/417 with ping-pong, 438/415 without, 2 stages 457/423 with.
 VARIANTS = {
     128: [(64, 128, 2, False, 2), (64, 128, 2, True, 2), (64, 128, 3, False, 2)],
     64: [(64, 128, 2, True, 2), (64, 128, 2, False, 2), (64, 128, 3, True, 3), (64, 128, 2, True, 3),

@@ -168,6 +168,10 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
         mbarrier.arrive(k_empty.index(stage), count=1)
         kv_idx = gl.expand_dims(kv_base + j * BLOCK_N, 0)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
+        # Waiting here for V_j (the next step's P V needs it anyway) ends the basic block: without
+        # the barrier's spin loop between them, ptxas hoists the P V wait below above the
+        # exponentials (SASS: WARPGROUP.DEPBAR right after the row max), and only the max overlaps.
+        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
