@@ -48,8 +48,9 @@ def stub_driver():
 def compile_variant(head_dim: int, causal: bool, variant=None, dtype=torch.bfloat16, **kwargs):
     """The compiled kernel (Triton's CompiledKernel) for one head dim, mask and tile variant.
 
-    ``variant`` is (block_m, block_n, stages, pingpong, consumers) or None for the defaults."""
-    bm, bn, st, pp, nc = variant or (*DEFAULT_TILES[head_dim], 2)
+    ``variant`` is (block_m, block_n, stages, pingpong, consumers[, v_fence]) or None for the defaults."""
+    bm, bn, st, pp, nc, *fence = variant or DEFAULT_TILES[head_dim]
+    kwargs.setdefault("v_fence", fence != [False])
     q = torch.zeros(1, 1, 4 * max(bm, bn), head_dim, dtype=dtype)
     with stub_driver():
         return flash_forward_ws(q, q, q, causal=causal, block_m=bm, block_n=bn, stages=st, pingpong=pp,
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--block-n", type=int)
     parser.add_argument("--stages", type=int)
     parser.add_argument("--pingpong", choices=("on", "off"), help="default: the head dim's default")
-    parser.add_argument("--consumers", type=int, default=2, choices=(2, 3), help="consumer warpgroups")
+    parser.add_argument("--consumers", type=int, choices=(2, 3), help="consumer warpgroups")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -101,9 +102,9 @@ def main(argv=None) -> None:
         [(args.head_dim, args.causal)] if args.head_dim else [(e, c) for e in DEFAULT_TILES for c in (0, 1)]
     )
     for head_dim, causal in combos:
-        bm, bn, st, pp = DEFAULT_TILES[head_dim]
+        bm, bn, st, pp, nc = DEFAULT_TILES[head_dim]
         pp = pp if args.pingpong is None else args.pingpong == "on"
-        variant = (args.block_m or bm, args.block_n or bn, args.stages or st, pp, args.consumers)
+        variant = (args.block_m or bm, args.block_n or bn, args.stages or st, pp, args.consumers or nc)
         kernel = compile_variant(head_dim, bool(causal), variant, dtype)
         print(f"E{head_dim} {'causal' if causal else 'noop  '} {variant}: {report(kernel)}")
 

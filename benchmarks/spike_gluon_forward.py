@@ -43,16 +43,27 @@ from flexattn.kernels.hopper.forward_ws import flash_forward_ws, flops  # noqa: 
 
 CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
 # Variants per head dim: (block_m per consumer warpgroup, block_n, stages, ping-pong, consumer
-# warpgroups); the first is the default (DEFAULT_TILES). Three consumers (192-row CTAs, 160
-# registers each, FA3's hdim-64 shape) spill at E128 (and 32 bytes at E64 causal). First H200 run
-# (2026-12-02, TFLOP/s, noop / causal; before the V wait that keeps the softmax overlapped): E128
-# 2 stages 601/558 with ping-pong, 620/558 without, 3 stages 596/550; E64 (2 consumers) 3 stages
-# 438/417 with ping-pong, 438/415 without, 2 stages 457/423 with.
+# warpgroups[, v_fence]); the first is the default (DEFAULT_TILES); v_fence=False measures the V wait
+# that keeps the softmax overlapped with the P V (98d0a39). Three consumers (192-row CTAs, 160
+# registers each, FA3's hdim-64 shape) spill at E128 (and 32 bytes at E64 causal). H200 runs of
+# 2026-12-02 (TFLOP/s, noop / causal; before the V wait that keeps the softmax overlapped): E128
+# 2 stages 601-607/557 with ping-pong, 617-620/554-558 without, 3 stages 557-596/550-557; E64 three
+# consumers 2 stages 512/464, 3 stages 497/437 (ping-pong); two consumers 441-457/408-423.
 VARIANTS = {
-    128: [(64, 128, 2, False, 2), (64, 128, 2, True, 2), (64, 128, 3, False, 2)],
-    64: [(64, 128, 2, True, 2), (64, 128, 2, False, 2), (64, 128, 3, True, 3), (64, 128, 2, True, 3),
-         (64, 128, 2, False, 3)],
-}  # fmt: skip
+    128: [
+        (64, 128, 2, False, 2),
+        (64, 128, 2, True, 2),
+        (64, 128, 3, False, 2),
+        (64, 128, 2, False, 2, False),
+    ],
+    64: [
+        (64, 128, 2, True, 3),
+        (64, 128, 2, False, 3),
+        (64, 128, 3, True, 3),
+        (64, 128, 2, True, 2),
+        (64, 128, 2, True, 3, False),
+    ],
+}
 OUT_TOL, LSE_TOL = 2e-2, 2e-2  # relative error of out (Frobenius), max abs error of lse (bf16 inputs)
 
 
@@ -61,15 +72,15 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 def variant_name(v) -> str:
-    bm, bn, st, pp, nc = v
-    return f"gluon-{nc}wg-m{nc * bm}x{bn}-s{st}{'-pp' if pp else ''}"
+    bm, bn, st, pp, nc, *fence = v
+    return f"gluon-{nc}wg-m{nc * bm}x{bn}-s{st}{'-pp' if pp else ''}{'' if fence != [False] else '-nofence'}"
 
 
 def run_gluon(q, k, v, causal, variant, score_mod=None, mask_mod=None):
     """The Gluon kernel; score_mod / mask_mod are compiled KernelMods (or None)."""
-    bm, bn, st, pp, nc = variant
-    return flash_forward_ws(q, k, v, causal=causal, score_mod=score_mod, mask_mod=mask_mod,
-                            block_m=bm, block_n=bn, stages=st, pingpong=pp, consumers=nc)  # fmt: skip
+    bm, bn, st, pp, nc, *fence = variant
+    tiles = dict(block_m=bm, block_n=bn, stages=st, pingpong=pp, consumers=nc, v_fence=fence != [False])
+    return flash_forward_ws(q, k, v, causal=causal, score_mod=score_mod, mask_mod=mask_mod, **tiles)
 
 
 # -- references -------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
                    s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                    SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
                    CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_FENCE: gl.constexpr):
     """Steps j in [j_start, j_end): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, then S_j's softmax.
 
     state = (acc, p_op, m_i, l_i, count): the output accumulator, P_{j-1} as the wgmma A operand,
@@ -168,10 +168,11 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
         mbarrier.arrive(k_empty.index(stage), count=1)
         kv_idx = gl.expand_dims(kv_base + j * BLOCK_N, 0)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
-        # Waiting here for V_j (the next step's P V needs it anyway) ends the basic block: without
-        # the barrier's spin loop between them, ptxas hoists the P V wait below above the
+        # V_FENCE: waiting here for V_j (the next step's P V needs it anyway) ends the basic block;
+        # without the barrier's spin loop between them, ptxas hoists the P V wait below above the
         # exponentials (SASS: WARPGROUP.DEPBAR right after the row max), and only the max overlaps.
-        mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+        if V_FENCE:
+            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
@@ -183,7 +184,8 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
 def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks_all, mods,
               SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+              V_FENCE: gl.constexpr):
     """BLOCK_M query rows starting at q_start + CONSUMER * BLOCK_M: their out rows and lse."""
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     dtype: gl.constexpr = q_smem.dtype
@@ -230,11 +232,11 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     # -- main loop: fully visible tiles, then the tiles that need the mask --
     state = _consumer_loop(state, q, k_smem, v_smem, bars, 1, gl.maximum(n_full, 1), q_idx, kv_base, mods,
                            s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, False, CAUSAL,
-                           CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES)
+                           CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
     if HAS_MASK:
         state = _consumer_loop(state, q, k_smem, v_smem, bars, gl.maximum(n_full, 1), n_blocks, q_idx, kv_base,
                                mods, s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, True, CAUSAL,
-                               CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES)
+                               CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
     acc, p_op, m_i, l_i, count = state
 
     # -- epilogue: the last P V --
@@ -288,8 +290,8 @@ def _flash_fwd_ws_kernel(
     SCORE_FN: gl.constexpr, SCORE_ARGS, MASK_FN: gl.constexpr, MASK_ARGS,
     # meta-parameters
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    PRODUCER_REGS: gl.constexpr,
+    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     pid_m = gl.program_id(0)
@@ -331,9 +333,11 @@ def _flash_fwd_ws_kernel(
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
+                         V_FENCE)),
             (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
+                         V_FENCE)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -341,11 +345,14 @@ def _flash_fwd_ws_kernel(
         gl.static_assert(NUM_CONSUMERS == 3, "two or three consumer warpgroups")
         gl.warp_specialize([
             (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
+                         V_FENCE)),
             (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
+                         V_FENCE)),
             (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 2, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG)),
+                         SCORE_FN, MASK_FN, 2, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
+                         V_FENCE)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
                          BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
@@ -355,14 +362,15 @@ def _flash_fwd_ws_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# E -> (BLOCK_M per consumer, BLOCK_N, STAGES, ping-pong): the fastest of the H200 run of 2026-12-02
-# (B4 H16, bf16: E128 L8192 noop 620 TFLOP/s without ping-pong, 601 with; E64 L16384 457 with 2 stages)
-DEFAULT_TILES = {64: (64, 128, 2, True), 128: (64, 128, 2, False)}
+# E -> (BLOCK_M per consumer, BLOCK_N, STAGES, ping-pong, consumer warpgroups): the fastest of the
+# H200 runs of 2026-12-02 (B4 H16, bf16: E128 L8192 noop 617-620 TFLOP/s with two consumers and no
+# ping-pong; E64 L16384 noop 512 with three consumers, two stages and ping-pong)
+DEFAULT_TILES = {64: (64, 128, 2, True, 3), 128: (64, 128, 2, False, 2)}
 
 
 def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_mod=None, block_m=None,
-                     block_n=None, stages=None, consumers=2, pingpong=None, consumer_regs=None, producer_regs=24,
-                     warmup=False):  # fmt: skip
+                     block_n=None, stages=None, consumers=None, pingpong=None, v_fence=True, consumer_regs=None,
+                     producer_regs=24, warmup=False):  # fmt: skip
     """Attention forward on Hopper: q, k, v (B, H, L, E) bf16/fp16 -> out (B, H, L, E), lse (B, H, L) fp32.
 
     Parallelised over (cdiv(L, consumers * block_m), B * H) CTAs; each CTA has ``consumers`` (2 or 3)
@@ -375,8 +383,10 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
     ``score_mod`` / ``mask_mod``: compiled mods (``flexattn.kernels.mods.KernelMod``: ``.fn`` and
     ``.args``) or None, inlined at the kernel's one score/mask step. There are no block tables in
     this spike: with ``causal`` the mask mod runs on the diagonal tiles only (it must allow every
-    pair below the diagonal, as the causal mask does), without it on every tile. ``warmup=True``
-    compiles without launching (Triton's warmup; needs only a driver that names the target).
+    pair below the diagonal, as the causal mask does), without it on every tile. ``v_fence``: wait
+    for the next V tile right after the softmax, which keeps ptxas from hoisting the P V wait above
+    the exponentials (see ``_consumer_loop``). ``warmup=True`` compiles without launching (Triton's
+    warmup; needs only a driver that names the target).
 
         out, lse = flash_forward_ws(q, k, v, causal=True)
     """
@@ -387,8 +397,8 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
         raise ValueError(f"q, k, v must all be bf16 or fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if E not in DEFAULT_TILES:
         raise ValueError(f"head dim {E} is not supported here (64 or 128)")
-    d_m, d_n, d_s, d_pp = DEFAULT_TILES[E]
-    block_m, block_n, stages = block_m or d_m, block_n or d_n, stages or d_s
+    d_m, d_n, d_s, d_pp, d_c = DEFAULT_TILES[E]
+    block_m, block_n, stages, consumers = block_m or d_m, block_n or d_n, stages or d_s, consumers or d_c
     pingpong = d_pp if pingpong is None else pingpong
     if consumers not in (2, 3):
         raise ValueError(f"consumers must be 2 or 3 (warpgroups per CTA); got {consumers}")
@@ -428,7 +438,7 @@ def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_
         mask_args,
     )
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=E, STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
-                PINGPONG=pingpong, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+                PINGPONG=pingpong, V_FENCE=v_fence, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
                 num_warps=4)  # fmt: skip
     if warmup:
         return _flash_fwd_ws_kernel.warmup(*args, grid=grid, **meta)
