@@ -66,6 +66,8 @@ class Variant:
     mask_mod: Callable | None = None
     flex_score_mod: Callable | None = None  # flexattn's score_mod when it differs (fast tanh)
     sdpa: dict | None = None  # SDPA kwargs when SDPA can express the variant
+    flex_options: dict | None = None  # flexattn's kernel_options (deterministic mode)
+    default: bool = True  # run without --variants (the learnable-bias rows are asked for by name)
 
 
 CONFIGS = [Config(4, 16, 8192, 128), Config(4, 16, 16384, 64)]
@@ -90,6 +92,31 @@ def make_variants(cfg: Config, device: str) -> list[Variant]:
         Variant("prefix_lm", mask_mod=V.prefix_lm(cfg.L // 4)),
         Variant("document", mask_mod=V.document_mask(doc_ids)),
         Variant("softcap", score_mod=V.tanh_softcap(30.0), flex_score_mod=softcap_fast),
+        *learnable_variants(cfg, device),
+    ]
+
+
+def learnable_variants(cfg: Config, device: str) -> list[Variant]:
+    """Learnable biases (issue #14): a relative-position table (H, 2L - 1) and a per-head bias, their
+    gradients accumulated by the backward; the table also in deterministic mode. Opt-in by name."""
+    table = (0.1 * torch.randn(cfg.H, 2 * cfg.L - 1, device=device)).requires_grad_()
+    head_bias = torch.randn(cfg.H, device=device).requires_grad_()
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h, q_idx - kv_idx + cfg.L - 1]
+
+    def per_head_bias(score, b, h, q_idx, kv_idx):
+        return score + head_bias[h]
+
+    return [
+        Variant("rel_bias_learned", score_mod=relative_bias, default=False),
+        Variant(
+            "rel_bias_learned_det",
+            score_mod=relative_bias,
+            flex_options={"deterministic": True},
+            default=False,
+        ),
+        Variant("head_bias_learned", score_mod=per_head_bias, default=False),
     ]
 
 
@@ -135,7 +162,9 @@ def implementations(var: Variant, fmask, tmask, torch_flex_compiled) -> dict[str
     flex_score = var.flex_score_mod or var.score_mod
 
     def ours(q, k, v):
-        return flexattn.flex_attention(q, k, v, score_mod=flex_score, block_mask=fmask)
+        return flexattn.flex_attention(
+            q, k, v, score_mod=flex_score, block_mask=fmask, kernel_options=var.flex_options
+        )
 
     def torch_flex(q, k, v):
         return torch_flex_compiled(q, k, v, score_mod=var.score_mod, block_mask=tmask)
@@ -172,7 +201,7 @@ def run(args) -> list[dict]:
             torch.randn(cfg.B, cfg.H, cfg.L, cfg.E, device=device, dtype=torch.bfloat16) for _ in range(3)
         )
         for var in make_variants(cfg, device):
-            if args.variants and var.name not in args.variants:
+            if (args.variants and var.name not in args.variants) or (not args.variants and not var.default):
                 continue
             if args.quick and var.name not in QUICK_VARIANTS:
                 continue

@@ -12,6 +12,7 @@ driver and ``JITFunction.run``), checked against Triton 3.6.
     python benchmarks/compile_report.py                                  # backward, E128, noop
     python benchmarks/compile_report.py --pass forward --head-dim 64 --variant causal
     python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
+    python benchmarks/compile_report.py --pass forward --paged 16                # K/V through a page table
 """
 
 from __future__ import annotations
@@ -33,18 +34,29 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import jit as triton_jit
 
 import flexattn.compiler as mod_compiler
+import flexattn.variants as variants
 from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.kernels import backward, forward
 from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.options import KernelOptions
 
 H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-VARIANTS = {
-    "noop": None,
-    "causal": lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+VARIANTS = {  # name -> (mask_mod, score_mod builder taking the head count)
+    "noop": (None, None),
+    "causal": (lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None),
+    "alibi": (None, lambda heads: variants.alibi(heads, device="cpu")),
+    "softcap": (None, lambda heads: variants.tanh_softcap(30.0)),
+    "relbias": (None, lambda heads: _relative_bias(heads)),
 }
+
+
+def _relative_bias(heads: int, length: int = 512):
+    """A learnable relative-position table (heads, 2 * length - 1), as in bench_attention.py."""
+    table = torch.randn(heads, 2 * length - 1, requires_grad=True)
+    return lambda score, b, h, q_idx, kv_idx: score + table[h, q_idx - kv_idx + length - 1]
 
 
 class _StubDriver:
@@ -84,16 +96,27 @@ def compile_only(compiled: list):
         driver._active = previous
 
 
-def compile_kernels(which: str, head_dim: int, variant: str, options: dict, length: int = 512) -> list:
-    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel)."""
+def compile_kernels(
+    which: str, head_dim: int, variant: str, options: dict, length: int = 512, page: int = 0
+) -> list:
+    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel).
+    ``page`` > 0: the forward reads K/V from a paged cache of that page size."""
     B, H = 1, 2
     q, k, v = (torch.randn(B, H, length, head_dim, dtype=torch.bfloat16) for _ in range(3))
-    mask = create_block_mask(VARIANTS[variant] or _always, None, None, length, length, device="cpu")
+    paged = None
+    if page:
+        if which != "forward":
+            raise SystemExit("--paged compiles the forward pass only (paged caches are inference only)")
+        table = torch.arange(length // page, dtype=torch.int32).flip(0)[None]  # (1, pages)
+        paged = PagedKV(table, page, length)
+    mask_fn, score_builder = VARIANTS[variant]
+    mask = create_block_mask(mask_fn or _always, None, None, length, length, device="cpu")
     opts = KernelOptions.from_user(options)
     compiled: list = []
     with compile_only(compiled):
-        score = mod_compiler.compile_score_mod(None, device="cpu", target="cuda")
-        mask_mod = mod_compiler.compile_mask_mod(VARIANTS[variant], device="cpu", target="cuda")
+        score_fn = None if score_builder is None else score_builder(H)
+        score = mod_compiler.compile_score_mod(score_fn, device="cpu", target="cuda", fast_math=True)
+        mask_mod = mod_compiler.compile_mask_mod(mask_fn, device="cpu", target="cuda")
         common = {
             "score_mod": score,
             "mask_mod": mask_mod,
@@ -102,10 +125,13 @@ def compile_kernels(which: str, head_dim: int, variant: str, options: dict, leng
             "target": H100,
         }
         if which == "forward":
-            forward.flex_forward(q, k, v, tables=mask.tables(), **common)
+            forward.flex_forward(q, k, v, tables=mask.tables(), paged=paged, **common)
         else:
             lse = torch.zeros(B, H, length)
-            backward.flex_backward(q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), **common)
+            grads = tuple(torch.zeros(t.shape) for t in score.grad_captures)  # learnable captures' buffers
+            backward.flex_backward(
+                q, k, v, q, lse, q, None, tables=complete_q_side(mask.tables()), grad_buffers=grads, **common
+            )
     return compiled
 
 
@@ -169,11 +195,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="noop")
     parser.add_argument("--options", type=json.loads, default={}, help="kernel_options as JSON")
     parser.add_argument("--sass-dir", type=Path, help="also write each kernel's SASS here")
+    parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="forward over a paged cache")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_report.py compiles real kernels: unset TRITON_INTERPRET to run it.")
     rows = []
-    for name, kernel in compile_kernels(args.which, args.head_dim, args.variant, args.options):
+    kernels = compile_kernels(args.which, args.head_dim, args.variant, args.options, page=args.paged)
+    for name, kernel in kernels:
         row = {"kernel": name, **resources(kernel), "loops": sass_loops(kernel, args.sass_dir, name)}
         rows.append(row)
         spills = f"{row['spill_stores']}/{row['spill_loads']}"

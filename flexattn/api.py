@@ -16,7 +16,7 @@ import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
 from flexattn.dispatch import check_call, run_attention
-from flexattn.options import KernelOptions
+from flexattn.options import KernelOptions, parse_options
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,21 +78,30 @@ def flex_attention(
         >>> out.shape
         torch.Size([2, 4, 100, 32])
     """
-    _check_tensors(query, key, value, enable_gqa)
+    block_mask = _from_pytorch_block_mask(block_mask)
+    kv_pages = getattr(block_mask, "kv_pages", None)  # a paged cache (flexattn.paged.PagedBlockMask)
+    _check_tensors(query, key, value, enable_gqa, paged=kv_pages is not None)
     request = _check_returns(return_lse, return_aux)
     scale = _check_scale(scale, query.shape[-1])  # traced under torch.compile: a new scale is an input
-    block_mask = _from_pytorch_block_mask(block_mask)
+    kv_len = key.shape[2]
+    if kv_pages is not None:
+        kv_len = _check_paged(kv_pages, query, key, value)
     if block_mask is not None:
-        _check_block_mask(block_mask, query, key)
+        _check_block_mask(block_mask, query, kv_len)
     mask_mod = None if block_mask is None else block_mask.mask_mod
     compiling = torch.compiler.is_compiling()
     if compiling:
         import flexattn.custom_ops  # noqa: F401  (marks check_call as a trace-time constant)
     # eager calls parse the options once, here; traced ones hand check_call the user's dict (a constant)
-    options = kernel_options if compiling else KernelOptions.from_user(kernel_options)
+    options = kernel_options if compiling else parse_options(kernel_options)
     backend, tiles = check_call(score_mod, mask_mod, options, query.device, query.dtype)
     if block_mask is not None:  # traced under torch.compile (block sizes may be symbolic there)
         _check_tiles(tuple(block_mask.BLOCK_SIZE), tiles)
+    if kv_pages is not None and compiling:
+        raise ValueError(
+            "flex_attention over a paged KV cache runs eagerly for now: call it outside torch.compile "
+            "(or wrap the call in torch.compiler.disable)."
+        )
     if backend == "TRITON" and compiling:
         # torch.compile: the custom ops (no graph break), with the mods' captures as graph inputs
         from flexattn.custom_ops import traced_attention
@@ -102,9 +111,18 @@ def flex_attention(
         )
     else:
         options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
-        _check_mods_trace(score_mod, mask_mod, query, key)
+        fingerprints = _check_mods_trace(score_mod, mask_mod, query, kv_len)
         out, lse, max_scores = run_attention(
-            query, key, value, score_mod, block_mask, scale, options, backend
+            query,
+            key,
+            value,
+            score_mod,
+            block_mask,
+            scale,
+            options,
+            backend,
+            kv_pages=kv_pages,
+            fingerprints=fingerprints,
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
@@ -117,7 +135,8 @@ def _pack(out, lse, max_scores, request: AuxRequest, return_lse, return_aux):
     return out
 
 
-def _check_tensors(query, key, value, enable_gqa) -> None:
+def _check_tensors(query, key, value, enable_gqa, paged: bool = False) -> None:
+    """``paged``: key / value are paged caches (1, Hkv, rows, E): their batch broadcasts."""
     names = ("query", "key", "value")
     for name, t in zip(names, (query, key, value)):
         if not isinstance(t, torch.Tensor):
@@ -146,6 +165,8 @@ def _check_tensors(query, key, value, enable_gqa) -> None:
             "Move them with .to(query.device)."
         )
     (B, Hq, _, E), (Bk, Hkv, Lkv, Ek), (Bv, Hv, Lv, _) = query.shape, key.shape, value.shape
+    if paged:
+        Bk = Bv = B  # checked by _check_paged (the caches have batch 1)
     if not B == Bk == Bv:
         raise ValueError(f"Batch sizes differ: query B={B}, key B={Bk}, value B={Bv}. They must be equal.")
     if Ek != E:
@@ -194,15 +215,33 @@ def _from_pytorch_block_mask(block_mask):
     return BlockMask(**values)
 
 
-def _check_block_mask(block_mask, query, key) -> None:
-    """Shape, broadcast and device checks of a BlockMask against query / key."""
+def _check_paged(kv_pages, query, key, value) -> int:
+    """Checks of a paged call (``block_mask`` from ``PagedAttention.convert_logical_block_mask``);
+    returns its logical key length."""
+    try:
+        kv_pages.check(key, value, query.shape[0])
+    except ValueError as err:
+        raise ValueError(
+            f"flex_attention with a paged block mask: {err}. Pass the paged caches as key / value and "
+            "convert the mask for this batch (PagedAttention.convert_logical_block_mask(mask, batch_idx))."
+        ) from None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ValueError(
+            "flex_attention over a paged KV cache is inference only (no backward): run it under "
+            "torch.no_grad(), or detach query / key / value."
+        )
+    return kv_pages.kv_len
+
+
+def _check_block_mask(block_mask, query, kv_len: int) -> None:
+    """Shape, broadcast and device checks of a BlockMask against query and the key length."""
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
             "block_mask must be a flexattn.BlockMask (from create_block_mask), "
             f"got {type(block_mask).__name__}."
         )
     B, Hq, Lq, _ = query.shape
-    Lkv = key.shape[2]
+    Lkv = kv_len
     if tuple(block_mask.seq_lengths) != (Lq, Lkv):
         raise ValueError(
             f"block_mask was built for (Q_LEN, KV_LEN)={tuple(block_mask.seq_lengths)} but query/key have "
@@ -235,14 +274,22 @@ def _check_block_mask(block_mask, query, key) -> None:
         )
 
 
-def _check_mods_trace(score_mod, mask_mod, query, key) -> None:
-    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks)."""
-    from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
+def _check_mods_trace(score_mod, mask_mod, query, kv_len: int):
+    """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks).
 
-    grid = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])  # (B, Hq, Lq, Lkv)
-    check_traced(score_mod, "score", grid, query.device)
+    Returns the mods' ``CallFingerprints``: the Triton path compiles them with the same keys."""
+    from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
+    from flexattn.compiler.fingerprint import CallFingerprints, fingerprint
+
+    grid = (query.shape[0], query.shape[1], query.shape[2], kv_len)  # (B, Hq, Lq, Lkv)
+    score = mask = None
+    if score_mod is not None:
+        score = fingerprint(score_mod)
+        check_traced(score_mod, "score", grid, query.device, fingerprint=score)
     if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)
-        check_traced(mask_mod, "mask", grid, query.device)
+        mask = fingerprint(mask_mod)
+        check_traced(mask_mod, "mask", grid, query.device, fingerprint=mask)
+    return CallFingerprints(score, mask)
 
 
 def _check_tiles(block_size: tuple[int, int], tiles: tuple[int | None, int | None]) -> None:

@@ -21,6 +21,7 @@ import torch
 from torch._C import _functions
 
 from flexattn.block_mask import BlockMask
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.options import KernelOptions
 from flexattn.plan import AttentionPlan, plan_attention
 
@@ -78,11 +79,15 @@ def triton_flex_attention(
     block_mask: BlockMask | None,
     scale: float,
     options: KernelOptions,
+    *,
+    kv_pages: PagedKV | None = None,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flex attention on the Triton kernels, differentiable in q, k, v and learnable captures.
 
     Args: as :func:`flexattn.dispatch.run_attention` (validated by flexattn.api; the kernels read the
-    GQA group size from the shapes).
+    GQA group size from the shapes). With ``kv_pages`` (paged caches) only the forward runs: the api
+    refuses paged calls that need gradients.
     Returns: out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32.
 
     Example (CPU, ``TRITON_INTERPRET=1``)::
@@ -90,9 +95,11 @@ def triton_flex_attention(
         mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, 40, 40, device="cpu", BLOCK_SIZE=16)
         out, lse, _ = triton_flex_attention(q, k, v, None, mask, 0.25, KernelOptions(BACKEND="TRITON"))
     """
+    kv_len = key.shape[2] if kv_pages is None else kv_pages.kv_len
     plan = plan_attention(
-        score_mod, block_mask, query.shape[2], key.shape[2], scale, options, query.device, query.dtype
-    )
+        score_mod, block_mask, query.shape[2], kv_len, scale, options, query.device, query.dtype,
+        kv_pages=kv_pages, fingerprints=fingerprints,
+    )  # fmt: skip
     captures = plan.score_mod.grad_captures
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
     if not needs_grad:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING

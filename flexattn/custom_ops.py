@@ -109,7 +109,7 @@ def _observe(mod, tensor_paths, scalars, functions) -> list[Tensor]:
         got = follow(mod, path)
         # Only `==` here: torch 2.11's `!=` polyfill asks for guards on the recorded values, which
         # come from a constant source (the graph fails to compile)
-        same_value = got == value if value == value else not (got == got)
+        same_value = got == value if value == value else not (got == got)  # noqa: SIM201
         if not (type(got).__name__ == type_name and same_value):
             raise RuntimeError(f"flexattn: a mod's value at {path} changed while torch.compile traced it")
     for path in functions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from flexattn.block_mask import BlockMask
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
+
+if TYPE_CHECKING:
+    from flexattn.kernels.paged_kv import PagedKV  # (the kernels load on first use)
 
 
 def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dtype | None = None) -> str:
@@ -72,6 +76,9 @@ def run_attention(
     scale: float,
     options: KernelOptions,
     backend: str,
+    *,
+    kv_pages: PagedKV | None = None,
+    fingerprints=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
@@ -81,11 +88,19 @@ def run_attention(
         score_mod: the user's score_mod, or None for the identity.
         block_mask: a BlockMask for exactly (Lq, Lkv) on the tensors' device, or None (attend everywhere).
         scale: finite float. options: validated KernelOptions.
+        kv_pages: key / value are paged caches (1, Hkv, rows, E) read through this page table
+            (``flexattn.paged``; inference only), or None. The reference backend gathers them.
+        fingerprints: the mods' ``compiler.fingerprint.CallFingerprints`` from this call's checks,
+            or None (the Triton path then fingerprints them itself).
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
     if backend == "REFERENCE":
+        if kv_pages is not None:  # the oracle gathers the pages; the kernels read them in place
+            key, value = kv_pages.gather(key), kv_pages.gather(value)
         return reference_attention(query, key, value, score_mod, block_mask, scale)
     from flexattn.autograd import triton_flex_attention
 
-    return triton_flex_attention(query, key, value, score_mod, block_mask, scale, options)
+    return triton_flex_attention(
+        query, key, value, score_mod, block_mask, scale, options, kv_pages=kv_pages, fingerprints=fingerprints
+    )

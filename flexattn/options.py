@@ -152,7 +152,7 @@ class KernelOptions:
     ) -> KernelOptions:
         """Validate a user's ``kernel_options`` dict (PyTorch spellings accepted) into KernelOptions."""
         if kernel_options is None:
-            return cls()
+            return _DEFAULT if cls is KernelOptions else cls()
         if isinstance(kernel_options, KernelOptions):
             return kernel_options
         if not isinstance(kernel_options, dict):
@@ -172,6 +172,37 @@ class KernelOptions:
                 raise ValueError(f"kernel_options sets {name!r} twice with different values (via {key!r}).")
             values[name] = value
         return cls(**values)
+
+
+_DEFAULT = KernelOptions()
+_PARSED: dict[tuple, KernelOptions] = {}  # parse_options: (key, type, value) items -> options
+_PARSED_SIZE = 256
+
+
+def parse_options(kernel_options: FlexKernelOptions | dict[str, Any] | KernelOptions | None) -> KernelOptions:
+    """:meth:`KernelOptions.from_user`, remembered for repeat calls with equal dicts (eager calls).
+
+    The memo keys on every item's type as well as its value (``True == 1``, but ``BLOCK_M=True`` is
+    refused), and only dicts of hashable values are remembered; errors are raised on every call.
+    Not for code that torch.compile traces (the memo is module state): that calls ``from_user``.
+
+    Example:
+        >>> parse_options({"BLOCK_M": 64}) is parse_options({"BLOCK_M": 64})
+        True
+    """
+    if not isinstance(kernel_options, dict):
+        return KernelOptions.from_user(kernel_options)
+    try:
+        key = tuple((name, type(value), value) for name, value in kernel_options.items())
+        parsed = _PARSED.get(key)
+    except TypeError:  # an unhashable value: parse (and refuse) it every time
+        return KernelOptions.from_user(kernel_options)
+    if parsed is None:
+        parsed = KernelOptions.from_user(kernel_options)
+        if len(_PARSED) >= _PARSED_SIZE:
+            _PARSED.clear()
+        _PARSED[key] = parsed
+    return parsed
 
 
 def _is_int(value: object) -> bool:

@@ -13,15 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from flexattn.block_mask import BlockMask, noop_block_mask
+from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, noop_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.compiler.fingerprint import CallFingerprints
 from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.forward import flex_forward
 from flexattn.kernels.mods import KernelMod
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tiles import Tiles, forward_tiles
 from flexattn.options import KernelOptions
 
@@ -35,12 +37,13 @@ class AttentionPlan:
     tables: BlockTables
     scale: float
     options: KernelOptions
+    kv_pages: PagedKV | None = None  # key / value are paged caches read through this table (forward only)
 
     def forward(self, query, key, value, *, tiles: Tiles | None = None):
         """``(out, lse, max_scores)`` from the forward kernel; ``tiles`` overrides its launch choice."""
         return flex_forward(
             query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod, tables=self.tables,
-            scale=self.scale, options=self.options, tiles=tiles,
+            scale=self.scale, options=self.options, tiles=tiles, paged=self.kv_pages,
         )  # fmt: skip
 
     def backward(
@@ -48,6 +51,8 @@ class AttentionPlan:
     ):
         """``(dq, dk, dv)`` from the backward kernels; captured-tensor grads land in ``grad_buffers``.
         ``tiles`` overrides the launch choice (``benchmarks/sweep_tiles.py``)."""
+        if self.kv_pages is not None:
+            raise ValueError("Paged KV caches are inference only: there is no backward over them.")
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
             tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
@@ -64,6 +69,7 @@ class AttentionPlan:
             head_dim=E, v_head_dim=Ev, dtype=query.dtype, q_len=Lq, kv_len=Lkv, q_block=t.q_block,
             kv_block=t.kv_block, capability=target.capability, shared_memory_limit=target.shared_memory,
             options=self.options, masked=not self.mask_mod.trivial,
+            tile_gathers=self.score_mod.tile_gathers or self.mask_mod.tile_gathers,
         )  # fmt: skip
         bwd = choose_backward_tiles(
             E, Ev, query.dtype, t.q_block, t.kv_block, target.capability, self.options,
@@ -86,8 +92,31 @@ class AttentionPlan:
 def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) -> BlockTables:
     """The kernels' view of ``block_mask``; None means attend everywhere (every block full)."""
     if block_mask is None:
-        return noop_block_mask(q_len, kv_len, device).tables()
+        return noop_tables(q_len, kv_len, torch.device(device))
     return block_mask.tables()
+
+
+# The every-block-full tables by (NQ, NKV, device): they depend on the lengths only through the block
+# counts (a decode loop reuses one set for 128 steps) and no kernel writes them.
+_NOOP_TABLES: dict[tuple, BlockTables] = {}
+_NOOP_TABLES_SIZE = 64
+
+
+def noop_tables(q_len: int, kv_len: int, device: torch.device) -> BlockTables:
+    """The tables of ``noop_block_mask(q_len, kv_len, device)``, built once per block counts.
+
+    Not remembered while a CUDA graph is being captured on the current stream: tensors made then are
+    only written when the graph replays, so an eager call must never read them.
+    """
+    key = (-(-q_len // DEFAULT_BLOCK_SIZE), -(-kv_len // DEFAULT_BLOCK_SIZE), device)
+    tables = _NOOP_TABLES.get(key)
+    if tables is None:
+        tables = noop_block_mask(q_len, kv_len, device).tables()
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if len(_NOOP_TABLES) >= _NOOP_TABLES_SIZE:  # a bound, not an order: start afresh
+                _NOOP_TABLES.clear()
+            _NOOP_TABLES[key] = tables
+    return tables
 
 
 def fast_math_for(options: KernelOptions, dtype: torch.dtype | None) -> bool:
@@ -104,16 +133,25 @@ def plan_attention(
     options: KernelOptions,
     device: torch.device,
     dtype: torch.dtype | None = None,
+    *,
+    kv_pages: PagedKV | None = None,
+    fingerprints: CallFingerprints | None = None,
 ) -> AttentionPlan:
     """Compile the mods for ``device`` (cached by structure) and bundle them with the block tables.
 
     ``dtype`` (the inputs'): fp16/bf16 allow ``options.fast_math`` (hardware tanh in the score mod).
+    ``kv_pages``: the keys / values are paged caches (``kv_len`` is then the logical length).
+    ``fingerprints``: the mods' fingerprints from this call's checks (each mod is keyed once a call).
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
         plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
         out, lse, max_scores = plan.forward(q, k, v)
     """
-    score = compile_score_mod(score_mod, device=device, fast_math=fast_math_for(options, dtype))
-    mask = compile_mask_mod(None if block_mask is None else block_mask.mask_mod, device=device)
-    return AttentionPlan(score, mask, block_tables(block_mask, q_len, kv_len, device), scale, options)
+    fingerprints = fingerprints or CallFingerprints()
+    fast_math = fast_math_for(options, dtype)
+    score = compile_score_mod(score_mod, device=device, fast_math=fast_math, fingerprint=fingerprints.score)
+    mask_mod = None if block_mask is None else block_mask.mask_mod
+    mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
+    tables = block_tables(block_mask, q_len, kv_len, device)
+    return AttentionPlan(score, mask, tables, scale, options, kv_pages)

@@ -27,9 +27,11 @@ PYTHON_BLOCKS = {
     "docs/api.md": 0,
     "docs/architecture.md": 0,
     "docs/composing_masks.md": 5,
+    "docs/context_parallel.md": 1,
     "docs/debugging.md": 6,
     "docs/kernel_options.md": 1,
     "docs/learnable_bias.md": 2,
+    "docs/paged_kv.md": 1,
     "docs/programming_model.md": 1,
     "docs/variants.md": 12,
 }
@@ -78,3 +80,20 @@ def test_python_blocks_run_as_pasted(page, tmp_path, monkeypatch):
             exec(compile(block.code, f"{block.page}:{block.line}", "exec"), namespace)
         except Exception:
             pytest.fail(f"the block at {block.page}:{block.line} failed:\n{traceback.format_exc()}")
+
+
+def test_the_cache_table_names_tests_that_exist():
+    """Each row of architecture.md's "What each cache keys on" names test files that exist, and the
+    test functions it names exist in them (a renamed test must not leave a row vouched for by nothing)."""
+    text = (ROOT / "docs/architecture.md").read_text()
+    table = text.split("## What each cache keys on", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`tests/" in line]
+    assert len(rows) >= 10
+    for row in rows:
+        tests = row.rsplit("|", 2)[-2]
+        files = re.findall(r"`(tests/[\w/]+\.py)", tests)
+        names = re.findall(r"\b(test_\w+)\b(?!\.py)", tests)
+        assert files and all((ROOT / f).exists() for f in files), row
+        sources = "".join((ROOT / f).read_text() for f in files)
+        missing = [n for n in names if f"def {n}(" not in sources]
+        assert not missing, f"{missing} not found in {files}"

@@ -69,13 +69,16 @@ import os
 import torch
 
 from flexattn.compiler import cache, checks, interval_cache
+from flexattn.compiler.additive import additive_term, base2_bias
+from flexattn.compiler.analysis import M, N, tile_dims
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.checks import check_mod
-from flexattn.compiler.codegen import forward_function, gradient_function, module_source
+from flexattn.compiler.codegen import bias_function, forward_function, gradient_function, module_source
 from flexattn.compiler.errors import ModCompileError, ModIndexError
-from flexattn.compiler.fingerprint import mod_key
+from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of
+from flexattn.compiler.fingerprint import fingerprint as fingerprint_now
 from flexattn.compiler.ir import capture_spec
 from flexattn.compiler.kernel_mod_cache import KernelModCache
 from flexattn.compiler.proxy import fast_tanh
@@ -123,7 +126,12 @@ def _always(b, h, q_idx, kv_idx):
 
 
 def compile_score_mod(
-    score_mod, *, device=None, fast_math: bool = False, target: str | None = None
+    score_mod,
+    *,
+    device=None,
+    fast_math: bool = False,
+    target: str | None = None,
+    fingerprint: Fingerprint | None = None,
 ) -> KernelMod:
     """Compile ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (None: identity) to a KernelMod.
 
@@ -136,15 +144,35 @@ def compile_score_mod(
     hardware ``tanh.approx.f32`` on NVIDIA GPUs (relative error 2**-11: for fp16/bf16 attention,
     where it is below the rounding of the scores to the input dtype; docs/kernel_options.md).
     ``target`` ("interpreter", "cuda" or "hip") overrides the code target the device implies (tools
-    that compile for a GPU they do not have: ``benchmarks/compile_report.py``).
+    that compile for a GPU they do not have: ``benchmarks/compile_report.py``). ``fingerprint``: the
+    mod's ``fingerprint.fingerprint``, if the caller computed it this call (its checks did).
     """
-    return _compile(score_mod if score_mod is not None else _identity, "score", device, fast_math, target)
+    if score_mod is None:
+        score_mod, fingerprint = _identity, _builtin_fingerprint(_identity)
+    return _compile(score_mod, "score", device, fast_math, target, fingerprint)
 
 
-def compile_mask_mod(mask_mod, *, device=None, target: str | None = None) -> KernelMod:
+def compile_mask_mod(
+    mask_mod, *, device=None, target: str | None = None, fingerprint: Fingerprint | None = None
+) -> KernelMod:
     """Compile ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (None: always true) to a KernelMod
-    (``device`` and ``target`` as in :func:`compile_score_mod`)."""
-    return _compile(mask_mod if mask_mod is not None else _always, "mask", device, target=target)
+    (``device``, ``target`` and ``fingerprint`` as in :func:`compile_score_mod`)."""
+    if mask_mod is None:
+        mask_mod, fingerprint = _always, _builtin_fingerprint(_always)
+    return _compile(mask_mod, "mask", device, target=target, fingerprint=fingerprint)
+
+
+_BUILTIN_FINGERPRINTS: dict[tuple, Fingerprint] = {}
+
+
+def _builtin_fingerprint(mod) -> Fingerprint:
+    """The fingerprint of ``_identity`` / ``_always`` (no closure, defaults or user globals: their
+    key changes only with torch's default dtype), computed once per default dtype."""
+    key = (mod, torch.get_default_dtype())
+    found = _BUILTIN_FINGERPRINTS.get(key)
+    if found is None:
+        found = _BUILTIN_FINGERPRINTS[key] = fingerprint_now(mod)
+    return found
 
 
 def compile_block_mask_mod(
@@ -261,16 +289,25 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
                 graph, output, gradient.dscore, list(gradient.captures), target, grad_name, fast_math
             )
         )
+    bias_name = None
+    term = additive_term(graph, output) if program.kind == "score" else None
+    if term is not None:
+        with_bias = graph.copy()  # the same capture slots, so the bias reads the score mod's caps
+        bias_name = f"{name}_bias"
+        functions.append(bias_function(with_bias, base2_bias(with_bias, term), target, bias_name, fast_math))
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)
     grad_fn = getattr(module, grad_name) if grad_name else None
-    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path)
+    bias_fn = getattr(module, bias_name) if bias_name else None
+    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path, bias_fn)
 
 
-def _compile(mod, kind: str, device, fast_math: bool = False, target: str | None = None) -> KernelMod:
+def _compile(
+    mod, kind: str, device, fast_math: bool = False, target: str | None = None, fingerprint=None
+) -> KernelMod:
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
-    keep: list = []
-    key = mod_key(mod, keep)
+    fingerprint = fingerprint_of(mod, fingerprint)
+    key, keep = fingerprint.key, fingerprint.keep
     if key is not None:
         key = (
             kind,
@@ -298,12 +335,21 @@ def _kernel_mod(program: Program, device, fast_math: bool = False, target: str |
         fn=entry.fn,
         args=(),
         grad_fn=entry.grad_fn,
+        bias_fn=entry.bias_fn,
         name=program.name,
         trivial=_is_trivial(program),
         light=_is_light(program, entry.grad_slots),
+        tile_gathers=_gathers_per_score(program),
         grad_slots=entry.grad_slots if program.kind == "score" else (),
     )
     return bind_captures(template, tuple(program.graph.captures), check=False)
+
+
+def _gathers_per_score(program: Program) -> bool:
+    """Whether the mod loads a captured tensor at an index varying along both tile axes."""
+    dims = tile_dims(program.graph)
+    live = program.graph.live([program.output])
+    return any(program.graph.nodes[i].op == "load" and dims[i] == {M, N} for i in live)
 
 
 def _is_trivial(program: Program) -> bool:

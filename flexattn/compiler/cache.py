@@ -31,6 +31,7 @@ class CompiledMod:
     grad_slots: tuple[int, ...]
     source: str
     path: str
+    bias_fn: Any = None  # additive score mods: the base-2 bias (compiler/additive.py)
 
 
 def codegen_count() -> int:

@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-from flexattn.compiler.fingerprint import mod_key
+from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of
 from flexattn.compiler.trace import trace
 
 _SIZE = 1024
@@ -27,21 +27,24 @@ _PASSED: OrderedDict[tuple, tuple] = OrderedDict()  # key -> weak references to 
 _LOCK = threading.Lock()
 
 
-def check_mod(mod, kind: str, grid: tuple[int, int, int, int], device=None) -> None:
+def check_mod(
+    mod, kind: str, grid: tuple[int, int, int, int], device=None, *, fingerprint: Fingerprint | None = None
+) -> None:
     """Refuse ``mod`` as the kernels would, for evaluation on ``grid`` = (B, H, Q_LEN, KV_LEN).
 
     ``kind`` is "score" or "mask"; ``mod=None`` passes. Raises ``ModCompileError`` (a construct no
     backend supports: Python control flow on a traced value, ``.item()``, in-place updates, a
     non-scalar result, ...) or ``ModIndexError`` (a gather outside a captured tensor for some
-    element of the grid). ``device``: what the mod's values report as ``.device``.
+    element of the grid). ``device``: what the mod's values report as ``.device``. ``fingerprint``:
+    the mod's, if the caller already computed it this call (``fingerprint.fingerprint``).
 
     Example:
         >>> check_mod(lambda b, h, q, kv: q >= kv, "mask", (1, 1, 128, 128))
     """
     if mod is None:
         return
-    keep: list = []
-    key = mod_key(mod, keep)
+    fingerprint = fingerprint_of(mod, fingerprint)
+    key, keep = fingerprint.key, fingerprint.keep
     if key is not None:
         key = (kind, tuple(grid), None if device is None else str(torch.device(device)), key)
         if _passed(key):
@@ -64,7 +67,7 @@ def _passed(key: tuple) -> bool:
         return True
 
 
-def _remember(key: tuple, keep: list) -> None:
+def _remember(key: tuple, keep: tuple) -> None:
     guards = []
     for obj in keep:
         try:

@@ -6,6 +6,7 @@ conventions of ``flexattn.kernels.mods``::
     score_fn(score, b, h, q_idx, kv_idx, caps) -> fp32, full [BLOCK_M, BLOCK_N]
     mask_fn(b, h, q_idx, kv_idx, caps) -> int1, broadcast to [BLOCK_M, BLOCK_N]
     score_grad_fn(score, b, h, q_idx, kv_idx, dout, caps, grad_caps) -> dscore fp32 [BLOCK_M, BLOCK_N]
+    score_bias_fn(b, h, q_idx, kv_idx, caps) -> fp32 [BLOCK_M, BLOCK_N]   (additive score mods only)
 
 ``caps`` is a flat tuple holding, per captured tensor (slot order): the tensor, its sizes, its
 strides; ``grad_caps`` holds, per captured tensor that gets a gradient, the buffer and its strides.
@@ -64,6 +65,19 @@ def forward_function(
     if kind == "score":
         return _function(name, "score, b, h, q_idx, kv_idx, caps", "Score mod (generated).", body)
     return _function(name, "b, h, q_idx, kv_idx, caps", "Mask mod (generated).", body)
+
+
+def bias_function(graph: Graph, bias: int, target: str, name: str, fast_math: bool = False) -> str:
+    """Source of an additive score mod's base-2 bias ``(b, h, q_idx, kv_idx, caps) -> fp32`` tile
+    (``compiler/additive.py``); ``caps`` as for the score function of the same graph."""
+    em = Emitter(graph, target, bias, fast_math)
+    em.emit(graph.live([bias]))
+    body = list(em.lines) + [f"out = {em.tensor(bias)}.to(tl.float32)"]
+    body += _broadcast_to_tile(em, "out", bias, mask=True)
+    body.append("return out")
+    return _function(
+        name, "b, h, q_idx, kv_idx, caps", "Additive score mod's bias times log2(e) (generated).", body
+    )
 
 
 def gradient_function(

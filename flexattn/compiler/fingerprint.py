@@ -29,8 +29,9 @@ died (``kernel_mod_cache.py``).
 
 from __future__ import annotations
 
-import functools
 import types
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,10 +43,50 @@ _STABLE_PACKAGES = frozenset(
 )
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _BY_VALUE = (torch.dtype, torch.device)
+_SCALAR_TYPES = frozenset((bool, int, float, complex, str, bytes, type(None)))  # exactly these types
+_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
 
 class _Uncacheable(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """``mod_key`` of one mod, computed once per call and shared by the call's check and compile.
+
+    ``key`` is None for a mod the key cannot describe; ``keep`` holds the objects whose identities
+    are in the key. Consumers use it only for the very object it was made from (``mod``).
+    """
+
+    mod: Any
+    key: tuple | None
+    keep: tuple
+
+
+@dataclass(frozen=True)
+class CallFingerprints:
+    """The fingerprints of one call's score_mod and mask_mod (None where not computed)."""
+
+    score: Fingerprint | None = None
+    mask: Fingerprint | None = None
+
+
+def fingerprint(mod) -> Fingerprint:
+    """The :class:`Fingerprint` of ``mod`` now.
+
+    Example:
+        >>> fingerprint(lambda b, h, q, kv: q >= kv).key is not None
+        True
+    """
+    keep: list = []
+    key = mod_key(mod, keep)
+    return Fingerprint(mod, key, tuple(keep))
+
+
+def fingerprint_of(mod, given: Fingerprint | None) -> Fingerprint:
+    """``given`` if it was made from ``mod``, else a fresh fingerprint."""
+    return given if given is not None and given.mod is mod else fingerprint(mod)
 
 
 def mod_key(mod, keep: list) -> tuple | None:
@@ -62,20 +103,23 @@ def mod_key(mod, keep: list) -> tuple | None:
 def _function(fn, keep: list, depth: int) -> tuple:
     if not isinstance(fn, types.FunctionType) or depth > MAX_DEPTH:
         raise _Uncacheable
-    keep.append(fn.__code__)  # the code's identity is in the key, not the function's (fresh closures hit)
+    code = fn.__code__
+    keep.append(code)  # the code's identity is in the key, not the function's (fresh closures hit)
+    closure = fn.__closure__
     try:
-        cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
+        cells = tuple(cell.cell_contents for cell in closure) if closure else ()
     except ValueError:  # an empty cell (a name assigned after the function was defined)
         raise _Uncacheable from None
-    kwdefaults = tuple(sorted((fn.__kwdefaults__ or {}).items()))
+    kw = fn.__kwdefaults__
+    kwdefaults = tuple(sorted(kw.items())) if kw else ()
     parts = [
-        id(fn.__code__),
+        id(code),
         _value(fn.__defaults__ or (), keep, depth),
         _value(kwdefaults, keep, depth),
         _value(cells, keep, depth),
     ]
-    if (fn.__module__ or "").split(".")[0] not in _LIBRARIES:
-        names = [n for n in global_names(fn.__code__) if n in fn.__globals__]
+    if not _in_library(fn.__module__):
+        names = [n for n in global_names(code) if n in fn.__globals__]
         parts.append(tuple((n, _value(fn.__globals__[n], keep, depth)) for n in names))
         if fn.__dict__:  # attributes set on the function (``mask.window = 4``), which mods may read
             parts.append(_value(tuple(sorted(fn.__dict__.items())), keep, depth))
@@ -83,7 +127,16 @@ def _function(fn, keep: list, depth: int) -> tuple:
 
 
 def _value(value, keep: list, depth: int):
-    if _package(type(value)) not in _STABLE_PACKAGES:  # a NamedTuple, an IntEnum: user class attributes
+    kind = type(value)  # the commonest kinds first, with the answers the general rules below give
+    if kind in _SCALAR_TYPES:
+        return (kind.__name__, value)
+    if kind in _TENSOR_TYPES:
+        keep.append(value)
+        return ("tensor", id(value), value._version, tuple(value.shape), value.stride(), value.dtype,
+                value.device, value.requires_grad)  # fmt: skip
+    if (kind is tuple or kind is list) and depth < MAX_DEPTH:
+        return (kind.__name__, tuple(_value(item, keep, depth + 1) for item in value))
+    if _package(kind) not in _STABLE_PACKAGES:  # a NamedTuple, an IntEnum: user class attributes
         raise _Uncacheable
     if isinstance(value, _SCALARS):
         return (type(value).__name__, value)
@@ -107,14 +160,33 @@ def _value(value, keep: list, depth: int):
     raise _Uncacheable
 
 
-@functools.cache
 def global_names(code: types.CodeType) -> tuple[str, ...]:
-    """Names a code object (and the code nested in it: lambdas, comprehensions) may read as globals."""
+    """Names a code object (and the code nested in it: lambdas, comprehensions) may read as globals.
+
+    Remembered by the code object's identity (the memo holds the code, so the id stays its own):
+    hashing a code object costs more than the lookup."""
+    found = _GLOBAL_NAMES.get(id(code))
+    if found is not None and found[0] is code:
+        return found[1]
     names = list(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names += global_names(const)
-    return tuple(dict.fromkeys(names))
+    names = tuple(dict.fromkeys(names))
+    _GLOBAL_NAMES[id(code)] = (code, names)
+    return names
+
+
+_GLOBAL_NAMES: dict[int, tuple[types.CodeType, tuple[str, ...]]] = {}
+_LIBRARY_MODULES: dict[str | None, bool] = {}
+
+
+def _in_library(module: str | None) -> bool:
+    """Whether a function's ``__module__`` belongs to ``_LIBRARIES`` (remembered per name)."""
+    found = _LIBRARY_MODULES.get(module)
+    if found is None:
+        found = _LIBRARY_MODULES[module] = (module or "").split(".")[0] in _LIBRARIES
+    return found
 
 
 def _package(module_or_class) -> str:

@@ -160,6 +160,13 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nodes)
 
+    def copy(self) -> Graph:
+        """A copy with the same nodes and capture slots, to append nodes to."""
+        new = Graph.__new__(Graph)
+        new.nodes, new.captures = list(self.nodes), list(self.captures)
+        new._index, new._capture_slots = dict(self._index), dict(self._capture_slots)
+        return new
+
     def add(self, node: Node) -> int:
         """Append ``node`` (or return the index of an equal node); folds all-constant ops."""
         if (

@@ -33,6 +33,7 @@ def _weak(obj):
 class _Entry:
     kernel_mod: KernelMod  # captures held as weak references, args rebuilt on a hit
     guards: tuple  # weak references to the objects whose identities are in the key
+    whole: KernelMod | None  # a mod that captures no tensor, held as it is: a hit returns it unchanged
 
 
 def _freeze(kernel_mod: KernelMod) -> KernelMod:
@@ -51,7 +52,7 @@ def _thaw(frozen: KernelMod) -> KernelMod | None:
     captures = tuple(ref() for ref in frozen.captures)
     if any(t is None for t in captures):
         return None
-    return bind_captures(dataclasses.replace(frozen, captures=()), captures)
+    return bind_captures(frozen, captures, check=False)
 
 
 class KernelModCache:
@@ -72,16 +73,17 @@ class KernelModCache:
                 return None
             kernel_mod = None
             if all(guard() is not None for guard in entry.guards):
-                kernel_mod = _thaw(entry.kernel_mod)
+                kernel_mod = entry.whole or _thaw(entry.kernel_mod)
             if kernel_mod is None:  # an object of the key died: its id may now be another's
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
             return kernel_mod
 
-    def put(self, key: tuple, kernel_mod: KernelMod, keep: list) -> None:
+    def put(self, key: tuple, kernel_mod: KernelMod, keep) -> None:
         """Store ``kernel_mod`` under ``key``; ``keep``: the objects whose identities are in the key."""
-        entry = _Entry(_freeze(kernel_mod), tuple(_weak(obj) for obj in keep))
+        whole = None if kernel_mod.captures else kernel_mod
+        entry = _Entry(_freeze(kernel_mod), tuple(_weak(obj) for obj in keep), whole)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)

@@ -14,6 +14,8 @@ Glossary (the letters every kernel below uses):
     LSE2                the forward's logsumexp in base 2, fp32 (B, HQ, ROWS); +inf on empty and padding
                         rows, so that p = exp2(s * log2e - LSE2) = 0 there
     FUSED_DQ            the dK/dV kernel also adds dS K into an fp32 dQ buffer (dq_mode "atomic")
+    SCORE_IS_ADDITIVE   the score mod is score + f(b, h, q, kv): base-2 scores qk * scale * log2e + BIAS_FN
+                        (compiler/additive.py), one FMA per score; dS = dM unless captures need gradients
     SCORE_IS_IDENTITY   the score mod returns its score: the scale folds into the exp2 multiplier and
                         dS = dM (no score-mod calls)
 
@@ -41,7 +43,7 @@ from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
-from flexattn.kernels.tile_io import load_tile, sparse_tile_start
+from flexattn.kernels.tile_io import load_tile, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
@@ -85,7 +87,7 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, o_strides, do_strides, HQ, Q_
 def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN, scale,
                    SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
                    IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-                   SCORE_IS_IDENTITY: tl.constexpr):
+                   SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr):
     """``(s, p)`` of one tile from the raw ``qk = q . k``: s the score the mods see (natural units),
     p = exp2(score_mod(s) * log2e - LSE2), 0 where masked or out of range.
 
@@ -96,6 +98,9 @@ def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN,
     if SCORE_IS_IDENTITY:  # the scale folds into the base-2 multiplier: one multiply per score
         s = qk
         m = qk * (scale * 1.4426950408889634)
+    elif SCORE_IS_ADDITIVE:  # score + f: the base-2 bias folds in too, one FMA per score (compiler/additive.py)
+        s = qk * scale  # only the capture gradients could read it (an additive mod's dscore is dM)
+        m = qk * (scale * 1.4426950408889634) + BIAS_FN(b, hq, q_idx, kv_idx, SCORE_ARGS)
     else:
         s = qk * scale
         m = SCORE_FN(s, b, hq, q_idx, kv_idx, SCORE_ARGS) * 1.4426950408889634
@@ -122,7 +127,7 @@ def _dkdv_step(
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_M1: tl.constexpr,
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    SCORE_IS_IDENTITY: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
 ):
     # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences).
     #    With USE_TMA, q_ptr / do_ptr are tensor descriptors over (B, HQ, Q_LEN, E / EV).
@@ -141,12 +146,12 @@ def _dkdv_step(
     delta = tl.load(DELTA + row0 + offs_m)
 
     # -- scores and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
-    q_idx = (offs_m % Q_LEN)[None, :]
-    kv_idx = (offs_n % KV_LEN)[:, None]
+    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[None, :]  # the modulo only where a tile can overhang
+    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[:, None]
     sT, pT = _probabilities(
         tl.dot(k, qT, input_precision=DOT_PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
-        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
+        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN,
     )
 
     # -- dV += P^T dO;  dP^T = V dO^T;  dM = P * (dP - DELTA)
@@ -194,7 +199,8 @@ def _bwd_dkdv(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr,
 ):
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -234,7 +240,7 @@ def _bwd_dkdv(
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                     E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, DOT_PRECISION,
-                    USE_TMA, SCORE_IS_IDENTITY,
+                    USE_TMA, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN,
                 )
 
     # -- write dK (scaled) and dV
@@ -260,7 +266,8 @@ def _dq_step(
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, GQA_GROUP: tl.constexpr,
     BLOCK_N2: tl.constexpr, IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr,
 ):
     # -- BLOCK_N2 keys and values, transposed (USE_TMA: k_ptr / v_ptr are descriptors over (B, HKV, KV_LEN, E))
     local = tl.arange(0, BLOCK_N2)
@@ -276,12 +283,12 @@ def _dq_step(
                        KV_LEN - start_n, EV != EV_PAD, CHECK_N)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
-    q_idx = (offs_m % Q_LEN)[:, None]
-    kv_idx = (offs_n % KV_LEN)[None, :]
+    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[:, None]
+    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[None, :]
     s, p = _probabilities(
         tl.dot(q, kT, input_precision=DOT_PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
-        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY,
+        IS_FULL, CHECK_M, CHECK_N, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN,
     )
 
     # -- dP = dO V^T;  dM = P * (dP - DELTA);  through the score mod;  dQ += dS K
@@ -310,7 +317,8 @@ def _bwd_dq(
     Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr,
 ):
     hq = tl.program_id(1)
     b = tl.program_id(2)
@@ -349,7 +357,7 @@ def _bwd_dq(
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                 E, EV, E_PAD, EV_PAD, GQA_GROUP, BLOCK_N2, full == 1, CHECK_M, CHECK_N, DOT_PRECISION, USE_TMA,
-                SCORE_IS_IDENTITY,
+                SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN,
             )
 
     offs_e = tl.arange(0, E_PAD)
@@ -417,6 +425,7 @@ def flex_backward(
         "HAS_FULL": tables.has_full, "DOT_PRECISION": dot_precision(q.dtype),
         "num_warps": tiles.num_warps, "num_stages": tiles.num_stages,
         "SCORE_IS_IDENTITY": score_mod.trivial,
+        "SCORE_IS_ADDITIVE": score_mod.bias_fn is not None, "BIAS_FN": score_mod.bias_fn,
     }  # fmt: skip
     lse = lse.contiguous()
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # laid out like k, v (what fake kernels promise)

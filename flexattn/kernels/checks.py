@@ -73,7 +73,9 @@ def check_block_tables(tables: BlockTables, side: str, B: int, H: int, rows: int
     """
     names = SIDES[side]
     num_name, idx_name, full_num_name, full_idx_name = names
-    num, idx, full_num, full_idx = (getattr(tables, name) for name in names)
+    num, idx, full_num, full_idx = [getattr(tables, name) for name in names]
+    if num is not None and idx is not None and _well_formed(num, idx, full_num, full_idx, B, H, rows):
+        return  # every check below passes (the repeat call's path: one pass over the shapes)
     if num is None or idx is None:
         raise ValueError(
             f"{num_name} and {idx_name} are required here; "
@@ -110,6 +112,23 @@ def check_block_tables(tables: BlockTables, side: str, B: int, H: int, rows: int
             raise ValueError(f"{name} has shape {tuple(t.shape)}, {idx_name} {grid_shape}: they must agree.")
 
 
+def _well_formed(num, idx, full_num, full_idx, B: int, H: int, rows: int) -> bool:
+    """True only if :func:`check_block_tables` accepts these tables (False: let it say why)."""
+    grid = idx.shape
+    int32, device = torch.int32, num.device
+    if not (
+        len(grid) == 4 and grid[0] in (1, B) and grid[1] in (1, H) and grid[2] >= rows
+        and num.shape == grid[:3] and num.dtype == int32 and idx.dtype == int32 and idx.device == device
+    ):  # fmt: skip
+        return False
+    if full_num is None or full_idx is None:
+        return full_num is None and full_idx is None
+    return (
+        full_num.shape == grid[:3] and full_idx.shape == grid and full_num.dtype == int32
+        and full_idx.dtype == int32 and full_num.device == device and full_idx.device == device
+    )  # fmt: skip
+
+
 def block_table_args(tables: BlockTables, side: str) -> tuple[tuple, dict]:
     """Kernel arguments of one view (``side`` "kv" or "q"): (tables and their sizes, constexpr flags).
 
@@ -117,9 +136,9 @@ def block_table_args(tables: BlockTables, side: str) -> tuple[tuple, dict]:
     with contiguous tables; a batch or head dim of size 1 is broadcast (its flag is 0). The partial
     tables stand in for absent full ones (the kernel's HAS_FULL flag is then False).
     """
-    num, idx, full_num, full_idx = (getattr(tables, name) for name in SIDES[side])
+    num, idx, full_num, full_idx = [getattr(tables, name) for name in SIDES[side]]
     if full_num is None:
         full_num, full_idx = num, idx
-    lists = tuple(t.contiguous() for t in (num, idx, full_num, full_idx))
+    lists = (num.contiguous(), idx.contiguous(), full_num.contiguous(), full_idx.contiguous())
     mask_b, mask_h, rows, cols = idx.shape
     return (*lists, mask_h, rows, cols), {"MASK_PER_BATCH": int(mask_b > 1), "MASK_PER_HEAD": int(mask_h > 1)}

@@ -7,6 +7,7 @@ device by default and accept one explicitly, so tools compile for a GPU they do 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -46,21 +47,44 @@ def tma_compatible(t: torch.Tensor, target: DeviceLimits) -> bool:
     an explicit GPU ``target``, with a unit feature stride and 16-byte aligned base and strides."""
     on_gpu = t.is_cuda or target.capability is not None or os.environ.get("TRITON_INTERPRET") == "1"
     size = t.element_size()
-    aligned = t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    aligned = t.data_ptr() % 16 == 0 and all([s * size % 16 == 0 for s in t.stride()[:-1]])
     return on_gpu and t.stride(-1) == 1 and aligned
 
 
 def tile_descriptors(
-    tensors: tuple[tuple[torch.Tensor, int], ...], rows: int, target: DeviceLimits
+    tensors: tuple[tuple[torch.Tensor, int], ...], rows: int, target: DeviceLimits, *, compatible=None
 ) -> tuple | None:
     """Tensor descriptors over 4-D (B, H, L, D) tensors, one per ``(tensor, width)`` pair, each
     loading ``[1, 1, rows, width]`` blocks (zero-padded past L and D); None when any of the tensors
-    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them."""
-    if not all(tma_compatible(t, target) for t, _ in tensors):
+    cannot be described (``tma_compatible``), so that the caller uses pointers for all of them.
+    ``compatible``: that test's answer for all of them, when the caller has it already."""
+    if compatible is None:
+        compatible = all(tma_compatible(t, target) for t, _ in tensors)
+    if not compatible:
         return None
-    return tuple(
-        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, width]) for t, width in tensors
-    )
+    return tuple(_descriptor(t, [1, 1, rows, width]) for t, width in tensors)
+
+
+# TensorDescriptor's own checks: the tensor's (alignment, unit last stride, 16-byte strides) are
+# tma_compatible's, a shape has no zero, and the block shape's depend on it alone. So a block shape
+# that passed them once is not checked again (when the class is the plain dataclass of Triton 3.6).
+_PLAIN_DESCRIPTOR = tuple(f.name for f in dataclasses.fields(TensorDescriptor)) == (
+    "base", "shape", "strides", "block_shape", "padding",
+)  # fmt: skip
+_CHECKED_BLOCKS: set[tuple[int, ...]] = set()
+
+
+def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
+    """``TensorDescriptor(t, t.shape, t.stride(), block_shape)`` for a ``tma_compatible`` tensor."""
+    if _PLAIN_DESCRIPTOR and tuple(block_shape) in _CHECKED_BLOCKS and 0 not in t.shape:
+        descriptor = object.__new__(TensorDescriptor)
+        descriptor.__dict__.update(
+            base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block_shape, padding="zero"
+        )
+        return descriptor
+    descriptor = TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape)
+    _CHECKED_BLOCKS.add(tuple(block_shape))
+    return descriptor
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -11,7 +11,8 @@ Glossary:
 Scores are kept in natural units for the mods and for max_scores; the softmax uses exp2 with
 log2(e) folded into one fused multiply-add per score. With an identity score mod (SCORE_IS_IDENTITY) the
 kernel keeps raw q.k and folds the scale into that multiply-add too, converting the row maxima to
-natural units once at the end.
+natural units once at the end. An additive score mod (SCORE_IS_ADDITIVE, ``score + f(b, h, q, kv)``)
+keeps base-2 scores ``qk * (scale * log2e) + BIAS_FN(...)`` (compiler/additive.py) and converts likewise.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from flexattn.kernels.device import (
     tile_descriptors,
     tma_compatible,
 )
-from flexattn.kernels.tile_io import load_kv_tile, load_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.launch import LaunchCache, alignment, args_key
+from flexattn.kernels.paged_kv import PagedKV
+from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
     TileCache,
     Tiles,
@@ -46,41 +49,46 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 # fmt: off
 @triton.jit
-def _qk_tile(q, k_src, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
-             BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n."""
-    k = load_kv_tile(k_src, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA)
+def _qk_tile(q, k_src, kv_rows, b, hk, start_n, k_strides, KV_LEN, E: tl.constexpr, E_PAD: tl.constexpr,
+             BLOCK_N: tl.constexpr, CHECK_N: tl.constexpr, USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+             PAGE: tl.constexpr):
+    """Raw q . k^T (fp32, BLOCK_M x BLOCK_N) for the keys starting at start_n (paged: at kv_rows)."""
+    k = load_kv(k_src, kv_rows, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
     return tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _attend_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
-    qk, v_src, start_n, q_idx, b, h, hk,             # this tile: raw q.k^T, V source, first key, indices
+    qk, v_src, kv_rows, start_n, q_idx, b, h, hk,    # this tile: raw q.k^T, V source, paged rows, first key
     v_strides, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     IS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCORE_IS_IDENTITY: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: mods, mask, online-softmax update of (acc, l_i, m_i).
 
     SCORE_IS_IDENTITY (identity score mod, positive scale): scores and m_i stay in raw q.k units and the
-    scale folds into the base-2 multiplier, one multiply per score fewer.
+    scale folds into the base-2 multiplier, one multiply per score fewer. SCORE_IS_ADDITIVE (``score +
+    f(...)``): scores and m_i are in base 2, ``qk * (scale * log2e) + BIAS_FN(...)``, one FMA per score.
     """
     # -- scores: s = (q . k) * scale, then score_mod (natural units, fp32) --
     if SCORE_IS_IDENTITY:
         scores = qk
         to_base2 = scale * LOG2E
+    elif SCORE_IS_ADDITIVE:
+        scores = qk * (scale * LOG2E)
+        to_base2 = 1.0
     else:
         scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    if CHECK_N:
-        kv_idx = wrap_index(kv_pos, KV_LEN)[None, :]  # tail keys read in bounds; mask_tail drops them
-    else:
-        kv_idx = kv_pos[None, :]  # every visited key is < KV_LEN: no per-tile modulo
-    if not SCORE_IS_IDENTITY:
+    kv_idx = wrap_index(kv_pos, KV_LEN, CHECK_N)[None, :]  # tail keys read in bounds; mask_tail drops them
+    if SCORE_IS_ADDITIVE:
+        scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
+    elif not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if not IS_FULL:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
@@ -98,7 +106,7 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
-    v = load_kv_tile(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, CHECK_N, USE_TMA)
+    v = load_kv(v_src, kv_rows, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N, CHECK_N, USE_TMA, PAGE)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -106,7 +114,7 @@ def _attend_tile(
 
 # Lengths and block counts change with the sequence length: not specialized, so new lengths reuse the
 # compiled kernel. (q/k/v strides stay specialized: their divisibility enables wide loads.)
-@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV"])
+@triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV", "page_table_stride"])
 def _flex_forward_kernel(
     # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); out like q with EV.
     # K and V are tensor descriptors when USE_TMA, else pointers. Strides: (batch, head, position, feature)
@@ -115,6 +123,8 @@ def _flex_forward_kernel(
     # block mask (contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV);
     # MB is B or 1 (MASK_PER_BATCH 1 or 0), MASK_H is HQ or 1 (MASK_PER_HEAD 1 or 0)
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
+    # paged K/V (PAGE > 0): k/v are caches (1, HKV, N_PAGES * PAGE, E); PAGE_TABLE int32 (B, MAX_PAGES)
+    PAGE_TABLE, page_table_stride,
     # sizes and scale
     Q_LEN, KV_LEN, HQ, scale,
     # compiled mods
@@ -125,7 +135,8 @@ def _flex_forward_kernel(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr,
     HAS_FULL: tl.constexpr, CHECK_N: tl.constexpr, ROWS_SAFE: tl.constexpr, USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SCORE_IS_IDENTITY: tl.constexpr,
+    SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     # -- which tile: program (m, h, b) owns queries [start_m, start_m + BLOCK_M) of head h --
     start_m = tl.program_id(0) * BLOCK_M
@@ -139,6 +150,7 @@ def _flex_forward_kernel(
     else:
         k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
         v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+    pages = PAGE_TABLE + b64 * page_table_stride  # (unused when PAGE == 0)
     kn_strides = (k_strides[2], k_strides[3])
     vn_strides = (v_strides[2], v_strides[3])
 
@@ -163,29 +175,34 @@ def _flex_forward_kernel(
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
             start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
             start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0
-            qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
-                          DOT_PRECISION)
+            kv_rows = paged_rows(pages, start_n, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+            qk = _qk_tile(q, k_src, kv_rows, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
+                          DOT_PRECISION, PAGE)
         for tile in tl.range(0, num_tiles, warp_specialize=WARP_SPECIALIZE):
             if PIPELINE_QK:
                 start_next = sparse_tile_start(idx_row, tl.minimum(tile + 1, num_tiles - 1), 1,
                                                KV_BLOCK, BLOCK_N)
-                qk_next = _qk_tile(q, k_src, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N,
-                                   USE_TMA, DOT_PRECISION)
+                rows_next = paged_rows(pages, start_next, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+                qk_next = _qk_tile(q, k_src, rows_next, b, hk, start_next, kn_strides, KV_LEN, E, E_PAD, BLOCK_N,
+                                   CHECK_N, USE_TMA, DOT_PRECISION, PAGE)
             else:
                 start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
-                qk = _qk_tile(q, k_src, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
-                              DOT_PRECISION)
+                kv_rows = paged_rows(pages, start_n, KV_LEN, BLOCK_N, CHECK_N, PAGE)
+                qk = _qk_tile(q, k_src, kv_rows, b, hk, start_n, kn_strides, KV_LEN, E, E_PAD, BLOCK_N, CHECK_N, USE_TMA,
+                              DOT_PRECISION, PAGE)
             acc, l_i, m_i = _attend_tile(
-                acc, l_i, m_i, qk, v_src, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
+                acc, l_i, m_i, qk, v_src, kv_rows, start_n, q_idx, b, h, hk, vn_strides, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, full == 1, CHECK_N, ROWS_SAFE, USE_TMA,
-                EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN, PAGE,
             )
             if PIPELINE_QK:
-                qk, start_n = qk_next, start_next
+                qk, start_n, kv_rows = qk_next, start_next, rows_next
 
     # -- epilogue: normalise; fully masked rows give out = 0, lse = max = -inf --
     if SCORE_IS_IDENTITY:
         m_i = m_i * scale  # back to natural units
+    elif SCORE_IS_ADDITIVE:
+        m_i = m_i * (1.0 / LOG2E)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -212,6 +229,7 @@ def flex_forward(
     options=None,
     tiles: Tiles | None = None,
     target: DeviceLimits | None = None,
+    paged: PagedKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused block-sparse attention forward.
 
@@ -233,6 +251,11 @@ def flex_forward(
             like user-set options, is never shrunk to fit.
         target: the GPU to plan for (default: the tensors' device); a GPU target with CPU tensors
             only compiles (``benchmarks/compile_report.py``).
+        paged: K/V in a paged cache (``PagedKV``), or None (contiguous). Then k and v are the caches
+            (1, Hkv, n_pages * page_size, E / Ev), read through ``paged.page_table`` (no gather copy);
+            the call's key length is ``paged.kv_len`` (logical positions: the mods and the tables see
+            them). The block tables must keep the softmax off rows of unreserved pages
+            (``flexattn.paged.PagedAttention.convert_logical_block_mask`` builds such tables).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
@@ -251,9 +274,16 @@ def flex_forward(
     """
     target = device_limits(q.device) if target is None else target
     q_block, kv_block = tables.q_block, tables.kv_block
-    B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
+    if paged is None:
+        B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
+        Lkv, page_args, page = k.shape[2], (tables.kv_num_blocks, 0), 0
+    else:  # the caches broadcast over the batch (stride 0); the table row says where rows live
+        paged.check(k, v, q.shape[0])
+        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), tables.kv_num_blocks,
+                                 target)  # fmt: skip
+        Lkv, page_args, page = paged.kv_len, (paged.page_table, paged.page_table.stride(0)), paged.page_size
     check_block_tables(tables, "kv", B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
-    Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
+    Hkv, Ev = k.shape[1], v.shape[3]
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     max_scores = torch.empty_like(lse)
@@ -273,35 +303,80 @@ def flex_forward(
         )
 
     def launch(tiles: Tiles) -> None:
+        use_tma = tiles.use_tma and page % tiles.BLOCK_N == 0  # paged: TMA where a tile sits in one page
+        if page and getattr(options, "USE_TMA", False) and not use_tma:
+            raise ValueError(
+                f"kernel_options['USE_TMA'] with a paged cache needs page_size ({page}) to be a multiple of "
+                f"BLOCK_N ({tiles.BLOCK_N}); drop USE_TMA or pick a smaller BLOCK_N."
+            )
         descriptors = (
-            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target) if tiles.use_tma else None
+            tile_descriptors(((k, e_pad), (v, ev_pad)), tiles.BLOCK_N, target, compatible=tma_ok)
+            if use_tma
+            else None
         )
         k_src, v_src = descriptors or (k, v)
-        grid = (triton.cdiv(Lq, tiles.BLOCK_M), Hq, B)
-        _flex_forward_kernel[grid](
-            q, k_src, v_src, out, lse, max_scores, _strides(q), _strides(k), _strides(v), _strides(out),
-            *table_args, Lq, Lkv, Hq, float(scale),
+        grid = (-(-Lq // tiles.BLOCK_M), Hq, B)
+        strides = (_strides(q), _strides(k), _strides(v), _strides(out))
+        args = (
+            q, k_src, v_src, out, lse, max_scores, *strides, *table_args, *page_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
-            GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
-            BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
-            **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
-            ROWS_SAFE=bool(getattr(options, "ROWS_GUARANTEED_SAFE", False)), USE_TMA=descriptors is not None,
-            PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
-            DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-            **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
         )  # fmt: skip
+        rows_safe = bool(getattr(options, "ROWS_GUARANTEED_SAFE", False))
+        identity = score_mod.trivial and float(scale) > 0
+        precision = dot_precision(q.dtype)
+
+        def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
+            return dict(
+                GQA_GROUP=Hq // Hkv, E=E, EV=Ev, E_PAD=e_pad, EV_PAD=ev_pad,
+                BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=kv_block,
+                **broadcast_flags, HAS_FULL=tables.has_full, CHECK_N=Lkv % kv_block != 0,
+                ROWS_SAFE=rows_safe, USE_TMA=descriptors is not None,
+                PIPELINE_QK=tiles.pipeline_qk, WARP_SPECIALIZE=tiles.warp_specialize,
+                DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity,
+                SCORE_IS_ADDITIVE=score_mod.bias_fn is not None, BIAS_FN=score_mod.bias_fn, PAGE=page,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+                **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
+            )  # fmt: skip
+
+        # What Triton specialises on, or more: the values keywords() is made of (tiles holds the
+        # launch options), dtypes and 16-byte alignment of the pointers, the specialised ints by
+        # value, the unspecialised ones (lengths, mask sizes, the page table's row stride) by width.
+        pointers = (q, out, lse, max_scores, *table_args[:4], page_args[0]) + (() if descriptors else (k, v))
+        key = (
+            tiles, Hq // Hkv, E, Ev, q_block, kv_block, tuple(broadcast_flags.values()), tables.has_full,
+            Lkv % kv_block != 0, rows_safe, descriptors is not None, precision, identity, page,
+            q.dtype, strides, Hq, id(score_mod.fn), id(score_mod.bias_fn), id(mask_mod.fn), alignment(*pointers),
+            (k.shape, k.stride(), v.shape, v.stride()) if descriptors else None,
+            max(Lq, Lkv, page_args[1], *table_args[4:]) < 2**31, args_key(score_mod.args), args_key(mask_mod.args),
+        )  # fmt: skip
+        _LAUNCHES.launch(grid, key, args, keywords, pinned=(score_mod.fn, score_mod.bias_fn, mask_mod.fn))
 
     user_set = tiles is not None or any(
         getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")
     )
     if tiles is None:
         tiles = choose_tiles(
-            q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target, not mask_mod.trivial
+            q,
+            E,
+            Ev,
+            Lq,
+            Lkv,
+            q_block,
+            kv_block,
+            options,
+            launch,
+            target,
+            not mask_mod.trivial,
+            score_mod.tile_gathers or mask_mod.tile_gathers,
+            page,
         )
-    fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device)
+    fit_key = (score_mod.fn, mask_mod.fn, q.dtype, E, Ev, q_block, kv_block, Hq // Hkv, q.device, page)
     launch_within_resources(launch, tiles, fit_key, user_set)
     return out, lse, max_scores
+
+
+# The compiled forward kernels by launch key: repeat calls skip Triton's argument binding (launch.py).
+_LAUNCHES = LaunchCache(_flex_forward_kernel)
 
 
 # Launch configurations shrunk after the compiler reported too little shared memory, by
@@ -315,7 +390,8 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
     ``tiles.smaller_tiles`` and remember the fit. User-chosen tiles are never changed: they get
     a clear error instead. Returns the tiles that ran."""
     first = tiles
-    tiles = _FITTED_TILES.get((key, first), first)
+    fitted = _FITTED_TILES.get((key, first))
+    tiles = fitted or first
     while True:
         try:
             launch(tiles)
@@ -329,12 +405,25 @@ def launch_within_resources(launch, tiles: Tiles, key: tuple, user_set: bool) ->
                     + ("Choose smaller kernel_options tiles or fewer stages." if user_set else "")
                 ) from err
             tiles = replace(smaller, reason=f"{tiles.reason}; shrunk after: {err}")
-    _FITTED_TILES[(key, first)] = tiles
+    if tiles is not fitted:
+        _FITTED_TILES[(key, first)] = tiles
     return tiles
 
 
 def choose_tiles(
-    q, E, Ev, Lq, Lkv, q_block, kv_block, options, launch, target: DeviceLimits, masked=True
+    q,
+    E,
+    Ev,
+    Lq,
+    Lkv,
+    q_block,
+    kv_block,
+    options,
+    launch,
+    target: DeviceLimits,
+    masked=True,
+    tile_gathers=False,
+    page=0,
 ) -> Tiles:
     """The launch configuration: defaults from ``tiles.forward_tiles``, or the cached autotuned one."""
     capability, smem = target.capability, target.shared_memory
@@ -350,13 +439,14 @@ def choose_tiles(
         shared_memory_limit=smem,
         options=options,
         masked=masked,
+        tile_gathers=tile_gathers,
     )
     if not getattr(options, "autotune", False) or capability is None:
         return tiles
     name = torch.cuda.get_device_name(q.device)
     key = (
         f"{name}|{q.dtype}|E{E}|Ev{Ev}|blk{q_block}x{kv_block}|Lq{Lq.bit_length()}|Lkv{Lkv.bit_length()}"
-        f"|{'masked' if masked else 'unmasked'}"
+        f"|{'masked' if masked else 'unmasked'}{f'|page{page}' if page else ''}"
     )
     cache = TileCache("forward")
     cached = cache.get(key)
@@ -376,4 +466,4 @@ def choose_tiles(
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
-    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+    return tuple([s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)])  # (a list: no generator)

@@ -6,6 +6,11 @@ conventions (every template follows them, at exactly one place per kernel):
     score = SCORE_FN(score, b, h, q_idx, kv_idx, SCORE_ARGS)                  # fp32, broadcastable
     keep  = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)                            # int1, broadcastable
     dscore = SCORE_GRAD_FN(score, b, h, q_idx, kv_idx, dout, SCORE_ARGS, SCORE_GRAD_ARGS)
+    bias2 = BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)     # additive score mods: f * log2(e), fp32
+
+- additive score mods (``score + f(b, h, q_idx, kv_idx)``, ``KernelMod.bias_fn`` set): the kernels
+  may skip SCORE_FN and compute base-2 scores as ``qk * (scale * log2e) + BIAS_FN(...)`` (one FMA;
+  ``flexattn/compiler/additive.py``); SCORE_GRAD_FN stays the gradient of the mod as written.
 
 - ``score``: fp32 ``[BLOCK_M, BLOCK_N]`` (the scaled q.k product, before the mod).
 - ``b``, ``h``: int32 scalars (``h`` is the *query* head), or int32 ``[BLOCK_M, 1]`` vectors when
@@ -55,6 +60,11 @@ class KernelMod:
         captures: every tensor the mod reads, in the order ``args`` holds them (``args`` is built
             from these; ``flexattn.compiler.bind_captures`` rebuilds it for other tensors).
         grad_slots: the indices into ``captures`` of ``grad_captures``.
+        bias_fn: additive score mods only: the ``@triton.jit`` base-2 bias ``(b, h, q_idx, kv_idx,
+            SCORE_ARGS) -> f * log2(e)`` the kernels fold into their exp2 argument, else None.
+        tile_gathers: the mod reads a captured tensor at an index that varies along both tile axes
+            (a relative-position table ``t[h, q_idx - kv_idx]``): one 64-bit address per score, so
+            launchers pick smaller tiles (``kernels/tiles.py``).
     """
 
     fn: Any
@@ -67,6 +77,8 @@ class KernelMod:
     light: bool = False
     captures: tuple[torch.Tensor, ...] = ()
     grad_slots: tuple[int, ...] = ()
+    bias_fn: Any = None
+    tile_gathers: bool = False
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""

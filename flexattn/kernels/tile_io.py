@@ -28,9 +28,15 @@ def sparse_tile_start(indices_ptr, tile, stride_index, SPARSE_BLOCK: tl.constexp
 
 
 @triton.jit
-def wrap_index(index, LEN):
-    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails."""
-    return index % LEN
+def wrap_index(index, LEN, CHECK: tl.constexpr = True):
+    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails.
+
+    Only where CHECK says a tile can overhang LEN; otherwise every position is in range and the
+    (integer-division) modulo is skipped.
+    """
+    if CHECK:
+        index = index % LEN
+    return index
 
 
 @triton.jit
@@ -79,3 +85,81 @@ def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.con
         tile = load_tile(src + start.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
                          strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
     return tile
+
+
+# fmt: off
+@triton.jit
+def paged_rows(pages, start, LEN, BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
+    """Where the *logical* rows ``[start, start + BLOCK)`` of a paged K/V cache live: computed once per
+    tile and shared by its K and V loads (:func:`load_kv`).
+
+    Logical row r is physical row ``pages[r // PAGE] * PAGE + r % PAGE``; ``pages`` points at the
+    sequence's page-table row (int32, -1 where no page is reserved: those rows read page 0 and must
+    be kept out of the softmax by the caller, as the converted block mask does). Returns the first
+    physical row (a scalar) when the tile sits in one page (PAGE a multiple of BLOCK; tiles start at
+    multiples of BLOCK), else the (BLOCK,) physical rows; ``start`` itself when PAGE == 0 (contiguous).
+    """
+    if PAGE == 0:
+        rows = start
+    elif PAGE % BLOCK == 0:
+        page = tl.load(pages + tl.minimum(start, LEN - 1) // PAGE)  # (start may pass LEN in a tail block)
+        rows = tl.maximum(page, 0) * PAGE + start % PAGE
+    else:
+        logical = start + tl.arange(0, BLOCK)
+        if CHECK_ROWS:
+            page = tl.load(pages + logical // PAGE, mask=logical < LEN, other=0)
+        else:
+            page = tl.load(pages + logical // PAGE)
+        rows = tl.maximum(page, 0) * PAGE + logical % PAGE
+    return rows
+
+
+# fmt: off
+@triton.jit
+def load_kv(src, rows, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+            CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, PAGE: tl.constexpr):  # fmt: on
+    """The (BLOCK, D_PAD) K or V tile of logical rows ``[start, start + BLOCK)`` from either source,
+    zero beyond LEN (with CHECK_ROWS) and D.
+
+    PAGE == 0: contiguous, :func:`load_kv_tile` (``rows`` unused). PAGE > 0: a paged cache
+    (1, HKV, N_PAGES * PAGE, D) at the physical ``rows`` from :func:`paged_rows`; ``src`` points at head
+    hk of the cache with ``strides`` (position, feature), or with USE_TMA is a descriptor over the whole
+    cache (only for tiles inside one page; its rows past LEN come from the page and are not zeroed:
+    the caller masks their scores, and their values meet p = 0). A tile spanning pages loads per-row
+    addresses.
+    """
+    if PAGE == 0:
+        tile = load_kv_tile(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
+    elif PAGE % BLOCK == 0:
+        if USE_TMA:
+            tile = src.load([0, hk, rows, 0]).reshape(BLOCK, D_PAD)
+        else:
+            tile = load_tile(src + rows.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
+                             strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
+    else:
+        logical = start + tl.arange(0, BLOCK)
+        cols = tl.arange(0, D_PAD)
+        # int32 offsets within the head (PagedKV.check guarantees they fit): a quarter fewer
+        # instructions in the loop than int64 ones, and no spills, at pages of 16 on sm_90a
+        ptrs = src + (rows[:, None] * strides[0] + cols[None, :] * strides[1])
+        if CHECK_ROWS and D != D_PAD:
+            tile = tl.load(ptrs, mask=(logical[:, None] < LEN) & (cols[None, :] < D), other=0.0)
+        elif CHECK_ROWS:
+            tile = tl.load(ptrs, mask=logical[:, None] < LEN, other=0.0)
+        elif D != D_PAD:
+            tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+# fmt: off
+@triton.jit
+def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr,
+                       BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+                       PAGE: tl.constexpr):  # fmt: on
+    """:func:`load_kv_tile` for a paged cache in one call (``pages``: the sequence's page-table row):
+    :func:`paged_rows`, then :func:`load_kv`. Kernels loading K and V of one tile share the rows
+    instead."""
+    rows = paged_rows(pages, start, LEN, BLOCK, CHECK_ROWS, PAGE)
+    return load_kv(src, rows, 0, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA, PAGE)

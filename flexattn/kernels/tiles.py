@@ -8,6 +8,7 @@ choices on disk (``$FLEXATTN_CACHE_DIR`` or ``~/.cache/flexattn``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -102,12 +103,16 @@ def forward_tiles(
     shared_memory_limit: int | None,
     options,
     masked: bool = True,
+    tile_gathers: bool = False,
 ) -> Tiles:
     """Choose the forward launch configuration.
 
     ``capability`` is the CUDA compute capability, or None for the Triton interpreter.
     ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set).
     ``masked``: whether the mask_mod does element-wise work (False for an always-true mask).
+    ``tile_gathers``: a mod gathers one value per score (``KernelMod.tile_gathers``): BLOCK_M is
+    capped at 64, since 128 x 64 tiles spill the per-score addresses (compile_report ``--variant
+    relbias``: 472 bytes of spills at 128 x 64, none at 64 x 64).
     BLOCK_M must divide ``q_block`` and BLOCK_N must divide ``kv_block`` (one sparse block is then
     visited as whole tiles); defaults are shrunk to fit that, the sequence lengths and shared memory.
 
@@ -116,6 +121,20 @@ def forward_tiles(
     ...               options=None).BLOCK_M
     128
     """
+    key = (head_dim, v_head_dim, dtype, _length_tile(q_len), _length_tile(kv_len), q_block, kv_block,
+           capability, shared_memory_limit, options, masked, tile_gathers)  # fmt: skip
+    try:
+        hash(key)
+    except TypeError:  # options of a type without a hash (duck-typed): choose afresh
+        return _choose_forward_tiles(*key)
+    return _remembered_forward_tiles(*key)
+
+
+def _choose_forward_tiles(
+    head_dim, v_head_dim, dtype, q_len_tile, kv_len_tile, q_block, kv_block, capability,
+    shared_memory_limit, options, masked, tile_gathers,
+) -> Tiles:  # fmt: skip
+    """forward_tiles' choice; the lengths enter only as the tiles that cover them (``_length_tile``)."""
     for name, block in (("Q_BLOCK", q_block), ("KV_BLOCK", kv_block)):
         if block < 16 or block % 16:
             raise ValueError(
@@ -135,8 +154,11 @@ def forward_tiles(
     _check_user_tile("BLOCK_M", user_m, "Q_BLOCK", q_block)
     _check_user_tile("BLOCK_N", user_n, "KV_BLOCK", kv_block)
 
-    block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, _length_tile(q_len)))
-    block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, _length_tile(kv_len)))
+    if tile_gathers and tiles.BLOCK_M > 64:
+        tiles = replace(tiles, BLOCK_M=64)
+        why.append("BLOCK_M 64: a mod gathers one value per score (its addresses spill at 128)")
+    block_m = user_m or largest_tile_dividing(q_block, min(tiles.BLOCK_M, q_len_tile))
+    block_n = user_n or largest_tile_dividing(kv_block, min(tiles.BLOCK_N, kv_len_tile))
     if (block_m, block_n) != (tiles.BLOCK_M, tiles.BLOCK_N):
         why.append(f"tiles ({block_m}, {block_n}) fit the mask blocks ({q_block}, {kv_block}) and lengths")
     tiles = replace(tiles, BLOCK_M=block_m, BLOCK_N=block_n)
@@ -153,7 +175,7 @@ def forward_tiles(
         why.append("K/V through tensor descriptors (USE_TMA)")
 
     if shared_memory_limit is not None:
-        elem = torch.tensor([], dtype=dtype).element_size()
+        elem = dtype.itemsize
         user_set = any(getattr(options, k, None) for k in ("BLOCK_M", "BLOCK_N", "num_stages"))
         while shared_memory_bytes(tiles, e_pad, ev_pad, elem) > shared_memory_limit:
             if user_set:
@@ -170,6 +192,10 @@ def forward_tiles(
             tiles = smaller
             why.append("shrunk to fit shared memory")
     return replace(tiles, reason="; ".join(why))
+
+
+# A pure function of hashable arguments, asked on every call: remembered (errors are not).
+_remembered_forward_tiles = functools.lru_cache(maxsize=512)(_choose_forward_tiles)
 
 
 def smaller_tiles(tiles: Tiles) -> Tiles | None:

@@ -56,12 +56,15 @@ def _logits_and_grads(model, ids, mask, **kwargs):
     return logits[keep].detach(), grads
 
 
-BACKENDS = ["REFERENCE"] + (["TRITON"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+CPU_BACKENDS = ["REFERENCE"] + (["TRITON"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+CASES = [("cpu", backend) for backend in CPU_BACKENDS] + [
+    pytest.param("cuda", "TRITON", marks=pytest.mark.gpu),  # fp32 kernels (IEEE dots) on the GPU
+]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), CASES)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_flex_attention_path_matches_eager(kind, backend, monkeypatch):
+def test_flex_attention_path_matches_eager(kind, device, backend, monkeypatch):
     use_flexattn()
     masks = []
     build = transformers.masking_utils.create_block_mask
@@ -73,11 +76,12 @@ def test_flex_attention_path_matches_eager(kind, backend, monkeypatch):
     monkeypatch.setattr(transformers.masking_utils, "create_block_mask", spy)
     torch.manual_seed(0)
     config = _config(kind)
-    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    flex = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="flex_attention")
+    from_config = transformers.AutoModelForCausalLM.from_config
+    eager = from_config(config, attn_implementation="eager").to(device)
+    flex = from_config(config, attn_implementation="flex_attention").to(device)
     flex.load_state_dict(eager.state_dict())
     for padded in (False, True):  # the second call reaches the compiled graph with new mask closures
-        ids, mask = _batch(padded)
+        ids, mask = (t.to(device) for t in _batch(padded))
         want, want_grads = _logits_and_grads(eager, ids, mask)
         got, got_grads = _logits_and_grads(flex, ids, mask, kernel_options={"BACKEND": backend})
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{kind} padded={padded}: logits")

@@ -183,3 +183,19 @@ def test_backward_register_cap_only_with_the_default_tiles_and_a_light_score_mod
     ):
         tiles = choose_backward_tiles(64, 64, torch.half, 64, 64, (9, 0), options, light_score=light)
         assert tiles.max_registers == cap
+
+
+def test_mods_gathering_one_value_per_score_get_64_row_forward_tiles():
+    """A relative-position table read at ``q_idx - kv_idx`` holds one address per score: the forward
+    caps BLOCK_M at 64 for it (its 128-row tiles spill on sm_90, compile_report --variant relbias)."""
+    from flexattn.compiler import compile_score_mod
+    from flexattn.variants import alibi
+
+    table = torch.randn(2, 63)
+    relative = compile_score_mod(lambda s, b, h, q, kv: s + table[h, q - kv + 31], device="cpu")
+    assert relative.tile_gathers and not compile_score_mod(alibi(2), device="cpu").tile_gathers
+    common = dict(head_dim=128, v_head_dim=128, dtype=torch.bfloat16, q_len=4096, kv_len=4096, q_block=128,
+                  kv_block=128, capability=(9, 0), shared_memory_limit=232448, options=None)  # fmt: skip
+    plain, gathering = forward_tiles(**common), forward_tiles(**common, tile_gathers=True)
+    assert plain.BLOCK_M == 128 and gathering.BLOCK_M == 64
+    assert "gathers" in gathering.reason
