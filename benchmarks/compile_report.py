@@ -159,14 +159,19 @@ def resources(kernel) -> dict:
     }
 
 
-def sass_loops(kernel, keep: Path | None = None, name: str = "kernel") -> list[dict]:
-    """Every backward branch of the SASS (a loop): address range, instruction count, commonest opcodes."""
+def sass_text(kernel) -> str:
+    """The SASS of one compiled kernel (``cuobjdump -sass`` of its cubin)."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run(
+        return subprocess.run(
             [str(NVIDIA_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
+
+
+def sass_loops(kernel, keep: Path | None = None, name: str = "kernel") -> list[dict]:
+    """Every backward branch of the SASS (a loop): address range, instruction count, commonest opcodes."""
+    sass = sass_text(kernel)
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
         (keep / f"{name}.sass").write_text(sass)

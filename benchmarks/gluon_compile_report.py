@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from compile_report import NVIDIA_BIN, _StubDriver, resources  # noqa: E402
+from compile_report import _StubDriver, resources, sass_text  # noqa: E402
 
 from flexattn.kernels.hopper.forward_ws import DEFAULT_TILES, flash_forward_ws  # noqa: E402
 
@@ -60,12 +58,7 @@ def compile_variant(head_dim: int, causal: bool, variant=None, dtype=torch.bfloa
 def instructions(kernel) -> dict:
     """Counts of Hopper instructions in the PTX and SASS, and the setmaxnreg values."""
     ptx = kernel.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run(
-            [str(NVIDIA_BIN / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
-        ).stdout
+    sass = sass_text(kernel)
     ops = Counter(re.findall(r"\b(HGMMA|UTMALDG|USETMAXREG|HMMA|LDL|STL)\b", sass))
     return {
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
