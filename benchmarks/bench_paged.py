@@ -82,7 +82,8 @@ def fill_paged(paged, B: int, kv: int, k, v, k_cache, v_cache, generator) -> Non
         b = int(torch.randint(B, (), generator=generator))
         if grown[b] < kv:
             grown[b] = min(kv, grown[b] + step)
-            paged.reserve(torch.tensor([b]), torch.tensor([grown[b]]))
+            # on the caches' device: torch's PagedAttention mixes these with its CUDA tables
+            paged.reserve(torch.tensor([b], device=k.device), torch.tensor([grown[b]], device=k.device))
     batch = torch.arange(B, device=k.device)
     positions = torch.arange(kv, device=k.device)[None].expand(B, kv)
     paged.assign(batch, positions, k, v, k_cache, v_cache)

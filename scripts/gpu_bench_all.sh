@@ -6,8 +6,8 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 O=${OUT:-/tmp/final}; mkdir -p "$O"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
-timeout 150 python3 -m pytest -q -p no:cacheprovider -n 12 -m gpu tests > "$O/gpu_tests.log" 2>&1
-grep -E "^(FAILED|ERROR)" "$O/gpu_tests.log" | cut -c1-220; tail -1 "$O/gpu_tests.log"
+timeout 150 python3 -m pytest -v -p no:cacheprovider -n 12 -m gpu tests > "$O/gpu_tests.log" 2>&1
+grep -E "(FAILED|ERROR) tests/" "$O/gpu_tests.log" | cut -c1-220; tail -1 "$O/gpu_tests.log"  # -v: results as they land
 timeout 75 python3 benchmarks/bench_attention.py --backward --head-dims 128 --json "$O/bench.json" > "$O/bench.log" 2>&1
 timeout 30 python3 benchmarks/bench_attention.py --variants rel_bias_learned head_bias_learned --head-dims 128 >> "$O/bench.log" 2>&1
 grep -E "ratio|FAILED" "$O/bench.log" | cut -c1-240

@@ -24,10 +24,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$LOGS/ca
 "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$LOGS/card.txt"
 
-timeout "${TEST_S:-180}" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
+timeout "${TEST_S:-180}" "$PYTHON" -m pytest -v -m gpu -p no:cacheprovider -n "${GPU_TEST_WORKERS:-8}" \
     tests >"$LOGS/gpu_tests.log" 2>&1
 tests=$?
-grep -E "^(FAILED|ERROR)" "$LOGS/gpu_tests.log" | cut -c1-200
+grep -E "(FAILED|ERROR) tests/" "$LOGS/gpu_tests.log" | cut -c1-200  # -v: each result as it lands, so a run cut short still names its failures
 timeout "${BENCH_S:-360}" "$PYTHON" benchmarks/bench_attention.py --backward --json "$LOGS/bench.json" "$@" \
     >"$LOGS/bench.log" 2>&1
 bench=$?
