@@ -9,7 +9,8 @@ calls after a warm-up, median of ``--repeats`` rounds, for
   and without it, masks from torch's own ``create_block_mask``;
 - ``sdpa``: ``F.scaled_dot_product_attention`` (noop; causal via ``is_causal``).
 
-Cases: B1 H4 E64 with Lq = Lkv = 256 (noop, causal) and a decode step Lq = 1 over Lkv = 256. On
+Cases: B1 H4 E64 with Lq = Lkv = 256 (noop, causal), a decode step Lq = 1 over Lkv = 256 (the prefill
+kernel) and over Lkv = 8192 (the split-KV decode kernel). On
 CUDA the loop launches without synchronising (the kernels are shorter than the host path), so the
 time is the host's; ``wall+sync`` adds the final synchronisation. On CPU every implementation runs its
 CPU path (flexattn: the reference backend), so the numbers include the math.
@@ -59,7 +60,8 @@ class Case:
 
 
 CASES = {c.name: c for c in (Case("noop", 256, 256, False), Case("causal", 256, 256, True),
-                             Case("decode", 1, 256, False))}  # fmt: skip
+                             Case("decode", 1, 256, False),
+                             Case("decode-8k", 1, 8192, False))}  # fmt: skip  (8k keys: the decode kernel)
 IMPLS = ("flexattn", "torch-compiled", "torch-eager", "sdpa")
 
 
@@ -167,16 +169,19 @@ def simulated_gpu():
 
     import flexattn.compiler as mod_compiler
     from flexattn import dispatch
-    from flexattn.kernels import forward
+    from flexattn import plan
+    from flexattn.kernels import decode, forward
     from flexattn.kernels.device import DeviceLimits
 
-    hopper = DeviceLimits((9, 0), 232448)
+    hopper = DeviceLimits((9, 0), 232448, 132)  # an H100 / H200: compute capability, shared memory, SMs
     driver = triton.runtime.driver
     previous = driver._active
     driver.set_active(_StubDriver())
     try:
         with (
             mock.patch.object(forward, "device_limits", lambda device: hopper),
+            mock.patch.object(decode, "device_limits", lambda device: hopper),
+            mock.patch.object(plan, "device_limits", lambda device: hopper),
             mock.patch.object(mod_compiler, "_target", lambda device, program: "cuda"),
             mock.patch.object(dispatch, "choose_backend", lambda *args, **kwargs: "TRITON"),
         ):
