@@ -168,8 +168,7 @@ def simulated_gpu():
     import triton
 
     import flexattn.compiler as mod_compiler
-    from flexattn import dispatch
-    from flexattn import plan
+    from flexattn import dispatch, plan
     from flexattn.kernels import decode, forward
     from flexattn.kernels.device import DeviceLimits
 

@@ -40,7 +40,8 @@ def test_the_table_and_json_hold_every_case_and_implementation(tmp_path, capsys)
     report = json.loads(path.read_text())
     assert report["meta"]["device"] == "cpu" and report["meta"]["shapes"]["decode"]["q_len"] == 1
     rows = {(r["case"], r["impl"]): r for r in report["rows"]}
-    assert set(rows) == {(c, i) for c in ("noop", "causal", "decode", "decode-8k") for i in ("flexattn", "sdpa")}
+    cases = ("noop", "causal", "decode", "decode-8k")
+    assert set(rows) == {(c, i) for c in cases for i in ("flexattn", "sdpa")}
     assert all("error" not in r and r["host_us"] > 0 for r in rows.values())
 
 
