@@ -59,9 +59,15 @@ class Case:
     causal: bool
 
 
-CASES = {c.name: c for c in (Case("noop", 256, 256, False), Case("causal", 256, 256, True),
-                             Case("decode", 1, 256, False),
-                             Case("decode-8k", 1, 8192, False))}  # fmt: skip  (8k keys: the decode kernel)
+CASES = {
+    c.name: c
+    for c in (
+        Case("noop", 256, 256, False),
+        Case("causal", 256, 256, True),
+        Case("decode", 1, 256, False),
+        Case("decode-8k", 1, 8192, False),
+    )
+}  # fmt: skip  (8k keys: the decode kernel)
 IMPLS = ("flexattn", "torch-compiled", "torch-eager", "sdpa")
 
 
