@@ -8,6 +8,7 @@ so the explanation is what runs).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,7 @@ def choose_splits(programs: int, units: int, target: DeviceLimits, ragged: bool 
     return good[0] if good else max(candidates, key=efficiency)
 
 
+@functools.lru_cache(maxsize=256)  # pure: the plan's choice and the launcher ask for the same launch
 def decode_launch(
     *,
     batch: int,
