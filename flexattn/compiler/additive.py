@@ -47,10 +47,8 @@ def additive_term(graph: Graph, output: int) -> int | None:
 
 def base2_bias(graph: Graph, term: int) -> int:
     """Append to ``graph`` (a private copy: ``Graph.copy``) the nodes of ``term * log2(e)`` in float32."""
-    dims = tile_dims(graph)
     term = graph.cast(term, torch.float32)
-    dims = tile_dims(graph) if term >= len(dims) else dims
-    return _times(graph, dims, term, graph.const(LOG2E, torch.float32))
+    return _times(graph, tile_dims(graph), term, graph.const(LOG2E, torch.float32))
 
 
 def _times(graph: Graph, dims: list[frozenset], node: int, factor: int) -> int:
