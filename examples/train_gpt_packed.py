@@ -24,6 +24,7 @@ so the loss can only fall (from ln 511 = 6.2 towards ln 8 = 2.1) by attending in
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -205,20 +206,22 @@ def sdpa_attention(doc_ids: torch.Tensor):
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
-_TORCH_FLEX = None
+@functools.cache
+def _torch_flex_compiled():
+    from torch.nn.attention import flex_attention as torch_flex
+
+    return torch.compile(torch_flex.flex_attention)
 
 
 def torch_flex_attention(doc_ids: torch.Tensor):
     """PyTorch's own flex_attention (compiled) with its own ``create_block_mask``, for comparison."""
-    global _TORCH_FLEX
-    from torch.nn.attention import flex_attention as torch_flex
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
-    if _TORCH_FLEX is None:
-        _TORCH_FLEX = torch.compile(torch_flex.flex_attention)
     B, L = doc_ids.shape
     mask_mod = document_mask(doc_ids, causal())
-    block_mask = torch_flex.create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
-    return lambda q, k, v: _TORCH_FLEX(q, k, v, block_mask=block_mask)
+    block_mask = torch_create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
+    compiled = _torch_flex_compiled()
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
 ATTENTION = {
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="training steps per run (default: 300; CPU config: 20)")
     parser.add_argument("--seq-len", type=int, help="tokens per packed row")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--runs", help=f"comma-separated subset of {','.join(ATTENTION)} (default: all on CUDA)")
+    runs = ",".join(ATTENTION)
+    parser.add_argument("--runs", help=f"comma-separated subset of {runs} (default: all on CUDA)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
