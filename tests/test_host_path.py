@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexattn.compiler as compiler
 import flexattn.compiler.checks as compiler_checks
-from flexattn import create_block_mask, flex_attention
+from flexattn import Positions, create_block_mask, flex_attention
 from flexattn.compiler import ModCompileError
-from flexattn.kernels import forward
+from flexattn.kernels import decode, forward
 from flexattn.kernels.launch import LaunchCache
 from flexattn.kernels.tiles import forward_tiles
 from flexattn.options import KernelOptions, parse_options
@@ -47,14 +47,15 @@ class OpLog(TorchDispatchMode):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Forward kernel launches, recorded instead of run: (grid, args, constexprs) per launch."""
+    """Forward and decode kernel launches, recorded instead of run: (grid, args, constexprs) per launch."""
     calls: list[tuple] = []
 
     class Recorder:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((grid, args, kwargs))
 
-    monkeypatch.setattr(forward, "_LAUNCHES", LaunchCache(Recorder()))
+    for module, name in ((forward, "_LAUNCHES"), (decode, "_SPLIT_LAUNCHES"), (decode, "_MERGE_LAUNCHES")):
+        monkeypatch.setattr(module, name, LaunchCache(Recorder()))
     return calls
 
 
@@ -98,12 +99,17 @@ def _cases():
 
     causal = create_block_mask(_causal, None, None, L, L, device="cpu", BLOCK_SIZE=32)
     documents = create_block_mask(same_doc, None, None, L, L, device="cpu", BLOCK_SIZE=32)
+    # the split-KV decode kernel (two launches, a reused workspace); per-sequence Positions tensors
+    # are left out: on the CPU their values are checked (Positions.check), on a GPU only their metadata
+    last = Positions(q_offset=L - 1)
     return {
-        "noop": (None, None, L),
-        "causal": (None, causal, L),
-        "alibi-causal": (alibi, causal, L),
-        "document": (None, documents, L),
-        "decode-Lq1": (None, None, 1),
+        "noop": (None, None, L, None),
+        "causal": (None, causal, L, None),
+        "alibi-causal": (alibi, causal, L, None),
+        "document": (None, documents, L, None),
+        "decode-Lq1": (None, None, 1, None),
+        "split-kv-Lq1": (None, None, 1, last),
+        "split-kv-alibi-causal": (alibi, causal, 1, last),
     }
 
 
@@ -112,23 +118,28 @@ CASES = _cases()
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_repeat_call_traces_nothing_and_runs_only_its_output_allocations(case, launches, traces):
-    score_mod, block_mask, q_len = CASES[case]
+    score_mod, block_mask, q_len, positions = CASES[case]
     q, k, v = _inputs(q_len)
-    call = lambda: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=TRITON)  # noqa: E731
+    call = lambda: flex_attention(  # noqa: E731
+        q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=TRITON, positions=positions
+    )
     call()
     traced_once = traces[0]
     with OpLog() as log:
         out = call()
     assert traces[0] == traced_once, "a repeat call traced a mod again"
-    assert sorted(log.ops) == sorted(OUTPUT_ALLOCATIONS), log.ops
-    assert len(launches) == 2 and out.shape == (B, H, q_len, E)
+    assert sorted(log.ops) == sorted(OUTPUT_ALLOCATIONS), log.ops  # (the split workspace is reused)
+    kernels = 1 if positions is None else 2  # prefill, or decode's split and merge
+    assert len(launches) == 2 * kernels and out.shape == (B, H, q_len, E)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_repeat_call_never_synchronises_with_the_device(case, launches, monkeypatch):
-    score_mod, block_mask, q_len = CASES[case]
+    score_mod, block_mask, q_len, positions = CASES[case]
     q, k, v = _inputs(q_len)
-    call = lambda: flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=TRITON)  # noqa: E731
+    call = lambda: flex_attention(  # noqa: E731
+        q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=TRITON, positions=positions
+    )
     call()
     syncs: list[str] = []
 

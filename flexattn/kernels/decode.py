@@ -40,8 +40,10 @@ import triton.language as tl
 
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.decode_workspace import DecodeWorkspace, decode_workspace
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
-from flexattn.kernels.kernel_choice import DecodeTiles, decode_launch
+from flexattn.kernels.kernel_choice import DecodeLaunch, DecodeTiles, decode_launch
+from flexattn.kernels.launch import LaunchCache, alignment, args_key
 from flexattn.kernels.positions import Positions
 from flexattn.kernels.tile_io import load_kv_tile, mask_tail, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
@@ -388,7 +390,7 @@ def flex_decode(
         out, lse, mx = flex_decode(q, k, v, score_mod=compile_score_mod(None),
                                    mask_mod=compile_mask_mod(None), tables=None, scale=0.125)
     """
-    positions = Positions() if positions is None else positions
+    positions = _NO_POSITIONS if positions is None else positions
     if positions.kv_offset != 0:
         raise ValueError(
             f"flex_decode: Positions.kv_offset={positions.kv_offset} is not supported by the decode kernel; "
@@ -402,7 +404,6 @@ def flex_decode(
     device_table = tables.kv_num_blocks if tables is not None else q
     B, Hq, Lq, E = check_qkv(q, k, v, device_table, target)
     Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
-    group = Hq // Hkv
     launch = decode_launch(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lkv, head_dim=E, v_head_dim=Ev, dtype=q.dtype,
         q_block=tables.q_block if tables is not None else None,
@@ -410,7 +411,7 @@ def flex_decode(
         per_head_mask=tables is not None and tables.kv_num_blocks.shape[1] > 1, target=target,
         ragged=positions.kv_lengths is not None, splits=splits, tiles=tiles,
     )  # fmt: skip
-    tiles, pack, unit, n_splits = launch.tiles, launch.pack, launch.unit, launch.splits
+    tiles, pack = launch.tiles, launch.pack
     if tables is not None:
         check_block_tables(tables, "kv", B, Hq, 1, "a decode call")
         if tables.kv_block % tiles.BLOCK_N or pack * tables.q_block < tiles.BLOCK_M:
@@ -423,43 +424,107 @@ def flex_decode(
     max_scores = torch.empty_like(lse)
     if Lkv == 0:
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
+    work = decode_workspace(launch.splits, B, Hq, Lq, Ev, q.device)
+    _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch)
+    _launch_merge(work, out, lse, max_scores, positions.kv_lengths, Lkv, launch.units_per_split * launch.unit)
+    return out, lse, max_scores
 
-    part_out = torch.empty((n_splits, B, Hq, Lq, Ev), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((n_splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
-    part_max = torch.empty_like(part_lse)
+
+def _launch_split(
+    q, k, v, work: DecodeWorkspace, positions: Positions, tables: BlockTables | None, score_mod, mask_mod,
+    scale: float, launch: DecodeLaunch,
+) -> None:  # fmt: skip
+    """``_decode_split_kernel`` over the grid ``(splits, Hq // PACK * M_TILES, B)``, writing ``work``.
+
+    Tensors that a call does not have (per-sequence offsets or lengths, the block tables without a
+    mask) are stood in for by ``q``: their loads are compiled out by the flags that say so."""
+    (B, Hq, Lq, E), Hkv, Lkv, Ev = q.shape, k.shape[1], k.shape[2], v.shape[3]
+    tiles, pack = launch.tiles, launch.pack
     q_offsets, kv_lengths = positions.q_offset, positions.kv_lengths
     per_batch_offset = isinstance(q_offsets, torch.Tensor)
-    dummy = torch.empty(1, dtype=torch.int32, device=q.device)  # stands in for absent int32 tensors
     if tables is not None:
         table_args, broadcast_flags = block_table_args(tables, "kv")
         search_steps = int(tables.kv_indices.shape[-1]).bit_length() + 1
+        q_block, has_full = tables.q_block, tables.has_full
     else:
-        table_args = (dummy, dummy, dummy, dummy, 1, 1, 1)
-        broadcast_flags = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}
-        search_steps = 0
-    _decode_split_kernel[(n_splits, (Hq // pack) * launch.m_tiles, B)](
-        q, k, v, part_out, part_lse, part_max, _strides(q), _strides(k), _strides(v),
-        q_offsets if per_batch_offset else dummy, 0 if per_batch_offset else int(q_offsets),
-        dummy if kv_lengths is None else kv_lengths,
-        *table_args, B, Lq, Lkv, Hq, float(scale), launch.units_per_split, search_steps,
+        table_args, broadcast_flags, search_steps = (q, q, q, q, 1, 1, 1), _DENSE_FLAGS, 0
+        q_block, has_full = 1, False
+    offsets = q_offsets if per_batch_offset else q
+    q_offset = 0 if per_batch_offset else int(q_offsets)
+    lengths = q if kv_lengths is None else kv_lengths
+    strides = (_strides(q), _strides(k), _strides(v))
+    args = (
+        q, k, v, work.out, work.lse, work.max_scores, *strides, offsets, q_offset, lengths, *table_args,
+        B, Lq, Lkv, Hq, scale, launch.units_per_split, search_steps,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
-        GQA_GROUP=group, PACK=pack, M_TILES=launch.m_tiles, E=E, EV=Ev,
-        E_PAD=padded_head_dim(E), EV_PAD=padded_head_dim(Ev), BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N,
-        Q_BLOCK=tables.q_block if tables is not None else 1, KV_BLOCK=unit,
-        **broadcast_flags, SPARSE=tables is not None, HAS_FULL=tables is not None and tables.has_full,
-        PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-        DOT_PRECISION=dot_precision(q.dtype), SCORE_IS_IDENTITY=score_mod.trivial and float(scale) > 0,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    _decode_merge_kernel[(B * Hq * Lq,)](
-        part_out, part_lse, part_max, out, lse, max_scores, _strides(out),
-        dummy if kv_lengths is None else kv_lengths, B, Hq, Lq, Lkv, launch.units_per_split * unit,
-        EV=Ev, EV_PAD=padded_head_dim(Ev), HAS_KV_LENGTHS=kv_lengths is not None,
-        num_warps=4 if Ev >= 128 else 2,
+    precision = dot_precision(q.dtype)
+    identity = score_mod.trivial and scale > 0
+
+    def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
+        return dict(
+            GQA_GROUP=Hq // Hkv, PACK=pack, M_TILES=launch.m_tiles, E=E, EV=Ev,
+            E_PAD=padded_head_dim(E), EV_PAD=padded_head_dim(Ev),
+            BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
+            **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
+            PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+
+    # What Triton specialises on, or more (launch.py): the values keywords() is made of, dtypes and
+    # alignment of the pointers, the specialised ints (strides, B, Hq) by value, the unspecialised
+    # ones (lengths, offset, mask sizes, split size, search steps) by width.
+    pointers = [q, k, v, work.out, work.lse, work.max_scores]  # (the stand-ins are q again)
+    if per_batch_offset:
+        pointers.append(offsets)
+    if kv_lengths is not None:
+        pointers.append(lengths)
+    if tables is not None:
+        pointers += table_args[:4]
+    # ``launch`` (tiles, packing, split unit) by identity: the entry keeps it alive.
+    key = (
+        id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
+        per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
+        table_args[0].dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn), alignment(*pointers),
+        max(q_offset, Lq, Lkv, *table_args[4:], launch.units_per_split, search_steps) < 2**31,
+        args_key(score_mod.args), args_key(mask_mod.args),
     )  # fmt: skip
-    return out, lse, max_scores
+    grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)
+    _SPLIT_LAUNCHES.launch(grid, key, args, keywords, pinned=(launch, score_mod.fn, mask_mod.fn))
+
+
+def _launch_merge(
+    work: DecodeWorkspace, out, lse, max_scores, kv_lengths, kv_len: int, split_size: int
+) -> None:
+    """``_decode_merge_kernel``: one program per output row (b, h, token), reading ``work``."""
+    B, Hq, Lq, Ev = out.shape
+    lengths = work.lse if kv_lengths is None else kv_lengths  # stands in (never read) without lengths
+    o_strides = _strides(out)
+    args = (work.out, work.lse, work.max_scores, out, lse, max_scores, o_strides, lengths, B, Hq, Lq, kv_len,
+            split_size)  # fmt: skip
+    num_warps = 4 if Ev >= 128 else 2
+
+    def keywords() -> dict:
+        return dict(
+            EV=Ev, EV_PAD=padded_head_dim(Ev), HAS_KV_LENGTHS=kv_lengths is not None, num_warps=num_warps
+        )
+
+    pointers = (work.out, work.lse, work.max_scores, out, lse, max_scores, lengths)
+    key = (
+        Ev, kv_lengths is not None, out.dtype, lengths.dtype, o_strides, B, Hq, alignment(*pointers),
+        max(Lq, kv_len, split_size) < 2**31,
+    )  # fmt: skip
+    _MERGE_LAUNCHES.launch((B * Hq * Lq, 1, 1), key, args, keywords)
+
+
+# The compiled decode kernels by launch key: repeat calls skip Triton's argument binding (launch.py).
+_SPLIT_LAUNCHES = LaunchCache(_decode_split_kernel)
+_MERGE_LAUNCHES = LaunchCache(_decode_merge_kernel)
+_DENSE_FLAGS = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}  # no block mask: nothing broadcast
+_NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims (as the forward kernel passes them)."""
-    return tuple(s if n > 1 else 0 for s, n in zip(t.stride(), t.shape))
+    return tuple([s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)])  # (a list: no generator)
