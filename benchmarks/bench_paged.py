@@ -11,7 +11,11 @@ Rows, per (KV, call):
 - ``flexattn contiguous``: flex_attention on (B, Hkv, KV, E) caches (the block mask's KV block is the
   largest page size, at least 128, for every flexattn row);
 - ``flexattn paged P``: the same call on the paged caches (the kernel reads K/V through the page
-  table), with the output checked against the contiguous one (``max_diff``);
+  table), with the output checked against the contiguous one (``max_diff``). Both run the kernel
+  flexattn chooses: the split-KV decode kernel for ``decode``, the prefill kernel for ``prefill``
+  (``--dry-run`` prints the choice);
+- ``flexattn paged P (prefill kernel)`` (``decode`` only): the prefill kernel over the same pages,
+  what paged decoding ran before the decode kernel read pages;
 - ``torch contiguous``: ``torch.compile(torch.nn.attention.flex_attention)`` on the contiguous caches;
 - ``torch paged P``: the same with torch's PagedAttention (its KV block = the page size).
 
@@ -38,9 +42,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from flexattn import create_block_mask, flex_attention
+from flexattn.kernels.forward import flex_forward
+from flexattn.options import KernelOptions
 from flexattn.paged import PagedAttention
+from flexattn.plan import plan_attention
 
 CALLS = {"prefill": 1024, "decode": 4}
+DECODE_ROWS = 16  # calls with at most this many query rows also time the prefill kernel over the pages
 BLOCK = 128
 
 
@@ -121,7 +129,43 @@ def flexattn_calls(cfg: Config, kv: int, lq: int, pages, q, k, v, device, option
                 q, kc, vc, block_mask=m, enable_gqa=True, kernel_options=options
             ),
         )
+        if lq <= DECODE_ROWS and options is None:  # (the GPU run; the dry run checks the setup only)
+            plan = _plan(mask, lq, kv, q)
+            calls[f"flexattn paged {page} (prefill kernel)"] = (
+                page,
+                lambda kc=k_cache, vc=v_cache, p=plan: flex_forward(
+                    q, kc, vc, score_mod=p.score_mod, mask_mod=p.mask_mod, tables=p.tables, scale=p.scale,
+                    options=p.options, paged=p.kv_pages,
+                )[0],
+            )  # fmt: skip
     return calls
+
+
+def _plan(mask, lq: int, kv: int, q):
+    """flexattn's plan of a call with ``mask`` (paged or not): its mods, tables and kernel choice."""
+    pages = getattr(mask, "kv_pages", None)
+    options = KernelOptions(BACKEND="TRITON")
+    return plan_attention(None, mask, lq, kv, q.shape[-1] ** -0.5, options, q.device, q.dtype, kv_pages=pages)
+
+
+def kernel_choices(cfg: Config, kv: int, lq: int, pages, device="cpu") -> dict[str, str]:
+    """flexattn row -> the kernel flexattn's plan chooses for it (on an H200-sized target)."""
+    from flexattn.kernels.device import DeviceLimits
+
+    h200 = DeviceLimits((9, 0), 232448, 132)
+    q = torch.empty(1, dtype=cfg.dtype, device=device).expand(cfg.B, cfg.Hq, lq, cfg.E)
+    k = torch.empty(1, dtype=cfg.dtype, device=device).expand(cfg.B, cfg.Hkv, kv, cfg.E)
+    blocks = (BLOCK, max(BLOCK, *pages))
+    logical = create_block_mask(causal_at(kv - lq), None, None, lq, kv, device=device, BLOCK_SIZE=blocks)
+    choices = {"flexattn contiguous": str(_plan(logical, lq, kv, q).choose(q, k, k, target=h200))}
+    for page in pages:
+        paged = PagedAttention(cfg.B * kv // page, page, cfg.B, device=device, max_pages_per_seq=kv // page)
+        for b in range(cfg.B):
+            paged.reserve(b, kv)
+        mask = paged.convert_logical_block_mask(logical, torch.arange(cfg.B, device=device))
+        cache = torch.empty(1, dtype=cfg.dtype, device=device).expand(1, cfg.Hkv, cfg.B * kv, cfg.E)
+        choices[f"flexattn paged {page}"] = str(_plan(mask, lq, kv, q).choose(q, cache, cache, target=h200))
+    return choices
 
 
 def torch_calls(cfg: Config, kv: int, lq: int, pages, q, k, v, device, compiled) -> dict:
@@ -211,6 +255,8 @@ def dry_run(args) -> None:
             names = ["flexattn contiguous", *(f"flexattn paged {p}" for p in args.pages), "torch contiguous"]
             names += [f"torch paged {p}" for p in args.pages]
             print(f"KV={kv} {call} (Lq={CALLS[call]}): " + ", ".join(names))
+            for name, choice in kernel_choices(Config(), kv, CALLS[call], args.pages).items():
+                print(f"  {name}: {choice}")
     cfg = Config(B=2, Hq=4, Hkv=2, E=16, dtype=torch.float32)
     for page in args.pages:
         kv, lq = 2 * max(page, BLOCK), 3

@@ -44,8 +44,9 @@ from flexattn.kernels.decode_workspace import DecodeWorkspace, decode_workspace
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
 from flexattn.kernels.kernel_choice import DecodeLaunch, DecodeTiles, decode_launch
 from flexattn.kernels.launch import LaunchCache, alignment, args_key
+from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.positions import Positions
-from flexattn.kernels.tile_io import load_kv_tile, mask_tail, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import load_kv, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -56,16 +57,19 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 def _decode_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
     q, k_src, v_src, start_n, kv_len, b, h, q_idx,   # this tile: first key, the sequence's key count
+    pages,                                           # the sequence's page-table row (PAGE > 0)
     status, any_partial,                             # per row: 0 skip / 1 partial / 2 full; scalar
     k_strides, v_strides, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SPARSE: tl.constexpr, CHECK_N: tl.constexpr,
     E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i)."""
+    """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i).
+    Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load."""
     # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
-    k = load_kv_tile(k_src, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False)
+    kv_rows = paged_rows(pages, start_n, kv_len, BLOCK_N, CHECK_N, PAGE)
+    k = load_kv(k_src, kv_rows, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False, PAGE)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SCORE_IS_IDENTITY:
         scores = qk
@@ -96,7 +100,7 @@ def _decode_tile(
     l_i = l_i * alpha + tl.sum(p, 1)
 
     # -- accumulate p @ v --
-    v = load_kv_tile(v_src, b, 0, start_n, v_strides, kv_len, EV, EV_PAD, BLOCK_N, CHECK_N, False)
+    v = load_kv(v_src, kv_rows, b, 0, start_n, v_strides, kv_len, EV, EV_PAD, BLOCK_N, CHECK_N, False, PAGE)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -129,7 +133,7 @@ def _listed(idx_row, n, ptr, block):
 
 # Lengths, offsets and split sizes change per call: not specialized, so they reuse the compiled kernel.
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "q_offset", "MASK_H", "MASK_NQ", "MASK_NKV",
-                               "UNITS_PER_SPLIT", "SEARCH_STEPS"])
+                               "page_table_stride", "UNITS_PER_SPLIT", "SEARCH_STEPS"])
 def _decode_split_kernel(
     # tensors: q (B, HQ, Q_LEN, E), k (B, HKV, KV_LEN, E), v (B, HKV, KV_LEN, EV); strides (batch, head,
     # position, feature). Workspace (contiguous fp32): PART_OUT (NUM_SPLITS, B, HQ, Q_LEN, EV),
@@ -141,6 +145,9 @@ def _decode_split_kernel(
     Q_OFFSETS, q_offset, KV_LENGTHS,
     # block mask (SPARSE; contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV)
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
+    # paged K/V (PAGE > 0): k/v are caches (1, HKV, N_PAGES * PAGE, E) read through PAGE_TABLE int32
+    # (B, MAX_PAGES); KV_LEN is then the logical length
+    PAGE_TABLE, page_table_stride,
     # sizes, scale, splits
     B, Q_LEN, KV_LEN, HQ, scale, UNITS_PER_SPLIT, SEARCH_STEPS,
     # compiled mods
@@ -151,7 +158,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
     PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
 ):
     # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
     split = tl.program_id(0)
@@ -186,8 +193,9 @@ def _decode_split_kernel(
         q_pos = q_off + token
         q_idx = q_pos[:, None]
         h_idx = h[:, None]
-        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
+        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]  # (paged: batch stride 0)
         v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+        pages = PAGE_TABLE + b64 * page_table_stride  # (unused when PAGE == 0)
         kn_strides = (k_strides[2], k_strides[3])
         vn_strides = (v_strides[2], v_strides[3])
 
@@ -221,10 +229,10 @@ def _decode_split_kernel(
                     for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
                         acc, l_i, m_i = _decode_tile(
-                            acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                            acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                             status, full == 0, kn_strides, vn_strides, scale,
                             SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                         )
             else:
                 # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
@@ -259,10 +267,10 @@ def _decode_split_kernel(
                             start_n = block * KV_BLOCK + t * BLOCK_N
                             if start_n < split_end:
                                 acc, l_i, m_i = _decode_tile(
-                                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                                     status, any_partial, kn_strides, vn_strides, scale,
                                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
-                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                                 )
         else:
             # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
@@ -270,18 +278,18 @@ def _decode_split_kernel(
             for tile in range(0, full_tiles):
                 start_n = split_start + tile * BLOCK_N
                 acc, l_i, m_i = _decode_tile(
-                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
             if split_start + full_tiles * BLOCK_N < split_end:
                 start_n = split_start + full_tiles * BLOCK_N
                 acc, l_i, m_i = _decode_tile(
-                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx,
+                    acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, True,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
 
         # -- this split's partial result: normalised out, lse and max (natural units); empty: 0, -inf --
@@ -356,6 +364,7 @@ def flex_decode(
     splits: int | None = None,
     tiles: DecodeTiles | None = None,
     target: DeviceLimits | None = None,
+    paged: PagedKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-KV attention forward for short queries (no backward: decoding is inference).
 
@@ -373,6 +382,11 @@ def flex_decode(
             and the GPU's SM count); tests pass several to check the merge.
         tiles: an explicit ``DecodeTiles`` (default ``kernel_choice.decode_tiles``).
         target: the GPU to plan for (default: the tensors' device).
+        paged: K/V in a paged cache (``PagedKV``), or None (contiguous). Then k and v are the caches
+            (1, Hkv, n_pages * page_size, E / Ev), read through ``paged.page_table`` (no gather copy);
+            the key length is ``paged.kv_len`` (logical positions: the mods, the tables and
+            ``positions.kv_lengths`` see them). ``tables`` are required and must keep the softmax off
+            rows of unreserved pages (``flexattn.paged.PagedAttention.convert_logical_block_mask``).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
@@ -402,8 +416,19 @@ def flex_decode(
         )
     target = device_limits(q.device) if target is None else target
     device_table = tables.kv_num_blocks if tables is not None else q
-    B, Hq, Lq, E = check_qkv(q, k, v, device_table, target)
-    Hkv, Lkv, Ev = k.shape[1], k.shape[2], v.shape[3]
+    if paged is None:
+        B, Hq, Lq, E = check_qkv(q, k, v, device_table, target)
+        Lkv = k.shape[2]
+    else:  # the caches broadcast over the batch (stride 0); the table row says where rows live
+        if tables is None:
+            raise ValueError(
+                "flex_decode: a paged cache needs its BlockTables (from PagedAttention."
+                "convert_logical_block_mask): they keep the rows of unreserved pages out of the softmax."
+            )
+        paged.check(k, v, q.shape[0])
+        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), device_table, target)
+        Lkv = paged.kv_len
+    Hkv, Ev = k.shape[1], v.shape[3]
     launch = decode_launch(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lkv, head_dim=E, v_head_dim=Ev, dtype=q.dtype,
         q_block=tables.q_block if tables is not None else None,
@@ -425,20 +450,26 @@ def flex_decode(
     if Lkv == 0:
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
     work = decode_workspace(launch.splits, B, Hq, Lq, Ev, q.device)
-    _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch)
+    _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch, paged)
     _launch_merge(work, out, lse, max_scores, positions.kv_lengths, Lkv, launch.units_per_split * launch.unit)
     return out, lse, max_scores
 
 
 def _launch_split(
     q, k, v, work: DecodeWorkspace, positions: Positions, tables: BlockTables | None, score_mod, mask_mod,
-    scale: float, launch: DecodeLaunch,
+    scale: float, launch: DecodeLaunch, paged: PagedKV | None,
 ) -> None:  # fmt: skip
     """``_decode_split_kernel`` over the grid ``(splits, Hq // PACK * M_TILES, B)``, writing ``work``.
 
     Tensors that a call does not have (per-sequence offsets or lengths, the block tables without a
-    mask) are stood in for by ``q``: their loads are compiled out by the flags that say so."""
-    (B, Hq, Lq, E), Hkv, Lkv, Ev = q.shape, k.shape[1], k.shape[2], v.shape[3]
+    mask, the page table of a contiguous cache) are stood in for by ``q``: their loads are compiled
+    out by the flags that say so."""
+    (B, Hq, Lq, E), Hkv, Ev = q.shape, k.shape[1], v.shape[3]
+    if paged is None:
+        Lkv, page_table, page_stride, page = k.shape[2], q, 0, 0
+    else:
+        Lkv, page_table, page = paged.kv_len, paged.page_table, paged.page_size
+        page_stride = page_table.stride(0)
     tiles, pack = launch.tiles, launch.pack
     q_offsets, kv_lengths = positions.q_offset, positions.kv_lengths
     per_batch_offset = isinstance(q_offsets, torch.Tensor)
@@ -455,7 +486,7 @@ def _launch_split(
     strides = (_strides(q), _strides(k), _strides(v))
     args = (
         q, k, v, work.out, work.lse, work.max_scores, *strides, offsets, q_offset, lengths, *table_args,
-        B, Lq, Lkv, Hq, scale, launch.units_per_split, search_steps,
+        page_table, page_stride, B, Lq, Lkv, Hq, scale, launch.units_per_split, search_steps,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
     )  # fmt: skip
     precision = dot_precision(q.dtype)
@@ -468,7 +499,7 @@ def _launch_split(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
             **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
             PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
@@ -482,12 +513,15 @@ def _launch_split(
         pointers.append(lengths)
     if tables is not None:
         pointers += table_args[:4]
+    if paged is not None:
+        pointers.append(page_table)
     # ``launch`` (tiles, packing, split unit) by identity: the entry keeps it alive.
     key = (
         id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
         per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
-        table_args[0].dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn), alignment(*pointers),
-        max(q_offset, Lq, Lkv, *table_args[4:], launch.units_per_split, search_steps) < 2**31,
+        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn),
+        alignment(*pointers),
+        max(q_offset, Lq, Lkv, *table_args[4:], page_stride, launch.units_per_split, search_steps) < 2**31,
         args_key(score_mod.args), args_key(mask_mod.args),
     )  # fmt: skip
     grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)

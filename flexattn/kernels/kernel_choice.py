@@ -173,7 +173,8 @@ def choose_kernel(
 
     - gradients need the prefill kernels (the decode kernel has no backward), which read no Positions;
     - Positions (query offsets, ragged key lengths) are read by the decode kernel (kv_offset 0 only);
-    - paged K/V caches are read through their page table by the prefill kernel only (for now);
+    - paged K/V caches are read through their page table by both kernels (``kv_len`` is then the
+      logical length), so they choose as contiguous ones do;
     - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
       autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
     - short caches (Lkv < DECODE_MIN_KV_LEN) without positions take the prefill kernel (one launch);
@@ -189,12 +190,6 @@ def choose_kernel(
     if needs_grad and positions_given:
         return KernelChoice("unsupported", "positions are for inference (the decode kernel has no backward); "
                             "call under torch.no_grad() / inference_mode, or drop positions to train")  # fmt: skip
-    if paged and positions_given:
-        return KernelChoice("unsupported", "positions with a paged KV cache: the prefill kernel reads pages "
-                            "but no positions, the decode kernel positions but no pages; drop positions "
-                            "(the paged block mask carries the lengths)")  # fmt: skip
-    if paged:
-        return KernelChoice("prefill", "paged K/V caches: the prefill kernel reads the page table")
     if needs_grad:
         return KernelChoice("prefill", "gradients needed: the decode kernel has no backward")
     if prefill_tiles and positions_given:
@@ -202,16 +197,17 @@ def choose_kernel(
                             "positions; drop them (the decode kernel chooses its own tiles)")  # fmt: skip
     if prefill_tiles:
         return KernelChoice("prefill", f"{prefill_tiles} configure the prefill kernel")
+    pages = " (K/V through the page table)" if paged else ""
     if positions_given:
-        return KernelChoice("decode", "positions (query offsets / key lengths) are read by the decode kernel",
-                            splits)  # fmt: skip
+        return KernelChoice("decode", f"positions (query offsets / key lengths) are read by the decode kernel"
+                            f"{pages}", splits)  # fmt: skip
     if kv_len < DECODE_MIN_KV_LEN:
         return KernelChoice("prefill", f"Lkv={kv_len} < {DECODE_MIN_KV_LEN}: a few key tiles per head, one "
                             "prefill launch costs less than split-KV and its merge")  # fmt: skip
     if rows <= DECODE_MAX_ROWS:
         packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
-        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head",
-                            splits)  # fmt: skip
+        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head"
+                            f"{pages}", splits)  # fmt: skip
     return KernelChoice(
         "prefill", f"{rows} packed rows > {DECODE_MAX_ROWS}: prefill's query tiles fill the GPU"
     )

@@ -35,9 +35,14 @@ def _choice(**changes):
         ({"prefill_tiles": "kernel_options BLOCK_M", "positions_given": True}, "unsupported", "drop them"),
         ({"kv_len": 2047}, "prefill", "Lkv=2047 < 2048"),
         ({"kv_len": 300, "positions_given": True}, "decode", "positions"),
+        ({"paged": True}, "decode", "read once per kv head (K/V through the page table)"),
+        ({"paged": True, "positions_given": True}, "decode", "decode kernel (K/V through the page table)"),
+        ({"paged": True, "kv_len": 1000}, "prefill", "Lkv=1000 < 2048"),
+        ({"paged": True, "q_len": 33}, "prefill", "132 packed rows > 128"),
     ],
     ids=["decode", "32-tokens", "33-tokens", "per-head", "grad", "grad-positions", "positions", "kv-offset",
-         "tiles", "tiles-positions", "short-cache", "short-cache-positions"],
+         "tiles", "tiles-positions", "short-cache", "short-cache-positions", "paged", "paged-positions",
+         "paged-short-cache", "paged-33-tokens"],
 )  # fmt: skip
 def test_choose_kernel_says_why(changes, kind, says):
     choice = _choice(**changes)

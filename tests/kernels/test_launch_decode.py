@@ -162,6 +162,25 @@ with (
     misaligned = storage[1:].view(B, HQ, 1, E)  # 2 bytes off a 16-byte boundary
     report["misaligned"] = [call(misaligned)["bound"], call(misaligned)["bound"]]
 
+    from flexattn.paged import PagedAttention
+
+    paged = PagedAttention(2 * L // 16 + 4, 16, B, device="cpu")
+    for b in range(B):
+        paged.reserve(b, L)
+    k_cache = torch.zeros(1, HKV, (2 * L // 16 + 4) * 16, E, dtype=torch.float16)
+    v_cache = torch.zeros_like(k_cache)
+    paged_mask = paged.convert_logical_block_mask(mask, torch.arange(B))
+
+    def paged_call():
+        del launched[:]
+        before = len(bound)
+        flex_attention(q, k_cache, v_cache, block_mask=paged_mask, enable_gqa=True, kernel_options=options,
+                       positions=Positions(q_offset=L - 1))
+        split = next(describe(a) for n, a in launched if n.startswith("_decode_split"))
+        return bound[before:], ["tensor", id(paged_mask.kv_pages.page_table)] in split[9:]
+
+    report["paged"] = [paged_call(), paged_call()]
+
     knobs.runtime.launch_enter_hook.add(lambda metadata: None)
     report["hooked"] = [len(call()["bound"]), len(call()["bound"])]
 print(json.dumps(report))
@@ -207,6 +226,10 @@ def test_new_positions_and_captures_of_the_same_kind_reuse_the_kernels(report):
 
 def test_a_change_triton_specialises_on_binds_once_then_hits(report):
     assert report["misaligned"] == [[SPLIT], []]  # q off 16-byte alignment: only the split kernel reads q
+
+
+def test_a_paged_cache_binds_once_then_hits_with_its_page_table(report):
+    assert report["paged"] == [[[SPLIT], True], [[], True]]  # (the merge kernel reads no K/V: no new key)
 
 
 def test_launch_hooks_see_every_launch(report):
