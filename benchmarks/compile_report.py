@@ -13,6 +13,7 @@ driver and ``JITFunction.run``), checked against Triton 3.6.
     python benchmarks/compile_report.py --pass forward --head-dim 64 --variant causal
     python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
     python benchmarks/compile_report.py --pass forward --paged 16                # K/V through a page table
+    python benchmarks/compile_report.py --pass decode --variant causal+alibi --q-len 8  # split-KV decode
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import flexattn.compiler as mod_compiler
 import flexattn.variants as variants
 from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
-from flexattn.kernels import backward, forward
+from flexattn.kernels import backward, decode, forward
 from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.paged_kv import PagedKV
+from flexattn.kernels.positions import Positions
 from flexattn.options import KernelOptions
 
 H100 = DeviceLimits((9, 0), 232448)  # compute capability, opt-in shared memory per block
@@ -50,7 +52,12 @@ VARIANTS = {  # name -> (mask_mod, score_mod builder taking the head count)
     "alibi": (None, lambda heads: variants.alibi(heads, device="cpu")),
     "softcap": (None, lambda heads: variants.tanh_softcap(30.0)),
     "relbias": (None, lambda heads: _relative_bias(heads)),
+    "causal+alibi": (
+        lambda b, h, q_idx, kv_idx: q_idx >= kv_idx,
+        lambda heads: variants.alibi(heads, device="cpu"),
+    ),
 }
+DECODE_HEADS = (32, 8)  # the decode benchmark's query and kv heads (GQA packing of 4 heads per tile)
 
 
 def _relative_bias(heads: int, length: int = 512):
@@ -97,18 +104,26 @@ def compile_only(compiled: list):
 
 
 def compile_kernels(
-    which: str, head_dim: int, variant: str, options: dict, length: int = 512, page: int = 0
+    which: str, head_dim: int, variant: str, options: dict, length: int = 512, page: int = 0, q_len: int = 1
 ) -> list:
-    """Compile the kernels of one forward (``which="forward"``) or backward pass; returns (name, kernel).
-    ``page`` > 0: the forward reads K/V from a paged cache of that page size."""
+    """Compile the kernels of one forward (``which="forward"``), decode (the split-KV kernels for
+    ``q_len`` query tokens at the end of the sequence, the decode benchmark's heads) or backward pass;
+    returns (name, kernel). ``page`` > 0: K/V from a paged cache of that page size (forward, decode)."""
     B, H = 1, 2
     q, k, v = (torch.randn(B, H, length, head_dim, dtype=torch.bfloat16) for _ in range(3))
+    if which == "decode":
+        H, Hkv = DECODE_HEADS
+        q = torch.randn(B, H, q_len, head_dim, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, length, head_dim, dtype=torch.bfloat16) for _ in range(2))
     paged = None
     if page:
-        if which != "forward":
-            raise SystemExit("--paged compiles the forward pass only (paged caches are inference only)")
+        if which == "backward":
+            raise SystemExit(
+                "--paged compiles the forward and decode passes only (paged caches are inference only)"
+            )
         table = torch.arange(length // page, dtype=torch.int32).flip(0)[None]  # (1, pages)
         paged = PagedKV(table, page, length)
+        k, v = k[:1], v[:1]  # the caches (1, Hkv, pages * page, E)
     mask_fn, score_builder = VARIANTS[variant]
     mask = create_block_mask(mask_fn or _always, None, None, length, length, device="cpu")
     opts = KernelOptions.from_user(options)
@@ -126,6 +141,11 @@ def compile_kernels(
         }
         if which == "forward":
             forward.flex_forward(q, k, v, tables=mask.tables(), paged=paged, **common)
+        elif which == "decode":  # as flex_attention decodes: no block mask without a mask_mod
+            tables = None if mask_fn is None and paged is None else mask.tables()
+            del common["options"]
+            positions = Positions(q_offset=length - q_len)
+            decode.flex_decode(q, k, v, tables=tables, positions=positions, paged=paged, **common)
         else:
             lse = torch.zeros(B, H, length)
             grads = tuple(torch.zeros(t.shape) for t in score.grad_captures)  # learnable captures' buffers
@@ -177,7 +197,7 @@ def sass_loops(kernel, keep: Path | None = None, name: str = "kernel") -> list[d
         (keep / f"{name}.sass").write_text(sass)
     instructions = []  # (address, opcode)
     for line in sass.splitlines():
-        m = re.match(r"\s*/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        m = re.match(r"\s*/\*([0-9a-f]{4,6})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
         if m:
             instructions.append((int(m.group(1), 16), m.group(2).split(".")[0], m.group(3)))
     # Out-of-line stubs after the last EXIT (barrier-wait retries) branch back into loop bodies: not loops.
@@ -195,17 +215,22 @@ def sass_loops(kernel, keep: Path | None = None, name: str = "kernel") -> list[d
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pass", dest="which", choices=("forward", "backward"), default="backward")
+    parser.add_argument("--pass", dest="which", choices=("forward", "decode", "backward"), default="backward")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="noop")
     parser.add_argument("--options", type=json.loads, default={}, help="kernel_options as JSON")
     parser.add_argument("--sass-dir", type=Path, help="also write each kernel's SASS here")
-    parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="forward over a paged cache")
+    parser.add_argument(
+        "--paged", type=int, default=0, metavar="PAGE", help="forward / decode over a paged cache"
+    )
+    parser.add_argument("--q-len", type=int, default=1, help="query tokens of a decode step (--pass decode)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_report.py compiles real kernels: unset TRITON_INTERPRET to run it.")
     rows = []
-    kernels = compile_kernels(args.which, args.head_dim, args.variant, args.options, page=args.paged)
+    kernels = compile_kernels(
+        args.which, args.head_dim, args.variant, args.options, page=args.paged, q_len=args.q_len
+    )
     for name, kernel in kernels:
         row = {"kernel": name, **resources(kernel), "loops": sass_loops(kernel, args.sass_dir, name)}
         rows.append(row)
