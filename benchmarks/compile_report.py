@@ -40,6 +40,7 @@ from flexattn.block_mask import create_block_mask
 from flexattn.block_mask_build import complete_q_side
 from flexattn.kernels import backward, decode, forward
 from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.launch import LaunchCache
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.positions import Positions
 from flexattn.options import KernelOptions
@@ -93,11 +94,17 @@ def compile_only(compiled: list):
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
+    def through_triton(self, grid, key, args, keywords, pinned=()):  # LaunchCache: compile every launch
+        return self.fn[grid](*args, **keywords())
+
     driver = triton.runtime.driver
     previous = driver._active  # None until something asked for a driver (there may be no GPU one)
     driver.set_active(_StubDriver())
     try:
-        with mock.patch.object(triton_jit.JITFunction, "run", compile_instead):
+        with (
+            mock.patch.object(triton_jit.JITFunction, "run", compile_instead),
+            mock.patch.object(LaunchCache, "launch", through_triton),
+        ):
             yield
     finally:
         driver._active = previous

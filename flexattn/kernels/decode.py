@@ -28,7 +28,9 @@ case), the split visits the entries of that row's partial list, then of its full
 in its key range (found by binary search), as the prefill kernel does. When they straddle two q
 blocks, the split visits the kv blocks of its range in order, looks each up in both rows' (partial,
 full) lists with a moving pointer per list, and attends only where some row lists the block. Full
-blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial.
+blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial. In the
+one-row walk only the last listed block can hold keys past the sequence's end: every other tile
+skips the bounds checks (no index wrap, no tail mask) and, in a full block, every mask operation.
 Without a block mask (not SPARSE) every key is visited and no list is read.
 """
 
@@ -50,6 +52,11 @@ from flexattn.kernels.tile_io import load_kv, mask_tail, paged_rows, sparse_tile
 from flexattn.kernels.tiles import padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+# How _decode_tile masks a tile's scores (MASKING): every key allowed (no block mask, or a full block of
+# every row), mask_mod on every element (a partial block of every row), or by each row's status
+NO_MASK = tl.constexpr(0)
+MASK_MOD = tl.constexpr(1)
+PER_ROW = tl.constexpr(2)
 
 
 # fmt: off
@@ -58,14 +65,16 @@ def _decode_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
     q, k_src, v_src, start_n, kv_len, b, h, q_idx,   # this tile: first key, the sequence's key count
     pages,                                           # the sequence's page-table row (PAGE > 0)
-    status, any_partial,                             # per row: 0 skip / 1 partial / 2 full; scalar
+    status, any_partial,                             # PER_ROW: 0 skip / 1 partial / 2 full per row; scalar
     k_strides, v_strides, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
-    SPARSE: tl.constexpr, CHECK_N: tl.constexpr,
+    MASKING: tl.constexpr, CHECK_N: tl.constexpr,
     E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i).
+    MASKING: NO_MASK, MASK_MOD or PER_ROW (``status``, ``any_partial``); CHECK_N: the tile may pass
+    the sequence's end (tail keys are masked; only then are indices wrapped into range).
     Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load."""
     # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
     kv_rows = paged_rows(pages, start_n, kv_len, BLOCK_N, CHECK_N, PAGE)
@@ -84,7 +93,9 @@ def _decode_tile(
         kv_idx = kv_pos[None, :]
     if not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
-    if SPARSE:
+    if MASKING == MASK_MOD:
+        scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
+    elif MASKING == PER_ROW:
         allowed = (status[:, None] > 0) & (kv_idx >= 0)  # (BLOCK_M, BLOCK_N)
         if any_partial:
             keep = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)
@@ -225,13 +236,25 @@ def _decode_split_kernel(
                     idx_row = idx + mask_row0 * MASK_NKV
                     first = _lower_bound(idx_row, n, block_start, SEARCH_STEPS)
                     last = _lower_bound(idx_row, n, block_end, SEARCH_STEPS)
-                    status = tl.full([BLOCK_M], 1 + full, tl.int32)
-                    for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
+                    # Only the last listed block can hold keys past the sequence's end (blocks are
+                    # ascending, none starts past it): every other tile skips the bounds checks.
+                    last_block = tl.load(idx_row + tl.maximum(last - 1, 0))  # (any block when none)
+                    whole_tiles = kv_len // BLOCK_N * BLOCK_N
+                    tail = ((last > first) & ((last_block + 1) * KV_BLOCK > whole_tiles)).to(tl.int32)
+                    for tile in range(first * TILES_PER_BLOCK, (last - tail) * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
                         acc, l_i, m_i = _decode_tile(
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
-                            status, full == 0, kn_strides, vn_strides, scale,
-                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                            m_i, False, kn_strides, vn_strides, scale,
+                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, False,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                        )
+                    for tile in range((last - tail) * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
+                        start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
+                        acc, l_i, m_i = _decode_tile(
+                            acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
+                            m_i, False, kn_strides, vn_strides, scale,
+                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, True,
                             E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                         )
             else:
@@ -269,7 +292,7 @@ def _decode_split_kernel(
                                 acc, l_i, m_i = _decode_tile(
                                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                                     status, any_partial, kn_strides, vn_strides, scale,
-                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, PER_ROW, True,
                                     E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                                 )
         else:
@@ -280,7 +303,7 @@ def _decode_split_kernel(
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, False,
                     E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
             if split_start + full_tiles * BLOCK_N < split_end:
@@ -288,7 +311,7 @@ def _decode_split_kernel(
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, True,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, True,
                     E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
 
