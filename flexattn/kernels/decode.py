@@ -70,19 +70,26 @@ def _decode_tile(
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     MASKING: tl.constexpr, CHECK_N: tl.constexpr,
     E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i).
     MASKING: NO_MASK, MASK_MOD or PER_ROW (``status``, ``any_partial``); CHECK_N: the tile may pass
     the sequence's end (tail keys are masked; only then are indices wrapped into range).
-    Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load."""
-    # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
+    Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load.
+    Scores and m_i are in natural units; raw q.k units with an identity score mod (SCORE_IS_IDENTITY:
+    the scale folds into the base-2 multiplier); base 2 with an additive one (SCORE_IS_ADDITIVE:
+    ``qk * (scale * log2e) + BIAS_FN(...)``, one FMA per score), as in the prefill kernel."""
+    # -- scores --
     kv_rows = paged_rows(pages, start_n, kv_len, BLOCK_N, CHECK_N, PAGE)
     k = load_kv(k_src, kv_rows, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False, PAGE)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SCORE_IS_IDENTITY:
         scores = qk
         to_base2 = scale * LOG2E
+    elif SCORE_IS_ADDITIVE:
+        scores = qk * (scale * LOG2E)
+        to_base2 = 1.0
     else:
         scores = qk * scale
         to_base2 = LOG2E
@@ -91,7 +98,9 @@ def _decode_tile(
         kv_idx = wrap_index(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
     else:
         kv_idx = kv_pos[None, :]
-    if not SCORE_IS_IDENTITY:
+    if SCORE_IS_ADDITIVE:
+        scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
+    elif not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if MASKING == MASK_MOD:
         scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
@@ -169,7 +178,8 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
     PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr, PAGE: tl.constexpr,
 ):
     # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
     split = tl.program_id(0)
@@ -247,7 +257,8 @@ def _decode_split_kernel(
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                             m_i, False, kn_strides, vn_strides, scale,
                             SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, False,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                            BIAS_FN, PAGE,
                         )
                     for tile in range((last - tail) * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
@@ -255,7 +266,8 @@ def _decode_split_kernel(
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                             m_i, False, kn_strides, vn_strides, scale,
                             SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, True,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                            BIAS_FN, PAGE,
                         )
             else:
                 # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
@@ -293,7 +305,8 @@ def _decode_split_kernel(
                                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                                     status, any_partial, kn_strides, vn_strides, scale,
                                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, PER_ROW, True,
-                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                                    BIAS_FN, PAGE,
                                 )
         else:
             # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
@@ -304,7 +317,8 @@ def _decode_split_kernel(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, False,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                    BIAS_FN, PAGE,
                 )
             if split_start + full_tiles * BLOCK_N < split_end:
                 start_n = split_start + full_tiles * BLOCK_N
@@ -312,12 +326,15 @@ def _decode_split_kernel(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
                     SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, True,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                    BIAS_FN, PAGE,
                 )
 
         # -- this split's partial result: normalised out, lse and max (natural units); empty: 0, -inf --
         if SCORE_IS_IDENTITY:
             m_i = m_i * scale
+        elif SCORE_IS_ADDITIVE:
+            m_i = m_i * (1.0 / LOG2E)
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -514,6 +531,7 @@ def _launch_split(
     )  # fmt: skip
     precision = dot_precision(q.dtype)
     identity = score_mod.trivial and scale > 0
+    additive = score_mod.bias_fn is not None and not identity
 
     def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
         return dict(
@@ -522,7 +540,8 @@ def _launch_split(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
             **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
             PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, SCORE_IS_ADDITIVE=additive,
+            BIAS_FN=score_mod.bias_fn, PAGE=page,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
@@ -542,13 +561,15 @@ def _launch_split(
     key = (
         id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
         per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
-        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn),
-        alignment(*pointers),
+        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(score_mod.bias_fn),
+        id(mask_mod.fn), alignment(*pointers),
         max(q_offset, Lq, Lkv, *table_args[4:], page_stride, launch.units_per_split, search_steps) < 2**31,
         args_key(score_mod.args), args_key(mask_mod.args),
     )  # fmt: skip
     grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)
-    _SPLIT_LAUNCHES.launch(grid, key, args, keywords, pinned=(launch, score_mod.fn, mask_mod.fn))
+    _SPLIT_LAUNCHES.launch(
+        grid, key, args, keywords, pinned=(launch, score_mod.fn, score_mod.bias_fn, mask_mod.fn)
+    )
 
 
 def _launch_merge(
