@@ -24,6 +24,7 @@ Usage (CUDA machine)::
 
     python benchmarks/bench_decode.py --json decode.json    # whole run, ~3 minutes on an H200
     python benchmarks/bench_decode.py --dry-run             # list the rows and flexattn's kernel choice
+    python benchmarks/bench_decode.py --rows "KV 8k Lq1 " "KV 8k Lq8 " --sweep-q-lens 8   # some rows
 
 The run ends with a sweep of the decode kernel's split count and tiles at 8k / 32k keys (``--no-sweep``
 skips it): tuning data for ``flexattn/kernels/kernel_choice.py``.
@@ -260,15 +261,16 @@ def dry_run() -> None:
 
 
 SWEEP_SPLITS = (2, 4, 6, 8, 12, 16, 24, 32)
-SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 8, 3))  # (BLOCK_N, warps, stages)
+SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3))
+# (BLOCK_N, warps, stages); 64-key tiles at 3-4 stages fit two programs per SM (128-key ones one)
 
 
-def sweep(device) -> list[dict]:
+def sweep(device, q_lens=(1, 16)) -> list[dict]:
     """The decode kernel alone (noop, CUDA graphs) at other split counts and tiles than it picks, at 8k
     and 32k keys: data for tuning ``kernel_choice`` (printed and saved, changes nothing)."""
     results = []
     for L in (8192, 32768):
-        for lq in (1, 16):
+        for lq in q_lens:
             q = torch.randn(B, HQ, lq, E, device=device, dtype=torch.bfloat16)
             k, v = (torch.randn(B, HKV, L, E, device=device, dtype=torch.bfloat16) for _ in range(2))
             cells = _sweep_cells(q, k, v, _plan(None, None, lq, L, device))
@@ -311,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results here (rewritten after every row)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the split / tile sweep at the end")
     parser.add_argument("--quick", action="store_true", help="KV 8k and 32k only, no sweep (flexattn bench)")
+    parser.add_argument(
+        "--rows", nargs="*", metavar="TEXT",
+        help="only the rows whose name contains one of these (as --dry-run prints them, e.g. 'KV 8k Lq1 ')",
+    )  # fmt: skip
+    parser.add_argument("--sweep-q-lens", nargs="+", type=int, default=[1, 16], help="query lengths swept")
     args = parser.parse_args(argv)
     if args.dry_run:
         dry_run()
@@ -329,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows():
         if args.quick and row.kv_len > 32768:
             continue
+        if args.rows is not None and not any(text in f"{row} " for text in args.rows):
+            continue
         result = run_row(row, torch_flex, device)
         results.append(result)
         print_row(result)
@@ -337,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
         torch.cuda.empty_cache()
     if not (args.no_sweep or args.quick):
-        results += sweep(device)
+        results += sweep(device, tuple(args.sweep_q_lens))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flexattn import create_block_mask, flex_attention
+from flexattn import Positions, create_block_mask, flex_attention
+from flexattn.kernels import decode_workspace
 from flexattn.plan import _NOOP_TABLES, DEFAULT_BLOCK_SIZE, noop_tables
 
 pytestmark = pytest.mark.gpu
@@ -107,6 +108,27 @@ def test_a_decode_step_over_a_growing_cache_replays_with_the_position_as_a_tenso
     for step in (0, 17, 500, 1023):
         pos.fill_(step)
         _refill(q)
+        _assert_replay_equals_eager(graph, captured, run)
+
+
+def test_a_split_kv_decode_step_replays_with_its_positions_as_tensors():
+    """The split-KV decode kernel (split and merge launches, a split workspace) in a graph: ragged
+    per-sequence offsets and lengths are device tensors updated in place between replays; eager
+    calls of the same shapes in between keep their own workspace (none is kept from the capture)."""
+    q, k, v = _qkv(2, 8, 2, 1, 4096, 128, torch.bfloat16)
+    lengths = torch.tensor([4096, 1000], dtype=torch.int32, device="cuda")
+    offsets = lengths - 1
+    positions = Positions(q_offset=offsets, kv_lengths=lengths)
+    run = lambda: flex_attention(q, k, v, enable_gqa=True, return_lse=True, positions=positions)  # noqa: E731
+    kept = decode_workspace.kept()
+    graph, captured = _capture(run)
+    assert decode_workspace.kept() <= kept + 1  # the side stream's warm-up only, not the capture
+    other_q = torch.randn_like(q)
+    for first, second in ((4096, 1), (17, 4000), (0, 2048)):
+        lengths.copy_(torch.tensor([first, second], dtype=torch.int32))
+        offsets.copy_((lengths - 1).clamp(min=0))
+        _refill(q)
+        flex_attention(other_q, k, v, enable_gqa=True, positions=positions)  # an eager call in between
         _assert_replay_equals_eager(graph, captured, run)
 
 
