@@ -10,9 +10,10 @@ on the same random weights (``llama.py``: GQA, RoPE, RMSNorm, SwiGLU):
 - ``sdpa``: ``F.scaled_dot_product_attention`` on dense, padded, preallocated caches;
 - ``torch-flex``: PyTorch's ``flex_attention`` (compiled on CUDA) with PyTorch's PagedAttention.
 
-Each runs in every ``--modes``: ``eager``, and ``graph`` (CUDA: each decode step one CUDA graph
-replay). A run is timed after a short warm-up run (compilation, graph capture). Reported per run:
-prefill tokens/s (prompt tokens / prefill time), decode tokens/s (B tokens per step), overall
+Each runs in every ``--modes``: ``eager``; ``graph`` (CUDA: each decode step one CUDA graph replay);
+``static`` (the step the graph captures, run eagerly: its device-only code path, on any device). A
+run is timed after a short warm-up run (compilation, graph capture). Reported per run: prefill
+tokens/s (prompt tokens / prefill time), decode tokens/s (B tokens per step), overall
 (generated tokens / total time), peak GPU memory (``torch.cuda.max_memory_allocated``, weights
 included) and the KV cache's size, and agreement with the reference run (``sdpa`` eager, else the
 first): tokens identical from the start (per sequence, summed) and the largest logit difference at
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_caches import IMPLEMENTATIONS, FlexattnPaged, KVCache, PackedFlexattn, TorchFlexPaged  # noqa: E402
+from kv_caches import IMPLEMENTATIONS, MODES, FlexattnPaged, KVCache, PackedFlexattn, TorchFlexPaged  # noqa: E402
 from llama import Config, Decoder  # noqa: E402
 
 CPU_CONFIG = Config(vocab_size=256, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128)
@@ -116,7 +117,7 @@ def make_cache(name: str, mode: str, cfg: Config, lengths, args, device, dtype) 
         kwargs["page_size"] = args.page_size
     if kind is TorchFlexPaged:
         kwargs["compiled"] = args.torch_compile
-    return kind(cfg, lengths, args.new_tokens, device, dtype, graphs=mode == "graph", **kwargs)
+    return kind(cfg, lengths, args.new_tokens, device, dtype, mode, **kwargs)
 
 
 def run(name: str, mode: str, model: Decoder, prompts, args, device, dtype) -> tuple[Row, Generation | None]:
@@ -185,7 +186,7 @@ def prompt_lengths(text: str, batch: int | None, seed: int) -> list[int]:
             if not 1 <= lo <= hi:
                 raise ValueError
             gen = torch.Generator().manual_seed(seed)
-            return torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
+            return torch.randint(lo, hi + 1, (batch,), generator=gen, device="cpu").tolist()
         lengths = [int(x) for x in text.split(",")]
     except ValueError:
         raise SystemExit(
@@ -214,9 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ffn-dim", type=int)
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--impl", nargs="+", choices=list(IMPLEMENTATIONS), default=list(IMPLEMENTATIONS))
-    parser.add_argument(
-        "--modes", nargs="+", choices=["eager", "graph"], help="default: both on CUDA, eager on CPU"
-    )
+    modes_help = "decode modes (default: eager graph on CUDA, eager static on CPU)"
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), help=modes_help)
     parser.add_argument("--page-size", type=int, help="paged caches' page (default 64; CPU 16)")
     parser.add_argument("--flexattn-backend", choices=["auto", "triton", "reference"], default="auto")
     compile_help = "torch.compile PyTorch's flex_attention (default: on CUDA only)"
@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     on_cuda = torch.device(args.device).type == "cuda"
     defaults = dict(
         dtype="bf16" if on_cuda else "fp32", batch=16 if on_cuda else 3, new_tokens=128 if on_cuda else 4,
-        modes=["eager", "graph"] if on_cuda else ["eager"], page_size=64 if on_cuda else 16,
+        modes=["eager", "graph"] if on_cuda else ["eager", "static"], page_size=64 if on_cuda else 16,
         torch_compile=on_cuda,
     )  # fmt: skip
     for key, value in defaults.items():
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with torch.device(device):
         model = Decoder(cfg).to(dtype).eval()
     data = torch.Generator().manual_seed(args.seed + 1)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=data) for n in args.lengths]
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=data, device="cpu") for n in args.lengths]
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"{card}, torch {torch.__version__} | Llama {cfg.n_layers} layers, dim {cfg.dim}, "

@@ -19,9 +19,11 @@ each call:
 - :class:`TorchFlexPaged` (``torch-flex``): PyTorch's ``flex_attention`` (compiled on CUDA) with
   PyTorch's experimental ``PagedAttention``: the same packed prefill and page bookkeeping.
 
-``graphs=True`` runs every decode step as a CUDA graph replay (captured at the first step, replayed
-for every later one and every later run): the step reads its tokens and positions from static
-buffers, and the page reservations happen on the host before each replay.
+Decode ``mode``: ``"eager"`` launches each step from Python with the host's view of the lengths
+(index tensors the allocators check on the CPU); ``"static"`` runs the step a CUDA graph captures,
+eagerly: it reads its tokens and positions from static device buffers only; ``"graph"`` (CUDA)
+captures that step once (at the first decode step, with the buffers of the first run) and replays
+it for every later step and run. Page reservations happen on the host before each step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from flexattn import Positions, create_block_mask, flex_attention, noop_mask
 from flexattn.paged import PagedAttention
 
 Q_BLOCK = 128
+MODES = ("eager", "static", "graph")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -64,9 +67,10 @@ class Packed:
 
     @staticmethod
     def of(prompts: list[torch.Tensor], device: torch.device) -> Packed:
-        lengths = torch.tensor([len(p) for p in prompts])
-        seq = torch.repeat_interleave(torch.arange(len(prompts)), lengths)  # (T,)
-        pos = torch.cat([torch.arange(n) for n in lengths.tolist()])  # (T,)
+        host = torch.device("cpu")  # built on the host (named: a default device must not move it)
+        lengths = torch.tensor([len(p) for p in prompts], device=host)
+        seq = torch.repeat_interleave(torch.arange(len(prompts), device=host), lengths)  # (T,)
+        pos = torch.cat([torch.arange(n, device=host) for n in lengths.tolist()])  # (T,)
         ends = lengths.cumsum(0) - 1
         last = torch.stack([torch.zeros_like(ends), ends], dim=1)
         tokens = torch.cat(prompts)[None]
@@ -125,13 +129,15 @@ class KVCache:
 
     def __init__(
         self, cfg: Config, lengths: list[int], new_tokens: int, device: torch.device, dtype: torch.dtype,
-        graphs: bool = False,
+        mode: str = "eager",
     ):  # fmt: skip
-        if graphs and device.type != "cuda":
+        if mode not in MODES:
+            raise ValueError(f"{self.name}: mode must be one of {MODES}, got {mode!r}")
+        if mode == "graph" and device.type != "cuda":
             raise ValueError(f"{self.name}: CUDA graphs need a CUDA device, got --device {device}")
         self.cfg, self.prompt_lengths, self.device, self.dtype = cfg, list(lengths), device, dtype
         self.B, self.max_len = len(lengths), max(lengths) + new_tokens
-        self.graphs = graphs
+        self.mode = mode
         self.lengths = list(lengths)  # tokens in each sequence's cache (host)
         self.batch = torch.arange(self.B, device=device)
         self.static_tokens = torch.zeros(self.B, 1, dtype=torch.long, device=device)
@@ -165,17 +171,19 @@ class KVCache:
 
     def decode(self, model: Decoder, tokens: torch.Tensor) -> torch.Tensor:
         self.grow()
-        positions = torch.tensor(self.lengths)[:, None]  # (B, 1): where each new token goes
-        if not self.graphs:
+        positions = torch.tensor(self.lengths, device="cpu")[:, None]  # (B, 1): where the new tokens go
+        if self.mode == "eager":
             logits = self.step(model, tokens[:, None], positions.to(self.device), host=positions)
         else:
             self.static_tokens.copy_(tokens[:, None])
             self.static_positions.copy_(positions)
-            if self.graphed is None:
-                self.graphed = GraphedStep(
-                    lambda: self.step(model, self.static_tokens, self.static_positions, host=None)
-                )
-            logits = self.graphed()
+            static_step = lambda: self.step(model, self.static_tokens, self.static_positions, host=None)  # noqa: E731
+            if self.mode == "static":
+                logits = static_step()
+            else:
+                if self.graphed is None:
+                    self.graphed = GraphedStep(static_step)
+                logits = self.graphed()
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
@@ -188,15 +196,15 @@ class KVCache:
 class SdpaCache(KVCache):
     name = "sdpa"
 
-    def __init__(self, cfg, lengths, new_tokens, device, dtype, graphs=False):
-        super().__init__(cfg, lengths, new_tokens, device, dtype, graphs)
+    def __init__(self, cfg, lengths, new_tokens, device, dtype, mode="eager"):
+        super().__init__(cfg, lengths, new_tokens, device, dtype, mode)
         self.k = self.zeros_cache(self.B, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.v = self.zeros_cache(self.B, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.keys = torch.arange(self.max_len, device=device)
 
     def prefill(self, model, prompts):
         L = max(self.prompt_lengths)
-        tokens = torch.zeros(self.B, L, dtype=torch.long)  # right-padded with token 0
+        tokens = torch.zeros(self.B, L, dtype=torch.long, device="cpu")  # right-padded with token 0
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = p
         last = torch.tensor([[b, n - 1] for b, n in enumerate(self.prompt_lengths)], device=self.device)
@@ -238,8 +246,8 @@ class PackedFlexattn(KVCache):
     """flexattn's prefill: the prompts packed into one row, causal within each prompt (no padding).
     Subclasses say where the keys go (``write_prompts``) and how decode reads them (``step``)."""
 
-    def __init__(self, cfg, lengths, new_tokens, device, dtype, graphs=False, kernel_options=None):
-        super().__init__(cfg, lengths, new_tokens, device, dtype, graphs)
+    def __init__(self, cfg, lengths, new_tokens, device, dtype, mode="eager", kernel_options=None):
+        super().__init__(cfg, lengths, new_tokens, device, dtype, mode)
         self.options = kernel_options
 
     def attention(self, q, k, v, block_mask=None, positions=None):
@@ -267,9 +275,9 @@ class FlexattnPaged(PackedFlexattn):
     name = "flexattn"
 
     def __init__(
-        self, cfg, lengths, new_tokens, device, dtype, graphs=False, kernel_options=None, page_size=64
+        self, cfg, lengths, new_tokens, device, dtype, mode="eager", kernel_options=None, page_size=64
     ):
-        super().__init__(cfg, lengths, new_tokens, device, dtype, graphs, kernel_options)
+        super().__init__(cfg, lengths, new_tokens, device, dtype, mode, kernel_options)
         n_pages = sum(cdiv(n + new_tokens, page_size) for n in lengths)  # what the run needs, no more
         per_seq = cdiv(self.max_len, page_size)
         self.paged = PagedAttention(n_pages, page_size, self.B, device=device, max_pages_per_seq=per_seq)
@@ -281,7 +289,7 @@ class FlexattnPaged(PackedFlexattn):
         self.decode_mask = create_block_mask(
             noop_mask, None, None, 1, per_seq * page_size, device=device, BLOCK_SIZE=(Q_BLOCK, kv_block)
         )
-        self.batch_cpu = torch.arange(self.B)
+        self.batch_cpu = torch.arange(self.B, device="cpu")
 
     def start(self):
         super().start()
@@ -317,8 +325,8 @@ class FlexattnPaged(PackedFlexattn):
 class FlexattnDense(PackedFlexattn):
     name = "flexattn-dense"
 
-    def __init__(self, cfg, lengths, new_tokens, device, dtype, graphs=False, kernel_options=None):
-        super().__init__(cfg, lengths, new_tokens, device, dtype, graphs, kernel_options)
+    def __init__(self, cfg, lengths, new_tokens, device, dtype, mode="eager", kernel_options=None):
+        super().__init__(cfg, lengths, new_tokens, device, dtype, mode, kernel_options)
         self.k = self.zeros_cache(self.B, cfg.n_kv_heads, self.max_len, cfg.head_dim)
         self.v = self.zeros_cache(self.B, cfg.n_kv_heads, self.max_len, cfg.head_dim)
 
@@ -354,10 +362,10 @@ def torch_flex(compiled: bool) -> Callable:
 class TorchFlexPaged(KVCache):
     name = "torch-flex"
 
-    def __init__(self, cfg, lengths, new_tokens, device, dtype, graphs=False, page_size=64, compiled=True):
+    def __init__(self, cfg, lengths, new_tokens, device, dtype, mode="eager", page_size=64, compiled=True):
         from torch.nn.attention.experimental._paged_attention import PagedAttention as TorchPagedAttention
 
-        super().__init__(cfg, lengths, new_tokens, device, dtype, graphs)
+        super().__init__(cfg, lengths, new_tokens, device, dtype, mode)
         self.flex, self.compiled, self.page_size = torch_flex(compiled), compiled, page_size
         n_pages = sum(cdiv(n + new_tokens, page_size) for n in lengths)
         self.paged = TorchPagedAttention(n_pages, page_size, self.B, device=str(device))
