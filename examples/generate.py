@@ -178,6 +178,26 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def speedups(rows: list[Row]) -> list[str]:
+    """Per mode, flexattn's tokens/s (overall and decode) over each other implementation's."""
+    lines = []
+    for mode in dict.fromkeys(r.mode for r in rows):
+        ok = {r.impl: r for r in rows if r.mode == mode and not r.error}
+        ours = ok.get("flexattn")
+        others = [r for name, r in ok.items() if name != "flexattn"]
+        if ours is None or not others:
+            continue
+        parts = []
+        for what in ("overall_tok_s", "decode_tok_s"):
+            vs = [
+                f"{getattr(ours, what) / getattr(r, what):.2f}x {r.impl}" for r in others if getattr(r, what)
+            ]
+            if getattr(ours, what) and vs:
+                parts.append(f"{what.split('_')[0]} {', '.join(vs)}")
+        lines.append(f"{mode}: flexattn tokens/s = " + "; ".join(parts))
+    return lines
+
+
 def prompt_lengths(text: str, batch: int | None, seed: int) -> list[int]:
     """``"MIN-MAX"``: ``batch`` lengths uniform in [MIN, MAX] (seeded); ``"A,B,C"``: these lengths."""
     try:
@@ -287,6 +307,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         compare(r, gens[id(r)], gens[id(ref)])
     print(f"\nreference: {ref.impl} {ref.mode}" if ref else "\nno run finished")
     print(table(rows))
+    for line in speedups(rows):
+        print(line)
     if args.json:
         setup = {
             "config": asdict(cfg),

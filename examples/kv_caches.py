@@ -8,8 +8,8 @@ each call:
   ``(B, Hkv, max_len, E)`` per layer, the prompts right-padded to the longest. Prefill is causal
   SDPA over the padded batch (right padding needs no mask: a real query never sees a later key);
   decode writes each sequence's key at its own position and masks the keys past it. Each query
-  head group reads its kv head without a copy (the group's heads become query rows, so the
-  masked call keeps a fused kernel; SDPA's ``enable_gqa`` with a mask runs the math kernel).
+  head group reads its kv head without a copy: the group's heads become query rows, so the masked
+  call can take a fused kernel (SDPA's ``enable_gqa`` with a mask falls back to its math kernel).
 - :class:`FlexattnPaged` (``flexattn``): flexattn with its paged cache (``flexattn.paged``): the
   prompts packed into one row with a causal-within-each-prompt block mask (no padding), keys
   written into pages reserved per sequence as it grows; decode reads the pages through the page
