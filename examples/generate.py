@@ -2,7 +2,7 @@
 
 A batch of prompts of mixed lengths (random, seeded) is prefilled, then ``--new-tokens`` tokens per
 sequence are generated greedily, with each attention implementation of ``kv_caches.py`` in turn,
-on the same random weights (``llama.py``: GQA, RoPE, RMSNorm, SwiGLU):
+on the same random weights (``llama_decoder.py``: GQA, RoPE, RMSNorm, SwiGLU):
 
 - ``flexattn``: flexattn's paged KV cache; prefill packs the prompts into one row (a causal block
   mask within each prompt, no padding), decode reads the pages through the page table;
@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kv_caches import IMPLEMENTATIONS, MODES, FlexattnPaged, KVCache, PackedFlexattn, TorchFlexPaged  # noqa: E402
-from llama import Config, Decoder  # noqa: E402
+from llama_decoder import Config, Decoder  # noqa: E402
 
 CPU_CONFIG = Config(vocab_size=256, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

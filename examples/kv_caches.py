@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from llama import Config, Decoder
+from llama_decoder import Config, Decoder
 
 from flexattn import Positions, create_block_mask, flex_attention, noop_mask
 from flexattn.paged import PagedAttention
