@@ -140,8 +140,10 @@ class KVCache:
         self.mode = mode
         self.lengths = list(lengths)  # tokens in each sequence's cache (host)
         self.batch = torch.arange(self.B, device=device)
+        # where the next tokens go, (B, 1) on the device: advanced there after every step, so a decode
+        # loop copies nothing from the host (a blocking host-to-device copy waits for the GPU)
+        self.positions = torch.zeros(self.B, 1, dtype=torch.long, device=device)
         self.static_tokens = torch.zeros(self.B, 1, dtype=torch.long, device=device)
-        self.static_positions = torch.zeros(self.B, 1, dtype=torch.long, device=device)
         self.graphed: GraphedStep | None = None
 
     def zeros_cache(self, *shape: int) -> list[torch.Tensor]:
@@ -154,6 +156,7 @@ class KVCache:
 
     def start(self) -> None:
         self.lengths = list(self.prompt_lengths)
+        self.positions.copy_(torch.tensor(self.prompt_lengths, device="cpu")[:, None])
 
     def prefill(self, model: Decoder, prompts: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -171,19 +174,19 @@ class KVCache:
 
     def decode(self, model: Decoder, tokens: torch.Tensor) -> torch.Tensor:
         self.grow()
-        positions = torch.tensor(self.lengths, device="cpu")[:, None]  # (B, 1): where the new tokens go
         if self.mode == "eager":
-            logits = self.step(model, tokens[:, None], positions.to(self.device), host=positions)
+            host = torch.tensor(self.lengths, device="cpu")[:, None]  # = self.positions, on the CPU
+            logits = self.step(model, tokens[:, None], self.positions, host=host)
         else:
             self.static_tokens.copy_(tokens[:, None])
-            self.static_positions.copy_(positions)
-            static_step = lambda: self.step(model, self.static_tokens, self.static_positions, host=None)  # noqa: E731
+            static_step = lambda: self.step(model, self.static_tokens, self.positions, host=None)  # noqa: E731
             if self.mode == "static":
                 logits = static_step()
             else:
                 if self.graphed is None:
                     self.graphed = GraphedStep(static_step)
                 logits = self.graphed()
+        self.positions += 1
         self.lengths = [n + 1 for n in self.lengths]
         return logits
 
@@ -304,13 +307,15 @@ class FlexattnPaged(PackedFlexattn):
 
     def write_prompts(self, layer, packed, k, v):
         # every token its own row (T, Hkv, 1, E) at (its prompt, its position); host indices: the
-        # allocator checks them on the CPU, no GPU sync
+        # allocator checks them on the CPU (then copies them to the GPU)
         rows_k, rows_v = k[0].transpose(0, 1)[:, :, None], v[0].transpose(0, 1)[:, :, None]
         seq, pos = packed.host_seq, packed.host_pos[:, None]
         self.paged.assign(seq, pos, rows_k, rows_v, self.k[layer], self.v[layer])
 
     def step(self, model, tokens, positions, host):
-        # eager: host index tensors (checked on the CPU); a graph: the device buffers
+        # eager: host index tensors (the allocator checks them on the CPU, then copies them to the GPU:
+        # each assign and convert synchronises once, as its checks of device tensors would); a graph:
+        # the device buffers (the checks skip while a graph is being captured)
         batch, where = (self.batch, positions) if host is None else (self.batch_cpu, host)
         kv_len = (positions[:, 0] + 1).to(torch.int32)  # (B,) the new key included
         mask = self.paged.convert_logical_block_mask(self.decode_mask, batch, kv_len=kv_len)
