@@ -188,7 +188,7 @@ class PagedAttention:
             new = [self._free.pop() for _ in range(n)]
             start = len(self._pages[b])
             self._pages[b].extend(new)
-            self.page_table[b, start : start + n] = torch.tensor(new, dtype=torch.int32).to(self.device)
+            self.page_table[b, start : start + n] = torch.tensor(new, dtype=torch.int32, device=self.device)
             self.capacity[b] = len(self._pages[b]) * self.page_size
 
     def erase(self, batch_idx: int | torch.Tensor) -> None:
