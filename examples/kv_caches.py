@@ -313,9 +313,8 @@ class FlexattnPaged(PackedFlexattn):
         self.paged.assign(seq, pos, rows_k, rows_v, self.k[layer], self.v[layer])
 
     def step(self, model, tokens, positions, host):
-        # eager: host index tensors (the allocator checks them on the CPU, then copies them to the GPU:
-        # each assign and convert synchronises once, as its checks of device tensors would); a graph:
-        # the device buffers (the checks skip while a graph is being captured)
+        # eager: host index tensors (the allocator checks them on the CPU, then copies them to the GPU
+        # without waiting for it); a graph: the device buffers (the checks skip while capturing)
         batch, where = (self.batch, positions) if host is None else (self.batch_cpu, host)
         kv_len = (positions[:, 0] + 1).to(torch.int32)  # (B,) the new key included
         mask = self.paged.convert_logical_block_mask(self.decode_mask, batch, kv_len=kv_len)
