@@ -54,3 +54,26 @@ def test_packed_batch_documents_fill_the_row():
     assert tokens.shape == doc_ids.shape == (3, 201)
     starts = example._doc_starts(doc_ids)
     assert bool((tokens.gather(1, starts) == 0).all())  # every document opens with BOS
+
+
+def test_the_per_step_masks_read_no_value_back_from_the_device():
+    """A step's masks are built from the device ids and the host's document count: no host sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a value was read back"
+            return func(*args, **(kwargs or {}))
+
+    example = load_example()
+    cfg = example.Config(seq_len=200, batch_size=2, min_doc=5, max_doc=60)
+    _, doc_ids = example.packed_batch(cfg, torch.Generator().manual_seed(0))
+    num_docs = int(doc_ids.max()) + 1
+    ids = doc_ids[:, :-1]
+    with NoValueReads():
+        masks = [example.document_causal_block_mask(ids, 16, num_docs=num_docs)]
+        mod = document_mask(ids, causal(), num_docs=num_docs)
+        masks.append(create_block_mask(mod, 2, None, 200, 200, device="cpu", BLOCK_SIZE=16))
+    want = create_block_mask(document_mask(ids, causal()), 2, None, 200, 200, device="cpu", BLOCK_SIZE=16)
+    for mask in masks:
+        assert torch.equal(mask.to_dense().expand_as(want.to_dense()), want.to_dense())
