@@ -80,13 +80,18 @@ def check_attention_block_size(BLOCK_SIZE: tuple[int, int]) -> None:
 
 def _listed(name: str, q_side: bool) -> property:
     """PyTorch's BlockMask attribute ``name``, read from the mask's BlockTables (a q-side one is built
-    on first use, see :meth:`BlockMask.tables`)."""
+    on first use, see :meth:`BlockMask.tables`). Setting a kv-side table drops a q side derived from
+    the old lists (it is derived again when next needed)."""
 
     def get(self: BlockMask):
         return getattr(self.tables(q_side=q_side), name)
 
+    def put(self: BlockMask, value) -> None:
+        held = self.block_tables if q_side else self.block_tables.kv_side_only()
+        self.block_tables = replace(held, **{name: value})
+
     lazy = " (built on first use and kept)" if q_side else ""
-    return property(get, doc=f"``BlockTables.{name}`` of this mask{lazy}; see BlockTables for its shape.")
+    return property(get, put, doc=f"``BlockTables.{name}`` of this mask{lazy}; see BlockTables for shapes.")
 
 
 @dataclass(eq=False)  # identity semantics: tensor fields have no boolean ==
@@ -126,6 +131,11 @@ class BlockMask:
     def BLOCK_SIZE(self) -> tuple[int, int]:  # noqa: N802 (PyTorch's name)
         """(Q_BLOCK, KV_BLOCK)."""
         return (self.block_tables.q_block, self.block_tables.kv_block)
+
+    @BLOCK_SIZE.setter
+    def BLOCK_SIZE(self, value: tuple[int, int]) -> None:  # noqa: N802
+        q_block, kv_block = value
+        self.block_tables = replace(self.block_tables, q_block=q_block, kv_block=kv_block)
 
     @classmethod
     def from_kv_blocks(

@@ -105,6 +105,16 @@ def test_as_tuple_and_pytorch_names_read_the_one_table_list():
     assert mask.BLOCK_SIZE == (16, 16)
 
 
+def test_setting_a_kv_side_table_drops_the_q_side_derived_from_the_old_lists():
+    mask = create_block_mask(V.causal(), None, None, 48, 48, device="cpu", BLOCK_SIZE=16)
+    mask.tables()
+    mask.full_kv_num_blocks = torch.zeros_like(mask.full_kv_num_blocks)  # no full blocks any more
+    assert not mask.block_tables.has_q_side
+    assert mask.full_q_num_blocks.sum() == 0 and mask.q_num_blocks[0, 0].tolist() == [1, 1, 1]
+    mask.BLOCK_SIZE = (32, 16)
+    assert mask.block_tables.q_block == 32 and mask.block_tables.has_q_side
+
+
 def test_slices_crops_and_copies_stay_lazy():
     mask = create_block_mask(_docs_causal(2, 64), 2, None, 64, 64, device="cpu", BLOCK_SIZE=16)
     for derived in (mask[1], mask._adjust(40, 40), mask.to("cpu")):
