@@ -192,3 +192,48 @@ def test_a_compiled_backward_derives_a_missing_q_side_and_matches_eager():
     lazy.tables()  # a mask whose q side was built is flattened whole (another graph: a tensor, not None)
     for a, b in zip(_grads(lazy, q, k, v, compiled), got):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_create_allocates_the_kv_side_only():
+    """Causal at S = 256k (2048 x 2048 blocks; the mod reads no tensor, so no range tables)."""
+    L, n = 1 << 18, 2048
+    create_block_mask(V.causal(), None, None, L, L, device="cuda")  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mask = create_block_mask(V.causal(), None, None, L, L, device="cuda")
+    torch.cuda.synchronize()
+    kv_bytes = _kv_bytes(1, 1, n, n, True)
+    assert mask.block_tables.nbytes() == kv_bytes and not mask.block_tables.has_q_side
+    assert torch.cuda.max_memory_allocated() - before < kv_bytes + (1 << 20)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_q_side_kernel_matches_torch():
+    B, L = 2, 16384
+    rows = [V.document_ids_from_lengths(torch.tensor([n, L - n])) for n in (L // 3, L // 5)]
+    mask = create_block_mask(V.document_mask(torch.stack(rows).cuda(), V.causal(), num_docs=2), B, None, L, L)
+    got = mask.tables()
+    want = complete_q_side(mask.block_tables.kv_side_only(), builder="torch")
+    for num, idx in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        assert torch.equal(getattr(got, num), getattr(want, num)), num
+        valid = torch.arange(128, device="cuda") < getattr(want, num).unsqueeze(-1)
+        assert torch.equal(getattr(got, idx)[valid], getattr(want, idx)[valid]), idx
+
+
+@pytest.mark.gpu
+def test_a_q_side_built_while_capturing_a_cuda_graph_is_not_kept():
+    mask = create_block_mask(V.causal(), None, None, 4096, 4096, device="cuda")
+    mask.tables(q_side=False)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        create_block_mask(V.causal(), None, None, 4096, 4096, device="cuda").tables()  # warm up the kernels
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = mask.tables()
+    assert captured.has_q_side and not mask.block_tables.has_q_side
+    eager = mask.tables()  # built again, outside the capture
+    assert eager.q_num_blocks[0, 0].tolist() == [1] * 32  # the diagonal
+    assert eager.full_q_num_blocks[0, 0].tolist() == list(range(31, -1, -1))
