@@ -7,7 +7,6 @@ the fix, before any work is done.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -219,12 +218,7 @@ def _from_pytorch_block_mask(block_mask):
     """Accept a ``torch.nn.attention.flex_attention.BlockMask`` too: same fields, our dataclass."""
     if isinstance(block_mask, BlockMask) or type(block_mask).__name__ != "BlockMask":
         return block_mask
-    fields = [f.name for f in dataclasses.fields(BlockMask)]
-    if not all(hasattr(block_mask, name) for name in fields):
-        return block_mask
-    values = {name: getattr(block_mask, name) for name in fields}
-    values["seq_lengths"], values["BLOCK_SIZE"] = tuple(values["seq_lengths"]), tuple(values["BLOCK_SIZE"])
-    return BlockMask(**values)
+    return BlockMask.from_pytorch(block_mask)
 
 
 def _check_paged(kv_pages, query, key, value) -> int:

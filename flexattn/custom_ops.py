@@ -130,7 +130,10 @@ def traced_attention(query, key, value, score_mod, block_mask, scale: float, ker
     if block_mask is None:
         tables, (q_block, kv_block) = [None] * len(BlockTables.TENSORS), (0, 0)
     else:
-        tables = [getattr(block_mask, name) for name in BlockTables.TENSORS]
+        # The tables as held: a q side not built yet crosses the op as None and the backward op derives
+        # it on the device (AttentionPlan.backward_tables), per call. Building it here instead would put
+        # the build and a mutation of the user's BlockMask into Dynamo's trace; inference never needs it.
+        tables = block_mask.tables(q_side=False).tensors()
         q_block, kv_block = block_mask.BLOCK_SIZE
     return torch.ops.flexattn.attention(
         query, key, value, score_captures, mask_captures, *tables, q_block, kv_block, scale, handle

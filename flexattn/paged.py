@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flexattn.block_mask import BlockMask, and_masks, noop_mask
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.paged_kv import PagedKV
 
 PAGE_MULTIPLE = 16  # the kernels' smallest tile; a page holds whole 16-row groups
@@ -325,15 +326,7 @@ class PagedAttention:
         exists = _key_exists(table, self.page_size, kv_len)
         return PagedBlockMask(
             seq_lengths=(q_len, kv_len_max),
-            kv_num_blocks=num,
-            kv_indices=idx,
-            full_kv_num_blocks=full_num,
-            full_kv_indices=full_idx,
-            q_num_blocks=None,
-            q_indices=None,
-            full_q_num_blocks=None,
-            full_q_indices=None,
-            BLOCK_SIZE=(q_block, kv_block),
+            block_tables=BlockTables(num, idx, full_num, full_idx, None, None, None, None, q_block, kv_block),
             mask_mod=and_masks(block_mask.mask_mod, exists),
             kv_pages=PagedKV(table.to(torch.int32).contiguous(), self.page_size, kv_len_max),
         )

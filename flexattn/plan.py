@@ -43,6 +43,7 @@ class AttentionPlan:
     options: KernelOptions
     dense: bool = False  # no block mask was given: the decode kernel visits every key, reads no tables
     kv_pages: PagedKV | None = None  # key / value are paged caches read through this table (forward only)
+    block_mask: BlockMask | None = None  # eager calls: the mask whose q side the backward completes and keeps
 
     def choose(
         self, query, key, value, *, positions: Positions | None = None, needs_grad: bool = False,
@@ -101,9 +102,21 @@ class AttentionPlan:
             raise ValueError("Paged KV caches are inference only: there is no backward over them.")
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
+            tables=self.backward_tables(), scale=self.scale, options=self.options,
             grad_buffers=grad_buffers, tiles=tiles,
         )  # fmt: skip
+
+    def backward_tables(self) -> BlockTables:
+        """The tables with the transposed (q-side) view the backward reads.
+
+        An eager call's plan holds its BlockMask: the q side is built on the mask's first backward
+        and kept there (``BlockMask.tables``), so later calls with that mask reuse it. A plan of the
+        custom ops (``torch.compile``) holds only tensors, so a mask flattened without its q side has
+        it derived here on every backward and dropped after (see ``custom_ops.traced_attention``).
+        """
+        if self.block_mask is not None:
+            return self.block_mask.tables()
+        return complete_q_side(self.tables)
 
     def explain(
         self, query, key, value, target: DeviceLimits | None = None, positions: Positions | None = None
@@ -155,7 +168,7 @@ def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) 
     """The kernels' view of ``block_mask``; None means attend everywhere (every block full)."""
     if block_mask is None:
         return noop_tables(q_len, kv_len, torch.device(device))
-    return block_mask.tables()
+    return block_mask.tables(q_side=False)  # the backward completes them (AttentionPlan.backward_tables)
 
 
 # The every-block-full tables by (NQ, NKV, device): they depend on the lengths only through the block
@@ -216,4 +229,5 @@ def plan_attention(
     mask_mod = None if block_mask is None else block_mask.mask_mod
     mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
     tables = block_tables(block_mask, q_len, kv_len, device)
-    return AttentionPlan(score, mask, tables, scale, options, dense=block_mask is None, kv_pages=kv_pages)
+    dense = block_mask is None
+    return AttentionPlan(score, mask, tables, scale, options, dense, kv_pages, block_mask=block_mask)

@@ -120,3 +120,26 @@ def test_generate_on_the_kernels_gives_the_tokens_of_sdpa():
     assert [r.error for r in rows] == [None] * 3
     assert all(r.tokens == rows[0].tokens for r in rows)
     assert max(max(r.prefill_logit_diff, r.step_logit_diff) for r in rows) < 1e-4
+
+
+def test_the_per_step_masks_read_no_value_back_from_the_device():
+    """A step's masks are built from the device ids and the host's document count: no host sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a value was read back"
+            return func(*args, **(kwargs or {}))
+
+    example = load_example()
+    cfg = example.Config(seq_len=200, batch_size=2, min_doc=5, max_doc=60)
+    _, doc_ids = example.packed_batch(cfg, torch.Generator().manual_seed(0))
+    num_docs = int(doc_ids.max()) + 1
+    ids = doc_ids[:, :-1]
+    with NoValueReads():
+        masks = [example.document_causal_block_mask(ids, 16, num_docs=num_docs)]
+        mod = document_mask(ids, causal(), num_docs=num_docs)
+        masks.append(create_block_mask(mod, 2, None, 200, 200, device="cpu", BLOCK_SIZE=16))
+    want = create_block_mask(document_mask(ids, causal()), 2, None, 200, 200, device="cpu", BLOCK_SIZE=16)
+    for mask in masks:
+        assert torch.equal(mask.to_dense().expand_as(want.to_dense()), want.to_dense())
