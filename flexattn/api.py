@@ -135,6 +135,7 @@ def flex_attention(
             kv_pages=kv_pages,
             fingerprints=fingerprints,
             positions=positions,
+            need_max_scores=request.max_scores,
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 

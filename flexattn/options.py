@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-BACKENDS = ("AUTO", "TRITON", "REFERENCE")
+BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
 
 # PyTorch spellings that mean the same knob as one of our fields.
 _ALIASES = {
@@ -49,7 +49,7 @@ class FlexKernelOptions(TypedDict, total=False):
         64
     """
 
-    BACKEND: Literal["AUTO", "TRITON", "REFERENCE"]
+    BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
@@ -84,9 +84,11 @@ class KernelOptions:
     """Validated kernel options. Every field may be left at its default.
 
     Fields:
-        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the reference backend otherwise),
-            "TRITON" (always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``),
-            or "REFERENCE" (the chunked PyTorch reference backend on any device).
+        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the CPU fast path for CPU tensors in
+            fp32/bf16/fp16, the reference backend for fp64), "TRITON" (always the Triton kernels;
+            on CPU tensors this needs ``TRITON_INTERPRET=1``), "CPU" (the CPU fast path,
+            ``flexattn.cpu``; CPU tensors only) or "REFERENCE" (the chunked PyTorch reference
+            backend on any device).
         BLOCK_M, BLOCK_N: forward tile sizes (queries x keys). ``None`` lets the kernel choose.
             Must divide the BlockMask's (Q_BLOCK, KV_BLOCK) and be powers of two >= 16.
         num_warps, num_stages: forward launch parameters. ``None`` lets the kernel choose.
