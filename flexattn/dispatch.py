@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flexattn.block_mask import BlockMask
+from flexattn.block_mask import BlockMask, noop_mask
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
@@ -77,6 +77,18 @@ def check_call(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str,
     if mask_mod is not None:
         check_mod(mask_mod, "block_mask.mask_mod", "mask_mod")
     return choose_backend(device, options, dtype), (options.BLOCK_M, options.BLOCK_N)
+
+
+def check_mods_on_grid(score_mod, mask_mod, grid: tuple[int, int, int, int], device) -> bool:
+    """``_check_mods_trace``'s checks on ``grid`` = (B, Hq, Q_LEN, KV_LEN); True when they pass.
+    A trace-time constant under torch.compile (``flexattn.custom_ops``), so Dynamo never traces the
+    mod compiler."""
+    from flexattn.compiler.checks import check_mod as check_traced
+
+    for mod, kind in ((score_mod, "score"), (mask_mod, "mask")):
+        if mod is not None and mod is not noop_mask:  # (nothing to check)
+            check_traced(mod, kind, grid, device)
+    return True
 
 
 def run_attention(

@@ -251,7 +251,10 @@ class _BlockRows:
             self.full, self.partial = self.full[batch : batch + 1], self.partial[batch : batch + 1]
         nkv = -(-kv_len // self.kv_block)  # a shorter sequence (ragged batch) uses its first blocks
         self.full, self.partial = self.full[..., :nkv], self.partial[..., :nkv]
-        self.everything_full = bool(self.full.all()) and not bool(self.partial.any())
+        # Under torch.compile the host reads below would break the graph: every block is then
+        # visited and the mask evaluated everywhere (the same values, no skipping).
+        self.traced = torch.compiler.is_compiling()
+        self.everything_full = not self.traced and bool(self.full.all()) and not bool(self.partial.any())
         self.visited = (self.full | self.partial).flatten(0, 1).any(dim=0)  # (NQ, NKV), any b / h
         self.kv_len = kv_len
 
@@ -260,7 +263,7 @@ class _BlockRows:
 
         Scores outside them would be masked anyway; skipping them is what makes the mask sparse.
         """
-        if self.everything_full:
+        if self.everything_full or self.traced:
             return None
         rows_visit = self.visited[start // self.q_block : (stop - 1) // self.q_block + 1].any(dim=0)
         if bool(rows_visit.all()):
@@ -276,6 +279,6 @@ class _BlockRows:
         kv_blocks = kv_idx.long() // self.kv_block
         full = self.full[:, :, q_blocks][..., kv_blocks]  # (Bm, Hm, rows, cols)
         partial = self.partial[:, :, q_blocks][..., kv_blocks]
-        if not bool(partial.any()):
+        if not self.traced and not bool(partial.any()):
             return full
         return full | (partial & eval_mask_mod(self.mask_mod, B, H, q_idx, kv_idx))
