@@ -77,7 +77,7 @@ def cpu_attention(
     grad = torch.is_grad_enabled()
     if choice.engine == "sdpa":
         masks = ChunkMasks(mask_mod, score_mod if additive else None, B, Hq, blocks, query.device)
-        run = SdpaRun(chunks, masks, scale)
+        run = SdpaRun(chunks, masks, scale, Lkv)
         if grad and any(t.requires_grad for t in (query, key, value)):
             out, lse = SdpaAttention.apply(run, query, key, value)
         else:

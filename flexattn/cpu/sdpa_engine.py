@@ -2,9 +2,10 @@
 
 Per chunk (``flexattn.cpu.chunks``) of query rows: the visited keys only, and the chunk's float
 attn_mask (``bias`` where allowed, -inf elsewhere; none when every visited block is full and there
-is no bias) into ``aten._scaled_dot_product_flash_attention_for_cpu`` (fused, multithreaded,
-fp32 softmax; returns out and the natural-log LSE). The backward calls its backward op per chunk
-with the mask rebuilt, so memory stays one chunk's mask, never B*H*Lq*Lkv.
+is no bias; a chunk with both full and other blocks is two calls, merged by their LSE) into
+``aten._scaled_dot_product_flash_attention_for_cpu`` (fused, multithreaded, fp32 softmax;
+returns out and the natural-log LSE). The backward calls its backward op per chunk with the mask
+rebuilt, so memory stays one chunk's mask, never B*H*Lq*Lkv.
 
 Semantics kept exactly: a row with no allowed key gets out 0 and lse -inf, and zero gradients (its
 LSE is given to the backward op as 0, where every score is -inf). ``dlse`` (a loss that uses the
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from flexattn.cpu.chunk_masks import ChunkMasks
-from flexattn.cpu.chunks import Chunk
+from flexattn.cpu.chunks import Chunk, split_full
 
 _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -30,8 +31,12 @@ _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 class SdpaRun:
     """One call's chunks, masks and scale (what the autograd Function needs besides tensors)."""
 
-    def __init__(self, chunks: list[Chunk], masks: ChunkMasks, scale: float):
-        self.chunks, self.masks, self.scale = chunks, masks, scale
+    def __init__(self, chunks: list[Chunk], masks: ChunkMasks, scale: float, kv_len: int):
+        self.chunks, self.masks, self.scale, self.kv_len = chunks, masks, scale, kv_len
+
+    def parts(self, chunk: Chunk) -> list[Chunk]:
+        """The chunk's SDPA calls: its all-FULL kv blocks unmasked, the rest masked (``split_full``)."""
+        return split_full(chunk, self.masks.kv_block, self.kv_len)
 
 
 def sdpa_forward(run: SdpaRun, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,22 +52,38 @@ def sdpa_forward(run: SdpaRun, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
             out[:, :, rows] = 0
             lse[:, :, rows] = -math.inf
             continue
-        mask, empty = run.masks.float_mask(c, q.dtype)
-        o, l = _FORWARD(qp[:, :, rows], c.take(kp), c.take(vp), attn_mask=mask, scale=run.scale)
-        if empty is not None:
-            o = o.masked_fill(empty.unsqueeze(-1), 0)
-            l = l.masked_fill(empty, -math.inf)
+        parts = [_part(run, p, qp[:, :, rows], kp, vp, q.dtype) for p in run.parts(c)]
+        o, l = parts[0] if len(parts) == 1 else _merge(parts)
         out[:, :, rows] = o[..., :Ev]
         lse[:, :, rows] = l
     return out, lse
 
 
+def _part(run: SdpaRun, c: Chunk, q_rows, kp, vp, dtype):
+    """One SDPA call: the chunk's rows against its keys ``c``; rows with no allowed key: 0, -inf."""
+    mask, empty = run.masks.float_mask(c, dtype)
+    o, l = _FORWARD(q_rows, c.take(kp), c.take(vp), attn_mask=mask, scale=run.scale)
+    if empty is not None:
+        o = o.masked_fill(empty.unsqueeze(-1), 0)
+        l = l.masked_fill(empty, -math.inf)
+    return o, l
+
+
+def _merge(parts):
+    """Softmax over the union of the parts' keys from each part's (out, lse)."""
+    lse = torch.logsumexp(torch.stack([l for _, l in parts]), dim=0)
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)
+    out = sum(o.to(torch.float32) * (l - safe).exp().unsqueeze(-1) for o, l in parts)
+    return out, lse
+
+
 def sdpa_backward(run: SdpaRun, q, k, v, out, lse, dout, dlse):
-    """``(dq, dk, dv)`` laid out like q, k, v. ``dlse`` may be None."""
+    """``(dq, dk, dv)`` laid out like q, k, v. ``dlse`` may be None. Each part's backward takes the
+    merged out and lse, so its ``exp(s - lse)`` is the softmax over all of the row's keys."""
     Ev = v.shape[-1]
     use_lse = dlse is not None
     qp, kp, vp = _pad_heads(q, k, v, extra=int(use_lse))
-    dq = torch.zeros_like(qp)
+    dq = torch.zeros(qp.shape, dtype=torch.float32)
     dk = torch.zeros(kp.shape, dtype=torch.float32)
     dv = torch.zeros(vp.shape, dtype=torch.float32)
     width = vp.shape[-1]
@@ -71,23 +92,22 @@ def sdpa_backward(run: SdpaRun, q, k, v, out, lse, dout, dlse):
     if use_lse:  # the last column: out' = -dlse, dout' = 1 (module docstring)
         out_p[..., -1] = -dlse.to(q.dtype)
         dout_p[..., -1] = 1
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows with no key: every score is -inf there
     for c in run.chunks:
         if c.cols == 0:
             continue
         rows = slice(c.start, c.stop)
-        mask, empty = run.masks.float_mask(c, q.dtype)
-        l = lse[:, :, rows]
-        if empty is not None:
-            l = l.masked_fill(empty, 0.0)
-        dq_c, dk_c, dv_c = _BACKWARD(
-            dout_p[:, :, rows], qp[:, :, rows], c.take(kp), c.take(vp), out_p[:, :, rows], l.contiguous(),
-            0.0, False, attn_mask=mask, scale=run.scale,
-        )  # fmt: skip
-        dq[:, :, rows] = dq_c
-        _add_columns(dk, c, dk_c)
-        _add_columns(dv, c, dv_c)
+        for part in run.parts(c):
+            mask, _ = run.masks.float_mask(part, q.dtype)
+            dq_c, dk_c, dv_c = _BACKWARD(
+                dout_p[:, :, rows], qp[:, :, rows], part.take(kp), part.take(vp), out_p[:, :, rows],
+                lse[:, :, rows].contiguous(), 0.0, False, attn_mask=mask, scale=run.scale,
+            )  # fmt: skip
+            dq[:, :, rows] += dq_c
+            _add_columns(dk, part, dk_c)
+            _add_columns(dv, part, dv_c)
     E = q.shape[-1]
-    return dq[..., :E], dk[..., :E].to(k.dtype), dv[..., :Ev].to(v.dtype)
+    return dq[..., :E].to(q.dtype), dk[..., :E].to(k.dtype), dv[..., :Ev].to(v.dtype)
 
 
 def _add_columns(acc: torch.Tensor, c: Chunk, grad: torch.Tensor) -> None:
