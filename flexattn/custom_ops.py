@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flexattn.compiler import bind_captures, compile_mask_mod, compile_score_mod
 from flexattn.compiler.reach import Reach, follow, reach
-from flexattn.dispatch import check_call
+from flexattn.dispatch import check_call, check_mods_on_grid
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
@@ -42,6 +42,7 @@ from flexattn.plan import AttentionPlan, block_tables, fast_math_for
 # flex_attention's checks of its mods and options run at trace time, their result a graph constant
 # (marking here keeps torch._dynamo out of ``import flexattn``; api imports this module first).
 torch._dynamo.assume_constant_result(check_call)
+torch._dynamo.assume_constant_result(check_mods_on_grid)
 
 
 @dataclass(frozen=True)

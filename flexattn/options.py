@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-BACKENDS = ("AUTO", "TRITON", "REFERENCE")
+BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
 PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/hopper/choice.py)
 
 # PyTorch spellings that mean the same knob as one of our fields.
@@ -50,7 +50,7 @@ class FlexKernelOptions(TypedDict, total=False):
         64
     """
 
-    BACKEND: Literal["AUTO", "TRITON", "REFERENCE"]
+    BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
     PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"]
     BLOCK_M: int
     BLOCK_N: int
@@ -86,9 +86,11 @@ class KernelOptions:
     """Validated kernel options. Every field may be left at its default.
 
     Fields:
-        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the reference backend otherwise),
-            "TRITON" (always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``),
-            or "REFERENCE" (the chunked PyTorch reference backend on any device).
+        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the CPU fast path for CPU tensors in
+            fp32/bf16/fp16, the reference backend for fp64), "TRITON" (always the Triton kernels;
+            on CPU tensors this needs ``TRITON_INTERPRET=1``), "CPU" (the CPU fast path,
+            ``flexattn.cpu``; CPU tensors only) or "REFERENCE" (the chunked PyTorch reference
+            backend on any device).
         PREFILL_KERNEL: which forward kernel runs prefill calls: "TRITON" (the default for now),
             "GLUON" (the warp-specialized Gluon forward for Hopper, ``kernels/hopper/``; an error
             naming what it lacks where it cannot run) or "AUTO" (Gluon wherever it can run, else
