@@ -1,33 +1,42 @@
-"""create_block_mask benchmark: flexattn's generated kernel vs torch's create_block_mask (eager and
-``_compile=True``), side by side in one process on the GPU.
+"""create_block_mask benchmark: flexattn's generated kernel vs torch's create_block_mask, eager and
+``_compile=True``, side by side in one process.
 
 Masks (self-attention, S = Q_LEN = KV_LEN, BLOCK_SIZE 128): causal, sliding window 1024 (causal),
-prefix LM (S/4), and packed documents with random lengths (about one per 4096 tokens: a few hundred
-at 1M), per batch element when B > 1. For each (mask, S, B) it reports:
+prefix LM (S/4), and packed documents with random lengths (about one per 4096 tokens: 256 at 1M),
+per batch element when B > 1. Builders:
 
-- ``first``: the first call with a new mask_mod, in ms. flexattn: after ``clear_cache()`` (trace and
-  code generation); the Triton compile of the kernels happens in the first row of each mask only
-  (Triton's cache starts empty in a fresh directory, unless ``--keep-triton-cache``), later rows of
-  the same mask show that new lengths and batch sizes do not recompile. torch compiled: after
-  ``torch._dynamo.reset()``, so its compile, every row;
-- ``time``: the median of ``--reps`` further calls (CUDA events around each call), in ms;
-- ``peak``: peak GPU memory allocated during one call beyond what was allocated before, in MiB
-  (the BlockMask's own tables are part of it: (B, 1, S/128, S/128) int32 lists, four of them).
+- ``flexattn``: ``flexattn.create_block_mask`` (the kv-side lists; the q side is built on first use);
+- ``flexattn+q``: the same, then the q side (``mask.tables()``): the four tables torch builds;
+- ``torch-eager``, ``torch-compiled``: torch's ``create_block_mask`` with ``_compile`` False / True.
 
-torch eager materialises an S x S mask (O(S^2) memory): it is skipped above ``--eager-max``.
-Errors (e.g. out of memory) are reported in the table instead of stopping the run.
+For each (mask, S, B) and builder it reports:
 
-Usage (CUDA machine)::
+- ``time``: the median of the calls after the first (``--reps``, stopping after ``--rep-seconds``),
+  CUDA events around each call, in ms;
+- ``peak``: peak GPU memory allocated during one call beyond what was allocated before, in MiB, and
+  ``held``: what the returned mask keeps (its tables);
+- ``first``: the first call at this (mask, S, B), in ms. At the first size of each mask the caches
+  start empty (flexattn: ``clear_cache()``, trace + code generation, and Triton's compile in a fresh
+  cache directory unless ``--keep-triton-cache``; torch: ``torch._dynamo.reset()``); later sizes show
+  what a new length costs in a warm process (torch recompiles, flexattn does not).
+
+A row that cannot run (torch eager builds an S x S mask: out of memory from 128k on) says so in its
+cell instead of stopping the run. On ``--device cpu`` (tiny sizes; what the tests run) times come from
+the wall clock and memory is not measured.
+
+Usage::
 
     python benchmarks/bench_block_mask.py                       # S = 8k 32k 128k 1M, B = 1 and 8
     python benchmarks/bench_block_mask.py --sizes 8k 32k --batch 1 --masks causal document
     python benchmarks/bench_block_mask.py --json results.json   # also write the rows as JSON
-    python benchmarks/bench_block_mask.py --dry-run             # print the plan only (works on CPU)
+    python benchmarks/bench_block_mask.py --dry-run             # print the plan only
+    python benchmarks/bench_block_mask.py --device cpu --sizes 512 --builders flexattn torch-eager
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -43,7 +52,7 @@ import flexattn
 from flexattn import variants as V
 
 MASKS = ("causal", "sliding_window", "prefix_lm", "document")
-BUILDERS = ("flexattn", "torch-eager", "torch-compiled")
+BUILDERS = ("flexattn", "flexattn+q", "torch-eager", "torch-compiled")
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,9 @@ class Result:
     builder: str
     first_ms: float | None = None
     time_ms: float | None = None
+    calls: int = 0
     peak_mib: float | None = None
+    held_mib: float | None = None
     error: str | None = None
 
 
@@ -103,18 +114,44 @@ def make_mask_mod(case: Case, device) -> Callable:
     raise ValueError(f"unknown mask {case.mask!r}; choose from {MASKS}")
 
 
-def _builder(name: str) -> Callable:
-    if name == "flexattn":
-        return lambda mod, B, S: flexattn.create_block_mask(
-            mod, B, None, S, S, device="cuda", backend="triton"
-        )
+def _builder(name: str, device: torch.device) -> Callable:
+    """``build(mod, B, S) -> mask`` of one builder."""
+    if name in ("flexattn", "flexattn+q"):
+        with_q = name == "flexattn+q"
+        backend = "triton" if device.type == "cuda" else "auto"  # the generated kernel, never a fallback
+
+        def build(mod, B, S):
+            mask = flexattn.create_block_mask(mod, B, None, S, S, device=device, backend=backend)
+            if with_q:
+                mask.tables()  # derive and keep the transposed view
+            return mask
+
+        return build
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
     compiled = name == "torch-compiled"
-    return lambda mod, B, S: torch_create_block_mask(mod, B, None, S, S, device="cuda", _compile=compiled)
+    return lambda mod, B, S: torch_create_block_mask(mod, B, None, S, S, device=device, _compile=compiled)
 
 
-def _timed_call(fn: Callable) -> float:
+def reset_caches(builder: str) -> None:
+    """Start a builder's first call from empty caches (its compile is then part of the first call)."""
+    if builder.startswith("flexattn"):
+        flexattn.compiler.clear_cache()
+    else:
+        torch._dynamo.reset()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_call(fn: Callable, device: torch.device) -> float:
+    """Milliseconds of one call (CUDA events on the GPU, the wall clock elsewhere)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -123,62 +160,97 @@ def _timed_call(fn: Callable) -> float:
     return start.elapsed_time(end)
 
 
-def measure(case: Case, builder: str, reps: int) -> Result:
+def _error_text(e: BaseException) -> str:
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory"
+    first_line = str(e).splitlines()[0][:80] if str(e) else ""
+    return f"{type(e).__name__}: {first_line}"
+
+
+def measure(case: Case, builder: str, args: argparse.Namespace, fresh: bool) -> Result:
     """First call, median steady-state time and peak memory of one builder on one case."""
     result = Result(str(case), builder)
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     try:
         mod = make_mask_mod(case, device)
-        build = _builder(builder)
-        B = case.B
-        if builder == "flexattn":
-            flexattn.compiler.clear_cache()
-        else:
-            torch._dynamo.reset()
-        torch.cuda.synchronize()
+        build = _builder(builder, device)
+        if fresh:
+            reset_caches(builder)
+        _sync(device)
         t0 = time.perf_counter()
-        build(mod, B, case.S)
-        torch.cuda.synchronize()
+        build(mod, case.B, case.S)
+        _sync(device)
         result.first_ms = (time.perf_counter() - t0) * 1e3
-        times = [_timed_call(lambda: build(mod, B, case.S)) for _ in range(reps)]
-        result.time_ms = statistics.median(times)
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        mask = build(mod, B, case.S)
-        torch.cuda.synchronize()
-        result.peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
-        del mask
+        times, deadline = [], time.perf_counter() + args.rep_seconds
+        while len(times) < args.reps and (not times or time.perf_counter() < deadline):
+            times.append(_timed_call(lambda: build(mod, case.B, case.S), device))
+        result.time_ms, result.calls = statistics.median(times), len(times)
+        if device.type == "cuda":
+            result.peak_mib, result.held_mib = _peak_and_held(lambda: build(mod, case.B, case.S))
     except Exception as e:  # noqa: BLE001 - a benchmark row records the failure (OOM, unsupported)
-        result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        result.error = _error_text(e)
+    gc.collect()  # the failed call's tensors die with its traceback
+    if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def plan(args: argparse.Namespace) -> list[tuple[Case, str]]:
-    """(case, builder) pairs to run, in order."""
+def _peak_and_held(call: Callable) -> tuple[float, float]:
+    """(peak MiB allocated during ``call`` beyond what was allocated before, MiB its result holds)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mask = call()
+    torch.cuda.synchronize()
+    peak, held = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+    del mask
+    return peak / 2**20, held / 2**20
+
+
+def plan(args: argparse.Namespace) -> list[tuple[Case, str, bool]]:
+    """(case, builder, fresh caches) triples to run, in order."""
     runs = []
     for mask in args.masks:
-        for S in args.sizes:
-            for B in args.batch:
-                case = Case(mask, S, B)
+        for i, S in enumerate(args.sizes):
+            for j, B in enumerate(args.batch):
                 for builder in args.builders:
-                    if builder == "torch-eager" and args.eager_max < S:
-                        continue
-                    runs.append((case, builder))
+                    runs.append((Case(mask, S, B), builder, i == j == 0))
     return runs
 
 
-def table(results: list[Result]) -> str:
-    lines = ["| case | builder | first call (ms) | time (ms) | peak (MiB) |", "|---|---|---|---|---|"]
+def _cell(r: Result | None, field: str, fmt: str) -> str:
+    if r is None:
+        return "–"
+    if r.error:
+        return r.error
+    value = getattr(r, field)
+    return "n/a" if value is None else format(value, fmt)
+
+
+def table(results: list[Result], builders: list[str]) -> str:
+    """One row per case, the builders side by side: time, peak memory, first call."""
+    by_case: dict[str, dict[str, Result]] = {}
     for r in results:
-        if r.error:
-            lines.append(f"| {r.case} | {r.builder} | {r.error} | | |")
-        else:
-            lines.append(
-                f"| {r.case} | {r.builder} | {r.first_ms:.1f} | {r.time_ms:.3f} | {r.peak_mib:.1f} |"
-            )
+        by_case.setdefault(r.case, {})[r.builder] = r
+    names = list(builders)
+    header = ["case"] + [f"{b} (ms)" for b in names]
+    compare = "flexattn" in names and "torch-compiled" in names
+    header += ["flexattn vs torch compiled"] if compare else []
+    header += [f"{b} peak / held (MiB)" for b in names] + [f"{b} first call (ms)" for b in names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case, row in by_case.items():
+        cells = [case] + [_cell(row.get(b), "time_ms", ".3f") for b in names]
+        if compare:
+            ours, theirs = row.get("flexattn"), row.get("torch-compiled")
+            ok = ours and theirs and not ours.error and not theirs.error
+            cells.append(f"{theirs.time_ms / ours.time_ms:.1f}x" if ok else "–")
+        for b in names:
+            r = row.get(b)
+            both = r is not None and not r.error and r.peak_mib is not None
+            cells.append(f"{r.peak_mib:.1f} / {r.held_mib:.1f}" if both else _cell(r, "peak_mib", ".1f"))
+        cells += [_cell(row.get(b), "first_ms", ".1f") for b in names]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -191,8 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
     parser.add_argument("--builders", nargs="+", choices=BUILDERS, default=list(BUILDERS))
     parser.add_argument("--reps", type=int, default=10, help="timed calls after the first (median)")
-    parser.add_argument("--eager-max", type=_parse_size, default=_parse_size("32k"),
-                        help="skip torch eager above this S (it builds an S x S mask)")  # fmt: skip
+    parser.add_argument("--rep-seconds", type=float, default=3.0,
+                        help="stop timing a row after this long (at least one call)")  # fmt: skip
+    parser.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (tiny sizes, tests)")
     parser.add_argument("--json", help="also write the results to this JSON file (after every row)")
     parser.add_argument(
         "--keep-triton-cache",
@@ -211,30 +284,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = plan(args)
     if args.dry_run:
-        for case, builder in runs:
-            print(f"{case}  {builder}")
+        for case, builder, fresh in runs:
+            print(f"{case}  {builder}" + ("  (empty caches)" if fresh else ""))
         return 0
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_block_mask.py needs a CUDA GPU (use --dry-run to see the plan).")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_block_mask.py needs a CUDA GPU (--device cpu for tiny sizes, --dry-run).")
     if not args.keep_triton_cache:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-block-mask-triton-")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, flexattn {flexattn.__file__}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"# {name}, torch {torch.__version__}, flexattn {flexattn.__file__}")
     results = []
-    for case, builder in runs:
-        results.append(measure(case, builder, args.reps))
+    for case, builder, fresh in runs:
+        results.append(measure(case, builder, args, fresh))
         r = results[-1]
-        print(
-            f"{r.case:32s} {r.builder:15s} "
-            + (
-                r.error or f"first {r.first_ms:9.1f} ms  time {r.time_ms:9.3f} ms  peak {r.peak_mib:8.1f} MiB"
-            ),
-            flush=True,
-        )
+        line = r.error or f"first {r.first_ms:9.1f} ms  time {r.time_ms:9.3f} ms ({r.calls} calls)"
+        if not r.error and r.peak_mib is not None:
+            line += f"  peak {r.peak_mib:8.1f} MiB  held {r.held_mib:8.1f} MiB"
+        print(f"{r.case:32s} {r.builder:15s} {line}", flush=True)
         if args.json:  # after every row, so a run stopped at its time limit keeps what it measured
             with open(args.json, "w") as f:
                 json.dump([asdict(r) for r in results], f, indent=1)
     print()
-    print(table(results))
+    print(table(results, args.builders))
     return 0
 
 

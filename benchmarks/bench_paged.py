@@ -87,7 +87,7 @@ def fill_paged(paged, B: int, kv: int, k, v, k_cache, v_cache, generator) -> Non
     """Reserve the B sequences in random turns (shuffled pages), then write k, v (B, Hkv, kv, E)."""
     grown, step = [0] * B, max(1, kv // 8)
     while min(grown) < kv:
-        b = int(torch.randint(B, (), generator=generator))
+        b = int(torch.randint(B, (), generator=generator, device="cpu"))  # a host decision
         if grown[b] < kv:
             grown[b] = min(kv, grown[b] + step)
             # on the caches' device: torch's PagedAttention mixes these with its CUDA tables
@@ -249,7 +249,11 @@ def table(rows: list[Row]) -> str:
 
 def dry_run(args) -> None:
     """Print the plan; build every row's call at tiny sizes on CPU (flexattn's reference backend,
-    torch's eager flex_attention) and check that they agree, so the setup runs without a GPU."""
+    torch's eager flex_attention) and check that they agree, so the setup runs without a GPU.
+
+    The setup runs with ``meta`` as the default device, so a tensor it makes without naming the
+    caches' device fails here, as it would beside CUDA caches on the GPU ("Expected all tensors to be
+    on the same device"); the calls themselves then run on CPU."""
     for kv in args.kv:
         for call in args.calls:
             names = ["flexattn contiguous", *(f"flexattn paged {p}" for p in args.pages), "torch contiguous"]
@@ -261,10 +265,11 @@ def dry_run(args) -> None:
     for page in args.pages:
         kv, lq = 2 * max(page, BLOCK), 3
         q, k, v = make_inputs(cfg, kv, lq, "cpu")
-        calls = flexattn_calls(cfg, kv, lq, [page], q, k, v, "cpu", options={"BACKEND": "REFERENCE"})
         from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
-        calls.update(torch_calls(cfg, kv, lq, [page], q, k, v, "cpu", torch_flex))  # eager on CPU
+        with torch.device("meta"):  # a tensor made on the default device cannot meet the CPU caches
+            calls = flexattn_calls(cfg, kv, lq, [page], q, k, v, "cpu", options={"BACKEND": "REFERENCE"})
+            calls.update(torch_calls(cfg, kv, lq, [page], q, k, v, "cpu", torch_flex))  # eager on CPU
         outs = {name: fn() for name, (_, fn) in calls.items()}
         for name, out in outs.items():
             diff = (out - outs["flexattn contiguous"]).abs().max().item()

@@ -6,15 +6,20 @@ registers and spills (``ptxas -v``), shared memory, and how many of Hopper's own
 kernel holds: ``wgmma`` (SASS ``HGMMA``), TMA loads (``cp.async.bulk.tensor``, SASS ``UTMALDG``) and
 register reallocation (``setmaxnreg``, SASS ``USETMAXREG``), with the setmaxnreg values.
 
-    python benchmarks/gluon_compile_report.py                       # every head dim x mask, default tiles
-    python benchmarks/gluon_compile_report.py --head-dim 128 --causal --block-n 128 --stages 3
-    python benchmarks/gluon_compile_report.py --head-dim 64 --consumers 3
+Variants: ``noop`` (no block mask: every tile, no tables), or a block mask (partial + full lists)
+with flexattn's compiled mods: ``causal``, ``sliding``, ``document``, ``alibi`` (ALiBi over causal),
+``softcap`` (tanh soft-cap over causal).
+
+    python benchmarks/gluon_compile_report.py                       # every head dim x variant, default tiles
+    python benchmarks/gluon_compile_report.py --head-dim 128 --variant causal --stages 3
+    python benchmarks/gluon_compile_report.py --head-dim 64 --variant noop --consumers 2 --no-v-fence
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 import sys
 from collections import Counter
@@ -28,7 +33,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from compile_report import _StubDriver, resources, sass_text  # noqa: E402
 
-from flexattn.kernels.hopper.forward_ws import DEFAULT_TILES, flash_forward_ws  # noqa: E402
+import flexattn.compiler as mod_compiler  # noqa: E402
+import flexattn.variants as V  # noqa: E402
+from flexattn.block_mask import create_block_mask  # noqa: E402
+from flexattn.kernels.device import DeviceLimits  # noqa: E402
+from flexattn.kernels.hopper.choice import HEAD_DIMS, hopper_tiles  # noqa: E402
+from flexattn.kernels.hopper.forward_ws import gluon_forward  # noqa: E402
+
+H100 = DeviceLimits((9, 0), 232448)
+LENGTH = 1000  # not a multiple of any tile: the compiled kernel has the tail paths (lengths are runtime)
+VARIANTS = {  # name -> (score_mod, mask_mod) builders taking the query head count
+    "noop": lambda heads: (None, None),
+    "causal": lambda heads: (None, V.causal()),
+    "sliding": lambda heads: (None, V.sliding_window(256)),
+    "document": lambda heads: (None, V.document_mask(torch.arange(4096) // 300)),
+    "alibi": lambda heads: (V.alibi(heads, device="cpu"), V.causal()),
+    "softcap": lambda heads: (V.tanh_softcap(30.0), V.causal()),
+}
 
 
 @contextlib.contextmanager
@@ -43,23 +64,36 @@ def stub_driver():
         driver._active = previous
 
 
-def compile_variant(head_dim: int, causal: bool, variant=None, dtype=torch.bfloat16, **kwargs):
-    """The compiled kernel (Triton's CompiledKernel) for one head dim, mask and tile variant.
-
-    ``variant`` is (block_m, block_n, stages, pingpong, consumers[, v_fence]) or None for the defaults."""
-    bm, bn, st, pp, nc, *fence = variant or DEFAULT_TILES[head_dim]
-    kwargs.setdefault("v_fence", fence != [False])
-    q = torch.zeros(1, 1, 4 * max(bm, bn), head_dim, dtype=dtype)
+def compile_variant(
+    head_dim: int, variant: str = "noop", dtype=torch.bfloat16, q_heads=2, kv_heads=1, length=LENGTH, **tiles
+):
+    """The compiled kernel (Triton's CompiledKernel) for one head dim and variant; ``tiles`` override
+    fields of the default ``HopperTiles`` (consumers, stages, pingpong, v_fence, ...). ``length``: of
+    queries and keys (a multiple of 128 compiles the kernel without its tail paths)."""
+    score, mask = VARIANTS[variant](q_heads)
+    q = torch.zeros(1, q_heads, length, head_dim, dtype=dtype)
+    kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
+    tables = None
+    if mask is not None:
+        tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
+    default = hopper_tiles(
+        head_dim=head_dim, q_block=None if tables is None else tables.q_block, tail=length % 128 != 0
+    )
+    chosen = dataclasses.replace(default, **tiles)
+    score_mod = mod_compiler.compile_score_mod(score, target="cuda")
+    mask_mod = mod_compiler.compile_mask_mod(mask, target="cuda")
     with stub_driver():
-        return flash_forward_ws(q, q, q, causal=causal, block_m=bm, block_n=bn, stages=st, pingpong=pp,
-                                consumers=nc, warmup=True, **kwargs)  # fmt: skip
+        return gluon_forward(
+            q, kv, kv, score_mod=score_mod, mask_mod=mask_mod, tables=tables, scale=head_dim**-0.5,
+            tiles=chosen, target=H100, warmup=True,
+        )  # fmt: skip
 
 
 def instructions(kernel) -> dict:
     """Counts of Hopper instructions in the PTX and SASS, and the setmaxnreg values."""
     ptx = kernel.asm["ptx"]
     sass = sass_text(kernel)
-    ops = Counter(re.findall(r"\b(HGMMA|UTMALDG|USETMAXREG|HMMA|LDL|STL)\b", sass))
+    ops = Counter(re.findall(r"\b(HGMMA|UTMALDG|USETMAXREG|HMMA|LDL|STL|MUFU\.EX2)\b", sass))
     return {
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_tma_loads": ptx.count("cp.async.bulk.tensor"),
@@ -76,30 +110,35 @@ def report(kernel) -> str:
             f"smem {res['shared_memory']} B | wgmma {ins['ptx_wgmma']} (HGMMA {sass.get('HGMMA', 0)}), "
             f"TMA loads {ins['ptx_tma_loads']} (UTMALDG {sass.get('UTMALDG', 0)}), "
             f"setmaxnreg [{regs}] (USETMAXREG {sass.get('USETMAXREG', 0)}), "
+            f"MUFU.EX2 {sass.get('MUFU.EX2', 0)}, "
             f"LDL/STL {sass.get('LDL', 0)}/{sass.get('STL', 0)}")  # fmt: skip
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--head-dim", type=int, choices=sorted(DEFAULT_TILES))
-    parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--block-m", type=int, help="rows per consumer warpgroup")
-    parser.add_argument("--block-n", type=int)
+    parser.add_argument("--head-dim", type=int, choices=HEAD_DIMS)
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("--stages", type=int)
-    parser.add_argument("--pingpong", choices=("on", "off"), help="default: the head dim's default")
-    parser.add_argument("--consumers", type=int, choices=(2, 3), help="consumer warpgroups")
+    parser.add_argument("--pingpong", choices=("on", "off"), help="default: the tiles' default")
+    parser.add_argument("--consumers", type=int, choices=(2, 3), help="consumer warpgroups (noop only: a "
+                        "block mask fixes them to Q_BLOCK / 64)")  # fmt: skip
+    parser.add_argument("--no-v-fence", action="store_true")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    parser.add_argument("--length", type=int, default=LENGTH, help="a multiple of 128: no tail paths")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    combos = (
-        [(args.head_dim, args.causal)] if args.head_dim else [(e, c) for e in DEFAULT_TILES for c in (0, 1)]
-    )
-    for head_dim, causal in combos:
-        bm, bn, st, pp, nc = DEFAULT_TILES[head_dim]
-        pp = pp if args.pingpong is None else args.pingpong == "on"
-        variant = (args.block_m or bm, args.block_n or bn, args.stages or st, pp, args.consumers or nc)
-        kernel = compile_variant(head_dim, bool(causal), variant, dtype)
-        print(f"E{head_dim} {'causal' if causal else 'noop  '} {variant}: {report(kernel)}")
+    tiles = {"stages": args.stages, "consumers": args.consumers}
+    tiles = {name: value for name, value in tiles.items() if value is not None}
+    if args.pingpong:
+        tiles["pingpong"] = args.pingpong == "on"
+    if args.no_v_fence:
+        tiles["v_fence"] = False
+    head_dims = [args.head_dim] if args.head_dim else list(HEAD_DIMS)
+    variants = [args.variant] if args.variant else list(VARIANTS)
+    for head_dim in head_dims:
+        for variant in variants:
+            kernel = compile_variant(head_dim, variant, dtype, length=args.length, **tiles)
+            print(f"E{head_dim} {variant:9s} {tiles or 'default tiles'}: {report(kernel)}", flush=True)
 
 
 if __name__ == "__main__":

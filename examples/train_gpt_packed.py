@@ -145,20 +145,27 @@ def _sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-def flexattn_attention(doc_ids: torch.Tensor):
+# Each factory takes the step's document ids (B, L) on the device and ``num_docs``, an upper bound on
+# the documents per row known on the host (so no mask reads a value back from the GPU: no host sync).
+
+
+def flexattn_attention(doc_ids: torch.Tensor, num_docs: int | None = None):
     """flexattn with the block mask from ``create_block_mask``: the mask mod evaluated everywhere."""
     B, L = doc_ids.shape
-    block_mask = create_block_mask(document_mask(doc_ids, causal()), B, None, L, L, device=doc_ids.device)
+    mask_mod = document_mask(doc_ids, causal(), num_docs=num_docs)
+    block_mask = create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
     return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
 
 
-def flexattn_boundaries_attention(doc_ids: torch.Tensor):
+def flexattn_boundaries_attention(doc_ids: torch.Tensor, num_docs: int | None = None):
     """flexattn with the block mask derived from the document boundaries (no per-element pass)."""
-    block_mask = document_causal_block_mask(doc_ids)
+    block_mask = document_causal_block_mask(doc_ids, num_docs=num_docs)
     return lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)
 
 
-def document_causal_block_mask(doc_ids: torch.Tensor, block: int = 128) -> BlockMask:
+def document_causal_block_mask(
+    doc_ids: torch.Tensor, block: int = 128, num_docs: int | None = None
+) -> BlockMask:
     """The document-causal BlockMask of packed rows ``doc_ids (B, L)`` straight from the boundaries.
 
     Documents are contiguous runs of ascending ids, so a block's documents are the range between its
@@ -187,8 +194,9 @@ def document_causal_block_mask(doc_ids: torch.Tensor, block: int = 128) -> Block
         full_num[:, None],
         full_idx[:, None],  # (B, 1, ...)
         BLOCK_SIZE=block,
-        mask_mod=document_mask(doc_ids, causal()),
+        mask_mod=document_mask(doc_ids, causal(), num_docs=num_docs),
         seq_lengths=(L, L),
+        compute_q_blocks=False,  # derived on the first backward (the same kernels, later)
     )
 
 
@@ -198,7 +206,7 @@ def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.sum(-1, dtype=torch.int32), indices.to(torch.int32)
 
 
-def sdpa_attention(doc_ids: torch.Tensor):
+def sdpa_attention(doc_ids: torch.Tensor, num_docs: int | None = None):
     """Attention through SDPA with the equivalent dense boolean mask (B, 1, L, L)."""
     L = doc_ids.shape[1]
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, L, L)
@@ -213,12 +221,12 @@ def _torch_flex_compiled():
     return torch.compile(torch_flex.flex_attention)
 
 
-def torch_flex_attention(doc_ids: torch.Tensor):
+def torch_flex_attention(doc_ids: torch.Tensor, num_docs: int | None = None):
     """PyTorch's own flex_attention (compiled) with its own ``create_block_mask``, for comparison."""
     from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
 
     B, L = doc_ids.shape
-    mask_mod = document_mask(doc_ids, causal())
+    mask_mod = document_mask(doc_ids, causal(), num_docs=num_docs)
     block_mask = torch_create_block_mask(mask_mod, B, None, L, L, device=doc_ids.device)
     compiled = _torch_flex_compiled()
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
@@ -260,11 +268,12 @@ def train(name: str, cfg: Config, device: torch.device, seed: int = 0) -> RunRes
             _sync(device)
             start, start_step = time.perf_counter(), step
         tokens, doc_ids = packed_batch(cfg, data)
-        tokens, doc_ids = tokens.to(device, non_blocking=True), doc_ids.to(device, non_blocking=True)
+        num_docs = int(doc_ids.max()) + 1  # on the host: the masks then read nothing back from the GPU
+        tokens, doc_ids = _to_device(tokens, device), _to_device(doc_ids, device)
         inputs, targets, ids = tokens[:, :-1], tokens[:, 1:], doc_ids[:, :-1]  # (B, L)
         positions = torch.arange(cfg.seq_len, device=device) - _doc_starts(ids)
         with autocast:
-            logits = model(inputs, positions, ATTENTION[name](ids))
+            logits = model(inputs, positions, ATTENTION[name](ids, num_docs))
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
@@ -290,6 +299,13 @@ def _doc_starts(doc_ids: torch.Tensor) -> torch.Tensor:
     new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     starts = torch.where(new_doc, torch.arange(L, device=doc_ids.device), 0)
     return starts.cummax(dim=1).values
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a batch without waiting for the GPU (pinned memory: an asynchronous copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,6 @@ the fix, before any work is done.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
-from flexattn.dispatch import check_call, run_attention
+from flexattn.dispatch import check_call, check_mods_on_grid, run_attention
 from flexattn.options import KernelOptions, parse_options
 
 if TYPE_CHECKING:  # (the kernels package loads on first use: import flexattn stays cheap)
@@ -135,6 +134,7 @@ def flex_attention(
             kv_pages=kv_pages,
             fingerprints=fingerprints,
             positions=positions,
+            need_max_scores=request.max_scores,
         )
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
@@ -219,12 +219,7 @@ def _from_pytorch_block_mask(block_mask):
     """Accept a ``torch.nn.attention.flex_attention.BlockMask`` too: same fields, our dataclass."""
     if isinstance(block_mask, BlockMask) or type(block_mask).__name__ != "BlockMask":
         return block_mask
-    fields = [f.name for f in dataclasses.fields(BlockMask)]
-    if not all(hasattr(block_mask, name) for name in fields):
-        return block_mask
-    values = {name: getattr(block_mask, name) for name in fields}
-    values["seq_lengths"], values["BLOCK_SIZE"] = tuple(values["seq_lengths"]), tuple(values["BLOCK_SIZE"])
-    return BlockMask(**values)
+    return BlockMask.from_pytorch(block_mask)
 
 
 def _check_paged(kv_pages, query, key, value) -> int:
@@ -346,6 +341,9 @@ def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None
 
     q_len = query.shape[2] if q_len is None else q_len
     grid = (query.shape[0], query.shape[1], q_len, kv_len)  # (B, Hq, Lq, Lkv)
+    if torch.compiler.is_compiling():  # the same checks, run once at trace time (custom_ops marks it)
+        check_mods_on_grid(score_mod, mask_mod, grid, query.device)
+        return None
     score = mask = None
     if score_mod is not None:
         score = fingerprint(score_mod)

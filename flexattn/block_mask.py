@@ -27,7 +27,6 @@ from flexattn.block_mask_build import (
     dense_to_ordered,
     draw_blocks,
     ordered_to_dense,
-    transpose_ordered,
 )
 from flexattn.mask_mods import and_masks, noop_mask, or_masks, sliced_mask_mod_error
 from flexattn.mod_eval import check_mod, required_positional_args
@@ -79,29 +78,64 @@ def check_attention_block_size(BLOCK_SIZE: tuple[int, int]) -> None:
             )
 
 
+def _listed(name: str, q_side: bool) -> property:
+    """PyTorch's BlockMask attribute ``name``, read from the mask's BlockTables (a q-side one is built
+    on first use, see :meth:`BlockMask.tables`). Setting a kv-side table drops a q side derived from
+    the old lists (it is derived again when next needed)."""
+
+    def get(self: BlockMask):
+        return getattr(self.tables(q_side=q_side), name)
+
+    def put(self: BlockMask, value) -> None:
+        held = self.block_tables if q_side else self.block_tables.kv_side_only()
+        self.block_tables = replace(held, **{name: value})
+
+    lazy = " (built on first use and kept)" if q_side else ""
+    return property(get, put, doc=f"``BlockTables.{name}`` of this mask{lazy}; see BlockTables for shapes.")
+
+
 @dataclass(eq=False)  # identity semantics: tensor fields have no boolean ==
 class BlockMask:
     """Block-sparse description of an attention mask (fields as in PyTorch; see docs/architecture.md).
 
-    Shapes (B and H may be 1, meaning broadcast; NQ = ceil(Q_LEN / Q_BLOCK), NKV = ceil(KV_LEN / KV_BLOCK)):
+    The block lists live in ``block_tables`` (``kernels.block_tables.BlockTables``, where the list
+    of tables is defined); PyTorch's names read them as properties. Shapes (B and H may be 1,
+    meaning broadcast; NQ = ceil(Q_LEN / Q_BLOCK), NKV = ceil(KV_LEN / KV_BLOCK)):
         kv_num_blocks int32 (B, H, NQ), kv_indices int32 (B, H, NQ, NKV): partial blocks per q block.
         full_kv_num_blocks, full_kv_indices: the same for full blocks (mask_mod skipped), or None.
         q_num_blocks int32 (B, H, NKV), q_indices int32 (B, H, NKV, NQ): transposed partial view.
         full_q_num_blocks, full_q_indices: transposed full view, or None.
     The first ``num`` entries of each indices row are valid and sorted ascending.
+
+    The transposed (q-side) view is needed only by the backward: :func:`create_block_mask` builds
+    the kv side alone, and the q side is derived from it the first time anything reads it (the
+    backward, a q-side attribute, :meth:`as_tuple`, ``tables()``), then kept on the mask. At 1M
+    tokens with 128 x 128 blocks each int32 (NQ, NKV) table is 256 MiB: inference never pays for
+    the q side.
     """
 
     seq_lengths: tuple[int, int]
-    kv_num_blocks: torch.Tensor
-    kv_indices: torch.Tensor
-    full_kv_num_blocks: torch.Tensor | None
-    full_kv_indices: torch.Tensor | None
-    q_num_blocks: torch.Tensor | None
-    q_indices: torch.Tensor | None
-    full_q_num_blocks: torch.Tensor | None
-    full_q_indices: torch.Tensor | None
-    BLOCK_SIZE: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
+    block_tables: BlockTables  # as held: the q side is None until first needed (read it via tables())
     mask_mod: Callable = noop_mask
+
+    kv_num_blocks = _listed("kv_num_blocks", q_side=False)
+    kv_indices = _listed("kv_indices", q_side=False)
+    full_kv_num_blocks = _listed("full_kv_num_blocks", q_side=False)
+    full_kv_indices = _listed("full_kv_indices", q_side=False)
+    q_num_blocks = _listed("q_num_blocks", q_side=True)
+    q_indices = _listed("q_indices", q_side=True)
+    full_q_num_blocks = _listed("full_q_num_blocks", q_side=True)
+    full_q_indices = _listed("full_q_indices", q_side=True)
+
+    @property
+    def BLOCK_SIZE(self) -> tuple[int, int]:  # noqa: N802 (PyTorch's name)
+        """(Q_BLOCK, KV_BLOCK)."""
+        return (self.block_tables.q_block, self.block_tables.kv_block)
+
+    @BLOCK_SIZE.setter
+    def BLOCK_SIZE(self, value: tuple[int, int]) -> None:  # noqa: N802
+        q_block, kv_block = value
+        self.block_tables = replace(self.block_tables, q_block=q_block, kv_block=kv_block)
 
     @classmethod
     def from_kv_blocks(
@@ -119,6 +153,8 @@ class BlockMask:
 
         Tensors with fewer than 4 dims get leading size-1 (broadcast) dims. ``seq_lengths``
         defaults to (NQ * Q_BLOCK, NKV * KV_BLOCK); ``mask_mod`` to :func:`noop_mask`.
+        ``compute_q_blocks=False`` leaves the q side to be derived on first use (PyTorch leaves it
+        None; flexattn builds it when something reads it).
 
         Example:
             >>> num = torch.tensor([[[1, 2]]], dtype=torch.int32)             # (B=1, H=1, NQ=2)
@@ -126,6 +162,8 @@ class BlockMask:
             >>> BlockMask.from_kv_blocks(num, idx, BLOCK_SIZE=16).to_dense()[0, 0].tolist()
             [[1, 0], [1, 1]]
         """
+        from flexattn.kernels.block_tables import BlockTables  # the kernels' types load on first use
+
         if kv_indices.dim() < 2 or kv_num_blocks.dim() != kv_indices.dim() - 1:
             raise ValueError(
                 f"kv_indices must be (..., NQ, NKV) and kv_num_blocks (..., NQ); got shapes "
@@ -142,24 +180,48 @@ class BlockMask:
         check_mod(mask_mod, "mask_mod", "mask_mod")
         if seq_lengths is None:
             seq_lengths = (kv_indices.shape[-2] * q_block, kv_indices.shape[-1] * kv_block)
-        q_num = q_idx = full_q_num = full_q_idx = None
+        lists = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, None, None, None, None)
+        mask = cls(tuple(seq_lengths), BlockTables(*lists, q_block, kv_block), mask_mod)
         if compute_q_blocks:
-            q_num, q_idx = transpose_ordered(kv_num_blocks, kv_indices)
-            if full_kv_num_blocks is not None:
-                full_q_num, full_q_idx = transpose_ordered(full_kv_num_blocks, full_kv_indices)
-        return cls(
-            seq_lengths=tuple(seq_lengths),
-            kv_num_blocks=kv_num_blocks,
-            kv_indices=kv_indices,
-            full_kv_num_blocks=full_kv_num_blocks,
-            full_kv_indices=full_kv_indices,
-            q_num_blocks=q_num,
-            q_indices=q_idx,
-            full_q_num_blocks=full_q_num,
-            full_q_indices=full_q_idx,
-            BLOCK_SIZE=(q_block, kv_block),
-            mask_mod=mask_mod,
-        )
+            mask.tables()
+        return mask
+
+    @classmethod
+    def from_pytorch(cls, mask) -> BlockMask:
+        """The flexattn BlockMask of a ``torch.nn.attention.flex_attention.BlockMask`` (same tensors)."""
+        from flexattn.kernels.block_tables import BlockTables
+
+        names = ("seq_lengths", "BLOCK_SIZE", "mask_mod", *BlockTables.TENSORS)
+        missing = [name for name in names if not hasattr(mask, name)]
+        if missing:
+            raise TypeError(
+                f"block_mask ({type(mask).__name__}) lacks the BlockMask fields {missing}: pass a "
+                "flexattn.BlockMask (from create_block_mask) or PyTorch's BlockMask."
+            )
+        q_block, kv_block = mask.BLOCK_SIZE
+        lists = {name: getattr(mask, name) for name in BlockTables.TENSORS}
+        tables = BlockTables(**lists, q_block=q_block, kv_block=kv_block)
+        return cls(tuple(mask.seq_lengths), tables, mask.mask_mod)
+
+    def tables(self, q_side: bool = True) -> BlockTables:
+        """The block lists as the kernels read them (``kernels.block_tables.BlockTables``).
+
+        ``q_side=True`` (the default, and what every reader of the transposed view goes through):
+        derive the q side if it is missing (``block_mask_build.complete_q_side``: a kernel on CUDA,
+        no host sync) and keep it on the mask, so it is built once. Not kept while a CUDA graph is
+        being captured (tensors made then hold values only in replays). ``q_side=False``: the tables
+        as held (the forward's view; the q side may be None).
+        """
+        held = self.block_tables
+        if not q_side or held.has_q_side:
+            return held
+        from flexattn.block_mask_build import complete_q_side
+
+        done = complete_q_side(held)
+        device = held.kv_indices.device
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.block_tables = done
+        return done
 
     # ---- shape and statistics -------------------------------------------------------------------
 
@@ -219,12 +281,14 @@ class BlockMask:
         return f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%,\n{self.to_string()}\n)"
 
     def __repr__(self) -> str:
-        def shape_of(t):
+        held = self.block_tables
+
+        def shape_of(name, t):
+            if t is None and name in held.Q_SIDE and not held.has_q_side:
+                return "not built yet (derived on first use)"
             return None if t is None else tuple(t.shape)
 
-        fields = ["kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"]
-        fields += ["q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"]
-        body = "".join(f"    {f}={shape_of(getattr(self, f))},\n" for f in fields)
+        body = "".join(f"    {n}={shape_of(n, t)},\n" for n, t in zip(held.TENSORS, held.tensors()))
         mod = getattr(self.mask_mod, "__name__", self.mask_mod)
         return (
             f"BlockMask(\n{body}    BLOCK_SIZE={self.BLOCK_SIZE},\n    shape={self.shape},\n"
@@ -263,24 +327,12 @@ class BlockMask:
             BLOCK_SIZE=self.BLOCK_SIZE,
             mask_mod=sliced_mask_mod_error,
             seq_lengths=(q_len, self.seq_lengths[1]),
-            compute_q_blocks=self.q_indices is not None,
+            compute_q_blocks=False,
         )
 
-    def tables(self) -> BlockTables:
-        """The block lists as the kernels read them (``kernels.block_tables.BlockTables``)."""
-        from flexattn.kernels.block_tables import BlockTables  # the kernels' types load on first use
-
-        q_block, kv_block = self.BLOCK_SIZE
-        lists = {name: getattr(self, name) for name in BlockTables.TENSORS}
-        return BlockTables(**lists, q_block=q_block, kv_block=kv_block)
-
     def to(self, device: torch.device | str) -> BlockMask:
-        """A copy with every tensor on ``device``."""
-        moved = {
-            name: None if getattr(self, name) is None else getattr(self, name).to(device)
-            for name in _TENSOR_FIELDS
-        }
-        return replace(self, **moved)
+        """A copy with every tensor it holds on ``device`` (a q side not built yet stays to be built)."""
+        return replace(self, block_tables=self.block_tables.to(device))
 
     # ---- PyTorch interoperability ---------------------------------------------------------------
 
@@ -297,13 +349,14 @@ class BlockMask:
         q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, *extra, Q_BLOCK, KV_BLOCK,
         mask_mod)``, where ``extra`` are the fields the installed PyTorch's BlockMask has beyond these
         (``dq_write_order, dq_write_order_full, dq_kv_order, dq_kv_order_spt`` since torch 2.12; all
-        None here). Inside flexattn, use the named fields.
+        None here). Inside flexattn, use the named fields. Builds the q side if it is missing
+        (PyTorch's flex_attention needs it for a backward).
         """
         seq_lengths = tuple(self.seq_lengths) if flatten else (tuple(self.seq_lengths),)
         block_size = tuple(self.BLOCK_SIZE) if flatten else (tuple(self.BLOCK_SIZE),)
         return (
             *seq_lengths,
-            *(getattr(self, name) for name in _TENSOR_FIELDS),
+            *self.tables().tensors(),
             *(getattr(self, name, None) for name in _pytorch_extra_fields()),
             *block_size,
             self.mask_mod,
@@ -348,20 +401,8 @@ class BlockMask:
             BLOCK_SIZE=self.BLOCK_SIZE,
             mask_mod=self.mask_mod,
             seq_lengths=(new_q_len, new_kv_len),
-            compute_q_blocks=self.q_indices is not None,
+            compute_q_blocks=False,
         )
-
-
-_TENSOR_FIELDS = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
 
 
 def _to_4d(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
@@ -418,6 +459,8 @@ def create_block_mask(
     Returns:
         BlockMask with tensors (B or 1, H or 1, NQ, NKV). Positions past Q_LEN / KV_LEN in a tail
         block are ignored when classifying (see block_mask_build), so such blocks may be full.
+        Only the kv side is built here; the transposed view the backward needs is derived on first
+        use (see BlockMask), so inference holds two (NQ, NKV) int32 tables, not four.
 
     Example:
         >>> causal = lambda b, h, q_idx, kv_idx: q_idx >= kv_idx
@@ -438,10 +481,7 @@ def create_block_mask(
     choice = choose_builder(mask_mod, device, backend, q_block, kv_block)
     if choice.builder == "triton":
         tables = build_tables(choice, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full_blocks)
-        lists = {name: getattr(tables, name) for name in tables.TENSORS}
-        return BlockMask(
-            seq_lengths=(Q_LEN, KV_LEN), **lists, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod
-        )
+        return BlockMask((Q_LEN, KV_LEN), tables, mask_mod)
     partial, full = classify_blocks(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
     if not separate_full_blocks:
         partial, full = partial | full, None
@@ -455,6 +495,7 @@ def create_block_mask(
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=mask_mod,
         seq_lengths=(Q_LEN, KV_LEN),
+        compute_q_blocks=False,
     )
 
 
@@ -504,19 +545,11 @@ def noop_block_mask(
     zeros_kv = torch.zeros(1, 1, nkv, dtype=torch.int32, device=device)
     kv_idx = torch.arange(nkv, dtype=torch.int32, device=device).expand(1, 1, nq, nkv).contiguous()
     q_idx = torch.arange(nq, dtype=torch.int32, device=device).expand(1, 1, nkv, nq).contiguous()
-    return BlockMask(
-        seq_lengths=(q_len, kv_len),
-        kv_num_blocks=zeros_q,
-        kv_indices=kv_idx,
-        full_kv_num_blocks=torch.full_like(zeros_q, nkv),
-        full_kv_indices=kv_idx,
-        q_num_blocks=zeros_kv,
-        q_indices=q_idx,
-        full_q_num_blocks=torch.full_like(zeros_kv, nq),
-        full_q_indices=q_idx,
-        BLOCK_SIZE=(BLOCK_SIZE, BLOCK_SIZE),
-        mask_mod=noop_mask,
-    )
+    from flexattn.kernels.block_tables import BlockTables
+
+    full_kv, full_q = torch.full_like(zeros_q, nkv), torch.full_like(zeros_kv, nq)
+    lists = (zeros_q, kv_idx, full_kv, kv_idx, zeros_kv, q_idx, full_q, q_idx)
+    return BlockMask((q_len, kv_len), BlockTables(*lists, BLOCK_SIZE, BLOCK_SIZE), noop_mask)
 
 
 @functools.cache

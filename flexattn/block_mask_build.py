@@ -63,15 +63,28 @@ def transpose_ordered(num: torch.Tensor, indices: torch.Tensor) -> tuple[torch.T
     return dense_to_ordered(dense.transpose(-2, -1))
 
 
-def complete_q_side(tables: BlockTables) -> BlockTables:
-    """``tables`` with the transposed (q-side) view derived where it is missing (the backward needs it)."""
+Q_SIDE_BUILDERS = ("auto", "triton", "torch")
+
+
+def complete_q_side(tables: BlockTables, builder: str = "auto") -> BlockTables:
+    """``tables`` with the transposed (q-side) view derived from the kv side where it is missing.
+
+    ``builder``: "auto" runs the device kernel (``kernels.block_mask_kernel.build_q_side``: O(blocks)
+    memory, no host sync) on CUDA tensors and :func:`transpose_ordered` elsewhere; "triton" forces the
+    kernel (on CPU through Triton's interpreter, for tests), "torch" the torch ops. Same result.
+    ``BlockMask.tables()`` calls this once and keeps the result on the mask.
+    """
+    if builder not in Q_SIDE_BUILDERS:
+        raise ValueError(f"builder must be one of {Q_SIDE_BUILDERS}, got {builder!r}.")
     if tables.has_q_side:
         return tables
-    q_num, q_idx = tables.q_num_blocks, tables.q_indices
-    if q_num is None:
-        q_num, q_idx = transpose_ordered(tables.kv_num_blocks, tables.kv_indices)
-    full_q_num, full_q_idx = tables.full_q_num_blocks, tables.full_q_indices
-    if full_q_num is None and tables.has_full:
+    if builder == "triton" or (builder == "auto" and tables.kv_indices.device.type == "cuda"):
+        from flexattn.kernels.block_mask_kernel import build_q_side  # Triton loads on first use
+
+        return build_q_side(tables)
+    q_num, q_idx = transpose_ordered(tables.kv_num_blocks, tables.kv_indices)
+    full_q_num = full_q_idx = None
+    if tables.has_full:
         full_q_num, full_q_idx = transpose_ordered(tables.full_kv_num_blocks, tables.full_kv_indices)
     return tables.with_q_side(q_num, q_idx, full_q_num, full_q_idx)
 

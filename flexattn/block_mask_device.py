@@ -90,7 +90,7 @@ def build_tables(
     choice: BuilderChoice, B: int, H: int, q_len: int, kv_len: int, q_block: int, kv_block: int,
     device: torch.device, separate_full: bool,
 ) -> BlockTables:  # fmt: skip
-    """Run the generated kernel of a "triton" choice: the BlockMask's eight block tables."""
+    """Run the generated kernel of a "triton" choice: the BlockMask's kv-side tables (q side on first use)."""
     return build_block_tables(choice.mod, B, H, q_len, kv_len, q_block, kv_block, device, separate_full)
 
 

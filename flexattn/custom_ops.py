@@ -33,7 +33,7 @@ from torch import Tensor
 
 from flexattn.compiler import bind_captures, compile_mask_mod, compile_score_mod
 from flexattn.compiler.reach import Reach, follow, reach
-from flexattn.dispatch import check_call
+from flexattn.dispatch import check_call, check_mods_on_grid
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
 from flexattn.options import KernelOptions
@@ -42,6 +42,7 @@ from flexattn.plan import AttentionPlan, block_tables, fast_math_for
 # flex_attention's checks of its mods and options run at trace time, their result a graph constant
 # (marking here keeps torch._dynamo out of ``import flexattn``; api imports this module first).
 torch._dynamo.assume_constant_result(check_call)
+torch._dynamo.assume_constant_result(check_mods_on_grid)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,10 @@ def traced_attention(query, key, value, score_mod, block_mask, scale: float, ker
     if block_mask is None:
         tables, (q_block, kv_block) = [None] * len(BlockTables.TENSORS), (0, 0)
     else:
-        tables = [getattr(block_mask, name) for name in BlockTables.TENSORS]
+        # The tables as held: a q side not built yet crosses the op as None and the backward op derives
+        # it on the device (AttentionPlan.backward_tables), per call. Building it here instead would put
+        # the build and a mutation of the user's BlockMask into Dynamo's trace; inference never needs it.
+        tables = block_mask.tables(q_side=False).tensors()
         q_block, kv_block = block_mask.BLOCK_SIZE
     return torch.ops.flexattn.attention(
         query, key, value, score_captures, mask_captures, *tables, q_block, kv_block, scale, handle

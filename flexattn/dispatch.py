@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flexattn.block_mask import BlockMask
+from flexattn.block_mask import BlockMask, noop_mask
 from flexattn.mod_eval import check_mod
 from flexattn.options import KernelOptions
 from flexattn.reference import reference_attention
@@ -23,20 +23,31 @@ if TYPE_CHECKING:  # (the kernels load on first use)
 
 
 def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dtype | None = None) -> str:
-    """The backend for tensors of ``dtype`` on ``device``: "TRITON" or "REFERENCE".
+    """The backend for tensors of ``dtype`` on ``device``: "TRITON", "CPU" or "REFERENCE".
 
-    BACKEND "AUTO" picks the Triton kernels for CUDA tensors in fp16/bf16/fp32 and the reference
-    backend otherwise (CPU tensors, fp64: the kernels have no fp64 path). "TRITON" on a non-CUDA
-    device needs Triton's interpreter, and refuses fp64; both raise a clear error.
+    BACKEND "AUTO" picks the Triton kernels for CUDA tensors in fp16/bf16/fp32, the CPU fast path
+    (``flexattn.cpu``) for CPU tensors in those dtypes, and the reference backend otherwise (fp64:
+    the oracle's precision; other devices). The CPU path itself sends what it cannot run to the
+    reference backend, saying why (``explain_backend``). "TRITON" on a non-CUDA device needs
+    Triton's interpreter, and refuses fp64; "CPU" refuses non-CPU tensors; both with a clear error.
 
     Example:
-        >>> choose_backend(torch.device("cpu"), KernelOptions())
-        'REFERENCE'
+        >>> choose_backend(torch.device("cpu"), KernelOptions(), torch.float32)
+        'CPU'
     """
     if options.BACKEND == "REFERENCE":
         return "REFERENCE"
     if options.BACKEND == "AUTO":
-        return "TRITON" if device.type == "cuda" and dtype != torch.float64 else "REFERENCE"
+        if dtype == torch.float64:
+            return "REFERENCE"
+        return {"cuda": "TRITON", "cpu": "CPU"}.get(device.type, "REFERENCE")
+    if options.BACKEND == "CPU":
+        if device.type != "cpu":
+            raise ValueError(
+                f"kernel_options={{'BACKEND': 'CPU'}} needs CPU tensors, but query is on {device}. "
+                "Move the tensors with .cpu(), or use BACKEND 'AUTO'."
+            )
+        return "CPU"
     if dtype == torch.float64:
         raise ValueError(
             "kernel_options={'BACKEND': 'TRITON'}: the Triton kernels take fp16, bf16 or fp32, but the "
@@ -68,6 +79,18 @@ def check_call(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str,
     return choose_backend(device, options, dtype), (options.BLOCK_M, options.BLOCK_N)
 
 
+def check_mods_on_grid(score_mod, mask_mod, grid: tuple[int, int, int, int], device) -> bool:
+    """``_check_mods_trace``'s checks on ``grid`` = (B, Hq, Q_LEN, KV_LEN); True when they pass.
+    A trace-time constant under torch.compile (``flexattn.custom_ops``), so Dynamo never traces the
+    mod compiler."""
+    from flexattn.compiler.checks import check_mod as check_traced
+
+    for mod, kind in ((score_mod, "score"), (mask_mod, "mask")):
+        if mod is not None and mod is not noop_mask:  # (nothing to check)
+            check_traced(mod, kind, grid, device)
+    return True
+
+
 def run_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -81,7 +104,8 @@ def run_attention(
     kv_pages: PagedKV | None = None,
     fingerprints=None,
     positions: Positions | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_max_scores: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run attention on ``backend`` (from :func:`choose_backend`).
 
     Args:
@@ -96,9 +120,18 @@ def run_attention(
             or None (the Triton path then fingerprints them itself).
         positions: checked ``Positions`` (not the default), or None (the reference backend and
             the decode kernel read them).
+        need_max_scores: the caller reads max_scores (the CPU path returns None for it otherwise).
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse, max_scores (B, Hq, Lq) fp32 (natural log).
     """
+    if backend == "CPU":
+        choice, kind = cpu_choice(query, score_mod, positions, kv_pages, need_max_scores, fingerprints)
+        if choice.engine != "reference":
+            from flexattn.cpu import cpu_attention
+
+            return cpu_attention(query, key, value, score_mod, block_mask, scale, choice=choice,
+                                 additive=kind == "additive", want_max=need_max_scores)  # fmt: skip
+        backend = "REFERENCE"
     if backend == "REFERENCE":
         if kv_pages is not None:  # the oracle gathers the pages; the kernels read them in place
             key, value = kv_pages.gather(key), kv_pages.gather(value)
@@ -117,3 +150,58 @@ def run_attention(
         fingerprints=fingerprints,
         positions=positions,
     )
+
+
+def cpu_choice(query, score_mod, positions, kv_pages, need_max_scores: bool, fingerprints=None):
+    """``(CpuChoice, score kind)`` for a call on the CPU backend (``flexattn.cpu.choice``)."""
+    from flexattn.cpu import choose_cpu_engine, score_kind
+
+    where = dict(
+        dtype=query.dtype, compiling=torch.compiler.is_compiling(), paged=kv_pages is not None,
+        positions=positions is not None and not positions.is_default,
+    )  # fmt: skip
+    first = choose_cpu_engine(**where)
+    if first.engine == "reference":
+        return first, "none"
+    kind, name, learnable = score_kind(score_mod, getattr(fingerprints, "score", None))
+    learnable = torch.is_grad_enabled() and any(t.requires_grad for t in learnable)
+    choice = choose_cpu_engine(**where, score_kind=kind, score_name=name, learnable=learnable,
+                               want_max=need_max_scores)  # fmt: skip
+    return choice, kind
+
+
+def explain_backend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    score_mod: Callable | None = None,
+    block_mask: BlockMask | None = None,
+    kernel_options=None,
+    *,
+    positions: Positions | None = None,
+    max_scores: bool = False,
+) -> str:
+    """Which backend ``flex_attention`` runs for these arguments and why (and, on the CPU fast path,
+    its engine and chunks). ``max_scores``: the call asks for them (``return_aux``).
+
+    Example:
+        >>> q = torch.randn(1, 2, 256, 16)
+        >>> print(explain_backend(q, q, q))  # doctest: +ELLIPSIS
+        backend: CPU
+        engine: sdpa: mask only: ...
+    """
+    options = KernelOptions.from_user(kernel_options)
+    backend = choose_backend(query.device, options, query.dtype)
+    lines = [f"backend: {backend}"]
+    if backend == "CPU":
+        kv_pages = getattr(block_mask, "kv_pages", None)
+        choice, _ = cpu_choice(query, score_mod, positions, kv_pages, max_scores)
+        lines.append(f"engine: {choice}")
+        if choice.engine != "reference":
+            from flexattn.cpu.chunks import plan_chunks
+
+            chunks = plan_chunks(block_mask, query.shape[2], key.shape[2])
+            computed = sum(c.rows * c.cols for c in chunks) / (query.shape[2] * key.shape[2])
+            masked = sum(c.classes is not None for c in chunks)
+            lines.append(f"chunks: {len(chunks)} ({masked} with a mask), {computed:.1%} of Lq x Lkv computed")
+    return "\n".join(lines)

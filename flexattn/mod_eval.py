@@ -124,6 +124,26 @@ def eval_score_mod(
     return out.expand(score.shape)
 
 
+def eval_bias(
+    score_mod: Callable, b: int | torch.Tensor, h: int | torch.Tensor, q: torch.Tensor, kv: torch.Tensor
+) -> torch.Tensor:
+    """``score_mod`` at score 0 over the given b, h, q and kv positions -> (nb, nh, M, N).
+
+    For an additive score_mod (``score + f(b, h, q_idx, kv_idx)``) this is ``f`` exactly. The score
+    is not batched, so dimensions ``f`` does not depend on come back broadcast (stride 0).
+    """
+    device = q.device
+    b = index(0, b, device) if isinstance(b, int) else b
+    h = index(0, h, device) if isinstance(h, int) else h
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+
+    def at_zero(b_, h_, q_, kv_):
+        return score_mod(zero, b_, h_, q_, kv_)
+
+    out = _run(score_mod, vmap_mod(at_zero, has_score=False), b, h, q, kv)
+    return out.expand(b.numel(), h.numel(), q.numel(), kv.numel())
+
+
 def _run(mod: Callable, lifted: Callable, *grids: torch.Tensor) -> torch.Tensor:
     """``lifted(*grids)``, with eager's out-of-range IndexError said in the mod's terms."""
     try:
@@ -135,6 +155,23 @@ def _run(mod: Callable, lifted: Callable, *grids: torch.Tensor) -> torch.Tensor:
             "of the grid, masked pairs included: clamp the index or size the tensor for the whole grid "
             "(the Triton kernels clamp such an index; TRITON_DEBUG=1 makes them assert instead)"
         ) from e
+
+
+def grad_captures(score_mod: Callable | None, device: torch.device) -> list[torch.Tensor]:
+    """Captured tensors of ``score_mod`` that require grad (the autograd Functions' extra inputs);
+    raises if the mod's result requires grad through a tensor this search cannot find."""
+    if score_mod is None:
+        return []
+    captures = captured_grad_tensors(score_mod)
+    if not captures:
+        zero, first = torch.zeros(1, 1, 1, 1, device=device), index(0, 1, device)
+        if eval_score_mod(score_mod, zero, first, first).requires_grad:
+            raise RuntimeError(
+                f"score_mod {getattr(score_mod, '__name__', score_mod)!r} uses a tensor that requires grad "
+                "but flexattn could not find it among the mod's closure variables, defaults, globals or "
+                "module attributes. Capture it directly (e.g. as a closure variable or default argument)."
+            )
+    return captures
 
 
 def captured_grad_tensors(fn: Callable) -> list[torch.Tensor]:

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
-BACKENDS = ("AUTO", "TRITON", "REFERENCE")
+BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
+PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/hopper/choice.py)
 
 # PyTorch spellings that mean the same knob as one of our fields.
 _ALIASES = {
@@ -49,7 +50,8 @@ class FlexKernelOptions(TypedDict, total=False):
         64
     """
 
-    BACKEND: Literal["AUTO", "TRITON", "REFERENCE"]
+    BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
+    PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"]
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
@@ -84,9 +86,15 @@ class KernelOptions:
     """Validated kernel options. Every field may be left at its default.
 
     Fields:
-        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the reference backend otherwise),
-            "TRITON" (always the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``),
-            or "REFERENCE" (the chunked PyTorch reference backend on any device).
+        BACKEND: "AUTO" (Triton kernels for CUDA tensors, the CPU fast path for CPU tensors in
+            fp32/bf16/fp16, the reference backend for fp64), "TRITON" (always the Triton kernels;
+            on CPU tensors this needs ``TRITON_INTERPRET=1``), "CPU" (the CPU fast path,
+            ``flexattn.cpu``; CPU tensors only) or "REFERENCE" (the chunked PyTorch reference
+            backend on any device).
+        PREFILL_KERNEL: which forward kernel runs prefill calls: "TRITON" (the default for now),
+            "GLUON" (the warp-specialized Gluon forward for Hopper, ``kernels/hopper/``; an error
+            naming what it lacks where it cannot run) or "AUTO" (Gluon wherever it can run, else
+            Triton). The backward is Triton's either way (it reads the same lse).
         BLOCK_M, BLOCK_N: forward tile sizes (queries x keys). ``None`` lets the kernel choose.
             Must divide the BlockMask's (Q_BLOCK, KV_BLOCK) and be powers of two >= 16.
         num_warps, num_stages: forward launch parameters. ``None`` lets the kernel choose.
@@ -105,6 +113,7 @@ class KernelOptions:
     """
 
     BACKEND: str = "AUTO"
+    PREFILL_KERNEL: str = "TRITON"
     BLOCK_M: int | None = None
     BLOCK_N: int | None = None
     num_warps: int | None = None
@@ -124,6 +133,11 @@ class KernelOptions:
     def __post_init__(self) -> None:
         if self.BACKEND not in BACKENDS:
             raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {self.BACKEND!r}.")
+        if self.PREFILL_KERNEL not in PREFILL_KERNELS:
+            raise ValueError(
+                f"kernel_options['PREFILL_KERNEL'] must be one of {PREFILL_KERNELS}, "
+                f"got {self.PREFILL_KERNEL!r}."
+            )
         for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 16 or value & (value - 1)):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from flexattn.block_mask import BlockMask, and_masks, noop_mask
+from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.paged_kv import PagedKV
 
 PAGE_MULTIPLE = 16  # the kernels' smallest tile; a page holds whole 16-row groups
@@ -118,6 +119,7 @@ class PagedAttention:
             (max_batch_size, max_pages_per_seq), -1, dtype=torch.int32, device=device
         )
         self.capacity = [0] * max_batch_size
+        self._capacity_dev = torch.zeros(max_batch_size, dtype=torch.int32, device=device)  # checks on device
         self._pages: list[list[int]] = [[] for _ in range(max_batch_size)]  # physical pages, logical order
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out the lowest page first
 
@@ -188,8 +190,10 @@ class PagedAttention:
             new = [self._free.pop() for _ in range(n)]
             start = len(self._pages[b])
             self._pages[b].extend(new)
-            self.page_table[b, start : start + n] = torch.tensor(new, dtype=torch.int32).to(self.device)
+            pages = torch.tensor(new, dtype=torch.int32, device="cpu")  # copied without waiting for the GPU
+            self.page_table[b, start : start + n] = pages.to(self.device, non_blocking=True)
             self.capacity[b] = len(self._pages[b]) * self.page_size
+            self._capacity_dev[b] = self.capacity[b]
 
     def erase(self, batch_idx: int | torch.Tensor) -> None:
         """Free every page of sequence(s) ``batch_idx`` (int or int tensor (n,)); capacity becomes 0."""
@@ -198,6 +202,7 @@ class PagedAttention:
             self._free.extend(reversed(self._pages[b]))
             self._pages[b] = []
             self.capacity[b] = 0
+            self._capacity_dev[b] = 0
             self.page_table[b] = -1
 
     def assign(
@@ -216,8 +221,10 @@ class PagedAttention:
             input_pos: int tensor (B, S): logical position of each new row (reserved beforehand).
             k_val: (B, Hkv, S, E); v_val: (B, Hkv, S, Ev); no gradient.
             k_cache: (1, Hkv, n_pages * page_size, E); v_cache: (1, Hkv, n_pages * page_size, Ev).
-        Positions outside the reserved capacity raise ValueError (checked on the host, except while a
-        CUDA graph is being captured, where no host synchronisation may happen).
+        Positions outside the reserved capacity raise ValueError when ``batch_idx`` and ``input_pos``
+        are CPU tensors (read on the host). Device tensors are checked on the device without
+        synchronising (``torch._assert_async``: a bad position fails the next synchronising call, like
+        an out-of-range index in PyTorch), and not at all while a CUDA graph is being captured.
         """
         if k_val.requires_grad or v_val.requires_grad:
             raise ValueError("PagedAttention.assign: k_val / v_val must not require grad (detach them)")
@@ -244,8 +251,8 @@ class PagedAttention:
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not capturing:
             self._check_positions(batch_idx, input_pos)
-        table = self.page_table[batch_idx.to(self.device).long()]  # (B, MAX_PAGES)
-        pos = input_pos.to(self.device).long()
+        table = self.page_table[batch_idx.to(self.device, non_blocking=True).long()]  # (B, MAX_PAGES)
+        pos = input_pos.to(self.device, non_blocking=True).long()
         pages = torch.gather(table, 1, pos // self.page_size).long()
         addr = (pages * self.page_size + pos % self.page_size).reshape(-1)  # (B * S,)
         k_cache[0][:, addr] = k_val.transpose(0, 1).reshape(H, B * S, E).to(k_cache.dtype)
@@ -272,8 +279,8 @@ class PagedAttention:
             blocks only partly live are partial, and its mask_mod adds "the key exists".
             Pass it with the caches: ``flex_attention(q, k_cache, v_cache, block_mask=...)``.
 
-        The block lists are computed on the device; the one host synchronisation, the range check
-        of ``batch_idx``, is skipped while a CUDA graph is being captured.
+        The block lists are computed on the device with no host synchronisation: ``batch_idx`` is
+        range-checked on the host when it is a CPU tensor, on the device otherwise (see ``assign``).
         """
         q_len, kv_len_max = block_mask.seq_lengths
         q_block, kv_block = block_mask.BLOCK_SIZE
@@ -308,7 +315,10 @@ class PagedAttention:
                 f"convert_logical_block_mask: kv_len must be an int tensor (B={B},), "
                 f"got {tuple(kv_len.shape)}"
             )
-        table = self.page_table[batch_idx.to(self.page_table.device).long()].to(device)  # (B, MAX_PAGES)
+        rows = batch_idx.to(self.page_table.device, non_blocking=True).long()
+        table = self.page_table[rows].to(device, non_blocking=True)  # (B, MAX_PAGES)
+        if kv_len is not None:
+            kv_len = kv_len.to(device, non_blocking=True)
         live = _live_rows_per_block(table, self.page_size, kv_block, kv_len_max, kv_len)  # (B, NKV)
         whole = (kv_len_max - torch.arange(live.shape[1], device=device) * kv_block).clamp(max=kv_block)
         num, idx, full_num, full_idx = _restrict_blocks(block_mask, B, live > 0, live == whole)
@@ -316,15 +326,7 @@ class PagedAttention:
         exists = _key_exists(table, self.page_size, kv_len)
         return PagedBlockMask(
             seq_lengths=(q_len, kv_len_max),
-            kv_num_blocks=num,
-            kv_indices=idx,
-            full_kv_num_blocks=full_num,
-            full_kv_indices=full_idx,
-            q_num_blocks=None,
-            q_indices=None,
-            full_q_num_blocks=None,
-            full_q_indices=None,
-            BLOCK_SIZE=(q_block, kv_block),
+            block_tables=BlockTables(num, idx, full_num, full_idx, None, None, None, None, q_block, kv_block),
             mask_mod=and_masks(block_mask.mask_mod, exists),
             kv_pages=PagedKV(table.to(torch.int32).contiguous(), self.page_size, kv_len_max),
         )
@@ -365,17 +367,35 @@ class PagedAttention:
             )
 
     def _check_batches(self, batch_idx: torch.Tensor, what: str) -> None:
-        capturing = batch_idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if batch_idx.numel() and not capturing and not torch.compiler.is_compiling():
-            lo, hi = int(batch_idx.min()), int(batch_idx.max())
-            for b in (lo, hi):
-                self._check_batch(b, what)
+        """Range-check batch indices: on the host for CPU tensors, on the device (no sync) otherwise."""
+        if not batch_idx.numel() or _unchecked(batch_idx):
+            return
+        if batch_idx.device.type != "cpu":
+            ok = ((batch_idx >= 0) & (batch_idx < self.max_batch_size)).all()
+            torch._assert_async(
+                ok, f"PagedAttention.{what}: a batch index is out of range [0, {self.max_batch_size})"
+            )
+            return
+        lo, hi = int(batch_idx.min()), int(batch_idx.max())
+        for b in (lo, hi):
+            self._check_batch(b, what)
 
     def _check_positions(self, batch_idx: torch.Tensor, input_pos: torch.Tensor) -> None:
         self._check_batches(batch_idx, "assign")
-        if input_pos.numel() == 0:
+        if input_pos.numel() == 0 or _unchecked(input_pos):
             return
-        capacity = torch.tensor(self.capacity, device=input_pos.device)[batch_idx.to(input_pos.device).long()]
+        if input_pos.device.type != "cpu" or batch_idx.device.type != "cpu":
+            rows = batch_idx.to(self.device, non_blocking=True).long()
+            capacity = self._capacity_dev[rows.clamp(0, self.max_batch_size - 1)]  # (B,)
+            pos = input_pos.to(self.device, non_blocking=True)
+            ok = ((pos >= 0) & (pos < capacity[:, None])).all()
+            torch._assert_async(
+                ok,
+                "PagedAttention.assign: an input_pos lies outside the positions reserved for its "
+                "sequence; reserve() first",
+            )
+            return
+        capacity = torch.tensor(self.capacity, device="cpu")[batch_idx.long()]
         bad = (input_pos < 0) | (input_pos >= capacity[:, None])
         if bool(bad.any()):
             b, s = (int(i) for i in bad.nonzero()[0])
@@ -383,6 +403,11 @@ class PagedAttention:
                 f"PagedAttention.assign: input_pos[{b}, {s}]={int(input_pos[b, s])} lies outside the "
                 f"{int(capacity[b])} positions reserved for sequence {int(batch_idx[b])}; reserve() first"
             )
+
+
+def _unchecked(t: torch.Tensor) -> bool:
+    """No value check can run here: a CUDA graph is being captured, or torch.compile is tracing."""
+    return torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _ints(value: int | torch.Tensor, name: str) -> list[int]:

@@ -21,8 +21,9 @@ from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.decode import flex_decode
-from flexattn.kernels.device import DeviceLimits, device_limits
+from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.forward import flex_forward
+from flexattn.kernels.hopper.choice import INLINE_FAILURES, PrefillForward, choose_prefill_forward
 from flexattn.kernels.kernel_choice import KernelChoice, choose_kernel, decode_launch
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
@@ -42,6 +43,7 @@ class AttentionPlan:
     options: KernelOptions
     dense: bool = False  # no block mask was given: the decode kernel visits every key, reads no tables
     kv_pages: PagedKV | None = None  # key / value are paged caches read through this table (forward only)
+    block_mask: BlockMask | None = None  # eager calls: the mask whose q side the backward completes and keeps
 
     def choose(
         self, query, key, value, *, positions: Positions | None = None, needs_grad: bool = False,
@@ -54,7 +56,7 @@ class AttentionPlan:
         choice = choose_kernel(
             q_len=query.shape[2], kv_len=kv_len, q_heads=query.shape[1], kv_heads=key.shape[1],
             positions_given=not positions.is_default, kv_offset=positions.kv_offset, needs_grad=needs_grad,
-            per_head_mask=per_head, prefill_tiles=_prefill_knobs(self.options, prefill_tiles),
+            per_head_mask=per_head, prefill_tiles=_prefill_knobs(self.options, prefill_tiles, gluon=True),
             paged=self.kv_pages is not None,
         )  # fmt: skip
         if choice.kind != "decode":
@@ -87,10 +89,51 @@ class AttentionPlan:
                 tables=None if self.dense else self.tables, scale=self.scale, positions=positions,
                 splits=choice.splits, paged=self.kv_pages,
             )  # fmt: skip
+        prefill = self.prefill_forward(query, key, value, tiles_given=tiles is not None)
+        if prefill.kind == "unsupported":
+            raise ValueError(f"flex_attention: {prefill.reason}.")
+        if prefill.kind == "gluon":
+            result = self._gluon_forward(query, key, value, prefill)
+            if result is not None:
+                return result
         return flex_forward(
             query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod, tables=self.tables,
             scale=self.scale, options=self.options, tiles=tiles, paged=self.kv_pages,
         )  # fmt: skip
+
+    def prefill_forward(
+        self, query, key, value, *, tiles_given: bool = False, target: DeviceLimits | None = None
+    ) -> PrefillForward:
+        """Which prefill forward runs (``kernels.hopper.choice.choose_prefill_forward``): Gluon or Triton."""
+        target = device_limits(query.device) if target is None else target
+        (Lq, E), (Lkv, Ev) = (query.shape[2], query.shape[3]), (key.shape[2], value.shape[3])
+        tma_ok = all(tma_compatible(t, target) for t in (query, key, value))
+        return choose_prefill_forward(
+            requested=self.options.PREFILL_KERNEL, target=target, dtype=query.dtype, head_dim=E,
+            v_head_dim=Ev, q_block=self.tables.q_block, kv_block=self.tables.kv_block, dense=self.dense,
+            scale=self.scale, paged=self.kv_pages is not None, tma_ok=tma_ok,
+            other_knobs=_prefill_knobs(self.options, tiles_given),
+            inline_failure=INLINE_FAILURES.get((self.score_mod.fn, self.mask_mod.fn)),
+            tail=Lq % 128 != 0 or Lkv % 128 != 0,
+        )  # fmt: skip
+
+    def _gluon_forward(self, query, key, value, prefill: PrefillForward):
+        """The Gluon forward's ``(out, lse, max_scores)``; None (remembered) where AUTO chose it and the
+        mods do not compile into it, so that the Triton forward runs instead."""
+        import triton
+
+        from flexattn.kernels.hopper.forward_ws import gluon_forward  # Gluon loads only when chosen
+
+        try:
+            return gluon_forward(
+                query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
+                tables=None if self.dense else self.tables, scale=self.scale, tiles=prefill.tiles,
+            )  # fmt: skip
+        except triton.compiler.errors.CompilationError as err:
+            if self.options.PREFILL_KERNEL != "AUTO":
+                raise
+            INLINE_FAILURES[(self.score_mod.fn, self.mask_mod.fn)] = str(err).strip().splitlines()[-1][:200]
+            return None
 
     def backward(
         self, query, key, value, out, lse, dout, dlse, grad_buffers, *, tiles: BackwardTiles | None = None
@@ -101,9 +144,21 @@ class AttentionPlan:
             raise ValueError("Paged KV caches are inference only: there is no backward over them.")
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
-            tables=complete_q_side(self.tables), scale=self.scale, options=self.options,
+            tables=self.backward_tables(), scale=self.scale, options=self.options,
             grad_buffers=grad_buffers, tiles=tiles,
         )  # fmt: skip
+
+    def backward_tables(self) -> BlockTables:
+        """The tables with the transposed (q-side) view the backward reads.
+
+        An eager call's plan holds its BlockMask: the q side is built on the mask's first backward
+        and kept there (``BlockMask.tables``), so later calls with that mask reuse it. A plan of the
+        custom ops (``torch.compile``) holds only tensors, so a mask flattened without its q side has
+        it derived here on every backward and dropped after (see ``custom_ops.traced_attention``).
+        """
+        if self.block_mask is not None:
+            return self.block_mask.tables()
+        return complete_q_side(self.tables)
 
     def explain(
         self, query, key, value, target: DeviceLimits | None = None, positions: Positions | None = None
@@ -131,6 +186,7 @@ class AttentionPlan:
         return "\n".join([
             f"target: {arch}",
             f"forward kernel (inference): {choice}",
+            f"prefill forward: {self.prefill_forward(query, key, value, target=target)}",
             f"mods: {mods}",
             f"blocks: {t.q_block}x{t.kv_block}, full blocks {'separate' if t.has_full else 'not separated'}",
             f"forward tiles: {fwd.BLOCK_M}x{fwd.BLOCK_N}, {fwd.num_warps} warps, {fwd.num_stages} stages: "
@@ -143,8 +199,11 @@ class AttentionPlan:
 PREFILL_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "autotune")
 
 
-def _prefill_knobs(options: KernelOptions, tiles_given: bool) -> str | None:
-    """What in this call configures the prefill kernel (None: nothing), for the kernel choice."""
+def _prefill_knobs(options: KernelOptions, tiles_given: bool, gluon: bool = False) -> str | None:
+    """What in this call configures the Triton prefill kernel (None: nothing), for the kernel choices;
+    ``gluon``: also PREFILL_KERNEL='GLUON' (it asks for a prefill kernel too)."""
+    if gluon and options.PREFILL_KERNEL == "GLUON":
+        return "kernel_options PREFILL_KERNEL='GLUON'"
     if tiles_given:
         return "explicit prefill tiles"
     knobs = [name for name in PREFILL_KNOBS if getattr(options, name, None)]
@@ -155,7 +214,7 @@ def block_tables(block_mask: BlockMask | None, q_len: int, kv_len: int, device) 
     """The kernels' view of ``block_mask``; None means attend everywhere (every block full)."""
     if block_mask is None:
         return noop_tables(q_len, kv_len, torch.device(device))
-    return block_mask.tables()
+    return block_mask.tables(q_side=False)  # the backward completes them (AttentionPlan.backward_tables)
 
 
 # The every-block-full tables by (NQ, NKV, device): they depend on the lengths only through the block
@@ -216,4 +275,5 @@ def plan_attention(
     mask_mod = None if block_mask is None else block_mask.mask_mod
     mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
     tables = block_tables(block_mask, q_len, kv_len, device)
-    return AttentionPlan(score, mask, tables, scale, options, dense=block_mask is None, kv_pages=kv_pages)
+    dense = block_mask is None
+    return AttentionPlan(score, mask, tables, scale, options, dense, kv_pages, block_mask=block_mask)

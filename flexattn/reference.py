@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flexattn.block_mask import BlockMask
-from flexattn.mod_eval import captured_grad_tensors, eval_mask_mod, eval_score_mod, index
+from flexattn.mod_eval import eval_mask_mod, eval_score_mod, grad_captures, index
 
 if TYPE_CHECKING:  # (the kernels package loads on first use)
     from flexattn.kernels.positions import Positions
@@ -161,7 +161,7 @@ def _attention(query, key, value, score_mod, block_mask, scale, compute_dtype, c
         # guards) and AOTAutograd derives the backward of the plain chunk loop.
         out, lse, max_scores = _forward_chunks(chunk, rows, q5, k5, v5)
         return out.reshape(B, Hq, Lq, -1).to(query.dtype), lse, max_scores.detach()
-    captures = _grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
+    captures = grad_captures(score_mod, query.device) if torch.is_grad_enabled() else []
     differentiable = torch.is_grad_enabled() and (
         query.requires_grad or key.requires_grad or value.requires_grad or bool(captures)
     )
@@ -187,22 +187,6 @@ def _forward_chunks(chunk: Callable, rows: int, q5: torch.Tensor, k5: torch.Tens
             q5[:, :, :, start:stop], k5, v5, start
         )
     return out, lse, max_scores
-
-
-def _grad_captures(score_mod: Callable | None, device: torch.device) -> list[torch.Tensor]:
-    """Captured tensors of ``score_mod`` that require grad; errors if some cannot be found."""
-    if score_mod is None:
-        return []
-    captures = captured_grad_tensors(score_mod)
-    if not captures:
-        zero, first = torch.zeros(1, 1, 1, 1, device=device), index(0, 1, device)
-        if eval_score_mod(score_mod, zero, first, first).requires_grad:
-            raise RuntimeError(
-                f"score_mod {getattr(score_mod, '__name__', score_mod)!r} uses a tensor that requires grad "
-                "but flexattn could not find it among the mod's closure variables, defaults, globals or "
-                "module attributes. Capture it directly (e.g. as a closure variable or default argument)."
-            )
-    return captures
 
 
 class _ChunkedAttention(torch.autograd.Function):
@@ -267,7 +251,10 @@ class _BlockRows:
             self.full, self.partial = self.full[batch : batch + 1], self.partial[batch : batch + 1]
         nkv = -(-kv_len // self.kv_block)  # a shorter sequence (ragged batch) uses its first blocks
         self.full, self.partial = self.full[..., :nkv], self.partial[..., :nkv]
-        self.everything_full = bool(self.full.all()) and not bool(self.partial.any())
+        # Under torch.compile the host reads below would break the graph: every block is then
+        # visited and the mask evaluated everywhere (the same values, no skipping).
+        self.traced = torch.compiler.is_compiling()
+        self.everything_full = not self.traced and bool(self.full.all()) and not bool(self.partial.any())
         self.visited = (self.full | self.partial).flatten(0, 1).any(dim=0)  # (NQ, NKV), any b / h
         self.kv_len = kv_len
 
@@ -276,7 +263,7 @@ class _BlockRows:
 
         Scores outside them would be masked anyway; skipping them is what makes the mask sparse.
         """
-        if self.everything_full:
+        if self.everything_full or self.traced:
             return None
         rows_visit = self.visited[start // self.q_block : (stop - 1) // self.q_block + 1].any(dim=0)
         if bool(rows_visit.all()):
@@ -292,6 +279,6 @@ class _BlockRows:
         kv_blocks = kv_idx.long() // self.kv_block
         full = self.full[:, :, q_blocks][..., kv_blocks]  # (Bm, Hm, rows, cols)
         partial = self.partial[:, :, q_blocks][..., kv_blocks]
-        if not bool(partial.any()):
+        if not self.traced and not bool(partial.any()):
             return full
         return full | (partial & eval_mask_mod(self.mask_mod, B, H, q_idx, kv_idx))

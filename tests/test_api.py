@@ -131,7 +131,8 @@ def test_backend_reference_option_gives_the_same_result_as_auto_on_cpu():
 
 def test_choose_backend():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_backend(cpu, KernelOptions()) == "REFERENCE"
+    assert choose_backend(cpu, KernelOptions()) == "CPU"  # the CPU fast path (flexattn/cpu/)
+    assert choose_backend(cpu, KernelOptions(), torch.float64) == "REFERENCE"  # the oracle's dtype
     assert choose_backend(cuda, KernelOptions()) == "TRITON"
     assert choose_backend(cuda, KernelOptions(BACKEND="REFERENCE")) == "REFERENCE"
 

@@ -1,8 +1,10 @@
-"""examples/train_gpt_packed.py runs end to end on CPU and both runs see the same data and weights."""
+"""The examples run end to end on CPU: train_gpt_packed.py (every run sees the same data and weights)
+and generate.py (every attention implementation generates the same tokens)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -54,3 +56,90 @@ def test_packed_batch_documents_fill_the_row():
     assert tokens.shape == doc_ids.shape == (3, 201)
     starts = example._doc_starts(doc_ids)
     assert bool((tokens.gather(1, starts) == 0).all())  # every document opens with BOS
+
+
+# ---- examples/generate.py --------------------------------------------------------------------------
+
+GENERATE = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+TINY = ["--device", "cpu", "--batch", "3", "--prompt-lengths", "5-40", "--new-tokens", "5"]
+
+
+def load_generate():
+    spec = importlib.util.spec_from_file_location("generate", GENERATE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_generate_gives_the_same_tokens_with_every_attention_on_cpu(capsys):
+    """flexattn (paged, and dense with Positions), SDPA and PyTorch's flex_attention with its
+    PagedAttention (eager on CPU: compiling it takes minutes there) over the same mixed-length
+    prompts: the same greedy tokens and, in fp32, the same logits, with the host's index tensors
+    (eager) and with the device buffers a CUDA graph would capture (static)."""
+    with torch.device("meta"):  # a tensor made without naming its device fails, as beside CUDA caches
+        rows = load_generate().main(TINY)
+    impls = ["sdpa", "flexattn", "flexattn-dense", "torch-flex (eager)"]
+    assert [(r.impl, r.mode, r.error) for r in rows] == [
+        (impl, mode, None) for impl in impls for mode in ("eager", "static")
+    ]
+    reference = rows[0].tokens
+    assert len(reference) == 3 and all(len(seq) == 5 for seq in reference)
+    assert len({tuple(seq) for seq in reference}) == 3  # the prompts lead to different continuations
+    for r in rows:
+        assert r.tokens == reference, r.impl
+        assert (r.agree, r.total) == (15, 15)
+        assert r.prefill_logit_diff < 1e-4 and r.step_logit_diff < 1e-4, r.impl
+    assert "| flexattn | static |" in capsys.readouterr().out
+
+
+def test_generate_check_fails_when_decode_misses_the_newest_key(monkeypatch):
+    """The comparison can fail: a paged decode that leaves out each sequence's newest key (its own
+    token) generates other tokens, and --check (on in fp32) says which run."""
+    from flexattn.paged import PagedAttention
+
+    convert = PagedAttention.convert_logical_block_mask
+
+    def one_key_short(self, block_mask, batch_idx=None, kv_len=None):
+        return convert(self, block_mask, batch_idx, kv_len - 1)
+
+    monkeypatch.setattr(PagedAttention, "convert_logical_block_mask", one_key_short)
+    with pytest.raises(SystemExit, match="--check: flexattn eager generated other tokens than sdpa eager"):
+        load_generate().main([*TINY, "--impl", "sdpa", "flexattn", "--modes", "eager"])
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels run through TRITON_INTERPRET=1"
+)
+def test_generate_on_the_kernels_gives_the_tokens_of_sdpa():
+    """The same through flexattn's Triton kernels (interpreted): the paged prefill kernel and the
+    decode kernel with Positions."""
+    args = [*TINY, "--layers", "1", "--new-tokens", "3", "--flexattn-backend", "triton", "--modes", "eager"]
+    rows = load_generate().main([*args, "--impl", "sdpa", "flexattn", "flexattn-dense"])
+    assert [r.error for r in rows] == [None] * 3
+    assert all(r.tokens == rows[0].tokens for r in rows)
+    assert max(max(r.prefill_logit_diff, r.step_logit_diff) for r in rows) < 1e-4
+
+
+def test_the_per_step_masks_read_no_value_back_from_the_device():
+    """A step's masks are built from the device ids and the host's document count: no host sync."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a value was read back"
+            return func(*args, **(kwargs or {}))
+
+    example = load_example()
+    cfg = example.Config(seq_len=200, batch_size=2, min_doc=5, max_doc=60)
+    _, doc_ids = example.packed_batch(cfg, torch.Generator().manual_seed(0))
+    num_docs = int(doc_ids.max()) + 1
+    ids = doc_ids[:, :-1]
+    with NoValueReads():
+        masks = [example.document_causal_block_mask(ids, 16, num_docs=num_docs)]
+        mod = document_mask(ids, causal(), num_docs=num_docs)
+        masks.append(create_block_mask(mod, 2, None, 200, 200, device="cpu", BLOCK_SIZE=16))
+    want = create_block_mask(document_mask(ids, causal()), 2, None, 200, 200, device="cpu", BLOCK_SIZE=16)
+    for mask in masks:
+        assert torch.equal(mask.to_dense().expand_as(want.to_dense()), want.to_dense())

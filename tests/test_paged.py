@@ -441,3 +441,50 @@ def test_gpu_paged_equals_contiguous(page, q_len):
     with torch.no_grad():
         check_paged_call(case, q, causal_from(max(lengths) - q_len), alibi, (128, max(page, 128)), q_len,
                          scale=scale)  # fmt: skip
+
+
+@gpu
+def test_gpu_assign_and_convert_do_not_synchronise():
+    """With device index tensors, a decode step's cache bookkeeping never waits for the GPU."""
+    paged = PagedAttention(n_pages=8, page_size=16, max_batch_size=2, device="cuda")
+    paged.reserve(0, 40)
+    paged.reserve(1, 20)
+    k_cache = torch.zeros(1, 2, 8 * 16, 8, device="cuda")
+    val = torch.randn(2, 2, 1, 8, device="cuda")
+    batch = torch.tensor([0, 1], device="cuda")
+    pos = torch.tensor([[39], [19]], device="cuda")
+    mask = create_block_mask(lambda b, h, i, j: i >= j, 2, None, 1, 48, device="cuda", BLOCK_SIZE=(16, 16))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        paged.assign(batch, pos, val, val, k_cache, k_cache.clone())
+        paged.convert_logical_block_mask(mask, batch, kv_len=pos[:, 0] + 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.equal(k_cache[0][:, paged.page_table[0, 2].long() * 16 + 7], val[0, :, 0])
+
+
+@gpu
+def test_gpu_assign_of_an_unreserved_position_fails_on_the_device():
+    """The device-side check fails the process's next synchronising call (a subprocess: the CUDA
+    context does not survive a device assertion)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from flexattn.paged import PagedAttention\n"
+        "p = PagedAttention(n_pages=4, page_size=16, max_batch_size=1, device='cuda')\n"
+        "p.reserve(0, 16)\n"
+        "c = torch.zeros(1, 1, 64, 8, device='cuda'); v = torch.randn(1, 1, 1, 8, device='cuda')\n"
+        "b, pos = torch.tensor([0], device='cuda'), torch.tensor([[16]], device='cuda')\n"
+        "p.assign(b, pos, v, v, c, c.clone())\n"
+        "torch.cuda.synchronize()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    failed = "outside the positions reserved" in done.stderr or "device-side assert" in done.stderr
+    assert done.returncode != 0 and failed, done.stderr[-2000:]

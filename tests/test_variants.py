@@ -432,6 +432,26 @@ def test_document_ids_from_lengths_and_offsets_agree():
     assert V.document_offsets(torch.stack([ids, ids.flip(0).neg() + 2])).tolist() == [[0, 3, 4], [0, 5, 6]]
 
 
+def test_document_masks_with_a_known_document_count_read_no_value_back():
+    """``num_docs`` (from the packing) spares the host-device synchronisation of finding the largest id."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func is not torch.ops.aten._local_scalar_dense.default, "a value was read back"
+            return func(*args, **(kwargs or {}))
+
+    rows = [V.document_ids_from_lengths(torch.tensor(n)) for n in ([3, 1, 5], [6, 3])]
+    ids = torch.stack(rows)  # (2, 9): 3 and 2 documents
+    with NoValueReads():
+        offsets = V.document_offsets(ids, num_docs=4)
+        mods = [V.document_mask(ids, V.causal(), num_docs=3), V.document_mask(ids)]
+    assert offsets.tolist() == [[0, 3, 4, 9], [0, 6, 9, 9]]
+    same_doc = (ids[:, :, None] == ids[:, None, :])[:, None]  # (2, 1, 9, 9)
+    for mod, dense in zip(mods, (same_doc & torch.ones(9, 9, dtype=torch.bool).tril(), same_doc)):
+        assert torch.equal(create_mask(mod, 2, 1, 9, 9, device="cpu"), dense)
+
+
 @pytest.mark.parametrize(
     "build, message",
     [

@@ -76,6 +76,7 @@ from flexattn.compiler.binding import bind_captures
 from flexattn.compiler.cache import codegen_count
 from flexattn.compiler.checks import check_mod
 from flexattn.compiler.codegen import bias_function, forward_function, gradient_function, module_source
+from flexattn.compiler.diagonals import diagonal_loads
 from flexattn.compiler.errors import ModCompileError, ModIndexError
 from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of
 from flexattn.compiler.fingerprint import fingerprint as fingerprint_now
@@ -278,17 +279,23 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
     suffix = hashlib.sha256(repr(graph.structure_key([output], True)).encode()).hexdigest()[:8]
     name = f"{program.kind}_mod_{suffix}"
     functions = [forward_function(graph, output, program.kind, target, name, fast_math)]
-    grad_name, grad_slots = None, ()
+    grad_name, tile_grad_name, grad_slots = None, None, ()
     if program.kind == "score":
         slots = {s for s, t in enumerate(graph.captures) if capture_spec(t, True).requires_grad}
         gradient = differentiate(graph, output, slots)
         grad_slots = tuple(sorted({graph.nodes[load].value for load, _ in gradient.captures}))
         grad_name = f"{name}_grad"
+        grads = list(gradient.captures)
         functions.append(
-            gradient_function(
-                graph, output, gradient.dscore, list(gradient.captures), target, grad_name, fast_math
-            )
+            gradient_function(graph, output, gradient.dscore, grads, target, grad_name, fast_math)
         )
+        if diagonal_loads(graph, [load for load, _ in grads]):  # per-diagonal gradient sums (diagonals.py)
+            tile_grad_name = f"{name}_grad_tile"
+            functions.append(
+                gradient_function(
+                    graph, output, gradient.dscore, grads, target, tile_grad_name, fast_math, True
+                )
+            )
     bias_name = None
     term = additive_term(graph, output) if program.kind == "score" else None
     if term is not None:
@@ -297,9 +304,8 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
         functions.append(bias_function(with_bias, base2_bias(with_bias, term), target, bias_name, fast_math))
     source = module_source(program.name, target, functions)
     module, path = cache.load_module(source)
-    grad_fn = getattr(module, grad_name) if grad_name else None
-    bias_fn = getattr(module, bias_name) if bias_name else None
-    return cache.CompiledMod(getattr(module, name), grad_fn, grad_slots, source, path, bias_fn)
+    fns = [getattr(module, n) if n else None for n in (grad_name, bias_name, tile_grad_name)]
+    return cache.CompiledMod(getattr(module, name), fns[0], grad_slots, source, path, fns[1], fns[2])
 
 
 def _compile(
@@ -341,6 +347,7 @@ def _kernel_mod(program: Program, device, fast_math: bool = False, target: str |
         light=_is_light(program, entry.grad_slots),
         tile_gathers=_gathers_per_score(program),
         grad_slots=entry.grad_slots if program.kind == "score" else (),
+        tile_grad_fn=entry.tile_grad_fn,
     )
     return bind_captures(template, tuple(program.graph.captures), check=False)
 

@@ -32,6 +32,7 @@ class CompiledMod:
     source: str
     path: str
     bias_fn: Any = None  # additive score mods: the base-2 bias (compiler/additive.py)
+    tile_grad_fn: Any = None  # score mods with diagonal gathers: the gradient taking the tile origin
 
 
 def codegen_count() -> int:

@@ -31,6 +31,8 @@ from flexattn.compiler.analysis import M, N
 from flexattn.compiler.ir import Graph
 from flexattn.compiler.lowering import Emitter, unpack_capture
 
+TILE_PARAMS = ", q_lo, kv_lo"  # the extra parameters of tile functions (after kv_idx)
+
 
 def _broadcast_to_tile(em: Emitter, var: str, node: int, mask: bool) -> list[str]:
     """Lines broadcasting ``var`` to the full [BLOCK_M, BLOCK_N] tile where it lacks an axis."""
@@ -54,30 +56,32 @@ def _function(name: str, params: str, doc: str, body: list[str]) -> str:
 
 
 def forward_function(
-    graph: Graph, output: int, kind: str, target: str, name: str, fast_math: bool = False
+    graph: Graph, output: int, kind: str, target: str, name: str, fast_math: bool = False, tile: bool = False
 ) -> str:
-    """Source of the score or mask device function (``fast_math``: see ``Emitter``)."""
-    em = Emitter(graph, target, output, fast_math)
+    """Source of the score or mask device function (``fast_math``, ``tile``: see ``Emitter``)."""
+    em = Emitter(graph, target, output, fast_math, tile)
     em.emit(graph.live([output]))
     body = list(em.lines) + [f"out = {em.tensor(output)}"]
     body += _broadcast_to_tile(em, "out", output, mask=kind == "mask")
     body.append("return out")
+    extra = TILE_PARAMS if tile else ""
     if kind == "score":
-        return _function(name, "score, b, h, q_idx, kv_idx, caps", "Score mod (generated).", body)
-    return _function(name, "b, h, q_idx, kv_idx, caps", "Mask mod (generated).", body)
+        return _function(name, f"score, b, h, q_idx, kv_idx{extra}, caps", "Score mod (generated).", body)
+    return _function(name, f"b, h, q_idx, kv_idx{extra}, caps", "Mask mod (generated).", body)
 
 
-def bias_function(graph: Graph, bias: int, target: str, name: str, fast_math: bool = False) -> str:
+def bias_function(
+    graph: Graph, bias: int, target: str, name: str, fast_math: bool = False, tile: bool = False
+) -> str:
     """Source of an additive score mod's base-2 bias ``(b, h, q_idx, kv_idx, caps) -> fp32`` tile
     (``compiler/additive.py``); ``caps`` as for the score function of the same graph."""
-    em = Emitter(graph, target, bias, fast_math)
+    em = Emitter(graph, target, bias, fast_math, tile)
     em.emit(graph.live([bias]))
     body = list(em.lines) + [f"out = {em.tensor(bias)}.to(tl.float32)"]
     body += _broadcast_to_tile(em, "out", bias, mask=True)
     body.append("return out")
-    return _function(
-        name, "b, h, q_idx, kv_idx, caps", "Additive score mod's bias times log2(e) (generated).", body
-    )
+    params = f"b, h, q_idx, kv_idx{TILE_PARAMS if tile else ''}, caps"
+    return _function(name, params, "Additive score mod's bias times log2(e) (generated).", body)
 
 
 def gradient_function(
@@ -88,9 +92,10 @@ def gradient_function(
     target: str,
     name: str,
     fast_math: bool = False,
+    tile: bool = False,
 ) -> str:
     """Source of the score mod's gradient function (``grads``: (load node, adjoint node) pairs)."""
-    em = Emitter(graph, target, output, fast_math)
+    em = Emitter(graph, target, output, fast_math, tile)
     em.emit(graph.live([dscore]))
     body = list(em.lines)
     if grads:
@@ -112,21 +117,46 @@ def gradient_function(
     body.append("return dscore")
     return _function(
         name,
-        "score, b, h, q_idx, kv_idx, dout, caps, grad_caps",
+        f"score, b, h, q_idx, kv_idx{TILE_PARAMS if tile else ''}, dout, caps, grad_caps",
         "Gradient of the score mod (generated): returns dLoss/dscore, accumulates capture gradients.",
         body,
     )
 
 
 def _accumulate(em: Emitter, load: int, adjoint: int) -> list[str]:
-    """Sum the adjoint over the tile axes the gathered address does not vary along, then atomic add."""
+    """Sum the adjoint over the tile axes the gathered address does not vary along, then atomic add
+    (diagonal gathers in tile functions: per diagonal, one atomic per distinct entry)."""
+    node = em.graph.nodes[load]
+    slot, ndim = node.value, em.graph.captures[node.value].ndim
+    var = f"d{load}"
+    lines = [f"{var} = {em.tensor(adjoint)}"]
+    if em.dims[adjoint] != {M, N}:
+        lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
+    if load in em.diagonals:
+        strides = [f"g{slot}_s{d}" for d in range(ndim)]
+        diag = em.diagonals[load]
+        em.lines, outer = lines, em.lines
+        em.diagonal_branch(
+            load,
+            strides,
+            lambda others, d0: [
+                f"td.add_diagonals(g{slot} + {others}, {strides[diag.dim]}, {d0}, {var}, q_idx, kv_idx, {diag.sign})"
+            ],
+            lambda: em.lines.extend(_atomic_per_element(em, load, var)),
+        )
+        lines, em.lines = em.lines, outer
+        return lines
+    return lines + _atomic_per_element(em, load, var)
+
+
+def _atomic_per_element(em: Emitter, load: int, var: str) -> list[str]:
+    """Atomic adds of ``var`` at the load's gathered addresses, summed first over the tile axes
+    the address does not vary along."""
     node = em.graph.nodes[load]
     slot, ndim = node.value, em.graph.captures[node.value].ndim
     offset = em.offset(load, [f"g{slot}_s{d}" for d in range(ndim)])
-    ptr, var = f"p{load}", f"d{load}"
-    lines = [f"{ptr} = g{slot} + {offset}" if offset else f"{ptr} = g{slot}", f"{var} = {em.tensor(adjoint)}"]
-    if em.dims[adjoint] != {M, N}:
-        lines.append(f"{var}, _ = tl.broadcast({var}, dout)")
+    ptr = f"p{load}"
+    lines = [f"{ptr} = g{slot} + {offset}" if offset else f"{ptr} = g{slot}"]
     index_dims = frozenset().union(*[em.dims[a] for a in node.args]) if node.args else frozenset()
     if not index_dims:
         lines.append(f"{var} = tl.sum(tl.sum({var}, 1), 0)")
@@ -142,6 +172,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice  # noqa: F401
 
+from flexattn.compiler import triton_diagonals as td  # noqa: F401
 from flexattn.compiler import triton_math as tm  # noqa: F401
 '''
 

@@ -14,6 +14,7 @@ import math
 import torch
 
 from flexattn.compiler.analysis import capture_layouts, exact_nodes, non_negative, tile_dims
+from flexattn.compiler.diagonals import diagonal_loads
 from flexattn.compiler.ir import COMPARISONS, INPUTS, LOW_PRECISION, Graph
 
 TL_DTYPES = {
@@ -151,9 +152,16 @@ def _literal(value, dtype: torch.dtype) -> str:
 
 
 class Emitter:
-    """Emits the body of one device function, one line per IR node."""
+    """Emits the body of one device function, one line per IR node.
 
-    def __init__(self, graph: Graph, target: str, output: int, fast_math: bool = False) -> None:
+    ``tile_origin``: the function also takes ``q_lo, kv_lo``, the raw positions of the tile's first
+    row and column (``kernels/mods.py``, TILE_GRAD_FN); the gradients of diagonal gathers
+    (``compiler/diagonals.py``) then go through ``diagonal_branch``.
+    """
+
+    def __init__(
+        self, graph: Graph, target: str, output: int, fast_math: bool = False, tile_origin: bool = False
+    ) -> None:
         self.graph = graph
         self.fast_math = fast_math and target == "cuda"  # hardware tanh (fast_math.md); NVIDIA only
         self.exact = exact_nodes(graph, output)
@@ -165,6 +173,7 @@ class Emitter:
         self.lines: list[str] = []
         self.emitted: set[int] = set()
         self.prologue: set[str] = set()
+        self.diagonals = diagonal_loads(graph, range(len(graph.nodes))) if tile_origin else {}
 
     # operands
     def ref(self, i: int) -> str:
@@ -220,24 +229,25 @@ class Emitter:
 
     def index_terms(self, i: int) -> list[tuple[str, bool]]:
         """Wrapped indices of load ``i`` as (expression, is_constant), emitting them once."""
+        return [self.index_term(i, d) for d in range(len(self.graph.nodes[i].args))]
+
+    def index_term(self, i: int, d: int) -> tuple[str, bool]:
+        """The wrapped index ``d`` of load ``i`` as (expression, is_constant), emitted once."""
         node = self.graph.nodes[i]
-        self.emit(self.graph.live(list(node.args)))
+        a = node.args[d]
+        self.emit(self.graph.live([a]))
         _, sizes, _ = self.capture_names(node.value)
-        terms = []
-        for d, a in enumerate(node.args):
-            if self.is_const(a):
-                value = self.graph.nodes[a].value
-                terms.append((str(value) if value >= 0 else f"({sizes[d]} - {-value})", True))
-                continue
-            name = f"c{node.value}_i{d}_v{a}"  # shared by every load of this capture with this index
-            if name not in self.emitted:
-                self.emitted.add(name)
-                helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
-                width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
-                self.lines.append(self._index_assert(node.value, d, a, sizes[d]))
-                self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
-            terms.append((name, False))
-        return terms
+        if self.is_const(a):
+            value = self.graph.nodes[a].value
+            return (str(value) if value >= 0 else f"({sizes[d]} - {-value})", True)
+        name = f"c{node.value}_i{d}_v{a}"  # shared by every load of this capture with this index
+        if name not in self.emitted:
+            self.emitted.add(name)
+            helper = "tm.clamp_index" if self.nonneg[a] else "tm.wrap_index"
+            width = "tl.int64" if self.layouts[node.value].wide else "tl.int32"
+            self.lines.append(self._index_assert(node.value, d, a, sizes[d]))
+            self.lines.append(f"{name} = {helper}({self.ref(a)}, {sizes[d]}).to({width})")
+        return (name, False)
 
     def _index_assert(self, slot: int, dim: int, index: int, size: str) -> str:
         """A device-side check that the index lies in [-n, n) (compiled only under TRITON_DEBUG=1;
@@ -255,6 +265,37 @@ class Emitter:
         ptr, _, strides = self.capture_names(node.value)
         offset = self.offset(i, strides)
         self.lines.append(f"v{i} = tl.load({ptr} + {offset})" if offset else f"v{i} = tl.load({ptr})")
+
+    def diagonal_branch(self, i: int, strides: list[str], fast, general) -> None:
+        """Emit ``if <every index of the tile inside the tensor>: fast(others, d0) else: general()``.
+
+        ``fast`` returns the fast branch's lines given the names of the scalar offset of the other
+        (tile-invariant) indices for ``strides`` and of the tile's diagonal index d0; ``general()``
+        emits the element-wise code, whose names stay local to its branch (later uses emit them
+        again).
+        """
+        node, diag = self.graph.nodes[i], self.diagonals[i]
+        _, sizes, _ = self.capture_names(node.value)
+        others = [
+            f"{self.index_term(i, d)[0]} * {strides[d]}" for d in range(len(node.args)) if d != diag.dim
+        ]
+        rest = ""
+        for coef, term in diag.rest:
+            self.emit(self.graph.live([term]))
+            rest += f" {'+' if coef > 0 else '-'} {self.ref(term)}"
+        tag = f"{i}_{len(self.lines)}"  # unique: a gradient function may branch on the same load twice
+        d0, base, ok = f"d{tag}", f"o{tag}", f"f{tag}"
+        relative = "kv_lo - q_lo" if diag.sign > 0 else "q_lo - kv_lo"
+        self.lines.append(f"{d0} = {relative}{rest}")
+        self.lines.append(f"{base} = {' + '.join(others) if others else '0'}")
+        self.lines.append(f"{ok} = td.in_range({d0}, {sizes[diag.dim]}, q_idx, kv_idx, {diag.sign})")
+        lines, emitted = self.lines, set(self.emitted)
+        self.lines = []
+        fast_lines = fast(base, d0)
+        general()
+        general_lines, self.lines, self.emitted = self.lines, lines, emitted
+        self.lines += [f"if {ok}:", *[f"    {line}" for line in fast_lines], "else:"]
+        self.lines += [f"    {line}" for line in general_lines]
 
     def _emit_search(self, i: int) -> None:
         """torch.searchsorted over a sorted 1-D capture: a binary search per element."""

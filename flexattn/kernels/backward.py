@@ -18,6 +18,9 @@ Glossary (the letters every kernel below uses):
                         (compiler/additive.py), one FMA per score; dS = dM unless captures need gradients
     SCORE_IS_IDENTITY   the score mod returns its score: the scale folds into the exp2 multiplier and
                         dS = dM (no score-mod calls)
+    TILE_GRAD           SCORE_GRAD_FN of the dK/dV kernel is the mod's TILE_GRAD_FN (kernels/mods.py): it also
+                        takes the tile's first query and key positions and adds relative-position table
+                        gradients once per diagonal
 
 Math, per (b, hq, i, j) with s = (q . k) * scale and m = score_mod(s) (-inf where masked):
     p = exp(m - lse);  dp = dO . v;  dm = p * (dp - DELTA)
@@ -119,7 +122,7 @@ def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN,
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, start_m, offs_n, b, hq,
+    dk, dv, k, v, start_m, start_n, offs_n, b, hq,
     q_ptr, do_ptr, LSE2, DELTA, row0, q_strides, do_strides,  # this head's q / dO rows, its LSE2 offset
     DQ_ACC, dq_strides, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
@@ -128,6 +131,7 @@ def _dkdv_step(
     IS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
+    TILE_GRAD: tl.constexpr,
 ):
     # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences).
     #    With USE_TMA, q_ptr / do_ptr are tensor descriptors over (B, HQ, Q_LEN, E / EV).
@@ -162,11 +166,16 @@ def _dkdv_step(
     # -- through the score mod (captured-tensor gradients accumulate here), then dK += dS^T Q
     if SCORE_IS_IDENTITY:
         dsT = dmT
-    elif GRAD_SCALE != 1.0:
-        dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, dmT * GRAD_SCALE, SCORE_ARGS, SCORE_GRAD_ARGS)
-        dsT = dsT * (1.0 / GRAD_SCALE)
     else:
-        dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, dmT, SCORE_ARGS, SCORE_GRAD_ARGS)
+        dmT_scaled = dmT
+        if GRAD_SCALE != 1.0:  # deterministic mode: fixed-point capture gradients (FIXED_POINT_BITS)
+            dmT_scaled = dmT * GRAD_SCALE
+        if TILE_GRAD:
+            dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, start_m, start_n, dmT_scaled, SCORE_ARGS, SCORE_GRAD_ARGS)
+        else:
+            dsT = SCORE_GRAD_FN(sT, b, hq, q_idx, kv_idx, dmT_scaled, SCORE_ARGS, SCORE_GRAD_ARGS)
+        if GRAD_SCALE != 1.0:
+            dsT = dsT * (1.0 / GRAD_SCALE)
     if (not IS_FULL) or CHECK_M or CHECK_N:
         dsT = tl.where(pT > 0.0, dsT, 0.0)  # masked, out of range or empty rows: exactly zero, never NaN
     dsT = dsT.to(qT.dtype)
@@ -200,7 +209,7 @@ def _bwd_dkdv(
     HAS_FULL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     GRAD_SCALE: tl.constexpr, FUSED_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
-    BIAS_FN: tl.constexpr,
+    BIAS_FN: tl.constexpr, TILE_GRAD: tl.constexpr,
 ):
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -236,11 +245,11 @@ def _bwd_dkdv(
             for i in range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1)):
                 start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, start_m, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
+                    dk, dv, k, v, start_m, start_n, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                     E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, DOT_PRECISION,
-                    USE_TMA, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN,
+                    USE_TMA, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE, BIAS_FN, TILE_GRAD,
                 )
 
     # -- write dK (scaled) and dV
@@ -454,13 +463,15 @@ def flex_backward(
     if tiles.use_tma and not fused_dq:
         descriptors = tile_descriptors(((q, pads["E_PAD"]), (dout, pads["EV_PAD"])), tiles.BLOCK_M1, target)
     q_src, dout_src = descriptors or (q, dout)
+    tile_grad = score_mod.tile_grad_fn is not None and bool(buffers)  # per-diagonal table gradients
     _bwd_dkdv[(triton.cdiv(KV_LEN, tiles.BLOCK_N1), HKV, B)](
         q_src, k, v, dout_src, lse2, delta, dk, dv, q.stride(), k.stride(), v.stride(), dout.stride(), dk.stride(),
         dv.stride(), *table_args, dq, dq.stride(), HQ, Q_LEN, KV_LEN, rows, scale,
-        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args, score_mod.grad_fn, score_mod.grad_args(buffers),
+        score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
+        score_mod.tile_grad_fn if tile_grad else score_mod.grad_fn, score_mod.grad_args(buffers),
         BLOCK_M1=tiles.BLOCK_M1, BLOCK_N1=tiles.BLOCK_N1, CHECK_M=Q_LEN % q_block != 0,
         CHECK_N=KV_LEN % tiles.BLOCK_N1 != 0, GRAD_SCALE=grad_scale, FUSED_DQ=fused_dq, USE_TMA=descriptors is not None,
-        **flags,
+        TILE_GRAD=tile_grad, **flags,
         **meta, **({"maxnreg": tiles.max_registers} if tiles.max_registers else {}),
     )  # fmt: skip
     if grad_scale != 1.0:

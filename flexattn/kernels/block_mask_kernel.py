@@ -12,19 +12,23 @@ Glossary:
     classes           EMPTY 0 (never visited), PARTIAL 1 (mask_mod evaluated), FULL 2 (all allowed);
                       UNDECIDED 3 only inside the classifier
 
-Two kernels:
-1. ``_classify_kernel``, one program per (q block, h, b): walks its row of tiles T kv blocks at
-   a time. The mod's interval function (``flexattn.compiler.intervals``) decides most tiles from
-   their index ranges alone; only the undecided ones run the mask mod on their elements, sub-tile
-   by sub-tile, stopping as soon as both a True and a False pair are seen. Each row's partial and
-   full block lists are written in ascending order as they are found (a prefix sum per step), and
-   every class into a (B, H, NQ, NKV) int8 table.
-2. ``_transpose_kernel``, one program per (T kv blocks, h, b): walks the q blocks of its columns
-   in ascending order, QS at a time, and appends each to the q-side lists of the columns that visit
-   it (a prefix sum down each column): the transposed view for the backward, sorted by construction.
+Three kernels:
+1. ``_classify_kernel`` (``build_block_tables``, the kv side that ``create_block_mask`` builds), one
+   program per (q block, h, b): walks its row of tiles T kv blocks at a time. The mod's interval
+   function (``flexattn.compiler.intervals``) decides most tiles from their index ranges alone; only
+   the undecided ones run the mask mod on their elements, sub-tile by sub-tile, stopping as soon as
+   both a True and a False pair are seen. Each row's partial and full block lists are written in
+   ascending order as they are found (a prefix sum per step).
+2. ``_classes_kernel`` and 3. ``_transpose_kernel`` (``build_q_side``, the transposed view the
+   backward needs, built when first asked for): the first writes each listed block's class into a
+   (B, H, NQ, NKV) int8 table (one program per row of kv lists); the second, one program per
+   (T kv blocks, h, b), walks the q blocks of its columns in ascending order, QS at a time, and
+   appends each to the q-side lists of the columns that visit it (a prefix sum down each column),
+   sorted by construction.
 
-Memory is the block tables themselves plus the int8 class table: O(B * H * NQ * NKV), never L x L.
-Nothing is synchronised with the host.
+Memory: ``build_block_tables`` allocates only the kv-side tables (two int32 (B, H, NQ, NKV) lists,
+their counts); ``build_q_side`` the q-side tables plus the int8 class table, freed when it returns.
+Never L x L, and nothing is synchronised with the host.
 """
 
 from __future__ import annotations
@@ -115,8 +119,8 @@ def _zero_tail(IDX, row_base, count, N, T: tl.constexpr):
 # Sizes change with the lengths and the block sizes: not specialized, so they never recompile.
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "NQ", "NKV", "H", "Q_BLOCK", "KV_BLOCK"])
 def _classify_kernel(
-    # outputs: counts (B*H*NQ,), indices (B*H*NQ, NKV) int32; classes (B*H*NQ, NKV) int8
-    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, CLASSES,
+    # outputs: counts (B*H*NQ,), indices (B*H*NQ, NKV) int32
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX,
     # sizes
     Q_LEN, KV_LEN, NQ, NKV, H, Q_BLOCK, KV_BLOCK,
     # the compiled mod
@@ -152,8 +156,7 @@ def _classify_kernel(
             cls = tl.where(offs == t, found, cls)
         if not SEPARATE_FULL:
             cls = tl.where(cls == 2, 1, cls)
-        # -- record: classes, then the partial and full lists in ascending order --
-        tl.store(CLASSES + row_base + blocks, cls.to(tl.int8), mask=valid)
+        # -- record the partial and full lists in ascending order --
         n_partial = _append(KV_IDX, row_base, n_partial, blocks, cls == 1)
         if SEPARATE_FULL:
             n_full = _append(FULL_IDX, row_base, n_full, blocks, cls == 2)
@@ -162,6 +165,31 @@ def _classify_kernel(
     if SEPARATE_FULL:
         tl.store(FULL_NUM + row, n_full)
         _zero_tail(FULL_IDX, row_base, n_full, NKV, T)
+
+
+@triton.jit(do_not_specialize=["NKV"])
+def _classes_kernel(
+    # inputs: counts (B*H*NQ,), indices (B*H*NQ, NKV) int32; output: classes (B*H*NQ, NKV) int8 (zeroed)
+    KV_NUM, KV_IDX, FULL_NUM, FULL_IDX, CLASSES,
+    NKV,
+    T: tl.constexpr, HAS_FULL: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    row_base = row * NKV
+    _mark(KV_IDX, CLASSES, row_base, tl.load(KV_NUM + row), NKV, 1, T)
+    if HAS_FULL:
+        _mark(FULL_IDX, CLASSES, row_base, tl.load(FULL_NUM + row), NKV, 2, T)
+
+
+@triton.jit
+def _mark(IDX, CLASSES, row_base, count, NKV, value: tl.constexpr, T: tl.constexpr):
+    """CLASSES[row_base + IDX[row_base + s]] = value for the first ``count`` slots s (in range only)."""
+    offs = tl.arange(0, T)
+    for start in range(0, tl.minimum(count, NKV), T):
+        slots = start + offs
+        blocks = tl.load(IDX + row_base + slots, mask=(slots < count) & (slots < NKV), other=-1)
+        listed = (blocks >= 0) & (blocks < NKV)  # out-of-range entries (a malformed mask) write nothing
+        tl.store(CLASSES + row_base + blocks, tl.full((T,), value, tl.int8), mask=listed)
 
 
 @triton.jit(do_not_specialize=["NQ", "NKV", "H"])
@@ -218,12 +246,14 @@ def build_block_tables(
     device: torch.device,
     separate_full: bool = True,
 ) -> BlockTables:
-    """Classify every (b, h, q block, kv block) tile of ``mod`` on ``device`` and list the blocks.
+    """Classify every (b, h, q block, kv block) tile of ``mod`` on ``device`` and list the kv side.
 
-    How it is parallelized: the classifier runs one program per (q block, h, b) over that row of
-    NKV tiles, the transpose one program per (32 kv blocks, h, b) over the NQ q blocks; both are
-    launched back to back with no host synchronisation. Positions past ``q_len`` / ``kv_len`` in a
-    tail block are ignored (a tail block whose in-range pairs are all allowed is FULL).
+    Returns BlockTables with the kv-side lists (int32 (B, H, NQ) counts and (B, H, NQ, NKV)
+    indices, unused slots 0) and no q side: :func:`build_q_side` derives it when a backward needs it.
+
+    How it is parallelized: one program per (q block, h, b) over that row of NKV tiles, no host
+    synchronisation. Positions past ``q_len`` / ``kv_len`` in a tail block are ignored (a tail
+    block whose in-range pairs are all allowed is FULL). Memory: the tables it returns, nothing else.
 
     Example (through the interpreter on CPU, ``TRITON_INTERPRET=1``)::
 
@@ -232,41 +262,76 @@ def build_block_tables(
         tables.full_kv_num_blocks[0, 0].tolist()     # [0, 1, 2]
     """
     nq, nkv = triton.cdiv(q_len, q_block), triton.cdiv(kv_len, kv_block)
-    if max(B, H) > MAX_GRID_YZ:
-        raise ValueError(
-            f"create_block_mask on the device supports B and H up to {MAX_GRID_YZ} (CUDA's grid limit), "
-            f"got B={B}, H={H}: split the batch into several masks."
-        )
+    _check_grid(B, H)
     i32 = dict(dtype=torch.int32, device=device)
     kv_num = torch.empty(B, H, nq, **i32)
     kv_idx = torch.empty(B, H, nq, nkv, **i32)
-    classes = torch.empty(B, H, nq, nkv, dtype=torch.int8, device=device)
-    q_num = torch.empty(B, H, nkv, **i32)
-    q_idx = torch.zeros(B, H, nkv, nq, **i32)
     if separate_full:
         full_num, full_idx = torch.empty_like(kv_num), torch.empty_like(kv_idx)
-        full_q_num, full_q_idx = torch.empty_like(q_num), torch.zeros_like(q_idx)
     else:  # never written (SEPARATE_FULL=False)
         full_num = full_idx = kv_num
-        full_q_num = full_q_idx = q_num
     sub_m, sub_n = _sub_tile(q_block, kv_block)
     with _on(device):  # Triton launches on the current device
         _classify_kernel[(nq, H, B)](
-            kv_num, kv_idx, full_num, full_idx, classes,
+            kv_num, kv_idx, full_num, full_idx,
             q_len, kv_len, nq, nkv, H, q_block, kv_block,
             mod.mask.fn, mod.mask.args, mod.interval_fn, mod.ranges,
             T=KV_BLOCKS_PER_STEP, SUB_M=sub_m, SUB_N=sub_n, SEPARATE_FULL=separate_full,
             num_warps=4,
         )  # fmt: skip
+    if not separate_full:
+        full_num = full_idx = None
+    return BlockTables(kv_num, kv_idx, full_num, full_idx, None, None, None, None, q_block, kv_block)
+
+
+def build_q_side(tables: BlockTables) -> BlockTables:
+    """``tables`` with the transposed (q-side) view derived on the device from its kv-side lists.
+
+    Returns q_num_blocks int32 (B, H, NKV) and q_indices int32 (B, H, NKV, NQ) (unused slots 0),
+    and the same for the full blocks when ``tables`` has them; equal to
+    ``block_mask_build.transpose_ordered`` of the kv side.
+
+    How it is parallelized: ``_classes_kernel`` runs one program per row of kv lists (b, h, q
+    block) and marks the row's blocks in an int8 (B, H, NQ, NKV) class table; ``_transpose_kernel``
+    one program per (32 kv blocks, h, b) over the NQ q blocks. Launched back to back, no host
+    synchronisation. Memory: the q-side tables plus the class table (B*H*NQ*NKV bytes, dropped on
+    return). Kv-side entries outside [0, NKV) (a malformed mask) are ignored, never written through.
+    """
+    B, H, nq, nkv = tables.kv_indices.shape
+    _check_grid(B, H)
+    device = tables.kv_indices.device
+    has_full = tables.has_full
+    kv_num, kv_idx = tables.kv_num_blocks.contiguous(), tables.kv_indices.contiguous()
+    full_num = tables.full_kv_num_blocks.contiguous() if has_full else kv_num
+    full_idx = tables.full_kv_indices.contiguous() if has_full else kv_idx
+    i32 = dict(dtype=torch.int32, device=device)
+    classes = torch.zeros(B, H, nq, nkv, dtype=torch.int8, device=device)
+    q_num = torch.empty(B, H, nkv, **i32)
+    q_idx = torch.zeros(B, H, nkv, nq, **i32)
+    if has_full:
+        full_q_num, full_q_idx = torch.empty_like(q_num), torch.zeros_like(q_idx)
+    else:  # never written (SEPARATE_FULL=False)
+        full_q_num = full_q_idx = q_num
+    with _on(device):
+        _classes_kernel[(B * H * nq,)](
+            kv_num, kv_idx, full_num, full_idx, classes, nkv,
+            T=KV_BLOCKS_PER_STEP, HAS_FULL=has_full, num_warps=4,
+        )  # fmt: skip
         _transpose_kernel[(triton.cdiv(nkv, COLUMNS_PER_PROGRAM), H, B)](
             classes, q_num, q_idx, full_q_num, full_q_idx, nq, nkv, H,
-            T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=separate_full, num_warps=4,
+            T=COLUMNS_PER_PROGRAM, QS=Q_BLOCKS_PER_STEP, SEPARATE_FULL=has_full, num_warps=4,
         )  # fmt: skip
-    if not separate_full:
-        full_num = full_idx = full_q_num = full_q_idx = None
-    return BlockTables(
-        kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx, q_block, kv_block
-    )
+    if not has_full:
+        full_q_num = full_q_idx = None
+    return tables.with_q_side(q_num, q_idx, full_q_num, full_q_idx)
+
+
+def _check_grid(B: int, H: int) -> None:
+    if max(B, H) > MAX_GRID_YZ:
+        raise ValueError(
+            f"create_block_mask on the device supports B and H up to {MAX_GRID_YZ} (CUDA's grid limit), "
+            f"got B={B}, H={H}: split the batch into several masks."
+        )
 
 
 def _on(device: torch.device):

@@ -6,7 +6,16 @@ conventions (every template follows them, at exactly one place per kernel):
     score = SCORE_FN(score, b, h, q_idx, kv_idx, SCORE_ARGS)                  # fp32, broadcastable
     keep  = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)                            # int1, broadcastable
     dscore = SCORE_GRAD_FN(score, b, h, q_idx, kv_idx, dout, SCORE_ARGS, SCORE_GRAD_ARGS)
+    dscore = TILE_GRAD_FN(score, b, h, q_idx, kv_idx, q_lo, kv_lo, dout, SCORE_ARGS, SCORE_GRAD_ARGS)
     bias2 = BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)     # additive score mods: f * log2(e), fp32
+
+- ``TILE_GRAD_FN`` (``KernelMod.tile_grad_fn``, set when the mod reads a learnable table at a
+  relative position, ``t[h, kv_idx - q_idx + c]``: a "diagonal gather", ``compiler/diagonals.py``)
+  is SCORE_GRAD_FN with the raw positions of the tile's first query row and key column: ``q_idx`` /
+  ``kv_idx`` must be ``q_lo + 0, 1, ...`` / ``kv_lo + 0, 1, ...`` wrapped into range. On a tile
+  whose table indices all lie in the table it sums the gradient per diagonal and adds it with one
+  atomic per distinct entry (instead of one per score). A kernel whose tiles are such runs (the
+  backward's dK/dV kernel) may call it instead of SCORE_GRAD_FN.
 
 - additive score mods (``score + f(b, h, q_idx, kv_idx)``, ``KernelMod.bias_fn`` set): the kernels
   may skip SCORE_FN and compute base-2 scores as ``qk * (scale * log2e) + BIAS_FN(...)`` (one FMA;
@@ -65,6 +74,7 @@ class KernelMod:
         tile_gathers: the mod reads a captured tensor at an index that varies along both tile axes
             (a relative-position table ``t[h, q_idx - kv_idx]``): one 64-bit address per score, so
             launchers pick smaller tiles (``kernels/tiles.py``).
+        tile_grad_fn: score mods with diagonal gathers: ``TILE_GRAD_FN`` (module docstring), else None.
     """
 
     fn: Any
@@ -79,6 +89,7 @@ class KernelMod:
     grad_slots: tuple[int, ...] = ()
     bias_fn: Any = None
     tile_gathers: bool = False
+    tile_grad_fn: Any = None
 
     def grad_args(self, grad_buffers: tuple[torch.Tensor, ...]) -> tuple:
         """The ``SCORE_GRAD_ARGS`` tuple for fp32 gradient buffers shaped like ``grad_captures``."""

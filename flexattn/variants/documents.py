@@ -53,21 +53,24 @@ def document_ids_from_offsets(offsets: torch.Tensor) -> torch.Tensor:
     return document_ids_from_lengths(offsets[1:] - offsets[:-1])
 
 
-def document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
+def document_offsets(document_ids: torch.Tensor, num_docs: int | None = None) -> torch.Tensor:
     """First position of every document: ``offsets[..., d]`` for ids ``(L,)`` or ``(B, L)``.
 
     Documents must be contiguous runs of the ids ``0 .. num_docs - 1``. The result has the ids'
-    leading shape and ``num_docs`` columns (int32); absent ids get offset ``L``.
+    leading shape and ``num_docs`` columns (int32); absent ids get offset ``L``. ``num_docs``: at
+    least the largest id + 1 (known from the packing, e.g. the number of documents per row), so no
+    value is read back; None reads it from the ids (a host-device synchronisation on a GPU).
     """
     rows = document_ids.reshape(-1, document_ids.shape[-1]).long()  # (B or 1, L)
-    num_docs = int(rows.max()) + 1
+    if num_docs is None:
+        num_docs = int(rows.max()) + 1
     positions = torch.arange(rows.shape[-1], device=rows.device).expand_as(rows)
     offsets = torch.full((rows.shape[0], num_docs), rows.shape[-1], device=rows.device, dtype=torch.long)
     offsets.scatter_reduce_(1, rows, positions, reduce="amin")
     return offsets.to(torch.int32).reshape(*document_ids.shape[:-1], num_docs)
 
 
-def document_mask(document_ids: torch.Tensor, inner=None):
+def document_mask(document_ids: torch.Tensor, inner=None, *, num_docs: int | None = None):
     """Attention restricted to each document of a packed sequence, optionally with an inner mask.
 
     ``inner(b, h, q_pos, kv_pos)`` is any mask mod; it sees positions *relative to the start of the
@@ -79,6 +82,9 @@ def document_mask(document_ids: torch.Tensor, inner=None):
             batch element; documents are contiguous runs of ids ``0, 1, 2, ...`` (see
             :func:`document_ids_from_lengths`). Queries and keys share the packing (self-attention).
         inner: a mask mod, or None for full attention inside each document.
+        num_docs: with ``inner``, at least the number of documents of any row (the largest id + 1),
+            known from the packing: the documents' starts are then found without reading a value
+            back from the device (see :func:`document_offsets`). None reads it from the ids.
 
     Returns:
         a mask mod named ``document`` or ``document_<inner name>``.
@@ -93,7 +99,7 @@ def document_mask(document_ids: torch.Tensor, inner=None):
             f"{tuple(document_ids.shape)}."
         )
     ids = document_ids.to(torch.int32)
-    offsets = document_offsets(ids)
+    offsets = None if inner is None else document_offsets(ids, num_docs)
 
     if ids.ndim == 1:
 

@@ -89,3 +89,21 @@ def test_flex_attention_path_matches_eager(kind, device, backend, monkeypatch):
         for name, grad in want_grads.items():
             torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-4, msg=f"{kind}: {name}")
     assert masks and all(isinstance(m, flexattn.BlockMask) for m in masks)
+
+
+def test_use_pytorch_undoes_use_flexattn():
+    import torch.nn.attention.flex_attention as torch_flex
+
+    from flexattn.integrations.transformers import use_pytorch
+
+    module = transformers.integrations.flex_attention
+    use_flexattn()
+    use_flexattn()  # idempotent: the originals are remembered once
+    assert module.flex_attention is flexattn.flex_attention
+    assert module.create_block_mask is flexattn.create_block_mask
+    use_pytorch()
+    assert module.flex_attention is torch_flex.flex_attention
+    assert module.create_block_mask is torch_flex.create_block_mask
+    assert transformers.masking_utils.BlockMask is torch_flex.BlockMask
+    use_flexattn()
+    assert transformers.masking_utils.create_block_mask is flexattn.create_block_mask

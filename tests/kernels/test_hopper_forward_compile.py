@@ -1,10 +1,11 @@
 """The Gluon Hopper forward (flexattn/kernels/hopper/forward_ws.py) compiles for sm_90a without a GPU.
 
 CI has no Hopper GPU, so this checks what can be checked statically: the kernel compiles through
-Triton's Gluon frontend for sm_90a (the stub driver of benchmarks/compile_report.py), fits in
-registers without spills and in shared memory, and uses the Hopper paths it was written for:
-wgmma (SASS HGMMA), TMA loads (UTMALDG) and register reallocation between producer and consumers
-(setmaxnreg). Correctness and speed are measured on the GPU (benchmarks/spike_gluon_forward.py).
+Triton's Gluon frontend for sm_90a (the stub driver of benchmarks/compile_report.py) with
+flexattn's compiled mods inlined, fits in registers without spills and in shared memory, and uses
+the Hopper paths it was written for: wgmma (SASS HGMMA), TMA loads (UTMALDG) and register
+reallocation between producer and consumers (setmaxnreg). Correctness and speed are measured on the
+GPU (tests/kernels/test_hopper_forward_gpu.py, benchmarks/spike_gluon_forward.py).
 """
 
 from __future__ import annotations
@@ -18,19 +19,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexattn.kernels.hopper.forward_ws import flash_forward_ws
+from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.hopper.forward_ws import gluon_forward
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_SHARED_MEMORY = 232448  # opt-in shared memory per block on sm_90
+# (name, head dim, variant, length): no block mask with three consumers (E64) and two (E128); block
+# tables (partial + full lists) with the compiled causal / document / ALiBi mods; lengths of 1000
+# compile the tail paths (keys past KV_LEN masked, rows past Q_LEN clamped)
+CASES = [
+    ("E64-noop-3wg", 64, "noop", 1024),
+    ("E128-noop-2wg", 128, "noop", 1024),
+    ("E128-causal-tables", 128, "causal", 1024),
+    ("E64-document-tables", 64, "document", 1024),
+    ("E128-alibi-causal-tables", 128, "alibi", 1024),
+    ("E64-noop-tail-2wg", 64, "noop", 1000),
+    ("E128-causal-tables-tail", 128, "causal", 1000),
+]
 _SCRIPT = """
 import json, sys
 sys.path.insert(0, "benchmarks")
 import gluon_compile_report as g
 from compile_report import resources
 rows = {}
-cases = (("E128-2wg", 128, True, (64, 128, 2, True, 2)), ("E64-3wg", 64, False, (64, 128, 3, True, 3)))
-for name, head_dim, causal, variant in cases:
-    kernel = g.compile_variant(head_dim, causal, variant)
+for name, head_dim, variant, length in json.loads(sys.argv[1]):
+    kernel = g.compile_variant(head_dim, variant, length=length)
     rows[name] = {**resources(kernel), **g.instructions(kernel)}
 print("ROWS=" + json.dumps(rows))
 """
@@ -38,19 +52,20 @@ print("ROWS=" + json.dumps(rows))
 
 @pytest.fixture(scope="module")
 def compiled_rows() -> dict:
-    """Causal E128 with two consumer warpgroups and noop E64 with three, compiled for sm_90a."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real compiles
+    """Every case of CASES compiled for sm_90a (one child process: real compiles, no interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(
         next(x for x in done.stdout.splitlines() if x.startswith("ROWS=")).removeprefix("ROWS=")
     )
 
 
-@pytest.mark.parametrize("name", ["E128-2wg", "E64-3wg"])
-def test_compiles_for_sm90a_with_wgmma_tma_and_setmaxnreg(compiled_rows, name):
+@pytest.mark.parametrize("name", [case[0] for case in CASES])
+def test_compiles_for_sm90a_with_wgmma_tma_and_setmaxnreg_without_spills(compiled_rows, name):
     row = compiled_rows[name]
     assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
     assert 0 < row["shared_memory"] <= H100_SHARED_MEMORY, row
@@ -60,16 +75,29 @@ def test_compiles_for_sm90a_with_wgmma_tma_and_setmaxnreg(compiled_rows, name):
     assert row["sass"].get("LDL", 0) == 0 and row["sass"].get("STL", 0) == 0, row
 
 
+def test_three_consumer_warpgroups_without_a_mask_at_e64_two_with_block_tables(compiled_rows):
+    # setmaxnreg: three consumers get 160 registers each, two get 240 (the producer gives its back)
+    assert ["inc", "160"] in compiled_rows["E64-noop-3wg"]["ptx_setmaxnreg"]
+    assert ["inc", "240"] in compiled_rows["E64-document-tables"]["ptx_setmaxnreg"]
+    assert ["inc", "240"] in compiled_rows["E64-noop-tail-2wg"]["ptx_setmaxnreg"]
+
+
+H100 = DeviceLimits((9, 0), H100_SHARED_MEMORY)
+
+
 @pytest.mark.parametrize(
-    "shape, dtype, message",
+    "q_shape, kv_shape, dtype, message",
     [
-        ((1, 2, 300, 64), torch.bfloat16, "multiple of"),
-        ((1, 2, 256, 96), torch.bfloat16, "head dim 96"),
-        ((1, 2, 256, 64), torch.float32, "bf16 or fp16"),
+        ((1, 2, 256, 96), (1, 2, 256, 96), torch.bfloat16, "E = Ev in"),
+        ((1, 2, 256, 64), (1, 2, 256, 64), torch.float32, "bf16/fp16"),
+        ((1, 3, 256, 64), (1, 2, 256, 64), torch.bfloat16, "multiple of Hkv"),
     ],
-    ids=["L300", "E96", "fp32"],
+    ids=["E96", "fp32", "H3-over-2"],
 )
-def test_launcher_refuses_what_the_kernel_cannot_do(shape, dtype, message):
-    q = torch.randn(shape).to(dtype)
+def test_launcher_refuses_what_the_kernel_cannot_do(q_shape, kv_shape, dtype, message):
+    q, kv = torch.zeros(q_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
+    mods = dict(
+        score_mod=compile_score_mod(None, target="cuda"), mask_mod=compile_mask_mod(None, target="cuda")
+    )
     with pytest.raises(ValueError, match=message):
-        flash_forward_ws(q, q, q)
+        gluon_forward(q, kv, kv, **mods, tables=None, scale=0.125, target=H100, warmup=True)

@@ -1,33 +1,40 @@
-"""Hopper (sm_90a) forward attention in Gluon, FlashAttention-3 style: a spike (issue #16).
+"""Hopper (sm_90a) block-sparse attention forward in Gluon, FlashAttention-3 style (issue #16).
 
 Glossary:
-    B, H              batch and heads (q, k, v share the head count here: no GQA yet)
-    L                 sequence length, the same for queries and keys; a multiple of BLOCK_N
-    E                 head dim of q, k and v (64 or 128)
+    B, HQ, HKV        batch, query heads, key/value heads (query head h reads kv head h // GQA_GROUP)
+    Q_LEN, KV_LEN     sequence lengths (runtime values: new lengths do not recompile)
+    E                 head dim of q, k and v (64 or 128; Ev == E)
     BLOCK_M           query rows of ONE consumer warpgroup (64); a CTA holds NUM_CONSUMERS of them
     BLOCK_N           keys per K/V tile (a power of two, as every Gluon tensor dimension)
+    Q_BLOCK, KV_BLOCK the BlockMask's block sizes: a CTA's rows are exactly one q block
+                      (NUM_CONSUMERS * BLOCK_M == Q_BLOCK); BLOCK_N divides KV_BLOCK
+    partial / full    kv blocks where mask_mod must be evaluated / where every pair is allowed
     STAGES            depth of the shared-memory ring of K/V tiles
 
-How a CTA is organised (one CTA per (NUM_CONSUMERS * BLOCK_M query rows, batch*head)):
-    producer  (1 warp, few registers): TMA loads of the consumers' Q tiles, then every K and V tile
-              into a STAGES-deep ring; K and V each have a ready and an empty mbarrier per stage
-              (empty counts NUM_CONSUMERS arrivals: every consumer reads every tile).
-    consumers (NUM_CONSUMERS = 2 or 3 warpgroups: the default partition plus workers): each owns
-              BLOCK_M query rows and runs the online softmax over the key tiles with warpgroup_mma:
+How a CTA is organised (one CTA per (q block, query head, batch element)):
+    producer  (1 warp, few registers): TMA loads of the consumers' Q tiles, then the K and V tiles of
+              the q block's row of the block tables -- its partial kv blocks, then its full ones
+              (without a block mask: every tile) -- into a STAGES-deep ring; K and V each have a
+              ready and an empty mbarrier per stage (empty counts NUM_CONSUMERS arrivals).
+    consumers (NUM_CONSUMERS = 2 or 3 warpgroups): each owns BLOCK_M query rows and runs the online
+              softmax over the same tiles in the same order with warpgroup_mma:
                   S_j = Q K_j^T (smem x smem)       O += P_{j-1} V_{j-1} (registers x smem)
               Both GEMMs of a step are issued back to back, then the consumer waits for S_j only
-              and does S_j's softmax while P_{j-1} V_{j-1} still runs (intra-warpgroup overlap).
-              With PINGPONG the consumers take turns issuing their GEMMs (an mbarrier per
-              consumer, round robin), so one warpgroup's softmax runs while another's GEMMs occupy
-              the tensor cores (inter-warpgroup ping-pong, as in FA3).
-    registers: the producer warpgroup is given few registers (setmaxnreg), the consumers the rest.
+              and does S_j's softmax while P_{j-1} V_{j-1} still runs. With PINGPONG the consumers
+              take turns issuing their GEMMs (an mbarrier per consumer, round robin).
+    registers: the producer warp is given few registers (setmaxnreg), the consumers the rest.
 
-Softmax in base 2 with qk_scale = scale * log2(e): the row max m is kept in the scores' own units
-(raw q.k without a score mod) and p = exp2(s * qk_scale - m * qk_scale) is one FFMA per score;
-lse = (m * qk_scale + log2 l) * ln 2 (natural log). Causal: key tiles above the diagonal are never
-loaded, only tiles that straddle the diagonal evaluate the mask. ``_score_mask`` is the one place
-compiled score/mask mods (flexattn's generated ``@triton.jit`` functions, called as they are) are
-inlined.
+Tiles: the mask_mod runs on partial tiles only; the score_mod on every tile. Keys past KV_LEN (TMA
+zero-fills the loads: the descriptors are 4-D over (B, H, L, E)) are masked on the tiles that can
+hold them -- the last KV_BLOCK // BLOCK_N tiles of each list when KV_LEN is not a multiple of
+KV_BLOCK; query rows past Q_LEN are computed on zeros and not stored. The mods see positions past
+the ends clamped to LEN - 1 (gathers stay in bounds; the Triton forward wraps them, and either way
+those scores are masked or never stored).
+
+Softmax in base 2: without a score mod the row max m stays in raw q.k units and p = exp2(s * qk_scale
+- m * qk_scale) is one FFMA per score (qk_scale = scale * log2(e), scale > 0); with one, in natural
+units. Outputs as the Triton forward's: out (B, HQ, Q_LEN, E), lse (natural log) and max_scores
+(natural units) (B, HQ, Q_LEN) fp32; a row with no allowed key gets out 0, lse = max = -inf.
 """
 
 from __future__ import annotations
@@ -45,6 +52,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from flexattn.kernels.block_tables import BlockTables
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.device import DeviceLimits, device_limits
+from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
+from flexattn.kernels.hopper.gluon_mods import gluon_fn
+from flexattn.kernels.mods import KernelMod
+
 LOG2E = 1.4426950408889634
 
 
@@ -53,45 +67,46 @@ LOG2E = 1.4426950408889634
 # The score/mask step: the one place the compiled score_mod / mask_mod are inlined.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _score_mask(s, q_idx, kv_idx, mods, SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr,
-                MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+def _score_mask(s, q_idx, start, mods, KV_LEN, SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr,
+                APPLY_MASK, CHECK_TAIL: gl.constexpr):
     """Raw q.k (fp32 [BLOCK_M, BLOCK_N]) -> (scores the softmax sees, -inf where masked; their base-2 multiplier).
 
-    q_idx int32 [BLOCK_M, 1], kv_idx int32 [1, BLOCK_N] (absolute positions); mods = (b, h, scale,
-    qk_scale, SCORE_ARGS, MASK_ARGS). The mods follow flexattn's calling convention
-    (``flexattn/kernels/mods.py``): SCORE_FN(score, b, h, q_idx, kv_idx, SCORE_ARGS) on the scaled
-    score, MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS) -> int1. Without a score mod the scores stay in
-    raw q.k units and the multiplier is qk_scale = scale * log2(e) (folded into the exp2's FFMA).
-    MASKED is False on tiles known to be fully visible (below the causal diagonal): no mask work."""
+    q_idx int32 [BLOCK_M, 1] (clamped into [0, Q_LEN)); the tile's keys start at ``start``; mods = (b, h, scale, qk_scale, SCORE_ARGS, MASK_ARGS). The mods follow
+    flexattn's calling convention (``flexattn/kernels/mods.py``). Without a score mod (SCORE_FN None)
+    the scores stay in raw q.k units and the multiplier is qk_scale. APPLY_MASK: a constexpr (False:
+    a full tile, no mask work) or a runtime int1 scalar (the first tile, partial or full).
+    CHECK_TAIL: the tile may hold keys at or past KV_LEN: masked,
+    and the mods see them clamped to KV_LEN - 1 (gathers stay in bounds; one min, no modulo)."""
     b, h, scale, qk_scale, score_args, mask_args = mods
+    # key offsets made here, where they are used: held across the loop they would cost registers
+    kv_base = gl.expand_dims(gl.arange(0, s.type.shape[1], layout=gl.SliceLayout(0, s.type.layout)), 0)
+    kv_pos = start + kv_base
+    kv_idx = kv_pos
+    if CHECK_TAIL:
+        kv_idx = gl.minimum(kv_pos, KV_LEN - 1)
     if SCORE_FN is None:
         to_base2 = qk_scale
     else:
         s = SCORE_FN(s * scale, b, h, q_idx, kv_idx, score_args)
         to_base2 = 1.4426950408889634
-    if MASKED:
-        if MASK_FN is None:
-            if CAUSAL:
-                s = gl.where(q_idx >= kv_idx, s, -float("inf"))
-        else:
-            s = gl.where(MASK_FN(b, h, q_idx, kv_idx, mask_args), s, -float("inf"))
+    if APPLY_MASK:
+        s = gl.where(MASK_FN(b, h, q_idx, kv_idx, mask_args), s, -float("inf"))
+    if CHECK_TAIL:
+        s = gl.where(kv_pos < KV_LEN, s, -float("inf"))
     return s, to_base2
 
 
 @gluon.jit
-def _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr,
-                  MASKED: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax_step(s, m_i, l_i, q_idx, start, mods, KV_LEN, SCORE_FN: gl.constexpr,
+                  MASK_FN: gl.constexpr, APPLY_MASK, CHECK_TAIL: gl.constexpr):
     """One tile's online-softmax update. Returns p (fp32, s's layout), alpha, m, l.
 
-    m_i is the running row max in the units _score_mask returns (its multiplier is positive, so
-    max and scaling commute); p = exp2(s * c - m * c) is one FFMA and one MUFU.EX2 per score."""
-    s, to_base2 = _score_mask(s, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
+    m_i is the running row max in the units _score_mask returns (its multiplier is positive, so max
+    and scaling commute); p = exp2(s * c - m * c) is one FFMA and one MUFU.EX2 per score. Rows with
+    no finite score so far (masked, or -inf from a score mod) compute with m = 0: p = 0, no NaN."""
+    s, to_base2 = _score_mask(s, q_idx, start, mods, KV_LEN, SCORE_FN, MASK_FN, APPLY_MASK, CHECK_TAIL)
     m_new = gl.maximum(m_i, gl.max(s, 1))
-    if MASKED:
-        m_ref = gl.where(m_new == -float("inf"), 0.0, m_new)  # rows fully masked so far: p = 0, no NaN
-    else:
-        m_ref = m_new
-    m_scaled = m_ref * to_base2
+    m_scaled = gl.where(m_new == -float("inf"), 0.0, m_new) * to_base2
     p = gl.exp2(s * to_base2 - gl.expand_dims(m_scaled, 1))
     alpha = gl.exp2(m_i * to_base2 - m_scaled)
     l_i = l_i * alpha + gl.sum(p, 1)
@@ -99,27 +114,73 @@ def _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN: gl.constexpr, MASK
 
 
 # ---------------------------------------------------------------------------------------------
+# The tile sequence: the q block's partial tiles, then its full tiles (or every tile, dense).
+# ---------------------------------------------------------------------------------------------
+@gluon.jit
+def _tile_start(lists, pos, FULL: gl.constexpr, SPARSE: gl.constexpr, KV_BLOCK: gl.constexpr,
+                BLOCK_N: gl.constexpr):
+    """First key of the pos-th tile of the partial (FULL False) or full list of this CTA's q block."""
+    if SPARSE:
+        idx_row = lists[3] if FULL else lists[1]
+        TILES_PER_BLOCK: gl.constexpr = KV_BLOCK // BLOCK_N
+        block = gl.load(idx_row + pos // TILES_PER_BLOCK)
+        start = block * KV_BLOCK + (pos % TILES_PER_BLOCK) * BLOCK_N
+    else:
+        start = pos * BLOCK_N
+    return start
+
+
+@gluon.jit
+def _tile_counts(lists, KV_LEN, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, KV_BLOCK: gl.constexpr,
+                 BLOCK_N: gl.constexpr):
+    """(partial tiles, total tiles) of this CTA's q block; dense: (0, every tile)."""
+    if SPARSE:
+        TILES_PER_BLOCK: gl.constexpr = KV_BLOCK // BLOCK_N
+        n_partial = gl.load(lists[0]) * TILES_PER_BLOCK
+        if HAS_FULL:
+            n_tiles = n_partial + gl.load(lists[2]) * TILES_PER_BLOCK
+        else:
+            n_tiles = n_partial
+    else:
+        n_tiles = gl.cdiv(KV_LEN, BLOCK_N)
+        n_partial = n_tiles * 0
+    return n_partial, n_tiles
+
+
+@gluon.jit
+def _tile(smem, i):
+    """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
+    return smem.index(i).reshape([smem.shape[3], smem.shape[4]])
+
+
+# ---------------------------------------------------------------------------------------------
 # Producer: TMA loads into the ring.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr):
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+    b, h, hk, q_start = coords
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c))
-    for j in range(n_blocks):
+        tma.async_copy_global_to_shared(q_desc, [b, h, q_start + c * BLOCK_M, 0], q_ready.index(c),
+                                        q_smem.index(c))
+    n_partial, n_tiles = _tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
+    for j in range(n_tiles):
+        if j < n_partial:
+            start = _tile_start(lists, j, False, SPARSE, KV_BLOCK, BLOCK_N)
+        else:
+            start = _tile_start(lists, j - n_partial, True, SPARSE, KV_BLOCK, BLOCK_N)
         stage = j % STAGES
         phase = (j // STAGES) & 1
-        row = kv_row + j * BLOCK_N
         # a fresh mbarrier counts as having completed phase 1: the first STAGES waits pass
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(stage), k_smem.index(stage))
+        tma.async_copy_global_to_shared(k_desc, [b, hk, start, 0], k_ready.index(stage), k_smem.index(stage))
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_smem.index(stage))
+        tma.async_copy_global_to_shared(v_desc, [b, hk, start, 0], v_ready.index(stage), v_smem.index(stage))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,12 +202,16 @@ def _pass_turn(turn, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUME
 
 
 @gluon.jit
-def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_base, mods,
-                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                   SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, MASKED: gl.constexpr, CAUSAL: gl.constexpr,
-                   CONSUMER: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
-                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, V_FENCE: gl.constexpr):
-    """Steps j in [j_start, j_end): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, then S_j's softmax.
+def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, list_offset, lists, q_idx, mods,
+                   KV_LEN, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                   SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, FULL: gl.constexpr, CHECK_TAIL: gl.constexpr,
+                   SPARSE: gl.constexpr, KV_BLOCK: gl.constexpr, CONSUMER: gl.constexpr,
+                   PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr,
+                   STAGES: gl.constexpr, V_FENCE: gl.constexpr):
+    """Steps j in [j_start, j_end) (tile j - list_offset of the partial or FULL list): issue
+    S_j = Q K_j^T and O += P_{j-1} V_{j-1}, then S_j's softmax (the mask_mod on partial tiles).
+    CHECK_TAIL (the tiles that may hold keys past KV_LEN) waits for the P V before the softmax: no
+    overlap, but P_{j-1}'s registers are free for the tail's extra work (no spills).
 
     state = (acc, p_op, m_i, l_i, count): the output accumulator, P_{j-1} as the wgmma A operand,
     the row max and sum, and the number of GEMM turns taken."""
@@ -156,18 +221,22 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
     for j in range(j_start, j_end):
         stage = j % STAGES
         prev = (j - 1) % STAGES
+        start = _tile_start(lists, j - list_offset, FULL, SPARSE, KV_BLOCK, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         _take_turn(turn, CONSUMER, count, PINGPONG)
-        s = warpgroup_mma(q, k_smem.index(stage).permute((1, 0)),
+        s = warpgroup_mma(q, _tile(k_smem, stage).permute((1, 0)),
                           gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        acc = warpgroup_mma(p_op, _tile(v_smem, prev), acc, is_async=True)
         _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
         count += 1
-        s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} may still run
+        if CHECK_TAIL:  # tail tiles (a few per row): P V done first, its operand's registers free
+            s, acc = warpgroup_mma_wait(0, deps=(s, acc))
+        else:
+            s = warpgroup_mma_wait(1, deps=(s,))  # S_j done; P_{j-1} V_{j-1} may still run
         mbarrier.arrive(k_empty.index(stage), count=1)
-        kv_idx = gl.expand_dims(kv_base + j * BLOCK_N, 0)
-        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, kv_idx, mods, SCORE_FN, MASK_FN, MASKED, CAUSAL)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, start, mods, KV_LEN, SCORE_FN, MASK_FN,
+                                           not FULL, CHECK_TAIL)
         # V_FENCE: waiting here for V_j (the next step's P V needs it anyway) ends the basic block;
         # without the barrier's spin loop between them, ptxas hoists the P V wait below above the
         # exponentials (SASS: WARPGROUP.DEPBAR right after the row max), and only the max overlaps.
@@ -181,14 +250,76 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, q_idx, kv_bas
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks_all, mods,
-              SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-              V_FENCE: gl.constexpr):
-    """BLOCK_M query rows starting at q_start + CONSUMER * BLOCK_M: their out rows and lse."""
+def _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_tiles,
+            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+            SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, BLOCK_N: gl.constexpr,
+            HEAD_DIM: gl.constexpr, KV_BLOCK: gl.constexpr, STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+            SPARSE: gl.constexpr, CHECK_N: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr):
+    """The pipeline over n_tiles >= 1 tiles (the first n_partial of them partial): (acc, m_i, l_i)."""
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
-    dtype: gl.constexpr = q_smem.dtype
+    BLOCK_M: gl.constexpr = q.type.shape[0]
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    # -- prologue: S_0 and its softmax (tile 0 is partial when n_partial > 0, else the first full one) --
+    m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    if SPARSE:
+        first_partial = n_partial > 0
+    else:
+        first_partial: gl.constexpr = False
+    if first_partial:
+        start = _tile_start(lists, 0, False, SPARSE, KV_BLOCK, BLOCK_N)
+    else:
+        start = _tile_start(lists, 0, True, SPARSE, KV_BLOCK, BLOCK_N)
+    mbarrier.wait(k_ready.index(0), 0)
+    _take_turn(turn, CONSUMER, 0, PINGPONG)
+    s = warpgroup_mma(q, _tile(k_smem, 0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+                      use_acc=False, is_async=True)
+    _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, start, mods, KV_LEN, SCORE_FN, MASK_FN,
+                                       first_partial, CHECK_N)
+    state = (acc, gl.convert_layout(p.to(q.dtype), p_layout), m_i, l_i, 1)
+
+    # -- partial tiles (mask_mod), full tiles (none), the full tiles that may hold the key tail --
+    TAIL_TILES: gl.constexpr = (KV_BLOCK // BLOCK_N) if CHECK_N else 0
+    state = _consumer_loop(state, q, k_smem, v_smem, bars, 1, n_partial, 0, lists, q_idx, mods, KV_LEN,
+                           s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, False, CHECK_N, SPARSE, KV_BLOCK,
+                           CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
+    full_start = gl.maximum(n_partial, 1)
+    clean_end = gl.maximum(full_start, n_tiles - TAIL_TILES)
+    state = _consumer_loop(state, q, k_smem, v_smem, bars, full_start, clean_end, n_partial, lists, q_idx,
+                           mods, KV_LEN, s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, True, False, SPARSE,
+                           KV_BLOCK, CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
+    if CHECK_N:
+        state = _consumer_loop(state, q, k_smem, v_smem, bars, clean_end, n_tiles, n_partial, lists, q_idx,
+                               mods, KV_LEN, s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, True, True,
+                               SPARSE, KV_BLOCK, CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
+    acc, p_op, m_i, l_i, count = state
+
+    # -- epilogue: the last P V --
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    _take_turn(turn, CONSUMER, count, PINGPONG)
+    acc = warpgroup_mma(p_op, _tile(v_smem, last), acc, is_async=True)
+    _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
+    acc = warpgroup_mma_wait(0, deps=(acc,))
+    mbarrier.arrive(v_empty.index(last), count=1)
+    return acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods,
+              SCORE_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, BLOCK_M: gl.constexpr,
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, KV_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, CHECK_M: gl.constexpr,
+              CHECK_N: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr):
+    """BLOCK_M query rows starting at q_start + CONSUMER * BLOCK_M: their out rows, lse and max_scores."""
+    q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
+    b, h, hk, q_start = coords
+    Q_LEN, KV_LEN, HQ = lens
     # wgmma layouts: one warpgroup, m64 x n(BLOCK_N or HEAD_DIM) x k16 instructions
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -198,117 +329,83 @@ def _consumer(q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_l
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     row0 = q_start + CONSUMER * BLOCK_M
-    q_idx = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, layout=row_layout), 1)  # [BLOCK_M, 1]
-    kv_base = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-    if CAUSAL:
-        n_blocks = gl.minimum(gl.cdiv(row0 + BLOCK_M, BLOCK_N), n_blocks_all)
-        n_full = gl.minimum((row0 + 1) // BLOCK_N, n_blocks)  # tiles entirely at or below the diagonal
-    elif MASK_FN is None:
-        n_blocks = n_blocks_all
-        n_full = n_blocks
-    else:  # a mask mod and no block classification in this spike: every tile evaluates it
-        n_blocks = n_blocks_all
-        n_full = 0
-    HAS_MASK: gl.constexpr = CAUSAL or (MASK_FN is not None)
-
-    q = q_smem.index(CONSUMER)
+    q_pos = row0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    if CHECK_M:
+        q_pos = gl.minimum(q_pos, Q_LEN - 1)  # rows past Q_LEN: in range for the mods, never stored
+    q_idx = gl.expand_dims(q_pos, 1)  # [BLOCK_M, 1]
+    q = _tile(q_smem, CONSUMER)
     mbarrier.wait(q_ready.index(CONSUMER), 0)
 
-    # -- prologue: S_0 and its softmax (masked whenever any tile is: cheap, and right if tile 0 is) --
     m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    mbarrier.wait(k_ready.index(0), 0)
-    _take_turn(turn, CONSUMER, 0, PINGPONG)
-    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
-                      use_acc=False, is_async=True)
-    _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, q_idx, gl.expand_dims(kv_base, 0), mods, SCORE_FN, MASK_FN,
-                                       HAS_MASK, CAUSAL)
-    state = (acc, gl.convert_layout(p.to(dtype), p_layout), m_i, l_i, 1)
+    n_partial, n_tiles = _tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
+    if n_tiles > 0:
+        acc, m_i, l_i = _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_tiles,
+                                s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, CONSUMER, BLOCK_N, HEAD_DIM,
+                                KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, CHECK_N, PINGPONG, V_FENCE)
 
-    # -- main loop: fully visible tiles, then the tiles that need the mask --
-    state = _consumer_loop(state, q, k_smem, v_smem, bars, 1, gl.maximum(n_full, 1), q_idx, kv_base, mods,
-                           s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, False, CAUSAL,
-                           CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
-    if HAS_MASK:
-        state = _consumer_loop(state, q, k_smem, v_smem, bars, gl.maximum(n_full, 1), n_blocks, q_idx, kv_base,
-                               mods, s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, True, CAUSAL,
-                               CONSUMER, PINGPONG, NUM_CONSUMERS, BLOCK_N, STAGES, V_FENCE)
-    acc, p_op, m_i, l_i, count = state
-
-    # -- epilogue: the last P V --
-    last = (n_blocks - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-    _take_turn(turn, CONSUMER, count, PINGPONG)
-    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-    _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
-    count += 1
-    acc = warpgroup_mma_wait(0, deps=(acc,))
-    mbarrier.arrive(v_empty.index(last), count=1)
-
-    # -- tiles the producer loads for the other consumer only (causal): release them, pass the turns --
-    for j in range(n_blocks, n_blocks_all):
-        stage = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_ready.index(stage), phase)
-        mbarrier.arrive(k_empty.index(stage), count=1)
-        mbarrier.wait(v_ready.index(stage), phase)
-        mbarrier.arrive(v_empty.index(stage), count=1)
-        _take_turn(turn, CONSUMER, count, PINGPONG)
-        _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
-        count += 1
-
-    # -- write out (B, H, L, E) and lse (B, H, L), natural log --
-    b, h, scale, qk_scale, score_args, mask_args = mods
+    # -- write out (B, HQ, Q_LEN, E), lse (natural log) and max_scores (natural units) (B, HQ, Q_LEN) --
+    out_ptr, lse_ptr, max_ptr = outs
+    _, _, scale, qk_scale, _, _ = mods
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
     if SCORE_FN is None:
         to_base2 = qk_scale  # m_i is in raw q.k units
+        m_natural = m_i * scale
     else:
         to_base2 = 1.4426950408889634
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+        m_natural = m_i
+    l_o = gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))
+    out = (acc / gl.expand_dims(l_o, 1)).to(q.dtype)
     rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    base = bh.to(gl.int64) * seq_len
-    offsets = (base + gl.expand_dims(rows, 1)) * HEAD_DIM + gl.expand_dims(cols, 0)
-    gl.store(out_ptr + offsets, out, mask=gl.expand_dims(rows < seq_len, 1))  # the last CTA may overhang L
-    lse = (m_i * to_base2 + gl.log2(l_i)) * 0.6931471805599453
-    lse_rows = row0 + gl.arange(0, BLOCK_M, layout=row_layout)
-    gl.store(lse_ptr + base + lse_rows, lse, mask=lse_rows < seq_len)
+    head_row = (b.to(gl.int64) * HQ + h) * Q_LEN  # first row of this (b, h) in (B * HQ * Q_LEN) rows
+    offsets = (head_row + gl.expand_dims(rows, 1)) * HEAD_DIM + gl.expand_dims(cols, 0)
+    gl.store(out_ptr + offsets, out, mask=gl.expand_dims(rows < Q_LEN, 1))
+    lse = gl.where(empty, -float("inf"), (m_i * to_base2 + gl.log2(l_safe)) * 0.6931471805599453)
+    stat_rows = row0 + gl.arange(0, BLOCK_M, layout=row_layout)
+    gl.store(lse_ptr + head_row + stat_rows, lse, mask=stat_rows < Q_LEN)
+    gl.store(max_ptr + head_row + stat_rows, m_natural, mask=stat_rows < Q_LEN)
 
 
-# Sizes are not specialized: a new length or head count reuses the compiled kernel.
-@gluon.jit(do_not_specialize=["seq_len", "num_heads"])
-def _flash_fwd_ws_kernel(
-    # descriptors over (B*H*L, E) views of q, k, v; out (B, H, L, E) and lse (B, H, L) contiguous
-    q_desc, k_desc, v_desc, out_ptr, lse_ptr,
+# Sizes are not specialized: new lengths or mask sizes reuse the compiled kernel.
+@gluon.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV"])
+def _gluon_forward_kernel(
+    # descriptors over q (B, HQ, Q_LEN, E), k and v (B, HKV, KV_LEN, E); out like q, lse and max_scores
+    # (B, HQ, Q_LEN) contiguous
+    q_desc, k_desc, v_desc, OUT, LSE, MAX_SCORES,
+    # block tables (contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV)
+    KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
     # sizes and scale (qk_scale = scale * log2(e))
-    seq_len, num_heads, scale, qk_scale,
-    # compiled mods (None: identity score / no mask beyond CAUSAL) and their runtime tuples
+    Q_LEN, KV_LEN, HQ, scale, qk_scale,
+    # compiled mods (SCORE_FN None: identity) and their runtime tuples
     SCORE_FN: gl.constexpr, SCORE_ARGS, MASK_FN: gl.constexpr, MASK_ARGS,
     # meta-parameters
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-    NUM_CONSUMERS: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr,
+    GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    KV_BLOCK: gl.constexpr, MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr,
+    SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, CHECK_M: gl.constexpr, CHECK_N: gl.constexpr,
+    STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr,
     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
-    pid_m = gl.program_id(0)
-    if CAUSAL:
-        pid_m = gl.num_programs(0) - 1 - pid_m  # longest rows first: the tail of the grid is short work
-    bh = gl.program_id(1)
+    # longest rows first (causal-like masks): the tail of the grid is short work
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)
+    h = gl.program_id(1)
+    b = gl.program_id(2)
     q_start = pid_m * (NUM_CONSUMERS * BLOCK_M)
-    q_row = bh * seq_len + q_start
-    kv_row = bh * seq_len
-    n_blocks = seq_len // BLOCK_N
-    if CAUSAL:
-        n_blocks = gl.minimum(gl.cdiv(q_start + NUM_CONSUMERS * BLOCK_M, BLOCK_N), n_blocks)
-    mods = (bh // num_heads, bh % num_heads, scale, qk_scale, SCORE_ARGS, MASK_ARGS)
+    coords = (b, h, h // GQA_GROUP, q_start)
+    mods = (b, h, scale, qk_scale, SCORE_ARGS, MASK_ARGS)
+    # this CTA's row of the block tables (its q block is pid_m: NUM_CONSUMERS * BLOCK_M == Q_BLOCK)
+    mask_row = (b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD).to(gl.int64) * MASK_NQ + pid_m
+    lists = (KV_NUM_BLKS + mask_row, KV_IDX + mask_row * MASK_NKV,
+             FULL_KV_NUM_BLKS + mask_row, FULL_KV_IDX + mask_row * MASK_NKV)
+    lens = (Q_LEN, KV_LEN, HQ)
+    outs = (OUT, LSE, MAX_SCORES)
 
-    q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, BLOCK_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS, 1, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -328,33 +425,31 @@ def _flash_fwd_ws_kernel(
 
     # Tuples are written out in full: concatenating them here would turn constexprs into plain ints,
     # which warp_specialize cannot pass to a partition.
-    # Tuples are written out in full: concatenating them here would turn constexprs into plain ints,
-    # which warp_specialize cannot pass to a partition.
     if NUM_CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
-                         V_FENCE)),
-            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
-                         V_FENCE)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
-                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 0,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
+                         CHECK_N, PINGPONG, V_FENCE)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 1,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
+                         CHECK_N, PINGPONG, V_FENCE)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
+                         BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.static_assert(NUM_CONSUMERS == 3, "two or three consumer warpgroups")
         gl.warp_specialize([
-            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 0, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
-                         V_FENCE)),
-            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 1, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
-                         V_FENCE)),
-            (_consumer, (q_smem, k_smem, v_smem, bars, out_ptr, lse_ptr, bh, q_start, seq_len, n_blocks, mods,
-                         SCORE_FN, MASK_FN, 2, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES, NUM_CONSUMERS, CAUSAL, PINGPONG,
-                         V_FENCE)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_row, kv_row, n_blocks,
-                         BLOCK_M, BLOCK_N, STAGES, NUM_CONSUMERS)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 0,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
+                         CHECK_N, PINGPONG, V_FENCE)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 1,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
+                         CHECK_N, PINGPONG, V_FENCE)),
+            (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 2,
+                         BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
+                         CHECK_N, PINGPONG, V_FENCE)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
+                         BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 # fmt: on
 
@@ -362,91 +457,99 @@ def _flash_fwd_ws_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------
-# E -> (BLOCK_M per consumer, BLOCK_N, STAGES, ping-pong, consumer warpgroups): the fastest of the
-# H200 runs of 2026-12-02 (B4 H16, bf16: E128 L8192 noop 617-620 TFLOP/s with two consumers and no
-# ping-pong; E64 L16384 noop 512 with three consumers, two stages and ping-pong)
-DEFAULT_TILES = {64: (64, 128, 2, True, 3), 128: (64, 128, 2, False, 2)}
+def gluon_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    score_mod: KernelMod,
+    mask_mod: KernelMod,
+    tables: BlockTables | None,
+    scale: float,
+    tiles: HopperTiles | None = None,
+    target: DeviceLimits | None = None,
+    warmup: bool = False,
+):
+    """Block-sparse attention forward on Hopper, with the contract of ``kernels.forward.flex_forward``.
 
+    Args:
+        q: (B, Hq, Lq, E); k, v: (B, Hkv, Lkv, E), bf16 or fp16, E 64 or 128; any strides TMA can
+            describe (unit feature stride, 16-byte aligned base and strides; no copies are made).
+            ``Hq % Hkv == 0``: query head h reads kv head h // (Hq // Hkv).
+        score_mod, mask_mod: ``KernelMod``s from ``flexattn.compiler`` (inlined at the one score/mask step).
+        tables: the block lists (the kv side is read; q_block must be 128 or 192 and kv_block a
+            multiple of 128), or None: no block mask, every key visited and no mask_mod.
+        scale: multiplies q.k before score_mod; > 0.
+        tiles: the launch configuration (default ``choice.hopper_tiles``); ``target``: the GPU
+            (default: the tensors' device). ``warmup=True`` compiles without launching (Triton's
+            warmup: a driver naming sm_90 is all it needs; ``benchmarks/gluon_compile_report.py``).
 
-def flash_forward_ws(q, k, v, *, causal=False, scale=None, score_mod=None, mask_mod=None, block_m=None,
-                     block_n=None, stages=None, consumers=None, pingpong=None, v_fence=True, consumer_regs=None,
-                     producer_regs=24, warmup=False):  # fmt: skip
-    """Attention forward on Hopper: q, k, v (B, H, L, E) bf16/fp16 -> out (B, H, L, E), lse (B, H, L) fp32.
+    Returns:
+        out (B, Hq, Lq, E) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32.
 
-    Parallelised over (cdiv(L, consumers * block_m), B * H) CTAs; each CTA has ``consumers`` (2 or 3)
-    consumer warpgroups of block_m query rows each and one producer warp; the last CTA's rows past L
-    are computed on whatever the Q tile holds and not stored. L must be a multiple of block_n; E is
-    64 or 128; k and v have q's shape (no GQA, no E != Ev in this spike). ``consumer_regs`` defaults
-    to 240 with two consumers and 160 with three (setmaxnreg; the producer keeps ``producer_regs``).
+    Parallelization: one CTA per (q block, query head, batch element), grid ``(cdiv(Lq, rows), Hq,
+    B)`` with ``rows = tiles.cta_rows`` (the mask's Q_BLOCK); q blocks in reverse order. Inside, a
+    producer warp streams the K/V tiles of the q block's partial and full kv blocks through TMA and
+    ``tiles.consumers`` warpgroups share them (see the module docstring).
 
-    ``causal``: key tiles above the diagonal are skipped and only diagonal tiles are masked.
-    ``score_mod`` / ``mask_mod``: compiled mods (``flexattn.kernels.mods.KernelMod``: ``.fn`` and
-    ``.args``) or None, inlined at the kernel's one score/mask step. There are no block tables in
-    this spike: with ``causal`` the mask mod runs on the diagonal tiles only (it must allow every
-    pair below the diagonal, as the causal mask does), without it on every tile. ``v_fence``: wait
-    for the next V tile right after the softmax, which keeps ptxas from hoisting the P V wait above
-    the exponentials (see ``_consumer_loop``). ``warmup=True`` compiles without launching (Triton's
-    warmup; needs only a driver that names the target).
-
-        out, lse = flash_forward_ws(q, k, v, causal=True)
+        out, lse, max_scores = gluon_forward(q, k, v, score_mod=compile_score_mod(None),
+                                             mask_mod=compile_mask_mod(causal), tables=mask.tables(), scale=0.125)
     """
-    B, H, L, E = q.shape
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one shape (B, H, L, E); got {q.shape}, {k.shape}, {v.shape}")
-    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must all be bf16 or fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if E not in DEFAULT_TILES:
-        raise ValueError(f"head dim {E} is not supported here (64 or 128)")
-    d_m, d_n, d_s, d_pp, d_c = DEFAULT_TILES[E]
-    block_m, block_n, stages, consumers = block_m or d_m, block_n or d_n, stages or d_s, consumers or d_c
-    pingpong = d_pp if pingpong is None else pingpong
-    if consumers not in (2, 3):
-        raise ValueError(f"consumers must be 2 or 3 (warpgroups per CTA); got {consumers}")
-    if L % block_n or consumers * block_m > L:
-        raise ValueError(f"L={L} must be a multiple of block_n={block_n} and at least consumers*block_m")
-    cta_m = consumers * block_m
-    # registers per thread: 64K per CTA over (consumers + 1) warpgroups, the producer's given back
-    consumer_regs = consumer_regs or {2: 240, 3: 160}[consumers]
-    scale = E**-0.5 if scale is None else scale
-    if scale <= 0:
-        raise ValueError(f"scale must be positive (the row max is kept in scaled units); got {scale}")
-    q2, k2, v2 = (t.contiguous().view(B * H * L, E) for t in (q, k, v))
+    target = device_limits(q.device) if target is None else target
+    dense = tables is None
+    table_source = k if dense else tables.kv_num_blocks
+    B, Hq, Lq, E = check_qkv(q, k, v, table_source, target)
+    Hkv, Lkv = k.shape[1], k.shape[2]
+    if q.dtype not in (torch.bfloat16, torch.float16) or v.shape[3] != E or E not in (64, 128):
+        raise ValueError(f"the Gluon forward takes bf16/fp16 with E = Ev in (64, 128); got {q.dtype}, "
+                         f"E={E}, Ev={v.shape[3]}")  # fmt: skip
+    if not scale > 0:
+        raise ValueError(f"the Gluon forward needs scale > 0; got {scale}")
+    if tiles is None:
+        tail = Lq % 128 != 0 or Lkv % 128 != 0
+        tiles = hopper_tiles(head_dim=E, q_block=None if dense else tables.q_block, tail=tail)
+    if dense:
+        kv_block, flags = tiles.block_n, {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}
+        table_args = None  # filled below with stand-ins (SPARSE False: never read)
+    else:
+        check_block_tables(
+            tables, "kv", B, Hq, triton.cdiv(Lq, tables.q_block), f"Lq={Lq} with Q_BLOCK={tables.q_block}"
+        )
+        if tables.q_block != tiles.cta_rows or tables.kv_block % tiles.block_n:
+            raise ValueError(f"the Gluon forward covers one q block per CTA with {tiles.block_n}-key tiles: "
+                             f"Q_BLOCK must be {tiles.cta_rows} and KV_BLOCK a multiple of {tiles.block_n}; "
+                             f"got {tables.q_block}x{tables.kv_block}")  # fmt: skip
+        kv_block = tables.kv_block
+        table_args, flags = block_table_args(tables, "kv")
+    out = torch.empty((B, Hq, Lq, E), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    max_scores = torch.empty_like(lse)
+    if out.numel() == 0:
+        return out, lse, max_scores
+    if Lkv == 0:
+        return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
+
+    if dense:
+        table_args = (lse, lse, lse, lse, 1, 1, 1)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m, E], gdtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, E], gdtype)
-    q_desc = TensorDescriptor.from_tensor(q2, [block_m, E], q_layout)
-    k_desc = TensorDescriptor.from_tensor(k2, [block_n, E], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [block_n, E], kv_layout)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(L, cta_m), B * H)
-    score_fn, score_args = (None, ()) if score_mod is None else (score_mod.fn, score_mod.args)
-    mask_fn, mask_args = (None, ()) if mask_mod is None else (mask_mod.fn, mask_mod.args)
+    q_box, kv_box = [1, 1, tiles.block_m, E], [1, 1, tiles.block_n, E]
+    q_desc = TensorDescriptor.from_tensor(q, q_box, gl.NVMMASharedLayout.get_default_for(q_box, gdtype))
+    kv_layout = gl.NVMMASharedLayout.get_default_for(kv_box, gdtype)
+    k_desc = TensorDescriptor.from_tensor(k, kv_box, kv_layout)
+    v_desc = TensorDescriptor.from_tensor(v, kv_box, kv_layout)
+    score_fn = None if score_mod.trivial else gluon_fn(score_mod.fn)
     args = (
-        q_desc,
-        k_desc,
-        v_desc,
-        out,
-        lse,
-        L,
-        H,
-        scale,
-        scale * LOG2E,
-        score_fn,
-        score_args,
-        mask_fn,
-        mask_args,
-    )
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=E, STAGES=stages, NUM_CONSUMERS=consumers, CAUSAL=causal,
-                PINGPONG=pingpong, V_FENCE=v_fence, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-                num_warps=4)  # fmt: skip
+        q_desc, k_desc, v_desc, out, lse, max_scores, *table_args, Lq, Lkv, Hq, float(scale), float(scale) * LOG2E,
+        score_fn, score_mod.args, gluon_fn(mask_mod.fn), mask_mod.args,
+    )  # fmt: skip
+    meta = dict(
+        GQA_GROUP=Hq // Hkv, HEAD_DIM=E, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, KV_BLOCK=kv_block,
+        **flags, SPARSE=not dense, HAS_FULL=dense or tables.has_full, CHECK_M=Lq % tiles.cta_rows != 0,
+        CHECK_N=Lkv % kv_block != 0, STAGES=tiles.stages, NUM_CONSUMERS=tiles.consumers, PINGPONG=tiles.pingpong,
+        V_FENCE=tiles.v_fence, CONSUMER_REGS=tiles.registers, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
+    )  # fmt: skip
+    grid = (triton.cdiv(Lq, tiles.cta_rows), Hq, B)
     if warmup:
-        return _flash_fwd_ws_kernel.warmup(*args, grid=grid, **meta)
-    _flash_fwd_ws_kernel[grid](*args, **meta)
-    return out, lse
-
-
-def flops(B, H, L, E, causal):
-    """Forward FLOPs (two GEMMs of 2*L*L*E each per head; half of it when causal)."""
-    total = 4 * B * H * L * L * E
-    return total / 2 if causal else total
+        return _gluon_forward_kernel.warmup(*args, grid=grid, **meta)
+    _gluon_forward_kernel[grid](*args, **meta)
+    return out, lse, max_scores

@@ -1,0 +1,116 @@
+"""A chunk's mask as an additive float tensor (0 allowed, -inf not) and an additive score_mod's bias.
+
+Built from the block classes, at block granularity first: FULL and PARTIAL blocks 0, EMPTY ones
+(listed for some other b / h of the chunk) -inf, expanded to elements by a broadcast copy. The
+mask_mod runs only on the columns of PARTIAL blocks, and only there is a boolean ``where`` taken
+(on CPU, boolean selects cost ~8 ns an element, float adds and copies well under 1). The additive
+bias of a ``score + f(b, h, q_idx, kv_idx)`` score_mod is ``f`` (the mod at score 0). Size-1 batch
+and head dimensions stay size 1 where nothing depends on b or h (vmap's broadcasting), so a causal
+chunk's mask is (1, 1, rows, cols).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from flexattn.cpu.chunks import EMPTY, PARTIAL, Chunk
+from flexattn.mod_eval import eval_bias, eval_mask_mod, index
+
+
+class ChunkMasks:
+    """Masks and biases of the chunks of one call.
+
+    Args:
+        mask_mod: the BlockMask's mask_mod (None: no block mask). bias_mod: an additive score_mod
+            (``score + f``) whose ``f`` becomes the bias, or None.
+        B, H: batch and query heads of the call. blocks: (Q_BLOCK, KV_BLOCK).
+    """
+
+    def __init__(self, mask_mod: Callable | None, bias_mod: Callable | None, B: int, H: int,
+                 blocks: tuple[int, int], device: torch.device):  # fmt: skip
+        self.mask_mod, self.bias_mod = mask_mod, bias_mod
+        self.B, self.H, self.device = B, H, device
+        self.q_block, self.kv_block = blocks
+
+    def mask(self, chunk: Chunk, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """``dtype`` (B or 1, H or 1, rows, cols): 0 where the mask allows, -inf elsewhere; None
+        when every pair is allowed."""
+        if chunk.classes is None:
+            return None
+        classes = chunk.classes  # (Bm, Hm, nqb, nkb)
+        blocks = torch.zeros(classes.shape, dtype=dtype).masked_fill_(classes == EMPTY, -math.inf)
+        mask = self._expand(blocks, chunk)
+        partial = (classes == PARTIAL).flatten(0, 2).any(dim=0)  # (nkb,)
+        if not bool(partial.any()):
+            return mask
+        cols = self._columns_of(partial.nonzero().flatten(), chunk.cols)  # chunk columns in partial blocks
+        q_idx = index(chunk.start, chunk.stop, self.device)
+        kv_idx = chunk.kv_positions(self.device)[cols]
+        allowed = _compact(eval_mask_mod(self.mask_mod, self.B, self.H, q_idx, kv_idx))
+        is_partial = self._expand(classes[..., partial] == PARTIAL, chunk, cols.numel())
+        evaluated = torch.where(allowed, 0.0, -math.inf).to(dtype)
+        sub = torch.where(is_partial, evaluated, mask[..., cols])
+        shape = (*torch.broadcast_shapes(mask.shape[:2], sub.shape[:2]), *mask.shape[2:])
+        mask = mask.expand(shape).clone() if tuple(shape) != tuple(mask.shape) else mask
+        mask[..., cols] = sub
+        return mask
+
+    def bias(self, chunk: Chunk) -> torch.Tensor | None:
+        """float32 (B or 1, H or 1, rows, cols): the additive score_mod's ``f``; None without one."""
+        if self.bias_mod is None:
+            return None
+        q_idx = index(chunk.start, chunk.stop, self.device)
+        f = eval_bias(self.bias_mod, self.B, self.H, q_idx, chunk.kv_positions(self.device))
+        return _compact(f.to(torch.float32))
+
+    def float_mask(self, chunk: Chunk, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask, empty)``: SDPA's float attn_mask (bias where allowed, -inf elsewhere) in ``dtype``
+        and bool (B or 1, H or 1, rows) the rows with no allowed key; ``(None, None)`` when nothing
+        is masked or biased."""
+        bias = self.bias(chunk)
+        mask = self.mask(chunk, torch.float32 if bias is not None else dtype)
+        if bias is None and mask is None:
+            return None, None
+        if bias is not None:
+            mask = bias.to(dtype) if mask is None else apply_mask(bias, mask).to(dtype)
+        return mask, mask.amax(dim=-1) == -math.inf
+
+    def _expand(self, blocks: torch.Tensor, chunk: Chunk, cols: int | None = None) -> torch.Tensor:
+        """Block values (Bm, Hm, nqb, nkb) -> element values (Bm, Hm, rows, cols) (a copy)."""
+        Bm, Hm, nqb, nkb = blocks.shape
+        qb, kvb = self.q_block, self.kv_block
+        wide = (
+            blocks[:, :, :, None, :, None]
+            .expand(Bm, Hm, nqb, qb, nkb, kvb)
+            .reshape(Bm, Hm, nqb * qb, nkb * kvb)
+        )
+        rows, cols = chunk.rows, chunk.cols if cols is None else cols
+        return wide[:, :, :rows, :cols].contiguous()  # (reshape may return a stride-0 view)
+
+    def _columns_of(self, local_blocks: torch.Tensor, cols: int) -> torch.Tensor:
+        """int64 chunk columns of the given local kv blocks (ascending, below ``cols``)."""
+        within = torch.arange(self.kv_block)
+        columns = (local_blocks[:, None] * self.kv_block + within).flatten()
+        return columns[columns < cols]
+
+
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores`` where ``mask`` is 0, -inf where it is -inf, whatever the scores hold there.
+
+    A plain add (fast) when every score is finite; a select otherwise, so that +inf or NaN at a
+    masked pair (a mod evaluated where the mask hides it) still gives -inf, as on every backend.
+    """
+    if bool(torch.isfinite(scores.sum())):
+        return scores + mask
+    return torch.where(mask == 0, scores, -math.inf)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its broadcast (stride 0) batch / head dimensions cut to size 1."""
+    for dim in (0, 1):
+        if t.shape[dim] > 1 and t.stride(dim) == 0:
+            t = t.narrow(dim, 0, 1)
+    return t

@@ -1,0 +1,71 @@
+"""Which prefill forward runs (flexattn/kernels/hopper/choice.py): a pure function of the call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.hopper.choice import PREFILL_KERNELS, choose_prefill_forward, hopper_tiles
+from flexattn.options import PREFILL_KERNELS as OPTION_VALUES
+from flexattn.options import KernelOptions
+
+H100 = DeviceLimits((9, 0), 232448, 132)
+CALL = dict(
+    target=H100, dtype=torch.bfloat16, head_dim=128, v_head_dim=128, q_block=128, kv_block=128, dense=False,
+    scale=0.1,
+)  # fmt: skip
+
+
+def test_the_default_is_the_triton_forward_until_the_gluon_one_is_verified_on_the_gpu():
+    assert KernelOptions().PREFILL_KERNEL == "TRITON"
+    assert choose_prefill_forward(requested="TRITON", **CALL).kind == "triton"
+    assert OPTION_VALUES == PREFILL_KERNELS
+
+
+@pytest.mark.parametrize("requested", ["AUTO", "GLUON"])
+def test_gluon_where_it_can_run(requested):
+    choice = choose_prefill_forward(requested=requested, **CALL)
+    assert choice.kind == "gluon" and choice.tiles.cta_rows == 128, choice
+
+
+@pytest.mark.parametrize(
+    "change, says",
+    [
+        ({"target": DeviceLimits((8, 0), 166912)}, "sm_80"),
+        ({"target": DeviceLimits((10, 0), 232448)}, "sm_100"),
+        ({"target": DeviceLimits()}, "no GPU"),
+        ({"dtype": torch.float32}, "fp16/bf16"),
+        ({"head_dim": 96, "v_head_dim": 96}, "E=96"),
+        ({"v_head_dim": 64}, "Ev=64"),
+        ({"paged": True}, "paged"),
+        ({"other_knobs": "kernel_options BLOCK_M"}, "BLOCK_M"),
+        ({"tma_ok": False}, "TMA"),
+        ({"scale": -0.5}, "scale > 0"),
+        ({"q_block": 64}, "Q_BLOCK must be 128 or 192"),
+        ({"kv_block": 64}, "KV_BLOCK must be a multiple of 128"),
+        ({"inline_failure": "no gl spelling"}, "no gl spelling"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "-".join(x),
+)
+def test_auto_falls_back_to_triton_and_forced_gluon_is_refused_with_the_reason(change, says):
+    auto = choose_prefill_forward(requested="AUTO", **{**CALL, **change})
+    assert auto.kind == "triton" and says in auto.reason, auto
+    forced = choose_prefill_forward(requested="GLUON", **{**CALL, **change})
+    assert forced.kind == "unsupported" and says in forced.reason, forced
+
+
+def test_without_a_block_mask_any_block_size_and_the_measured_tiles():
+    dense = {**CALL, "dense": True, "q_block": 64, "kv_block": 64}
+    assert choose_prefill_forward(requested="AUTO", **dense).kind == "gluon"
+    assert hopper_tiles(head_dim=64, q_block=None).consumers == 3
+    assert hopper_tiles(head_dim=64, q_block=None, tail=True).consumers == 2  # three spill on tails
+    assert hopper_tiles(head_dim=128, q_block=None).consumers == 2
+    assert hopper_tiles(head_dim=128, q_block=192).consumers == 3
+
+
+def test_unknown_values_are_refused():
+    with pytest.raises(ValueError, match="PREFILL_KERNEL"):
+        KernelOptions.from_user({"PREFILL_KERNEL": "FLASH"})
+    with pytest.raises(ValueError, match="PREFILL_KERNEL"):
+        choose_prefill_forward(requested="gluon", **CALL)

@@ -1,0 +1,121 @@
+"""The Gluon Hopper forward through flex_attention on an sm_90 GPU (kernel_options PREFILL_KERNEL='GLUON').
+
+Forcing GLUON raises where the Gluon kernel cannot run, so every call here ran it. Judged by the
+three-way rule against the float64 reference (out, lse; gradients of the Triton backward after a
+Gluon forward) and against the Triton forward (out, lse, max_scores).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexattn import AuxRequest, create_block_mask, flex_attention
+from flexattn import variants as V
+from tests.helpers import DTYPE_IDS, Shape, assert_close_to_gold, gold_and_eager, make_qkv
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+        reason="needs an sm_90 GPU",
+    ),
+]
+GLUON, TRITON = {"PREFILL_KERNEL": "GLUON"}, {"PREFILL_KERNEL": "TRITON"}
+
+
+def _variant(name: str, shape: Shape):
+    """(score_mod, mask_mod or None) of a named variant for this shape."""
+    L = max(shape.Lq, shape.lkv)
+    return {
+        "noop": (None, None),
+        "causal": (None, V.causal()),
+        "sliding": (None, V.sliding_window(300)),
+        "document": (None, V.document_mask(torch.arange(L, device="cuda") * 7 // L)),
+        "alibi": (V.alibi(shape.Hq, device="cuda"), V.causal()),
+        "softcap": (V.tanh_softcap(20.0), V.causal()),
+        "late-rows": (
+            None,
+            lambda b, h, q_idx, kv_idx: q_idx >= shape.Lq // 3,
+        ),  # empty rows: out 0, lse -inf
+        "nothing": (None, lambda b, h, q_idx, kv_idx: q_idx < 0),  # no block listed at all
+    }[name]
+
+
+def _run(q, k, v, score_mod, mask, options):
+    aux = AuxRequest(lse=True, max_scores=True)
+    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, return_aux=aux,
+                              kernel_options=options)  # fmt: skip
+    return out, aux.lse, aux.max_scores
+
+
+CASES = [
+    ("noop", Shape(2, 4, 1024, 128, Hkv=2), torch.bfloat16),
+    ("noop", Shape(2, 4, 4097, 64, Hkv=1), torch.float16),
+    ("noop", Shape(1, 6, 1024, 64), torch.bfloat16),  # three consumer warpgroups
+    ("causal", Shape(2, 4, 1000, 128, Hkv=2), torch.bfloat16),
+    ("causal", Shape(1, 4, 4097, 64), torch.float16),
+    ("causal", Shape(1, 4, 700, 128, Lkv=1500), torch.bfloat16),  # Lq != Lkv
+    ("sliding", Shape(2, 4, 2048, 64, Hkv=2), torch.bfloat16),
+    ("document", Shape(1, 4, 1000, 128, Lkv=1300), torch.bfloat16),
+    ("alibi", Shape(1, 8, 1024, 128, Hkv=2), torch.bfloat16),
+    ("alibi", Shape(1, 4, 1000, 64), torch.float16),
+    ("softcap", Shape(1, 4, 1024, 128), torch.bfloat16),
+    ("softcap", Shape(1, 4, 1000, 64, Lkv=777), torch.bfloat16),
+    ("late-rows", Shape(1, 2, 1000, 128), torch.bfloat16),
+    ("nothing", Shape(1, 2, 300, 64), torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("name, shape, dtype", CASES, ids=[f"{n}-{s.id}-{DTYPE_IDS[d]}" for n, s, d in CASES])
+def test_gluon_forward_matches_the_reference_and_the_triton_forward(name, shape, dtype):
+    q, k, v = make_qkv(shape, dtype, "cuda")
+    score_mod, mask_mod = _variant(name, shape)
+    mask = (
+        None
+        if mask_mod is None
+        else create_block_mask(mask_mod, None, None, shape.Lq, shape.lkv, device="cuda")
+    )
+    out, lse, max_scores = _run(q, k, v, score_mod, mask, GLUON)
+    t_out, t_lse, t_max = _run(q, k, v, score_mod, mask, TRITON)
+    kr, vr = (t.repeat_interleave(shape.Hq // shape.hkv, 1) for t in (k, v))  # the reference has no GQA
+    gold, eager = gold_and_eager(q, kr, vr, score_mod=score_mod, block_mask=mask)
+    assert_close_to_gold(out, gold.out, eager.out, name="out")
+    assert_close_to_gold(lse, gold.lse, eager.lse, name="lse")
+    assert torch.equal(torch.isinf(lse), torch.isinf(t_lse)) and torch.equal(
+        torch.isinf(max_scores), torch.isinf(t_max)
+    )
+    finite = torch.isfinite(t_lse)
+    assert (lse - t_lse)[finite].abs().amax(initial=0).item() < 2e-2
+    assert (max_scores - t_max)[finite].abs().amax(initial=0).item() < 2e-2
+    assert (out.float() - t_out.float()).abs().max().item() < 3e-2
+    if name in ("late-rows", "nothing"):  # rows with no allowed key: out 0, lse = max = -inf
+        assert (~finite).any() and bool((out.float()[~finite] == 0).all())
+        assert bool((max_scores[~finite] == -float("inf")).all())
+
+
+@pytest.mark.parametrize(
+    "name, shape", [("causal", Shape(1, 4, 1000, 128, Hkv=2)), ("alibi", Shape(1, 4, 1024, 64))],
+    ids=lambda x: x if isinstance(x, str) else x.id,
+)  # fmt: skip
+def test_the_triton_backward_after_a_gluon_forward(name, shape):
+    q, k, v = make_qkv(shape, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, mask_mod = _variant(name, shape)
+    mask = create_block_mask(mask_mod, None, None, shape.Lq, shape.lkv, device="cuda")
+    dout = torch.randn_like(q)
+    grads = {}
+    for label, options in (("gluon", GLUON), ("triton", TRITON)):
+        out = flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, kernel_options=options
+        )
+        grads[label] = torch.autograd.grad(out, (q, k, v), dout)
+    group = shape.Hq // shape.hkv
+    kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_() for t in (k, v))
+    gold, eager = gold_and_eager(q, kr, vr, score_mod=score_mod, block_mask=mask, dout=dout)
+    for i, name_ in enumerate(("dq", "dk", "dv")):
+        g, e = gold.grads[i], eager.grads[i]
+        if i:  # the reference ran on repeated kv heads: sum each group back to its kv head
+            g, e = (t.unflatten(1, (shape.hkv, group)).sum(2) for t in (g, e))
+        assert_close_to_gold(grads["gluon"][i], g, e, name=name_)
+        diff = (grads["gluon"][i].float() - grads["triton"][i].float()).abs().max().item()
+        assert diff < 5e-2 * grads["triton"][i].float().abs().max().item(), (name_, diff)
