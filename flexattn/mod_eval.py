@@ -82,11 +82,29 @@ def vmap_mod(fn: Callable, has_score: bool) -> Callable:
         >>> grid(ar(1), ar(1), ar(3), ar(3)).shape
         torch.Size([1, 1, 3, 3])
     """
+    if torch.compiler.is_compiling():
+        return _broadcast_mod(fn, has_score)
     lifted = _as_tensor_result(fn)
     prefix = (0,) if has_score else ()
     for dims in _LEVELS:
         lifted = torch.vmap(lifted, in_dims=prefix + dims, out_dims=0)
     return lifted
+
+
+def _broadcast_mod(fn: Callable, has_score: bool) -> Callable:
+    """``vmap_mod`` while torch.compile traces: the mod called once on index grids that broadcast
+    to (B, H, M, N). vmap over a graph with symbolic sizes fails in Dynamo's fake-tensor mode (a
+    SymInt added to a batched tensor, e.g. transformers' mask offsets once a length is dynamic);
+    every mod reaching a traced call passed the compiler's trace-time check, which accepts only
+    pointwise expressions and gathers, and those give the same values broadcast as vmapped."""
+    lifted = _as_tensor_result(fn)
+
+    def on_grids(*args: torch.Tensor) -> torch.Tensor:
+        *score, b, h, q, kv = args
+        grids = (b.view(-1, 1, 1, 1), h.view(1, -1, 1, 1), q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
+        return lifted(*score, *grids)
+
+    return on_grids
 
 
 def index(start: int, stop: int, device: torch.device | str) -> torch.Tensor:

@@ -56,3 +56,24 @@ def test_dynamo_sees_no_graph_break_on_the_cpu_path():
     explained = torch._dynamo.explain(step)(q, k, v)
     assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_changing_ints_reach_the_mods_as_symbolic_ints():
+    """A closure over an int that changes between calls (transformers' mask offsets during
+    generation) is made symbolic by Dynamo on recompiling: the traced call evaluates the mod on
+    broadcast grids (vmap fails on SymInts there) and equals eager at every offset."""
+
+    def at_offset(offset):
+        def causal_at_offset(b, h, q_idx, kv_idx):
+            return q_idx + offset >= kv_idx
+
+        return causal_at_offset
+
+    compiled = torch.compile(flex_attention, backend="aot_eager")
+    q_len, kv_len = 16, 48
+    q, k, v = torch.randn(1, H, q_len, E), torch.randn(1, H, kv_len, E), torch.randn(1, H, kv_len, E)
+    for offset in (3, 17, 32):
+        mask = create_block_mask(at_offset(offset), None, None, q_len, kv_len, device="cpu", BLOCK_SIZE=16)
+        torch.testing.assert_close(
+            compiled(q, k, v, block_mask=mask), flex_attention(q, k, v, block_mask=mask), rtol=1e-5, atol=1e-5
+        )
