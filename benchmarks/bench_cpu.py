@@ -121,6 +121,9 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
 
 
+CPU_ONLY = True  # no GPU involved (tests/test_cli.py)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[2048, 8192, 16384])

@@ -187,7 +187,10 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+RUNS_ON_CPU = True  # --tiny models run on CPU too (tests/test_cli.py)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -201,7 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64, help="0 skips generation")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a CPU smoke run)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--quick", action="store_true", help="Llama only, 3 steps, 8 new tokens")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.models, args.steps, args.warmup, args.new_tokens = ["llama"], 3, 1, min(args.new_tokens, 8)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda needs a GPU (torch.cuda.is_available() is False); use --tiny --device cpu"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.tiny:
         args.length, args.prompt = min(args.length, 64), min(args.prompt, 16)
     device = torch.device(args.device)
