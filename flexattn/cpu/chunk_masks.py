@@ -41,7 +41,9 @@ class ChunkMasks:
         if chunk.classes is None:
             return None
         classes = chunk.classes  # (Bm, Hm, nqb, nkb)
-        blocks = torch.zeros(classes.shape, dtype=dtype).masked_fill_(classes == EMPTY, -math.inf)
+        blocks = torch.zeros(classes.shape, dtype=dtype, device=classes.device).masked_fill_(
+            classes == EMPTY, -math.inf
+        )
         mask = self._expand(blocks, chunk)
         partial = (classes == PARTIAL).flatten(0, 2).any(dim=0)  # (nkb,)
         if not bool(partial.any()):
@@ -92,7 +94,7 @@ class ChunkMasks:
 
     def _columns_of(self, local_blocks: torch.Tensor, cols: int) -> torch.Tensor:
         """int64 chunk columns of the given local kv blocks (ascending, below ``cols``)."""
-        within = torch.arange(self.kv_block)
+        within = torch.arange(self.kv_block, device="cpu")
         columns = (local_blocks[:, None] * self.kv_block + within).flatten()
         return columns[columns < cols]
 

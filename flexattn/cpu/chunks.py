@@ -136,7 +136,7 @@ def _columns(blocks: torch.Tensor, kv_block: int, kv_len: int) -> slice | torch.
     lo, hi = int(blocks[0]), int(blocks[-1]) + 1
     if hi - lo == blocks.numel():  # contiguous: a view of the keys
         return slice(lo * kv_block, min(hi * kv_block, kv_len))
-    within = torch.arange(kv_block).expand(blocks.numel(), kv_block)
+    within = torch.arange(kv_block, device=blocks.device).expand(blocks.numel(), kv_block)
     columns = (blocks[:, None] * kv_block + within).flatten()
     return columns[columns < kv_len]
 

@@ -69,9 +69,9 @@ def fused_forward(run: FusedRun, q, k, v, want_max: bool):
     B, Hq, Lq, _ = q.shape
     Hkv, Ev = k.shape[1], v.shape[-1]
     q5, k5, v5 = _as_fp32_groups(q, k, v)
-    out = torch.zeros(B, Hkv, Hq // Hkv, Lq, Ev, dtype=torch.float32)
-    lse = torch.full((B, Hq, Lq), -math.inf)
-    max_scores = torch.full((B, Hq, Lq), -math.inf) if want_max else None
+    out = torch.zeros(B, Hkv, Hq // Hkv, Lq, Ev, dtype=torch.float32, device="cpu")
+    lse = torch.full((B, Hq, Lq), -math.inf, device="cpu")
+    max_scores = torch.full((B, Hq, Lq), -math.inf, device="cpu") if want_max else None
     mask, current = None, None
     for c, rows in run.steps(B, Hq):
         if c.cols == 0:

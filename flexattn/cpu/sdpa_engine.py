@@ -45,7 +45,7 @@ def sdpa_forward(run: SdpaRun, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     Ev = v.shape[-1]
     qp, kp, vp = _pad_heads(q, k, v)
     out = q.new_empty(B, Hq, Lq, Ev)
-    lse = torch.empty(B, Hq, Lq, dtype=torch.float32)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device="cpu")
     for c in run.chunks:
         rows = slice(c.start, c.stop)
         if c.cols == 0:  # no key visited: fully masked rows
@@ -83,9 +83,9 @@ def sdpa_backward(run: SdpaRun, q, k, v, out, lse, dout, dlse):
     Ev = v.shape[-1]
     use_lse = dlse is not None
     qp, kp, vp = _pad_heads(q, k, v, extra=int(use_lse))
-    dq = torch.zeros(qp.shape, dtype=torch.float32)
-    dk = torch.zeros(kp.shape, dtype=torch.float32)
-    dv = torch.zeros(vp.shape, dtype=torch.float32)
+    dq = torch.zeros(qp.shape, dtype=torch.float32, device="cpu")
+    dk = torch.zeros(kp.shape, dtype=torch.float32, device="cpu")
+    dv = torch.zeros(vp.shape, dtype=torch.float32, device="cpu")
     width = vp.shape[-1]
     out_p = F.pad(out, (0, width - Ev))
     dout_p = F.pad(dout.to(q.dtype), (0, width - Ev))
