@@ -24,16 +24,19 @@ if [ "$stage" = kernels ]; then
 elif [ "$stage" = serving ]; then
     timeout 130 python3 benchmarks/bench_decode.py --no-sweep --json "$O/decode.json" > "$O/decode.log" 2>&1
     cut -c1-200 "$O/decode.log" | tail -36
+    timeout 40 python3 benchmarks/bench_decode.py --rows "KV 8k Lq8 " --sweep-q-lens 8 --json "$O/decode_sweep.json" \
+        > "$O/decode_sweep.log" 2>&1; tail -12 "$O/decode_sweep.log" | cut -c1-200
     timeout 60 python3 benchmarks/bench_paged.py --quick --json "$O/paged.json" > "$O/paged.log" 2>&1
     tail -16 "$O/paged.log" | cut -c1-200
-    timeout 40 python3 benchmarks/bench_host.py --quick --json "$O/host.json" > "$O/host.log" 2>&1; tail -12 "$O/host.log" | cut -c1-200
-    timeout 110 python3 benchmarks/bench_block_mask.py --batch 1 --rep-seconds 1 --json "$O/block_mask.json" \
+    timeout 25 python3 benchmarks/bench_host.py --quick --json "$O/host.json" > "$O/host.log" 2>&1; tail -12 "$O/host.log" | cut -c1-200
+    timeout 15 python3 benchmarks/bench_host.py --breakdown decode-8k --top 25 > "$O/host_breakdown.log" 2>&1
+    timeout 100 python3 benchmarks/bench_block_mask.py --batch 1 --rep-seconds 1 --json "$O/block_mask.json" \
         > "$O/block_mask.log" 2>&1; tail -22 "$O/block_mask.log" | cut -c1-220
     timeout 90 python3 examples/generate.py --new-tokens 64 --json "$O/generate.json" > "$O/generate.log" 2>&1
     tail -14 "$O/generate.log" | cut -c1-220
-    timeout 80 python3 benchmarks/bench_transformers.py --models llama gemma2 --new-tokens 16 --json "$O/hf.json" \
-        > "$O/hf.log" 2>&1; tail -9 "$O/hf.log" | cut -c1-220
-    timeout 60 python3 examples/train_gpt_packed.py --steps 30 > "$O/e2e.log" 2>&1; tail -2 "$O/e2e.log" | cut -c1-400
+    timeout 60 python3 benchmarks/bench_transformers.py --models llama gemma2 --steps 5 --warmup 2 --new-tokens 8 \
+        --json "$O/hf.json" > "$O/hf.log" 2>&1; tail -9 "$O/hf.log" | cut -c1-220
+    timeout 45 python3 examples/train_gpt_packed.py --steps 30 > "$O/e2e.log" 2>&1; tail -2 "$O/e2e.log" | cut -c1-400
 else
     echo "stage must be kernels or serving, got $stage"; exit 2
 fi
