@@ -86,8 +86,9 @@ def test_gluon_forward_matches_the_reference_and_the_triton_forward(name, shape,
         torch.isinf(max_scores), torch.isinf(t_max)
     )
     finite = torch.isfinite(t_lse)
-    assert (lse - t_lse)[finite].abs().amax(initial=0).item() < 2e-2
-    assert (max_scores - t_max)[finite].abs().amax(initial=0).item() < 2e-2
+    zero = lse.new_zeros(1)  # rows with no allowed key are not compared (a mask may leave none)
+    assert torch.cat([(lse - t_lse)[finite].abs(), zero]).max().item() < 2e-2
+    assert torch.cat([(max_scores - t_max)[finite].abs(), zero]).max().item() < 2e-2
     assert (out.float() - t_out.float()).abs().max().item() < 3e-2
     if name in ("late-rows", "nothing"):  # rows with no allowed key: out 0, lse = max = -inf
         assert (~finite).any() and bool((out.float()[~finite] == 0).all())
