@@ -9,6 +9,7 @@ so the explanation is what runs).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,10 @@ DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile hold
 # launch cache) against split-KV's two launches and workspace, for a few key tiles per head.
 DECODE_MIN_KV_LEN = 2048
 SPLIT_WAVES = 2  # aim for at least this many programs per SM
+# Tiles of 32+ packed rows hold enough scores to fill the register file (one program per SM): their
+# splits aim for one full wave. H200, B8 Hq32 Hkv8 E128, 8k keys, Lq 8 (32-row tiles, 64 programs):
+# 2 splits 3.80 TB/s, 4: 3.51, 6 (two waves): 3.26, 8: 3.14 (bench_decode.py's split sweep).
+HEAVY_TILE_ROWS, HEAVY_TILE_WAVES = 32, 1
 RAGGED_SPLIT_WAVES = 16  # ragged batches: splits sized for the padded length, so many more (short ones exit)
 INTERPRETER_SMS = 4  # "SMs" assumed without a GPU: a few splits, quick on the CPU
 
@@ -94,18 +99,22 @@ def decode_tiles(
     return DecodeTiles(block_m, block_n, warps, stages, f"{rows} packed rows in {block_m}-row tiles; {why}")
 
 
-def choose_splits(programs: int, units: int, target: DeviceLimits, ragged: bool = False) -> int:
+def choose_splits(
+    programs: int, units: int, target: DeviceLimits, ragged: bool = False, heavy_tiles: bool = False
+) -> int:
     """Key splits so that ``programs * splits`` fills the GPU at least ``SPLIT_WAVES`` times over with
     a full last wave (wave efficiency >= 95%, else the most efficient count up to 4x that); each split
     at least one unit of keys. ``programs``: (sequences x head groups x row tiles).
 
     ``ragged`` (per-sequence key counts, not read on the host): the splits are cut from the padded
     length and those past a sequence's end exit at once, so ``RAGGED_SPLIT_WAVES`` makes them small
-    enough that the long sequences' splits still spread over every SM."""
+    enough that the long sequences' splits still spread over every SM. ``heavy_tiles`` (tiles of
+    ``HEAVY_TILE_ROWS`` rows or more, one program per SM): ``HEAVY_TILE_WAVES`` waves instead."""
     sms = target.multiprocessors or INTERPRETER_SMS
     programs = max(1, programs)
-    waves = RAGGED_SPLIT_WAVES if ragged else SPLIT_WAVES
-    least = max(1, min(units, -(-(waves * sms) // programs)))
+    waves = RAGGED_SPLIT_WAVES if ragged else HEAVY_TILE_WAVES if heavy_tiles else SPLIT_WAVES
+    fill = 0.95 if heavy_tiles else 1.0  # one wave of heavy tiles may leave a few SMs idle
+    least = max(1, min(units, math.ceil(fill * waves * sms / programs)))
 
     def efficiency(splits: int) -> float:
         total = programs * splits
@@ -148,7 +157,7 @@ def decode_launch(
     units = max(1, -(-kv_len // unit))
     programs = batch * (q_heads // pack) * m_tiles
     if splits is None:
-        splits = choose_splits(programs, units, target, ragged)
+        splits = choose_splits(programs, units, target, ragged, heavy_tiles=tiles.BLOCK_M >= HEAVY_TILE_ROWS)
     elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an int >= 1, got {splits!r}.")
     units_per_split = -(-units // min(splits, units))

@@ -57,6 +57,13 @@ def test_splits_fill_the_gpu_with_full_waves():
     assert total >= 2 * 132 and total / (-(-total // 132) * 132) >= 0.95
     assert choose_splits(64, 3, H200) == 3  # never more splits than units of keys
     assert choose_splits(100_000, 50, H200) == 1  # enough programs already
+    # 32+ row tiles run one program per SM: one (95% full) wave, 64 programs x 2 splits on 132 SMs
+    assert choose_splits(64, 1024, H200, heavy_tiles=True) == 2
+    launch = decode_launch(
+        batch=8, q_heads=32, kv_heads=8, q_len=8, kv_len=8192, head_dim=128, v_head_dim=128,
+        dtype=torch.bfloat16, q_block=None, kv_block=None, per_head_mask=False, target=H200,
+    )  # fmt: skip
+    assert (launch.tiles.BLOCK_M, launch.splits) == (32, 2)
 
 
 def test_decode_launch_for_the_benchmark_shape():
