@@ -43,25 +43,6 @@ def test_backward_kernels_compile_for_hopper_with_a_lean_dkdv_loop():
     assert rows["_bwd_dkdv"]["registers"] <= 168  # the register cap of light score mods at E64
 
 
-def test_the_decode_kernel_skips_the_mask_and_the_bounds_on_full_blocks():
-    """The split-KV decode kernel with a causal block mask and ALiBi (the decode benchmark's heads,
-    one token): its full-block loop inside the sequence costs what ALiBi alone costs without a mask
-    (the mask_mod, the per-row status and the tail's modulo are compiled out there; they once made
-    it 724 instructions against 467)."""
-    rows = {row["kernel"]: row for row in run_report("--pass", "decode", "--variant", "causal+alibi")}
-    assert set(rows) == {"_decode_split_kernel", "_decode_merge_kernel"}
-    split = rows["_decode_split_kernel"]
-    assert split["spill_stores"] == 0 and split["shared_memory"] > 0
-    tile_loops = [
-        loop["instructions"] for loop in split["loops"] if loop["instructions"] > 200
-    ]  # (not searches)
-    dense = next(
-        row for row in run_report("--pass", "decode", "--variant", "alibi") if "split" in row["kernel"]
-    )
-    dense_loop = max(loop["instructions"] for loop in dense["loops"])
-    assert min(tile_loops) <= 1.1 * dense_loop, (tile_loops, dense_loop)
-
-
 def test_refuses_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(

@@ -28,9 +28,7 @@ case), the split visits the entries of that row's partial list, then of its full
 in its key range (found by binary search), as the prefill kernel does. When they straddle two q
 blocks, the split visits the kv blocks of its range in order, looks each up in both rows' (partial,
 full) lists with a moving pointer per list, and attends only where some row lists the block. Full
-blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial. In the
-one-row walk only the last listed block can hold keys past the sequence's end: every other tile
-skips the bounds checks (no index wrap, no tail mask) and, in a full block, every mask operation.
+blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial.
 Without a block mask (not SPARSE) every key is visited and no list is read.
 """
 
@@ -52,11 +50,6 @@ from flexattn.kernels.tile_io import load_kv, mask_tail, paged_rows, sparse_tile
 from flexattn.kernels.tiles import padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-# How _decode_tile masks a tile's scores (MASKING): every key allowed (no block mask, or a full block of
-# every row), mask_mod on every element (a partial block of every row), or by each row's status
-NO_MASK = tl.constexpr(0)
-MASK_MOD = tl.constexpr(1)
-PER_ROW = tl.constexpr(2)
 
 
 # fmt: off
@@ -65,31 +58,22 @@ def _decode_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
     q, k_src, v_src, start_n, kv_len, b, h, q_idx,   # this tile: first key, the sequence's key count
     pages,                                           # the sequence's page-table row (PAGE > 0)
-    status, any_partial,                             # PER_ROW: 0 skip / 1 partial / 2 full per row; scalar
+    status, any_partial,                             # per row: 0 skip / 1 partial / 2 full; scalar
     k_strides, v_strides, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
-    MASKING: tl.constexpr, CHECK_N: tl.constexpr,
+    SPARSE: tl.constexpr, CHECK_N: tl.constexpr,
     E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
-    BIAS_FN: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i).
-    MASKING: NO_MASK, MASK_MOD or PER_ROW (``status``, ``any_partial``); CHECK_N: the tile may pass
-    the sequence's end (tail keys are masked; only then are indices wrapped into range).
-    Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load.
-    Scores and m_i are in natural units; raw q.k units with an identity score mod (SCORE_IS_IDENTITY:
-    the scale folds into the base-2 multiplier); base 2 with an additive one (SCORE_IS_ADDITIVE:
-    ``qk * (scale * log2e) + BIAS_FN(...)``, one FMA per score), as in the prefill kernel."""
-    # -- scores --
+    Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load."""
+    # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
     kv_rows = paged_rows(pages, start_n, kv_len, BLOCK_N, CHECK_N, PAGE)
     k = load_kv(k_src, kv_rows, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False, PAGE)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SCORE_IS_IDENTITY:
         scores = qk
         to_base2 = scale * LOG2E
-    elif SCORE_IS_ADDITIVE:
-        scores = qk * (scale * LOG2E)
-        to_base2 = 1.0
     else:
         scores = qk * scale
         to_base2 = LOG2E
@@ -98,13 +82,9 @@ def _decode_tile(
         kv_idx = wrap_index(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
     else:
         kv_idx = kv_pos[None, :]
-    if SCORE_IS_ADDITIVE:
-        scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
-    elif not SCORE_IS_IDENTITY:
+    if not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
-    if MASKING == MASK_MOD:
-        scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
-    elif MASKING == PER_ROW:
+    if SPARSE:
         allowed = (status[:, None] > 0) & (kv_idx >= 0)  # (BLOCK_M, BLOCK_N)
         if any_partial:
             keep = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)
@@ -178,8 +158,7 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
     PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
-    BIAS_FN: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
 ):
     # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
     split = tl.program_id(0)
@@ -246,28 +225,14 @@ def _decode_split_kernel(
                     idx_row = idx + mask_row0 * MASK_NKV
                     first = _lower_bound(idx_row, n, block_start, SEARCH_STEPS)
                     last = _lower_bound(idx_row, n, block_end, SEARCH_STEPS)
-                    # Only the last listed block can hold keys past the sequence's end (blocks are
-                    # ascending, none starts past it): every other tile skips the bounds checks.
-                    last_block = tl.load(idx_row + tl.maximum(last - 1, 0))  # (any block when none)
-                    whole_tiles = kv_len // BLOCK_N * BLOCK_N
-                    tail = ((last > first) & ((last_block + 1) * KV_BLOCK > whole_tiles)).to(tl.int32)
-                    for tile in range(first * TILES_PER_BLOCK, (last - tail) * TILES_PER_BLOCK):
+                    status = tl.full([BLOCK_M], 1 + full, tl.int32)
+                    for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
                         acc, l_i, m_i = _decode_tile(
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
-                            m_i, False, kn_strides, vn_strides, scale,
-                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, False,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
-                            BIAS_FN, PAGE,
-                        )
-                    for tile in range((last - tail) * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
-                        start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
-                        acc, l_i, m_i = _decode_tile(
-                            acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
-                            m_i, False, kn_strides, vn_strides, scale,
-                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK if full else MASK_MOD, True,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
-                            BIAS_FN, PAGE,
+                            status, full == 0, kn_strides, vn_strides, scale,
+                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                         )
             else:
                 # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
@@ -304,9 +269,8 @@ def _decode_split_kernel(
                                 acc, l_i, m_i = _decode_tile(
                                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                                     status, any_partial, kn_strides, vn_strides, scale,
-                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, PER_ROW, True,
-                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
-                                    BIAS_FN, PAGE,
+                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
+                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                                 )
         else:
             # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
@@ -316,25 +280,21 @@ def _decode_split_kernel(
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, False,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
-                    BIAS_FN, PAGE,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
             if split_start + full_tiles * BLOCK_N < split_end:
                 start_n = split_start + full_tiles * BLOCK_N
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, NO_MASK, True,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
-                    BIAS_FN, PAGE,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, True,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
                 )
 
         # -- this split's partial result: normalised out, lse and max (natural units); empty: 0, -inf --
         if SCORE_IS_IDENTITY:
             m_i = m_i * scale
-        elif SCORE_IS_ADDITIVE:
-            m_i = m_i * (1.0 / LOG2E)
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -531,7 +491,6 @@ def _launch_split(
     )  # fmt: skip
     precision = dot_precision(q.dtype)
     identity = score_mod.trivial and scale > 0
-    additive = score_mod.bias_fn is not None and not identity
 
     def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
         return dict(
@@ -540,8 +499,7 @@ def _launch_split(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
             **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
             PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, SCORE_IS_ADDITIVE=additive,
-            BIAS_FN=score_mod.bias_fn, PAGE=page,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
@@ -561,15 +519,13 @@ def _launch_split(
     key = (
         id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
         per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
-        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(score_mod.bias_fn),
-        id(mask_mod.fn), alignment(*pointers),
+        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn),
+        alignment(*pointers),
         max(q_offset, Lq, Lkv, *table_args[4:], page_stride, launch.units_per_split, search_steps) < 2**31,
         args_key(score_mod.args), args_key(mask_mod.args),
     )  # fmt: skip
     grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)
-    _SPLIT_LAUNCHES.launch(
-        grid, key, args, keywords, pinned=(launch, score_mod.fn, score_mod.bias_fn, mask_mod.fn)
-    )
+    _SPLIT_LAUNCHES.launch(grid, key, args, keywords, pinned=(launch, score_mod.fn, mask_mod.fn))
 
 
 def _launch_merge(
