@@ -20,7 +20,10 @@ Typical use::
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -193,3 +196,13 @@ def gold_and_eager(
         params=params,
     )
     return gold, eager
+
+
+def load_script(path: Path):
+    """Import a script of benchmarks/ or examples/ (not packages) by its file path, registered under
+    its stem in ``sys.modules`` (dataclasses look their module up there)."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+
+from tests.helpers import load_script
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_block_mask.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_block_mask", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def test_plan_runs_every_builder_at_every_size_and_batch(capsys):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,16 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from flexattn import create_block_mask, flex_attention
+from tests.helpers import load_script
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cpu.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_cpu", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def test_a_tiny_run_prints_every_variant_both_passes(capsys):

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from tests.helpers import load_script
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_host.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_host", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def test_the_table_and_json_hold_every_case_and_implementation(tmp_path, capsys):

@@ -3,22 +3,18 @@ CPU and checks that paged and contiguous agree (flexattn and torch alike)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import load_script
+
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_paged.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_paged", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def test_dry_run_plans_every_row_and_checks_the_setup(capsys):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
@@ -16,11 +16,7 @@ _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_transform
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_transformers", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(_PATH)
 
 
 def test_a_tiny_cpu_run_measures_flexattn_next_to_sdpa(tmp_path, capsys):

@@ -3,9 +3,7 @@ and generate.py (every attention implementation generates the same tokens)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +11,13 @@ import torch
 
 from flexattn import create_block_mask
 from flexattn.variants import causal, document_mask
+from tests.helpers import load_script
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_gpt_packed.py"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("train_gpt_packed", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE)
 
 
 def test_train_gpt_packed_runs_on_cpu(capsys):
@@ -65,11 +60,7 @@ TINY = ["--device", "cpu", "--batch", "3", "--prompt-lengths", "5-40", "--new-to
 
 
 def load_generate():
-    spec = importlib.util.spec_from_file_location("generate", GENERATE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GENERATE)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
