@@ -9,57 +9,15 @@ launching (as ``benchmarks/bench_host.py --simulate-launch`` does).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.launch_probe import run_probe
 
-PROBE = r'''
-import json
-from unittest import mock
-
-import torch
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.runtime import jit as triton_jit
-
+PROBE = r"""
 import flexattn.compiler as mod_compiler
 from flexattn import create_block_mask, dispatch, flex_attention
 from flexattn.kernels import forward
 from flexattn.kernels.device import DeviceLimits
-
-launched = []
-
-
-class Utils:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
-
-    def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 64, 0, 1024
-
-
-class Driver:
-    utils = Utils()
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 7
-
-    def launcher_cls(self, src, metadata):
-        return lambda *args: launched.append(args)
-
 
 binds = [0]
 real_run = triton_jit.JITFunction.run
@@ -70,22 +28,6 @@ def counted(self, *args, **kwargs):
     return real_run(self, *args, **kwargs)
 
 
-def describe(arg):
-    """A launcher argument as comparable data (tensors by identity, descriptors by fields)."""
-    if isinstance(arg, torch.Tensor):
-        return ["tensor", id(arg)]
-    if type(arg).__name__ == "TensorDescriptor":
-        return ["desc", id(arg.base), list(arg.shape), list(arg.strides), list(arg.block_shape)]
-    if isinstance(arg, tuple):
-        return [describe(a) for a in arg]
-    if arg is None or isinstance(arg, (bool, int, float, str)):
-        return arg
-    if isinstance(arg, bytes):
-        return arg.hex()
-    return ["object", id(arg)]
-
-
-triton.runtime.driver.set_active(Driver())
 hopper = DeviceLimits((9, 0), 232448)
 report = {}
 with (
@@ -106,7 +48,7 @@ with (
     def call(query=q, score_mod=alibi):
         before = binds[0]
         flex_attention(query, k, v, score_mod=score_mod, block_mask=mask, kernel_options=options)
-        args = launched[-1]
+        args = launched[-1][1]
         outputs = {3, 4, 5}  # out, lse, max_scores: new tensors every call
         kernel_args = [describe(a) if i not in outputs else "output" for i, a in enumerate(args[9:])]
         head = describe(args[:6])  # grid, stream, function, packed metadata
@@ -139,18 +81,12 @@ with (
     knobs.runtime.launch_enter_hook.add(lambda metadata: None)
     report["hooked"] = [call()["bound"], call()["bound"]]
 print(json.dumps(report))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE)
 
 
 def test_a_repeat_launch_is_not_bound_again(report):

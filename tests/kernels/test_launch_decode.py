@@ -9,58 +9,15 @@ without the interpreter, against a stub driver whose launcher records its argume
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels.launch_probe import run_probe
 
 PROBE = r'''
-import json
-from unittest import mock
-
-import torch
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.runtime import jit as triton_jit
-
 import flexattn.compiler as mod_compiler
 from flexattn import Positions, create_block_mask, dispatch, flex_attention, plan
 from flexattn.kernels import decode
 from flexattn.kernels.device import DeviceLimits
-
-launched = []
-
-
-class Utils:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132}
-
-    def load_binary(self, name, kernel, shared, device):
-        return 1, 1, 64, 0, 1024
-
-
-class Driver:
-    utils = Utils()
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 7
-
-    def launcher_cls(self, src, metadata):
-        name = metadata.name
-        return lambda *args: launched.append((name, args))
-
 
 bound = []
 real_run = triton_jit.JITFunction.run
@@ -71,20 +28,6 @@ def counted(self, *args, **kwargs):
     return real_run(self, *args, **kwargs)
 
 
-def describe(arg):
-    """A launcher argument as comparable data (tensors by identity)."""
-    if isinstance(arg, torch.Tensor):
-        return ["tensor", id(arg)]
-    if isinstance(arg, tuple):
-        return [describe(a) for a in arg]
-    if arg is None or isinstance(arg, (bool, int, float, str)):
-        return arg
-    if isinstance(arg, bytes):
-        return arg.hex()
-    return ["object", id(arg)]
-
-
-triton.runtime.driver.set_active(Driver())
 hopper = DeviceLimits((9, 0), 232448, 132)
 report = {}
 with (
@@ -189,13 +132,7 @@ print(json.dumps(report))
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT)
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_probe(PROBE)
 
 
 SPLIT, MERGE = "_decode_split_kernel", "_decode_merge_kernel"
