@@ -15,7 +15,7 @@ import torch
 
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, noop_block_mask
 from flexattn.block_mask_build import complete_q_side
-from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.compiler import compile_mods
 from flexattn.compiler.fingerprint import CallFingerprints
 from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
@@ -269,11 +269,11 @@ def plan_attention(
         plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
         out, lse, max_scores = plan.forward(q, k, v)
     """
-    fingerprints = fingerprints or CallFingerprints()
     fast_math = fast_math_for(options, dtype)
-    score = compile_score_mod(score_mod, device=device, fast_math=fast_math, fingerprint=fingerprints.score)
     mask_mod = None if block_mask is None else block_mask.mask_mod
-    mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
+    score, mask = compile_mods(
+        score_mod, mask_mod, device=device, fast_math=fast_math, fingerprints=fingerprints
+    )
     tables = block_tables(block_mask, q_len, kv_len, device)
     dense = block_mask is None
     return AttentionPlan(score, mask, tables, scale, options, dense, kv_pages, block_mask=block_mask)
