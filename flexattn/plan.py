@@ -50,8 +50,8 @@ class AttentionPlan:
         prefill_tiles: bool = False, target: DeviceLimits | None = None,
     ) -> KernelChoice:  # fmt: skip
         """Which forward kernel runs (``kernels.kernel_choice.choose_kernel``), with the decode splits."""
-        positions = Positions() if positions is None else positions
-        per_head = self.tables.kv_num_blocks.shape[1] > 1 and not self.dense
+        positions = _NO_POSITIONS if positions is None else positions
+        per_head = not self.dense and self.tables.kv_num_blocks.shape[1] > 1
         kv_len = key.shape[2] if self.kv_pages is None else self.kv_pages.kv_len  # (paged: logical)
         choice = choose_kernel(
             q_len=query.shape[2], kv_len=kv_len, q_heads=query.shape[1], kv_heads=key.shape[1],
@@ -196,6 +196,7 @@ class AttentionPlan:
         ])  # fmt: skip
 
 
+_NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present (frozen: shared by every call)
 PREFILL_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "autotune")
 
 
