@@ -30,6 +30,9 @@ class AuxRequest(NamedTuple):
     max_scores: bool = False
 
 
+_NOTHING_AUX, _LSE_ONLY = AuxRequest(), AuxRequest(lse=True)  # (immutable: shared by every call)
+
+
 class AuxOutput(NamedTuple):
     """Auxiliary outputs: ``lse`` and ``max_scores`` (B, Hq, Lq) fp32, or None if not requested."""
 
@@ -371,7 +374,7 @@ def _check_returns(return_lse, return_aux) -> AuxRequest:
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}.")
     if return_aux is None:
-        return AuxRequest(lse=return_lse)
+        return _LSE_ONLY if return_lse else _NOTHING_AUX
     if return_lse:
         raise ValueError(
             "Pass either return_lse=True or return_aux=AuxRequest(...), not both; "

@@ -105,7 +105,8 @@ def triton_flex_attention(
         kv_pages=kv_pages, fingerprints=fingerprints,
     )  # fmt: skip
     captures = plan.score_mod.grad_captures
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *captures))
+    grads = query.requires_grad or key.requires_grad or value.requires_grad  # (q, k, v without a generator)
+    needs_grad = torch.is_grad_enabled() and (grads or any(t.requires_grad for t in captures))
     if not needs_grad:
         return plan.forward(query, key, value, positions=positions)
     if positions is not None:

@@ -15,7 +15,7 @@ import torch
 
 from flexattn.block_mask import DEFAULT_BLOCK_SIZE, BlockMask, noop_block_mask
 from flexattn.block_mask_build import complete_q_side
-from flexattn.compiler import compile_mask_mod, compile_score_mod
+from flexattn.compiler import compile_mods
 from flexattn.compiler.fingerprint import CallFingerprints
 from flexattn.kernels.backward import flex_backward
 from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
@@ -50,8 +50,8 @@ class AttentionPlan:
         prefill_tiles: bool = False, target: DeviceLimits | None = None,
     ) -> KernelChoice:  # fmt: skip
         """Which forward kernel runs (``kernels.kernel_choice.choose_kernel``), with the decode splits."""
-        positions = Positions() if positions is None else positions
-        per_head = self.tables.kv_num_blocks.shape[1] > 1 and not self.dense
+        positions = _NO_POSITIONS if positions is None else positions
+        per_head = not self.dense and self.tables.kv_num_blocks.shape[1] > 1
         kv_len = key.shape[2] if self.kv_pages is None else self.kv_pages.kv_len  # (paged: logical)
         choice = choose_kernel(
             q_len=query.shape[2], kv_len=kv_len, q_heads=query.shape[1], kv_heads=key.shape[1],
@@ -196,6 +196,7 @@ class AttentionPlan:
         ])  # fmt: skip
 
 
+_NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present (frozen: shared by every call)
 PREFILL_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "autotune")
 
 
@@ -269,11 +270,11 @@ def plan_attention(
         plan = plan_attention(None, None, 40, 40, 0.25, KernelOptions(BACKEND="TRITON"), torch.device("cpu"))
         out, lse, max_scores = plan.forward(q, k, v)
     """
-    fingerprints = fingerprints or CallFingerprints()
     fast_math = fast_math_for(options, dtype)
-    score = compile_score_mod(score_mod, device=device, fast_math=fast_math, fingerprint=fingerprints.score)
     mask_mod = None if block_mask is None else block_mask.mask_mod
-    mask = compile_mask_mod(mask_mod, device=device, fingerprint=fingerprints.mask)
+    score, mask = compile_mods(
+        score_mod, mask_mod, device=device, fast_math=fast_math, fingerprints=fingerprints
+    )
     tables = block_tables(block_mask, q_len, kv_len, device)
     dense = block_mask is None
     return AttentionPlan(score, mask, tables, scale, options, dense, kv_pages, block_mask=block_mask)

@@ -98,6 +98,7 @@ __all__ = [
     "codegen_count",
     "compile_block_mask_mod",
     "compile_mask_mod",
+    "compile_mods",
     "compile_score_mod",
     "explain",
     "fast_tanh",
@@ -161,6 +162,24 @@ def compile_mask_mod(
     if mask_mod is None:
         mask_mod, fingerprint = _always, _builtin_fingerprint(_always)
     return _compile(mask_mod, "mask", device, target=target, fingerprint=fingerprint)
+
+
+def compile_mods(
+    score_mod, mask_mod, *, device=None, fast_math: bool = False, fingerprints=None
+) -> tuple[KernelMod, KernelMod]:
+    """:func:`compile_score_mod` and :func:`compile_mask_mod` of one attention call, reading the
+    environment (``TRITON_INTERPRET``) once for both. ``fingerprints``: the call's
+    ``fingerprint.CallFingerprints``, or None."""
+    score_fp = None if fingerprints is None else fingerprints.score
+    mask_fp = None if fingerprints is None else fingerprints.mask
+    if score_mod is None:
+        score_mod, score_fp = _identity, _builtin_fingerprint(_identity)
+    if mask_mod is None:
+        mask_mod, mask_fp = _always, _builtin_fingerprint(_always)
+    interpreted = _interpreted()
+    score = _compile(score_mod, "score", device, fast_math, fingerprint=score_fp, interpreted=interpreted)
+    mask = _compile(mask_mod, "mask", device, fingerprint=mask_fp, interpreted=interpreted)
+    return score, mask
 
 
 _BUILTIN_FINGERPRINTS: dict[tuple, Fingerprint] = {}
@@ -309,20 +328,22 @@ def _generate(program: Program, target: str, fast_math: bool) -> cache.CompiledM
 
 
 def _compile(
-    mod, kind: str, device, fast_math: bool = False, target: str | None = None, fingerprint=None
+    mod,
+    kind: str,
+    device,
+    fast_math: bool = False,
+    target: str | None = None,
+    fingerprint=None,
+    interpreted: bool | None = None,
 ) -> KernelMod:
-    """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py)."""
+    """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py).
+    ``interpreted``: ``_interpreted()``, if the caller read it this call."""
     fingerprint = fingerprint_of(mod, fingerprint)
     key, keep = fingerprint.key, fingerprint.keep
     if key is not None:
-        key = (
-            kind,
-            None if device is None else str(torch.device(device)),
-            _interpreted(),
-            fast_math,
-            target,
-            key,
-        )
+        where = device if device is None or isinstance(device, torch.device) else torch.device(device)
+        interpreted = _interpreted() if interpreted is None else interpreted
+        key = (kind, where, interpreted, fast_math, target, key)  # (a device hashes as it is)
         kernel_mod = _KERNEL_MODS.get(key)
         if kernel_mod is not None:
             return kernel_mod

@@ -23,32 +23,23 @@ def check_qkv(
         raise ValueError(
             f"q, k, v must be 4-D (B, H, L, E); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
-    B, Hq, Lq, E = q.shape
-    if (
-        k.shape[0] != B
-        or v.shape[0] != B
-        or k.shape[1] != v.shape[1]
-        or k.shape[2] != v.shape[2]
-        or k.shape[3] != E
-    ):
+    (B, Hq, Lq, E), (Bk, Hkv, Lkv, Ek), (Bv, Hv, Lv, _) = q.shape, k.shape, v.shape
+    if Bk != B or Bv != B or Hkv != Hv or Lkv != Lv or Ek != E:
         raise ValueError(
             f"Shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}; expected "
             "k (B, Hkv, Lkv, E) and v (B, Hkv, Lkv, Ev)."
         )
-    if k.shape[1] == 0 or Hq % k.shape[1]:
-        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={k.shape[1]}.")
-    if (
-        q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-        or k.dtype != q.dtype
-        or v.dtype != q.dtype
-    ):
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv}.")
+    dtype, device = q.dtype, q.device
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != dtype or v.dtype != dtype:
         raise ValueError(f"q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}.")
-    if not (q.device == k.device == v.device == mask_table.device):
+    if not (device == k.device == v.device == mask_table.device):
         raise ValueError(
             f"q, k, v and the block mask must be on one device; got {q.device}, {k.device}, "
             f"{v.device}, {mask_table.device}."
         )
-    if q.device.type == "cpu" and target.capability is None and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type == "cpu" and target.capability is None and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("The Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors.")
     if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
         raise ValueError(

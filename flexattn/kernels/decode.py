@@ -561,4 +561,5 @@ _NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
     """Strides with 0 on size-1 dims (as the forward kernel passes them)."""
-    return tuple([s if n > 1 else 0 for s, n in zip(t.stride(), t.shape)])  # (a list: no generator)
+    (s0, s1, s2, s3), (n0, n1, n2, n3) = t.stride(), t.shape  # (B, H, L, E): unpacked, no loop
+    return (s0 if n0 > 1 else 0, s1 if n1 > 1 else 0, s2 if n2 > 1 else 0, s3 if n3 > 1 else 0)

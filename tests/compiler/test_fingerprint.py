@@ -231,6 +231,22 @@ def test_device_and_interpreter_are_part_of_the_cache_key(trace_count, monkeypat
     assert len(trace_count) == 3
 
 
+def test_compile_mods_shares_the_separate_compiles_cache_entries(trace_count, monkeypatch):
+    """One call's two compiles (one environment read) key as compile_score_mod / compile_mask_mod."""
+    score, mask = variants.tanh_softcap(20.0), variants.causal()
+    both = compiler.compile_mods(score, mask, device=torch.device("cpu"))
+    assert both == (compile_score_mod(score, device="cpu"), compile_mask_mod(mask, device="cpu"))
+    assert len(trace_count) == 2
+    assert compiler.compile_mods(None, None, device="cpu") == (
+        compile_score_mod(None, device="cpu"),
+        compile_mask_mod(None, device="cpu"),
+    )
+    assert len(trace_count) == 4
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if os.environ.get("TRITON_INTERPRET") == "1" else "1")
+    compiler.compile_mods(score, mask, device="cpu")
+    assert len(trace_count) == 6
+
+
 def test_the_cache_is_bounded(trace_count, monkeypatch):
     monkeypatch.setattr(compiler._KERNEL_MODS, "size", 4)
     for window in range(10):
