@@ -98,9 +98,9 @@ def _per_sequence(query, key, value, score_mod, block_mask, scale, compute_dtype
     return tuple(torch.cat(parts) for parts in zip(*results))
 
 
-def _in_batch(mod: Callable | None, batch: int, has_score: bool) -> Callable | None:
+def _in_batch(mod: Callable | None, batch: int | None, has_score: bool) -> Callable | None:
     """``mod`` seeing batch index ``batch`` where it is evaluated on a one-sequence slice."""
-    if mod is None or batch == 0:
+    if mod is None or not batch:
         return mod
     if has_score:
         return lambda s, b, h, q_idx, kv_idx: mod(s, b + batch, h, q_idx, kv_idx)
@@ -108,8 +108,9 @@ def _in_batch(mod: Callable | None, batch: int, has_score: bool) -> Callable | N
 
 
 def _attention(query, key, value, score_mod, block_mask, scale, compute_dtype, chunk_elements,
-               q_offset: int = 0, batch: int = 0):  # fmt: skip
-    """The reference forward for query rows at positions ``q_offset + i`` of batch slice ``batch``."""
+               q_offset: int = 0, batch: int | None = None):  # fmt: skip
+    """The reference forward for query rows at positions ``q_offset + i``; ``batch``: the sequence
+    a one-sequence slice is (None: the whole batch)."""
     B, Hq, Lq, E = query.shape
     Hkv, Lkv = key.shape[1], key.shape[2]
     if compute_dtype is None:
@@ -241,13 +242,14 @@ class _ChunkedAttention(torch.autograd.Function):
 class _BlockRows:
     """Expands a BlockMask to per-element "allowed" pairs for a chunk of query positions."""
 
-    def __init__(self, block_mask: BlockMask, kv_len: int, batch: int = 0):
-        """``batch``: the sequence a one-sequence slice is (its block rows; the mask_mod sees it)."""
+    def __init__(self, block_mask: BlockMask, kv_len: int, batch: int | None = None):
+        """``batch``: the sequence a one-sequence slice is (its block rows; the mask_mod sees it),
+        None for the whole batch."""
         self.mask_mod = _in_batch(block_mask.mask_mod, batch, has_score=False)
         self.q_block, self.kv_block = block_mask.BLOCK_SIZE
         self.full = block_mask._dense_blocks(full=True)  # (Bm, Hm, NQ, NKV)
         self.partial = block_mask._dense_blocks(full=False)
-        if batch and self.full.shape[0] > 1:
+        if batch is not None and self.full.shape[0] > 1:
             self.full, self.partial = self.full[batch : batch + 1], self.partial[batch : batch + 1]
         nkv = -(-kv_len // self.kv_block)  # a shorter sequence (ragged batch) uses its first blocks
         self.full, self.partial = self.full[..., :nkv], self.partial[..., :nkv]

@@ -176,3 +176,31 @@ def test_explain_names_the_forward_kernel():
     assert "forward kernel (inference): decode" in long_plan.explain(q, long_k, long_v)
     long_q = torch.randn(B, HQ, 65, E)  # 2 heads x 65 tokens: more rows than one tile
     assert "forward kernel (inference): prefill" in long_plan.explain(long_q, long_k, long_v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_per_sequence_mask_with_ragged_lengths_equals_each_sequence_alone(backend):
+    """A block mask that differs per sequence (B > 1) with per-sequence query offsets and key
+    lengths: each sequence sees its own mask rows, its own keys (the reference backend once took
+    every sequence's block rows for sequence 0)."""
+    lengths = torch.tensor([19, 40], dtype=torch.int32)
+    keep = torch.rand(B, L) > 0.3
+    keep[:, 0] = True  # every row keeps a key
+
+    def causal_kept(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & keep[b, kv_idx]
+
+    mask = create_block_mask(causal_kept, B, None, L, L, device="cpu", BLOCK_SIZE=16)
+    dtype = torch.float64 if backend == "REFERENCE" else torch.float32  # the kernels take no fp64
+    q, k, v = (t.to(dtype) for t in _inputs(1))
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    out = flex_attention(
+        q, k, v, block_mask=mask, enable_gqa=True, kernel_options={"BACKEND": backend},
+        positions=Positions(q_offset=lengths - 1, kv_lengths=lengths),
+    )  # fmt: skip
+    for b, n in enumerate(lengths.tolist()):
+        kb, vb = (t[b : b + 1, :, :n].repeat_interleave(HQ // HKV, 1) for t in (k, v))
+        s = (q[b : b + 1].double() @ kb.double().transpose(-1, -2)) / E**0.5
+        s = s.masked_fill(~keep[b, :n], float("-inf"))
+        want = (torch.softmax(s, -1) @ vb.double()).to(dtype)
+        torch.testing.assert_close(out[b : b + 1], want, rtol=tol, atol=tol)
