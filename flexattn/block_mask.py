@@ -94,7 +94,7 @@ def _listed(name: str, q_side: bool) -> property:
     return property(get, put, doc=f"``BlockTables.{name}`` of this mask{lazy}; see BlockTables for shapes.")
 
 
-@dataclass(eq=False)  # identity semantics: tensor fields have no boolean ==
+@dataclass(eq=False, init=False)  # identity semantics: tensor fields have no boolean ==
 class BlockMask:
     """Block-sparse description of an attention mask (fields as in PyTorch; see docs/architecture.md).
 
@@ -117,6 +117,29 @@ class BlockMask:
     seq_lengths: tuple[int, int]
     block_tables: BlockTables  # as held: the q side is None until first needed (read it via tables())
     mask_mod: Callable = noop_mask
+
+    def __init__(self, seq_lengths: tuple[int, int], *args, **kwargs) -> None:
+        """``BlockMask(seq_lengths, block_tables, mask_mod=noop_mask)``, or PyTorch's constructor
+        ``BlockMask(seq_lengths, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, BLOCK_SIZE=(128, 128),
+        mask_mod=noop_mask)`` (drop-in). PyTorch's optional backward-order hints (keywords such as
+        ``dq_write_order``) are accepted and not used: flexattn's kernels schedule their own backward."""
+        from flexattn.kernels.block_tables import BlockTables  # the kernels' types load on first use
+
+        if (args and isinstance(args[0], BlockTables)) or "block_tables" in kwargs:
+            bound = _OWN_SIGNATURE.bind(seq_lengths, *args, **kwargs)
+            bound.apply_defaults()
+            tables, mask_mod = bound.arguments["block_tables"], bound.arguments["mask_mod"]
+        else:
+            bound = _PYTORCH_SIGNATURE.bind(seq_lengths, *args, **kwargs)
+            bound.apply_defaults()
+            given = bound.arguments
+            q_block, kv_block = _block_size_pair(given["BLOCK_SIZE"])
+            lists = {name: given[name] for name in BlockTables.TENSORS}
+            tables, mask_mod = BlockTables(**lists, q_block=q_block, kv_block=kv_block), given["mask_mod"]
+        self.seq_lengths = tuple(seq_lengths)
+        self.block_tables = tables
+        self.mask_mod = noop_mask if mask_mod is None else mask_mod
 
     kv_num_blocks = _listed("kv_num_blocks", q_side=False)
     kv_indices = _listed("kv_indices", q_side=False)
@@ -553,6 +576,30 @@ def noop_block_mask(
 
 
 @functools.cache
+def _own_form(seq_lengths, block_tables, mask_mod=noop_mask):  # BlockMask's own fields
+    pass
+
+
+def _pytorch_form(
+    seq_lengths,
+    kv_num_blocks,
+    kv_indices,
+    full_kv_num_blocks=None,
+    full_kv_indices=None,
+    q_num_blocks=None,
+    q_indices=None,
+    full_q_num_blocks=None,
+    full_q_indices=None,
+    BLOCK_SIZE=DEFAULT_BLOCK_SIZE,
+    mask_mod=noop_mask,
+    **backward_hints,
+):  # noqa: N803
+    pass  # PyTorch's BlockMask.__init__ (its keyword-only backward hints land in backward_hints)
+
+
+_OWN_SIGNATURE, _PYTORCH_SIGNATURE = inspect.signature(_own_form), inspect.signature(_pytorch_form)
+
+
 def _pytorch_extra_fields() -> tuple[str, ...]:
     """The installed PyTorch BlockMask's constructor fields after ``mask_mod`` (as_tuple's layout)."""
     from torch.nn.attention.flex_attention import BlockMask as TorchBlockMask

@@ -264,3 +264,27 @@ def test_flex_kernel_options_has_pytorchs_keys_and_every_key_is_accepted():
 def test_options_docstring_examples_run():
     result = doctest.testmod(flexattn.options, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_pytorchs_constructor_builds_the_same_mask():
+    """``BlockMask(seq_lengths, kv_num_blocks, kv_indices, ..., BLOCK_SIZE, mask_mod)`` as PyTorch
+    spells it, positionally and by keyword, equals the mask create_block_mask builds."""
+    import flexattn
+
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    made = flexattn.create_block_mask(causal, 1, 1, 64, 64, device="cpu", BLOCK_SIZE=16)
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+             "q_indices", "full_q_num_blocks", "full_q_indices")  # fmt: skip
+    lists = [getattr(made, name) for name in names]
+    positional = flexattn.BlockMask((64, 64), *lists, (16, 16), causal)
+    keywords = flexattn.BlockMask(
+        seq_lengths=(64, 64), **dict(zip(names, lists)), BLOCK_SIZE=(16, 16), mask_mod=causal,
+        dq_write_order=None,
+    )  # fmt: skip
+    for mask in (positional, keywords):
+        assert isinstance(mask, flexattn.BlockMask) and mask.BLOCK_SIZE == (16, 16)
+        assert torch.equal(mask.to_dense(), made.to_dense()) and mask.mask_mod is causal
+    with pytest.raises(TypeError):
+        flexattn.BlockMask((64, 64))  # neither form: the lists are missing
