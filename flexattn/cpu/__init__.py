@@ -71,13 +71,12 @@ def cpu_attention(
     """
     B, Hq, Lq, _ = query.shape
     Lkv = key.shape[2]
-    chunks = plan_chunks(block_mask, Lq, Lkv)
     mask_mod = None if block_mask is None else block_mask.mask_mod
     blocks = (Lq, Lkv) if block_mask is None else tuple(block_mask.BLOCK_SIZE)
     grad = torch.is_grad_enabled()
     if choice.engine == "sdpa":
         masks = ChunkMasks(mask_mod, score_mod if additive else None, B, Hq, blocks, query.device)
-        run = SdpaRun(chunks, masks, scale, Lkv)
+        run = SdpaRun(plan_chunks(block_mask, Lq, Lkv), masks, scale, Lkv)
         if grad and any(t.requires_grad for t in (query, key, value)):
             out, lse = SdpaAttention.apply(run, query, key, value)
         else:
@@ -87,7 +86,8 @@ def cpu_attention(
     if choice.engine != "fused":
         raise ValueError(f"cpu_attention runs the 'sdpa' or 'fused' engine, not {choice.engine!r}.")
     masks = ChunkMasks(mask_mod, None, B, Hq, blocks, query.device)
-    run = FusedRun(chunks, masks, score_mod, scale)
+    # one query block per masked chunk: little of a diagonal block's empty half is computed
+    run = FusedRun(plan_chunks(block_mask, Lq, Lkv, rows=blocks[0]), masks, score_mod, scale, Lkv)
     captures = grad_captures(score_mod, query.device) if grad else []
     if grad and (captures or any(t.requires_grad for t in (query, key, value))):
         return FusedAttention.apply(run, want_max, query, key, value, *captures)
