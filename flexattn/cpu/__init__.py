@@ -5,6 +5,7 @@
     chunk_masks.py   a chunk's additive float mask (mask_mod only on partial blocks) and bias
     sdpa_engine.py   masks and additive mods: PyTorch's CPU flash kernel per chunk, fwd and bwd
     fused_engine.py  any score_mod: chunked fp32 matmul + mod + softmax, LSE-only backward
+    mod_graph.py     a score_mod and its derivative from the compiler's IR, in place (fused engine)
 
 Same semantics as every backend (docs/architecture.md, "Semantics"); memory stays one chunk's
 mask / scores, never B*H*Lq*Lkv. What falls back to the reference backend, and why, is
@@ -22,6 +23,7 @@ from flexattn.cpu.choice import CpuChoice, choose_cpu_engine
 from flexattn.cpu.chunk_masks import ChunkMasks
 from flexattn.cpu.chunks import plan_chunks
 from flexattn.cpu.fused_engine import FusedAttention, FusedRun, fused_forward
+from flexattn.cpu.mod_graph import mod_graph
 from flexattn.cpu.sdpa_engine import SdpaAttention, SdpaRun, sdpa_forward
 from flexattn.mod_eval import grad_captures
 
@@ -87,8 +89,9 @@ def cpu_attention(
         raise ValueError(f"cpu_attention runs the 'sdpa' or 'fused' engine, not {choice.engine!r}.")
     masks = ChunkMasks(mask_mod, None, B, Hq, blocks, query.device)
     # one query block per masked chunk: little of a diagonal block's empty half is computed
-    run = FusedRun(plan_chunks(block_mask, Lq, Lkv, rows=blocks[0]), masks, score_mod, scale, Lkv)
     captures = grad_captures(score_mod, query.device) if grad else []
+    graph = None if score_mod is None or captures else mod_graph(score_mod, query.device)
+    run = FusedRun(plan_chunks(block_mask, Lq, Lkv, rows=blocks[0]), masks, score_mod, scale, Lkv, graph)
     if grad and (captures or any(t.requires_grad for t in (query, key, value))):
         return FusedAttention.apply(run, want_max, query, key, value, *captures)
     with torch.no_grad():

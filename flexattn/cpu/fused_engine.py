@@ -27,6 +27,7 @@ import torch
 
 from flexattn.cpu.chunk_masks import ChunkMasks
 from flexattn.cpu.chunks import Chunk, split_full
+from flexattn.cpu.mod_graph import ModGraph, ModValues
 from flexattn.mod_eval import eval_score_mod, index
 
 # Score elements (B * Hq * rows * cols) per step of a chunk: rows are cut to fit.
@@ -52,9 +53,9 @@ class FusedRun:
     """One call's chunks, masks, score_mod and scale."""
 
     def __init__(self, chunks: list[Chunk], masks: ChunkMasks, score_mod: Callable | None, scale: float,
-                 kv_len: int):  # fmt: skip
+                 kv_len: int, graph: ModGraph | None = None):  # fmt: skip
         self.chunks, self.masks, self.score_mod, self.scale = chunks, masks, score_mod, scale
-        self.kv_len = kv_len
+        self.kv_len, self.graph = kv_len, graph
 
     def steps(self, B: int, Hq: int):
         """``(chunk, rows)`` pieces: each chunk cut into row ranges of about STEP_ELEMENTS scores."""
@@ -82,21 +83,29 @@ class FusedRun:
         return ChunkKeys(k, v1, kv_idx, parts, offset, hidden)
 
     def scores(self, q5, keys: ChunkKeys, c: Chunk, rows: slice, grad: bool = False):
-        """``(raw, modded)`` fp32 (B, Hq, r, cols) scores of query rows ``rows`` of chunk ``c``
-        (``q5`` already scaled), unmasked; ``modded`` is contiguous, and differentiable in ``raw``
-        and the captures if ``grad`` (else it may be ``raw`` itself)."""
+        """``(raw, modded, values)`` fp32 (B, Hq, r, cols) scores of query rows ``rows`` of chunk
+        ``c`` (``q5`` already scaled), unmasked. With the mod's graph (``self.graph``) ``modded`` is
+        the caller's to overwrite, ``raw`` may be gone, and ``values`` gives the derivative if
+        ``grad`` (``ModValues.dscore``); else ``values`` is None, ``modded`` is contiguous and
+        differentiable in ``raw`` and the captures if ``grad`` (it may be ``raw`` itself)."""
         B, Hkv, G, _, _ = q5.shape
         r = rows.stop - rows.start
         raw = (q5[:, :, :, rows] @ keys.k.transpose(-1, -2)).view(B, Hkv * G, r, -1)
-        s = raw
-        if self.score_mod is not None:
-            if grad:
-                raw.requires_grad_()
-            q_idx = index(rows.start, rows.stop, raw.device)
-            s = eval_score_mod(self.score_mod, raw, q_idx, keys.kv_idx).to(torch.float32)
-            if not s.is_contiguous():
-                s = s.contiguous()
-        return raw, s
+        if self.score_mod is None:
+            return raw, raw, None
+        q_idx = index(rows.start, rows.stop, raw.device)
+        if self.graph is not None:
+            values = ModValues(self.graph, keep_for_backward=grad)
+            b = index(0, B, raw.device).view(-1, 1, 1, 1)
+            h = index(0, Hkv * G, raw.device).view(1, -1, 1, 1)
+            s = values.modded(raw, b, h, q_idx.view(1, 1, -1, 1), keys.kv_idx.view(1, 1, 1, -1))
+            return raw, s, values
+        if grad:
+            raw.requires_grad_()
+        s = eval_score_mod(self.score_mod, raw, q_idx, keys.kv_idx).to(torch.float32)
+        if not s.is_contiguous():
+            s = s.contiguous()
+        return raw, s, None
 
     def hide(self, t: torch.Tensor, keys: ChunkKeys, c: Chunk, rows: slice, value: float) -> None:
         """``t`` (B, Hq, r, cols) := ``value`` in place where the chunk's mask hides the pair."""
@@ -121,7 +130,7 @@ def fused_forward(run: FusedRun, q, k, v, want_max: bool):
         if c is not current:
             keys, current = run.keys(c, k5, v15), c
         with torch.no_grad():
-            _, s = run.scores(q5, keys, c, rows)
+            _, s, _ = run.scores(q5, keys, c, rows)
         run.hide(s, keys, c, rows, -math.inf)
         m = s.amax(dim=-1, keepdim=True)
         if want_max:
@@ -157,22 +166,27 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
             continue
         if c is not current:
             keys, current = run.keys(c, k5, v15), c
-        with torch.enable_grad() if need_mod_grad else torch.no_grad():
-            raw, s = run.scores(q5, keys, c, rows, grad=need_mod_grad)
+        autograd = need_mod_grad and run.graph is None
+        with torch.enable_grad() if autograd else torch.no_grad():
+            raw, s, values = run.scores(q5, keys, c, rows, grad=need_mod_grad)
         r = rows.stop - rows.start
-        p = s.detach() - lse_safe[:, :, rows, None]  # (B, Hq, r, cols)
+        row_lse = lse_safe[:, :, rows, None]
+        p = s.sub_(row_lse) if values is not None else s.detach() - row_lse  # (the graph's s is ours)
         run.hide(p, keys, c, rows, -math.inf)
-        p = p.exp_()
+        p = p.exp_()  # (B, Hq, r, cols)
         p5 = p.view(B, Hkv, G, r, -1)
         dv_c = (p5.transpose(-1, -2) @ do5[:, :, :, rows]).sum(2)  # (B, Hkv, cols, Ev)
         ds = p.mul_((do1[:, :, :, rows] @ keys.v1.transpose(-1, -2)).view(B, Hq, r, -1))
-        if need_mod_grad and not s.requires_grad:  # the mod ignores the score and the captures
+        if values is not None:  # the compiler's derivative graph, in place
+            ds = values.dscore(ds)
+            run.hide(ds, keys, c, rows, 0.0)  # a mod's derivative may be inf / nan where hidden
+        elif autograd and not s.requires_grad:  # the mod ignores the score and the captures
             ds = torch.zeros_like(ds)
-        elif need_mod_grad:
+        elif autograd:
             wrt = [raw, *captures]
             grads = torch.autograd.grad(s, wrt, ds, allow_unused=True)
             ds = grads[0] if grads[0] is not None else torch.zeros_like(raw)
-            run.hide(ds, keys, c, rows, 0.0)  # a mod's derivative may be inf / nan where hidden
+            run.hide(ds, keys, c, rows, 0.0)
             for i, g in enumerate(grads[1:]):
                 if g is not None:
                     dcaps[i] = g if dcaps[i] is None else dcaps[i] + g
