@@ -65,6 +65,13 @@ class FusedRun:
             for start in range(c.start, c.stop, rows):
                 yield c, slice(start, min(start + rows, c.stop))
 
+    def workspace(self, B: int, Hq: int) -> torch.Tensor:
+        """fp32 scratch for one step's (B, Hq, rows, cols) grid (fresh grids of this size cost
+        page faults on every step)."""
+        most = max((B * Hq * min(c.rows, max(1, STEP_ELEMENTS // max(1, B * Hq * c.cols))) * c.cols
+                    for c in self.chunks), default=0)  # fmt: skip
+        return torch.empty(most, dtype=torch.float32, device="cpu")
+
     def keys(self, c: Chunk, k5, v15) -> ChunkKeys:
         """The chunk's keys, values (``v15``: [v | 1], (B, Hkv, 1, Lkv, Ev + 1)) and mask."""
         parts = split_full(c, self.masks.kv_block, self.kv_len)
@@ -82,15 +89,16 @@ class FusedRun:
             hidden, offset = self.masks.mask(last).isneginf(), c.cols - last.cols
         return ChunkKeys(k, v1, kv_idx, parts, offset, hidden)
 
-    def scores(self, q5, keys: ChunkKeys, c: Chunk, rows: slice, grad: bool = False):
+    def scores(self, q5, keys: ChunkKeys, c: Chunk, rows: slice, grad: bool = False, out=None):
         """``(raw, modded, values)`` fp32 (B, Hq, r, cols) scores of query rows ``rows`` of chunk
         ``c`` (``q5`` already scaled), unmasked. With the mod's graph (``self.graph``) ``modded`` is
         the caller's to overwrite, ``raw`` may be gone, and ``values`` gives the derivative if
         ``grad`` (``ModValues.dscore``); else ``values`` is None, ``modded`` is contiguous and
-        differentiable in ``raw`` and the captures if ``grad`` (it may be ``raw`` itself)."""
+        differentiable in ``raw`` and the captures if ``grad`` (it may be ``raw`` itself).
+        ``out``: a workspace for ``raw`` (not with autograd)."""
         B, Hkv, G, _, _ = q5.shape
         r = rows.stop - rows.start
-        raw = (q5[:, :, :, rows] @ keys.k.transpose(-1, -2)).view(B, Hkv * G, r, -1)
+        raw = _grouped_matmul(q5[:, :, :, rows], keys.k.transpose(-1, -2), out).view(B, Hkv * G, r, -1)
         if self.score_mod is None:
             return raw, raw, None
         q_idx = index(rows.start, rows.stop, raw.device)
@@ -123,14 +131,14 @@ def fused_forward(run: FusedRun, q, k, v, want_max: bool):
     out = torch.zeros(B, Hkv, Hq // Hkv, Lq, Ev, dtype=torch.float32, device="cpu")
     lse = torch.full((B, Hq, Lq), -math.inf, device="cpu")
     max_scores = torch.full((B, Hq, Lq), -math.inf, device="cpu") if want_max else None
-    keys, current = None, None
+    keys, current, work = None, None, run.workspace(B, Hq)
     for c, rows in run.steps(B, Hq):
         if c.cols == 0:
             continue
         if c is not current:
             keys, current = run.keys(c, k5, v15), c
         with torch.no_grad():
-            _, s, _ = run.scores(q5, keys, c, rows)
+            _, s, _ = run.scores(q5, keys, c, rows, out=work)
         run.hide(s, keys, c, rows, -math.inf)
         m = s.amax(dim=-1, keepdim=True)
         if want_max:
@@ -161,6 +169,7 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
     dcaps = [None] * len(captures)
     keys, current = None, None
     need_mod_grad = run.score_mod is not None
+    work, work_dp = run.workspace(B, Hq), run.workspace(B, Hq)
     for c, rows in run.steps(B, Hq):
         if c.cols == 0:
             continue
@@ -168,7 +177,7 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
             keys, current = run.keys(c, k5, v15), c
         autograd = need_mod_grad and run.graph is None
         with torch.enable_grad() if autograd else torch.no_grad():
-            raw, s, values = run.scores(q5, keys, c, rows, grad=need_mod_grad)
+            raw, s, values = run.scores(q5, keys, c, rows, need_mod_grad, None if autograd else work)
         r = rows.stop - rows.start
         row_lse = lse_safe[:, :, rows, None]
         p = s.sub_(row_lse) if values is not None else s.detach() - row_lse  # (the graph's s is ours)
@@ -176,7 +185,8 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
         p = p.exp_()  # (B, Hq, r, cols)
         p5 = p.view(B, Hkv, G, r, -1)
         dv_c = (p5.transpose(-1, -2) @ do5[:, :, :, rows]).sum(2)  # (B, Hkv, cols, Ev)
-        ds = p.mul_((do1[:, :, :, rows] @ keys.v1.transpose(-1, -2)).view(B, Hq, r, -1))
+        dp = _grouped_matmul(do1[:, :, :, rows], keys.v1.transpose(-1, -2), work_dp)
+        ds = p.mul_(dp.view(B, Hq, r, -1))
         if values is not None:  # the compiler's derivative graph, in place
             ds = values.dscore(ds)
             run.hide(ds, keys, c, rows, 0.0)  # a mod's derivative may be inf / nan where hidden
@@ -197,6 +207,18 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
         _add_columns(dv, keys, dv_c)
     dq = dq.view(B, Hq, Lq, E).to(q.dtype)
     return (dq, dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype), *dcaps)
+
+
+def _grouped_matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a (B, Hkv, G, r, K) @ b (B, Hkv, 1, K, N) -> (B, Hkv, G, r, N), one bmm, into ``out``'s
+    storage (a flat workspace) if given."""
+    B, Hkv, G, r, K = a.shape
+    N = b.shape[-1]
+    a3 = a.reshape(B * Hkv, G * r, K)  # (a copy of the rows for GQA: small)
+    b3 = b.reshape(B * Hkv, K, N)
+    if out is None:
+        return torch.bmm(a3, b3).view(B, Hkv, G, r, N)
+    return torch.bmm(a3, b3, out=out[: B * Hkv * G * r * N].view(B * Hkv, G * r, N)).view(B, Hkv, G, r, N)
 
 
 def _in_order(parts: list[Chunk]) -> bool:
