@@ -6,9 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flexattn import AuxRequest, flex_attention
 from flexattn import variants as V
+from flexattn.cpu import fused_engine
 from flexattn.cpu.mod_graph import ModValues, mod_graph
 from flexattn.mod_eval import eval_score_mod, index
+from flexattn.reference import reference_attention
+from tests.helpers import Shape, make_qkv
+from tests.test_cpu_fast_path import CPU, _engine, _mask, _three_way
 
 BIAS = torch.randn(3)
 
@@ -80,9 +85,21 @@ def test_gathers_and_captures_stay_on_vmap():
 
 @pytest.mark.parametrize("mod", [branches, distance, ignores_score, gated], ids=IDS[2:3] + IDS[4:])
 def test_fused_engine_with_the_graph_matches_gold(mod):
-    from tests.helpers import Shape
-    from tests.test_cpu_fast_path import _engine, _mask, _three_way
-
     shape = Shape(B=2, Hq=4, Hkv=2, Lq=200, Lkv=170, E=16, Ev=24)
     q = _three_way(shape, torch.float32, mod, _mask(V.causal(), shape, block=32))
     assert _engine(q, mod) == "fused" and mod_graph(mod, q.device) is not None
+
+
+@pytest.mark.parametrize("mask_mod", [None, V.sliding_window(50)], ids=["unmasked", "sliding"])
+def test_fused_engine_in_many_steps_per_chunk_matches_gold(mask_mod, monkeypatch):
+    """Chunks cut into several row steps (workspaces reused, dk / dv added per step)."""
+    monkeypatch.setattr(fused_engine, "STEP_ELEMENTS", 2000)
+    shape = Shape(B=2, Hq=4, Hkv=2, Lq=150, Lkv=170, E=16, Ev=24)
+    _three_way(shape, torch.float32, V.tanh_softcap(20.0), _mask(mask_mod, shape, block=32))
+    q, k, v = make_qkv(shape, torch.float32)  # no score_mod: max_scores sends it to the fused engine
+    block_mask = _mask(mask_mod, shape, block=32)
+    out, aux = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=CPU,
+                              return_aux=AuxRequest(lse=True, max_scores=True))  # fmt: skip
+    gold, _, max_scores = reference_attention(q.double(), k.double(), v.double(), None, block_mask)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux.max_scores.double(), max_scores, rtol=1e-5, atol=1e-5)
