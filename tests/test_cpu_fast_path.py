@@ -114,6 +114,41 @@ def test_a_loss_on_the_lse_reaches_q_and_k(variant):
         torch.testing.assert_close(got.double(), gold, rtol=1e-4, atol=1e-4, msg=name)
 
 
+FUSED_KEY_ORDERS = {  # the fused engine puts each chunk's all-FULL kv blocks first, then the others
+    "sliding-window": V.sliding_window(40),  # partial blocks on both sides of the full ones: reordered
+    "streaming": V.streaming_llm(4, 100),  # sink + window: key runs that are not contiguous
+    "document": V.document_mask(V.document_ids_from_lengths(torch.tensor([70, 3, 150, 77]))),
+}
+
+
+@pytest.mark.parametrize("mask_mod", list(FUSED_KEY_ORDERS.values()), ids=list(FUSED_KEY_ORDERS))
+def test_fused_engine_key_orders_match_gold(mask_mod):
+    shape = Shape(B=2, Hq=4, Hkv=2, Lq=300, Lkv=300, E=16, Ev=24)
+    q = _three_way(shape, torch.float32, V.tanh_softcap(20.0), _mask(mask_mod, shape, block=32))
+    assert _engine(q, V.tanh_softcap(20.0)) == "fused"
+
+
+def test_fused_engine_grads_stay_finite_where_a_mod_is_nan_under_the_mask():
+    """The kernels skip masked pairs, so a mod's NaN there (value or derivative) reaches nothing."""
+    shape = Shape(B=1, Hq=2, Lq=200, Lkv=200, E=16)
+
+    def root_distance(score, b, h, q_idx, kv_idx):  # NaN above the diagonal
+        return score * torch.sqrt((q_idx - kv_idx).float() + 1.0) * 0.5
+
+    def safe_root_distance(score, b, h, q_idx, kv_idx):  # the same where causal allows
+        return score * torch.sqrt(((q_idx - kv_idx).float() + 1.0).clamp_min(0.0)) * 0.5
+
+    q, k, v = make_qkv(shape, torch.float32, requires_grad=True)
+    mask = _mask(V.causal(), shape, block=32)
+    results = []
+    for mod in (root_distance, safe_root_distance):
+        out = flex_attention(q, k, v, score_mod=mod, block_mask=mask, kernel_options=CPU)
+        results.append([out, *torch.autograd.grad(out.square().sum(), (q, k, v))])
+    for name, a, b in zip(["out", "dq", "dk", "dv"], *results):
+        assert bool(torch.isfinite(a).all()), name
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_max_scores_come_from_the_fused_engine():
     shape = Shape(B=2, Hq=2, Lq=70, Lkv=90, E=16)
     q, k, v = make_qkv(shape, torch.float32)

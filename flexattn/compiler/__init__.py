@@ -102,6 +102,7 @@ __all__ = [
     "compile_score_mod",
     "explain",
     "fast_tanh",
+    "trace_score_mod",
 ]
 
 
@@ -152,6 +153,11 @@ def compile_score_mod(
     if score_mod is None:
         score_mod, fingerprint = _identity, _builtin_fingerprint(_identity)
     return _compile(score_mod, "score", device, fast_math, target, fingerprint)
+
+
+def trace_score_mod(score_mod, device=None) -> Program:
+    """The traced and rewritten graph of ``score_mod`` (what codegen sees; no code is generated)."""
+    return _program(score_mod, "score", device)
 
 
 def compile_mask_mod(

@@ -5,6 +5,7 @@
     chunk_masks.py   a chunk's additive float mask (mask_mod only on partial blocks) and bias
     sdpa_engine.py   masks and additive mods: PyTorch's CPU flash kernel per chunk, fwd and bwd
     fused_engine.py  any score_mod: chunked fp32 matmul + mod + softmax, LSE-only backward
+    mod_graph.py     a score_mod and its derivative from the compiler's IR, in place (fused engine)
 
 Same semantics as every backend (docs/architecture.md, "Semantics"); memory stays one chunk's
 mask / scores, never B*H*Lq*Lkv. What falls back to the reference backend, and why, is
@@ -22,6 +23,7 @@ from flexattn.cpu.choice import CpuChoice, choose_cpu_engine
 from flexattn.cpu.chunk_masks import ChunkMasks
 from flexattn.cpu.chunks import plan_chunks
 from flexattn.cpu.fused_engine import FusedAttention, FusedRun, fused_forward
+from flexattn.cpu.mod_graph import mod_graph
 from flexattn.cpu.sdpa_engine import SdpaAttention, SdpaRun, sdpa_forward
 from flexattn.mod_eval import grad_captures
 
@@ -71,13 +73,12 @@ def cpu_attention(
     """
     B, Hq, Lq, _ = query.shape
     Lkv = key.shape[2]
-    chunks = plan_chunks(block_mask, Lq, Lkv)
     mask_mod = None if block_mask is None else block_mask.mask_mod
     blocks = (Lq, Lkv) if block_mask is None else tuple(block_mask.BLOCK_SIZE)
     grad = torch.is_grad_enabled()
     if choice.engine == "sdpa":
         masks = ChunkMasks(mask_mod, score_mod if additive else None, B, Hq, blocks, query.device)
-        run = SdpaRun(chunks, masks, scale, Lkv)
+        run = SdpaRun(plan_chunks(block_mask, Lq, Lkv), masks, scale, Lkv)
         if grad and any(t.requires_grad for t in (query, key, value)):
             out, lse = SdpaAttention.apply(run, query, key, value)
         else:
@@ -87,8 +88,10 @@ def cpu_attention(
     if choice.engine != "fused":
         raise ValueError(f"cpu_attention runs the 'sdpa' or 'fused' engine, not {choice.engine!r}.")
     masks = ChunkMasks(mask_mod, None, B, Hq, blocks, query.device)
-    run = FusedRun(chunks, masks, score_mod, scale)
+    # one query block per masked chunk: little of a diagonal block's empty half is computed
     captures = grad_captures(score_mod, query.device) if grad else []
+    graph = None if score_mod is None or captures else mod_graph(score_mod, query.device)
+    run = FusedRun(plan_chunks(block_mask, Lq, Lkv, rows=blocks[0]), masks, score_mod, scale, Lkv, graph)
     if grad and (captures or any(t.requires_grad for t in (query, key, value))):
         return FusedAttention.apply(run, want_max, query, key, value, *captures)
     with torch.no_grad():

@@ -68,17 +68,23 @@ class ChunkMasks:
         f = eval_bias(self.bias_mod, self.B, self.H, q_idx, chunk.kv_positions(self.device))
         return _compact(f.to(torch.float32))
 
-    def float_mask(self, chunk: Chunk, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def float_mask(self, chunk: Chunk, dtype: torch.dtype, want_empty: bool = True):
         """``(mask, empty)``: SDPA's float attn_mask (bias where allowed, -inf elsewhere) in ``dtype``
-        and bool (B or 1, H or 1, rows) the rows with no allowed key; ``(None, None)`` when nothing
-        is masked or biased."""
+        and bool (B or 1, H or 1, rows) the rows with no allowed key (None if there are none known,
+        or ``want_empty`` is False); ``(None, None)`` when nothing is masked or biased."""
         bias = self.bias(chunk)
         mask = self.mask(chunk, torch.float32 if bias is not None else dtype)
         if bias is None and mask is None:
             return None, None
-        if bias is not None:
-            mask = bias.to(dtype) if mask is None else apply_mask(bias, mask).to(dtype)
-        return mask, mask.amax(dim=-1) == -math.inf
+        if bias is None:
+            return mask, _empty_rows(mask, want_empty)
+        if not bool(torch.isfinite(bias.sum())):  # -inf / NaN in the bias itself
+            both = bias.to(dtype) if mask is None else apply_mask(bias, mask).to(dtype)
+            return both, _empty_rows(both, want_empty)
+        if mask is None:  # a finite bias hides nothing
+            return bias.to(dtype), None
+        # -inf exactly where the mask is: the empty rows from the (often head-free) mask
+        return (bias + mask).to(dtype), _empty_rows(mask, want_empty)
 
     def _expand(self, blocks: torch.Tensor, chunk: Chunk, cols: int | None = None) -> torch.Tensor:
         """Block values (Bm, Hm, nqb, nkb) -> element values (Bm, Hm, rows, cols) (a copy)."""
@@ -108,6 +114,11 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if bool(torch.isfinite(scores.sum())):
         return scores + mask
     return torch.where(mask == 0, scores, -math.inf)
+
+
+def _empty_rows(mask: torch.Tensor, want: bool) -> torch.Tensor | None:
+    """bool (..., rows): the rows of an additive mask with no finite entry (None if not ``want``)."""
+    return mask.amax(dim=-1) == -math.inf if want else None
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def sdpa_backward(run: SdpaRun, q, k, v, out, lse, dout, dlse):
             continue
         rows = slice(c.start, c.stop)
         for part in run.parts(c):
-            mask, _ = run.masks.float_mask(part, q.dtype)
+            mask, _ = run.masks.float_mask(part, q.dtype, want_empty=False)
             dq_c, dk_c, dv_c = _BACKWARD(
                 dout_p[:, :, rows], qp[:, :, rows], part.take(kp), part.take(vp), out_p[:, :, rows],
                 lse[:, :, rows].contiguous(), 0.0, False, attn_mask=mask, scale=run.scale,

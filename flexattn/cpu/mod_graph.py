@@ -1,0 +1,184 @@
+"""A score_mod and its derivative run from the mod compiler's IR with in-place torch ops (fused engine).
+
+The fused engine evaluates a score_mod over a (B, H, rows, cols) score grid per step. Through
+``vmap`` every op of the mod allocates a new grid, and the backward pulls dS through the mod with
+autograd (the forward ops again, with their saved tensors, then their backward ops). Here the
+mod's traced graph (``flexattn.compiler``; ``ir.evaluate``'s op meanings) runs once over
+broadcastable index grids (b (B,1,1,1), h (1,H,1,1), q_idx (1,1,r,1), kv_idx (1,1,1,c)), writing
+each op's result into an operand grid the graph no longer needs (``out=``), and the backward runs
+the compiler's derivative graph (``compiler/autodiff.py``: PyTorch's derivative formulas, float32)
+on the forward's kept values, also in place.
+
+Only mods without gathers or searches (``load`` / ``search`` nodes: the kernels clamp an index
+there where eager raises, so those stay on ``vmap``) and without learnable captures take this path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from flexattn.compiler.ir import INPUTS, OP_TORCH, Graph, _apply
+
+# ops whose torch function takes ``out=`` (a float result written over a dead operand grid)
+_IN_PLACE = frozenset({
+    "neg", "abs", "exp", "exp2", "log", "log2", "log10", "log1p", "expm1", "tanh", "fast_tanh",
+    "sigmoid", "sqrt", "rsqrt", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
+    "acosh", "atanh", "erf", "erfc", "add", "sub", "mul", "truediv", "maximum", "minimum", "fmax",
+    "fmin", "clamp_min", "clamp_max", "atan2", "hypot", "copysign", "pow", "where",
+})  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModGraph:
+    """A score mod's graph: ``output`` (the modded score) and ``dscore`` (its derivative times the
+    ``dout`` input) nodes; ``forward`` / ``backward``: the live nodes of each, in order."""
+
+    graph: Graph
+    output: int
+    dscore: int
+    forward: tuple[int, ...]
+    backward: tuple[int, ...]
+    uses: tuple[int, ...]  # per node: how many forward + backward nodes read it
+
+
+_CACHE: OrderedDict[tuple, tuple[tuple, ModGraph | None]] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def mod_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
+    """The ModGraph of ``score_mod``, or None where this path does not apply (gathers, searches,
+    captured tensors); cached by the mod's fingerprint (weakly: an entry dies with its objects)."""
+    from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
+
+    fp = fingerprint_of(score_mod, None)
+    key = None if fp.key is None else (str(device), fp.key)
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None and all(guard() is not None for guard in hit[0]):
+        _CACHE.move_to_end(key)
+        return hit[1]
+    mg = _build(score_mod, device)
+    if key is not None:
+        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return mg
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weak-referenceable: small immutable objects
+        return lambda: obj
+
+
+def _build(score_mod: Callable, device: torch.device) -> ModGraph | None:
+    from flexattn.compiler import trace_score_mod
+    from flexattn.compiler.autodiff import differentiate
+
+    program = trace_score_mod(score_mod, device)
+    graph = program.graph.copy()
+    if program.read_tensor_values or graph.captures or any(n.op in ("load", "search") for n in graph.nodes):
+        return None
+    gradient = differentiate(graph, program.output, set())
+    forward = tuple(graph.live([program.output]))
+    fwd = set(forward)
+    backward = tuple(i for i in graph.live([gradient.dscore]) if i not in fwd)
+    uses = [0] * len(graph.nodes)
+    for i in forward + backward:
+        for a in graph.nodes[i].args:
+            uses[a] += 1
+    return ModGraph(graph, program.output, gradient.dscore, forward, backward, tuple(uses))
+
+
+class ModValues:
+    """One step's evaluation: ``modded(score, b, h, q, kv)`` runs the forward (``score`` may be
+    overwritten), ``dscore(dout)`` the derivative on the kept values (``dout`` may be overwritten)."""
+
+    def __init__(self, mg: ModGraph, keep_for_backward: bool):
+        self.mg, self.keep = mg, keep_for_backward
+        self.values: dict[int, torch.Tensor] = {}
+        self.left = list(mg.uses) if keep_for_backward else _forward_uses(mg)
+        self.owned: set[int] = set()  # nodes whose grid this evaluation made (writable)
+
+    def modded(self, score: torch.Tensor, b, h, q, kv) -> torch.Tensor:
+        """The modded score, full shape and contiguous, owned by the caller unless kept."""
+        mg = self.mg
+        inputs = {"score": score, "b": b, "h": h, "q_idx": q, "kv_idx": kv}
+        self.shape = score.shape
+        self.owned.add(0)  # the raw score grid is the caller's to give
+        self._run(mg.forward, inputs)
+        out = self.values[mg.output]
+        if tuple(out.shape) != tuple(score.shape) or not out.is_contiguous() or out.dtype != torch.float32:
+            out = out.to(torch.float32).expand(score.shape).contiguous()
+        elif self.keep and self.left[mg.output] > 0:
+            out = out.clone()  # the derivative reads it
+        if not self.keep:
+            self.values.clear()
+        return out
+
+    def dscore(self, dout: torch.Tensor) -> torch.Tensor:
+        """d(loss)/d(raw score) from ``dout`` = d(loss)/d(modded score), full shape, contiguous."""
+        mg = self.mg
+        self._run(mg.backward, {"dout": dout}, dout_owned=True)
+        g = self.values[mg.dscore]
+        self.values.clear()
+        if tuple(g.shape) != tuple(self.shape) or not g.is_contiguous() or g.dtype != torch.float32:
+            g = g.to(torch.float32).expand(self.shape).contiguous()
+        return g
+
+    def _run(self, order, inputs: dict[str, torch.Tensor], dout_owned: bool = False) -> None:
+        graph, values, left, owned = self.mg.graph, self.values, self.left, self.owned
+        for i in order:
+            node = graph.nodes[i]
+            if node.op in INPUTS or node.op == "dout":
+                values[i] = inputs[node.op]
+                if node.op == "dout" and dout_owned:
+                    owned.add(i)
+                continue
+            if node.op == "const":
+                values[i] = torch.tensor(node.value, dtype=node.dtype)
+                continue
+            args = [values[a] for a in node.args]
+            target = None
+            if node.op in _IN_PLACE and node.dtype.is_floating_point:
+                target = self._dead_operand(node, i, args)
+            if target is not None:
+                values[i] = OP_TORCH[node.op](*args, out=values[target])
+                owned.discard(target)
+            else:
+                values[i] = _apply(node, args)
+            owned.add(i)
+            for a in node.args:
+                left[a] -= 1
+                if left[a] == 0 and a != self.mg.output:
+                    values.pop(a, None)
+
+    def _dead_operand(self, node, i: int, args) -> int | None:
+        """An operand node whose grid can take the result: owned, read only here, full size, the
+        result's dtype and shape."""
+        shape = torch.broadcast_shapes(*(t.shape for t in args))
+        for a, t in zip(node.args, args):
+            if (
+                a in self.owned
+                and self.left[a] == node.args.count(a)
+                and a != self.mg.output
+                and t.dtype == node.dtype
+                and tuple(t.shape) == tuple(shape)
+                and t.is_contiguous()
+                and all(u.dtype == node.dtype for u in args if u.is_floating_point())
+            ):
+                return a
+        return None
+
+
+def _forward_uses(mg: ModGraph) -> list[int]:
+    uses = [0] * len(mg.graph.nodes)
+    for i in mg.forward:
+        for a in mg.graph.nodes[i].args:
+            uses[a] += 1
+    return uses

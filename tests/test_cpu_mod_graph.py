@@ -1,0 +1,105 @@
+"""flexattn/cpu/mod_graph.py: a score_mod and its derivative from the compiler's IR, run in place,
+against vmap + autograd on the same grid (and the fused engine with it against the fp64 gold)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexattn import AuxRequest, flex_attention
+from flexattn import variants as V
+from flexattn.cpu import fused_engine
+from flexattn.cpu.mod_graph import ModValues, mod_graph
+from flexattn.mod_eval import eval_score_mod, index
+from flexattn.reference import reference_attention
+from tests.helpers import Shape, make_qkv
+from tests.test_cpu_fast_path import CPU, _engine, _mask, _three_way
+
+BIAS = torch.randn(3)
+
+
+def square(score, b, h, q_idx, kv_idx):  # one operand twice: mul(x, x) written over x
+    return score * score
+
+
+def branches(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, score * 2.0, score - 1.0)
+
+
+def low_precision(score, b, h, q_idx, kv_idx):
+    return (score.to(torch.bfloat16) * 1.5).float() + score
+
+
+def distance(score, b, h, q_idx, kv_idx):
+    return score - (q_idx - kv_idx).float().abs().sqrt() * 0.1 + b + h
+
+
+def ignores_score(score, b, h, q_idx, kv_idx):
+    return kv_idx.float() * 0.01 + h
+
+
+def gated(score, b, h, q_idx, kv_idx):
+    return torch.sigmoid(score) * score + torch.exp(-score.abs())
+
+
+MODS = [V.tanh_softcap(30.0), square, branches, low_precision, distance, ignores_score, gated]
+IDS = ["softcap", "square", "branches", "low_precision", "distance", "ignores_score", "gated"]
+
+
+@pytest.mark.parametrize("mod", MODS, ids=IDS)
+def test_in_place_values_and_derivative_match_vmap_and_autograd(mod):
+    B, H, M, N = 2, 3, 5, 7
+    raw = torch.randn(B, H, M, N) * 4
+    dout = torch.randn(B, H, M, N)
+    q, kv = index(3, 3 + M, "cpu"), index(0, N, "cpu")
+    x = raw.clone().requires_grad_()
+    want = eval_score_mod(mod, x, q, kv).to(torch.float32)
+    want_grad = torch.zeros_like(raw)  # (a mod that ignores the score)
+    if want.requires_grad:
+        (want_grad,) = torch.autograd.grad(want, x, dout)
+
+    mg = mod_graph(mod, torch.device("cpu"))
+    assert mg is not None
+    grids = (index(0, B, "cpu").view(-1, 1, 1, 1), index(0, H, "cpu").view(1, -1, 1, 1),
+             q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))  # fmt: skip
+    forward_only = ModValues(mg, keep_for_backward=False).modded(raw.clone(), *grids)
+    values = ModValues(mg, keep_for_backward=True)
+    got = values.modded(raw.clone(), *grids)
+    got_grad = values.dscore(dout.clone())
+    torch.testing.assert_close(forward_only, want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    # the compiler's derivative is float32 through bf16 intermediates; eager autograd rounds to bf16
+    tol = 2**-7 if mod is low_precision else 1e-5
+    torch.testing.assert_close(got_grad, want_grad, rtol=tol, atol=tol * 4)
+    assert got.shape == got_grad.shape == raw.shape and got.is_contiguous() and got_grad.is_contiguous()
+
+
+def test_gathers_and_captures_stay_on_vmap():
+    def rel_bias(score, b, h, q_idx, kv_idx):
+        return score * BIAS[h]
+
+    assert mod_graph(rel_bias, torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    assert mod_graph(V.tanh_softcap(7.0), cpu) is mod_graph(V.tanh_softcap(7.0), cpu)  # cached
+
+
+@pytest.mark.parametrize("mod", [branches, distance, ignores_score, gated], ids=IDS[2:3] + IDS[4:])
+def test_fused_engine_with_the_graph_matches_gold(mod):
+    shape = Shape(B=2, Hq=4, Hkv=2, Lq=200, Lkv=170, E=16, Ev=24)
+    q = _three_way(shape, torch.float32, mod, _mask(V.causal(), shape, block=32))
+    assert _engine(q, mod) == "fused" and mod_graph(mod, q.device) is not None
+
+
+@pytest.mark.parametrize("mask_mod", [None, V.sliding_window(50)], ids=["unmasked", "sliding"])
+def test_fused_engine_in_many_steps_per_chunk_matches_gold(mask_mod, monkeypatch):
+    """Chunks cut into several row steps (workspaces reused, dk / dv added per step)."""
+    monkeypatch.setattr(fused_engine, "STEP_ELEMENTS", 2000)
+    shape = Shape(B=2, Hq=4, Hkv=2, Lq=150, Lkv=170, E=16, Ev=24)
+    _three_way(shape, torch.float32, V.tanh_softcap(20.0), _mask(mask_mod, shape, block=32))
+    q, k, v = make_qkv(shape, torch.float32)  # no score_mod: max_scores sends it to the fused engine
+    block_mask = _mask(mask_mod, shape, block=32)
+    out, aux = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True, kernel_options=CPU,
+                              return_aux=AuxRequest(lse=True, max_scores=True))  # fmt: skip
+    gold, _, max_scores = reference_attention(q.double(), k.double(), v.double(), None, block_mask)
+    torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux.max_scores.double(), max_scores, rtol=1e-5, atol=1e-5)
