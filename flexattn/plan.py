@@ -27,7 +27,7 @@ from flexattn.kernels.hopper.choice import INLINE_FAILURES, PrefillForward, choo
 from flexattn.kernels.kernel_choice import KernelChoice, choose_kernel, decode_launch
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
-from flexattn.kernels.positions import Positions
+from flexattn.kernels.positions import NO_POSITIONS, Positions
 from flexattn.kernels.tiles import Tiles, forward_tiles
 from flexattn.options import KernelOptions
 
@@ -50,7 +50,7 @@ class AttentionPlan:
         prefill_tiles: bool = False, target: DeviceLimits | None = None,
     ) -> KernelChoice:  # fmt: skip
         """Which forward kernel runs (``kernels.kernel_choice.choose_kernel``), with the decode splits."""
-        positions = _NO_POSITIONS if positions is None else positions
+        positions = NO_POSITIONS if positions is None else positions
         per_head = not self.dense and self.tables.kv_num_blocks.shape[1] > 1
         kv_len = key.shape[2] if self.kv_pages is None else self.kv_pages.kv_len  # (paged: logical)
         choice = choose_kernel(
@@ -196,7 +196,6 @@ class AttentionPlan:
         ])  # fmt: skip
 
 
-_NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present (frozen: shared by every call)
 PREFILL_KNOBS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "USE_TMA", "autotune")
 
 

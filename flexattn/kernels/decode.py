@@ -43,9 +43,9 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.decode_workspace import DecodeWorkspace, decode_workspace
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
 from flexattn.kernels.kernel_choice import DecodeLaunch, DecodeTiles, decode_launch
-from flexattn.kernels.launch import LaunchCache, alignment, args_key
+from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_strides
 from flexattn.kernels.paged_kv import PagedKV
-from flexattn.kernels.positions import Positions
+from flexattn.kernels.positions import NO_POSITIONS, Positions
 from flexattn.kernels.tile_io import load_kv, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
@@ -404,7 +404,7 @@ def flex_decode(
         out, lse, mx = flex_decode(q, k, v, score_mod=compile_score_mod(None),
                                    mask_mod=compile_mask_mod(None), tables=None, scale=0.125)
     """
-    positions = _NO_POSITIONS if positions is None else positions
+    positions = NO_POSITIONS if positions is None else positions
     if positions.kv_offset != 0:
         raise ValueError(
             f"flex_decode: Positions.kv_offset={positions.kv_offset} is not supported by the decode kernel; "
@@ -483,7 +483,7 @@ def _launch_split(
     offsets = q_offsets if per_batch_offset else q
     q_offset = 0 if per_batch_offset else int(q_offsets)
     lengths = q if kv_lengths is None else kv_lengths
-    strides = (_strides(q), _strides(k), _strides(v))
+    strides = (broadcast_strides(q), broadcast_strides(k), broadcast_strides(v))
     args = (
         q, k, v, work.out, work.lse, work.max_scores, *strides, offsets, q_offset, lengths, *table_args,
         page_table, page_stride, B, Lq, Lkv, Hq, scale, launch.units_per_split, search_steps,
@@ -534,7 +534,7 @@ def _launch_merge(
     """``_decode_merge_kernel``: one program per output row (b, h, token), reading ``work``."""
     B, Hq, Lq, Ev = out.shape
     lengths = work.lse if kv_lengths is None else kv_lengths  # stands in (never read) without lengths
-    o_strides = _strides(out)
+    o_strides = broadcast_strides(out)
     args = (work.out, work.lse, work.max_scores, out, lse, max_scores, o_strides, lengths, B, Hq, Lq, kv_len,
             split_size)  # fmt: skip
     num_warps = 4 if Ev >= 128 else 2
@@ -556,10 +556,3 @@ def _launch_merge(
 _SPLIT_LAUNCHES = LaunchCache(_decode_split_kernel)
 _MERGE_LAUNCHES = LaunchCache(_decode_merge_kernel)
 _DENSE_FLAGS = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}  # no block mask: nothing broadcast
-_NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present
-
-
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    """Strides with 0 on size-1 dims (as the forward kernel passes them)."""
-    (s0, s1, s2, s3), (n0, n1, n2, n3) = t.stride(), t.shape  # (B, H, L, E): unpacked, no loop
-    return (s0 if n0 > 1 else 0, s1 if n1 > 1 else 0, s2 if n2 > 1 else 0, s3 if n3 > 1 else 0)

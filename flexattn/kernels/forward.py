@@ -32,7 +32,7 @@ from flexattn.kernels.device import (
     tile_descriptors,
     tma_compatible,
 )
-from flexattn.kernels.launch import LaunchCache, alignment, args_key
+from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_strides
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, paged_rows, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import (
@@ -316,7 +316,7 @@ def flex_forward(
         )
         k_src, v_src = descriptors or (k, v)
         grid = (-(-Lq // tiles.BLOCK_M), Hq, B)
-        strides = (_strides(q), _strides(k), _strides(v), _strides(out))
+        strides = (broadcast_strides(q), broadcast_strides(k), broadcast_strides(v), broadcast_strides(out))
         args = (
             q, k_src, v_src, out, lse, max_scores, *strides, *table_args, *page_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
@@ -462,9 +462,3 @@ def choose_tiles(
             best, best_ms = candidate, ms
     cache.put(key, best)
     return best
-
-
-def _strides(t: torch.Tensor) -> tuple[int, ...]:
-    """Strides with 0 on size-1 dims: block-mask tensors broadcast over batch/heads that way."""
-    (s0, s1, s2, s3), (n0, n1, n2, n3) = t.stride(), t.shape  # (B, H, L, E): unpacked, no loop
-    return (s0 if n0 > 1 else 0, s1 if n1 > 1 else 0, s2 if n2 > 1 else 0, s3 if n3 > 1 else 0)

@@ -110,6 +110,13 @@ def args_key(args: tuple) -> tuple:
     return tuple([(a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args])
 
 
+def broadcast_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """A 4-D tensor's strides with 0 on size-1 dims (B, H, L, E), as the kernels take them: a
+    broadcast batch or head then reads the same rows."""
+    (s0, s1, s2, s3), (n0, n1, n2, n3) = t.stride(), t.shape  # unpacked, no loop (a hot path)
+    return (s0 if n0 > 1 else 0, s1 if n1 > 1 else 0, s2 if n2 > 1 else 0, s3 if n3 > 1 else 0)
+
+
 def alignment(*tensors) -> tuple[int, ...]:
     """Each tensor's address modulo 16 (Triton specialises pointers on 16-byte alignment)."""
     return tuple([t.data_ptr() % 16 for t in tensors])

@@ -76,6 +76,9 @@ class Positions:
         return self.q_offset + q_len
 
 
+NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present (frozen: one shared by every call)
+
+
 def _readable(t: torch.Tensor) -> bool:
     """Values readable without a host-GPU synchronisation (and there are some)."""
     return t.device.type == "cpu" and t.numel() > 0
