@@ -207,11 +207,11 @@ def choose_kernel(
                             "positions; drop them (the decode kernel chooses its own tiles)")  # fmt: skip
     if prefill_tiles:
         return KernelChoice("prefill", f"{prefill_tiles} configure the prefill kernel")
-    pages = " (K/V through the page table)" if paged else ""
     if paged and not positions_given:
         return KernelChoice("prefill", "paged K/V without positions: the prefill kernel reads pages faster "
                             "than the decode kernel (H200, 8k keys, Lq 4: 258-288 us against 339-406 us)")  # fmt: skip
     if positions_given:
+        pages = " (K/V through the page table)" if paged else ""
         return KernelChoice("decode", f"positions (query offsets / key lengths) are read by the decode kernel"
                             f"{pages}", splits)  # fmt: skip
     if kv_len < DECODE_MIN_KV_LEN:
@@ -219,8 +219,8 @@ def choose_kernel(
                             "prefill launch costs less than split-KV and its merge")  # fmt: skip
     if rows <= DECODE_MAX_ROWS:
         packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
-        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head"
-                            f"{pages}", splits)  # fmt: skip
+        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head",
+                            splits)  # fmt: skip
     return KernelChoice(
         "prefill", f"{rows} packed rows > {DECODE_MAX_ROWS}: prefill's query tiles fill the GPU"
     )
