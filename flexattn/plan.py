@@ -107,9 +107,11 @@ class AttentionPlan:
         """Which prefill forward runs (``kernels.hopper.choice.choose_prefill_forward``): Gluon or Triton."""
         target = device_limits(query.device) if target is None else target
         (Lq, E), (Lkv, Ev) = (query.shape[2], query.shape[3]), (key.shape[2], value.shape[3])
-        tma_ok = all(tma_compatible(t, target) for t in (query, key, value))
+        requested = self.options.PREFILL_KERNEL
+        # (the choice reads tma_ok only when Gluon may run: no TMA checks on the default path)
+        tma_ok = requested == "TRITON" or all(tma_compatible(t, target) for t in (query, key, value))
         return choose_prefill_forward(
-            requested=self.options.PREFILL_KERNEL, target=target, dtype=query.dtype, head_dim=E,
+            requested=requested, target=target, dtype=query.dtype, head_dim=E,
             v_head_dim=Ev, q_block=self.tables.q_block, kv_block=self.tables.kv_block, dense=self.dense,
             scale=self.scale, paged=self.kv_pages is not None, tma_ok=tma_ok,
             other_knobs=_prefill_knobs(self.options, tiles_given),
