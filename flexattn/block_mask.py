@@ -221,10 +221,8 @@ class BlockMask:
                 f"block_mask ({type(mask).__name__}) lacks the BlockMask fields {missing}: pass a "
                 "flexattn.BlockMask (from create_block_mask) or PyTorch's BlockMask."
             )
-        q_block, kv_block = mask.BLOCK_SIZE
         lists = {name: getattr(mask, name) for name in BlockTables.TENSORS}
-        tables = BlockTables(**lists, q_block=q_block, kv_block=kv_block)
-        return cls(tuple(mask.seq_lengths), tables, mask.mask_mod)
+        return cls(mask.seq_lengths, **lists, BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask.mask_mod)
 
     def tables(self, q_side: bool = True) -> BlockTables:
         """The block lists as the kernels read them (``kernels.block_tables.BlockTables``).
