@@ -339,22 +339,18 @@ def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None
     query positions ``[0, q_len)`` (default Lq).
 
     Returns the mods' ``CallFingerprints``: the Triton path compiles them with the same keys."""
-    from flexattn.compiler.checks import check_mod as check_traced  # the compiler loads on first use
-    from flexattn.compiler.fingerprint import CallFingerprints, fingerprint
-
     q_len = query.shape[2] if q_len is None else q_len
     grid = (query.shape[0], query.shape[1], q_len, kv_len)  # (B, Hq, Lq, Lkv)
     if torch.compiler.is_compiling():  # the same checks, run once at trace time (custom_ops marks it)
         check_mods_on_grid(score_mod, mask_mod, grid, query.device)
         return None
-    score = mask = None
-    if score_mod is not None:
-        score = fingerprint(score_mod)
-        check_traced(score_mod, "score", grid, query.device, fingerprint=score)
-    if mask_mod is not None and mask_mod is not noop_mask:  # (nothing to check, ~10 us saved per call)
-        mask = fingerprint(mask_mod)
-        check_traced(mask_mod, "mask", grid, query.device, fingerprint=mask)
-    return CallFingerprints(score, mask)
+    from flexattn.compiler.fingerprint import CallFingerprints, fingerprint  # (loads on first use)
+
+    score = None if score_mod is None else fingerprint(score_mod)
+    mask = None if mask_mod is None or mask_mod is noop_mask else fingerprint(mask_mod)
+    fingerprints = CallFingerprints(score, mask)
+    check_mods_on_grid(score_mod, mask_mod, grid, query.device, fingerprints)
+    return fingerprints
 
 
 def _check_tiles(block_size: tuple[int, int], tiles: tuple[int | None, int | None]) -> None:
