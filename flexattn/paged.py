@@ -248,9 +248,7 @@ class PagedAttention:
                     f"PagedAttention.assign: {name} must be (1, {H}, n_pages * page_size = {rows}, "
                     f"{val.shape[3]}), got {tuple(cache.shape)}"
                 )
-        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing:
-            self._check_positions(batch_idx, input_pos)
+        self._check_positions(batch_idx, input_pos)  # (skipped while capturing: _unchecked)
         table = self.page_table[batch_idx.to(self.device, non_blocking=True).long()]  # (B, MAX_PAGES)
         pos = input_pos.to(self.device, non_blocking=True).long()
         pages = torch.gather(table, 1, pos // self.page_size).long()
