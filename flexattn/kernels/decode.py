@@ -224,15 +224,22 @@ def _decode_split_kernel(
             block_end = tl.cdiv(split_end, KV_BLOCK)
             TILES_PER_BLOCK: tl.constexpr = KV_BLOCK // BLOCK_N
             if row_block0 == row_block1:
-                # -- one mask row for the whole tile: its lists' entries in this split, partial then full --
+                # -- one mask row for the whole tile: its lists' entries in this split, partial then full.
+                #    Both lists are searched before either is walked, so their loads overlap (a split's
+                #    fixed cost: at 8k keys a split walks only ~10 blocks) --
+                idx_p = KV_IDX + mask_row0 * MASK_NKV
+                n_p = tl.load(KV_NUM_BLKS + mask_row0)
+                first_p = _lower_bound(idx_p, n_p, block_start, SEARCH_CHUNK)
+                last_p = _lower_bound(idx_p, n_p, block_end, SEARCH_CHUNK)
+                if HAS_FULL:
+                    idx_f = FULL_KV_IDX + mask_row0 * MASK_NKV
+                    n_f = tl.load(FULL_KV_NUM_BLKS + mask_row0)
+                    first_f = _lower_bound(idx_f, n_f, block_start, SEARCH_CHUNK)
+                    last_f = _lower_bound(idx_f, n_f, block_end, SEARCH_CHUNK)
                 for full in tl.static_range(2 if HAS_FULL else 1):
-                    nums, idx = KV_NUM_BLKS, KV_IDX
+                    idx_row, first, last = idx_p, first_p, last_p
                     if full == 1:
-                        nums, idx = FULL_KV_NUM_BLKS, FULL_KV_IDX
-                    n = tl.load(nums + mask_row0)
-                    idx_row = idx + mask_row0 * MASK_NKV
-                    first = _lower_bound(idx_row, n, block_start, SEARCH_CHUNK)
-                    last = _lower_bound(idx_row, n, block_end, SEARCH_CHUNK)
+                        idx_row, first, last = idx_f, first_f, last_f
                     status = tl.full([BLOCK_M], 1 + full, tl.int32)
                     for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
