@@ -206,7 +206,10 @@ def test_on_the_gpu_create_allocates_the_kv_side_only():
     torch.cuda.synchronize()
     kv_bytes = _kv_bytes(1, 1, n, n, True)
     assert mask.block_tables.nbytes() == kv_bytes and not mask.block_tables.has_q_side
-    assert torch.cuda.max_memory_allocated() - before < kv_bytes + (1 << 20)
+    # What this must tell apart: the kv side alone (kv_bytes plus the builder's scratch, up to exactly
+    # 1 MiB seen on the H200 when the worker had run other tests first) from a q side built too
+    # (another kv_bytes) or anything L x L (64 GiB here). Half of kv_bytes lies between.
+    assert torch.cuda.max_memory_allocated() - before < kv_bytes + kv_bytes // 2
 
 
 @pytest.mark.gpu
