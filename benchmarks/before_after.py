@@ -11,8 +11,8 @@ once, in parallel, so the Triton cache is warm and no timed worker compiles.
 
 Usage (CUDA machine, repository root; the earlier tree e.g. from ``git archive <rev> | tar -x -C DIR``)::
 
-    python benchmarks/bench_before_after.py --before .old/base --after . --json before_after.json
-    python benchmarks/bench_before_after.py --before .old/base --head-dims 128 --variants noop
+    python benchmarks/before_after.py --before .old/base --after . --json before_after.json
+    python benchmarks/before_after.py --before .old/base --head-dims 128 --variants noop
 """
 
 from __future__ import annotations
