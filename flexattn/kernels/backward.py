@@ -46,7 +46,7 @@ from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
-from flexattn.kernels.tile_io import load_tile, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import listed_tiles, load_tile, mask_row, sparse_tile_start, wrap_index
 from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
@@ -236,13 +236,11 @@ def _bwd_dkdv(
             q_ptr = Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1]
             do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
         row0 = (b64 * HQ + hq) * ROWS
-        mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + kv_block
+        list_row = mask_row(b, hq, kv_block, MASK_H, MASK_ROWS, MASK_PER_BATCH, MASK_PER_HEAD)
         for full in tl.static_range(2 if HAS_FULL else 1):
-            nums, indices = Q_NUM, Q_IDX
-            if full == 1:
-                nums, indices = FULL_Q_NUM, FULL_Q_IDX
-            idx_row = indices + mask_row * MASK_COLS
-            for i in range(0, tl.load(nums + mask_row) * (Q_BLOCK // BLOCK_M1)):
+            idx_row, num_tiles = listed_tiles(Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, list_row, MASK_COLS, full,
+                                              Q_BLOCK, BLOCK_M1)
+            for i in range(0, num_tiles):
                 start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
                     dk, dv, k, v, start_m, start_n, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
@@ -353,13 +351,11 @@ def _bwd_dq(
     else:
         k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
         v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
-    mask_row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(tl.int64) * MASK_ROWS + start_m // Q_BLOCK
+    list_row = mask_row(b, hq, start_m // Q_BLOCK, MASK_H, MASK_ROWS, MASK_PER_BATCH, MASK_PER_HEAD)
     for full in tl.static_range(2 if HAS_FULL else 1):
-        nums, indices = KV_NUM, KV_IDX
-        if full == 1:
-            nums, indices = FULL_KV_NUM, FULL_KV_IDX
-        idx_row = indices + mask_row * MASK_COLS
-        for i in range(0, tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N2)):
+        idx_row, num_tiles = listed_tiles(KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, list_row, MASK_COLS, full,
+                                          KV_BLOCK, BLOCK_N2)
+        for i in range(0, num_tiles):
             start_n = sparse_tile_start(idx_row, i, 1, KV_BLOCK, BLOCK_N2)
             dq = _dq_step(
                 dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),

@@ -46,7 +46,15 @@ from flexattn.kernels.kernel_choice import DecodeLaunch, DecodeTiles, decode_lau
 from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_strides
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.positions import NO_POSITIONS, Positions
-from flexattn.kernels.tile_io import load_kv, mask_tail, paged_rows, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import (
+    listed_blocks,
+    load_kv,
+    mask_row,
+    mask_tail,
+    paged_rows,
+    sparse_tile_start,
+    wrap_index,
+)
 from flexattn.kernels.tiles import padded_head_dim
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -217,9 +225,8 @@ def _decode_split_kernel(
             last_token = tl.minimum((m_tile * BLOCK_M + BLOCK_M - 1) // PACK, Q_LEN - 1)
             row_block0 = tl.minimum(tl.maximum((q_off + first_token) // Q_BLOCK, 0), MASK_NQ - 1)
             row_block1 = tl.minimum(tl.maximum((q_off + last_token) // Q_BLOCK, 0), MASK_NQ - 1)
-            mask_bh = b * (MASK_PER_BATCH * MASK_H) + (group * PACK) * MASK_PER_HEAD  # 0 on a broadcast dim
-            mask_row0 = mask_bh.to(tl.int64) * MASK_NQ + row_block0
-            mask_row1 = mask_bh.to(tl.int64) * MASK_NQ + row_block1
+            list_row0 = mask_row(b, group * PACK, row_block0, MASK_H, MASK_NQ, MASK_PER_BATCH, MASK_PER_HEAD)
+            list_row1 = mask_row(b, group * PACK, row_block1, MASK_H, MASK_NQ, MASK_PER_BATCH, MASK_PER_HEAD)
             block_start = split_start // KV_BLOCK
             block_end = tl.cdiv(split_end, KV_BLOCK)
             TILES_PER_BLOCK: tl.constexpr = KV_BLOCK // BLOCK_N
@@ -227,13 +234,13 @@ def _decode_split_kernel(
                 # -- one mask row for the whole tile: its lists' entries in this split, partial then full.
                 #    Both lists are searched before either is walked, so their loads overlap (a split's
                 #    fixed cost: at 8k keys a split walks only ~10 blocks) --
-                idx_p = KV_IDX + mask_row0 * MASK_NKV
-                n_p = tl.load(KV_NUM_BLKS + mask_row0)
+                idx_p, n_p = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row0, MASK_NKV,
+                                           False)
                 first_p = _lower_bound(idx_p, n_p, block_start, SEARCH_CHUNK)
                 last_p = _lower_bound(idx_p, n_p, block_end, SEARCH_CHUNK)
                 if HAS_FULL:
-                    idx_f = FULL_KV_IDX + mask_row0 * MASK_NKV
-                    n_f = tl.load(FULL_KV_NUM_BLKS + mask_row0)
+                    idx_f, n_f = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row0,
+                                               MASK_NKV, True)
                     first_f = _lower_bound(idx_f, n_f, block_start, SEARCH_CHUNK)
                     last_f = _lower_bound(idx_f, n_f, block_end, SEARCH_CHUNK)
                 for full in tl.static_range(2 if HAS_FULL else 1):
@@ -252,17 +259,17 @@ def _decode_split_kernel(
             else:
                 # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
                 in_row1 = (q_pos // Q_BLOCK) != row_block0
-                n_p0 = tl.load(KV_NUM_BLKS + mask_row0)
-                n_p1 = tl.load(KV_NUM_BLKS + mask_row1)
-                idx_p0 = KV_IDX + mask_row0 * MASK_NKV
-                idx_p1 = KV_IDX + mask_row1 * MASK_NKV
+                idx_p0, n_p0 = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row0,
+                                             MASK_NKV, False)
+                idx_p1, n_p1 = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row1,
+                                             MASK_NKV, False)
                 ptr_p0 = _lower_bound(idx_p0, n_p0, block_start, SEARCH_CHUNK)
                 ptr_p1 = _lower_bound(idx_p1, n_p1, block_start, SEARCH_CHUNK)
                 if HAS_FULL:
-                    n_f0 = tl.load(FULL_KV_NUM_BLKS + mask_row0)
-                    n_f1 = tl.load(FULL_KV_NUM_BLKS + mask_row1)
-                    idx_f0 = FULL_KV_IDX + mask_row0 * MASK_NKV
-                    idx_f1 = FULL_KV_IDX + mask_row1 * MASK_NKV
+                    idx_f0, n_f0 = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row0,
+                                                 MASK_NKV, True)
+                    idx_f1, n_f1 = listed_blocks(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row1,
+                                                 MASK_NKV, True)
                     ptr_f0 = _lower_bound(idx_f0, n_f0, block_start, SEARCH_CHUNK)
                     ptr_f1 = _lower_bound(idx_f1, n_f1, block_start, SEARCH_CHUNK)
                 for block in range(block_start, block_end):

@@ -34,7 +34,16 @@ from flexattn.kernels.device import (
 )
 from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_strides
 from flexattn.kernels.paged_kv import PagedKV
-from flexattn.kernels.tile_io import load_kv, load_tile, mask_tail, paged_rows, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import (
+    listed_tiles,
+    load_kv,
+    load_tile,
+    mask_row,
+    mask_tail,
+    paged_rows,
+    sparse_tile_start,
+    wrap_index,
+)
 from flexattn.kernels.tiles import (
     TileCache,
     Tiles,
@@ -164,14 +173,10 @@ def _flex_forward_kernel(
     acc = tl.zeros([BLOCK_M, EV_PAD], dtype=tl.float32)
 
     # -- partial kv blocks (mask_mod evaluated element-wise), then full kv blocks (mask_mod skipped) --
-    mask_bh = b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD  # 0 on a broadcast dim
-    mask_row = mask_bh.to(tl.int64) * MASK_NQ + start_m // Q_BLOCK
+    list_row = mask_row(b, h, start_m // Q_BLOCK, MASK_H, MASK_NQ, MASK_PER_BATCH, MASK_PER_HEAD)
     for full in tl.static_range(2 if HAS_FULL else 1):
-        nums, idx = KV_NUM_BLKS, KV_IDX
-        if full == 1:
-            nums, idx = FULL_KV_NUM_BLKS, FULL_KV_IDX
-        num_tiles = tl.load(nums + mask_row) * (KV_BLOCK // BLOCK_N)
-        idx_row = idx + mask_row * MASK_NKV
+        idx_row, num_tiles = listed_tiles(KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, list_row, MASK_NKV, full,
+                                          KV_BLOCK, BLOCK_N)
         if PIPELINE_QK:  # q.k^T of the next tile is issued before this tile's softmax (overlap)
             start_n = sparse_tile_start(idx_row, 0, 1, KV_BLOCK, BLOCK_N)
             start_n = tl.where(num_tiles > 0, start_n, 0)  # an empty list may hold any index: read tile 0

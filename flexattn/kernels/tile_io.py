@@ -1,10 +1,15 @@
 """``@triton.jit`` helpers shared by the attention kernels: tile loads, sparse-block walking, tails.
 
+Every kernel walks its block lists the same way (:func:`mask_row`, :func:`listed_tiles`,
+:func:`sparse_tile_start`) and loads K/V tiles through :func:`load_kv_tile` / :func:`load_kv`.
+
 Glossary (the same letters in every kernel):
     SPARSE_BLOCK  the BlockMask's block size along the iterated axis (KV_BLOCK in the forward pass)
     BLOCK         the kernel's tile along that axis; divides SPARSE_BLOCK, so one listed sparse
                   block is visited as SPARSE_BLOCK // BLOCK consecutive tiles
     LEN           the sequence length along that axis (Q_LEN or KV_LEN)
+    MASK_ROWS     rows per head of a BlockMask table: the blocks of the other axis (NQ for the kv lists)
+    MASK_COLS     entries per row of an indices table (NKV for the kv lists)
 """
 
 from __future__ import annotations
@@ -13,6 +18,48 @@ import triton
 import triton.language as tl
 
 import flexattn.kernels.interpreter  # noqa: F401  (lets the interpreter run these loops on CPU)
+
+
+@triton.jit
+def mask_row(b, h, row_block, MASK_H, MASK_ROWS, MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr):
+    """Offset (int64) of head (b, h)'s ``row_block``-th row in a BlockMask's counts (MB, MASK_H, MASK_ROWS).
+
+    MB is B or 1 (MASK_PER_BATCH 1 or 0), MASK_H is H or 1 (MASK_PER_HEAD 1 or 0): a broadcast dim
+    has stride 0. The row's indices start ``MASK_COLS`` times further into the indices table
+    (:func:`listed_blocks`).
+    """
+    bh = b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD
+    return bh.to(tl.int64) * MASK_ROWS + row_block
+
+
+# fmt: off
+@triton.jit
+def listed_blocks(NUM, IDX, FULL_NUM, FULL_IDX, row, MASK_COLS, FULL: tl.constexpr,
+                  TILES_PER_BLOCK: tl.constexpr = 1):  # fmt: on
+    """``(indices, count)`` of one mask row's list of class FULL: partial blocks (NUM, IDX) or full
+    ones (FULL_NUM, FULL_IDX). ``indices`` points at the row's sorted block indices; ``count`` is how
+    many are listed, times TILES_PER_BLOCK (:func:`listed_tiles` counts tiles); ``row`` is
+    :func:`mask_row`'s offset."""
+    if FULL:
+        num, idx = FULL_NUM, FULL_IDX
+    else:
+        num, idx = NUM, IDX
+    count = tl.load(num + row) * TILES_PER_BLOCK
+    return idx + row * MASK_COLS, count
+
+
+# fmt: off
+@triton.jit
+def listed_tiles(NUM, IDX, FULL_NUM, FULL_IDX, row, MASK_COLS, FULL: tl.constexpr, SPARSE_BLOCK: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: on
+    """``(indices, num_tiles)``: :func:`listed_blocks` counting BLOCK-wide tiles, the bound of the
+    loop that visits them through :func:`sparse_tile_start`::
+
+        indices, num_tiles = listed_tiles(NUM, IDX, FULL_NUM, FULL_IDX, row, COLS, full, SPARSE_BLOCK, BLOCK)
+        for tile in range(0, num_tiles):
+            start = sparse_tile_start(indices, tile, 1, SPARSE_BLOCK, BLOCK)
+    """
+    return listed_blocks(NUM, IDX, FULL_NUM, FULL_IDX, row, MASK_COLS, FULL, SPARSE_BLOCK // BLOCK)
 
 
 @triton.jit
