@@ -46,7 +46,14 @@ from flexattn.kernels.backward_tiles import BackwardTiles, choose_backward_tiles
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
-from flexattn.kernels.tile_io import listed_tiles, load_tile, mask_row, sparse_tile_start, wrap_index
+from flexattn.kernels.tile_io import (
+    listed_tiles,
+    load_rows,
+    mask_row,
+    sparse_tile_start,
+    tile_source,
+    wrap_index,
+)
 from flexattn.kernels.tiles import padded_head_dim
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
@@ -67,12 +74,11 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, o_strides, do_strides, HQ, Q_
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     start = tl.program_id(0) * BLOCK
-    local, cols = tl.arange(0, BLOCK), tl.arange(0, EV_PAD)
-    rows = start + local
-    o = load_tile(O + b * o_strides[0] + h * o_strides[1] + start.to(tl.int64) * o_strides[2], local, cols,
-                  o_strides[2], o_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
-    do = load_tile(DO + b * do_strides[0] + h * do_strides[1] + start.to(tl.int64) * do_strides[2], local, cols,
-                   do_strides[2], do_strides[3], Q_LEN - start, EV, True, EV != EV_PAD)
+    rows = start + tl.arange(0, BLOCK)
+    o = load_rows(tile_source(O, b, h, o_strides, False), b, h, start, (o_strides[2], o_strides[3]), Q_LEN, EV,
+                  EV_PAD, BLOCK, True, False)
+    do = load_rows(tile_source(DO, b, h, do_strides, False), b, h, start, (do_strides[2], do_strides[3]), Q_LEN, EV,
+                   EV_PAD, BLOCK, True, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # 0 on padding rows (o, do load as 0)
     offsets = (b * HQ + h) * Q_LEN + rows
     if HAS_DLSE:
@@ -123,7 +129,7 @@ def _probabilities(qk, lse2, q_idx, kv_idx, q_pos, kv_pos, b, hq, Q_LEN, KV_LEN,
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v, start_m, start_n, offs_n, b, hq,
-    q_ptr, do_ptr, LSE2, DELTA, row0, q_strides, do_strides,  # this head's q / dO rows, its LSE2 offset
+    q_src, do_src, LSE2, DELTA, row0, q_strides, do_strides,  # this head's q / dO (tile_source), its LSE2 offset
     DQ_ACC, dq_strides, Q_LEN, KV_LEN, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
@@ -133,19 +139,12 @@ def _dkdv_step(
     SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr, BIAS_FN: tl.constexpr,
     TILE_GRAD: tl.constexpr,
 ):
-    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA (row offsets in int64: long sequences).
-    #    With USE_TMA, q_ptr / do_ptr are tensor descriptors over (B, HQ, Q_LEN, E / EV).
+    # -- BLOCK_M1 query rows (q transposed), their dO, LSE and DELTA
     local = tl.arange(0, BLOCK_M1)
     offs_m = start_m + local
     m64 = start_m.to(tl.int64)
-    if USE_TMA:
-        qT = tl.trans(q_ptr.load([b, hq, start_m, 0]).reshape(BLOCK_M1, E_PAD))
-        do = do_ptr.load([b, hq, start_m, 0]).reshape(BLOCK_M1, EV_PAD)
-    else:
-        qT = load_tile(q_ptr + m64 * q_strides[0], tl.arange(0, E_PAD), local, q_strides[1], q_strides[0], E,
-                       Q_LEN - start_m, E != E_PAD, CHECK_M)
-        do = load_tile(do_ptr + m64 * do_strides[0], local, tl.arange(0, EV_PAD), do_strides[0], do_strides[1],
-                       Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
+    qT = load_rows(q_src, b, hq, start_m, q_strides, Q_LEN, E, E_PAD, BLOCK_M1, CHECK_M, USE_TMA, TRANSPOSED=True)
+    do = load_rows(do_src, b, hq, start_m, do_strides, Q_LEN, EV, EV_PAD, BLOCK_M1, CHECK_M, USE_TMA)
     lse2 = tl.load(LSE2 + row0 + offs_m)  # padded to ROWS: no masks
     delta = tl.load(DELTA + row0 + offs_m)
 
@@ -219,10 +218,10 @@ def _bwd_dkdv(
 
     # -- this program's keys and values stay in registers for the whole loop
     b64, hk64, n64 = b.to(tl.int64), hk.to(tl.int64), start_n.to(tl.int64)
-    k = load_tile(K + b64 * k_strides[0] + hk64 * k_strides[1] + n64 * k_strides[2], local, tl.arange(0, E_PAD),
-                  k_strides[2], k_strides[3], KV_LEN - start_n, E, CHECK_N, E != E_PAD)
-    v = load_tile(V + b64 * v_strides[0] + hk64 * v_strides[1] + n64 * v_strides[2], local, tl.arange(0, EV_PAD),
-                  v_strides[2], v_strides[3], KV_LEN - start_n, EV, CHECK_N, EV != EV_PAD)
+    k = load_rows(tile_source(K, b, hk, k_strides, False), b, hk, start_n, (k_strides[2], k_strides[3]), KV_LEN, E,
+                  E_PAD, BLOCK_N1, CHECK_N, False)
+    v = load_rows(tile_source(V, b, hk, v_strides, False), b, hk, start_n, (v_strides[2], v_strides[3]), KV_LEN, EV,
+                  EV_PAD, BLOCK_N1, CHECK_N, False)
     dk = tl.zeros([BLOCK_N1, E_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, EV_PAD], dtype=tl.float32)
 
@@ -230,11 +229,8 @@ def _bwd_dkdv(
     kv_block = start_n // KV_BLOCK
     for g in range(GQA_GROUP):
         hq = hk * GQA_GROUP + g
-        if USE_TMA:  # tensor descriptors over the whole (B, HQ, Q_LEN, E) tensors
-            q_ptr, do_ptr = Q, DO
-        else:
-            q_ptr = Q + b64 * q_strides[0] + hq.to(tl.int64) * q_strides[1]
-            do_ptr = DO + b64 * do_strides[0] + hq.to(tl.int64) * do_strides[1]
+        q_src = tile_source(Q, b, hq, q_strides, USE_TMA)  # USE_TMA: descriptors over the whole tensors
+        do_src = tile_source(DO, b, hq, do_strides, USE_TMA)
         row0 = (b64 * HQ + hq) * ROWS
         list_row = mask_row(b, hq, kv_block, MASK_H, MASK_ROWS, MASK_PER_BATCH, MASK_PER_HEAD)
         for full in tl.static_range(2 if HAS_FULL else 1):
@@ -243,7 +239,7 @@ def _bwd_dkdv(
             for i in range(0, num_tiles):
                 start_m = sparse_tile_start(idx_row, i, 1, Q_BLOCK, BLOCK_M1)
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, start_m, start_n, offs_n, b, hq, q_ptr, do_ptr, LSE2, DELTA, row0,
+                    dk, dv, k, v, start_m, start_n, offs_n, b, hq, q_src, do_src, LSE2, DELTA, row0,
                     (q_strides[2], q_strides[3]), (do_strides[2], do_strides[3]), DQ_ACC, dq_strides,
                     Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                     E, EV, E_PAD, EV_PAD, BLOCK_M1, full == 1, CHECK_M, CHECK_N, GRAD_SCALE, FUSED_DQ, DOT_PRECISION,
@@ -268,7 +264,7 @@ def _bwd_dkdv(
 @triton.jit
 def _dq_step(
     dq, q, do, lse2, delta, offs_m, start_n, b, hq,
-    k_ptr, v_ptr, k_strides, v_strides, Q_LEN, KV_LEN, scale,
+    k_src, v_src, k_strides, v_strides, Q_LEN, KV_LEN, scale,  # this kv head's K / V (tile_source)
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
     SCORE_GRAD_FN: tl.constexpr, SCORE_GRAD_ARGS,
     E: tl.constexpr, EV: tl.constexpr, E_PAD: tl.constexpr, EV_PAD: tl.constexpr, GQA_GROUP: tl.constexpr,
@@ -276,18 +272,11 @@ def _dq_step(
     USE_TMA: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
     BIAS_FN: tl.constexpr,
 ):
-    # -- BLOCK_N2 keys and values, transposed (USE_TMA: k_ptr / v_ptr are descriptors over (B, HKV, KV_LEN, E))
-    local = tl.arange(0, BLOCK_N2)
-    offs_n = start_n + local
-    n64 = start_n.to(tl.int64)
-    if USE_TMA:
-        kT = tl.trans(k_ptr.load([b, hq // GQA_GROUP, start_n, 0]).reshape(BLOCK_N2, E_PAD))
-        vT = tl.trans(v_ptr.load([b, hq // GQA_GROUP, start_n, 0]).reshape(BLOCK_N2, EV_PAD))
-    else:
-        kT = load_tile(k_ptr + n64 * k_strides[0], tl.arange(0, E_PAD), local, k_strides[1], k_strides[0], E,
-                       KV_LEN - start_n, E != E_PAD, CHECK_N)
-        vT = load_tile(v_ptr + n64 * v_strides[0], tl.arange(0, EV_PAD), local, v_strides[1], v_strides[0], EV,
-                       KV_LEN - start_n, EV != EV_PAD, CHECK_N)
+    # -- BLOCK_N2 keys and values, transposed
+    offs_n = start_n + tl.arange(0, BLOCK_N2)
+    hk = hq // GQA_GROUP
+    kT = load_rows(k_src, b, hk, start_n, k_strides, KV_LEN, E, E_PAD, BLOCK_N2, CHECK_N, USE_TMA, TRANSPOSED=True)
+    vT = load_rows(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N2, CHECK_N, USE_TMA, TRANSPOSED=True)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
     q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[:, None]
@@ -329,28 +318,26 @@ def _bwd_dq(
 ):
     hq = tl.program_id(1)
     b = tl.program_id(2)
-    b64, hq64, hk64 = b.to(tl.int64), hq.to(tl.int64), (hq // GQA_GROUP).to(tl.int64)
+    hk = hq // GQA_GROUP
+    b64, hq64 = b.to(tl.int64), hq.to(tl.int64)
     start_m = tl.program_id(0) * BLOCK_M2
     local = tl.arange(0, BLOCK_M2)
     offs_m = start_m + local
     m64 = start_m.to(tl.int64)
 
     # -- this program's queries, dO, LSE and DELTA stay in registers
-    q = load_tile(Q + b64 * q_strides[0] + hq64 * q_strides[1] + m64 * q_strides[2], local, tl.arange(0, E_PAD),
-                  q_strides[2], q_strides[3], Q_LEN - start_m, E, CHECK_M, E != E_PAD)
-    do = load_tile(DO + b64 * do_strides[0] + hq64 * do_strides[1] + m64 * do_strides[2], local,
-                   tl.arange(0, EV_PAD), do_strides[2], do_strides[3], Q_LEN - start_m, EV, CHECK_M, EV != EV_PAD)
+    q = load_rows(tile_source(Q, b, hq, q_strides, False), b, hq, start_m, (q_strides[2], q_strides[3]), Q_LEN, E,
+                  E_PAD, BLOCK_M2, CHECK_M, False)
+    do = load_rows(tile_source(DO, b, hq, do_strides, False), b, hq, start_m, (do_strides[2], do_strides[3]), Q_LEN,
+                   EV, EV_PAD, BLOCK_M2, CHECK_M, False)
     row0 = (b64 * HQ + hq) * ROWS
     lse2 = tl.load(LSE2 + row0 + offs_m)  # padded to ROWS: no masks
     delta = tl.load(DELTA + row0 + offs_m)
     dq = tl.zeros([BLOCK_M2, E_PAD], dtype=tl.float32)
 
     # -- partial kv blocks, then full ones
-    if USE_TMA:  # tensor descriptors over the whole (B, HKV, KV_LEN, E) tensors
-        k_ptr, v_ptr = K, V
-    else:
-        k_ptr = K + b64 * k_strides[0] + hk64 * k_strides[1]
-        v_ptr = V + b64 * v_strides[0] + hk64 * v_strides[1]
+    k_src = tile_source(K, b, hk, k_strides, USE_TMA)  # USE_TMA: descriptors over the whole tensors
+    v_src = tile_source(V, b, hk, v_strides, USE_TMA)
     list_row = mask_row(b, hq, start_m // Q_BLOCK, MASK_H, MASK_ROWS, MASK_PER_BATCH, MASK_PER_HEAD)
     for full in tl.static_range(2 if HAS_FULL else 1):
         idx_row, num_tiles = listed_tiles(KV_NUM, KV_IDX, FULL_KV_NUM, FULL_KV_IDX, list_row, MASK_COLS, full,
@@ -358,7 +345,7 @@ def _bwd_dq(
         for i in range(0, num_tiles):
             start_n = sparse_tile_start(idx_row, i, 1, KV_BLOCK, BLOCK_N2)
             dq = _dq_step(
-                dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_ptr, v_ptr, (k_strides[2], k_strides[3]),
+                dq, q, do, lse2, delta, offs_m, start_n, b, hq, k_src, v_src, (k_strides[2], k_strides[3]),
                 (v_strides[2], v_strides[3]), Q_LEN, KV_LEN, scale,
                 SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, SCORE_GRAD_FN, SCORE_GRAD_ARGS,
                 E, EV, E_PAD, EV_PAD, GQA_GROUP, BLOCK_N2, full == 1, CHECK_M, CHECK_N, DOT_PRECISION, USE_TMA,

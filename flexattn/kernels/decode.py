@@ -53,6 +53,7 @@ from flexattn.kernels.tile_io import (
     mask_tail,
     paged_rows,
     sparse_tile_start,
+    tile_source,
     wrap_index,
 )
 from flexattn.kernels.tiles import padded_head_dim
@@ -209,8 +210,8 @@ def _decode_split_kernel(
         q_pos = q_off + token
         q_idx = q_pos[:, None]
         h_idx = h[:, None]
-        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]  # (paged: batch stride 0)
-        v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+        k_src = tile_source(K, b, hk, k_strides, False)  # (paged: batch stride 0)
+        v_src = tile_source(V, b, hk, v_strides, False)
         pages = PAGE_TABLE + b64 * page_table_stride  # (unused when PAGE == 0)
         kn_strides = (k_strides[2], k_strides[3])
         vn_strides = (v_strides[2], v_strides[3])

@@ -37,11 +37,12 @@ from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tile_io import (
     listed_tiles,
     load_kv,
-    load_tile,
+    load_rows,
     mask_row,
     mask_tail,
     paged_rows,
     sparse_tile_start,
+    tile_source,
     wrap_index,
 )
 from flexattn.kernels.tiles import (
@@ -153,19 +154,15 @@ def _flex_forward_kernel(
     b = tl.program_id(2)
     hk = h // GQA_GROUP
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * q_strides[0] + h.to(tl.int64) * q_strides[1] + start_m.to(tl.int64) * q_strides[2]
-    if USE_TMA:
-        k_src, v_src = K, V
-    else:
-        k_src = K + b64 * k_strides[0] + hk.to(tl.int64) * k_strides[1]
-        v_src = V + b64 * v_strides[0] + hk.to(tl.int64) * v_strides[1]
+    k_src = tile_source(K, b, hk, k_strides, USE_TMA)  # USE_TMA: descriptors over the whole tensors
+    v_src = tile_source(V, b, hk, v_strides, USE_TMA)
     pages = PAGE_TABLE + b64 * page_table_stride  # (unused when PAGE == 0)
     kn_strides = (k_strides[2], k_strides[3])
     vn_strides = (v_strides[2], v_strides[3])
 
     offs_m = tl.arange(0, BLOCK_M)
-    q = load_tile(q_base, offs_m, tl.arange(0, E_PAD), q_strides[2], q_strides[3], Q_LEN - start_m, E,
-                  True, E != E_PAD)
+    q = load_rows(tile_source(Q, b, h, q_strides, False), b, h, start_m, (q_strides[2], q_strides[3]), Q_LEN, E, E_PAD,
+                  BLOCK_M, True, False)
     q_idx = wrap_index(start_m + offs_m, Q_LEN)[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -1,7 +1,8 @@
 """``@triton.jit`` helpers shared by the attention kernels: tile loads, sparse-block walking, tails.
 
 Every kernel walks its block lists the same way (:func:`mask_row`, :func:`listed_tiles`,
-:func:`sparse_tile_start`) and loads K/V tiles through :func:`load_kv_tile` / :func:`load_kv`.
+:func:`sparse_tile_start`) and loads row tiles of its (B, H, LEN, D) inputs through one loader
+(:func:`tile_source`, :func:`load_rows`; :func:`load_kv` for K/V that may sit in a paged cache).
 
 Glossary (the same letters in every kernel):
     SPARSE_BLOCK  the BlockMask's block size along the iterated axis (KV_BLOCK in the forward pass)
@@ -117,20 +118,42 @@ def load_tile(base, rows, cols, stride_row, stride_col, N_ROWS, N_COLS,
 
 
 
+@triton.jit
+def tile_source(T, b, h, strides, USE_TMA: tl.constexpr):
+    """What :func:`load_rows` reads head (b, h) of a (B, H, LEN, D) tensor ``T`` from: ``T`` itself
+    when it is a tensor descriptor (USE_TMA), else the pointer at the head (``strides``: batch, head, ...)."""
+    if USE_TMA:
+        src = T
+    else:
+        src = T + b.to(tl.int64) * strides[0] + h.to(tl.int64) * strides[1]
+    return src
+
+
 # fmt: off
 @triton.jit
-def load_kv_tile(src, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                 CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr):  # fmt: on
-    """The (BLOCK, D_PAD) K or V tile of rows ``[start, start + BLOCK)``, zero beyond LEN and D.
+def load_rows(src, b, h, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
+              CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, TRANSPOSED: tl.constexpr = False):  # fmt: on
+    """Rows ``[start, start + BLOCK)`` of head (b, h) of a (B, H, LEN, D) tensor (q, k, v, dO, ...):
+    the (BLOCK, D_PAD) tile, or with TRANSPOSED its (D_PAD, BLOCK) transpose; zero beyond D and, with
+    CHECK_ROWS (or TMA), beyond LEN.
 
-    With USE_TMA, ``src`` is a 4-D tensor descriptor over (B, HKV, LEN, D) whose zero padding does
-    the bounds checks; otherwise ``src`` points at head (b, hk) and ``strides`` are (position, feature).
+    ``src`` comes from :func:`tile_source`: with USE_TMA a 4-D tensor descriptor whose zero padding
+    does the bounds checks (a transposed tile is loaded, then transposed); otherwise the pointer at
+    head (b, h) with ``strides`` (position, feature), and a transposed tile is read in transposed
+    order (features along rows), with no layout conversion of a loaded tile.
     """
     if USE_TMA:
-        tile = src.load([b, hk, start, 0]).reshape(BLOCK, D_PAD)
+        tile = src.load([b, h, start, 0]).reshape(BLOCK, D_PAD)
+        if TRANSPOSED:
+            tile = tl.trans(tile)
     else:
-        tile = load_tile(src + start.to(tl.int64) * strides[0], tl.arange(0, BLOCK), tl.arange(0, D_PAD),
-                         strides[0], strides[1], LEN - start, D, CHECK_ROWS, D != D_PAD)
+        base = src + start.to(tl.int64) * strides[0]
+        if TRANSPOSED:
+            tile = load_tile(base, tl.arange(0, D_PAD), tl.arange(0, BLOCK), strides[1], strides[0], D, LEN - start,
+                             D != D_PAD, CHECK_ROWS)
+        else:
+            tile = load_tile(base, tl.arange(0, BLOCK), tl.arange(0, D_PAD), strides[0], strides[1], LEN - start, D,
+                             CHECK_ROWS, D != D_PAD)
     return tile
 
 
@@ -168,7 +191,7 @@ def load_kv(src, rows, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.co
     """The (BLOCK, D_PAD) K or V tile of logical rows ``[start, start + BLOCK)`` from either source,
     zero beyond LEN (with CHECK_ROWS) and D.
 
-    PAGE == 0: contiguous, :func:`load_kv_tile` (``rows`` unused). PAGE > 0: a paged cache
+    PAGE == 0: contiguous, :func:`load_rows` (``rows`` unused). PAGE > 0: a paged cache
     (1, HKV, N_PAGES * PAGE, D) at the physical ``rows`` from :func:`paged_rows`; ``src`` points at head
     hk of the cache with ``strides`` (position, feature), or with USE_TMA is a descriptor over the whole
     cache (only for tiles inside one page; its rows past LEN come from the page and are not zeroed:
@@ -176,7 +199,7 @@ def load_kv(src, rows, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.co
     addresses.
     """
     if PAGE == 0:
-        tile = load_kv_tile(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
+        tile = load_rows(src, b, hk, start, strides, LEN, D, D_PAD, BLOCK, CHECK_ROWS, USE_TMA)
     elif PAGE % BLOCK == 0:
         if USE_TMA:
             tile = src.load([0, hk, rows, 0]).reshape(BLOCK, D_PAD)
@@ -205,7 +228,7 @@ def load_kv(src, rows, b, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.co
 def load_paged_kv_tile(src, pages, hk, start, strides, LEN, D: tl.constexpr, D_PAD: tl.constexpr,
                        BLOCK: tl.constexpr, CHECK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
                        PAGE: tl.constexpr):  # fmt: on
-    """:func:`load_kv_tile` for a paged cache in one call (``pages``: the sequence's page-table row):
+    """:func:`load_rows` for a paged K/V cache in one call (``pages``: the sequence's page-table row):
     :func:`paged_rows`, then :func:`load_kv`. Kernels loading K and V of one tile share the rows
     instead."""
     rows = paged_rows(pages, start, LEN, BLOCK, CHECK_ROWS, PAGE)

@@ -1,4 +1,4 @@
-"""tile_io.load_paged_kv_tile: the paged replacement of load_kv_tile's contiguous path (what the
+"""tile_io.load_paged_kv_tile: the paged counterpart of load_rows for K/V (what the
 decode kernel calls), tile by tile against the gathered cache."""
 
 from __future__ import annotations
