@@ -14,12 +14,11 @@ the entries hold only weak references, like ``kernel_mod_cache.py``).
 from __future__ import annotations
 
 import threading
-import weakref
 from collections import OrderedDict
 
 import torch
 
-from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of
+from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of, guard
 from flexattn.compiler.trace import trace
 
 _SIZE = 1024
@@ -68,14 +67,9 @@ def _passed(key: tuple) -> bool:
 
 
 def _remember(key: tuple, keep: tuple) -> None:
-    guards = []
-    for obj in keep:
-        try:
-            guards.append(weakref.ref(obj))
-        except TypeError:  # small immutable objects: hold them
-            guards.append(lambda obj=obj: obj)
+    guards = tuple(guard(obj) for obj in keep)
     with _LOCK:
-        _PASSED[key] = tuple(guards)
+        _PASSED[key] = guards
         while len(_PASSED) > _SIZE:
             _PASSED.popitem(last=False)
 

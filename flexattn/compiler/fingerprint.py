@@ -30,6 +30,8 @@ died (``kernel_mod_cache.py``).
 from __future__ import annotations
 
 import types
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +84,16 @@ def fingerprint(mod) -> Fingerprint:
     keep: list = []
     key = mod_key(mod, keep)
     return Fingerprint(mod, key, tuple(keep))
+
+
+def guard(obj) -> Callable[[], Any]:
+    """A weak reference to ``obj``, one of a key's ``keep`` objects: called, it returns the object, or
+    None once the object died (its id may then name another). Objects that take no weak reference
+    (small immutable ones: ints, tuples, builtins) are held."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
 
 
 def fingerprint_of(mod, given: Fingerprint | None) -> Fingerprint:

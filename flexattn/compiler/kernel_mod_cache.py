@@ -19,14 +19,8 @@ import weakref
 from collections import OrderedDict
 
 from flexattn.compiler.binding import bind_captures
+from flexattn.compiler.fingerprint import guard
 from flexattn.kernels.mods import KernelMod
-
-
-def _weak(obj):
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # not weak-referenceable: hold it (small immutable objects only reach here)
-        return lambda: obj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +77,7 @@ class KernelModCache:
     def put(self, key: tuple, kernel_mod: KernelMod, keep) -> None:
         """Store ``kernel_mod`` under ``key``; ``keep``: the objects whose identities are in the key."""
         whole = None if kernel_mod.captures else kernel_mod
-        entry = _Entry(_freeze(kernel_mod), tuple(_weak(obj) for obj in keep), whole)
+        entry = _Entry(_freeze(kernel_mod), tuple(guard(obj) for obj in keep), whole)
         with self._lock:
             self._entries[key] = entry
             self._entries.move_to_end(key)
