@@ -122,20 +122,20 @@ def _function(fn, keep: list, depth: int) -> tuple:
         cells = tuple(cell.cell_contents for cell in closure) if closure else ()
     except ValueError:  # an empty cell (a name assigned after the function was defined)
         raise _Uncacheable from None
-    kw = fn.__kwdefaults__
-    kwdefaults = tuple(sorted(kw.items())) if kw else ()
-    parts = [
+    kw, defaults = fn.__kwdefaults__, fn.__defaults__
+    parts = [  # (empty ones skip _value: most mods have no defaults, many no closure)
+        "function",
         id(code),
-        _value(fn.__defaults__ or (), keep, depth),
-        _value(kwdefaults, keep, depth),
-        _value(cells, keep, depth),
+        _value(defaults, keep, depth) if defaults else (),
+        _value(tuple(sorted(kw.items())), keep, depth) if kw else (),
+        _value(cells, keep, depth) if cells else (),
     ]
     if not _in_library(fn.__module__):
-        names = [n for n in global_names(code) if n in fn.__globals__]
-        parts.append(tuple((n, _value(fn.__globals__[n], keep, depth)) for n in names))
+        found = fn.__globals__
+        parts.append(tuple([(n, _value(found[n], keep, depth)) for n in global_names(code) if n in found]))
         if fn.__dict__:  # attributes set on the function (``mask.window = 4``), which mods may read
             parts.append(_value(tuple(sorted(fn.__dict__.items())), keep, depth))
-    return ("function", *parts)
+    return tuple(parts)
 
 
 def _value(value, keep: list, depth: int):
