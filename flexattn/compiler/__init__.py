@@ -345,11 +345,8 @@ def _compile(
     """The KernelMod of ``mod``; repeat calls with an unchanged mod skip the trace (fingerprint.py).
     ``interpreted``: ``_interpreted()``, if the caller read it this call."""
     fingerprint = fingerprint_of(mod, fingerprint)
-    key, keep = fingerprint.key, fingerprint.keep
+    key, keep = _cache_key(fingerprint, kind, device, fast_math, target, interpreted), fingerprint.keep
     if key is not None:
-        where = device if device is None or isinstance(device, torch.device) else torch.device(device)
-        interpreted = _interpreted() if interpreted is None else interpreted
-        key = (kind, where, interpreted, fast_math, target, key)  # (a device hashes as it is)
         kernel_mod = _KERNEL_MODS.get(key)
         if kernel_mod is not None:
             return kernel_mod
@@ -360,6 +357,24 @@ def _compile(
     if key is not None and not program.read_tensor_values:
         _KERNEL_MODS.put(key, kernel_mod, keep)
     return kernel_mod
+
+
+def _cache_key(fingerprint: Fingerprint, kind: str, device, fast_math, target, interpreted) -> tuple | None:
+    """The fingerprint cache's key for a compile of ``kind`` on ``device`` (None: not cacheable)."""
+    if fingerprint.key is None:
+        return None
+    where = device if device is None or isinstance(device, torch.device) else torch.device(device)
+    interpreted = _interpreted() if interpreted is None else interpreted
+    return (kind, where, interpreted, fast_math, target, fingerprint.key)  # (a device hashes as it is)
+
+
+def is_remembered(fingerprint: Fingerprint, kind: str, *, device=None, fast_math: bool = False) -> bool:
+    """Whether compiling the mod of ``fingerprint`` (``kind`` "score" or "mask") for ``device`` again
+    returns the compiled mod without a trace: it was compiled, and its trace read no tensor values
+    (such a trace is never remembered, see :func:`_compile`). ``fast_math`` as for
+    :func:`compile_score_mod`."""
+    key = _cache_key(fingerprint, kind, device, fast_math, None, None)
+    return key is not None and key in _KERNEL_MODS
 
 
 def _kernel_mod(program: Program, device, fast_math: bool = False, target: str | None = None) -> KernelMod:

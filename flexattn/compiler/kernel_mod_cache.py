@@ -60,6 +60,11 @@ class KernelModCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: tuple) -> bool:
+        """Whether ``key`` has an entry whose keyed objects are all alive (it is not refreshed)."""
+        entry = self._entries.get(key)
+        return entry is not None and all(ref() is not None for ref in entry.guards)
+
     def get(self, key: tuple) -> KernelMod | None:
         with self._lock:
             entry = self._entries.get(key)
