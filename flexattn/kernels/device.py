@@ -63,7 +63,7 @@ def tile_descriptors(
         compatible = all(tma_compatible(t, target) for t, _ in tensors)
     if not compatible:
         return None
-    return tuple(_descriptor(t, [1, 1, rows, width]) for t, width in tensors)
+    return tuple(descriptor(t, [1, 1, rows, width]) for t, width in tensors)
 
 
 # TensorDescriptor's own checks: the tensor's (alignment, unit last stride, 16-byte strides) are
@@ -75,17 +75,19 @@ _PLAIN_DESCRIPTOR = tuple(f.name for f in dataclasses.fields(TensorDescriptor)) 
 _CHECKED_BLOCKS: set[tuple[int, ...]] = set()
 
 
-def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
-    """``TensorDescriptor(t, t.shape, t.stride(), block_shape)`` for a ``tma_compatible`` tensor."""
-    if _PLAIN_DESCRIPTOR and tuple(block_shape) in _CHECKED_BLOCKS and 0 not in t.shape:
-        descriptor = object.__new__(TensorDescriptor)
-        descriptor.__dict__.update(
-            base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block_shape, padding="zero"
-        )
-        return descriptor
-    descriptor = TensorDescriptor(t, list(t.shape), list(t.stride()), block_shape)
+def descriptor(t: torch.Tensor, block_shape: list[int], shape=None, strides=None) -> TensorDescriptor:
+    """``TensorDescriptor(t, t.shape, t.stride(), block_shape)`` for a ``tma_compatible`` tensor.
+    ``shape`` / ``strides``: ``list(t.shape)`` / ``list(t.stride())``, when the caller has them (a
+    repeated launch, ``flexattn/call_cache.py``)."""
+    shape = list(t.shape) if shape is None else shape
+    strides = list(t.stride()) if strides is None else strides
+    if _PLAIN_DESCRIPTOR and tuple(block_shape) in _CHECKED_BLOCKS and 0 not in shape:
+        made = object.__new__(TensorDescriptor)
+        made.__dict__.update(base=t, shape=shape, strides=strides, block_shape=block_shape, padding="zero")
+        return made
+    made = TensorDescriptor(t, shape, strides, block_shape)
     _CHECKED_BLOCKS.add(tuple(block_shape))
-    return descriptor
+    return made
 
 
 def dot_precision(dtype: torch.dtype) -> str:

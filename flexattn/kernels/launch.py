@@ -13,13 +13,18 @@ and remembers the kernel it used: the first launch of a key, Triton's interprete
 Relies on Triton 3.6's ``CompiledKernel.run`` calling convention (the same call ``JITFunction.run``
 makes); ``tests/kernels/test_launch.py`` checks the direct launch passes the launcher exactly what
 Triton's own path passes.
+
+:func:`recording` collects the launches one thread makes and :class:`Relaunch` makes one again with
+new arguments of the same kind, straight to the kernel it found (``flexattn/call_cache.py`` keeps a
+repeat call's launches so).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,35 @@ class _Entry:
     pinned: tuple  # objects whose identities are in the key (kept alive while the entry lives)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One launch as :func:`recording` saw it: ``cache.launch(grid, key, args, lambda: keywords, pinned)``
+    repeats it."""
+
+    cache: LaunchCache
+    grid: tuple[int, int, int]
+    key: tuple
+    args: tuple
+    keywords: dict
+    pinned: tuple
+
+
+_RECORDING = threading.local()  # .launches: the list this thread's launches go to, or absent
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """The launches this thread makes through any :class:`LaunchCache` while active (those that
+    returned: a launch that raised is not in the list). Nested recordings see only their own."""
+    outer = getattr(_RECORDING, "launches", None)
+    launches: list[Launch] = []
+    _RECORDING.launches = launches
+    try:
+        yield launches
+    finally:
+        _RECORDING.launches = outer
+
+
 class LaunchCache:
     """Compiled kernels of one ``@triton.jit`` function by the launcher's key (bounded LRU).
 
@@ -52,6 +86,7 @@ class LaunchCache:
         self.fn = fn
         self.size = size
         self.direct = isinstance(fn, JITFunction)  # the interpreter's functions have no compiled kernel
+        self.generation = 0  # counts clear(): a Relaunch holding an entry goes through launch() after one
         self._names = [p.name for p in fn.params] if self.direct else []
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._lock = threading.Lock()
@@ -62,17 +97,24 @@ class LaunchCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self.generation += 1
 
     def launch(
         self, grid: tuple[int, int, int], key: tuple, args: tuple, keywords: Callable[[], dict], pinned=()
     ):
-        if not self.direct or self.fn.pre_run_hooks:
+        launches = getattr(_RECORDING, "launches", None)
+        if launches is not None:
+            kwargs = keywords()
+            kernel = self._launch(grid, key, args, lambda: kwargs, pinned)
+            launches.append(Launch(self, grid, key, args, kwargs, tuple(pinned)))
+            return kernel
+        return self._launch(grid, key, args, keywords, pinned)
+
+    def _launch(self, grid, key, args, keywords, pinned):
+        state = self._state()
+        if state is None:
             return self.fn[grid](*args, **keywords())
-        runtime = knobs.runtime
-        if not (_no_hooks(runtime.launch_enter_hook) and _no_hooks(runtime.launch_exit_hook)):
-            return self.fn[grid](*args, **keywords())  # a profiler's hooks get their launch metadata
-        device = driver.active.get_current_device()
-        key = (device, runtime.debug, knobs.compilation.instrumentation_mode, key)
+        key = (*state, key)
         entry = self._entries.get(key)
         if entry is None:
             kwargs = keywords()
@@ -84,11 +126,18 @@ class LaunchCache:
             self._entries.move_to_end(key)
         except KeyError:  # evicted by another thread meanwhile: the entry in hand still serves
             pass
-        kernel = entry.kernel
-        stream = driver.active.get_current_stream(device)
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
-                   *args, *entry.tail)  # fmt: skip
-        return kernel
+        return _run(entry, grid, state[0], args)
+
+    def _state(self) -> tuple | None:
+        """``(current device, Triton's debug knob, instrumentation mode)``, the state a compiled
+        kernel is found under besides the key; None where every launch goes through Triton (the
+        interpreter, pre-run hooks, launch hooks: a profiler's hooks get their launch metadata)."""
+        if not self.direct or self.fn.pre_run_hooks:
+            return None
+        runtime = knobs.runtime
+        if not (_no_hooks(runtime.launch_enter_hook) and _no_hooks(runtime.launch_exit_hook)):
+            return None
+        return (driver.active.get_current_device(), runtime.debug, knobs.compilation.instrumentation_mode)
 
     def _remember(self, key: tuple, kernel, kwargs: dict, positional: int, pinned: tuple) -> None:
         tail = tuple(kwargs[name] for name in self._names[positional:])
@@ -97,6 +146,40 @@ class LaunchCache:
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+
+
+def _run(entry: _Entry, grid: tuple, device, args: tuple):
+    kernel = entry.kernel
+    stream = driver.active.get_current_stream(device)
+    kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, None, None, None,
+               *args, *entry.tail)  # fmt: skip
+    return kernel
+
+
+class Relaunch:
+    """A recorded :class:`Launch` made again with new arguments of the same kind
+    (``flexattn/call_cache.py``): ``relaunch(args)`` is ``cache.launch(grid, key, args, ...)``, but
+    holds the compiled kernel that launch found and calls it directly while the state it was found
+    under holds and the cache was not cleared since (no key to build and look up)."""
+
+    __slots__ = ("cache", "grid", "key", "keywords", "pinned", "_found")
+
+    def __init__(self, launch: Launch):
+        self.cache, self.grid, self.key = launch.cache, launch.grid, launch.key
+        self.keywords, self.pinned = launch.keywords.copy, launch.pinned
+        self._found = None  # (state, entry, generation) of the last launch that found an entry
+
+    def __call__(self, args: tuple):
+        cache, found = self.cache, self._found
+        if found is not None and found[2] == cache.generation:
+            state = cache._state()
+            if state == found[0]:
+                return _run(found[1], self.grid, state[0], args)
+        kernel = cache.launch(self.grid, self.key, args, self.keywords, self.pinned)
+        state = cache._state()
+        entry = None if state is None else cache._entries.get((*state, self.key))
+        self._found = None if entry is None else (state, entry, cache.generation)
+        return kernel
 
 
 def _no_hooks(hook) -> bool:

@@ -48,7 +48,7 @@ class Positions:
         """
         if isinstance(self.q_offset, torch.Tensor):
             _check_per_sequence("q_offset", self.q_offset, batch, device)
-            if _readable(self.q_offset) and int(self.q_offset.min()) < 0:
+            if host_readable(self.q_offset) and int(self.q_offset.min()) < 0:
                 raise ValueError("Positions.q_offset: offsets must be >= 0")
         elif not isinstance(self.q_offset, int) or isinstance(self.q_offset, bool) or self.q_offset < 0:
             raise ValueError(
@@ -58,7 +58,7 @@ class Positions:
             raise ValueError(f"Positions.kv_offset must be an int >= 0, got {self.kv_offset!r}")
         if self.kv_lengths is not None:
             _check_per_sequence("kv_lengths", self.kv_lengths, batch, device)
-            if _readable(self.kv_lengths) and (
+            if host_readable(self.kv_lengths) and (
                 int(self.kv_lengths.min()) < 0 or int(self.kv_lengths.max()) > kv_len
             ):
                 raise ValueError(
@@ -70,7 +70,7 @@ class Positions:
         """One past the last query position of a call with ``q_len`` query tokens, or None when the
         offsets live on a GPU (reading them would synchronise)."""
         if isinstance(self.q_offset, torch.Tensor):
-            if not _readable(self.q_offset):
+            if not host_readable(self.q_offset):
                 return None
             return int(self.q_offset.max()) + q_len if self.q_offset.numel() else q_len
         return self.q_offset + q_len
@@ -79,8 +79,9 @@ class Positions:
 NO_POSITIONS = Positions()  # tokens at 0..Lq-1, every key present (frozen: one shared by every call)
 
 
-def _readable(t: torch.Tensor) -> bool:
-    """Values readable without a host-GPU synchronisation (and there are some)."""
+def host_readable(t: torch.Tensor) -> bool:
+    """Values readable without a host-GPU synchronisation (and there are some): ``Positions.check``
+    reads them, so a cache of calls must not skip it (``flexattn/call_cache.py``)."""
     return t.device.type == "cpu" and t.numel() > 0
 
 

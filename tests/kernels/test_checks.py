@@ -1,6 +1,6 @@
 """The launchers' shortcuts on a repeat call accept exactly what their full checks accept: the block
 tables' one-pass test (``checks._well_formed``) and tensor descriptors built without Triton's
-re-validation (``device._descriptor``)."""
+re-validation (``device.descriptor``)."""
 
 from __future__ import annotations
 
@@ -75,4 +75,4 @@ def test_a_descriptor_built_without_revalidation_equals_tritons():
     assert (1, 1, 32, 64) in device._CHECKED_BLOCKS
     assert first[0] == reference and again[0] == reference and type(again[0]) is TensorDescriptor
     with pytest.raises(ValueError, match="power of 2"):  # a block shape never checked gets Triton's checks
-        device._descriptor(t, [1, 1, 24, 64])
+        device.descriptor(t, [1, 1, 24, 64])
