@@ -193,6 +193,7 @@ def simulated_gpu():
             yield
     finally:
         driver._active = previous
+        flexattn.call_cache.clear()  # (its entries repeat the stub driver's kernels)
 
 
 RUNS_ON_CPU = True  # host time is measured on CPU as well (tests/test_cli.py)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from flexattn import call_cache
 from flexattn.block_mask import BlockMask, check_attention_block_size, noop_mask, sliced_mask_mod_error
 from flexattn.dispatch import check_call, check_mods_on_grid, run_attention
 from flexattn.options import KernelOptions, parse_options
@@ -89,15 +90,24 @@ def flex_attention(
         >>> out.shape
         torch.Size([2, 4, 100, 32])
     """
+    request = _check_returns(return_lse, return_aux)
+    compiling = torch.compiler.is_compiling()
+    # an eager inference call repeated with tensors of the same kind: its kept launches (call_cache.py)
+    call = None
+    if not compiling:
+        prepared, call = call_cache.lookup(
+            query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions,
+            lse=request.lse, max_scores=request.max_scores,
+        )  # fmt: skip
+        if prepared is not None:
+            return _pack(*prepared, request, return_lse, return_aux)
     block_mask = _from_pytorch_block_mask(block_mask)
     kv_pages = getattr(block_mask, "kv_pages", None)  # a paged cache (flexattn.paged.PagedBlockMask)
     _check_tensors(query, key, value, enable_gqa, paged=kv_pages is not None)
-    request = _check_returns(return_lse, return_aux)
     scale = _check_scale(scale, query.shape[-1])  # traced under torch.compile: a new scale is an input
     kv_len = key.shape[2]
     if kv_pages is not None:
         kv_len = _check_paged(kv_pages, query, key, value)
-    compiling = torch.compiler.is_compiling()
     positions, q_end = _check_positions(positions, query, kv_len, compiling)
     if block_mask is not None:
         _check_block_mask(block_mask, query, kv_len, positions is not None, q_end)
@@ -124,21 +134,15 @@ def flex_attention(
     else:
         options = KernelOptions.from_user(options)  # as it is when eager; parsed here when traced
         q_len = _trace_q_len(positions, q_end, block_mask, query, kv_len)
-        fingerprints = _check_mods_trace(score_mod, mask_mod, query, kv_len, q_len)
-        out, lse, max_scores = run_attention(
-            query,
-            key,
-            value,
-            score_mod,
-            block_mask,
-            scale,
-            options,
-            backend,
-            kv_pages=kv_pages,
-            fingerprints=fingerprints,
-            positions=positions,
-            need_max_scores=request.max_scores,
-        )
+        known = None if call is None else call.fingerprints
+        fingerprints = _check_mods_trace(score_mod, mask_mod, query, kv_len, q_len, known)
+        call = call if backend == "TRITON" else None
+        with call_cache.recording(call) as launches:
+            out, lse, max_scores = run_attention(
+                query, key, value, score_mod, block_mask, scale, options, backend, kv_pages=kv_pages,
+                fingerprints=fingerprints, positions=positions, need_max_scores=request.max_scores,
+            )  # fmt: skip
+        call_cache.remember(call, launches, (out, lse, max_scores), options, query.dtype)
     return _pack(out, lse, max_scores, request, return_lse, return_aux)
 
 
@@ -334,11 +338,12 @@ def _trace_q_len(positions, q_end, block_mask, query, kv_len: int) -> int:
     return block_mask.seq_lengths[0] if block_mask is not None else max(query.shape[2], kv_len)
 
 
-def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None = None):
+def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None = None, known=None):
     """The compiler's trace-time refusals, on every backend alike (flexattn.compiler.checks), over
     query positions ``[0, q_len)`` (default Lq).
 
-    Returns the mods' ``CallFingerprints``: the Triton path compiles them with the same keys."""
+    Returns the mods' ``CallFingerprints`` (``known``, if this call computed them already): the
+    Triton path compiles them with the same keys."""
     q_len = query.shape[2] if q_len is None else q_len
     grid = (query.shape[0], query.shape[1], q_len, kv_len)  # (B, Hq, Lq, Lkv)
     if torch.compiler.is_compiling():  # the same checks, run once at trace time (custom_ops marks it)
@@ -346,9 +351,11 @@ def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None
         return None
     from flexattn.compiler.fingerprint import CallFingerprints, fingerprint  # (loads on first use)
 
-    score = None if score_mod is None else fingerprint(score_mod)
-    mask = None if mask_mod is None or mask_mod is noop_mask else fingerprint(mask_mod)
-    fingerprints = CallFingerprints(score, mask)
+    fingerprints = known
+    if fingerprints is None:
+        score = None if score_mod is None else fingerprint(score_mod)
+        mask = None if mask_mod is None or mask_mod is noop_mask else fingerprint(mask_mod)
+        fingerprints = CallFingerprints(score, mask)
     check_mods_on_grid(score_mod, mask_mod, grid, query.device, fingerprints)
     return fingerprints
 

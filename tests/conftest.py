@@ -47,6 +47,16 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_prepared_calls():
+    """Every test starts without prepared calls (``flexattn/call_cache.py``): an entry kept by an
+    earlier test would repeat that test's launches, through its monkeypatched launchers too."""
+    from flexattn import call_cache
+
+    call_cache.clear()
+    yield
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield

@@ -1,0 +1,478 @@
+"""Prepared calls: a repeat eager inference call goes straight to the kernel launches it made before.
+
+A decode step, or a layer of a model, calls ``flex_attention`` again and again with tensors of the
+same kind, the same mods and the same BlockMask. The first such call runs the whole host path (the
+API's checks, the mods' trace-time checks and compile lookups, the plan, the kernel choice, the
+launchers' checks and launch keys) while ``kernels.launch.recording`` collects its launches; this
+module keeps them, as an ``_Entry``, under the call's key (:func:`lookup`). A later call with the
+same key allocates its output and repeats those launches with its own tensors in place of the
+first call's (``kernels.launch.Relaunch``: the compiled kernels found then, while Triton's state
+is unchanged): nothing is checked, planned or chosen again, and each mod is fingerprinted once.
+
+The key holds everything the skipped host path reads, or the call is not kept (it runs the whole
+path, as before):
+
+- the thread, and on CUDA the current device and stream (the decode kernel's split workspace is
+  reused on that rule, ``kernels/decode_workspace.py``); while a CUDA graph is being captured
+  nothing is looked up or kept;
+- query, key and value: exactly ``torch.Tensor``, by shape, strides, dtype, device, requires_grad
+  and the data pointer's alignment (Triton specialises on it). A call passing one tensor twice
+  (``q is k``) is served, never recorded (which one a launch read cannot be told apart);
+- each mod by its fingerprint (``compiler/fingerprint.py``: code, closure, globals, captured tensors
+  by identity, version, shape, strides, dtype, device, requires_grad); a mod it cannot describe is
+  not kept, nor one whose trace read tensor values (``compiler.is_remembered``);
+- the BlockMask (``BlockMask`` or ``PagedBlockMask``; PyTorch's is converted anew every call) by
+  identity, ``seq_lengths``, the identity of its ``block_tables``, the version of each kv-side
+  table (an in-place edit is a miss), its ``mask_mod`` (fingerprint), its page table (identity,
+  version);
+- Positions by form: tensors on a GPU by their metadata (the kernels read their values; the host
+  reads none), ``q_offset`` 0 and ``kv_offset`` by value; a nonzero int ``q_offset`` (a new key
+  every decode step: pass a tensor) and CPU tensors (``Positions.check`` reads their values) are
+  not kept;
+- kernel_options by every item's name, type and value; scale and enable_gqa by type and value;
+  ``torch.is_grad_enabled()``; torch's TF32 switch for fp32 inputs. (Not ``TRITON_INTERPRET``:
+  Triton reads it when flexattn's kernels are defined, so a later change is not honoured anyway.)
+
+Only inference calls are kept (no output requires grad: a call that needs gradients runs the whole
+path and ``FlexAttentionFunction`` every time), and only calls whose work is all in launches through
+``LaunchCache``, each kernel once: the Triton forward (``PREFILL_KERNEL`` TRITON) or the split-KV
+decode kernels, not an autotuning call.
+
+An entry holds nothing of the user's alive: the keyed objects (mask, tables, page table, the mods'
+fingerprinted objects) and every tensor the launches read that the call does not pass (the tables,
+the mods' captured tensors, the split workspace, the every-block-full tables) are weak references;
+a hit needs all of them alive, and each of the user's at the data pointer it had (a ``.data`` swap
+keeps the version), else the entry is dropped. lse and max_scores that a call does not return go
+to two small buffers of the entry (up to ``SCRATCH_BYTES``: decode sizes), written only by its own
+launches from its thread and stream. At most ``SIZE`` entries, least recently used first out;
+:func:`clear` forgets them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from flexattn.block_mask import BlockMask, noop_mask
+
+SIZE = 128
+SCRATCH_BYTES = 64 * 1024  # an entry keeps buffers for the lse / max_scores a call does not return up to this
+
+
+class Call:
+    """A call not served from a kept entry: its key and what recording it needs of it."""
+
+    __slots__ = ("key", "tensors", "keep", "mods")
+
+    def __init__(self, key: tuple, tensors: tuple, keep: list, mods: tuple):
+        self.key = key
+        self.tensors = tensors  # what the launches take from this call: q, k, v, then position tensors
+        self.keep = keep  # the objects whose identities are in the key
+        self.mods = mods  # the fingerprints of score_mod and mask_mod (None where no mod to key)
+
+    @property
+    def fingerprints(self):
+        """The mods' ``compiler.fingerprint.CallFingerprints``, or None without a mod to key."""
+        if self.mods == (None, None):
+            return None
+        from flexattn.compiler.fingerprint import CallFingerprints
+
+        return CallFingerprints(*self.mods)
+
+
+class _Args:
+    """One launch's argument tuple: ``base`` (the constants), with ``fills`` ``(index, source)``
+    put in from the call's values (its tensors, then the entry's fixed tensors): ``source`` an
+    index into them, or a builder of its own (a mod's argument tuple, a tensor descriptor)."""
+
+    __slots__ = ("base", "fills")
+
+    def __init__(self, base: list, fills: list):
+        self.base, self.fills = base, fills
+
+    def build(self, values: tuple) -> tuple:
+        args = self.base.copy()
+        for index, source in self.fills:
+            args[index] = values[source] if type(source) is int else source.build(values)
+        return tuple(args)
+
+
+class _Descriptor:
+    """A tensor descriptor over one of the call's tensors (the forward's K/V through TMA), of the
+    recorded shape, strides and block shape (the key fixes the tensor's)."""
+
+    __slots__ = ("source", "block_shape", "shape", "strides", "make")
+
+    def __init__(self, source: int, made, make: Callable):
+        self.source, self.make = source, make
+        self.block_shape, self.shape, self.strides = (
+            list(made.block_shape),
+            list(made.shape),
+            list(made.strides),
+        )
+
+    def build(self, values: tuple):
+        return self.make(values[self.source], self.block_shape, self.shape, self.strides)
+
+
+class _Entry:
+    """A prepared call: ``run`` allocates its outputs and repeats its launches."""
+
+    __slots__ = ("guards", "fixed", "pointers", "out", "stat_shape", "stat_stride", "scratch", "launches")
+
+    def __init__(self, guards, fixed, pointers, out: torch.Tensor, lse: torch.Tensor, launches):
+        self.guards = guards  # weak references to the key's objects
+        self.fixed = fixed  # weak references to the tensors the launches read that the call does not pass
+        self.pointers = pointers  # (index into fixed, data pointer when recorded) of the user's ones
+        self.out = (out.shape, out.stride(), out.dtype)
+        self.stat_shape, self.stat_stride = lse.shape, lse.stride()  # lse and max_scores (fp32)
+        # lse / max_scores a call does not return go to buffers kept here, when small (decode sizes):
+        # only this entry's launches write them, from one thread on one stream (the key's)
+        self.scratch = None
+        if lse.numel() * 4 <= SCRATCH_BYTES:
+            self.scratch = (torch.empty_like(lse), torch.empty_like(lse))
+        self.launches = launches
+
+    def run(self, tensors: tuple, want_lse: bool, want_max: bool) -> tuple | None:
+        """``(out, lse, max_scores)``, or None when a weakly held object died or moved."""
+        for guard in self.guards:
+            if guard() is None:
+                return None
+        fixed = []
+        for ref in self.fixed:
+            t = ref()
+            if t is None:
+                return None
+            fixed.append(t)
+        for index, pointer in self.pointers:  # (a ``.data`` swap moves a tensor without a new version)
+            if fixed[index].data_ptr() != pointer:
+                return None
+        device = tensors[0].device
+        shape, stride, dtype = self.out
+        out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        lse, max_scores = self.scratch or (None, None)
+        if want_lse or lse is None:
+            lse = torch.empty_strided(self.stat_shape, self.stat_stride, dtype=torch.float32, device=device)
+        if want_max or max_scores is None:
+            max_scores = torch.empty_strided(
+                self.stat_shape, self.stat_stride, dtype=torch.float32, device=device
+            )
+        if (out.data_ptr() | lse.data_ptr() | max_scores.data_ptr()) & 15:
+            return None  # (an allocator that does not align to 16 bytes: Triton specialises on it)
+        q, k, v, *places = tensors
+        values = (q, k, v, out, lse, max_scores, *places, *fixed)
+        for relaunch, args in self.launches:
+            relaunch(args.build(values))
+        return out, lse, max_scores
+
+
+_ENTRIES: OrderedDict[tuple, _Entry] = OrderedDict()
+_LOCK = threading.Lock()
+_NOT_CACHED = (None, None)
+
+
+class _Unprepared(Exception):
+    """A call this module cannot prepare (it runs the whole host path every time)."""
+
+
+def lookup(
+    query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions, *,
+    lse: bool = True, max_scores: bool = True,
+) -> tuple:  # fmt: skip
+    """``(outputs, None)``: the call's ``(out, lse, max_scores)`` from kept launches; ``(None, call)``:
+    run the whole host path and record it (:func:`recording`, :func:`remember`); ``(None, None)``:
+    not cached (the module docstring lists what the key holds). ``lse`` / ``max_scores``: the call
+    returns them (else they may go to kept buffers)."""
+    if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
+        return _NOT_CACHED
+    if (scale is not None and type(scale) is not float and type(scale) is not int) or type(
+        enable_gqa
+    ) is not bool:
+        return _NOT_CACHED  # (True == 1: a scale or enable_gqa of the wrong type must not meet a kept key)
+    try:
+        found = _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions)
+        entry = _ENTRIES.get(found[0])
+    except (_Unprepared, RuntimeError, TypeError, AttributeError):  # e.g. an unhashable option value
+        return _NOT_CACHED
+    call_key, tensors = found[0], found[1]
+    if entry is not None:
+        outputs = entry.run(tensors, lse, max_scores)
+        if outputs is not None:
+            try:  # noqa: SIM105 (contextlib.suppress costs a context manager per call)
+                _ENTRIES.move_to_end(call_key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
+            return outputs, None
+        _drop(call_key)
+    return None, Call(*found)
+
+
+def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions) -> tuple:
+    """``(key, call tensors, keep, mods)``, as :class:`Call` holds them."""
+    device = query.device
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            raise _Unprepared
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        where = (
+            threading.get_ident(),
+            torch.cuda.current_device(),
+            torch._C._cuda_getCurrentRawStream(index),
+        )
+    else:
+        where = threading.get_ident()
+    keep: list = []
+    score_fp = mask_fp = None
+    score = mask = places = options = None
+    if score_mod is not None:
+        score_fp = _fingerprint(score_mod, keep)
+        score = score_fp.key
+    if block_mask is not None:
+        mask, mask_fp = _mask_key(block_mask, keep)
+    if positions is None:
+        tensors = (query, key, value)
+    else:
+        tensors = [query, key, value]
+        places = _positions_key(positions, tensors)
+        tensors = tuple(tensors)
+    if kernel_options is not None:
+        if type(kernel_options) is not dict:
+            raise _Unprepared
+        options = tuple([(name, type(v), v) for name, v in kernel_options.items()])
+    dtype = query.dtype
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    call_key = (
+        where, query.shape, query.stride(), dtype, device, query.requires_grad, query.data_ptr() & 15,
+        key.shape, key.stride(), key.dtype, key.device, key.requires_grad, key.data_ptr() & 15,
+        value.shape, value.stride(), value.dtype, value.device, value.requires_grad, value.data_ptr() & 15,
+        score, mask, places, options, scale, enable_gqa, torch.is_grad_enabled(), tf32,
+    )  # fmt: skip
+    return call_key, tensors, keep, (score_fp, mask_fp)
+
+
+def _meta(t: torch.Tensor) -> tuple:
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad, t.data_ptr() & 15)
+
+
+_FINGERPRINT = None  # compiler.fingerprint.fingerprint, imported on first use (import flexattn stays light)
+
+
+def _fingerprint(mod, keep: list):
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        from flexattn.compiler.fingerprint import fingerprint as _FINGERPRINT
+    found = _FINGERPRINT(mod)
+    if found.key is None:
+        raise _Unprepared
+    keep += found.keep
+    return found
+
+
+def _mask_key(block_mask, keep: list) -> tuple:
+    """``(key part, mask_mod fingerprint or None)`` of a BlockMask."""
+    kind = type(block_mask)
+    if kind is not BlockMask and not _is_paged_mask(kind):
+        raise _Unprepared  # (PyTorch's BlockMask is converted afresh on every call)
+    tables = block_mask.block_tables
+    full_num, full_idx = tables.full_kv_num_blocks, tables.full_kv_indices
+    versions = (
+        tables.kv_num_blocks._version, tables.kv_indices._version,
+        None if full_num is None else full_num._version, None if full_idx is None else full_idx._version,
+    )  # fmt: skip
+    mask_mod, mask_fp = block_mask.mask_mod, None
+    if mask_mod is noop_mask:
+        mod = "noop"
+    else:
+        mask_fp = _fingerprint(mask_mod, keep)
+        mod = mask_fp.key
+    pages = getattr(block_mask, "kv_pages", None)
+    paged = None
+    if pages is not None:
+        paged = (id(pages), pages.page_table._version)
+        keep.append(pages)
+    keep += (block_mask, tables)
+    return (kind, id(block_mask), block_mask.seq_lengths, id(tables), versions, mod, paged), mask_fp
+
+
+def _is_paged_mask(kind: type) -> bool:
+    if kind.__name__ != "PagedBlockMask":
+        return False
+    from flexattn.paged import PagedBlockMask
+
+    return kind is PagedBlockMask
+
+
+def _positions_key(positions, tensors: list) -> tuple:
+    """Positions by form; their GPU tensors join the call's tensors."""
+    from flexattn.kernels import positions as where
+
+    if type(positions) is not where.Positions:
+        raise _Unprepared
+    parts: list = [type(positions.kv_offset), positions.kv_offset]
+    for value in (positions.q_offset, positions.kv_lengths):
+        if value is None or (type(value) is int and value == 0):
+            parts.append(value)
+        elif type(value) is torch.Tensor and not where.host_readable(value):
+            parts.append(_meta(value))
+            tensors.append(value)
+        else:  # a new int offset per step would be a new key per step; CPU values are checked per call
+            raise _Unprepared
+    return tuple(parts)
+
+
+def recording(call: Call | None):
+    """A context collecting the launches of ``call``'s host path (``kernels.launch.recording``);
+    nothing for a call that is not cached."""
+    if call is None:
+        return contextlib.nullcontext()
+    from flexattn.kernels.launch import recording as launches
+
+    return launches()
+
+
+def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.dtype) -> None:
+    """Keep ``call``'s recorded ``launches`` (``outputs``: the ``(out, lse, max_scores)`` they
+    wrote; ``options``: its KernelOptions) if a repeat of it may run them alone."""
+    if call is None or launches is None or not launches or options.PREFILL_KERNEL != "TRITON":
+        return
+    out, lse, max_scores = outputs
+    if out.requires_grad or not _plain_outputs(outputs) or not _mods_remembered(call, options, dtype):
+        return
+    if len({id(launch.cache) for launch in launches}) != len(launches):
+        return  # a kernel launched twice (autotuning, a retry): not one launch per kernel
+    call_tensors = [*call.tensors[:3], out, lse, max_scores, *call.tensors[3:]]
+    if len({id(t) for t in call_tensors}) != len(call_tensors):
+        return  # q is k: which of them a launch read cannot be told apart (a hit passes each its own)
+    slots = {id(t): index for index, t in enumerate(call_tensors)}
+    owned = {id(t) for t in _users_tensors(call.keep)}
+    if owned & slots.keys():
+        return  # a call's tensor is also the mask's or a mod's: it must not be swapped per call
+    from flexattn.compiler.fingerprint import guard
+    from flexattn.kernels.launch import Relaunch
+
+    fixed: list = []
+    try:
+        prepared = tuple(
+            (Relaunch(_constant(launch)), _template(launch.args, slots, fixed)) for launch in launches
+        )
+    except _Unprepared:
+        return
+
+    guards, refs = tuple(guard(obj) for obj in call.keep), tuple(guard(t) for t in fixed)
+    pointers = tuple((i, t.data_ptr()) for i, t in enumerate(fixed) if id(t) in owned)
+    entry = _Entry(guards, refs, pointers, out, lse, prepared)
+    with _LOCK:
+        _ENTRIES[call.key] = entry
+        _ENTRIES.move_to_end(call.key)
+        while len(_ENTRIES) > SIZE:
+            _ENTRIES.popitem(last=False)
+
+
+def _users_tensors(keep: list) -> list:
+    """The user's tensors among, or held by, the key's objects: the mods' captures, the mask's
+    tables, the page table."""
+    from flexattn.kernels.block_tables import BlockTables
+    from flexattn.kernels.paged_kv import PagedKV
+
+    found = []
+    for obj in keep:
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, BlockTables):
+            found += [t for t in obj.tensors() if t is not None]
+        elif isinstance(obj, PagedKV):
+            found.append(obj.page_table)
+    return found
+
+
+def _plain_outputs(outputs: tuple) -> bool:
+    """Fresh contiguous outputs at 16-byte aligned addresses, as a hit allocates them."""
+    out, lse, max_scores = outputs
+    return (
+        all(type(t) is torch.Tensor and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in outputs)
+        and lse.dtype == max_scores.dtype == torch.float32 and lse.shape == max_scores.shape
+    )  # fmt: skip
+
+
+def _mods_remembered(call: Call, options, dtype) -> bool:
+    """Whether the compiled mods are served without a trace (a trace that read tensor values is
+    not: its constants may be stale)."""
+    score, mask = call.mods
+    if score is None and mask is None:
+        return True
+    from flexattn.compiler import is_remembered
+    from flexattn.plan import fast_math_for
+
+    fast_math = fast_math_for(options, dtype)
+    device = call.tensors[0].device
+    return (score is None or is_remembered(score, "score", device=device, fast_math=fast_math)) and (
+        mask is None or is_remembered(mask, "mask", device=device)
+    )
+
+
+def _template(args: tuple, slots: dict[int, int], fixed: list) -> _Args:
+    """The builder of ``args``: the call's tensors from their slot, other tensors as fixed ones
+    (appended to ``fixed``, weakly held by the entry; their values follow the call's ``len(slots)``
+    tensors), tensor descriptors over the call's tensors made anew, constants as they are; anything
+    else cannot be prepared. ``slots``: each call tensor's id -> its index in the values."""
+    from triton.runtime.jit import KernelInterface
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from flexattn.kernels.device import descriptor
+
+    base: list = []
+    fills: list = []
+    for index, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            source = slots.get(id(arg))
+            if source is None:
+                source = next((i for i, t in enumerate(fixed) if t is arg), len(fixed))
+                if source == len(fixed):
+                    fixed.append(arg)
+                source += len(slots)
+            fills.append((index, source))
+            arg = None
+        elif type(arg) is tuple:
+            inner = _template(arg, slots, fixed)
+            if inner.fills:
+                fills.append((index, inner))
+                arg = None
+        elif isinstance(arg, TensorDescriptor):
+            source = slots.get(id(arg.base))
+            plain = arg.shape == list(arg.base.shape) and arg.strides == list(arg.base.stride())
+            if source is None or not plain or arg.padding != "zero":
+                raise _Unprepared
+            fills.append((index, _Descriptor(source, arg, descriptor)))
+            arg = None
+        elif not (arg is None or type(arg) in (int, float, bool, str) or isinstance(arg, KernelInterface)):
+            raise _Unprepared
+        base.append(arg)
+    return _Args(base, fills)
+
+
+def _constant(launch):
+    """``launch`` if its keywords and pinned objects hold no tensor (an entry keeps them), else
+    _Unprepared."""
+    if any(isinstance(item, torch.Tensor) for item in (*launch.keywords.values(), *launch.pinned)):
+        raise _Unprepared
+    return launch
+
+
+def _drop(key: tuple) -> None:
+    with _LOCK:
+        _ENTRIES.pop(key, None)
+
+
+def clear() -> None:
+    """Forget every prepared call."""
+    with _LOCK:
+        _ENTRIES.clear()
+
+
+def kept() -> int:
+    """How many prepared calls are kept now."""
+    return len(_ENTRIES)
