@@ -109,11 +109,8 @@ class _Descriptor:
 
     def __init__(self, source: int, made, make: Callable):
         self.source, self.make = source, make
-        self.block_shape, self.shape, self.strides = (
-            list(made.block_shape),
-            list(made.shape),
-            list(made.strides),
-        )
+        self.block_shape = list(made.block_shape)
+        self.shape, self.strides = list(made.shape), list(made.strides)
 
     def build(self, values: tuple):
         return self.make(values[self.source], self.block_shape, self.shape, self.strides)
@@ -189,10 +186,11 @@ def lookup(
     returns them (else they may go to kept buffers)."""
     if type(query) is not torch.Tensor or type(key) is not torch.Tensor or type(value) is not torch.Tensor:
         return _NOT_CACHED
-    if (scale is not None and type(scale) is not float and type(scale) is not int) or type(
-        enable_gqa
-    ) is not bool:
-        return _NOT_CACHED  # (True == 1: a scale or enable_gqa of the wrong type must not meet a kept key)
+    # (True == 1 and hash(True) == hash(1): a bool scale or an int enable_gqa must not meet a kept key)
+    if scale is not None and type(scale) is not float and type(scale) is not int:
+        return _NOT_CACHED
+    if type(enable_gqa) is not bool:
+        return _NOT_CACHED
     try:
         found = _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions)
         entry = _ENTRIES.get(found[0])
