@@ -79,6 +79,15 @@ def _assert_reference(out, q, k, v, **kwargs):
     torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
 
 
+def _checked_call(misses, count: int, q, k, v, **kwargs):
+    """flex_attention on the kernels, after which ``count`` calls have run the whole host path, and
+    whose output matches the reference's."""
+    out = flex_attention(q, k, v, kernel_options=TRITON, **kwargs)
+    assert misses[0] == count
+    _assert_reference(out, q, k, v, **kwargs)
+    return out
+
+
 def _cases():
     """id -> (keyword arguments, query length, key length): prefill and decode kernels, mods."""
     bias = torch.randn(H)
@@ -171,16 +180,19 @@ def test_a_call_not_returning_lse_leaves_an_earlier_lse_alone(misses):
 # ---- what must not hit ---------------------------------------------------------------------------
 
 
-def test_a_block_mask_edited_in_place_is_a_miss(misses):
+@pytest.mark.parametrize("edit", ["in-place", "new-storage"])
+def test_a_block_mask_edited_in_place_or_moved_to_new_storage_is_a_miss(edit, misses):
     q, k, v = _inputs()
     mask, other = _mask(), _mask(_window)
     flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
-        getattr(mask, name).copy_(getattr(other, name))
+        table, new = getattr(mask, name), getattr(other, name)
+        if edit == "in-place":
+            table.copy_(new)
+        else:  # (no new version: a new data pointer)
+            table.data = new.clone()
     mask.mask_mod = _window
-    edited = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
-    assert misses[0] == 2
-    _assert_reference(edited, q, k, v, block_mask=other)
+    _checked_call(misses, 2, q, k, v, block_mask=mask)  # (the reference reads the mask as edited: other's)
 
 
 def test_one_table_edited_in_place_is_a_miss(misses):
@@ -188,38 +200,20 @@ def test_one_table_edited_in_place_is_a_miss(misses):
     mask = _mask()
     before = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
     mask.full_kv_num_blocks.zero_()  # only the partial blocks are left: rows see fewer keys
-    edited = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
-    assert misses[0] == 2 and not torch.allclose(edited, before)
-    _assert_reference(edited, q, k, v, block_mask=mask)
+    assert not torch.allclose(_checked_call(misses, 2, q, k, v, block_mask=mask), before)
 
 
 def test_a_new_mask_object_or_new_tables_are_a_miss(misses):
     q, k, v = _inputs()
     flex_attention(q, k, v, block_mask=_mask(), kernel_options=TRITON)
     window = _mask(_window)  # the same shapes, another object
-    out = flex_attention(q, k, v, block_mask=window, kernel_options=TRITON)
-    assert misses[0] == 2
-    _assert_reference(out, q, k, v, block_mask=window)
+    _checked_call(misses, 2, q, k, v, block_mask=window)
     causal = _mask()
     window.kv_indices = causal.kv_indices.clone()  # new tables on the same mask
     window.kv_num_blocks = causal.kv_num_blocks.clone()
     window.full_kv_indices, window.full_kv_num_blocks = causal.full_kv_indices, causal.full_kv_num_blocks
     window.mask_mod = _causal
-    out = flex_attention(q, k, v, block_mask=window, kernel_options=TRITON)
-    assert misses[0] == 3
-    _assert_reference(out, q, k, v, block_mask=causal)
-
-
-def test_a_table_moved_to_new_storage_is_a_miss(misses):
-    q, k, v = _inputs()
-    mask, other = _mask(), _mask(_window)
-    flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
-        getattr(mask, name).data = getattr(other, name).clone()  # (no new version: a new data pointer)
-    mask.mask_mod = _window
-    out = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
-    assert misses[0] == 2
-    _assert_reference(out, q, k, v, block_mask=other)
+    _checked_call(misses, 3, q, k, v, block_mask=window)
 
 
 def test_captured_tensors_updated_rebound_or_reshaped_reach_the_next_call(misses):
@@ -231,17 +225,12 @@ def test_captured_tensors_updated_rebound_or_reshaped_reach_the_next_call(misses
 
     flex_attention(q, k, v, score_mod=shifted, kernel_options=TRITON)
     bias.mul_(-3)  # new values, same tensor
-    out = flex_attention(q, k, v, score_mod=shifted, kernel_options=TRITON)
-    _assert_reference(out, q, k, v, score_mod=shifted)
+    _checked_call(misses, 2, q, k, v, score_mod=shifted)
     bias = torch.randn(H)  # another tensor in the cell
-    out = flex_attention(q, k, v, score_mod=shifted, kernel_options=TRITON)
-    _assert_reference(out, q, k, v, score_mod=shifted)
+    _checked_call(misses, 3, q, k, v, score_mod=shifted)
     bias = torch.randn(1)  # another shape
-    out = flex_attention(q, k, v, score_mod=shifted, kernel_options=TRITON)
-    _assert_reference(out, q, k, v, score_mod=shifted)
-    assert misses[0] == 4
-    flex_attention(q, k, v, score_mod=shifted, kernel_options=TRITON)
-    assert misses[0] == 4  # unchanged since: a hit
+    _checked_call(misses, 4, q, k, v, score_mod=shifted)
+    _checked_call(misses, 4, q, k, v, score_mod=shifted)  # unchanged since: a hit
 
 
 def test_a_new_mod_options_scale_or_positions_form_is_a_miss(misses, gpu_positions):
