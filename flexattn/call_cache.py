@@ -223,15 +223,8 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         )
     else:
         where = threading.get_ident()
-    keep: list = []
-    score_fp = mask_fp = None
-    score = mask = places = options = None
-    if score_mod is not None:
-        score_fp = _fingerprint(score_mod, keep)
-        score = score_fp.key
-    if block_mask is not None:
-        mask, mask_fp = _mask_key(block_mask, keep)
-    if positions is None:
+    score = mask = places = options = score_fp = mask_fp = None
+    if positions is None:  # (what may refuse the call comes before the fingerprints)
         tensors = (query, key, value)
     else:
         tensors = [query, key, value]
@@ -241,6 +234,12 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         if type(kernel_options) is not dict:
             raise _Unprepared
         options = tuple([(name, type(v), v) for name, v in kernel_options.items()])
+    keep: list = []
+    if score_mod is not None:
+        score_fp = _fingerprint(score_mod, keep)
+        score = score_fp.key
+    if block_mask is not None:
+        mask, mask_fp = _mask_key(block_mask, keep)
     dtype = query.dtype
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     call_key = (
