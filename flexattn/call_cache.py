@@ -1,13 +1,15 @@
 """Prepared calls: a repeat eager inference call goes straight to the kernel launches it made before.
 
 A decode step, or a layer of a model, calls ``flex_attention`` again and again with tensors of the
-same kind, the same mods and the same BlockMask. The first such call runs the whole host path (the
-API's checks, the mods' trace-time checks and compile lookups, the plan, the kernel choice, the
-launchers' checks and launch keys) while ``kernels.launch.recording`` collects its launches; this
-module keeps them, as an ``_Entry``, under the call's key (:func:`lookup`). A later call with the
-same key allocates its output and repeats those launches with its own tensors in place of the
-first call's (``kernels.launch.Relaunch``: the compiled kernels found then, while Triton's state
-is unchanged): nothing is checked, planned or chosen again, and each mod is fingerprinted once.
+same kind, the same mods and the same BlockMask. Every call whose key (:func:`lookup`) has no entry
+runs the whole host path (the API's checks, the mods' trace-time checks and compile lookups, the
+plan, the kernel choice, the launchers' checks and launch keys); the second such call of a key does
+so while ``kernels.launch.recording`` collects its launches, and this module keeps them as an
+``_Entry`` (recording only a repeated key, a stream of keys that never repeat costs no recording
+and evicts no entry). A later call with the same key allocates its output and repeats those
+launches with its own tensors in place of the recorded call's (``kernels.launch.Relaunch``: the
+compiled kernels found then, while Triton's state is unchanged): nothing is checked, planned or
+chosen again, and each mod is fingerprinted once.
 
 The key holds everything the skipped host path reads, or the call is not kept (it runs the whole
 path, as before):
@@ -51,6 +53,7 @@ launches from its thread and stream. At most ``SIZE`` entries, least recently us
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -60,19 +63,21 @@ import torch
 from flexattn.block_mask import BlockMask, noop_mask
 
 SIZE = 128
+SEEN_SIZE = 4 * SIZE  # keys remembered as missed once
 SCRATCH_BYTES = 64 * 1024  # an entry keeps buffers for the lse / max_scores a call does not return up to this
 
 
 class Call:
     """A call not served from a kept entry: its key and what recording it needs of it."""
 
-    __slots__ = ("key", "tensors", "keep", "mods")
+    __slots__ = ("key", "tensors", "keep", "mods", "record")
 
-    def __init__(self, key: tuple, tensors: tuple, keep: list, mods: tuple):
+    def __init__(self, key: tuple, tensors: tuple, keep: list, mods: tuple, record: bool):
         self.key = key
         self.tensors = tensors  # what the launches take from this call: q, k, v, then position tensors
         self.keep = keep  # the objects whose identities are in the key
         self.mods = mods  # the fingerprints of score_mod and mask_mod (None where no mod to key)
+        self.record = record  # the key missed before: record this call's launches
 
     @property
     def fingerprints(self):
@@ -168,6 +173,7 @@ class _Entry:
 
 
 _ENTRIES: OrderedDict[tuple, _Entry] = OrderedDict()
+_SEEN: OrderedDict[tuple, None] = OrderedDict()  # keys that missed once (``_seen_before``)
 _LOCK = threading.Lock()
 _NOT_CACHED = (None, None)
 
@@ -206,7 +212,19 @@ def lookup(
                 pass
             return outputs, None
         _drop(call_key)
-    return None, Call(*found)
+    return None, Call(*found, _seen_before(call_key))
+
+
+def _seen_before(call_key: tuple) -> bool:
+    """Whether ``call_key`` missed before (else it is noted now): a call is recorded the second time
+    its key misses, so that keys that never repeat cost no recording and evict no entry."""
+    if call_key in _SEEN:
+        return True
+    with _LOCK:
+        _SEEN[call_key] = None
+        while len(_SEEN) > SEEN_SIZE:
+            _SEEN.popitem(last=False)
+    return False
 
 
 def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options, positions) -> tuple:
@@ -324,7 +342,7 @@ def _positions_key(positions, tensors: list) -> tuple:
 def recording(call: Call | None):
     """A context collecting the launches of ``call``'s host path (``kernels.launch.recording``);
     nothing for a call that is not cached."""
-    if call is None:
+    if call is None or not call.record:
         return contextlib.nullcontext()
     from flexattn.kernels.launch import recording as launches
 
@@ -344,9 +362,9 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
     call_tensors = [*call.tensors[:3], out, lse, max_scores, *call.tensors[3:]]
     if len({id(t) for t in call_tensors}) != len(call_tensors):
         return  # q is k: which of them a launch read cannot be told apart (a hit passes each its own)
-    slots = {id(t): index for index, t in enumerate(call_tensors)}
+    places = {id(t): index for index, t in enumerate(call_tensors)}
     owned = {id(t) for t in _users_tensors(call.keep)}
-    if owned & slots.keys():
+    if owned & places.keys():
         return  # a call's tensor is also the mask's or a mod's: it must not be swapped per call
     from flexattn.compiler.fingerprint import guard
     from flexattn.kernels.launch import Relaunch
@@ -354,11 +372,10 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
     fixed: list = []
     try:
         prepared = tuple(
-            (Relaunch(_constant(launch)), _template(launch.args, slots, fixed)) for launch in launches
+            (Relaunch(_constant(launch)), _template(launch.args, places, fixed)) for launch in launches
         )
     except _Unprepared:
         return
-
     guards, refs = tuple(guard(obj) for obj in call.keep), tuple(guard(t) for t in fixed)
     pointers = tuple((i, t.data_ptr()) for i, t in enumerate(fixed) if id(t) in owned)
     entry = _Entry(guards, refs, pointers, out, lse, prepared)
@@ -367,6 +384,7 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
         _ENTRIES.move_to_end(call.key)
         while len(_ENTRIES) > SIZE:
             _ENTRIES.popitem(last=False)
+        _SEEN.pop(call.key, None)
 
 
 def _users_tensors(keep: list) -> list:
@@ -411,50 +429,60 @@ def _mods_remembered(call: Call, options, dtype) -> bool:
     )
 
 
-def _template(args: tuple, slots: dict[int, int], fixed: list) -> _Args:
-    """The builder of ``args``: the call's tensors from their slot, other tensors as fixed ones
-    (appended to ``fixed``, weakly held by the entry; their values follow the call's ``len(slots)``
-    tensors), tensor descriptors over the call's tensors made anew, constants as they are; anything
-    else cannot be prepared. ``slots``: each call tensor's id -> its index in the values."""
+def _template(args: tuple, places: dict[int, int], fixed: list) -> _Args:
+    """The builder of ``args``: tensors from their place in the values (``places``: id -> index; the
+    call's tensors first, then the fixed ones: a tensor not seen yet is appended to ``fixed``, to be
+    weakly held by the entry), tensor descriptors over the call's tensors made anew, constants as
+    they are; anything else cannot be prepared."""
+    kernel_function, tensor_descriptor, descriptor = _launch_types()
+    base = list(args)
+    fills: list = []
+    for index, arg in enumerate(args):
+        kind = type(arg)
+        if kind in _CONSTANTS:
+            continue
+        if kind is torch.Tensor or isinstance(arg, torch.Tensor):
+            source = places.get(id(arg))
+            if source is None:
+                source = places[id(arg)] = len(places)
+                fixed.append(arg)
+            fills.append((index, source))
+        elif kind is tuple:
+            inner = _template(arg, places, fixed)
+            if inner.fills:
+                fills.append((index, inner))
+        elif kind is tensor_descriptor:
+            source = places.get(id(arg.base))
+            plain = arg.shape == list(arg.base.shape) and arg.strides == list(arg.base.stride())
+            if source is None or source >= len(places) - len(fixed) or not plain or arg.padding != "zero":
+                raise _Unprepared  # (over one of the call's tensors only)
+            fills.append((index, _Descriptor(source, arg, descriptor)))
+        elif not isinstance(arg, kernel_function):
+            raise _Unprepared
+    for index, _ in fills:
+        base[index] = None
+    return _Args(base, fills)
+
+
+_CONSTANTS = frozenset((int, float, bool, str, type(None)))  # launch arguments kept as they are
+
+
+@functools.cache
+def _launch_types() -> tuple:
+    """Triton's kernel function and tensor descriptor types, and ``kernels.device.descriptor``
+    (loaded on first use: import flexattn loads no Triton)."""
     from triton.runtime.jit import KernelInterface
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from flexattn.kernels.device import descriptor
 
-    base: list = []
-    fills: list = []
-    for index, arg in enumerate(args):
-        if isinstance(arg, torch.Tensor):
-            source = slots.get(id(arg))
-            if source is None:
-                source = next((i for i, t in enumerate(fixed) if t is arg), len(fixed))
-                if source == len(fixed):
-                    fixed.append(arg)
-                source += len(slots)
-            fills.append((index, source))
-            arg = None
-        elif type(arg) is tuple:
-            inner = _template(arg, slots, fixed)
-            if inner.fills:
-                fills.append((index, inner))
-                arg = None
-        elif isinstance(arg, TensorDescriptor):
-            source = slots.get(id(arg.base))
-            plain = arg.shape == list(arg.base.shape) and arg.strides == list(arg.base.stride())
-            if source is None or not plain or arg.padding != "zero":
-                raise _Unprepared
-            fills.append((index, _Descriptor(source, arg, descriptor)))
-            arg = None
-        elif not (arg is None or type(arg) in (int, float, bool, str) or isinstance(arg, KernelInterface)):
-            raise _Unprepared
-        base.append(arg)
-    return _Args(base, fills)
+    return KernelInterface, TensorDescriptor, descriptor
 
 
 def _constant(launch):
     """``launch`` if its keywords and pinned objects hold no tensor (an entry keeps them), else
     _Unprepared."""
-    if any(isinstance(item, torch.Tensor) for item in (*launch.keywords.values(), *launch.pinned)):
+    if any([isinstance(item, torch.Tensor) for item in (*launch.keywords.values(), *launch.pinned)]):
         raise _Unprepared
     return launch
 
@@ -465,9 +493,10 @@ def _drop(key: tuple) -> None:
 
 
 def clear() -> None:
-    """Forget every prepared call."""
+    """Forget every prepared call (and every key seen once)."""
     with _LOCK:
         _ENTRIES.clear()
+        _SEEN.clear()
 
 
 def kept() -> int:
