@@ -97,6 +97,9 @@ def offset_alibi(offset: int):
     return alibi_at_offset
 
 
+FUSED_MERGE = {"DECODE_MERGE": "FUSED"}  # kernel_options of the fused-merge columns
+
+
 def bench(fn, graph: bool = True) -> tuple[float, str]:
     """Milliseconds per call of ``fn`` and how they were taken: replayed from a CUDA graph (GPU time
     only, what a serving loop with graphs pays) or, where capture fails or ``graph`` is False, eager
@@ -132,9 +135,14 @@ def run_row(row: Row, torch_flex, device) -> dict:
     elif row.variant == "noop":
         tokens = B * L
         plan = _plan(None, None, lq, L, device)
+        fused = _plan(None, None, lq, L, device, merge="FUSED")
         calls = {
             "flexattn decode": lambda: plan.forward(q, k, v),
+            "flexattn decode fused merge": lambda: fused.forward(q, k, v),
             "flexattn call": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True),
+            "flexattn call fused merge": lambda: flexattn.flex_attention(
+                q, k, v, enable_gqa=True, kernel_options=FUSED_MERGE
+            ),
             "flexattn prefill": lambda: _prefill(plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, enable_gqa=True),
             "sdpa flash": lambda: _sdpa(q, k, v, "FLASH_ATTENTION"),
@@ -145,6 +153,7 @@ def run_row(row: Row, torch_flex, device) -> dict:
         full_mask = _whole_sequence_mask(L, device)
         positions = Positions(q_offset=offset)
         plan = _plan(alibi, full_mask, lq, L, device)
+        fused = _plan(alibi, full_mask, lq, L, device, merge="FUSED")
         short_causal, short_alibi = offset_causal(offset), offset_alibi(offset)
         short_mask = flexattn.create_block_mask(short_causal, None, None, lq, L, device=device)
         short_plan = _plan(short_alibi, short_mask, lq, L, device)
@@ -153,8 +162,12 @@ def run_row(row: Row, torch_flex, device) -> dict:
         torch_mask = torch_block_mask(short_causal, None, None, lq, L, device=device)
         calls = {
             "flexattn decode": lambda: plan.forward(q, k, v, positions=positions),
+            "flexattn decode fused merge": lambda: fused.forward(q, k, v, positions=positions),
             "flexattn call": lambda: flexattn.flex_attention(
                 q, k, v, alibi, full_mask, enable_gqa=True, positions=positions
+            ),
+            "flexattn call fused merge": lambda: flexattn.flex_attention(
+                q, k, v, alibi, full_mask, enable_gqa=True, positions=positions, kernel_options=FUSED_MERGE
             ),
             "flexattn prefill": lambda: _prefill(short_plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, short_alibi, torch_mask, enable_gqa=True),
@@ -162,7 +175,7 @@ def run_row(row: Row, torch_flex, device) -> dict:
     kv_bytes = 2 * tokens * HKV * E * k.element_size()
     for name, call in calls.items():
         try:
-            ms, how = bench(call, graph=name != "flexattn call")
+            ms, how = bench(call, graph=not name.startswith("flexattn call"))
             result[name] = {
                 "us": round(ms * 1e3, 1),
                 "TB/s": round(kv_bytes / (ms * 1e-3) / 1e12, 3),
@@ -179,7 +192,8 @@ def _check_agreement(result: dict, calls: dict) -> None:
     if "us" not in result.get("flexattn decode", {}):
         return
     ref = calls["flexattn decode"]()[0]
-    for name in ("flexattn call", "flexattn prefill", "torch flex", "sdpa cudnn"):
+    others = ("flexattn decode fused merge", "flexattn call", "flexattn call fused merge", "flexattn prefill")
+    for name in (*others, "torch flex", "sdpa cudnn"):
         if name in calls and "us" in result.get(name, {}):
             other = calls[name]()
             other = other[0] if isinstance(other, tuple) else other
@@ -192,13 +206,15 @@ def _whole_sequence_mask(L: int, device: str):
     return flexattn.create_block_mask(causal, None, None, L, L, device=device)
 
 
-def _plan(score_mod, block_mask, lq, L, device):
-    """A flexattn plan built once (mods compiled, tables read): what a repeated call launches."""
+def _plan(score_mod, block_mask, lq, L, device, merge: str = "KERNEL"):
+    """A flexattn plan built once (mods compiled, tables read): what a repeated call launches;
+    ``merge``: kernel_options DECODE_MERGE."""
     from flexattn.options import KernelOptions
     from flexattn.plan import plan_attention
 
-    return plan_attention(score_mod, block_mask, lq, L, 1 / math.sqrt(E), KernelOptions(BACKEND="TRITON"),
-                          torch.device(device), torch.bfloat16)  # fmt: skip
+    options = KernelOptions(BACKEND="TRITON", DECODE_MERGE=merge)
+    return plan_attention(score_mod, block_mask, lq, L, 1 / math.sqrt(E), options, torch.device(device),
+                          torch.bfloat16)  # fmt: skip
 
 
 def _prefill(plan, q, k, v):

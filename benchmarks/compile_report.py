@@ -14,6 +14,7 @@ driver and ``JITFunction.run``), checked against Triton 3.6.
     python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
     python benchmarks/compile_report.py --pass forward --paged 16                # K/V through a page table
     python benchmarks/compile_report.py --pass decode --variant causal+alibi --q-len 8  # split-KV decode
+    python benchmarks/compile_report.py --pass decode --options '{"DECODE_MERGE": "FUSED"}'  # one launch
 """
 
 from __future__ import annotations
@@ -152,7 +153,10 @@ def compile_kernels(
             tables = None if mask_fn is None and paged is None else mask.tables()
             del common["options"]
             positions = Positions(q_offset=length - q_len)
-            decode.flex_decode(q, k, v, tables=tables, positions=positions, paged=paged, **common)
+            merge = opts.DECODE_MERGE.lower()
+            decode.flex_decode(
+                q, k, v, tables=tables, positions=positions, paged=paged, merge=merge, **common
+            )
         else:
             lse = torch.zeros(B, H, length)
             grads = tuple(torch.zeros(t.shape) for t in score.grad_captures)  # learnable captures' buffers

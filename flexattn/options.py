@@ -13,6 +13,7 @@ from typing import Any, Literal, TypedDict
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
 PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/hopper/choice.py)
+DECODE_MERGES = ("KERNEL", "FUSED")  # how the decode kernel's splits are merged (kernels/decode.py)
 
 # PyTorch spellings that mean the same knob as one of our fields.
 _ALIASES = {
@@ -52,6 +53,7 @@ class FlexKernelOptions(TypedDict, total=False):
 
     BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
     PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"]
+    DECODE_MERGE: Literal["KERNEL", "FUSED"]
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
@@ -95,6 +97,9 @@ class KernelOptions:
             "GLUON" (the warp-specialized Gluon forward for Hopper, ``kernels/hopper/``; an error
             naming what it lacks where it cannot run) or "AUTO" (Gluon wherever it can run, else
             Triton). The backward is Triton's either way (it reads the same lse).
+        DECODE_MERGE: how the split-KV decode kernel combines its key splits: "KERNEL" (the default
+            for now: a second, merge kernel) or "FUSED" (the last split of each tile to finish merges
+            them in the same launch; one launch per decode call).
         BLOCK_M, BLOCK_N: forward tile sizes (queries x keys). ``None`` lets the kernel choose.
             Must divide the BlockMask's (Q_BLOCK, KV_BLOCK) and be powers of two >= 16.
         num_warps, num_stages: forward launch parameters. ``None`` lets the kernel choose.
@@ -114,6 +119,7 @@ class KernelOptions:
 
     BACKEND: str = "AUTO"
     PREFILL_KERNEL: str = "TRITON"
+    DECODE_MERGE: str = "KERNEL"
     BLOCK_M: int | None = None
     BLOCK_N: int | None = None
     num_warps: int | None = None
@@ -137,6 +143,10 @@ class KernelOptions:
             raise ValueError(
                 f"kernel_options['PREFILL_KERNEL'] must be one of {PREFILL_KERNELS}, "
                 f"got {self.PREFILL_KERNEL!r}."
+            )
+        if self.DECODE_MERGE not in DECODE_MERGES:
+            raise ValueError(
+                f"kernel_options['DECODE_MERGE'] must be one of {DECODE_MERGES}, got {self.DECODE_MERGE!r}."
             )
         for name in ("BLOCK_M", "BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2"):
             value = getattr(self, name)

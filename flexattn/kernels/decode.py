@@ -157,6 +157,9 @@ def _decode_split_kernel(
     # PART_LSE and PART_MAX (NUM_SPLITS, B, HQ, Q_LEN)
     Q, K, V, PART_OUT, PART_LSE, PART_MAX,
     q_strides, k_strides, v_strides,
+    # FUSED_MERGE: the last split of a tile to finish merges them all into OUT (B, HQ, Q_LEN, EV), LSE
+    # and MAX_SCORES (B, HQ, Q_LEN); ARRIVALS int32 (B, grid dim 1), zero between calls, counts them
+    OUT, LSE, MAX_SCORES, o_strides, ARRIVALS,
     # positions: int32 (B,) query offsets (PER_BATCH_Q_OFFSET) or the int q_offset; int32 (B,) key counts
     # (HAS_KV_LENGTHS) or KV_LEN for every sequence
     Q_OFFSETS, q_offset, KV_LENGTHS,
@@ -176,6 +179,7 @@ def _decode_split_kernel(
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
     PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
     split = tl.program_id(0)
@@ -196,11 +200,7 @@ def _decode_split_kernel(
             q_off = q_offset
 
         # -- the packed rows: token r // PACK of query head group * PACK + r % PACK --
-        rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        token = rows // PACK
-        row_ok = token < Q_LEN
-        token = tl.where(row_ok, token, 0)  # padding rows repeat token 0 (never stored)
-        h = group * PACK + rows % PACK
+        token, row_ok, h = _packed_rows(group, m_tile, Q_LEN, PACK, BLOCK_M)
         hk = (group * PACK) // GQA_GROUP
         b64 = b.to(tl.int64)
         offs_e = tl.arange(0, E_PAD)
@@ -327,6 +327,70 @@ def _decode_split_kernel(
                  mask=row_ok[:, None] & (offs_ev[None, :] < EV))
         tl.store(PART_LSE + stat_row, lse, mask=row_ok)
         tl.store(PART_MAX + stat_row, m_i, mask=row_ok)
+        if FUSED_MERGE:
+            # -- the tile's last split to arrive merges them (every split's stores are done before
+            #    its arrival: a barrier, then one thread's acq_rel atomic at GPU scope) --
+            tl.debug_barrier()
+            slot = ARRIVALS + b * tl.num_programs(1) + tl.program_id(1)
+            n_run = tl.cdiv(kv_len, UNITS_PER_SPLIT * UNIT)
+            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == n_run - 1:
+                tl.store(slot, 0)  # zero again for the next call (ordered after this one by the stream)
+                _merge_rows(PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides, b, h, token, row_ok,
+                            n_run, B, HQ, Q_LEN, EV, EV_PAD, BLOCK_M)
+    elif FUSED_MERGE:  # noqa: SIM102 (a constexpr, then a runtime value: nested for Triton)
+        if split == 0:  # a sequence with no keys (ragged): its rows are empty, out 0, lse = max = -inf
+            token, row_ok, h = _packed_rows(group, m_tile, Q_LEN, PACK, BLOCK_M)
+            _merge_rows(PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides, b, h, token, row_ok,
+                        0, B, HQ, Q_LEN, EV, EV_PAD, BLOCK_M)
+
+
+@triton.jit
+def _packed_rows(group, m_tile, Q_LEN, PACK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(token, row_ok, h)`` (BLOCK_M,) of row tile ``m_tile`` of head group ``group``: row r is token
+    r // PACK of query head group * PACK + r % PACK; padding rows (past Q_LEN) repeat token 0."""
+    rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    token = rows // PACK
+    row_ok = token < Q_LEN
+    token = tl.where(row_ok, token, 0)  # (never stored)
+    return token, row_ok, group * PACK + rows % PACK
+
+
+@triton.jit
+def _merge_rows(PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides, b, h, token, row_ok, n_splits,
+                B, HQ, Q_LEN, EV: tl.constexpr, EV_PAD: tl.constexpr, ROWS: tl.constexpr):
+    """Merge the partials of splits ``[0, n_splits)`` of output rows (b, h, token) (h, token, row_ok:
+    (ROWS,) vectors; b a scalar) through their lse and store out, lse and max_scores; rows with
+    no split (or only empty ones) get out 0, lse = max = -inf. The partials are read from L2
+    (``.cg``): with FUSED_MERGE other programs wrote them during this launch."""
+    stat = (b.to(tl.int64) * HQ + h) * Q_LEN + token  # split 0's row; the outputs' row
+    split_stride = B * HQ * Q_LEN
+    offs_ev = tl.arange(0, EV_PAD)
+    lse_max = tl.where(row_ok, float("-inf"), float("-inf"))
+    max_score = lse_max
+    for s in range(0, n_splits):
+        part = stat + s * split_stride
+        lse_max = tl.maximum(lse_max, tl.load(PART_LSE + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg"))
+        max_score = tl.maximum(max_score, tl.load(PART_MAX + part, mask=row_ok, other=float("-inf"),
+                                                  cache_modifier=".cg"))
+    # -- exact merge through the lse: weights exp(lse_s - max_s lse_s) --
+    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    acc = tl.zeros([ROWS, EV_PAD], dtype=tl.float32)
+    weight_sum = tl.zeros_like(lse_max)
+    ev_ok = row_ok[:, None] & (offs_ev[None, :] < EV)
+    for s in range(0, n_splits):
+        part = stat + s * split_stride
+        weight = tl.exp(tl.load(PART_LSE + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - lse_ref)
+        acc += weight[:, None] * tl.load(PART_OUT + part[:, None] * EV + offs_ev[None, :], mask=ev_ok, other=0.0,
+                                         cache_modifier=".cg")
+        weight_sum += weight
+    empty = weight_sum == 0.0
+    out = acc / tl.where(empty, 1.0, weight_sum)[:, None]
+    lse = tl.where(empty, float("-inf"), lse_ref + tl.log(tl.where(empty, 1.0, weight_sum)))
+    o_ptrs = (OUT + b.to(tl.int64) * o_strides[0] + h.to(tl.int64)[:, None] * o_strides[1]
+              + token.to(tl.int64)[:, None] * o_strides[2] + offs_ev[None, :] * o_strides[3])
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=ev_ok)
+    tl.store(LSE + stat, lse, mask=row_ok)
+    tl.store(MAX_SCORES + stat, max_score, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["Q_LEN", "KV_LEN", "SPLIT_SIZE"])
@@ -339,38 +403,15 @@ def _decode_merge_kernel(
     # -- one program per output row (b, h, token); splits past the sequence's keys were never written --
     row = tl.program_id(0)
     b = row // (HQ * Q_LEN)
-    h = (row // Q_LEN) % HQ
-    token = row % Q_LEN
     if HAS_KV_LENGTHS:
         kv_len = tl.minimum(tl.maximum(tl.load(KV_LENGTHS + b), 0), KV_LEN)
     else:
         kv_len = KV_LEN
-    n_splits = tl.cdiv(kv_len, SPLIT_SIZE)
-    split_stride = B * HQ * Q_LEN
-    row64 = row.to(tl.int64)
-
-    # -- exact merge through the lse: weights exp(lse_s - max_s lse_s) --
-    lse_max = tl.full([1], float("-inf"), dtype=tl.float32)
-    max_score = tl.full([1], float("-inf"), dtype=tl.float32)
-    for s in range(0, n_splits):
-        lse_max = tl.maximum(lse_max, tl.load(PART_LSE + row64 + s * split_stride + tl.zeros([1], tl.int32)))
-        max_score = tl.maximum(max_score, tl.load(PART_MAX + row64 + s * split_stride + tl.zeros([1], tl.int32)))
-    lse_ref = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    offs_ev = tl.arange(0, EV_PAD)
-    acc = tl.zeros([EV_PAD], dtype=tl.float32)
-    weight_sum = tl.zeros([1], dtype=tl.float32)
-    for s in range(0, n_splits):
-        part = row64 + s * split_stride
-        weight = tl.exp(tl.load(PART_LSE + part + tl.zeros([1], tl.int64)) - lse_ref)
-        acc += weight * tl.load(PART_OUT + part * EV + offs_ev, mask=offs_ev < EV, other=0.0)
-        weight_sum += weight
-    empty = weight_sum == 0.0
-    out = acc / tl.where(empty, 1.0, weight_sum)
-    lse = tl.where(empty, float("-inf"), lse_ref + tl.log(tl.where(empty, 1.0, weight_sum)))
-    o_ptr = OUT + b.to(tl.int64) * o_strides[0] + h * o_strides[1] + token * o_strides[2]
-    tl.store(o_ptr + offs_ev * o_strides[3], out.to(OUT.dtype.element_ty), mask=offs_ev < EV)
-    tl.store(LSE + row64 + tl.zeros([1], tl.int32), lse)
-    tl.store(MAX_SCORES + row64 + tl.zeros([1], tl.int32), max_score)
+    one = tl.zeros([1], dtype=tl.int32)  # (the row as a vector of one: the helper takes vectors)
+    h = (row // Q_LEN) % HQ + one
+    token = row % Q_LEN + one
+    _merge_rows(PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides, b, h, token, one == 0,
+                tl.cdiv(kv_len, SPLIT_SIZE), B, HQ, Q_LEN, EV, EV_PAD, 1)
 
 
 # fmt: on
@@ -388,6 +429,7 @@ def flex_decode(
     tiles: DecodeTiles | None = None,
     target: DeviceLimits | None = None,
     paged: PagedKV | None = None,
+    merge: str = "kernel",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-KV attention forward for short queries (no backward: decoding is inference).
 
@@ -410,6 +452,9 @@ def flex_decode(
             the key length is ``paged.kv_len`` (logical positions: the mods, the tables and
             ``positions.kv_lengths`` see them). ``tables`` are required and must keep the softmax off
             rows of unreserved pages (``flexattn.paged.PagedAttention.convert_logical_block_mask``).
+        merge: how the splits' partials are combined: "kernel" (``_decode_merge_kernel``, a second
+            launch) or "fused" (the last split of each tile to finish merges them, counted by an
+            atomic in the workspace: one launch; kernel_options DECODE_MERGE).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
@@ -420,7 +465,8 @@ def flex_decode(
     fit one) once, streams the keys of split s of sequence b (block-sparse: only listed kv blocks;
     exits at once when the split starts past ``kv_lengths[b]``) with the online softmax in registers,
     and writes a partial (out, lse, max) to an fp32 workspace. ``_decode_merge_kernel`` (one program
-    per output row) combines the partials of the splits that ran.
+    per output row) combines the partials of the splits that ran; with ``merge="fused"`` the last
+    program of (g, b) to finish does, over its tile's rows.
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 
@@ -428,6 +474,8 @@ def flex_decode(
                                    mask_mod=compile_mask_mod(None), tables=None, scale=0.125)
     """
     positions = NO_POSITIONS if positions is None else positions
+    if merge not in MERGES:
+        raise ValueError(f"flex_decode: merge must be one of {MERGES}, got {merge!r}.")
     if positions.kv_offset != 0:
         raise ValueError(
             f"flex_decode: Positions.kv_offset={positions.kv_offset} is not supported by the decode kernel; "
@@ -473,16 +521,21 @@ def flex_decode(
     if Lkv == 0:
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
     work = decode_workspace(launch.splits, B, Hq, Lq, Ev, q.device)
-    _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch, paged)
-    _launch_merge(work, out, lse, max_scores, positions.kv_lengths, Lkv, launch.units_per_split * launch.unit)
+    fused = (out, lse, max_scores) if merge == "fused" else None
+    _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch, paged, fused)
+    if fused is None:
+        _launch_merge(
+            work, out, lse, max_scores, positions.kv_lengths, Lkv, launch.units_per_split * launch.unit
+        )
     return out, lse, max_scores
 
 
 def _launch_split(
     q, k, v, work: DecodeWorkspace, positions: Positions, tables: BlockTables | None, score_mod, mask_mod,
-    scale: float, launch: DecodeLaunch, paged: PagedKV | None,
+    scale: float, launch: DecodeLaunch, paged: PagedKV | None, fused: tuple | None = None,
 ) -> None:  # fmt: skip
-    """``_decode_split_kernel`` over the grid ``(splits, Hq // PACK * M_TILES, B)``, writing ``work``.
+    """``_decode_split_kernel`` over the grid ``(splits, Hq // PACK * M_TILES, B)``, writing ``work``;
+    ``fused``: the call's ``(out, lse, max_scores)``, which its programs then merge into themselves.
 
     Tensors that a call does not have (per-sequence offsets or lengths, the block tables without a
     mask, the page table of a contiguous cache) are stood in for by ``q``: their loads are compiled
@@ -506,8 +559,13 @@ def _launch_split(
     q_offset = 0 if per_batch_offset else int(q_offsets)
     lengths = q if kv_lengths is None else kv_lengths
     strides = (broadcast_strides(q), broadcast_strides(k), broadcast_strides(v))
+    if fused is None:  # (stood in for by the workspace, never written)
+        outputs, o_strides = (work.out, work.lse, work.max_scores), (0, 0, 0, 0)
+    else:
+        outputs, o_strides = fused, broadcast_strides(fused[0])
     args = (
-        q, k, v, work.out, work.lse, work.max_scores, *strides, offsets, q_offset, lengths, *table_args,
+        q, k, v, work.out, work.lse, work.max_scores, *strides, *outputs, o_strides, work.arrivals,
+        offsets, q_offset, lengths, *table_args,
         page_table, page_stride, B, Lq, Lkv, Hq, scale, launch.units_per_split,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
     )  # fmt: skip
@@ -521,14 +579,14 @@ def _launch_split(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
             **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
             PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page, FUSED_MERGE=fused is not None,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
     # What Triton specialises on, or more (launch.py): the values keywords() is made of, dtypes and
     # alignment of the pointers, the specialised ints (strides, B, Hq) by value, the unspecialised
     # ones (lengths, offset, mask sizes, split size) by width.
-    pointers = [q, k, v, work.out, work.lse, work.max_scores]  # (the stand-ins are q again)
+    pointers = [q, k, v, work.out, work.lse, work.max_scores, *outputs, work.arrivals]  # (stand-ins: q)
     if per_batch_offset:
         pointers.append(offsets)
     if kv_lengths is not None:
@@ -542,6 +600,7 @@ def _launch_split(
         id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
         per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
         table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn),
+        fused is not None, outputs[0].dtype, o_strides,
         alignment(*pointers),
         max(q_offset, Lq, Lkv, *table_args[4:], page_stride, launch.units_per_split) < 2**31,
         args_key(score_mod.args), args_key(mask_mod.args),
@@ -578,3 +637,4 @@ def _launch_merge(
 _SPLIT_LAUNCHES = LaunchCache(_decode_split_kernel)
 _MERGE_LAUNCHES = LaunchCache(_decode_merge_kernel)
 _DENSE_FLAGS = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}  # no block mask: nothing broadcast
+MERGES = ("kernel", "fused")  # flex_decode's merge: a second launch, or the splits' last program

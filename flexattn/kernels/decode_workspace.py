@@ -1,7 +1,8 @@
 """The decode kernel's split workspace, reused by the next call that is ordered after it.
 
 ``_decode_split_kernel`` writes each split's partial ``(out, lse, max)`` into fp32 buffers that
-``_decode_merge_kernel`` reads; nothing else touches them and no call returns them. Allocating them
+``_decode_merge_kernel`` (or, with the fused merge, the split kernel's last program per tile) reads;
+nothing else touches them and no call returns them. Allocating them
 per call costs three ``torch.empty`` (a few microseconds each on CUDA); a decode loop asks for the
 same shapes every step, so :func:`decode_workspace` keeps them.
 
@@ -9,7 +10,7 @@ The rule that keeps a reused workspace from being written while a launch still r
 
 - A workspace is reused only by a call **from the same thread on the same stream** (the key holds
   both, with the device and the shapes). On one stream a call's split kernel runs after the
-  previous call's merge kernel, its last reader, so the reuse is ordered by the stream itself. Two
+  previous call's merge (kernel), its last reader, so the reuse is ordered by the stream itself. Two
   streams, or two threads interleaving their launches on one stream, get separate workspaces.
 - **Never while a CUDA graph is being captured** on the current stream: a captured launch would
   bake the buffer's address into the graph, whose replays (on any stream, at any time) would then
@@ -37,11 +38,13 @@ WORKSPACE_ENTRIES = 8
 @dataclass(frozen=True)
 class DecodeWorkspace:
     """Partial results of the key splits (contiguous fp32): ``out`` (S, B, Hq, Lq, Ev), ``lse`` and
-    ``max_scores`` (S, B, Hq, Lq) for S splits."""
+    ``max_scores`` (S, B, Hq, Lq) for S splits; ``arrivals`` int32 (B * Hq * Lq,), zero between calls:
+    the fused merge counts each tile's finished splits in it (a tile's last program zeroes it again)."""
 
     out: torch.Tensor
     lse: torch.Tensor
     max_scores: torch.Tensor
+    arrivals: torch.Tensor
 
 
 _WORKSPACES: OrderedDict[tuple, DecodeWorkspace] = OrderedDict()
@@ -92,4 +95,6 @@ def kept() -> int:
 def _allocate(shape: tuple[int, ...], v_head_dim: int, device) -> DecodeWorkspace:
     out = torch.empty((*shape, v_head_dim), dtype=torch.float32, device=device)
     lse = torch.empty(shape, dtype=torch.float32, device=device)
-    return DecodeWorkspace(out, lse, torch.empty_like(lse))
+    # (a grid's dim 1 is Hq // PACK row-tile groups of at most PACK * Lq rows each: <= Hq * Lq slots per b)
+    arrivals = torch.zeros(shape[1] * shape[2] * shape[3], dtype=torch.int32, device=device)
+    return DecodeWorkspace(out, lse, torch.empty_like(lse), arrivals)

@@ -99,7 +99,19 @@ def _in_batch(score_mod, batch):
 
 
 def run_decode(
-    B, Hq, Hkv, Lq, L, E, variant, dtype=torch.float32, blocks=(16, 16), lengths=None, splits=None, tiles=None
+    B,
+    Hq,
+    Hkv,
+    Lq,
+    L,
+    E,
+    variant,
+    dtype=torch.float32,
+    blocks=(16, 16),
+    lengths=None,
+    splits=None,
+    tiles=None,
+    merge="kernel",
 ):
     """flex_decode of the last Lq tokens of each sequence vs the whole-sequence reference."""
     lengths = [L] * B if lengths is None else lengths
@@ -124,6 +136,7 @@ def run_decode(
         positions=positions,
         splits=splits,
         tiles=tiles,
+        merge=merge,
     )
     assert out.shape == (B, Hq, Lq, E) and out.dtype == dtype and lse.shape == max_scores.shape == (B, Hq, Lq)
     (gold_out, gold_lse), (eager_out, eager_lse) = _gold_and_eager(q, k, v, score_mod, mask, scale, lengths)
