@@ -4,7 +4,8 @@ At decode sizes the host path (argument checks, mod lookup, tile choice, allocat
 costs more than the GPU work. This measures it: wall-clock microseconds per call over ``--calls``
 calls after a warm-up, median of ``--repeats`` rounds, for
 
-- ``flexattn``: ``flexattn.flex_attention`` (eager);
+- ``flexattn``: ``flexattn.flex_attention`` (eager); ``flexattn-fused`` the same with kernel_options
+  ``DECODE_MERGE="FUSED"`` (the decode kernel merges its splits in the same launch: one launch);
 - ``torch-compiled`` / ``torch-eager``: ``torch.nn.attention.flex_attention`` under ``torch.compile``
   and without it, masks from torch's own ``create_block_mask``;
 - ``sdpa``: ``F.scaled_dot_product_attention`` (noop; causal via ``is_causal``).
@@ -68,7 +69,8 @@ CASES = {
         Case("decode-8k", 1, 8192, False),
     )
 }  # fmt: skip  (8k keys: the decode kernel)
-IMPLS = ("flexattn", "torch-compiled", "torch-eager", "sdpa")
+IMPLS = ("flexattn", "flexattn-fused", "torch-compiled", "torch-eager", "sdpa")
+FLEXATTN = {"flexattn": {}, "flexattn-fused": {"DECODE_MERGE": "FUSED"}}  # kernel_options per flexattn impl
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -81,10 +83,11 @@ def make_call(impl: str, case: Case, device: str, dtype: torch.dtype, options: d
     k, v = (torch.randn(B, H, case.kv_len, E, device=device, dtype=dtype) for _ in range(2))
     if impl == "sdpa":
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
-    if impl == "flexattn":
+    if impl in FLEXATTN:
         mask = None
         if case.causal:
             mask = flexattn.create_block_mask(_causal, None, None, case.q_len, case.kv_len, device=device)
+        options = {**(options or {}), **FLEXATTN[impl]} or None
         return lambda: flexattn.flex_attention(q, k, v, block_mask=mask, kernel_options=options)
     from torch.nn.attention import flex_attention as torch_flex
 
@@ -225,7 +228,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.calls, args.warmup, args.repeats = 100, 10, 2
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.simulate_launch:
-        args.impls, args.device = ["flexattn"], "cpu"
+        args.impls, args.device = [i for i in args.impls if i in FLEXATTN], "cpu"
         args.dtype = args.dtype or "float16"
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return args
