@@ -20,6 +20,7 @@ from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels import decode_workspace
 from flexattn.kernels.decode import flex_decode
 from flexattn.kernels.kernel_choice import DecodeTiles
+from flexattn.kernels.launch import recording
 from flexattn.kernels.positions import Positions
 from tests.kernels.test_decode import _causal, run_decode
 
@@ -83,27 +84,20 @@ def test_empty_sequences_and_the_counters_between_calls():
         assert (work.arrivals == 0).all(), f"arrival counters left at {work.arrivals.nonzero().tolist()}"
 
 
-def test_kernel_option_chooses_the_fused_merge(monkeypatch):
-    """kernel_options DECODE_MERGE reaches flex_decode; a bad value names the key and its values."""
-    seen = []
-    real = flex_decode
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["merge"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr("flexattn.plan.flex_decode", spy)
+def test_kernel_option_chooses_the_fused_merge():
+    """kernel_options DECODE_MERGE reaches the decode kernel (one launch fused, two without); a bad
+    value names the key and its values."""
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     where = Positions(q_offset=63)
-    options = {"BACKEND": "TRITON"}
-    default = flex_attention(q, k, v, positions=where, enable_gqa=True, kernel_options=options)
-    fused = flex_attention(
-        q, k, v, positions=where, enable_gqa=True, kernel_options={**options, "DECODE_MERGE": "FUSED"}
-    )
-    assert seen == ["kernel", "fused"]
-    assert torch.equal(default, fused)
+    outs, counts = [], []
+    for options in ({"BACKEND": "TRITON"}, {"BACKEND": "TRITON", "DECODE_MERGE": "FUSED"}):
+        with recording() as launches:
+            outs.append(flex_attention(q, k, v, positions=where, enable_gqa=True, kernel_options=options))
+        counts.append([launch.cache.fn.__name__ for launch in launches])
+    assert counts == [["_decode_split_kernel", "_decode_merge_kernel"], ["_decode_split_kernel"]]
+    assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match=r"DECODE_MERGE.*\('KERNEL', 'FUSED'\)"):
         flex_attention(q, k, v, positions=where, enable_gqa=True, kernel_options={"DECODE_MERGE": "fused"})
     with pytest.raises(ValueError, match="merge must be one of"):
-        real(q, k, v, score_mod=compile_score_mod(None), mask_mod=compile_mask_mod(None), tables=None,
-             scale=0.25, merge="twice")  # fmt: skip
+        flex_decode(q, k, v, score_mod=compile_score_mod(None), mask_mod=compile_mask_mod(None), tables=None,
+                    scale=0.25, merge="twice")  # fmt: skip
