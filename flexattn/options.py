@@ -198,7 +198,8 @@ class KernelOptions:
         return cls(**values)
 
 
-_DEFAULT = KernelOptions()
+DEFAULT_OPTIONS = KernelOptions()  # what ``kernel_options=None`` means; the launchers' default too
+_DEFAULT = DEFAULT_OPTIONS
 _PARSED: dict[tuple, KernelOptions] = {}  # parse_options: (key, type, value) items -> options
 _PARSED_SIZE = 256
 

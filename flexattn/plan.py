@@ -208,7 +208,7 @@ def _prefill_knobs(options: KernelOptions, tiles_given: bool, gluon: bool = Fals
         return "kernel_options PREFILL_KERNEL='GLUON'"
     if tiles_given:
         return "explicit prefill tiles"
-    knobs = [name for name in PREFILL_KNOBS if getattr(options, name, None)]
+    knobs = [name for name in PREFILL_KNOBS if getattr(options, name)]
     return f"kernel_options {', '.join(knobs)}" if knobs else None
 
 

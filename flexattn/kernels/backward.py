@@ -55,6 +55,7 @@ from flexattn.kernels.tile_io import (
     wrap_index,
 )
 from flexattn.kernels.tiles import padded_head_dim
+from flexattn.options import DEFAULT_OPTIONS
 
 # Deterministic mode accumulates captured-tensor gradients as 64-bit fixed point: each contribution
 # is scaled by 2**FIXED_POINT_BITS and truncated to an integer, so the sum is order independent.
@@ -395,6 +396,7 @@ def flex_backward(
                                    options=KernelOptions())
     """
     target = device_limits(q.device) if target is None else target
+    options = DEFAULT_OPTIONS if options is None else options
     q_block, kv_block = tables.q_block, tables.kv_block
     _check_inputs(q, k, v, out, lse, dout, dlse, tables, score_mod, grad_buffers, target)
     B, HQ, Q_LEN, E = q.shape
@@ -436,7 +438,7 @@ def flex_backward(
     # (2) dK, dV and the captured-tensor gradients (and dQ with dq_mode "atomic")
     grad_scale = 1.0
     buffers = tuple(grad_buffers)
-    if getattr(options, "deterministic", False) and buffers:
+    if options.deterministic and buffers:
         grad_scale = float(2**FIXED_POINT_BITS)
         buffers = tuple(torch.zeros(g.shape, device=g.device, dtype=torch.int64) for g in grad_buffers)
     fused_dq = tiles.dq_mode == "atomic"

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from flexattn.options import DEFAULT_OPTIONS, KernelOptions
+
 DQ_MODES = ("separate", "atomic")
 
 
@@ -47,7 +49,7 @@ def choose_backward_tiles(
     q_block: int,
     kv_block: int,
     capability: tuple[int, int] | None,
-    options,
+    options: KernelOptions | None,
     dq_mode: str | None = None,
     light_score: bool = False,
 ) -> BackwardTiles:
@@ -61,6 +63,7 @@ def choose_backward_tiles(
     few registers of its own.
     Example: ``choose_backward_tiles(128, 128, torch.bfloat16, 128, 128, (9, 0), KernelOptions())``.
     """
+    options = DEFAULT_OPTIONS if options is None else options
     d = max(head_dim, head_dim_v)
     use_tma, max_registers = False, None
     if capability is None:
@@ -94,12 +97,12 @@ def choose_backward_tiles(
         "bwd_num_warps",
         "bwd_num_stages",
     )
-    if any(getattr(options, name, None) for name in user_tiles):
+    if any(getattr(options, name) for name in user_tiles):
         max_registers = None  # the cap was measured for the default tiles only
-    m1 = getattr(options, "bwd_BLOCK_M1", None) or min(m1, q_block)
-    n1 = getattr(options, "bwd_BLOCK_N1", None) or min(n1, kv_block)
-    m2 = getattr(options, "bwd_BLOCK_M2", None) or min(m2, q_block)
-    n2 = getattr(options, "bwd_BLOCK_N2", None) or min(n2, kv_block)
+    m1 = options.bwd_BLOCK_M1 or min(m1, q_block)
+    n1 = options.bwd_BLOCK_N1 or min(n1, kv_block)
+    m2 = options.bwd_BLOCK_M2 or min(m2, q_block)
+    n2 = options.bwd_BLOCK_N2 or min(n2, kv_block)
     for name, tile, block in (
         ("bwd_BLOCK_M1", m1, q_block),
         ("bwd_BLOCK_N1", n1, kv_block),
@@ -114,17 +117,17 @@ def choose_backward_tiles(
     mode = dq_mode or "separate"
     if mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}.")
-    if getattr(options, "deterministic", False):
+    if options.deterministic:
         mode, reason = "separate", reason + "; deterministic: dQ without atomics"
-    if getattr(options, "USE_TMA", False) and not use_tma:
+    if options.USE_TMA and not use_tma:
         use_tma, reason = True, reason + "; Q/dO and K/V through tensor descriptors (USE_TMA)"
     return BackwardTiles(
         m1,
         n1,
         m2,
         n2,
-        getattr(options, "bwd_num_warps", None) or warps,
-        getattr(options, "bwd_num_stages", None) or stages,
+        options.bwd_num_warps or warps,
+        options.bwd_num_stages or stages,
         mode,
         reason,
         use_tma=use_tma,

@@ -53,6 +53,7 @@ from flexattn.kernels.tiles import (
     padded_head_dim,
     smaller_tiles,
 )
+from flexattn.options import DEFAULT_OPTIONS
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
@@ -275,6 +276,7 @@ def flex_forward(
                                     mask_mod=compile_mask_mod(None), tables=mask.tables(), scale=0.125)
     """
     target = device_limits(q.device) if target is None else target
+    options = DEFAULT_OPTIONS if options is None else options
     q_block, kv_block = tables.q_block, tables.kv_block
     if paged is None:
         B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
@@ -297,7 +299,7 @@ def flex_forward(
     e_pad, ev_pad = padded_head_dim(E), padded_head_dim(Ev)
     table_args, broadcast_flags = block_table_args(tables, "kv")
     tma_ok = tma_compatible(k, target) and tma_compatible(v, target)
-    if getattr(options, "USE_TMA", False) and not tma_ok:
+    if options.USE_TMA and not tma_ok:
         raise ValueError(
             "kernel_options['USE_TMA'] needs CUDA k/v with unit feature stride and 16-byte aligned "
             f"base and strides; got k strides {k.stride()}, v strides {v.stride()} ({k.dtype}). "
@@ -306,7 +308,7 @@ def flex_forward(
 
     def launch(tiles: Tiles) -> None:
         use_tma = tiles.use_tma and page % tiles.BLOCK_N == 0  # paged: TMA where a tile sits in one page
-        if page and getattr(options, "USE_TMA", False) and not use_tma:
+        if page and options.USE_TMA and not use_tma:
             raise ValueError(
                 f"kernel_options['USE_TMA'] with a paged cache needs page_size ({page}) to be a multiple of "
                 f"BLOCK_N ({tiles.BLOCK_N}); drop USE_TMA or pick a smaller BLOCK_N."
@@ -323,7 +325,7 @@ def flex_forward(
             q, k_src, v_src, out, lse, max_scores, *strides, *table_args, *page_args, Lq, Lkv, Hq, float(scale),
             score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
         )  # fmt: skip
-        rows_safe = bool(getattr(options, "ROWS_GUARANTEED_SAFE", False))
+        rows_safe = options.ROWS_GUARANTEED_SAFE
         identity = score_mod.trivial and float(scale) > 0
         precision = dot_precision(q.dtype)
 
@@ -353,9 +355,7 @@ def flex_forward(
         )  # fmt: skip
         _LAUNCHES.launch(grid, key, args, keywords, pinned=(score_mod.fn, score_mod.bias_fn, mask_mod.fn))
 
-    user_set = tiles is not None or any(
-        getattr(options, n, None) for n in ("BLOCK_M", "BLOCK_N", "num_stages")
-    )
+    user_set = tiles is not None or any(getattr(options, n) for n in ("BLOCK_M", "BLOCK_N", "num_stages"))
     if tiles is None:
         tiles = choose_tiles(
             q,
@@ -443,7 +443,7 @@ def choose_tiles(
         masked=masked,
         tile_gathers=tile_gathers,
     )
-    if not getattr(options, "autotune", False) or capability is None:
+    if not options.autotune or capability is None:
         return tiles
     name = torch.cuda.get_device_name(q.device)
     key = (

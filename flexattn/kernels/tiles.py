@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from flexattn.options import DEFAULT_OPTIONS
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -108,7 +110,8 @@ def forward_tiles(
     """Choose the forward launch configuration.
 
     ``capability`` is the CUDA compute capability, or None for the Triton interpreter.
-    ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set).
+    ``options`` is a ``KernelOptions`` (BLOCK_M, BLOCK_N, num_warps, num_stages may be set) or None
+    (the defaults).
     ``masked``: whether the mask_mod does element-wise work (False for an always-true mask).
     ``tile_gathers``: a mod gathers one value per score (``KernelMod.tile_gathers``): BLOCK_M is
     capped at 64, since 128 x 64 tiles spill the per-score addresses (compile_report ``--variant
@@ -121,13 +124,11 @@ def forward_tiles(
     ...               options=None).BLOCK_M
     128
     """
-    key = (head_dim, v_head_dim, dtype, _length_tile(q_len), _length_tile(kv_len), q_block, kv_block,
-           capability, shared_memory_limit, options, masked, tile_gathers)  # fmt: skip
-    try:
-        hash(key)
-    except TypeError:  # options of a type without a hash (duck-typed): choose afresh
-        return _choose_forward_tiles(*key)
-    return _remembered_forward_tiles(*key)
+    options = DEFAULT_OPTIONS if options is None else options
+    return _remembered_forward_tiles(
+        head_dim, v_head_dim, dtype, _length_tile(q_len), _length_tile(kv_len), q_block, kv_block, capability,
+        shared_memory_limit, options, masked, tile_gathers,
+    )  # fmt: skip
 
 
 def _choose_forward_tiles(
@@ -149,8 +150,8 @@ def _choose_forward_tiles(
         )
     tiles = default_tiles(max(e_pad, ev_pad), dtype, capability, masked)
     why = [tiles.reason]
-    user_m = getattr(options, "BLOCK_M", None)
-    user_n = getattr(options, "BLOCK_N", None)
+    user_m = options.BLOCK_M
+    user_n = options.BLOCK_N
     _check_user_tile("BLOCK_M", user_m, "Q_BLOCK", q_block)
     _check_user_tile("BLOCK_N", user_n, "KV_BLOCK", kv_block)
 
@@ -162,21 +163,21 @@ def _choose_forward_tiles(
     if (block_m, block_n) != (tiles.BLOCK_M, tiles.BLOCK_N):
         why.append(f"tiles ({block_m}, {block_n}) fit the mask blocks ({q_block}, {kv_block}) and lengths")
     tiles = replace(tiles, BLOCK_M=block_m, BLOCK_N=block_n)
-    if getattr(options, "num_warps", None):
+    if options.num_warps:
         tiles = replace(tiles, num_warps=options.num_warps)
         why.append("num_warps from kernel_options")
     elif block_m * block_n <= 32 * 32:
         tiles = replace(tiles, num_warps=min(tiles.num_warps, 4))
-    if getattr(options, "num_stages", None):
+    if options.num_stages:
         tiles = replace(tiles, num_stages=options.num_stages)
         why.append("num_stages from kernel_options")
-    if getattr(options, "USE_TMA", False):
+    if options.USE_TMA:
         tiles = replace(tiles, use_tma=True)
         why.append("K/V through tensor descriptors (USE_TMA)")
 
     if shared_memory_limit is not None:
         elem = dtype.itemsize
-        user_set = any(getattr(options, k, None) for k in ("BLOCK_M", "BLOCK_N", "num_stages"))
+        user_set = any(getattr(options, k) for k in ("BLOCK_M", "BLOCK_N", "num_stages"))
         while shared_memory_bytes(tiles, e_pad, ev_pad, elem) > shared_memory_limit:
             if user_set:
                 raise ValueError(
