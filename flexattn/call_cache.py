@@ -43,8 +43,10 @@ decode kernels, not an autotuning call.
 An entry holds nothing of the user's alive: the keyed objects (mask, tables, page table, the mods'
 fingerprinted objects) and every tensor the launches read that the call does not pass (the tables,
 the mods' captured tensors, the split workspace, the every-block-full tables) are weak references;
-a hit needs all of them alive, and each of the user's at the data pointer it had (a ``.data`` swap
-keeps the version), else the entry is dropped. lse and max_scores that a call does not return go
+a hit needs all of them alive, and each of the user's at the data pointer it had, the tables and the
+page table also of the shape, strides and dtype they had (a ``.data`` swap keeps the version, and a
+swap to a view can keep the data pointer; the mods' captures are keyed by shape already), else the
+entry is dropped. lse and max_scores that a call does not return go
 to two small buffers of the entry (up to ``SCRATCH_BYTES``: decode sizes), written only by its own
 launches from its thread and stream. At most ``SIZE`` entries, least recently used first out;
 :func:`clear` forgets them.
@@ -124,12 +126,15 @@ class _Descriptor:
 class _Entry:
     """A prepared call: ``run`` allocates its outputs and repeats its launches."""
 
-    __slots__ = ("guards", "fixed", "pointers", "out", "stat_shape", "stat_stride", "scratch", "launches")
+    __slots__ = (
+        "guards", "fixed", "pointers", "layouts", "out", "stat_shape", "stat_stride", "scratch", "launches",
+    )  # fmt: skip
 
-    def __init__(self, guards, fixed, pointers, out: torch.Tensor, lse: torch.Tensor, launches):
+    def __init__(self, guards, fixed, pointers, layouts, out: torch.Tensor, lse: torch.Tensor, launches):
         self.guards = guards  # weak references to the key's objects
         self.fixed = fixed  # weak references to the tensors the launches read that the call does not pass
         self.pointers = pointers  # (index into fixed, data pointer when recorded) of the user's ones
+        self.layouts = layouts  # (index into fixed, (shape, strides, dtype)) of the tables and page table
         self.out = (out.shape, out.stride(), out.dtype)
         self.stat_shape, self.stat_stride = lse.shape, lse.stride()  # lse and max_scores (fp32)
         # lse / max_scores a call does not return go to buffers kept here, when small (decode sizes):
@@ -152,6 +157,10 @@ class _Entry:
             fixed.append(t)
         for index, pointer in self.pointers:  # (a ``.data`` swap moves a tensor without a new version)
             if fixed[index].data_ptr() != pointer:
+                return None
+        for index, layout in self.layouts:  # (or reshapes it in place: ``t.data = t.data[:, :1]``)
+            t = fixed[index]
+            if (t.shape, t.stride(), t.dtype) != layout:
                 return None
         device = tensors[0].device
         shape, stride, dtype = self.out
@@ -363,7 +372,8 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
     if len({id(t) for t in call_tensors}) != len(call_tensors):
         return  # q is k: which of them a launch read cannot be told apart (a hit passes each its own)
     places = {id(t): index for index, t in enumerate(call_tensors)}
-    owned = {id(t) for t in _users_tensors(call.keep)}
+    captured, held = _users_tensors(call.keep)
+    owned = {id(t) for t in (*captured, *held)}
     if owned & places.keys():
         return  # a call's tensor is also the mask's or a mod's: it must not be swapped per call
     from flexattn.compiler.fingerprint import guard
@@ -378,7 +388,9 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
         return
     guards, refs = tuple(guard(obj) for obj in call.keep), tuple(guard(t) for t in fixed)
     pointers = tuple((i, t.data_ptr()) for i, t in enumerate(fixed) if id(t) in owned)
-    entry = _Entry(guards, refs, pointers, out, lse, prepared)
+    held = {id(t) for t in held}  # (the captures' shapes, strides and dtypes are in their mod's key)
+    layouts = tuple((i, (t.shape, t.stride(), t.dtype)) for i, t in enumerate(fixed) if id(t) in held)
+    entry = _Entry(guards, refs, pointers, layouts, out, lse, prepared)
     with _LOCK:
         _ENTRIES[call.key] = entry
         _ENTRIES.move_to_end(call.key)
@@ -387,21 +399,21 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
         _SEEN.pop(call.key, None)
 
 
-def _users_tensors(keep: list) -> list:
-    """The user's tensors among, or held by, the key's objects: the mods' captures, the mask's
-    tables, the page table."""
+def _users_tensors(keep: list) -> tuple[list, list]:
+    """The user's tensors among, or held by, the key's objects: ``(the mods' captures, the mask's
+    tables and the page table)``."""
     from flexattn.kernels.block_tables import BlockTables
     from flexattn.kernels.paged_kv import PagedKV
 
-    found = []
+    captured, held = [], []
     for obj in keep:
         if isinstance(obj, torch.Tensor):
-            found.append(obj)
+            captured.append(obj)
         elif isinstance(obj, BlockTables):
-            found += [t for t in obj.tensors() if t is not None]
+            held += [t for t in obj.tensors() if t is not None]
         elif isinstance(obj, PagedKV):
-            found.append(obj.page_table)
-    return found
+            held.append(obj.page_table)
+    return captured, held
 
 
 def _plain_outputs(outputs: tuple) -> bool:
