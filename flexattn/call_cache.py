@@ -32,8 +32,9 @@ path, as before):
   every decode step: pass a tensor) and CPU tensors (``Positions.check`` reads their values) are
   not kept;
 - kernel_options by every item's name, type and value; scale and enable_gqa by type and value;
-  ``torch.is_grad_enabled()``; torch's TF32 switch for fp32 inputs. (Not ``TRITON_INTERPRET``:
-  Triton reads it when flexattn's kernels are defined, so a later change is not honoured anyway.)
+  ``torch.is_grad_enabled()``; torch's TF32 switch for fp32 inputs; for CPU tensors
+  ``TRITON_INTERPRET`` (the whole path reads it on every call: without it a Triton call on CPU
+  tensors raises).
 
 Only inference calls are kept (no output requires grad: a call that needs gradients runs the whole
 path and ``FlexAttentionFunction`` every time), and only calls whose work is all in launches through
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -249,7 +251,7 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
             torch._C._cuda_getCurrentRawStream(index),
         )
     else:
-        where = threading.get_ident()
+        where = (threading.get_ident(), os.environ.get("TRITON_INTERPRET"))
     score = mask = places = options = score_fp = mask_fp = None
     if positions is None:  # (what may refuse the call comes before the fingerprints)
         tensors = (query, key, value)

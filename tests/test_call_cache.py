@@ -467,3 +467,65 @@ def test_the_entries_are_bounded(monkeypatch):
         for _ in range(2):
             flex_attention(q, k, v, scale=scale, kernel_options=TRITON)
     assert call_cache.kept() == 3
+
+
+# ---- .data swaps of the mask tables, TRITON_INTERPRET (found in review) ----------------------------
+
+
+_TABLES = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+
+
+def _head_one_sees_all(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) | (h == 1)
+
+
+def test_a_mask_table_data_swapped_to_a_view_at_the_same_address_is_not_replayed(misses):
+    """An entry checks the user's tables by identity, version and data pointer, and also their
+    shapes, strides and dtypes, which the host path reads (the broadcast
+    flags ``MASK_PER_HEAD`` / ``MASK_PER_BATCH``, the mask sizes passed to the kernel, the checks of
+    ``_check_block_mask``). ``t.data = t.data[:, :1]`` keeps both the version and the data pointer
+    but makes the mask broadcast head 0's lists to every head.
+
+    The call runs the whole host path (a miss) and head 1 reads head 0's lists, as the reference
+    does (a replay of the recorded per-head launch would have head 1 read its own, stale, lists)."""
+    q, k, v = _inputs()
+    mask = create_block_mask(_head_one_sees_all, None, H, L, L, device="cpu", BLOCK_SIZE=32)
+    _kept(q, k, v, block_mask=mask)
+    for name in _TABLES:
+        table = getattr(mask, name)
+        pointer = table.data_ptr()
+        table.data = table.data[:, :1]  # head 0's lists, at the same address, broadcast over heads
+        assert table.data_ptr() == pointer and getattr(mask, name).shape[1] == 1
+    out = flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
+    _assert_reference(out, q, k, v, block_mask=mask)  # (a hit: head 1 attends everywhere)
+    assert misses[0] == 3
+
+
+def test_a_mask_table_data_swapped_to_a_wrong_shape_raises_as_the_whole_path_does(misses):
+    """Error parity: a ``.data`` swap to a view at the same address that the whole host path refuses
+    (``_check_block_mask``: kv_indices with 1 kv block where the lengths need 2) raises its
+    ValueError, not a result computed from the recorded (2-block) shape."""
+    q, k, v = _inputs()
+    mask = create_block_mask(_head_one_sees_all, None, H, L, L, device="cpu", BLOCK_SIZE=32)
+    _kept(q, k, v, block_mask=mask)
+    table = mask.kv_indices
+    pointer = table.data_ptr()
+    table.data = table.data[..., :1]
+    assert table.data_ptr() == pointer
+    with pytest.raises(ValueError, match="kv_indices have"):
+        flex_attention(q, k, v, block_mask=mask, kernel_options=TRITON)
+
+
+def test_a_hit_raises_as_the_whole_path_does_once_the_interpreter_is_switched_off(misses, monkeypatch):
+    """Error parity: for CPU tensors the whole path reads ``TRITON_INTERPRET`` on every call
+    (``dispatch.choose_backend``, ``kernels.checks.check_qkv``), and so does the key: with it unset
+    the call raises the whole path's RuntimeError ("needs CUDA tensors ... set TRITON_INTERPRET=1"),
+    it is not served from the entry kept while it was set."""
+    q, k, v = _inputs()
+    _kept(q, k, v)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        flex_attention(q, k, v, kernel_options=TRITON)
+    call_cache.clear()  # (the whole path, for comparison: it raises)
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        flex_attention(q, k, v, kernel_options=TRITON)
