@@ -26,7 +26,8 @@ path, as before):
 - the BlockMask (``BlockMask`` or ``PagedBlockMask``; PyTorch's is converted anew every call) by
   identity, ``seq_lengths``, the identity of its ``block_tables``, the version of each kv-side
   table (an in-place edit is a miss), its ``mask_mod`` (fingerprint), its page table (identity,
-  version);
+  version); tables, page tables or captures made under ``torch.inference_mode`` have no version
+  counter (an in-place edit could not be seen), so calls reading them are not kept;
 - Positions by form: tensors on a GPU by their metadata (the kernels read their values; the host
   reads none), ``q_offset`` 0 and ``kv_offset`` by value; a nonzero int ``q_offset`` (a new key
   every decode step: pass a tensor) and CPU tensors (``Positions.check`` reads their values) are
