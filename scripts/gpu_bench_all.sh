@@ -3,6 +3,7 @@
 # under $OUT. Run them back to back on one warm machine:
 #   bash scripts/gpu_bench_all.sh kernels   # CPU fast path on this torch, every GPU test, Gluon forward, biases
 #   bash scripts/gpu_bench_all.sh serving   # decode, paged, host path, block masks, generate, HF models, GPT example
+#   bash scripts/gpu_bench_all.sh long      # generation over long caches, the host path at full length
 # Every stage is time-limited so one slow stage cannot eat the others; each prints its table's tail.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -37,6 +38,12 @@ elif [ "$stage" = serving ]; then
     timeout 60 python3 benchmarks/bench_transformers.py --models llama gemma2 --steps 5 --warmup 2 --new-tokens 8 \
         --json "$O/hf.json" > "$O/hf.log" 2>&1; tail -9 "$O/hf.log" | cut -c1-220
     timeout 45 python3 examples/train_gpt_packed.py --steps 30 > "$O/e2e.log" 2>&1; tail -2 "$O/e2e.log" | cut -c1-400
+elif [ "$stage" = long ]; then
+    # long caches, where decode attention is a large part of a step (issue #13's generate target)
+    timeout 300 python3 examples/generate.py --new-tokens 32 --prompt-lengths 4096-16384 --batch 8 \
+        --json "$O/generate_long.json" > "$O/generate_long.log" 2>&1; tail -14 "$O/generate_long.log" | cut -c1-220
+    timeout 60 python3 benchmarks/bench_host.py --json "$O/host_full.json" > "$O/host_full.log" 2>&1
+    tail -8 "$O/host_full.log" | cut -c1-200  # the full 5 x 500 calls, fused-merge column included
 else
-    echo "stage must be kernels or serving, got $stage"; exit 2
+    echo "stage must be kernels, serving or long, got $stage"; exit 2
 fi
