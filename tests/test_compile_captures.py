@@ -125,7 +125,7 @@ def test_new_python_constants_recompile(device):
 
     q, k, v = _inputs(device)
     compiled = _compiled()
-    for window, slope in ((3, 0.5), (9, 0.5), (9, 2.0), (20, 0.125)):
+    for window, slope in ((3, 0.5), (9, 0.5), (9, 2.0)):  # a new window, then a new slope alone
         block_mask = _mask(window_mask(window), device)
         score_mod = slope_mod(slope)
         _assert_same(
