@@ -144,7 +144,9 @@ class _Entry:
         # only this entry's launches write them, from one thread on one stream (the key's)
         self.scratch = None
         if lse.numel() * 4 <= SCRATCH_BYTES:
-            self.scratch = (torch.empty_like(lse), torch.empty_like(lse))
+            scratch = (torch.empty_like(lse), torch.empty_like(lse))
+            if not (scratch[0].data_ptr() | scratch[1].data_ptr()) & 15:
+                self.scratch = scratch
         self.launches = launches
 
     def run(self, tensors: tuple, want_lse: bool, want_max: bool) -> tuple | None:
@@ -168,15 +170,20 @@ class _Entry:
         device = tensors[0].device
         shape, stride, dtype = self.out
         out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        lse, max_scores = self.scratch or (None, None)
+        unaligned = (
+            out.data_ptr() & 15
+        )  # (an allocator that does not align to 16 bytes: Triton specialises on it)
+        lse, max_scores = self.scratch or (None, None)  # (aligned: checked when made)
         if want_lse or lse is None:
             lse = torch.empty_strided(self.stat_shape, self.stat_stride, dtype=torch.float32, device=device)
+            unaligned |= lse.data_ptr() & 15
         if want_max or max_scores is None:
             max_scores = torch.empty_strided(
                 self.stat_shape, self.stat_stride, dtype=torch.float32, device=device
             )
-        if (out.data_ptr() | lse.data_ptr() | max_scores.data_ptr()) & 15:
-            return None  # (an allocator that does not align to 16 bytes: Triton specialises on it)
+            unaligned |= max_scores.data_ptr() & 15
+        if unaligned:
+            return None
         q, k, v, *places = tensors
         values = (q, k, v, out, lse, max_scores, *places, *fixed)
         for relaunch, args in self.launches:
@@ -243,14 +250,13 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
     """``(key, call tensors, keep, mods)``, as :class:`Call` holds them."""
     device = query.device
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
+        # (torch.cuda.is_current_stream_capturing / current_device without their Python wrappers:
+        # a CUDA tensor means CUDA is initialised)
+        if torch._C._cuda_isCurrentStreamCapturing():
             raise _Unprepared
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        where = (
-            threading.get_ident(),
-            torch.cuda.current_device(),
-            torch._C._cuda_getCurrentRawStream(index),
-        )
+        current = torch._C._cuda_getDevice()
+        index = current if device.index is None else device.index
+        where = (threading.get_ident(), current, torch._C._cuda_getCurrentRawStream(index))
     else:
         where = (threading.get_ident(), os.environ.get("TRITON_INTERPRET"))
     score = mask = places = options = score_fp = mask_fp = None
