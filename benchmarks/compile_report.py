@@ -153,9 +153,8 @@ def compile_kernels(
             tables = None if mask_fn is None and paged is None else mask.tables()
             del common["options"]
             positions = Positions(q_offset=length - q_len)
-            merge = opts.DECODE_MERGE.lower()
             decode.flex_decode(
-                q, k, v, tables=tables, positions=positions, paged=paged, merge=merge, **common
+                q, k, v, tables=tables, positions=positions, paged=paged, merge=opts.DECODE_MERGE, **common
             )
         else:
             lse = torch.zeros(B, H, length)

@@ -87,7 +87,7 @@ class AttentionPlan:
             return flex_decode(
                 query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
                 tables=None if self.dense else self.tables, scale=self.scale, positions=positions,
-                splits=choice.splits, paged=self.kv_pages, merge=self.options.DECODE_MERGE.lower(),
+                splits=choice.splits, paged=self.kv_pages, merge=self.options.DECODE_MERGE,
             )  # fmt: skip
         prefill = self.prefill_forward(query, key, value, tiles_given=tiles is not None)
         if prefill.kind == "unsupported":

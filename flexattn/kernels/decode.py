@@ -57,6 +57,7 @@ from flexattn.kernels.tile_io import (
     wrap_index,
 )
 from flexattn.kernels.tiles import padded_head_dim
+from flexattn.options import DECODE_MERGES
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 SEARCH_CHUNK = tl.constexpr(128)  # list entries a search loads per round (one per thread at 4 warps)
@@ -365,7 +366,7 @@ def _merge_rows(PART_OUT, PART_LSE, PART_MAX, OUT, LSE, MAX_SCORES, o_strides, b
     stat = (b.to(tl.int64) * HQ + h) * Q_LEN + token  # split 0's row; the outputs' row
     split_stride = B * HQ * Q_LEN
     offs_ev = tl.arange(0, EV_PAD)
-    lse_max = tl.where(row_ok, float("-inf"), float("-inf"))
+    lse_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     max_score = lse_max
     for s in range(0, n_splits):
         part = stat + s * split_stride
@@ -429,7 +430,7 @@ def flex_decode(
     tiles: DecodeTiles | None = None,
     target: DeviceLimits | None = None,
     paged: PagedKV | None = None,
-    merge: str = "kernel",
+    merge: str = "KERNEL",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-KV attention forward for short queries (no backward: decoding is inference).
 
@@ -452,9 +453,9 @@ def flex_decode(
             the key length is ``paged.kv_len`` (logical positions: the mods, the tables and
             ``positions.kv_lengths`` see them). ``tables`` are required and must keep the softmax off
             rows of unreserved pages (``flexattn.paged.PagedAttention.convert_logical_block_mask``).
-        merge: how the splits' partials are combined: "kernel" (``_decode_merge_kernel``, a second
-            launch) or "fused" (the last split of each tile to finish merges them, counted by an
-            atomic in the workspace: one launch; kernel_options DECODE_MERGE).
+        merge: how the splits' partials are combined (kernel_options DECODE_MERGE's values): "KERNEL"
+            (``_decode_merge_kernel``, a second launch) or "FUSED" (the last split of each tile to finish merges them, counted by an
+            atomic in the workspace: one launch).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
@@ -465,7 +466,7 @@ def flex_decode(
     fit one) once, streams the keys of split s of sequence b (block-sparse: only listed kv blocks;
     exits at once when the split starts past ``kv_lengths[b]``) with the online softmax in registers,
     and writes a partial (out, lse, max) to an fp32 workspace. ``_decode_merge_kernel`` (one program
-    per output row) combines the partials of the splits that ran; with ``merge="fused"`` the last
+    per output row) combines the partials of the splits that ran; with ``merge="FUSED"`` the last
     program of (g, b) to finish does, over its tile's rows.
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
@@ -474,8 +475,8 @@ def flex_decode(
                                    mask_mod=compile_mask_mod(None), tables=None, scale=0.125)
     """
     positions = NO_POSITIONS if positions is None else positions
-    if merge not in MERGES:
-        raise ValueError(f"flex_decode: merge must be one of {MERGES}, got {merge!r}.")
+    if merge not in DECODE_MERGES:
+        raise ValueError(f"flex_decode: merge must be one of {DECODE_MERGES}, got {merge!r}.")
     if positions.kv_offset != 0:
         raise ValueError(
             f"flex_decode: Positions.kv_offset={positions.kv_offset} is not supported by the decode kernel; "
@@ -521,7 +522,7 @@ def flex_decode(
     if Lkv == 0:
         return out.zero_(), lse.fill_(float("-inf")), max_scores.fill_(float("-inf"))
     work = decode_workspace(launch.splits, B, Hq, Lq, Ev, q.device)
-    fused = (out, lse, max_scores) if merge == "fused" else None
+    fused = (out, lse, max_scores) if merge == "FUSED" else None
     _launch_split(q, k, v, work, positions, tables, score_mod, mask_mod, float(scale), launch, paged, fused)
     if fused is None:
         _launch_merge(
@@ -637,4 +638,3 @@ def _launch_merge(
 _SPLIT_LAUNCHES = LaunchCache(_decode_split_kernel)
 _MERGE_LAUNCHES = LaunchCache(_decode_merge_kernel)
 _DENSE_FLAGS = {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}  # no block mask: nothing broadcast
-MERGES = ("kernel", "fused")  # flex_decode's merge: a second launch, or the splits' last program

@@ -111,7 +111,7 @@ def run_decode(
     lengths=None,
     splits=None,
     tiles=None,
-    merge="kernel",
+    merge="KERNEL",
 ):
     """flex_decode of the last Lq tokens of each sequence vs the whole-sequence reference."""
     lengths = [L] * B if lengths is None else lengths

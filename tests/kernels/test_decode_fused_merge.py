@@ -1,4 +1,4 @@
-"""The decode kernel's fused merge (``flex_decode(merge="fused")``, kernel_options DECODE_MERGE):
+"""The decode kernel's fused merge (``flex_decode(merge="FUSED")``, kernel_options DECODE_MERGE):
 the last split of each tile to finish merges the partials in the same launch.
 
 Against the float64 reference (``test_decode.run_decode``) and against the merge kernel, whose
@@ -47,18 +47,18 @@ def test_fused_merge_matches_reference_and_merge_kernel(
 ):
     torch.manual_seed(B * 1000 + L)
     q, k, v, out, lse, mx = run_decode(
-        B, Hq, Hkv, Lq, L, E, variant, blocks=blocks, splits=splits, lengths=lengths, merge="fused"
+        B, Hq, Hkv, Lq, L, E, variant, blocks=blocks, splits=splits, lengths=lengths, merge="FUSED"
     )
     torch.manual_seed(B * 1000 + L)  # the same inputs and mods again, merged by the merge kernel
     _, _, _, out_k, lse_k, mx_k = run_decode(
-        B, Hq, Hkv, Lq, L, E, variant, blocks=blocks, splits=splits, lengths=lengths, merge="kernel"
+        B, Hq, Hkv, Lq, L, E, variant, blocks=blocks, splits=splits, lengths=lengths, merge="KERNEL"
     )
     assert torch.equal(out, out_k) and torch.equal(lse, lse_k) and torch.equal(mx, mx_k)
 
 
 def test_rows_beyond_one_tile_are_merged_per_tile():
     """24 packed rows in 16-row tiles: each row tile counts its own splits' arrivals."""
-    run_decode(1, 4, 1, 6, 40, 16, "alibi-causal", tiles=DecodeTiles(16, 16, 4, 1), splits=3, merge="fused")
+    run_decode(1, 4, 1, 6, 40, 16, "alibi-causal", tiles=DecodeTiles(16, 16, 4, 1), splits=3, merge="FUSED")
 
 
 def test_empty_sequences_and_the_counters_between_calls():
@@ -73,8 +73,8 @@ def test_empty_sequences_and_the_counters_between_calls():
     for lengths in ([40, 0, 23], [7, 40, 0], [40, 40, 40]):
         n = torch.tensor(lengths, dtype=torch.int32)
         positions = Positions(q_offset=(n - Lq).clamp(min=0), kv_lengths=n)
-        fused = flex_decode(q, k, v, positions=positions, merge="fused", **args)
-        kernel = flex_decode(q, k, v, positions=positions, merge="kernel", **args)
+        fused = flex_decode(q, k, v, positions=positions, merge="FUSED", **args)
+        kernel = flex_decode(q, k, v, positions=positions, merge="KERNEL", **args)
         for name, a, b in zip(("out", "lse", "max_scores"), fused, kernel):
             assert torch.equal(a, b), f"{name} with lengths {lengths}"
         for b, length in enumerate(lengths):
