@@ -181,13 +181,15 @@ def _relative_bias_table(B, H, Lq, Lkv, device):
     return Mods(relative_bias, None, (bias,))
 
 
-def _per_head_bias_causal(B, H, Lq, Lkv, device):
-    bias = torch.randn(H, Lq, device=device)
+def _per_head_query_temperature_causal(B, H, Lq, Lkv, device):
+    # A temperature per (head, query row), not a bias: a bias constant along a row cancels in the
+    # softmax, so its gradient is zero up to rounding and no relative error bound can judge it.
+    temperature = 1 + 0.25 * torch.randn(H, Lq, device=device)
 
-    def head_query_bias(score, b, h, q_idx, kv_idx):
-        return score + bias[h, q_idx]
+    def head_query_temperature(score, b, h, q_idx, kv_idx):
+        return score * temperature[h, q_idx]
 
-    return Mods(head_query_bias, _causal, (bias,))
+    return Mods(head_query_temperature, _causal, (temperature,))
 
 
 def _captured_scalar(B, H, Lq, Lkv, device):
@@ -328,7 +330,7 @@ CATALOG: dict[str, Callable[..., Mods]] = {
     "v-t5-relative-bias": _v_t5_relative_bias,
     "v-learned-sink": _v_learned_sink,
     "relative-bias-table": _relative_bias_table,
-    "head-query-bias-causal": _per_head_bias_causal,
+    "head-query-temperature-causal": _per_head_query_temperature_causal,
     "captured-scalar": _captured_scalar,
     "gather-of-gather": _gather_of_gather,
     "interval-gather-then-index": _interval_gather_then_index,

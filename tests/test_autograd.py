@@ -200,7 +200,7 @@ GPU_SHAPE = Shape(B=2, Hq=8, Hkv=2, Lq=777, Lkv=1025, E=64)
 # A cross-section of the catalog (each entry compiles its own kernels: ~6 s of GPU time apiece).
 GPU_ENTRIES = [
     "causal", "v-document-causal", "v-alibi-causal", "v-tanh-softcap", "v-learned-sink",
-    "relative-bias-table", "head-query-bias-causal", "gather-of-gather", "late-rows-only",
+    "relative-bias-table", "head-query-temperature-causal", "gather-of-gather", "late-rows-only",
     "per-batch-head-window",
 ]  # fmt: skip
 

@@ -7,10 +7,11 @@ import inspect
 import pytest
 import torch
 
-from flexattn import create_mask
+from flexattn import create_block_mask, create_mask
 from flexattn import variants as V
 from tests import catalog
 from tests.catalog import CATALOG, MASK_MODS, SCORE_MODS, Mods
+from tests.helpers import Shape, gold_and_eager, make_qkv
 
 # Helpers of flexattn.variants that build tensors rather than mods (used by the catalog or not).
 TENSOR_HELPERS = {
@@ -47,3 +48,32 @@ def test_entries_build_and_evaluate_for_any_size(entry, sizes):
     for mod in (score_mod, mask_mod):
         if mod is not None:  # every index in range: no out-of-bounds gathers at tiny lengths
             assert create_mask(mod, *sizes, device="cpu").shape == sizes
+
+
+WITH_PARAMS = [name for name in CATALOG if CATALOG[name](1, 1, 1, 1, "cpu").params]
+
+
+@pytest.mark.parametrize("entry", WITH_PARAMS)
+def test_learnable_params_have_gradients_a_relative_bound_can_judge(entry):
+    """A captured parameter whose gradient is zero in exact arithmetic (a bias constant along a
+    softmax row cancels) has a float64 gold of pure rounding noise: err / max|gold| is then random and
+    every three-way check of it is a coin toss. The catalog holds no such parameter."""
+    shape = Shape(B=2, Hq=4, Lq=33, Lkv=40, E=16)
+    mods = CATALOG[entry](shape.B, shape.Hq, shape.Lq, shape.lkv, "cpu")
+    params = [p.requires_grad_() for p in mods.params]
+    q, k, v = make_qkv(shape, torch.float32, requires_grad=True)
+    mask = (
+        None
+        if mods.mask_mod is None
+        else create_block_mask(
+            mods.mask_mod, shape.B, shape.Hq, shape.Lq, shape.lkv, device="cpu", BLOCK_SIZE=16
+        )
+    )
+    dout = torch.randn(shape.B, shape.Hq, shape.Lq, shape.ev)
+    gold, _ = gold_and_eager(q, k, v, score_mod=mods.score_mod, block_mask=mask, dout=dout, params=params)
+    dq_scale = gold.grads[0].abs().max().item()
+    for i, grad in enumerate(gold.grads[3:]):
+        assert grad is not None and grad.abs().max().item() > 1e-6 * dq_scale, (
+            f"{entry}: param {i}'s gradient vanishes (max {grad.abs().max().item():.3g} against "
+            f"dq's {dq_scale:.3g})"
+        )
