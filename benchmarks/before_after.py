@@ -2,16 +2,18 @@
 
 A redesign that must not change speed (issue #11: "no row slower by more than 2% than before the
 change, measured in the same call") needs both versions timed on one machine in one sitting. Two
-versions of one package cannot share a process, so each tree runs in its own worker process, and
-the workers alternate (before, after, before, after, ...) so that drift of the card hits both alike;
-each row keeps the best (lowest) time of its rounds. Variants, configs, inputs and timing are those
-of each tree's own ``benchmarks/bench_attention.py`` (``make_variants``, ``CONFIGS``, ``bench_ms``,
-``timed``), flexattn alone. Before the timed rounds, one warm-up worker per tree runs every call
-once, in parallel, so the Triton cache is warm and no timed worker compiles.
+versions of one package cannot share a process, so each tree runs in its own worker process, both
+alive at once and driven row by row over a pipe: for every row the workers take turns (before,
+after, after, before, ...), one timing each per round, so that drift of the card between rounds
+hits both alike and a row's two trees are timed seconds apart. A row's ratio is the median over
+rounds of its paired ratios (after / before of the same round); its ms are the best of its rounds.
+Variants, configs, inputs and timing are those of each tree's own ``benchmarks/bench_attention.py``
+(``make_variants``, ``CONFIGS``, ``bench_ms``, ``timed``), flexattn alone. Before the timed rounds
+both workers run every call once, in parallel, so the Triton cache is warm and no timing compiles.
 
 Usage (CUDA machine, repository root; the earlier tree e.g. from ``git archive <rev> | tar -x -C DIR``)::
 
-    python benchmarks/before_after.py --before .old/base --after . --json before_after.json
+    python benchmarks/before_after.py --before .old/base --after . --rounds 6 --json before_after.json
     python benchmarks/before_after.py --before .old/base --head-dims 128 --variants noop
 """
 
@@ -20,16 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+PARTS = ("fwd_ms", "bwd_ms")
 
-def worker(
-    tree: Path, variants: list[str] | None, head_dims: list[int] | None, warmup_only: bool
-) -> list[dict]:
-    """Time flexattn fwd and fwd+bwd for every row, with ``tree``'s flexattn and benchmark code."""
+
+def tree_rows(tree: Path, variants: list[str] | None, head_dims: list[int] | None) -> list[tuple]:
+    """``(config, variant, forward, forward_backward)`` for every row, with ``tree``'s flexattn and
+    benchmark code (inputs, masks and closures built once)."""
     sys.path.insert(0, str(tree / "benchmarks"))
     sys.path.insert(0, str(tree))
     import bench_attention as ba  # the tree's own variants, configs and timing
@@ -60,68 +63,101 @@ def worker(
                     q, k, v, score_mod=score, block_mask=mask, kernel_options=options
                 )
 
-            forward, both = ba.timed(call, q, k, v, False), ba.timed(call, q, k, v, True)
-            if warmup_only:
-                forward(), both()
-                continue
-            fwd_ms, both_ms = ba.bench_ms(forward, False), ba.bench_ms(both, False)
-            rows.append(
-                {"config": str(cfg), "variant": var.name, "fwd_ms": fwd_ms, "bwd_ms": both_ms - fwd_ms}
-            )
-            print(f"  {cfg} {var.name}: fwd {fwd_ms:.3f} ms, bwd {both_ms - fwd_ms:.3f} ms", flush=True)
-        torch.cuda.synchronize()
+            rows.append((str(cfg), var.name, ba.timed(call, q, k, v, False), ba.timed(call, q, k, v, True)))
     return rows
 
 
-def run_worker(tree: Path, args, warmup_only: bool = False) -> subprocess.Popen:
-    out = Path(tempfile.mkstemp(suffix=".json")[1])
-    cmd = [sys.executable, __file__, "--worker", str(tree), "--worker-json", str(out)]
-    cmd += ["--variants", *args.variants] if args.variants else []
-    cmd += ["--head-dims", *map(str, args.head_dims)] if args.head_dims else []
-    cmd += ["--warmup-only"] if warmup_only else []
-    env = dict(os.environ, PYTHONPATH=str(tree))
-    proc = subprocess.Popen(cmd, env=env)
-    proc.out_path = out  # type: ignore[attr-defined]
-    return proc
+def serve(tree: Path, variants: list[str] | None, head_dims: list[int] | None) -> None:
+    """A worker: one JSON request per stdin line, one JSON answer per stdout line.
+
+    ``{"cmd": "rows"}`` -> the rows' ``[config, variant]``; ``{"cmd": "warm"}`` -> runs every call
+    once; ``{"cmd": "time", "row": i}`` -> ``{"fwd_ms", "bwd_ms"}`` of row i."""
+    sys.path.insert(0, str(tree / "benchmarks"))
+    import bench_attention as ba
+    import torch
+
+    rows = tree_rows(tree, variants, head_dims)
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # (anything the tree prints stays off the pipe)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "rows":
+            reply = [[c, v] for c, v, _, _ in rows]
+        elif request["cmd"] == "warm":
+            for _, _, forward, both in rows:
+                forward(), both()
+            torch.cuda.synchronize()
+            reply = "warm"
+        else:
+            _, _, forward, both = rows[request["row"]]
+            fwd_ms, both_ms = ba.bench_ms(forward, False), ba.bench_ms(both, False)
+            reply = {"fwd_ms": fwd_ms, "bwd_ms": both_ms - fwd_ms}
+        answer.write(json.dumps(reply) + "\n")
+        answer.flush()
 
 
-def collect(proc: subprocess.Popen, tree: Path) -> list[dict]:
-    if proc.wait() != 0:
-        raise SystemExit(f"worker for {tree} failed (exit {proc.returncode})")
-    return json.loads(proc.out_path.read_text())  # type: ignore[attr-defined]
+class Worker:
+    """The parent's end of one tree's worker process."""
+
+    def __init__(self, tree: Path, args):
+        cmd = [sys.executable, __file__, "--worker", str(tree)]
+        cmd += ["--variants", *args.variants] if args.variants else []
+        cmd += ["--head-dims", *map(str, args.head_dims)] if args.head_dims else []
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        self.tree = tree
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def send(self, request: dict) -> None:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker for {self.tree} failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, request: dict):
+        self.send(request)
+        return self.receive()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def compare(before: list[list[dict]], after: list[list[dict]]) -> list[dict]:
-    """One row per (config, variant): best-of-rounds ms of each tree and after/before ratios."""
-
-    def best(rounds):
-        table = {}
-        for rows in rounds:
-            for r in rows:
-                key = (r["config"], r["variant"])
-                old = table.get(key, {"fwd_ms": float("inf"), "bwd_ms": float("inf")})
-                table[key] = {p: min(old[p], r[p]) for p in ("fwd_ms", "bwd_ms")}
-        return table
-
-    b, a = best(before), best(after)
-    return [
-        {
-            "config": key[0],
-            "variant": key[1],
-            "before": b[key],
-            "after": a[key],
-            "fwd_ratio": a[key]["fwd_ms"] / b[key]["fwd_ms"],
-            "bwd_ratio": a[key]["bwd_ms"] / b[key]["bwd_ms"],
-        }
-        for key in b
-        if key in a
-    ]
+def interleaved(before, after, rounds: int, log=print) -> list[dict]:
+    """Time every row shared by both workers (``ask(request)`` objects, see ``serve``) ``rounds``
+    times, alternating which tree goes first; one dict per row: ``config``, ``variant``, ``before``
+    and ``after`` (best ms of each part), ``fwd_ratio`` / ``bwd_ratio`` (median paired ratio) and
+    ``fwd_ratios`` / ``bwd_ratios`` (every round's)."""
+    names_b = [tuple(r) for r in before.ask({"cmd": "rows"})]
+    names_a = {tuple(r): i for i, r in enumerate(after.ask({"cmd": "rows"}))}
+    out = []
+    for i, name in enumerate(names_b):
+        if name not in names_a:
+            continue
+        times = {"before": [], "after": []}
+        for j in range(rounds):
+            order = [("before", before, i), ("after", after, names_a[name])]
+            for tag, worker, row in order if j % 2 == 0 else reversed(order):
+                times[tag].append(worker.ask({"cmd": "time", "row": row}))
+        row = {"config": name[0], "variant": name[1]}
+        for tag in ("before", "after"):
+            row[tag] = {p: min(t[p] for t in times[tag]) for p in PARTS}
+        for p, key in zip(PARTS, ("fwd", "bwd")):
+            ratios = [a[p] / b[p] for a, b in zip(times["after"], times["before"])]
+            row[f"{key}_ratios"] = ratios
+            row[f"{key}_ratio"] = statistics.median(ratios)
+        log(f"  {name[0]} {name[1]}: fwd x{row['fwd_ratio']:.3f}, bwd x{row['bwd_ratio']:.3f}")
+        out.append(row)
+    return out
 
 
 def markdown(rows: list[dict], limit: float) -> str:
     lines = [
-        "| config | variant | fwd ms before | fwd ms after | after/before "
-        "| bwd ms before | bwd ms after | after/before |",
+        "| config | variant | fwd ms before | fwd ms after | after/before (median paired) "
+        "| bwd ms before | bwd ms after | after/before (median paired) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -138,38 +174,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, help="the earlier tree (flexattn/ + benchmarks/)")
     parser.add_argument("--after", type=Path, default=Path("."), help="the tree under test (default: here)")
-    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per tree, alternating")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per row, alternating")
     parser.add_argument("--limit", type=float, default=0.02, help="flag rows slower than this fraction")
     parser.add_argument("--variants", nargs="*")
     parser.add_argument("--head-dims", type=int, nargs="*")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-json", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--warmup-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        rows = worker(args.worker, args.variants, args.head_dims, args.warmup_only)
-        args.worker_json.write_text(json.dumps(rows))
+        serve(args.worker, args.variants, args.head_dims)
         return
     if args.before is None:
         parser.error("--before is required: the earlier tree to compare against")
-    trees = (args.before, args.after)
-    warm = [run_worker(t, args, warmup_only=True) for t in trees]  # compile both in parallel
-    for proc, tree in zip(warm, trees):
-        collect(proc, tree)
-    results: dict[Path, list[list[dict]]] = {t: [] for t in trees}
-    for i in range(args.rounds):
-        for tree in trees if i % 2 == 0 else reversed(trees):
-            print(f"round {i + 1}: {tree}", flush=True)
-            results[tree].append(collect(run_worker(tree, args), tree))
-    rows = compare(results[args.before], results[args.after])
+    before, after = Worker(args.before, args), Worker(args.after, args)
+    for w in (before, after):  # compile both trees' kernels in parallel
+        w.send({"cmd": "warm"})
+    for w in (before, after):
+        w.receive()
+    rows = interleaved(before, after, args.rounds)
+    before.close(), after.close()
     print(markdown(rows, args.limit))
     worst = max(max(r["fwd_ratio"], r["bwd_ratio"]) for r in rows)
-    print(f"slowest row after/before: {worst:.3f} (limit {1 + args.limit:.2f})")
+    print(f"slowest row after/before (median of {args.rounds} paired rounds): {worst:.3f} "
+          f"(limit {1 + args.limit:.2f})")  # fmt: skip
     if args.json:
-        args.json.write_text(
-            json.dumps({"rows": rows, "rounds": {str(t): results[t] for t in trees}}, indent=1)
-        )
+        args.json.write_text(json.dumps({"rows": rows, "rounds": args.rounds}, indent=1))
 
 
 if __name__ == "__main__":
