@@ -4,6 +4,7 @@
 #   bash scripts/gpu_bench_all.sh kernels   # CPU fast path on this torch, every GPU test, Gluon forward, biases
 #   bash scripts/gpu_bench_all.sh serving   # decode, paged, host path, block masks, generate, HF models, GPT example
 #   bash scripts/gpu_bench_all.sh long      # generation over long caches, the host path at full length
+#   bash scripts/gpu_bench_all.sh decide    # the open targets' side-by-side rows (#11 before/after, #12 masks)
 # Every stage is time-limited so one slow stage cannot eat the others; each prints its table's tail.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -44,6 +45,14 @@ elif [ "$stage" = long ]; then
         --json "$O/generate_long.json" > "$O/generate_long.log" 2>&1; tail -14 "$O/generate_long.log" | cut -c1-220
     timeout 60 python3 benchmarks/bench_host.py --json "$O/host_full.json" > "$O/host_full.log" 2>&1
     tail -8 "$O/host_full.log" | cut -c1-200  # the full 5 x 500 calls, fused-merge column included
+elif [ "$stage" = decide ]; then
+    # issue #11: no row >2% slower than the tree before the redesign (carry .old: git archive 42fede2)
+    timeout 420 python3 benchmarks/before_after.py --before .old/base --rounds 6 --json "$O/before_after.json" \
+        > "$O/before_after.log" 2>&1; tail -18 "$O/before_after.log" | cut -c1-220
+    # issue #12: prefix-LM and document masks next to torch's compiled builder, B1 and B8
+    timeout 170 python3 benchmarks/bench_block_mask.py --masks prefix_lm document --sizes 8k 32k 128k --batch 1 8 \
+        --builders flexattn torch-compiled --rep-seconds 1 \
+        --json "$O/block_mask_decide.json" > "$O/block_mask_decide.log" 2>&1; tail -16 "$O/block_mask_decide.log" | cut -c1-220
 else
-    echo "stage must be kernels, serving or long, got $stage"; exit 2
+    echo "stage must be kernels, serving, long or decide, got $stage"; exit 2
 fi
