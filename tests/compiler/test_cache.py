@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from flexattn.compiler import codegen_count, compile_mask_mod, compile_score_mod
+from flexattn.compiler import cache, codegen_count, compile_mask_mod, compile_score_mod
 from flexattn.compiler.analysis import encode_int
 from tests.compiler.harness import eager_score, run_score
 
@@ -54,6 +54,7 @@ def test_new_values_lengths_and_closures_generate_no_code():
 
 
 def test_python_numbers_are_part_of_the_key():
+    cache.clear()  # a miss is what is counted: not a hit on a run of this test before (seed sweeps)
     table = torch.randn(2, 9)
     compile_score_mod(relative_bias_mod(table, 4, 0.5), device="cpu")
     before = codegen_count()
@@ -68,6 +69,7 @@ def test_python_numbers_are_part_of_the_key():
     ["dtype", "rank", "requires-grad"],
 )
 def test_capture_dtype_rank_and_grad_are_part_of_the_key(change):
+    cache.clear()  # (as above)
     table = torch.randn(3, 9)
     compile_score_mod(relative_bias_mod(table, 4), device="cpu")
     before = codegen_count()

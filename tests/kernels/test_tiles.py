@@ -122,7 +122,7 @@ class FakeCompiler:
 
 
 def test_too_big_a_compiled_kernel_is_shrunk_once_and_the_fit_remembered():
-    compiler, key = FakeCompiler(max_block_n=32), ("fit-test", 1)
+    compiler, key = FakeCompiler(max_block_n=32), ("fit-test", object())  # fresh: none remembered yet
     first = Tiles(128, 128, 8, 3, "default")
     ran = launch_within_resources(compiler, first, key, user_set=False)
     assert (ran.BLOCK_M, ran.BLOCK_N, ran.num_stages) == (128, 32, 2)
