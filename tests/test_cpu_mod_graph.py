@@ -62,9 +62,10 @@ def test_in_place_values_and_derivative_match_vmap_and_autograd(mod):
     assert mg is not None
     grids = (index(0, B, "cpu").view(-1, 1, 1, 1), index(0, H, "cpu").view(1, -1, 1, 1),
              q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))  # fmt: skip
-    forward_only = ModValues(mg, keep_for_backward=False).modded(raw.clone(), *grids)
+    scaled = raw * mg.score_factor  # what the engine's matmul gives (the factor is in its q)
+    forward_only = ModValues(mg, keep_for_backward=False).modded(scaled.clone(), *grids)
     values = ModValues(mg, keep_for_backward=True)
-    got = values.modded(raw.clone(), *grids)
+    got = values.modded(scaled.clone(), *grids)
     got_grad = values.dscore(dout.clone())
     torch.testing.assert_close(forward_only, want.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@
     sdpa_engine.py   masks and additive mods: PyTorch's CPU flash kernel per chunk, fwd and bwd
     fused_engine.py  any score_mod: chunked fp32 matmul + mod + softmax, LSE-only backward
     mod_graph.py     a score_mod and its derivative from the compiler's IR, in place (fused engine)
+    scales.py        the mod graph's constant factors gathered into one multiply (fewer passes)
 
 Same semantics as every backend (docs/architecture.md, "Semantics"); memory stays one chunk's
 mask / scores, never B*H*Lq*Lkv. What falls back to the reference backend, and why, is

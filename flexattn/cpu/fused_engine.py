@@ -27,7 +27,7 @@ import torch
 
 from flexattn.cpu.chunk_masks import ChunkMasks
 from flexattn.cpu.chunks import Chunk, split_full
-from flexattn.cpu.mod_graph import ModGraph, ModValues
+from flexattn.cpu.mod_graph import GridScratch, ModGraph, ModValues
 from flexattn.mod_eval import eval_score_mod, index
 
 # Score elements (B * Hq * rows * cols) per step of a chunk: rows are cut to fit. Large, so that a
@@ -59,6 +59,9 @@ class FusedRun:
                  kv_len: int, graph: ModGraph | None = None):  # fmt: skip
         self.chunks, self.masks, self.score_mod, self.scale = chunks, masks, score_mod, scale
         self.kv_len, self.graph = kv_len, graph
+        # the graph's score input is this times the raw score: folded into q's scaling (q5)
+        self.score_factor = 1.0 if graph is None else graph.score_factor
+        self.scratch: GridScratch | None = None  # the mod graph's grids, during one pass only
 
     def steps(self, B: int, Hq: int):
         """``(chunk, rows)`` pieces: each chunk cut into row ranges of about STEP_ELEMENTS scores."""
@@ -68,12 +71,22 @@ class FusedRun:
             for start in range(c.start, c.stop, rows):
                 yield c, slice(start, min(start + rows, c.stop))
 
+    def step_numel(self, B: int, Hq: int) -> int:
+        """The most score elements of one step's (B, Hq, rows, cols) grid."""
+        return max((B * Hq * min(c.rows, max(1, STEP_ELEMENTS // max(1, B * Hq * c.cols))) * c.cols
+                    for c in self.chunks), default=0)  # fmt: skip
+
     def workspace(self, B: int, Hq: int) -> torch.Tensor:
         """fp32 scratch for one step's (B, Hq, rows, cols) grid (fresh grids of this size cost
         page faults on every step)."""
-        most = max((B * Hq * min(c.rows, max(1, STEP_ELEMENTS // max(1, B * Hq * c.cols))) * c.cols
-                    for c in self.chunks), default=0)  # fmt: skip
-        return torch.empty(most, dtype=torch.float32, device="cpu")
+        return torch.empty(self.step_numel(B, Hq), dtype=torch.float32, device="cpu")
+
+    def begin_pass(self, B: int, Hq: int) -> None:
+        """Before the forward's or the backward's steps: the mod graph's scratch grids."""
+        self.scratch = GridScratch(self.step_numel(B, Hq)) if self.graph is not None else None
+
+    def end_pass(self) -> None:
+        self.scratch = None  # (not held from the forward to the backward: a model has many layers)
 
     def keys(self, c: Chunk, k5, v15) -> ChunkKeys:
         """The chunk's keys, values (``v15``: [v | 1], (B, Hkv, 1, Lkv, Ev + 1)) and mask."""
@@ -106,7 +119,7 @@ class FusedRun:
             return raw, raw, None
         q_idx = index(rows.start, rows.stop, raw.device)
         if self.graph is not None:
-            values = ModValues(self.graph, keep_for_backward=grad)
+            values = ModValues(self.graph, keep_for_backward=grad, scratch=self.scratch)
             b = index(0, B, raw.device).view(-1, 1, 1, 1)
             h = index(0, Hkv * G, raw.device).view(1, -1, 1, 1)
             s = values.modded(raw, b, h, q_idx.view(1, 1, -1, 1), keys.kv_idx.view(1, 1, 1, -1))
@@ -129,12 +142,13 @@ def fused_forward(run: FusedRun, q, k, v, want_max: bool):
     """``(out (B, Hq, Lq, Ev) q's dtype, lse (B, Hq, Lq) fp32, max_scores or None)``."""
     B, Hq, Lq, _ = q.shape
     Hkv, Ev = k.shape[1], v.shape[-1]
-    q5, k5, v5 = _as_fp32_groups(q, k, v, run.scale)
+    q5, k5, v5 = _as_fp32_groups(q, k, v, run.scale * run.score_factor)
     v15 = _with_ones(v5)
     out = torch.zeros(B, Hkv, Hq // Hkv, Lq, Ev, dtype=torch.float32, device="cpu")
     lse = torch.full((B, Hq, Lq), -math.inf, device="cpu")
     max_scores = torch.full((B, Hq, Lq), -math.inf, device="cpu") if want_max else None
     keys, current, work = None, None, run.workspace(B, Hq)
+    run.begin_pass(B, Hq)
     for c, rows in run.steps(B, Hq):
         if c.cols == 0:
             continue
@@ -152,6 +166,7 @@ def fused_forward(run: FusedRun, q, k, v, want_max: bool):
         denom = o[..., -1:]
         out[:, :, :, rows] = o[..., :-1] / denom.masked_fill(denom == 0, 1.0)
         lse[:, :, rows] = (m + denom.reshape(m.shape).log()).squeeze(-1)
+    run.end_pass()
     return out.view(B, Hq, Lq, Ev).to(q.dtype), lse, max_scores
 
 
@@ -159,7 +174,7 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
     """``(dq, dk, dv, *dcaptures)``: q, k, v's dtypes; capture gradients None where unused."""
     B, Hq, Lq, E = q.shape
     Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
-    q5, k5, v5 = _as_fp32_groups(q, k, v, run.scale)
+    q5, k5, v5 = _as_fp32_groups(q, k, v, run.scale * run.score_factor)
     do5 = dout.to(torch.float32).view(B, Hkv, G, Lq, -1)
     delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1)  # (B, Hq, Lq)
     if dlse is not None:
@@ -173,6 +188,7 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
     keys, current = None, None
     need_mod_grad = run.score_mod is not None
     work, work_dp = run.workspace(B, Hq), run.workspace(B, Hq)
+    run.begin_pass(B, Hq)
     for c, rows in run.steps(B, Hq):
         if c.cols == 0:
             continue
@@ -205,9 +221,12 @@ def fused_backward(run: FusedRun, q, k, v, out, lse, dout, dlse, captures):
                     dcaps[i] = g if dcaps[i] is None else dcaps[i] + g
         ds5 = ds.view(B, Hkv, G, r, -1)
         dq[:, :, :, rows] = (ds5 @ keys.k) * run.scale
-        dk_c = (ds5.transpose(-1, -2) @ q5[:, :, :, rows]).sum(2)  # q5 holds q * scale
+        dk_c = (ds5.transpose(-1, -2) @ q5[:, :, :, rows]).sum(2)  # q5 holds q * scale * factor
+        if run.score_factor != 1.0:
+            dk_c.div_(run.score_factor)
         _add_columns(dk, keys, dk_c)
         _add_columns(dv, keys, dv_c)
+    run.end_pass()
     dq = dq.view(B, Hq, Lq, E).to(q.dtype)
     return (dq, dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype), *dcaps)
 

@@ -7,7 +7,9 @@ mod's traced graph (``flexattn.compiler``; ``ir.evaluate``'s op meanings) runs o
 broadcastable index grids (b (B,1,1,1), h (1,H,1,1), q_idx (1,1,r,1), kv_idx (1,1,1,c)), writing
 each op's result into an operand grid the graph no longer needs (``out=``), and the backward runs
 the compiler's derivative graph (``compiler/autodiff.py``: PyTorch's derivative formulas, float32)
-on the forward's kept values, also in place.
+on the forward's kept values, also in place. Both graphs first have their constant factors gathered
+(``cpu/scales.py``: soft-capping's backward is three passes instead of five), and a score used
+only times a constant takes it in the engine's query scaling (``ModGraph.score_factor``).
 
 Only mods without gathers or searches (``load`` / ``search`` nodes: the kernels clamp an index
 there where eager raises, so those stay on ``vmap``) and without learnable captures take this path.
@@ -15,6 +17,7 @@ there where eager raises, so those stay on ``vmap``) and without learnable captu
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from flexattn.compiler.ir import INPUTS, OP_TORCH, Graph, _apply
+from flexattn.cpu.scales import fold_scales, score_factor
 
 # ops whose torch function takes ``out=`` (a float result written over a dead operand grid)
 _IN_PLACE = frozenset({
@@ -35,8 +39,10 @@ _IN_PLACE = frozenset({
 
 @dataclass(frozen=True)
 class ModGraph:
-    """A score mod's graph: ``output`` (the modded score) and ``dscore`` (its derivative times the
-    ``dout`` input) nodes; ``forward`` / ``backward``: the live nodes of each, in order."""
+    """A score mod's graph: ``output`` (the modded score) and ``dscore`` (its derivative in the raw
+    score, times the ``dout`` input) nodes; ``forward`` / ``backward``: the live nodes of each, in
+    order. The graph's ``score`` input is ``score_factor`` times the raw score (the engine folds it
+    into its query scaling; ``dscore`` stays the derivative in the raw score)."""
 
     graph: Graph
     output: int
@@ -44,6 +50,7 @@ class ModGraph:
     forward: tuple[int, ...]
     backward: tuple[int, ...]
     uses: tuple[int, ...]  # per node: how many forward + backward nodes read it
+    score_factor: float = 1.0
 
 
 _CACHE: OrderedDict[tuple, tuple[tuple, ModGraph | None]] = OrderedDict()
@@ -85,28 +92,37 @@ def _build(score_mod: Callable, device: torch.device) -> ModGraph | None:
     if program.read_tensor_values or graph.captures or any(n.op in ("load", "search") for n in graph.nodes):
         return None
     gradient = differentiate(graph, program.output, set())
-    forward = tuple(graph.live([program.output]))
+    graph, outputs = fold_scales(graph, [program.output, gradient.dscore])
+    factor = score_factor(graph, outputs)  # e.g. soft-capping's 1 / c: the caller scales the score
+    if factor != 1.0:
+        graph, outputs = fold_scales(graph, outputs, factor)
+    output, dscore = outputs
+    forward = tuple(graph.live([output]))
     fwd = set(forward)
-    backward = tuple(i for i in graph.live([gradient.dscore]) if i not in fwd)
+    backward = tuple(i for i in graph.live([dscore]) if i not in fwd)
     uses = [0] * len(graph.nodes)
     for i in forward + backward:
         for a in graph.nodes[i].args:
             uses[a] += 1
-    return ModGraph(graph, program.output, gradient.dscore, forward, backward, tuple(uses))
+    return ModGraph(graph, output, dscore, forward, backward, tuple(uses), factor)
 
 
 class ModValues:
     """One step's evaluation: ``modded(score, b, h, q, kv)`` runs the forward (``score`` may be
     overwritten), ``dscore(dout)`` the derivative on the kept values (``dout`` may be overwritten)."""
 
-    def __init__(self, mg: ModGraph, keep_for_backward: bool):
+    def __init__(self, mg: ModGraph, keep_for_backward: bool, scratch: GridScratch | None = None):
         self.mg, self.keep = mg, keep_for_backward
         self.values: dict[int, torch.Tensor] = {}
         self.left = list(mg.uses) if keep_for_backward else _forward_uses(mg)
         self.owned: set[int] = set()  # nodes whose grid this evaluation made (writable)
+        self.scratch = scratch
+        if scratch is not None:
+            scratch.begin()
 
     def modded(self, score: torch.Tensor, b, h, q, kv) -> torch.Tensor:
-        """The modded score, full shape and contiguous, owned by the caller unless kept."""
+        """The modded score, full shape and contiguous, owned by the caller unless kept; ``score``
+        is the raw score times ``score_factor`` (``ModGraph``)."""
         mg = self.mg
         inputs = {"score": score, "b": b, "h": h, "q_idx": q, "kv_idx": kv}
         self.shape = score.shape
@@ -115,8 +131,8 @@ class ModValues:
         out = self.values[mg.output]
         if tuple(out.shape) != tuple(score.shape) or not out.is_contiguous() or out.dtype != torch.float32:
             out = out.to(torch.float32).expand(score.shape).contiguous()
-        elif self.keep and self.left[mg.output] > 0:
-            out = out.clone()  # the derivative reads it
+        elif self.keep and self.left[mg.output] > 0:  # the derivative reads it
+            out = self.scratch.grid(out.shape).copy_(out) if self._fits_scratch([out]) else out.clone()
         if not self.keep:
             self.values.clear()
         return out
@@ -150,6 +166,8 @@ class ModValues:
             if target is not None:
                 values[i] = OP_TORCH[node.op](*args, out=values[target])
                 owned.discard(target)
+            elif node.op in _IN_PLACE and node.dtype == torch.float32 and self._fits_scratch(args):
+                values[i] = OP_TORCH[node.op](*args, out=self.scratch.grid(self.shape))
             else:
                 values[i] = _apply(node, args)
             owned.add(i)
@@ -157,6 +175,15 @@ class ModValues:
                 left[a] -= 1
                 if left[a] == 0 and a != self.mg.output:
                     values.pop(a, None)
+
+    def _fits_scratch(self, args) -> bool:
+        """Float32 operands whose broadcast result is a whole grid the scratch can hold."""
+        return (
+            self.scratch is not None
+            and all(t.dtype == torch.float32 for t in args if t.is_floating_point())
+            and tuple(torch.broadcast_shapes(*(t.shape for t in args))) == tuple(self.shape)
+            and math.prod(self.shape) <= self.scratch.numel
+        )
 
     def _dead_operand(self, node, i: int, args) -> int | None:
         """An operand node whose grid can take the result: owned, read only here, full size, the
@@ -174,6 +201,29 @@ class ModValues:
             ):
                 return a
         return None
+
+
+class GridScratch:
+    """Reused float32 grids for the values a ``ModValues`` cannot write over an operand (a fresh
+    grid of a step's size costs its page faults every step). Every grid handed out stays the
+    caller's until the next ``ModValues`` on this scratch begins: one step's values, its modded
+    score and its derivative included, never share memory, and a step holds at most as many grids
+    as its graph has such values."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.grids: list[torch.Tensor] = []
+        self.used = 0
+
+    def begin(self) -> None:
+        self.used = 0
+
+    def grid(self, shape: torch.Size) -> torch.Tensor:
+        """A float32 grid of ``shape`` (at most ``numel`` elements)."""
+        if self.used == len(self.grids):
+            self.grids.append(torch.empty(self.numel, dtype=torch.float32))
+        self.used += 1
+        return self.grids[self.used - 1][: math.prod(shape)].view(shape)
 
 
 def _forward_uses(mg: ModGraph) -> list[int]:
