@@ -441,7 +441,7 @@ def _mods_remembered(call: Call, options, dtype) -> bool:
     if score is None and mask is None:
         return True
     from flexattn.compiler import is_remembered
-    from flexattn.plan import fast_math_for
+    from flexattn.options import fast_math_for
 
     fast_math = fast_math_for(options, dtype)
     device = call.tensors[0].device

@@ -36,8 +36,8 @@ from flexattn.compiler.reach import Reach, follow, reach
 from flexattn.dispatch import check_call, check_mods_on_grid
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
-from flexattn.options import KernelOptions
-from flexattn.plan import AttentionPlan, block_tables, fast_math_for
+from flexattn.options import KernelOptions, fast_math_for
+from flexattn.plan import AttentionPlan, block_tables
 
 # flex_attention's checks of its mods and options run at trace time, their result a graph constant
 # (marking here keeps torch._dynamo out of ``import flexattn``; api imports this module first).

@@ -14,7 +14,7 @@ import torch
 
 from flexattn.block_mask import BlockMask, noop_mask
 from flexattn.mod_eval import check_mod
-from flexattn.options import KernelOptions
+from flexattn.options import KernelOptions, fast_math_for
 from flexattn.reference import reference_attention
 
 if TYPE_CHECKING:  # (the kernels load on first use)
@@ -134,7 +134,8 @@ def run_attention(
             from flexattn.cpu import cpu_attention
 
             return cpu_attention(query, key, value, score_mod, block_mask, scale, choice=choice,
-                                 additive=kind == "additive", want_max=need_max_scores)  # fmt: skip
+                                 additive=kind == "additive", want_max=need_max_scores,
+                                 fast_math=fast_math_for(options, query.dtype))  # fmt: skip
         backend = "REFERENCE"
     if backend == "REFERENCE":
         if kv_pages is not None:  # the oracle gathers the pages; the kernels read them in place

@@ -113,8 +113,9 @@ class KernelOptions:
         autotune: search tile sizes on first use of a shape class and cache the choice on disk.
         fast_math: with fp16/bf16 inputs on NVIDIA GPUs, ``torch.tanh`` in a score_mod becomes the
             hardware ``tanh.approx.f32`` (relative error <= 2**-11, below the rounding of the scores
-            to the input dtype), except where a value decides a mask bit or an index. fp32 inputs
-            always get the exact tanh. False: exact everywhere (docs/kernel_options.md).
+            to the input dtype), and on CPU ``2 * sigmoid(2x) - 1`` (absolute error ~2e-7), except
+            where a value decides a mask bit or an index. fp32 inputs always get the exact tanh.
+            False: exact everywhere (docs/kernel_options.md).
     """
 
     BACKEND: str = "AUTO"
@@ -199,6 +200,14 @@ class KernelOptions:
 
 
 DEFAULT_OPTIONS = KernelOptions()  # what ``kernel_options=None`` means; the launchers' default too
+
+
+def fast_math_for(options: KernelOptions, dtype) -> bool:
+    """Approximations in the score mod only where their error is below the inputs' rounding:
+    ``options.fast_math`` and fp16 / bf16 inputs (``dtype``: a torch dtype or None)."""
+    return options.fast_math and str(dtype) in ("torch.float16", "torch.bfloat16")
+
+
 _DEFAULT = DEFAULT_OPTIONS
 _PARSED: dict[tuple, KernelOptions] = {}  # parse_options: (key, type, value) items -> options
 _PARSED_SIZE = 256

@@ -29,7 +29,7 @@ from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.positions import NO_POSITIONS, Positions
 from flexattn.kernels.tiles import Tiles, forward_tiles
-from flexattn.options import KernelOptions
+from flexattn.options import KernelOptions, fast_math_for
 
 
 @dataclass(frozen=True)
@@ -240,11 +240,6 @@ def noop_tables(q_len: int, kv_len: int, device: torch.device) -> BlockTables:
                 _NOOP_TABLES.clear()
             _NOOP_TABLES[key] = tables
     return tables
-
-
-def fast_math_for(options: KernelOptions, dtype: torch.dtype | None) -> bool:
-    """Hardware approximations in the score mod only where their error is below the inputs' rounding."""
-    return options.fast_math and dtype in (torch.float16, torch.bfloat16)
 
 
 def plan_attention(

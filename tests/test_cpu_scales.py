@@ -112,3 +112,33 @@ def test_folding_in_a_score_factor_keeps_every_output():
     got = evaluate(refolded, new, {**base, "score": score * c})  # the caller scales the score
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def bucketed(score, b, h, q_idx, kv_idx):  # the tanh decides an integer: exact
+    return score + torch.floor(torch.tanh(score) * 4)
+
+
+def test_fast_tanh_is_a_sigmoid_where_no_bit_depends_on_it():
+    cpu = torch.device("cpu")
+    fast = mod_graph(V.tanh_softcap(30.0), cpu, fast_tanh=True)
+    ops = [fast.graph.nodes[i].op for i in fast.forward]
+    assert [op for op in ops if op not in ("score", "const")] == ["sigmoid", "mul", "sub", "mul"]
+    assert fast.score_factor == pytest.approx(2 / 30)  # the sigmoid's 2x rides in the query scale
+    exact = mod_graph(bucketed, cpu, fast_tanh=True)
+    assert "tanh" in [exact.graph.nodes[i].op for i in exact.forward]
+    assert "sigmoid" not in [exact.graph.nodes[i].op for i in exact.forward]
+    assert mod_graph(V.tanh_softcap(30.0), cpu) is not fast  # (cached apart)
+
+
+def test_fast_tanh_error_is_absolute_and_small():
+    program = trace_score_mod(lambda s, b, h, q, kv: torch.tanh(s), torch.device("cpu"))
+    graph = program.graph.copy()
+    folded, (out,) = fold_scales(graph, [program.output], approx_tanh={program.output})
+    x = torch.cat([torch.linspace(-20, 20, 100_001), torch.tensor([0.0, 1e-30, -1e-8, 88.0, -88.0])])
+    x = torch.cat([x, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    idx = torch.zeros((), dtype=torch.int32)
+    (got,) = evaluate(folded, [out], {"score": x, "b": idx, "h": idx, "q_idx": idx, "kv_idx": idx})
+    want = torch.tanh(x.double())
+    finite = torch.isfinite(x)
+    assert (got[finite].double() - want[finite]).abs().max().item() < 3e-7
+    assert got[-3].item() == 1.0 and got[-2].item() == -1.0 and torch.isnan(got[-1])

@@ -54,6 +54,7 @@ def cpu_attention(
     choice: CpuChoice,
     additive: bool,
     want_max: bool = True,
+    fast_math: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flex attention on the CPU engine ``choice`` names ("sdpa" or "fused"), differentiable.
 
@@ -62,6 +63,8 @@ def cpu_attention(
             validated by flexattn.api. block_mask: for exactly (Lq, Lkv), or None.
         additive: the score_mod is ``score + f`` (``score_kind``); the sdpa engine needs it.
         want_max: compute max_scores (the fused engine only; None is returned otherwise).
+        fast_math: the mod's tanh may be approximated (``options.fast_math_for``: fp16 / bf16
+            inputs; the fused engine's mod graph, wherever the value decides no mask bit or index).
     Returns:
         out (B, Hq, Lq, Ev) in query's dtype; lse (B, Hq, Lq) fp32; max_scores or None.
 
@@ -91,7 +94,7 @@ def cpu_attention(
     masks = ChunkMasks(mask_mod, None, B, Hq, blocks, query.device)
     # one query block per masked chunk: little of a diagonal block's empty half is computed
     captures = grad_captures(score_mod, query.device) if grad else []
-    graph = None if score_mod is None or captures else mod_graph(score_mod, query.device)
+    graph = None if score_mod is None or captures else mod_graph(score_mod, query.device, fast_math)
     run = FusedRun(plan_chunks(block_mask, Lq, Lkv, rows=blocks[0]), masks, score_mod, scale, Lkv, graph)
     if grad and (captures or any(t.requires_grad for t in (query, key, value))):
         return FusedAttention.apply(run, want_max, query, key, value, *captures)

@@ -28,6 +28,8 @@ import torch
 from flexattn.compiler.ir import INPUTS, OP_TORCH, Graph, _apply
 from flexattn.cpu.scales import fold_scales, score_factor
 
+_TANH = ("tanh", "fast_tanh")
+
 # ops whose torch function takes ``out=`` (a float result written over a dead operand grid)
 _IN_PLACE = frozenset({
     "neg", "abs", "exp", "exp2", "log", "log2", "log10", "log1p", "expm1", "tanh", "fast_tanh",
@@ -57,18 +59,20 @@ _CACHE: OrderedDict[tuple, tuple[tuple, ModGraph | None]] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def mod_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
+def mod_graph(score_mod: Callable, device: torch.device, fast_tanh: bool = False) -> ModGraph | None:
     """The ModGraph of ``score_mod``, or None where this path does not apply (gathers, searches,
-    captured tensors); cached by the mod's fingerprint (weakly: an entry dies with its objects)."""
+    captured tensors); cached by the mod's fingerprint (weakly: an entry dies with its objects).
+    ``fast_tanh``: tanh as ``2 * sigmoid(2x) - 1`` wherever its value decides no mask bit or index
+    (``options.fast_math_for``: only for fp16 / bf16 inputs, whose rounding hides its ~2e-7)."""
     from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
 
     fp = fingerprint_of(score_mod, None)
-    key = None if fp.key is None else (str(device), fp.key)
+    key = None if fp.key is None else (str(device), fast_tanh, fp.key)
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None and all(guard() is not None for guard in hit[0]):
         _CACHE.move_to_end(key)
         return hit[1]
-    mg = _build(score_mod, device)
+    mg = _build(score_mod, device, fast_tanh)
     if key is not None:
         _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
         while len(_CACHE) > _CACHE_SIZE:
@@ -83,16 +87,21 @@ def _weak(obj):
         return lambda: obj
 
 
-def _build(score_mod: Callable, device: torch.device) -> ModGraph | None:
+def _build(score_mod: Callable, device: torch.device, fast_tanh: bool) -> ModGraph | None:
     from flexattn.compiler import trace_score_mod
+    from flexattn.compiler.analysis import exact_nodes
     from flexattn.compiler.autodiff import differentiate
 
     program = trace_score_mod(score_mod, device)
     graph = program.graph.copy()
     if program.read_tensor_values or graph.captures or any(n.op in ("load", "search") for n in graph.nodes):
         return None
+    approx = set()
+    if fast_tanh:  # (the derivative reads tanh's value: it gets the approximation's)
+        exact = exact_nodes(graph, program.output)
+        approx = {i for i in graph.live([program.output]) if graph.nodes[i].op in _TANH and i not in exact}
     gradient = differentiate(graph, program.output, set())
-    graph, outputs = fold_scales(graph, [program.output, gradient.dscore])
+    graph, outputs = fold_scales(graph, [program.output, gradient.dscore], approx_tanh=approx)
     factor = score_factor(graph, outputs)  # e.g. soft-capping's 1 / c: the caller scales the score
     if factor != 1.0:
         graph, outputs = fold_scales(graph, outputs, factor)

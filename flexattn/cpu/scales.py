@@ -28,13 +28,18 @@ from flexattn.compiler.ir import INPUTS, Graph, Node
 _F32 = torch.float32
 
 
-def fold_scales(graph: Graph, outputs: list[int], score_factor: float = 1.0) -> tuple[Graph, list[int]]:
+def fold_scales(
+    graph: Graph, outputs: list[int], score_factor: float = 1.0, approx_tanh: set[int] = frozenset()
+) -> tuple[Graph, list[int]]:
     """A new graph computing ``outputs`` with constant factors gathered (module docstring), and the
     new indices of ``outputs``. ``graph`` must hold no loads or searches (the fused engine's graphs).
 
     With ``score_factor`` c the new graph's ``score`` input is ``c * score`` (the caller scales the
-    score for free, e.g. in the query it multiplies anyway), and every output is unchanged."""
-    folder = _Folder(graph, score_factor)
+    score for free, e.g. in the query it multiplies anyway), and every output is unchanged.
+    ``approx_tanh``: float32 tanh nodes computed as ``2 * sigmoid(2x) - 1`` (the 2x is a factor:
+    free), ~2.2x faster than torch's tanh on AVX2 CPUs, absolute error ~2e-7, so for fp16 / bf16
+    inputs only (the caller's rule)."""
+    folder = _Folder(graph, score_factor, approx_tanh)
     for i in graph.live(outputs):
         folder.visit(i)
     return folder.new, [folder.materialized(i) for i in outputs]
@@ -55,15 +60,18 @@ def score_factor(graph: Graph, outputs: list[int]) -> float:
 
 
 class _Folder:
-    def __init__(self, graph: Graph, score_factor: float):
-        self.old, self.new = graph, Graph()
+    def __init__(self, graph: Graph, score_factor: float, approx_tanh: set[int]):
+        self.old, self.new, self.approx_tanh = graph, Graph(), approx_tanh
         # per old node: (new base node, factor): its value is factor * base
         self.scaled: dict[int, tuple[int, float]] = {i: (i, 1.0) for i in range(len(INPUTS))}
         self.scaled[0] = (0, 1.0 / score_factor)
 
     def materialized(self, i: int) -> int:
         """The new node holding old node ``i``'s value."""
-        base, factor = self.scaled[i]
+        return self._times(*self.scaled[i])
+
+    def _times(self, base: int, factor: float) -> int:
+        """The new node holding ``factor * base``."""
         if abs(factor - 1.0) <= 2.0**-40:  # (1 / c) * c need not be 1.0 exactly in float64
             return base
         return self.new.add(Node("mul", (base, self.new.const(factor, _F32)), _F32))
@@ -74,6 +82,8 @@ class _Folder:
             return
         assert node.op not in ("load", "search"), "fold_scales: graphs with gathers are not folded"
         folded = self._fold(node) if node.dtype == _F32 else None
+        if i in self.approx_tanh and node.dtype == _F32:
+            folded = self._tanh(node.args[0])
         if folded is None:
             args = tuple(self.materialized(a) for a in node.args)
             folded = (self.new.add(Node(node.op, args, node.dtype, node.value)), 1.0)
@@ -103,6 +113,15 @@ class _Folder:
                 return None
             return self.new.add(Node(op, (bx, by), _F32)), fx
         return None
+
+    def _tanh(self, x: int) -> tuple[int, float] | None:
+        """``2 * sigmoid(2x) - 1`` (None where 2x's factor cannot be carried: the exact tanh)."""
+        base, factor = self.scaled[x]
+        if not _carried(2.0 * factor):
+            return None
+        sigmoid = self.new.add(Node("sigmoid", (self._times(base, 2.0 * factor),), _F32))
+        twice = self.new.add(Node("mul", (sigmoid, self.new.const(2.0, _F32)), _F32))
+        return self.new.add(Node("sub", (twice, self.new.const(1.0, _F32)), _F32)), 1.0
 
     def _scaled(self, x: int, by: float) -> tuple[int, float] | None:
         base, factor = self.scaled[x]

@@ -18,7 +18,8 @@ from flexattn import KernelOptions, create_block_mask, flex_attention
 from flexattn.compiler import _program, compile_score_mod
 from flexattn.compiler.autodiff import differentiate
 from flexattn.compiler.codegen import forward_function, gradient_function
-from flexattn.plan import fast_math_for, plan_attention
+from flexattn.options import fast_math_for
+from flexattn.plan import plan_attention
 from tests.helpers import assert_close_to_gold, gold_and_eager
 
 
