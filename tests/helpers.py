@@ -52,17 +52,44 @@ def rel_err(x: torch.Tensor, gold: torch.Tensor) -> float:
     return diff / (scale if scale > 0 else 1.0)
 
 
-def reduction_floor(n_terms: int, dtype: torch.dtype) -> float:
-    """The floor for a gradient that is one sum over ``n_terms`` score elements (a 0-dim captured
-    parameter: ``score * temperature``), relative to the sum: ``3 * eps * sqrt(n_terms)``.
+def reduction_floor(q, k, v, score_mod, block_mask, scale, dout, param: torch.Tensor) -> float:
+    """The floor for the gradient of a 0-dim captured ``param`` (``score * temperature``), relative
+    to its gold value: ``3 * eps32 * log2(N) * sqrt(sum t_n**2) / |sum t_n|``.
 
-    Eager's error on such a number is a single draw of its rounding, so ``k * err(eager)`` can be
-    far below what any other summation order makes (seen: 11x in 150 seeds). Rounding N additions in
-    a random walk leaves a relative error of about ``eps * sqrt(N)`` when the terms do not cancel; three
-    of those cover the draws, and a sum that cancels (``|sum| << sum |terms|``) is still judged by
-    ``k * err(eager)``, which its cancellation inflates alike.
+    That gradient is one fp32 sum of N terms ``t_n = dL/ds_n * ds_n/dparam`` over the score grid,
+    so its error is a single draw of that sum's rounding, and ``k * err(eager)`` (eager's draw) can
+    be far below any other summation order's (seen: 11x). Blocked / pairwise summation (torch's
+    reductions, the engines' per-tile sums) rounds each of its ~log2(N) levels of partial sums,
+    whose sizes are ~``sqrt(sum t**2)`` when the signs are mixed: an error of about ``eps * log2(N) *
+    sqrt(sum t**2)``, taken three times; dividing by ``|sum t|`` counts the cancellation. The terms come from
+    float64: ``dL/ds`` as the gradient of a zero probe added to the mod, ``ds/dparam`` by central
+    differences of the mod (``param`` is put back exactly). ``q, k, v, dout``: the test's inputs.
     """
-    return 3.0 * torch.finfo(dtype).eps * math.sqrt(n_terms)
+    from flexattn.mod_eval import eval_score_mod, index
+
+    B, Hq, Lq, E = q.shape
+    Lkv = k.shape[2]
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    scale = 1 / math.sqrt(E) if scale is None else scale
+    probe = torch.zeros(B, Hq, Lq, Lkv, dtype=torch.float64, requires_grad=True)
+
+    def probed(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx, kv_idx) + probe[b, h, q_idx, kv_idx]
+
+    out, _, _ = reference_attention(q64, k64, v64, probed, block_mask, scale)
+    (ds,) = torch.autograd.grad(out, probe, dout.double())
+    raw = q64 @ k64.repeat_interleave(Hq // k.shape[1], dim=1).transpose(-1, -2) * scale
+    kept, h = param.detach().clone(), 1e-3 * max(1.0, abs(param.item()))
+    grids = []
+    with torch.no_grad():
+        for step in (h, -h):
+            param.copy_(kept + step)
+            grids.append(eval_score_mod(score_mod, raw, index(0, Lq, "cpu"), index(0, Lkv, "cpu")).double())
+        param.copy_(kept)
+    terms = ds * (grids[0] - grids[1]) / (2 * h)
+    total = abs(terms.sum().item())
+    spread = math.log2(max(2, terms.numel())) * math.sqrt(terms.square().sum().item())
+    return 3.0 * torch.finfo(torch.float32).eps * spread / max(total, 1e-300)
 
 
 def assert_close_to_gold(

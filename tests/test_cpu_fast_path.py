@@ -60,8 +60,8 @@ def _three_way(shape, dtype, score_mod, block_mask, params=(), k_factor=None):
         g, gg, ge = (zero if t is None else t for t in (g, gg, ge))
         floor = None  # a 0-dim parameter's gradient is one fp32 sum over every score: its own floor
         if leaf.dim() == 0:
-            scores = shape.B * shape.Hq * shape.Lq * shape.lkv
-            floor = max(DEFAULT_FLOOR[dtype], reduction_floor(scores, torch.float32))
+            sum_floor = reduction_floor(q, k, v, score_mod, block_mask, None, dout, leaf)
+            floor = max(DEFAULT_FLOOR[dtype], sum_floor)
         assert_close_to_gold(g, gg, ge, name=name, k=k_factor, floor=floor)
     return q
 
