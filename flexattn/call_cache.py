@@ -170,9 +170,8 @@ class _Entry:
         device = tensors[0].device
         shape, stride, dtype = self.out
         out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        unaligned = (
-            out.data_ptr() & 15
-        )  # (an allocator that does not align to 16 bytes: Triton specialises on it)
+        # (an allocator that does not align to 16 bytes: Triton specialises on it)
+        unaligned = out.data_ptr() & 15
         lse, max_scores = self.scratch or (None, None)  # (aligned: checked when made)
         if want_lse or lse is None:
             lse = torch.empty_strided(self.stat_shape, self.stat_stride, dtype=torch.float32, device=device)

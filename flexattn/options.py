@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict
 
+import torch
+
 BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
 PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/hopper/choice.py)
 DECODE_MERGES = ("KERNEL", "FUSED")  # how the decode kernel's splits are merged (kernels/decode.py)
@@ -202,12 +204,6 @@ class KernelOptions:
 DEFAULT_OPTIONS = KernelOptions()  # what ``kernel_options=None`` means; the launchers' default too
 
 
-def fast_math_for(options: KernelOptions, dtype) -> bool:
-    """Approximations in the score mod only where their error is below the inputs' rounding:
-    ``options.fast_math`` and fp16 / bf16 inputs (``dtype``: a torch dtype or None)."""
-    return options.fast_math and str(dtype) in ("torch.float16", "torch.bfloat16")
-
-
 _DEFAULT = DEFAULT_OPTIONS
 _PARSED: dict[tuple, KernelOptions] = {}  # parse_options: (key, type, value) items -> options
 _PARSED_SIZE = 256
@@ -241,3 +237,9 @@ def parse_options(kernel_options: FlexKernelOptions | dict[str, Any] | KernelOpt
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def fast_math_for(options: KernelOptions, dtype: torch.dtype | None) -> bool:
+    """Approximations in the score mod only where their error is below the inputs' rounding:
+    ``options.fast_math`` and fp16 / bf16 inputs."""
+    return options.fast_math and dtype in (torch.float16, torch.bfloat16)

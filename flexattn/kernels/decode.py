@@ -454,8 +454,8 @@ def flex_decode(
             ``positions.kv_lengths`` see them). ``tables`` are required and must keep the softmax off
             rows of unreserved pages (``flexattn.paged.PagedAttention.convert_logical_block_mask``).
         merge: how the splits' partials are combined (kernel_options DECODE_MERGE's values): "KERNEL"
-            (``_decode_merge_kernel``, a second launch) or "FUSED" (the last split of each tile to finish merges them, counted by an
-            atomic in the workspace: one launch).
+            (``_decode_merge_kernel``, a second launch) or "FUSED" (the last split of each tile to
+            finish merges them, counted by an atomic in the workspace: one launch).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
