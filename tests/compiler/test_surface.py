@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from flexattn.compiler import ModCompileError, compile_score_mod
 from flexattn.compiler.composites import REFUSED
 from flexattn.compiler.trace import _HANDLERS, trace
+from tests.compiler.harness import run_score
 from tests.compiler.test_codegen import DEVICE, Tile, check_score_mod
 
 NAN, INF = math.nan, math.inf
@@ -111,7 +112,6 @@ SURFACE = {
     "integer-math-promotes": ("sqrt exp sin atan2 copysign", lambda s, t, d: s + torch.sqrt(d.abs()) + torch.exp(d * 0.1) * 0 + torch.sin(d) + torch.atan2(d, d + 3) + torch.copysign(d, d - 1)),
     # casts
     "casts": ("float double half bfloat16 int long short char byte bool to type type_as", lambda s, t, d: s.double().float() + s.detach().half().float() + torch.round(t * 4).bfloat16().float() + s.int() + s.long() + t.short() + (d % 100).char() + (d.abs() % 200).byte() + s.bool() + s.to(torch.float64).to(torch.float32) + s.detach().type(torch.float16).float() + d.type_as(s)),
-    "half-precision-opmath": ("gelu atan2 lerp hypot", lambda s, t, d: s + F.gelu(t.detach().half()).float() + torch.atan2(t.detach().half(), s.detach().half()).float() + torch.lerp(s.detach().half(), t.detach().half(), 0.25).float() + torch.hypot(t.detach().half(), s.detach().half()).float()),
 }  # fmt: skip
 
 # Names the tracer accepts that are plumbing, not math: constants, indexing, no-ops, detach.
@@ -151,6 +151,49 @@ def _mod(body):
 def test_surface_matches_eager(name):
     tile = Tile(Lq=40, Lkv=40)
     check_score_mod(_mod(SURFACE[name][1]), tile)
+
+
+# Half-precision operands: torch computes these in fp32 ("opmath") and rounds the result to half once.
+HALF_OPS = {
+    "gelu": lambda x, y: F.gelu(x),
+    "atan2": lambda x, y: torch.atan2(y, x),
+    "lerp": lambda x, y: torch.lerp(x, y, 0.25),
+    "hypot": lambda x, y: torch.hypot(y, x),
+}
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs TRITON_INTERPRET=1 (CPU) or a GPU",
+)
+@pytest.mark.parametrize("name", list(HALF_OPS))
+def test_half_precision_ops_round_once(name):
+    """Each result is one rounding to half of a value within fp32 error of the exact one, as in eager.
+
+    Half math step by step lands outside that bracket. The operands are the score and
+    ``score * 0.25 + 0.5``, exact in fp32 on every backend, so both sides round identical values
+    to half. (A transcendental second operand differs by an fp32 ulp between libraries; after
+    rounding to half that is a whole half ulp, now and then, which no error bound on the sum judges.)
+    """
+    op = HALF_OPS[name]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return op(score.detach().half(), (score.detach() * 0.25 + 0.5).half()).float()
+
+    tile = Tile(Lq=40, Lkv=40)
+    got = run_score(compile_score_mod(mod, device=DEVICE), tile.score, *tile.indices())
+    x16, y16 = tile.score.half(), (tile.score * 0.25 + 0.5).half()
+    exact = op(x16.double(), y16.double())  # float64 math on the half operands
+    # the fp32 result before rounding errs like eager's fp32 (gelu's erf cancels for negative x)
+    eager_err = (op(x16.float(), y16.float()).double() - exact).abs().max()
+    slack = 3 * eager_err + 4 * 2.0**-24 * exact.abs()
+    lo, hi = (exact - slack).half().float(), (exact + slack).half().float()
+    assert torch.equal(got, got.half().float()), f"{name}: the result is not rounded to half"
+    outside = (got < lo) | (got > hi)
+    assert not bool(outside.any()), (
+        f"{name}: {int(outside.sum())} of {got.numel()} results are not a rounding of the exact value, "
+        f"e.g. got {got[outside][0].item():.6g} for exact {exact[outside][0].item():.6g}"
+    )
 
 
 def test_every_handler_is_on_the_surface():
