@@ -281,37 +281,56 @@ SWEEP_TILES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128
 # (BLOCK_N, warps, stages); 64-key tiles at 3-4 stages fit two programs per SM (128-key ones one)
 
 
-def sweep(device, q_lens=(1, 16)) -> list[dict]:
-    """The decode kernel alone (noop, CUDA graphs) at other split counts and tiles than it picks, at 8k
-    and 32k keys: data for tuning ``kernel_choice`` (printed and saved, changes nothing)."""
+def sweep(device, q_lens=(1, 16), variants=("noop",), lengths=(8192, 32768)) -> list[dict]:
+    """The decode kernel alone (CUDA graphs) at other split counts and tiles than it picks: data for
+    tuning ``kernel_choice`` (printed and saved, changes nothing). ``causal+alibi`` runs the
+    block-sparse walk over the whole-sequence mask at the cache's end, as the table's rows do; each
+    tile configuration runs at the split count the kernel picks and at twice it."""
     results = []
-    for L in (8192, 32768):
+    for L in lengths:
         for lq in q_lens:
             q = torch.randn(B, HQ, lq, E, device=device, dtype=torch.bfloat16)
             k, v = (torch.randn(B, HKV, L, E, device=device, dtype=torch.bfloat16) for _ in range(2))
-            cells = _sweep_cells(q, k, v, _plan(None, None, lq, L, device))
-            results.append({"row": f"sweep KV {L // 1024}k Lq{lq} noop (TB/s)", **cells})
-            text = " | ".join(f"{name} {value}" for name, value in cells.items())
-            print(f"sweep KV {L // 1024}k Lq{lq} TB/s | {text}", flush=True)
+            for variant in variants:
+                if variant == "noop":
+                    plan, positions = _plan(None, None, lq, L, device), None
+                else:
+                    plan, positions = (
+                        _plan(alibi, _whole_sequence_mask(L, device), lq, L, device),
+                        Positions(q_offset=L - lq),
+                    )
+                cells = _sweep_cells(q, k, v, plan, positions)
+                name = f"sweep KV {L // 1024}k Lq{lq} {variant}"
+                results.append({"row": f"{name} (TB/s)", **cells})
+                text = " | ".join(f"{cell} {value}" for cell, value in cells.items())
+                print(f"{name} TB/s | {text}", flush=True)
     return results
 
 
-def _sweep_cells(q, k, v, plan) -> dict:
+def _sweep_cells(q, k, v, plan, positions) -> dict:
     from flexattn.kernels.decode import flex_decode
-    from flexattn.kernels.kernel_choice import DecodeTiles, decode_tiles
+    from flexattn.kernels.device import device_limits
+    from flexattn.kernels.kernel_choice import DecodeTiles, decode_launch
 
     lq, L = q.shape[2], k.shape[2]
-    auto = decode_tiles(pack=HQ // HKV, q_len=lq, head_dim=E, v_head_dim=E, dtype=q.dtype, q_block=None,
-                        kv_block=None, capability=torch.cuda.get_device_capability())  # fmt: skip
+    tables = None if plan.dense else plan.tables
+    blocks = {"q_block": None, "kv_block": None} if tables is None else {
+        "q_block": tables.q_block, "kv_block": tables.kv_block}  # fmt: skip
+    auto = decode_launch(batch=B, q_heads=HQ, kv_heads=HKV, q_len=lq, kv_len=L, head_dim=E, v_head_dim=E,
+                         dtype=q.dtype, per_head_mask=False, target=device_limits(q.device),
+                         **blocks)  # fmt: skip
+    tiles = [auto.tiles] + [DecodeTiles(auto.tiles.BLOCK_M, n, w, st) for n, w, st in SWEEP_TILES]
     configs = [(f"splits {s}", s, None) for s in SWEEP_SPLITS]
-    configs += [(f"tiles {auto.BLOCK_M}x{n} w{w} s{st}", None, DecodeTiles(auto.BLOCK_M, n, w, st))
-                for n, w, st in SWEEP_TILES]  # fmt: skip
+    for t in tiles:
+        for splits in (auto.splits, 2 * auto.splits):
+            name = f"{t.BLOCK_M}x{t.BLOCK_N} w{t.num_warps} s{t.num_stages} splits {splits}"
+            configs.append((name, splits, t))
     cells = {}
-    for name, splits, tiles in configs:
+    for name, splits, tile in configs:
 
-        def call(splits=splits, tiles=tiles):
-            return flex_decode(q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=None,
-                               scale=plan.scale, splits=splits, tiles=tiles)  # fmt: skip
+        def call(splits=splits, tile=tile):
+            return flex_decode(q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=tables,
+                               scale=plan.scale, positions=positions, splits=splits, tiles=tile)  # fmt: skip
 
         try:
             ms, _ = bench(call)
@@ -334,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only the rows whose name contains one of these (as --dry-run prints them, e.g. 'KV 8k Lq1 ')",
     )  # fmt: skip
     parser.add_argument("--sweep-q-lens", nargs="+", type=int, default=[1, 16], help="query lengths swept")
+    parser.add_argument("--sweep-variants", nargs="+", choices=VARIANTS, default=["noop"], help="variants")
+    parser.add_argument("--sweep-kv", nargs="+", type=int, default=[8192, 32768], help="cache lengths swept")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweep, no table rows")
     args = parser.parse_args(argv)
     if args.dry_run:
         dry_run()
@@ -349,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results, start = [], time.time()
-    for row in rows():
+    for row in [] if args.sweep_only else rows():
         if args.quick and row.kv_len > 32768:
             continue
         if args.rows is not None and not any(text in f"{row} " for text in args.rows):
@@ -362,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
         torch.cuda.empty_cache()
     if not (args.no_sweep or args.quick):
-        results += sweep(device, tuple(args.sweep_q_lens))
+        results += sweep(device, tuple(args.sweep_q_lens), tuple(args.sweep_variants), tuple(args.sweep_kv))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
