@@ -69,6 +69,7 @@ class AttentionPlan:
             q_block=self.tables.q_block if sparse else None,
             kv_block=self.tables.kv_block if sparse else None,
             per_head_mask=per_head, target=target, ragged=positions.kv_lengths is not None,
+            page=0 if self.kv_pages is None else self.kv_pages.page_size,
         )  # fmt: skip
         return KernelChoice(choice.kind, choice.reason, launch.splits)  # (replace() costs 2 us a call)
 

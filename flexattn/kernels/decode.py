@@ -507,6 +507,7 @@ def flex_decode(
         kv_block=tables.kv_block if tables is not None else None,
         per_head_mask=tables is not None and tables.kv_num_blocks.shape[1] > 1, target=target,
         ragged=positions.kv_lengths is not None, splits=splits, tiles=tiles,
+        page=0 if paged is None else paged.page_size,
     )  # fmt: skip
     tiles, pack = launch.tiles, launch.pack
     if tables is not None:

@@ -21,12 +21,18 @@ DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile hold
 # Without Positions, caches shorter than this take the prefill kernel: one launch (and the host path's
 # launch cache) against split-KV's two launches and workspace, for a few key tiles per head.
 DECODE_MIN_KV_LEN = 2048
-SPLIT_WAVES = 2  # aim for at least this many programs per SM
-# Tiles of 32+ packed rows hold enough scores to fill the register file (one program per SM): their
-# splits aim for one full wave. H200, B8 Hq32 Hkv8 E128, 8k keys, Lq 8 (32-row tiles, 64 programs):
-# 2 splits 3.80 TB/s, 4: 3.51, 6 (two waves): 3.26, 8: 3.14 (bench_decode.py's split sweep).
-HEAVY_TILE_ROWS, HEAVY_TILE_WAVES = 32, 1
+# Key splits aim for one (95% full) wave: one program per SM streams K/V at full bandwidth (two
+# shared-memory buffers of K and V in flight), and every further split adds its fixed cost (the block
+# lists' search, the partial result's store and merge). H200, B8 Hq32 Hkv8 E128 bf16, 8k keys, 64
+# programs (bench_decode.py's split sweep): Lq1 noop 2 splits 3.94 TB/s, 4: 3.71, 6 (two waves): 3.57;
+# Lq1 causal+alibi 3.75 / 3.44 / 3.18; Lq8 (32-row tiles) 3.80 / 3.51 / 3.26.
+SPLIT_WAVES, SPLIT_FILL = 1, 0.95
+# 32-row tiles over a block mask (Lq 8 with GQA groups of 4): the block-sparse walk does better on
+# 64-key tiles, two programs per SM. H200 8k keys, Lq8 causal+alibi: 32x64 tiles at 4 splits 3.48
+# TB/s, 32x128 at 2 splits 3.26 (noop keeps 32x128: 3.71 against 3.61).
+SPARSE_NARROW_ROWS, SPARSE_NARROW_WAVES = 32, 2
 RAGGED_SPLIT_WAVES = 16  # ragged batches: splits sized for the padded length, so many more (short ones exit)
+PAGED_EXTRA_STAGES = 2  # decode over a page table: see decode_tiles
 INTERPRETER_SMS = 4  # "SMs" assumed without a GPU: a few splits, quick on the CPU
 
 
@@ -52,6 +58,7 @@ class DecodeTiles:
     num_warps: int
     num_stages: int
     reason: str = ""
+    waves: int = SPLIT_WAVES  # programs per SM the key splits aim for (choose_splits)
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,17 @@ def decode_tiles(
     q_block: int | None,
     kv_block: int | None,
     capability: tuple[int, int] | None,
+    page: int = 0,
 ) -> DecodeTiles:
     """Tiles for ``pack * q_len`` packed rows: BLOCK_M the next power of two >= 16 (at most 128, and
     at most ``pack * q_block`` so that one tile's tokens touch at most two q blocks of the mask);
-    BLOCK_N wide enough to stream K/V at full bandwidth, dividing kv_block."""
+    BLOCK_N wide enough to stream K/V at full bandwidth, dividing kv_block.
+
+    ``page`` > 0 (K/V through a page table): ``PAGED_EXTRA_STAGES`` more pipeline stages. The tile's
+    page-table entry (and the block-list entry it is found from) is a load the K/V addresses wait on,
+    and Triton's pipeliner gives each link of that chain a stage of its own: with the contiguous
+    count, K and V get one shared-memory buffer instead of two (compile_report.py: 73,744 bytes
+    against 139,264 at 128-key tiles and 3 stages; 139,280 at 5)."""
     rows = pack * q_len
     block_m = min(max(16, next_power_of_2(rows)), DECODE_MAX_ROWS)
     if q_block is not None:
@@ -91,29 +105,36 @@ def decode_tiles(
         block_n, warps, stages, why = 32, 4, 2, "fp32 or head dim > 128: 32-key tiles fit shared memory"
     else:
         block_n, warps, stages, why = 128, 4, 3, "128-key tiles, 3 stages: K/V streamed at full bandwidth"
+    waves = SPLIT_WAVES
     if block_m >= 64 and capability is not None:
         block_n, warps = min(block_n, 64), 8  # 64+ rows x 128 keys of scores with 4 warps spill
         why += f"; {block_m} rows: {block_n}-key tiles, 8 warps"
+    elif block_m >= SPARSE_NARROW_ROWS and kv_block is not None and capability is not None:
+        block_n, waves = min(block_n, 64), SPARSE_NARROW_WAVES
+        why += f"; {block_m} rows with a block mask: {block_n}-key tiles, {waves} programs per SM"
     if kv_block is not None:
         block_n = largest_tile_dividing(kv_block, block_n)
-    return DecodeTiles(block_m, block_n, warps, stages, f"{rows} packed rows in {block_m}-row tiles; {why}")
+    if page and capability is not None:
+        stages += PAGED_EXTRA_STAGES
+        why += f"; paged: {stages} stages (the page-table load takes stages of the pipeline)"
+    reason = f"{rows} packed rows in {block_m}-row tiles; {why}"
+    return DecodeTiles(block_m, block_n, warps, stages, reason, waves)
 
 
 def choose_splits(
-    programs: int, units: int, target: DeviceLimits, ragged: bool = False, heavy_tiles: bool = False
+    programs: int, units: int, target: DeviceLimits, ragged: bool = False, waves: int = SPLIT_WAVES
 ) -> int:
-    """Key splits so that ``programs * splits`` fills the GPU at least ``SPLIT_WAVES`` times over with
-    a full last wave (wave efficiency >= 95%, else the most efficient count up to 4x that); each split
-    at least one unit of keys. ``programs``: (sequences x head groups x row tiles).
+    """Key splits so that ``programs * splits`` fills the GPU ``waves`` times over (at least
+    ``SPLIT_FILL`` of its SMs) with a full last wave (wave efficiency >= 95%, else the most efficient
+    count up to 4x that); each split at least one unit of keys. ``programs``: (sequences x head
+    groups x row tiles).
 
     ``ragged`` (per-sequence key counts, not read on the host): the splits are cut from the padded
     length and those past a sequence's end exit at once, so ``RAGGED_SPLIT_WAVES`` makes them small
-    enough that the long sequences' splits still spread over every SM. ``heavy_tiles`` (tiles of
-    ``HEAVY_TILE_ROWS`` rows or more, one program per SM): ``HEAVY_TILE_WAVES`` waves instead."""
+    enough that the long sequences' splits still spread over every SM."""
     sms = target.multiprocessors or INTERPRETER_SMS
     programs = max(1, programs)
-    waves = RAGGED_SPLIT_WAVES if ragged else HEAVY_TILE_WAVES if heavy_tiles else SPLIT_WAVES
-    fill = 0.95 if heavy_tiles else 1.0  # one wave of heavy tiles may leave a few SMs idle
+    waves, fill = (RAGGED_SPLIT_WAVES, 1.0) if ragged else (waves, SPLIT_FILL)
     least = max(1, min(units, math.ceil(fill * waves * sms / programs)))
 
     def efficiency(splits: int) -> float:
@@ -143,21 +164,23 @@ def decode_launch(
     ragged: bool = False,
     splits: int | None = None,
     tiles: DecodeTiles | None = None,
+    page: int = 0,
 ) -> DecodeLaunch:
     """The decode kernel's launch for these shapes (``q_block``/``kv_block`` None: no block mask;
-    ``ragged``: per-sequence key counts are given)."""
+    ``ragged``: per-sequence key counts are given; ``page``: the page size of a paged cache, 0 if
+    contiguous)."""
     pack = 1 if per_head_mask else q_heads // kv_heads
     if tiles is None:
         tiles = decode_tiles(
             pack=pack, q_len=q_len, head_dim=head_dim, v_head_dim=v_head_dim, dtype=dtype,
-            q_block=q_block, kv_block=kv_block, capability=target.capability,
+            q_block=q_block, kv_block=kv_block, capability=target.capability, page=page,
         )  # fmt: skip
     m_tiles = -(-(pack * q_len) // tiles.BLOCK_M)
     unit = kv_block if kv_block is not None else tiles.BLOCK_N
     units = max(1, -(-kv_len // unit))
     programs = batch * (q_heads // pack) * m_tiles
     if splits is None:
-        splits = choose_splits(programs, units, target, ragged, heavy_tiles=tiles.BLOCK_M >= HEAVY_TILE_ROWS)
+        splits = choose_splits(programs, units, target, ragged, tiles.waves)
     elif isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
         raise ValueError(f"splits must be an int >= 1, got {splits!r}.")
     units_per_split = -(-units // min(splits, units))
@@ -183,8 +206,7 @@ def choose_kernel(
     - gradients need the prefill kernels (the decode kernel has no backward), which read no Positions;
     - Positions (query offsets, ragged key lengths) are read by the decode kernel (kv_offset 0 only);
     - paged K/V caches are read through their page table by both kernels (``kv_len`` is then the
-      logical length); without positions they take the prefill kernel, which reads pages faster
-      (measured on the H200, docs/paged_kv.md), with positions the decode kernel;
+      logical length) and are chosen for as contiguous ones;
     - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
       autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
     - short caches (Lkv < DECODE_MIN_KV_LEN) without positions take the prefill kernel (one launch);
@@ -207,9 +229,6 @@ def choose_kernel(
                             "positions; drop them (the decode kernel chooses its own tiles)")  # fmt: skip
     if prefill_tiles:
         return KernelChoice("prefill", f"{prefill_tiles} configure the prefill kernel")
-    if paged and not positions_given:
-        return KernelChoice("prefill", "paged K/V without positions: the prefill kernel reads pages faster "
-                            "than the decode kernel (H200, 8k keys, Lq 4: 258-288 us against 339-406 us)")  # fmt: skip
     if positions_given:
         pages = " (K/V through the page table)" if paged else ""
         return KernelChoice("decode", f"positions (query offsets / key lengths) are read by the decode kernel"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flexattn.kernels.device import DeviceLimits
-from flexattn.kernels.kernel_choice import choose_kernel, choose_splits, decode_launch
+from flexattn.kernels.kernel_choice import PAGED_EXTRA_STAGES, choose_kernel, choose_splits, decode_launch
 
 H200 = DeviceLimits((9, 0), 232448, 132)
 
@@ -35,10 +35,10 @@ def _choice(**changes):
         ({"prefill_tiles": "kernel_options BLOCK_M", "positions_given": True}, "unsupported", "drop them"),
         ({"kv_len": 2047}, "prefill", "Lkv=2047 < 2048"),
         ({"kv_len": 300, "positions_given": True}, "decode", "positions"),
-        ({"paged": True}, "prefill", "the prefill kernel reads pages faster"),
+        ({"paged": True}, "decode", "4 heads x 1 tokens = 4 rows"),
         ({"paged": True, "positions_given": True}, "decode", "decode kernel (K/V through the page table)"),
-        ({"paged": True, "kv_len": 1000}, "prefill", "the prefill kernel reads pages faster"),
-        ({"paged": True, "q_len": 33}, "prefill", "the prefill kernel reads pages faster"),
+        ({"paged": True, "kv_len": 1000}, "prefill", "Lkv=1000 < 2048"),
+        ({"paged": True, "q_len": 33}, "prefill", "132 packed rows > 128"),
     ],
     ids=["decode", "32-tokens", "33-tokens", "per-head", "grad", "grad-positions", "positions", "kv-offset",
          "tiles", "tiles-positions", "short-cache", "short-cache-positions", "paged", "paged-positions",
@@ -50,15 +50,16 @@ def test_choose_kernel_says_why(changes, kind, says):
     assert says in choice.reason, choice.reason
 
 
-def test_splits_fill_the_gpu_with_full_waves():
-    # B8 x 8 kv heads = 64 programs on 132 SMs: at least 2 waves, last wave >= 95% full
+def test_splits_fill_the_gpu_with_one_full_wave():
+    # B8 x 8 kv heads = 64 programs on 132 SMs: one wave, at least 95% of the SMs busy
     splits = choose_splits(64, 1024, H200)
     total = 64 * splits
-    assert total >= 2 * 132 and total / (-(-total // 132) * 132) >= 0.95
-    assert choose_splits(64, 3, H200) == 3  # never more splits than units of keys
+    assert splits == 2 and total >= 0.95 * 132 and total / (-(-total // 132) * 132) >= 0.95
+    assert choose_splits(64, 1, H200) == 1  # never more splits than units of keys
     assert choose_splits(100_000, 50, H200) == 1  # enough programs already
-    # 32+ row tiles run one program per SM: one (95% full) wave, 64 programs x 2 splits on 132 SMs
-    assert choose_splits(64, 1024, H200, heavy_tiles=True) == 2
+    assert choose_splits(8, 1024, H200) == 16  # B1: 8 programs x 16 splits = 128 of 132 SMs
+    # ragged: many more, small splits (the short sequences' ones exit at once)
+    assert choose_splits(64, 1024, H200, ragged=True) >= 16 * 132 // 64
     launch = decode_launch(
         batch=8, q_heads=32, kv_heads=8, q_len=8, kv_len=8192, head_dim=128, v_head_dim=128,
         dtype=torch.bfloat16, q_block=None, kv_block=None, per_head_mask=False, target=H200,
@@ -74,6 +75,34 @@ def test_decode_launch_for_the_benchmark_shape():
     assert (launch.pack, launch.tiles.BLOCK_M, launch.m_tiles) == (4, 16, 1)
     assert launch.splits * launch.units_per_split * launch.unit >= 32768
     assert (launch.splits - 1) * launch.units_per_split * launch.unit < 32768  # every split has keys
+
+
+def test_32_row_tiles_over_a_block_mask_take_narrow_tiles_two_per_sm():
+    shape = dict(
+        batch=8, q_heads=32, kv_heads=8, q_len=8, kv_len=8192, head_dim=128, v_head_dim=128,
+        dtype=torch.bfloat16, per_head_mask=False, target=H200,
+    )  # fmt: skip
+    dense, sparse = (
+        decode_launch(**shape, q_block=None, kv_block=None),
+        decode_launch(**shape, q_block=128, kv_block=256),
+    )
+    assert (dense.tiles.BLOCK_M, dense.tiles.BLOCK_N, dense.tiles.waves, dense.splits) == (32, 128, 1, 2)
+    assert (sparse.tiles.BLOCK_M, sparse.tiles.BLOCK_N, sparse.tiles.waves, sparse.splits) == (32, 64, 2, 4)
+    assert "2 programs per SM" in sparse.tiles.reason
+
+
+@pytest.mark.parametrize("page", [16, 256])
+def test_paged_decode_tiles_take_more_stages(page):
+    # the page-table load takes pipeline stages: K/V keep their buffers with PAGED_EXTRA_STAGES more
+    shape = dict(
+        batch=8, q_heads=32, kv_heads=8, q_len=4, kv_len=8192, head_dim=128, v_head_dim=128,
+        dtype=torch.bfloat16, q_block=128, kv_block=256, per_head_mask=False, target=H200,
+    )  # fmt: skip
+    contiguous, paged = decode_launch(**shape), decode_launch(**shape, page=page)
+    assert paged.tiles.num_stages == contiguous.tiles.num_stages + PAGED_EXTRA_STAGES
+    assert (paged.tiles.BLOCK_M, paged.tiles.BLOCK_N, paged.splits) == (
+        contiguous.tiles.BLOCK_M, contiguous.tiles.BLOCK_N, contiguous.splits)  # fmt: skip
+    assert "paged" in paged.tiles.reason
 
 
 def test_decode_tiles_keep_a_tile_within_two_q_blocks():
