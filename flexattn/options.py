@@ -99,9 +99,9 @@ class KernelOptions:
             "GLUON" (the warp-specialized Gluon forward for Hopper, ``kernels/hopper/``; an error
             naming what it lacks where it cannot run) or "AUTO" (Gluon wherever it can run, else
             Triton). The backward is Triton's either way (it reads the same lse).
-        DECODE_MERGE: how the split-KV decode kernel combines its key splits: "KERNEL" (the default
-            for now: a second, merge kernel) or "FUSED" (the last split of each tile to finish merges
-            them in the same launch; one launch per decode call).
+        DECODE_MERGE: how the split-KV decode kernel combines its key splits: "FUSED" (the default:
+            the last split of each tile to finish merges them in the same launch; one launch per
+            decode call) or "KERNEL" (a second, merge kernel).
         BLOCK_M, BLOCK_N: forward tile sizes (queries x keys). ``None`` lets the kernel choose.
             Must divide the BlockMask's (Q_BLOCK, KV_BLOCK) and be powers of two >= 16.
         num_warps, num_stages: forward launch parameters. ``None`` lets the kernel choose.
@@ -122,7 +122,7 @@ class KernelOptions:
 
     BACKEND: str = "AUTO"
     PREFILL_KERNEL: str = "TRITON"
-    DECODE_MERGE: str = "KERNEL"
+    DECODE_MERGE: str = "FUSED"
     BLOCK_M: int | None = None
     BLOCK_N: int | None = None
     num_warps: int | None = None

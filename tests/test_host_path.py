@@ -102,7 +102,7 @@ def _cases():
 
     causal = create_block_mask(_causal, None, None, L, L, device="cpu", BLOCK_SIZE=32)
     documents = create_block_mask(same_doc, None, None, L, L, device="cpu", BLOCK_SIZE=32)
-    # the split-KV decode kernel (two launches, a reused workspace); per-sequence Positions tensors
+    # the split-KV decode kernel (one launch, a reused workspace); per-sequence Positions tensors
     # are left out: on the CPU their values are checked (Positions.check), on a GPU only their metadata
     last = Positions(q_offset=L - 1)
     return {
@@ -135,7 +135,7 @@ def test_a_repeat_call_traces_nothing_and_runs_only_its_output_allocations(case,
     allocations = PREPARED_ALLOCATIONS if call_cache.kept() else OUTPUT_ALLOCATIONS
     assert positions is None or not call_cache.kept()  # (an int q_offset other than 0 is not kept)
     assert sorted(log.ops) == sorted(allocations), log.ops  # (the split workspace is reused)
-    kernels = 1 if positions is None else 2  # prefill, or decode's split and merge
+    kernels = 1  # prefill, or decode's split kernel with its fused merge (the default)
     assert len(launches) == 3 * kernels and out.shape == (B, H, q_len, E)
 
 

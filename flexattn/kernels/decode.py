@@ -7,7 +7,8 @@ few query tiles to fill the GPU and reads every K/V byte once per query head. Th
   the block mask differs per head) into the rows of one tile: row ``r`` is token ``r // PACK`` of
   head ``r % PACK`` of the group, so each K/V tile is loaded once per kv head;
 - splits the keys across programs (NUM_SPLITS, chosen at run time by ``kernel_choice.choose_splits``);
-  each split writes a partial ``(out fp32, lse, max)`` to a workspace, and ``_decode_merge_kernel``
+  each split writes a partial ``(out fp32, lse, max)`` to a workspace, and the last split of a tile
+  to finish (``merge="FUSED"``, the default) or ``_decode_merge_kernel`` (``merge="KERNEL"``)
   combines the splits through their lse (max-shifted: exact up to rounding);
 - reads where the rows sit from ``Positions``: query token ``i`` of batch ``b`` is position
   ``q_offset[b] + i`` (the mods see it, the BlockMask is indexed by it) and sequence ``b`` has
@@ -430,7 +431,7 @@ def flex_decode(
     tiles: DecodeTiles | None = None,
     target: DeviceLimits | None = None,
     paged: PagedKV | None = None,
-    merge: str = "KERNEL",
+    merge: str = "FUSED",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-KV attention forward for short queries (no backward: decoding is inference).
 

@@ -85,12 +85,12 @@ def test_empty_sequences_and_the_counters_between_calls():
 
 
 def test_kernel_option_chooses_the_fused_merge():
-    """kernel_options DECODE_MERGE reaches the decode kernel (one launch fused, two without); a bad
-    value names the key and its values."""
+    """kernel_options DECODE_MERGE reaches the decode kernel (one launch fused, the default; two with
+    the merge kernel); a bad value names the key and its values."""
     q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
     where = Positions(q_offset=63)
     outs, counts = [], []
-    for options in ({"BACKEND": "TRITON"}, {"BACKEND": "TRITON", "DECODE_MERGE": "FUSED"}):
+    for options in ({"BACKEND": "TRITON", "DECODE_MERGE": "KERNEL"}, {"BACKEND": "TRITON"}):
         with recording() as launches:
             outs.append(flex_attention(q, k, v, positions=where, enable_gqa=True, kernel_options=options))
         counts.append([launch.cache.fn.__name__ for launch in launches])

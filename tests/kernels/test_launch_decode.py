@@ -1,7 +1,9 @@
 """kernels/launch.py for the decode kernels: a repeat decode call launches the split and the merge
 kernel without Triton's argument binding, passes each kernel's launcher exactly what Triton's own
 path passes (the reused split workspace included), and goes back through Triton whenever something
-it specialises on changes.
+it specialises on changes. The merge kernel's path (kernel_options DECODE_MERGE="KERNEL"): the
+fused default's split kernel takes the call's outputs, as the merge kernel does here;
+tests/test_host_path.py repeats the fused default.
 
 As ``test_launch.py`` does for the forward: the kernels are compiled for sm_90a in a fresh process
 without the interpreter, against a stub driver whose launcher records its arguments.
@@ -37,7 +39,7 @@ with (
     mock.patch.object(mod_compiler, "_target", lambda device, program: "cuda"),
     mock.patch.object(dispatch, "choose_backend", lambda *a, **k: "TRITON"),
 ):
-    options = {"BACKEND": "TRITON"}
+    options = {"BACKEND": "TRITON", "DECODE_MERGE": "KERNEL"}  # (the two-launch path: merge args elided)
     B, HQ, HKV, L, E = 2, 4, 2, 256, 64
     q = torch.randn(B, HQ, 1, E, dtype=torch.float16)
     k, v = (torch.randn(B, HKV, L, E, dtype=torch.float16) for _ in range(2))
