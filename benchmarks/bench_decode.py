@@ -97,7 +97,7 @@ def offset_alibi(offset: int):
     return alibi_at_offset
 
 
-FUSED_MERGE = {"DECODE_MERGE": "FUSED"}  # kernel_options of the fused-merge columns
+MERGE_KERNEL = {"DECODE_MERGE": "KERNEL"}  # kernel_options of the merge-kernel columns (fused: the default)
 
 
 def bench(fn, graph: bool = True) -> tuple[float, str]:
@@ -135,13 +135,13 @@ def run_row(row: Row, torch_flex, device) -> dict:
     elif row.variant == "noop":
         tokens = B * L
         plan = _plan(None, None, lq, L, device)
-        fused = _plan(None, None, lq, L, device, merge="FUSED")
+        merge_kernel = _plan(None, None, lq, L, device, merge="KERNEL")
         calls = {
             "flexattn decode": lambda: plan.forward(q, k, v),
-            "flexattn decode fused merge": lambda: fused.forward(q, k, v),
+            "flexattn decode merge kernel": lambda: merge_kernel.forward(q, k, v),
             "flexattn call": lambda: flexattn.flex_attention(q, k, v, enable_gqa=True),
-            "flexattn call fused merge": lambda: flexattn.flex_attention(
-                q, k, v, enable_gqa=True, kernel_options=FUSED_MERGE
+            "flexattn call merge kernel": lambda: flexattn.flex_attention(
+                q, k, v, enable_gqa=True, kernel_options=MERGE_KERNEL
             ),
             "flexattn prefill": lambda: _prefill(plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, enable_gqa=True),
@@ -153,7 +153,7 @@ def run_row(row: Row, torch_flex, device) -> dict:
         full_mask = _whole_sequence_mask(L, device)
         positions = Positions(q_offset=offset)
         plan = _plan(alibi, full_mask, lq, L, device)
-        fused = _plan(alibi, full_mask, lq, L, device, merge="FUSED")
+        merge_kernel = _plan(alibi, full_mask, lq, L, device, merge="KERNEL")
         short_causal, short_alibi = offset_causal(offset), offset_alibi(offset)
         short_mask = flexattn.create_block_mask(short_causal, None, None, lq, L, device=device)
         short_plan = _plan(short_alibi, short_mask, lq, L, device)
@@ -162,12 +162,12 @@ def run_row(row: Row, torch_flex, device) -> dict:
         torch_mask = torch_block_mask(short_causal, None, None, lq, L, device=device)
         calls = {
             "flexattn decode": lambda: plan.forward(q, k, v, positions=positions),
-            "flexattn decode fused merge": lambda: fused.forward(q, k, v, positions=positions),
+            "flexattn decode merge kernel": lambda: merge_kernel.forward(q, k, v, positions=positions),
             "flexattn call": lambda: flexattn.flex_attention(
                 q, k, v, alibi, full_mask, enable_gqa=True, positions=positions
             ),
-            "flexattn call fused merge": lambda: flexattn.flex_attention(
-                q, k, v, alibi, full_mask, enable_gqa=True, positions=positions, kernel_options=FUSED_MERGE
+            "flexattn call merge kernel": lambda: flexattn.flex_attention(
+                q, k, v, alibi, full_mask, enable_gqa=True, positions=positions, kernel_options=MERGE_KERNEL
             ),
             "flexattn prefill": lambda: _prefill(short_plan, q, k, v),
             "torch flex": lambda: torch_flex(q, k, v, short_alibi, torch_mask, enable_gqa=True),
@@ -192,7 +192,8 @@ def _check_agreement(result: dict, calls: dict) -> None:
     if "us" not in result.get("flexattn decode", {}):
         return
     ref = calls["flexattn decode"]()[0]
-    others = ("flexattn decode fused merge", "flexattn call", "flexattn call fused merge", "flexattn prefill")
+    others = ("flexattn decode merge kernel", "flexattn call", "flexattn call merge kernel")
+    others += ("flexattn prefill",)
     for name in (*others, "torch flex", "sdpa cudnn"):
         if name in calls and "us" in result.get(name, {}):
             other = calls[name]()
@@ -206,7 +207,7 @@ def _whole_sequence_mask(L: int, device: str):
     return flexattn.create_block_mask(causal, None, None, L, L, device=device)
 
 
-def _plan(score_mod, block_mask, lq, L, device, merge: str = "KERNEL"):
+def _plan(score_mod, block_mask, lq, L, device, merge: str = "FUSED"):
     """A flexattn plan built once (mods compiled, tables read): what a repeated call launches;
     ``merge``: kernel_options DECODE_MERGE."""
     from flexattn.options import KernelOptions

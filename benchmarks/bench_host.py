@@ -4,8 +4,9 @@ At decode sizes the host path (argument checks, mod lookup, tile choice, allocat
 costs more than the GPU work. This measures it: wall-clock microseconds per call over ``--calls``
 calls after a warm-up, median of ``--repeats`` rounds, for
 
-- ``flexattn``: ``flexattn.flex_attention`` (eager); ``flexattn-fused`` the same with kernel_options
-  ``DECODE_MERGE="FUSED"`` (the decode kernel merges its splits in the same launch: one launch);
+- ``flexattn``: ``flexattn.flex_attention`` (eager; the decode kernel merges its splits in the same
+  launch, the default); ``flexattn-merge-kernel`` the same with kernel_options
+  ``DECODE_MERGE="KERNEL"`` (a second launch merges them);
 - ``torch-compiled`` / ``torch-eager``: ``torch.nn.attention.flex_attention`` under ``torch.compile``
   and without it, masks from torch's own ``create_block_mask``;
 - ``sdpa``: ``F.scaled_dot_product_attention`` (noop; causal via ``is_causal``).
@@ -69,8 +70,8 @@ CASES = {
         Case("decode-8k", 1, 8192, False),
     )
 }  # fmt: skip  (8k keys: the decode kernel)
-IMPLS = ("flexattn", "flexattn-fused", "torch-compiled", "torch-eager", "sdpa")
-FLEXATTN = {"flexattn": {}, "flexattn-fused": {"DECODE_MERGE": "FUSED"}}  # kernel_options per flexattn impl
+IMPLS = ("flexattn", "flexattn-merge-kernel", "torch-compiled", "torch-eager", "sdpa")
+FLEXATTN = {"flexattn": {}, "flexattn-merge-kernel": {"DECODE_MERGE": "KERNEL"}}  # kernel_options per impl
 
 
 def _causal(b, h, q_idx, kv_idx):
