@@ -371,7 +371,7 @@ def test_a_cleared_launch_cache_sends_a_hit_through_triton(misses, monkeypatch):
             return lambda *args, **kwargs: calls.append(grid)
 
     monkeypatch.setattr(forward, "_LAUNCHES", LaunchCache(Recorder()))
-    q, k, v = _inputs()
+    q, k, v = _inputs(q_len=129)  # more query rows than one decode tile: the prefill kernel
     _kept(q, k, v)
     forward._LAUNCHES.clear()
     flex_attention(q, k, v, kernel_options=TRITON)
