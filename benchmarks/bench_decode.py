@@ -341,6 +341,47 @@ def _sweep_cells(q, k, v, plan, positions) -> dict:
     return cells
 
 
+SHORT_SHAPES = ((8, 32, 8, 128), (1, 4, 4, 64))  # (B, Hq, Hkv, E): this benchmark's, bench_host.py's
+SHORT_LENGTHS = (256, 1024, 2048)
+
+
+def short_caches(device) -> list[dict]:
+    """The decode and the prefill kernel on the same plan over short caches (CUDA graphs, us): the
+    data behind ``kernel_choice.choose_kernel`` sending short caches to the decode kernel."""
+    results = []
+    for shape in SHORT_SHAPES:
+        for L in SHORT_LENGTHS:
+            for lq in (1, 4):
+                row = _short_row(*shape, L, lq, device)
+                print(" | ".join(f"{key} {value}" for key, value in row.items()), flush=True)
+                results.append(row)
+    return results
+
+
+def _short_row(b: int, hq: int, hkv: int, e: int, L: int, lq: int, device) -> dict:
+    import triton
+
+    from flexattn.kernels.decode import flex_decode
+    from flexattn.options import KernelOptions
+    from flexattn.plan import plan_attention
+
+    q = torch.randn(b, hq, lq, e, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(b, hkv, L, e, device=device, dtype=torch.bfloat16) for _ in range(2))
+    plan = plan_attention(None, None, lq, L, e**-0.5, KernelOptions(BACKEND="TRITON"), torch.device(device),
+                          q.dtype)  # fmt: skip
+    calls = {
+        "decode kernel": lambda: flex_decode(
+            q, k, v, score_mod=plan.score_mod, mask_mod=plan.mask_mod, tables=None, scale=plan.scale
+        ),
+        "prefill kernel": lambda: _prefill(plan, q, k, v),
+    }
+    row = {"row": f"short B{b} Hq{hq} Hkv{hkv} E{e} KV {L} Lq{lq}"}
+    for name, call in calls.items():
+        ms = triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median")
+        row[f"{name} us"] = round(ms * 1e3, 1)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -357,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-variants", nargs="+", choices=VARIANTS, default=["noop"], help="variants")
     parser.add_argument("--sweep-kv", nargs="+", type=int, default=[8192, 32768], help="cache lengths swept")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweep, no table rows")
+    parser.add_argument("--short-caches", action="store_true", help="only the short-cache kernel rows")
     args = parser.parse_args(argv)
     if args.dry_run:
         dry_run()
@@ -372,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results, start = [], time.time()
+    if args.short_caches:
+        results = short_caches(device)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "rows": results}, f, indent=1)
+        return 0
     for row in [] if args.sweep_only else rows():
         if args.quick and row.kv_len > 32768:
             continue
