@@ -112,7 +112,8 @@ def test_a_decode_step_over_a_growing_cache_replays_with_the_position_as_a_tenso
 
 
 def test_a_split_kv_decode_step_replays_with_its_positions_as_tensors():
-    """The split-KV decode kernel (split and merge launches, a split workspace) in a graph: ragged
+    """The split-KV decode kernel (one launch merging its splits, a split workspace whose arrival
+    counters each replay leaves at zero) in a graph: ragged
     per-sequence offsets and lengths are device tensors updated in place between replays; eager
     calls of the same shapes in between keep their own workspace (none is kept from the capture)."""
     q, k, v = _qkv(2, 8, 2, 1, 4096, 128, torch.bfloat16)
