@@ -11,8 +11,8 @@ calls after a warm-up, median of ``--repeats`` rounds, for
   and without it, masks from torch's own ``create_block_mask``;
 - ``sdpa``: ``F.scaled_dot_product_attention`` (noop; causal via ``is_causal``).
 
-Cases: B1 H4 E64 with Lq = Lkv = 256 (noop, causal), a decode step Lq = 1 over Lkv = 256 (the prefill
-kernel) and over Lkv = 8192 (the split-KV decode kernel). On
+Cases: B1 H4 E64 with Lq = Lkv = 256 (noop, causal), a decode step Lq = 1 over Lkv = 256 and over Lkv =
+8192 (both the split-KV decode kernel). On
 CUDA the loop launches without synchronising (the kernels are shorter than the host path), so the
 time is the host's; ``wall+sync`` adds the final synchronisation. On CPU every implementation runs its
 CPU path (flexattn: the reference backend), so the numbers include the math.
@@ -69,7 +69,7 @@ CASES = {
         Case("decode", 1, 256, False),
         Case("decode-8k", 1, 8192, False),
     )
-}  # fmt: skip  (8k keys: the decode kernel)
+}  # fmt: skip  (decode, decode-8k: the decode kernel; noop, causal: the prefill kernel)
 IMPLS = ("flexattn", "flexattn-merge-kernel", "torch-compiled", "torch-eager", "sdpa")
 FLEXATTN = {"flexattn": {}, "flexattn-merge-kernel": {"DECODE_MERGE": "KERNEL"}}  # kernel_options per impl
 

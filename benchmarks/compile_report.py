@@ -14,7 +14,7 @@ driver and ``JITFunction.run``), checked against Triton 3.6.
     python benchmarks/compile_report.py --options '{"bwd_num_stages": 3}' --sass-dir /tmp/sass
     python benchmarks/compile_report.py --pass forward --paged 16                # K/V through a page table
     python benchmarks/compile_report.py --pass decode --variant causal+alibi --q-len 8  # split-KV decode
-    python benchmarks/compile_report.py --pass decode --options '{"DECODE_MERGE": "FUSED"}'  # one launch
+    python benchmarks/compile_report.py --pass decode --options '{"DECODE_MERGE": "KERNEL"}'  # + merge kernel
 """
 
 from __future__ import annotations

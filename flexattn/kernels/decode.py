@@ -454,9 +454,9 @@ def flex_decode(
             the key length is ``paged.kv_len`` (logical positions: the mods, the tables and
             ``positions.kv_lengths`` see them). ``tables`` are required and must keep the softmax off
             rows of unreserved pages (``flexattn.paged.PagedAttention.convert_logical_block_mask``).
-        merge: how the splits' partials are combined (kernel_options DECODE_MERGE's values): "KERNEL"
-            (``_decode_merge_kernel``, a second launch) or "FUSED" (the last split of each tile to
-            finish merges them, counted by an atomic in the workspace: one launch).
+        merge: how the splits' partials are combined (kernel_options DECODE_MERGE's values): "FUSED"
+            (the default: the last split of each tile to finish merges them, counted by an atomic in
+            the workspace: one launch) or "KERNEL" (``_decode_merge_kernel``, a second launch).
 
     Returns:
         out (B, Hq, Lq, Ev) in q's dtype, lse (B, Hq, Lq) fp32 natural log, max_scores (B, Hq, Lq) fp32;
@@ -466,9 +466,9 @@ def flex_decode(
     query rows of head group g (PACK heads x Lq tokens, M_TILES tiles of BLOCK_M rows when they do not
     fit one) once, streams the keys of split s of sequence b (block-sparse: only listed kv blocks;
     exits at once when the split starts past ``kv_lengths[b]``) with the online softmax in registers,
-    and writes a partial (out, lse, max) to an fp32 workspace. ``_decode_merge_kernel`` (one program
-    per output row) combines the partials of the splits that ran; with ``merge="FUSED"`` the last
-    program of (g, b) to finish does, over its tile's rows.
+    and writes a partial (out, lse, max) to an fp32 workspace. The last program of (g, b) to finish
+    combines the partials of the splits that ran, over its tile's rows (``merge="FUSED"``); with
+    ``merge="KERNEL"`` ``_decode_merge_kernel`` (one program per output row) does.
 
     Example (CPU through the interpreter, ``TRITON_INTERPRET=1``)::
 

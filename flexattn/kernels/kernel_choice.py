@@ -18,6 +18,9 @@ from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.tiles import largest_tile_dividing, next_power_of_2, padded_head_dim
 
 DECODE_MAX_ROWS = 128  # packed query rows (heads x tokens) one decode tile holds
+# Caches shorter than SHORT_CACHE_LEN take the decode kernel only up to SHORT_CACHE_ROWS packed rows
+# (decode steps, measured: choose_kernel); more rows there are a small prefill (prefill's tiles).
+SHORT_CACHE_LEN, SHORT_CACHE_ROWS = 2048, 16
 # Key splits aim for one (95% full) wave: one program per SM streams K/V at full bandwidth (two
 # shared-memory buffers of K and V in flight), and every further split adds its fixed cost (the block
 # lists' search, the partial result's store and merge). H200, B8 Hq32 Hkv8 E128 bf16, 8k keys, 64
@@ -207,10 +210,12 @@ def choose_kernel(
     - prefill launch knobs (explicit tiles, kernel_options BLOCK_M/BLOCK_N/num_warps/num_stages/USE_TMA/
       autotune; ``prefill_tiles`` names them) pick the prefill kernel, which they configure;
     - otherwise decode when the packed query rows (GQA group x Lq) fit one tile: each K/V byte is
-      then read once per kv head, where prefill reads it once per query head; short caches too (one
-      launch either way; H200, Lq 1-4: B8 Hq32 E128 at 256 / 1k / 2k keys 1.1 / 2.1 / 2.3x faster
-      than prefill, B1 H4 E64 at 256 keys 5.7 against 4.3 us of GPU time but 21 against 39-58 us of
-      host time, the larger part of such a call).
+      then read once per kv head, where prefill reads it once per query head. Short caches
+      (Lkv < SHORT_CACHE_LEN) too, up to SHORT_CACHE_ROWS packed rows, what was measured (one launch
+      either way; H200, Lq 1-4: B8 Hq32 E128 at 256 / 1k / 2k keys 1.1 / 2.1 / 2.3x faster than
+      prefill, B1 H4 E64 at 256 keys 5.7 against 4.3 us of GPU time but 21 against 39-58 us of host
+      time, the larger part of such a call); more rows over a short cache are a prefill-sized call
+      (Lq = Lkv = 64 self-attention, say), left to the prefill kernel.
     """
     group = q_heads // kv_heads
     pack = 1 if per_head_mask else group
@@ -232,10 +237,14 @@ def choose_kernel(
         pages = " (K/V through the page table)" if paged else ""
         return KernelChoice("decode", f"positions (query offsets / key lengths) are read by the decode kernel"
                             f"{pages}", splits)  # fmt: skip
+    if kv_len < SHORT_CACHE_LEN and rows > SHORT_CACHE_ROWS:
+        return KernelChoice("prefill", f"Lkv={kv_len} < {SHORT_CACHE_LEN} with {rows} packed rows > "
+                            f"{SHORT_CACHE_ROWS}: a prefill-sized call, prefill's query tiles")  # fmt: skip
     if rows <= DECODE_MAX_ROWS:
         packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
-        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head",
-                            splits)  # fmt: skip
+        pages = " (K/V through the page table)" if paged else ""
+        return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head"
+                            f"{pages}", splits)  # fmt: skip
     return KernelChoice(
         "prefill", f"{rows} packed rows > {DECODE_MAX_ROWS}: prefill's query tiles fill the GPU"
     )

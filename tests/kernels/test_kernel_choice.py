@@ -34,15 +34,16 @@ def _choice(**changes):
         ({"prefill_tiles": "kernel_options BLOCK_M"}, "prefill", "kernel_options BLOCK_M"),
         ({"prefill_tiles": "kernel_options BLOCK_M", "positions_given": True}, "unsupported", "drop them"),
         ({"kv_len": 256}, "decode", "4 heads x 1 tokens = 4 rows"),
+        ({"kv_len": 256, "q_len": 8}, "prefill", "Lkv=256 < 2048 with 32 packed rows > 16"),
         ({"kv_len": 300, "positions_given": True}, "decode", "positions"),
-        ({"paged": True}, "decode", "4 heads x 1 tokens = 4 rows"),
+        ({"paged": True}, "decode", "4 rows fit one tile: K/V read once per kv head (K/V through the page"),
         ({"paged": True, "positions_given": True}, "decode", "decode kernel (K/V through the page table)"),
         ({"paged": True, "kv_len": 1000}, "decode", "4 heads x 1 tokens = 4 rows"),
         ({"paged": True, "q_len": 33}, "prefill", "132 packed rows > 128"),
     ],
     ids=["decode", "32-tokens", "33-tokens", "per-head", "grad", "grad-positions", "positions", "kv-offset",
-         "tiles", "tiles-positions", "short-cache", "short-cache-positions", "paged", "paged-positions",
-         "paged-short-cache", "paged-33-tokens"],
+         "tiles", "tiles-positions", "short-cache", "short-cache-32-rows", "short-cache-positions", "paged",
+         "paged-positions", "paged-short-cache", "paged-33-tokens"],
 )  # fmt: skip
 def test_choose_kernel_says_why(changes, kind, says):
     choice = _choice(**changes)
