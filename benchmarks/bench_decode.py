@@ -100,18 +100,18 @@ def offset_alibi(offset: int):
 MERGE_KERNEL = {"DECODE_MERGE": "KERNEL"}  # kernel_options of the merge-kernel columns (fused: the default)
 
 
-def bench(fn, graph: bool = True) -> tuple[float, str]:
+def bench(fn, graph: bool = True, rep: int = 30) -> tuple[float, str]:
     """Milliseconds per call of ``fn`` and how they were taken: replayed from a CUDA graph (GPU time
     only, what a serving loop with graphs pays) or, where capture fails or ``graph`` is False, eager
-    calls (host time included; median of ``triton.testing.do_bench``)."""
+    calls (host time included; median of ``triton.testing.do_bench``); ``rep``: ms of repeats."""
     import triton
 
     if graph:
         try:
-            return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median"), "graph"
+            return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"), "graph"
         except Exception:  # noqa: BLE001 (a call that cannot be captured is timed eagerly)
             torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median"), "eager"
+    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"), "eager"
 
 
 def run_row(row: Row, torch_flex, device) -> dict:
@@ -192,8 +192,12 @@ def _check_agreement(result: dict, calls: dict) -> None:
     if "us" not in result.get("flexattn decode", {}):
         return
     ref = calls["flexattn decode"]()[0]
-    others = ("flexattn decode merge kernel", "flexattn call", "flexattn call merge kernel")
-    others += ("flexattn prefill",)
+    others = (
+        "flexattn decode merge kernel",
+        "flexattn call",
+        "flexattn call merge kernel",
+        "flexattn prefill",
+    )
     for name in (*others, "torch flex", "sdpa cudnn"):
         if name in calls and "us" in result.get(name, {}):
             other = calls[name]()
@@ -359,8 +363,6 @@ def short_caches(device) -> list[dict]:
 
 
 def _short_row(b: int, hq: int, hkv: int, e: int, L: int, lq: int, device) -> dict:
-    import triton
-
     from flexattn.kernels.decode import flex_decode
     from flexattn.options import KernelOptions
     from flexattn.plan import plan_attention
@@ -377,7 +379,7 @@ def _short_row(b: int, hq: int, hkv: int, e: int, L: int, lq: int, device) -> di
     }
     row = {"row": f"short B{b} Hq{hq} Hkv{hkv} E{e} KV {L} Lq{lq}"}
     for name, call in calls.items():
-        ms = triton.testing.do_bench_cudagraph(call, rep=20, return_mode="median")
+        ms, row[f"{name} timed"] = bench(call, rep=20)
         row[f"{name} us"] = round(ms * 1e3, 1)
     return row
 

@@ -40,8 +40,12 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import bench  # noqa: E402  (CUDA graph replay, eager where capture fails)
 
 from flexattn import create_block_mask, flex_attention
 from flexattn.kernels.forward import flex_forward
@@ -217,7 +221,7 @@ def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit) -> N
                         reference = out
                     elif reference is not None:
                         row.max_diff = (out.float() - reference.float()).abs().max().item()
-                    ms, row.timed = _time(fn)
+                    ms, row.timed = bench(fn, rep=40)
                 row.us = ms * 1e3
                 row.tb_s = kv_bytes / (ms * 1e-3) / 1e12
                 row.tflop_s = flops / (ms * 1e-3) / 1e12
@@ -228,17 +232,6 @@ def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit) -> N
             except Exception as err:
                 row.error = f"{type(err).__name__}: {err}"[:300]
             emit(row)
-
-
-def _time(fn) -> tuple[float, str]:
-    """Milliseconds per call of ``fn``: replayed from a CUDA graph, or eagerly where capture fails."""
-    import triton
-
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"), "graph"
-    except Exception:  # noqa: BLE001 (a call that cannot be captured is timed eagerly)
-        torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"), "eager"
 
 
 def table(rows: list[Row]) -> str:

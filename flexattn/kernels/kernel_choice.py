@@ -233,8 +233,8 @@ def choose_kernel(
                             "positions; drop them (the decode kernel chooses its own tiles)")  # fmt: skip
     if prefill_tiles:
         return KernelChoice("prefill", f"{prefill_tiles} configure the prefill kernel")
+    pages = " (K/V through the page table)" if paged else ""
     if positions_given:
-        pages = " (K/V through the page table)" if paged else ""
         return KernelChoice("decode", f"positions (query offsets / key lengths) are read by the decode kernel"
                             f"{pages}", splits)  # fmt: skip
     if kv_len < SHORT_CACHE_LEN and rows > SHORT_CACHE_ROWS:
@@ -242,7 +242,6 @@ def choose_kernel(
                             f"{SHORT_CACHE_ROWS}: a prefill-sized call, prefill's query tiles")  # fmt: skip
     if rows <= DECODE_MAX_ROWS:
         packing = f"{pack} heads x {q_len} tokens" if pack > 1 else f"{q_len} tokens (one head per tile)"
-        pages = " (K/V through the page table)" if paged else ""
         return KernelChoice("decode", f"{packing} = {rows} rows fit one tile: K/V read once per kv head"
                             f"{pages}", splits)  # fmt: skip
     return KernelChoice(
