@@ -47,12 +47,12 @@ from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision, tile_descriptors
 from flexattn.kernels.tile_io import (
+    clamp_tail,
     listed_tiles,
     load_rows,
     mask_row,
     sparse_tile_start,
     tile_source,
-    wrap_index,
 )
 from flexattn.kernels.tiles import padded_head_dim
 from flexattn.options import DEFAULT_OPTIONS
@@ -150,8 +150,8 @@ def _dkdv_step(
     delta = tl.load(DELTA + row0 + offs_m)
 
     # -- scores and probabilities, keys along rows: [BLOCK_N1, BLOCK_M1]
-    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[None, :]  # the modulo only where a tile can overhang
-    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[:, None]
+    q_idx = clamp_tail(offs_m, Q_LEN, CHECK_M)[None, :]  # clamped only where a tile can overhang
+    kv_idx = clamp_tail(offs_n, KV_LEN, CHECK_N)[:, None]
     sT, pT = _probabilities(
         tl.dot(k, qT, input_precision=DOT_PRECISION), lse2[None, :], q_idx, kv_idx, offs_m[None, :], offs_n[:, None],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,
@@ -280,8 +280,8 @@ def _dq_step(
     vT = load_rows(v_src, b, hk, start_n, v_strides, KV_LEN, EV, EV_PAD, BLOCK_N2, CHECK_N, USE_TMA, TRANSPOSED=True)
 
     # -- scores and probabilities: [BLOCK_M2, BLOCK_N2]
-    q_idx = wrap_index(offs_m, Q_LEN, CHECK_M)[:, None]
-    kv_idx = wrap_index(offs_n, KV_LEN, CHECK_N)[None, :]
+    q_idx = clamp_tail(offs_m, Q_LEN, CHECK_M)[:, None]
+    kv_idx = clamp_tail(offs_n, KV_LEN, CHECK_N)[None, :]
     s, p = _probabilities(
         tl.dot(q, kT, input_precision=DOT_PRECISION), lse2[:, None], q_idx, kv_idx, offs_m[:, None], offs_n[None, :],
         b, hq, Q_LEN, KV_LEN, scale, SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS,

@@ -48,6 +48,7 @@ from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.positions import NO_POSITIONS, Positions
 from flexattn.kernels.tile_io import (
+    clamp_tail,
     listed_blocks,
     load_kv,
     mask_row,
@@ -55,7 +56,6 @@ from flexattn.kernels.tile_io import (
     paged_rows,
     sparse_tile_start,
     tile_source,
-    wrap_index,
 )
 from flexattn.kernels.tiles import padded_head_dim
 from flexattn.options import DECODE_MERGES
@@ -91,7 +91,7 @@ def _decode_tile(
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
     if CHECK_N:
-        kv_idx = wrap_index(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
+        kv_idx = clamp_tail(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
     else:
         kv_idx = kv_pos[None, :]
     if not SCORE_IS_IDENTITY:

@@ -35,6 +35,7 @@ from flexattn.kernels.device import (
 from flexattn.kernels.launch import LaunchCache, alignment, args_key, broadcast_strides
 from flexattn.kernels.paged_kv import PagedKV
 from flexattn.kernels.tile_io import (
+    clamp_tail,
     listed_tiles,
     load_kv,
     load_rows,
@@ -43,7 +44,6 @@ from flexattn.kernels.tile_io import (
     paged_rows,
     sparse_tile_start,
     tile_source,
-    wrap_index,
 )
 from flexattn.kernels.tiles import (
     TileCache,
@@ -96,7 +96,7 @@ def _attend_tile(
         scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    kv_idx = wrap_index(kv_pos, KV_LEN, CHECK_N)[None, :]  # tail keys read in bounds; mask_tail drops them
+    kv_idx = clamp_tail(kv_pos, KV_LEN, CHECK_N)[None, :]  # tail keys read in bounds; mask_tail drops them
     if SCORE_IS_ADDITIVE:
         scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
     elif not SCORE_IS_IDENTITY:
@@ -164,7 +164,7 @@ def _flex_forward_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     q = load_rows(tile_source(Q, b, h, q_strides, False), b, h, start_m, (q_strides[2], q_strides[3]), Q_LEN, E, E_PAD,
                   BLOCK_M, True, False)
-    q_idx = wrap_index(start_m + offs_m, Q_LEN)[:, None]
+    q_idx = clamp_tail(start_m + offs_m, Q_LEN)[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

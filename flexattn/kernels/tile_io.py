@@ -76,14 +76,16 @@ def sparse_tile_start(indices_ptr, tile, stride_index, SPARSE_BLOCK: tl.constexp
 
 
 @triton.jit
-def wrap_index(index, LEN, CHECK: tl.constexpr = True):
-    """Positions as the mods see them: wrapped into ``[0, LEN)`` so gathers stay in bounds on tails.
+def clamp_tail(index, LEN, CHECK: tl.constexpr = True):
+    """Positions as the mods see them: ``index`` (>= 0) with the tail past ``LEN`` (>= 1) held at
+    ``LEN - 1``, so the mods' gathers stay in bounds on a tile that overhangs the sequence.
 
-    Only where CHECK says a tile can overhang LEN; otherwise every position is in range and the
-    (integer-division) modulo is skipped.
+    A tail position's scores are dropped (``mask_tail``), so any in-range stand-in serves; a minimum
+    is one instruction where the earlier modulo was an integer division per position. Only where
+    CHECK says a tile can overhang LEN; otherwise every position is in range and nothing is done.
     """
     if CHECK:
-        index = index % LEN
+        index = tl.minimum(index, LEN - 1)
     return index
 
 
