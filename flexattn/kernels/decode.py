@@ -65,6 +65,9 @@ SEARCH_CHUNK = tl.constexpr(128)  # list entries a search loads per round (one p
 
 
 # fmt: off
+TAIL_BRANCH_ROWS = tl.constexpr(64)  # tiles of this many rows or more test the sequence tail by a branch
+
+
 @triton.jit
 def _decode_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
@@ -73,36 +76,60 @@ def _decode_tile(
     status, any_partial,                             # per row: 0 skip / 1 partial / 2 full; scalar
     k_strides, v_strides, scale,
     SCORE_FN: tl.constexpr, SCORE_ARGS, MASK_FN: tl.constexpr, MASK_ARGS,
-    SPARSE: tl.constexpr, CHECK_N: tl.constexpr,
+    SPARSE: tl.constexpr, ROW_STATUS: tl.constexpr, CHECK_N: tl.constexpr,
     E: tl.constexpr, E_PAD: tl.constexpr, EV: tl.constexpr, EV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr, PAGE: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N tile: q.k, mods, masks, online-softmax update of (acc, l_i, m_i).
+
+    SPARSE: a block of the mask; ``any_partial`` says whether some row evaluates the mask_mod. With
+    ROW_STATUS each row's ``status`` decides (the tile straddles two q blocks of the mask), else
+    every row has one status: full (``any_partial`` false: no mask at all) or partial.
+    Scores as in the prefill kernel: raw q.k with an identity score mod (the scale folds into exp2),
+    base 2 with an additive one (``qk * (scale * log2e) + BIAS_FN``), else natural units.
     Paged (PAGE > 0): the tile's physical rows are found once and serve the K and the V load."""
-    # -- scores in natural units (raw q.k with an identity score mod; the scale folds into exp2) --
     kv_rows = paged_rows(pages, start_n, kv_len, BLOCK_N, CHECK_N, PAGE)
     k = load_kv(k_src, kv_rows, b, 0, start_n, k_strides, kv_len, E, E_PAD, BLOCK_N, CHECK_N, False, PAGE)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SCORE_IS_IDENTITY:
         scores = qk
         to_base2 = scale * LOG2E
+    elif SCORE_IS_ADDITIVE:
+        scores = qk * (scale * LOG2E)
+        to_base2 = 1.0
     else:
         scores = qk * scale
         to_base2 = LOG2E
     kv_pos = start_n + tl.arange(0, BLOCK_N)
-    if CHECK_N:
-        kv_idx = clamp_tail(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
+    kv_idx = kv_pos[None, :]
+    # -- a tile that may overhang the sequence holds its positions in bounds and drops the tail. Tall
+    #    tiles (64+ rows) test it by a uniform branch, so their whole tiles pay neither the clamp nor a
+    #    select per score; short ones always do both (cheaper there than a branch in the loop: the
+    #    decode A/B in BENCHMARKS.md, thirteenth session) --
+    if not CHECK_N:
+        overhangs = False
+    elif q.shape[0] >= TAIL_BRANCH_ROWS:
+        overhangs = start_n + BLOCK_N > kv_len
     else:
-        kv_idx = kv_pos[None, :]
-    if not SCORE_IS_IDENTITY:
+        overhangs = True
+    if overhangs:
+        kv_idx = clamp_tail(kv_pos, kv_len)[None, :]  # tail keys read in bounds; mask_tail drops them
+    if SCORE_IS_ADDITIVE:
+        scores = scores + BIAS_FN(b, h, q_idx, kv_idx, SCORE_ARGS)
+    elif not SCORE_IS_IDENTITY:
         scores = SCORE_FN(scores, b, h, q_idx, kv_idx, SCORE_ARGS)
     if SPARSE:
-        allowed = (status[:, None] > 0) & (kv_idx >= 0)  # (BLOCK_M, BLOCK_N)
-        if any_partial:
-            keep = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)
-            allowed = allowed & ((status[:, None] == 2) | keep)
-        scores = tl.where(allowed, scores, float("-inf"))
-    scores = mask_tail(scores, kv_pos[None, :], kv_len, CHECK_N)
+        if ROW_STATUS:
+            allowed = (status[:, None] > 0) & (kv_idx >= 0)  # (BLOCK_M, BLOCK_N)
+            if any_partial:
+                keep = MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS)
+                allowed = allowed & ((status[:, None] == 2) | keep)
+            scores = tl.where(allowed, scores, float("-inf"))
+        elif any_partial:
+            scores = tl.where(MASK_FN(b, h, q_idx, kv_idx, MASK_ARGS), scores, float("-inf"))
+    if overhangs:
+        scores = mask_tail(scores, kv_pos[None, :], kv_len, True)
 
     # -- online softmax in base 2; rows masked so far keep p = 0 (no NaN) --
     m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -180,8 +207,8 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr, KV_BLOCK: tl.constexpr,
     MASK_PER_BATCH: tl.constexpr, MASK_PER_HEAD: tl.constexpr, SPARSE: tl.constexpr, HAS_FULL: tl.constexpr,
     PER_BATCH_Q_OFFSET: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, PAGE: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCORE_IS_IDENTITY: tl.constexpr, SCORE_IS_ADDITIVE: tl.constexpr,
+    BIAS_FN: tl.constexpr, PAGE: tl.constexpr, FUSED_MERGE: tl.constexpr,
 ):
     # -- which work: program (split, group * M_TILES + m, b); exit at once past the sequence's keys --
     split = tl.program_id(0)
@@ -256,8 +283,9 @@ def _decode_split_kernel(
                         acc, l_i, m_i = _decode_tile(
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                             status, full == 0, kn_strides, vn_strides, scale,
-                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
-                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                            SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, False, True,
+                            E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                            BIAS_FN, PAGE,
                         )
             else:
                 # -- tokens in two q blocks: walk the split's kv blocks, looking each up in both rows' lists --
@@ -294,8 +322,9 @@ def _decode_split_kernel(
                                 acc, l_i, m_i = _decode_tile(
                                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                                     status, any_partial, kn_strides, vn_strides, scale,
-                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True,
-                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, True, True,
+                                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY,
+                                    SCORE_IS_ADDITIVE, BIAS_FN, PAGE,
                                 )
         else:
             # -- every key of the split: whole tiles unchecked, then the sequence's tail tile --
@@ -305,21 +334,25 @@ def _decode_split_kernel(
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False, False,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                    BIAS_FN, PAGE,
                 )
             if split_start + full_tiles * BLOCK_N < split_end:
                 start_n = split_start + full_tiles * BLOCK_N
                 acc, l_i, m_i = _decode_tile(
                     acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
                     m_i, False, kn_strides, vn_strides, scale,
-                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, True,
-                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, PAGE,
+                    SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, False, False, True,
+                    E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
+                    BIAS_FN, PAGE,
                 )
 
         # -- this split's partial result: normalised out, lse and max (natural units); empty: 0, -inf --
         if SCORE_IS_IDENTITY:
             m_i = m_i * scale
+        elif SCORE_IS_ADDITIVE:
+            m_i = m_i * (1.0 / LOG2E)  # back to natural units
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -574,6 +607,7 @@ def _launch_split(
     )  # fmt: skip
     precision = dot_precision(q.dtype)
     identity = score_mod.trivial and scale > 0
+    additive = not identity and score_mod.bias_fn is not None
 
     def keywords() -> dict:  # the constexprs and launch options by name (for Triton's binding)
         return dict(
@@ -582,7 +616,8 @@ def _launch_split(
             BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, Q_BLOCK=q_block, KV_BLOCK=launch.unit,
             **broadcast_flags, SPARSE=tables is not None, HAS_FULL=has_full,
             PER_BATCH_Q_OFFSET=per_batch_offset, HAS_KV_LENGTHS=kv_lengths is not None,
-            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, PAGE=page, FUSED_MERGE=fused is not None,
+            DOT_PRECISION=precision, SCORE_IS_IDENTITY=identity, SCORE_IS_ADDITIVE=additive,
+            BIAS_FN=score_mod.bias_fn, PAGE=page, FUSED_MERGE=fused is not None,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
 
@@ -601,15 +636,18 @@ def _launch_split(
     # ``launch`` (tiles, packing, split unit) by identity: the entry keeps it alive.
     key = (
         id(launch), Hq // Hkv, E, Ev, q_block, tuple(broadcast_flags.values()), tables is not None, has_full,
-        per_batch_offset, kv_lengths is not None, precision, identity, q.dtype, offsets.dtype, lengths.dtype,
-        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(mask_mod.fn),
+        per_batch_offset, kv_lengths is not None, precision, identity, additive, q.dtype, offsets.dtype, lengths.dtype,
+        table_args[0].dtype, page, page_table.dtype, strides, B, Hq, id(score_mod.fn), id(score_mod.bias_fn),
+        id(mask_mod.fn),
         fused is not None, outputs[0].dtype, o_strides,
         alignment(*pointers),
         max(q_offset, Lq, Lkv, *table_args[4:], page_stride, launch.units_per_split) < 2**31,
         args_key(score_mod.args), args_key(mask_mod.args),
     )  # fmt: skip
     grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)
-    _SPLIT_LAUNCHES.launch(grid, key, args, keywords, pinned=(launch, score_mod.fn, mask_mod.fn))
+    _SPLIT_LAUNCHES.launch(
+        grid, key, args, keywords, pinned=(launch, score_mod.fn, score_mod.bias_fn, mask_mod.fn)
+    )
 
 
 def _launch_merge(
