@@ -1,4 +1,5 @@
-"""``_lower_bound``, the decode kernel's search of a sorted block list, against ``torch.searchsorted``.
+"""``_lower_bound`` and ``_list_bounds``, the decode kernel's searches of a sorted block list, against
+``torch.searchsorted``.
 
 A small CHUNK (4) makes short lists exercise every path: a list within one round of samples
 (n <= CHUNK), the bracket round (n <= CHUNK * (CHUNK + 1)) and the looped bracket beyond it.
@@ -14,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flexattn.kernels.decode import _lower_bound
+from flexattn.kernels.decode import _list_bounds, _lower_bound
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="CPU kernel tests run through TRITON_INTERPRET=1"
@@ -40,3 +41,26 @@ def test_lower_bound_matches_searchsorted(n):
     out = torch.empty_like(targets)
     _search_kernel[(targets.numel(),)](row, n, targets, out, CHUNK=4)
     torch.testing.assert_close(out, torch.searchsorted(values, targets, side="left").to(torch.int32))
+
+
+@triton.jit
+def _bounds_kernel(IDX, n, LOS, HIS, FIRST, LAST, COLS, CHUNK: tl.constexpr):
+    i = tl.program_id(0)
+    first, last = _list_bounds(IDX, n, tl.load(LOS + i), tl.load(HIS + i), COLS, CHUNK)
+    tl.store(FIRST + i, first)
+    tl.store(LAST + i, last)
+
+
+@pytest.mark.parametrize("n, cols", [(0, 2), (1, 1), (3, 3), (4, 9), (5, 5), (21, 30)])
+def test_list_bounds_match_searchsorted(n, cols):
+    """Both bounds of a split's range: one speculative round for n <= CHUNK (4 here; the row's COLS
+    slots, n of them listed, the rest junk that must not count), the searches beyond it."""
+    gen = torch.Generator().manual_seed(2000 + n)
+    values = torch.randperm(3 * n + 2, generator=gen)[:n].sort().values.to(torch.int32)
+    row = torch.cat([values, torch.full((cols - n + 7,), -5, dtype=torch.int32)])  # junk past n
+    lo = torch.randint(-1, 3 * n + 3, (24,), generator=gen, dtype=torch.int32)
+    hi = lo + torch.randint(0, n + 3, (24,), generator=gen, dtype=torch.int32)
+    first, last = torch.empty_like(lo), torch.empty_like(lo)
+    _bounds_kernel[(lo.numel(),)](row, n, lo, hi, first, last, cols, CHUNK=4)
+    torch.testing.assert_close(first, torch.searchsorted(values, lo, side="left").to(torch.int32))
+    torch.testing.assert_close(last, torch.searchsorted(values, hi, side="left").to(torch.int32))
