@@ -12,8 +12,12 @@ each call:
   call can take a fused kernel (SDPA's ``enable_gqa`` with a mask falls back to its math kernel).
 - :class:`FlexattnPaged` (``flexattn``): flexattn with its paged cache (``flexattn.paged``): the
   prompts packed into one row with a causal-within-each-prompt block mask (no padding), keys
-  written into pages reserved per sequence as it grows; decode reads the pages through the page
-  table with the ``kv_len`` bound of ``convert_logical_block_mask``.
+  written into pages reserved per sequence. A run reserves each sequence's pages for its whole
+  generation at the start (prompt + new tokens: the pages the run needs, as before, only earlier)
+  and converts the decode mask to the page table once; every step then bounds the keys by
+  ``Positions`` (query offsets, key lengths on the device), so a step's calls repeat one call key
+  (flexattn's prepared calls) and launch no mask conversion. (PyTorch's flex_attention has no
+  ``Positions``: torch-flex converts a mask with the step's ``kv_len`` every step.)
 - :class:`FlexattnDense` (``flexattn-dense``): the same packed prefill, dense padded caches, and
   decode through ``Positions`` (query offsets and ragged key lengths), flexattn's decode kernel.
 - :class:`TorchFlexPaged` (``torch-flex``): PyTorch's ``flex_attention`` (compiled on CUDA) with
@@ -281,29 +285,25 @@ class FlexattnPaged(PackedFlexattn):
         self, cfg, lengths, new_tokens, device, dtype, mode="eager", kernel_options=None, page_size=64
     ):
         super().__init__(cfg, lengths, new_tokens, device, dtype, mode, kernel_options)
-        n_pages = sum(cdiv(n + new_tokens, page_size) for n in lengths)  # what the run needs, no more
+        self.run_lengths = [n + new_tokens for n in lengths]  # each sequence's keys at the end of a run
+        n_pages = sum(cdiv(n, page_size) for n in self.run_lengths)  # what the run needs, no more
         per_seq = cdiv(self.max_len, page_size)
         self.paged = PagedAttention(n_pages, page_size, self.B, device=device, max_pages_per_seq=per_seq)
         self.k = self.zeros_cache(1, cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
         self.v = self.zeros_cache(1, cfg.n_kv_heads, n_pages * page_size, cfg.head_dim)
         kv_block = page_size * max(1, 128 // page_size)  # a multiple of the page, about 128
-        # decode: one query row per sequence sees every key that exists (the kv_len bound of the
-        # converted mask); the logical mask covers the longest sequence
-        self.decode_mask = create_block_mask(
-            noop_mask, None, None, 1, per_seq * page_size, device=device, BLOCK_SIZE=(Q_BLOCK, kv_block)
-        )
-        self.batch_cpu = torch.arange(self.B, device="cpu")
-
-    def start(self):
-        super().start()
+        # every run writes the same sequences (the prompts' lengths do not change): their pages are
+        # reserved once, for the whole generation, and the decode mask (every key of the sequence,
+        # in absolute positions; Positions bounds each step's keys) is converted to the page table
+        # once. A CUDA graph captured over it stays valid for every run.
         for b in range(self.B):
-            self.paged.erase(b)
-            self.paged.reserve(b, self.prompt_lengths[b])
-
-    def grow(self):
-        for b, n in enumerate(self.lengths):
-            if n + 1 > self.paged.capacity[b]:  # a new page only when the last one is full
-                self.paged.reserve(b, n + 1)
+            self.paged.reserve(b, self.run_lengths[b])
+        span = per_seq * page_size
+        logical = create_block_mask(
+            noop_mask, None, None, span, span, device=device, BLOCK_SIZE=(Q_BLOCK, kv_block)
+        )
+        self.decode_mask = self.paged.convert_logical_block_mask(logical, self.batch)
+        self.batch_cpu = torch.arange(self.B, device="cpu")
 
     def write_prompts(self, layer, packed, k, v):
         # every token its own row (T, Hkv, 1, E) at (its prompt, its position); host indices: the
@@ -316,12 +316,12 @@ class FlexattnPaged(PackedFlexattn):
         # eager: host index tensors (the allocator checks them on the CPU, then copies them to the GPU
         # without waiting for it); a graph: the device buffers (the checks skip while capturing)
         batch, where = (self.batch, positions) if host is None else (self.batch_cpu, host)
-        kv_len = (positions[:, 0] + 1).to(torch.int32)  # (B,) the new key included
-        mask = self.paged.convert_logical_block_mask(self.decode_mask, batch, kv_len=kv_len)
+        offsets = positions[:, 0].to(torch.int32)  # (B,)
+        bounds = Positions(q_offset=offsets, kv_lengths=offsets + 1)  # the new key included
 
         def attend(layer, q, k, v):  # q (B, Hq, 1, E); k, v (B, Hkv, 1, E)
             self.paged.assign(batch, where, k, v, self.k[layer], self.v[layer])
-            return self.attention(q, self.k[layer], self.v[layer], mask)
+            return self.attention(q, self.k[layer], self.v[layer], self.decode_mask, positions=bounds)
 
         return model(tokens, positions, attend)[:, 0]
 

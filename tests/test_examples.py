@@ -4,6 +4,7 @@ and generate.py (every attention implementation generates the same tokens)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,16 +89,16 @@ def test_generate_gives_the_same_tokens_with_every_attention_on_cpu(capsys):
 def test_generate_check_fails_when_decode_misses_the_newest_key(monkeypatch):
     """The comparison can fail: a paged decode that leaves out each sequence's newest key (its own
     token) generates other tokens, and --check (on in fp32) says which run."""
-    from flexattn.paged import PagedAttention
+    generate = load_generate()
+    kv_caches = sys.modules["kv_caches"]  # (imported by generate.py)
+    positions = kv_caches.Positions
 
-    convert = PagedAttention.convert_logical_block_mask
+    def one_key_short(*, q_offset, kv_lengths):
+        return positions(q_offset=q_offset, kv_lengths=kv_lengths - 1)
 
-    def one_key_short(self, block_mask, batch_idx=None, kv_len=None):
-        return convert(self, block_mask, batch_idx, kv_len - 1)
-
-    monkeypatch.setattr(PagedAttention, "convert_logical_block_mask", one_key_short)
+    monkeypatch.setattr(kv_caches, "Positions", one_key_short)
     with pytest.raises(SystemExit, match="--check: flexattn eager generated other tokens than sdpa eager"):
-        load_generate().main([*TINY, "--impl", "sdpa", "flexattn", "--modes", "eager"])
+        generate.main([*TINY, "--impl", "sdpa", "flexattn", "--modes", "eager"])
 
 
 @pytest.mark.skipif(
