@@ -111,9 +111,11 @@ def run_decode(
     lengths=None,
     splits=None,
     tiles=None,
-    merge="KERNEL",
+    merge="FUSED",
 ):
-    """flex_decode of the last Lq tokens of each sequence vs the whole-sequence reference."""
+    """flex_decode of the last Lq tokens of each sequence vs the whole-sequence reference; ``merge``:
+    the splits merged in the split kernel's launch (FUSED, the default) or by the merge kernel
+    (KERNEL; test_decode_fused_merge.py runs both on the same inputs)."""
     lengths = [L] * B if lengths is None else lengths
     q = torch.randn(B, Hq, Lq, E).to(dtype)
     k = torch.randn(B, Hkv, L, E).to(dtype)
