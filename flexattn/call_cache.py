@@ -29,9 +29,12 @@ path, as before):
   version); tables, page tables or captures made under ``torch.inference_mode`` have no version
   counter (an in-place edit could not be seen), so calls reading them are not kept;
 - Positions by form: tensors on a GPU by their metadata (the kernels read their values; the host
-  reads none), ``q_offset`` 0 and ``kv_offset`` by value; a nonzero int ``q_offset`` (a new key
-  every decode step: pass a tensor) and CPU tensors (``Positions.check`` reads their values) are
-  not kept;
+  reads none), ``q_offset`` 0 and ``kv_offset`` by value, a nonzero int ``q_offset`` by type: it
+  is one of the call's values, which a hit passes to the launches that declare it theirs
+  (``kernels.launch.Launch.call_ints``: the decode kernel's unspecialised offset), after the
+  checks the whole path makes of it (``0 <= q_offset``, ``q_offset + Lq`` within the BlockMask's
+  Q_LEN, below 2**31: else the call runs the whole path, which raises or runs it). CPU tensors
+  (``Positions.check`` reads their values) are not kept;
 - kernel_options by every item's name, type and value; scale and enable_gqa by type and value;
   ``torch.is_grad_enabled()``; torch's TF32 switch for fp32 inputs; for CPU tensors
   ``TRITON_INTERPRET`` (the whole path reads it on every call: without it a Triton call on CPU
@@ -263,7 +266,7 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         tensors = (query, key, value)
     else:
         tensors = [query, key, value]
-        places = _positions_key(positions, tensors)
+        places = _positions_key(positions, tensors, query.shape[2], block_mask)
         tensors = tuple(tensors)
     if kernel_options is not None:
         if type(kernel_options) is not dict:
@@ -338,22 +341,37 @@ def _is_paged_mask(kind: type) -> bool:
     return kind is PagedBlockMask
 
 
-def _positions_key(positions, tensors: list) -> tuple:
-    """Positions by form; their GPU tensors join the call's tensors."""
+def _positions_key(positions, tensors: list, q_len: int, block_mask) -> tuple:
+    """Positions by form; their GPU tensors and a nonzero int ``q_offset`` join the call's values
+    (``tensors``), the int once it passes the checks the whole path would make of it (``q_len``
+    query tokens; with a ``block_mask``, its Q_LEN bounds the last position)."""
     from flexattn.kernels import positions as where
 
     if type(positions) is not where.Positions:
         raise _Unprepared
     parts: list = [type(positions.kv_offset), positions.kv_offset]
-    for value in (positions.q_offset, positions.kv_lengths):
-        if value is None or (type(value) is int and value == 0):
-            parts.append(value)
-        elif type(value) is torch.Tensor and not where.host_readable(value):
-            parts.append(_meta(value))
-            tensors.append(value)
-        else:  # a new int offset per step would be a new key per step; CPU values are checked per call
-            raise _Unprepared
+    offset = positions.q_offset
+    if type(offset) is int and offset != 0:
+        end = offset + q_len
+        if offset < 0 or end >= 2**31 or (block_mask is not None and end > block_mask.seq_lengths[0]):
+            raise _Unprepared  # (the whole path says what is wrong, or runs it)
+        parts.append(int)
+        tensors.append(offset)
+    else:
+        parts.append(_position_tensor(offset, tensors, where))
+    parts.append(_position_tensor(positions.kv_lengths, tensors, where))
     return tuple(parts)
+
+
+def _position_tensor(value, tensors: list, where):
+    """The key part of a Positions field that is None, the int 0 or a GPU tensor (which joins the
+    call's values); CPU values are checked per call (not kept)."""
+    if value is None or (type(value) is int and value == 0):
+        return value
+    if type(value) is torch.Tensor and not where.host_readable(value):
+        tensors.append(value)
+        return _meta(value)
+    raise _Unprepared
 
 
 def recording(call: Call | None):
@@ -377,9 +395,14 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
     if len({id(launch.cache) for launch in launches}) != len(launches):
         return  # a kernel launched twice (autotuning, a retry): not one launch per kernel
     call_tensors = [*call.tensors[:3], out, lse, max_scores, *call.tensors[3:]]
-    if len({id(t) for t in call_tensors}) != len(call_tensors):
+    ints = [index for index, t in enumerate(call_tensors) if type(t) is int]  # an int q_offset
+    tensors = [t for t in call_tensors if type(t) is not int]
+    if len({id(t) for t in tensors}) != len(tensors):
         return  # q is k: which of them a launch read cannot be told apart (a hit passes each its own)
-    places = {id(t): index for index, t in enumerate(call_tensors)}
+    if ints and not any(launch.call_ints for launch in launches):
+        return  # the offset went into a launch that does not take it per call
+    # (an int's place is keyed by a tuple no id() equals: a later tensor's place is len(places))
+    places = {id(t) if type(t) is not int else ("int", index): index for index, t in enumerate(call_tensors)}
     captured, held = _users_tensors(call.keep)
     owned = {id(t) for t in (*captured, *held)}
     if owned & places.keys():
@@ -390,7 +413,8 @@ def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.
     fixed: list = []
     try:
         prepared = tuple(
-            (Relaunch(_constant(launch)), _template(launch.args, places, fixed)) for launch in launches
+            (Relaunch(_constant(launch)), _template(launch.args, places, fixed, _call_ints(launch, ints)))
+            for launch in launches
         )
     except _Unprepared:
         return
@@ -449,14 +473,27 @@ def _mods_remembered(call: Call, options, dtype) -> bool:
     )
 
 
-def _template(args: tuple, places: dict[int, int], fixed: list) -> _Args:
+def _call_ints(launch, ints: list[int]) -> dict[int, int]:
+    """``{index into the launch's args: place in the values}`` of the call's int q_offset (``ints``:
+    its place, if the call has one) in the arguments the launch declares its call's own."""
+    taken = {}
+    for index, name in launch.call_ints:
+        if name != "q_offset":
+            raise _Unprepared
+        if ints:
+            taken[index] = ints[0]
+    return taken
+
+
+def _template(args: tuple, places: dict[int, int], fixed: list, ints: dict[int, int] | None = None) -> _Args:
     """The builder of ``args``: tensors from their place in the values (``places``: id -> index; the
     call's tensors first, then the fixed ones: a tensor not seen yet is appended to ``fixed``, to be
-    weakly held by the entry), tensor descriptors over the call's tensors made anew, constants as
-    they are; anything else cannot be prepared."""
+    weakly held by the entry), tensor descriptors over the call's tensors made anew, the call's ints
+    from their place (``ints``: index into args -> place), other constants as they are; anything
+    else cannot be prepared."""
     kernel_function, tensor_descriptor, descriptor = _launch_types()
     base = list(args)
-    fills: list = []
+    fills: list = [] if not ints else list(ints.items())
     for index, arg in enumerate(args):
         kind = type(arg)
         if kind in _CONSTANTS:

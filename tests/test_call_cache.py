@@ -298,13 +298,47 @@ def test_new_position_tensors_of_the_same_kind_are_read_by_a_hit(misses, gpu_pos
 def test_calls_whose_values_the_host_checks_are_not_kept(misses):
     q, k, v = _inputs(1, L)
     lengths = torch.tensor([20], dtype=torch.int32)  # a CPU tensor: Positions.check reads it
-    for positions in (Positions(kv_lengths=lengths), Positions(q_offset=L - 1)):  # and a new int per step
-        for _ in range(3):
-            out = flex_attention(q, k, v, kernel_options=TRITON, positions=positions)
-        _assert_reference(out, q, k, v, positions=positions)
-    assert call_cache.kept() == 0 and misses[0] == 6
+    positions = Positions(kv_lengths=lengths)
+    for _ in range(3):
+        out = flex_attention(q, k, v, kernel_options=TRITON, positions=positions)
+    _assert_reference(out, q, k, v, positions=positions)
+    assert call_cache.kept() == 0 and misses[0] == 3
     with pytest.raises(ValueError, match="kv_lengths must lie in"):
         flex_attention(q, k, v, kernel_options=TRITON, positions=Positions(kv_lengths=lengths + 100))
+
+
+def test_a_new_int_offset_every_step_is_read_by_a_hit(misses):
+    """An int q_offset is a value of the call: decode steps at offsets 10, 11, 40, 63 over a causal
+    mask of the whole sequence and ALiBi (both see the absolute position) run one key, recorded at
+    its second miss; each hit reads its own offset."""
+    q, k, v = _inputs(1, L)
+    bias = torch.randn(H)
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score + bias[h] * (kv_idx - q_idx)
+
+    mask = _mask()
+    outs = []
+    for offset in (10, 11, 40, 63):
+        kwargs = dict(score_mod=alibi, block_mask=mask, positions=Positions(q_offset=offset))
+        outs.append(flex_attention(q, k, v, kernel_options=TRITON, **kwargs))
+        _assert_reference(outs[-1], q, k, v, **kwargs)
+    assert misses[0] == 2 and call_cache.kept() == 1
+    assert not torch.allclose(outs[2], outs[3])  # (the offset reached the kernel)
+
+
+def test_an_int_offset_out_of_range_raises_as_the_whole_path_does(misses):
+    """A kept int-offset call checks the new offset as the whole path would: past the mask's Q_LEN
+    (or negative) is the whole path's error, not a clamped mask row."""
+    q, k, v = _inputs(1, L)
+    mask = _mask()
+    _kept(q, k, v, block_mask=mask, positions=Positions(q_offset=5))
+    with pytest.raises(ValueError, match="build it for the whole sequence"):
+        flex_attention(q, k, v, kernel_options=TRITON, block_mask=mask, positions=Positions(q_offset=L))
+    with pytest.raises(ValueError, match="q_offset must be an int >= 0"):
+        flex_attention(q, k, v, kernel_options=TRITON, block_mask=mask, positions=Positions(q_offset=-1))
+    out = flex_attention(q, k, v, kernel_options=TRITON, block_mask=mask, positions=Positions(q_offset=L - 1))
+    _assert_reference(out, q, k, v, block_mask=mask, positions=Positions(q_offset=L - 1))
 
 
 def test_grad_mode_and_requires_grad_keep_calls_apart(misses):

@@ -618,12 +618,16 @@ def _launch_split(
         outputs, o_strides = (work.out, work.lse, work.max_scores), (0, 0, 0, 0)
     else:
         outputs, o_strides = fused, broadcast_strides(fused[0])
+    head = (q, k, v, work.out, work.lse, work.max_scores, *strides, *outputs, o_strides, work.arrivals,
+            offsets)  # fmt: skip
     args = (
-        q, k, v, work.out, work.lse, work.max_scores, *strides, *outputs, o_strides, work.arrivals,
-        offsets, q_offset, lengths, *table_args,
+        *head, q_offset, lengths, *table_args,
         page_table, page_stride, B, Lq, Lkv, Hq, scale, launch.units_per_split,
         score_mod.fn, score_mod.args, mask_mod.fn, mask_mod.args,
     )  # fmt: skip
+    # an int offset is unspecialised (do_not_specialize) and only its width is in the key: a repeat
+    # call may pass its own (call_cache.py)
+    call_ints = () if per_batch_offset else ((len(head), "q_offset"),)
     precision = dot_precision(q.dtype)
     identity = score_mod.trivial and scale > 0
     additive = not identity and score_mod.bias_fn is not None
@@ -665,8 +669,9 @@ def _launch_split(
     )  # fmt: skip
     grid = (launch.splits, (Hq // pack) * launch.m_tiles, B)
     _SPLIT_LAUNCHES.launch(
-        grid, key, args, keywords, pinned=(launch, score_mod.fn, score_mod.bias_fn, mask_mod.fn)
-    )
+        grid, key, args, keywords, pinned=(launch, score_mod.fn, score_mod.bias_fn, mask_mod.fn),
+        call_ints=call_ints,
+    )  # fmt: skip
 
 
 def _launch_merge(

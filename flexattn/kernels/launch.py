@@ -45,7 +45,9 @@ class _Entry:
 @dataclass(frozen=True)
 class Launch:
     """One launch as :func:`recording` saw it: ``cache.launch(grid, key, args, lambda: keywords, pinned)``
-    repeats it."""
+    repeats it. ``call_ints``: ``(index into args, name)`` of the unspecialised int arguments that
+    are a call's own values (``"q_offset"``: an int ``Positions.q_offset``), which a repeat of the
+    launch may take anew without changing its key."""
 
     cache: LaunchCache
     grid: tuple[int, int, int]
@@ -53,6 +55,7 @@ class Launch:
     args: tuple
     keywords: dict
     pinned: tuple
+    call_ints: tuple[tuple[int, str], ...] = ()
 
 
 _RECORDING = threading.local()  # .launches: the list this thread's launches go to, or absent
@@ -74,12 +77,13 @@ def recording() -> Iterator[list[Launch]]:
 class LaunchCache:
     """Compiled kernels of one ``@triton.jit`` function by the launcher's key (bounded LRU).
 
-    ``launch(grid, key, args, keywords, pinned)``: ``args`` are the positional arguments in
-    parameter order; ``keywords()`` returns the rest of the parameters (constexprs) and Triton's
+    ``launch(grid, key, args, keywords, pinned, call_ints)``: ``args`` are the positional arguments
+    in parameter order; ``keywords()`` returns the rest of the parameters (constexprs) and Triton's
     launch options (``num_warps``, ``num_stages``, ``maxnreg``) by name, and is called only when
     Triton binds them (a miss). ``key`` must determine those and everything ``JITFunction.run``
     specialises on for ``args``, except the state read here (the current device, Triton's debug
-    and instrumentation knobs); ``pinned`` are the objects whose ``id`` is in the key.
+    and instrumentation knobs); ``pinned`` are the objects whose ``id`` is in the key;
+    ``call_ints`` (for :func:`recording`) the call's own int arguments, see :class:`Launch`.
     """
 
     def __init__(self, fn, size: int = 256):
@@ -100,13 +104,14 @@ class LaunchCache:
             self.generation += 1
 
     def launch(
-        self, grid: tuple[int, int, int], key: tuple, args: tuple, keywords: Callable[[], dict], pinned=()
-    ):
+        self, grid: tuple[int, int, int], key: tuple, args: tuple, keywords: Callable[[], dict], pinned=(),
+        call_ints: tuple[tuple[int, str], ...] = (),
+    ):  # fmt: skip
         launches = getattr(_RECORDING, "launches", None)
         if launches is not None:
             kwargs = keywords()
             kernel = self._launch(grid, key, args, lambda: kwargs, pinned)
-            launches.append(Launch(self, grid, key, args, kwargs, tuple(pinned)))
+            launches.append(Launch(self, grid, key, args, kwargs, tuple(pinned), call_ints))
             return kernel
         return self._launch(grid, key, args, keywords, pinned)
 
