@@ -137,6 +137,8 @@ def flex_attention(
         known = None if call is None else call.fingerprints
         fingerprints = _check_mods_trace(score_mod, mask_mod, query, kv_len, q_len, known)
         call = call if backend == "TRITON" else None
+        if call is not None and call.record and call.offset_bound is not None and call.offset_bound > q_len:
+            call = _checked_for_every_offset(call, score_mod, mask_mod, query, kv_len, fingerprints)
         with call_cache.recording(call) as launches:
             out, lse, max_scores = run_attention(
                 query, key, value, score_mod, block_mask, scale, options, backend, kv_pages=kv_pages,
@@ -336,6 +338,19 @@ def _trace_q_len(positions, q_end, block_mask, query, kv_len: int) -> int:
     if q_end is not None:
         return q_end
     return block_mask.seq_lengths[0] if block_mask is not None else max(query.shape[2], kv_len)
+
+
+def _checked_for_every_offset(call, score_mod, mask_mod, query, kv_len: int, fingerprints):
+    """``call`` if its mods pass their index checks over every query position a hit of its key may
+    pass as an int q_offset (``call.offset_bound``), else None: such a call runs the whole path
+    (and its checks at its own offset) every time."""
+    from flexattn.compiler.errors import ModCompileError, ModIndexError
+
+    try:
+        _check_mods_trace(score_mod, mask_mod, query, kv_len, call.offset_bound, fingerprints)
+    except (ModIndexError, ModCompileError):
+        return None
+    return call
 
 
 def _check_mods_trace(score_mod, mask_mod, query, kv_len: int, q_len: int | None = None, known=None):

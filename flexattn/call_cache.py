@@ -31,10 +31,12 @@ path, as before):
 - Positions by form: tensors on a GPU by their metadata (the kernels read their values; the host
   reads none), ``q_offset`` 0 and ``kv_offset`` by value, a nonzero int ``q_offset`` by type: it
   is one of the call's values, which a hit passes to the launches that declare it theirs
-  (``kernels.launch.Launch.call_ints``: the decode kernel's unspecialised offset), after the
-  checks the whole path makes of it (``0 <= q_offset``, ``q_offset + Lq`` within the BlockMask's
-  Q_LEN, below 2**31: else the call runs the whole path, which raises or runs it). CPU tensors
-  (``Positions.check`` reads their values) are not kept;
+  (``kernels.launch.Launch.call_ints``: the decode kernel's unspecialised offset). Its key serves
+  ``0 <= q_offset`` and ``q_offset + Lq`` up to :func:`offset_bound` (the BlockMask's Q_LEN, which
+  the whole path enforces, else the longer of Lq and Lkv), and the call is recorded only if its mods
+  pass their index checks over that whole range (``api._checked_for_every_offset``); other offsets
+  run the whole path, which checks them. CPU tensors (``Positions.check`` reads their values) are
+  not kept;
 - kernel_options by every item's name, type and value; scale and enable_gqa by type and value;
   ``torch.is_grad_enabled()``; torch's TF32 switch for fp32 inputs; for CPU tensors
   ``TRITON_INTERPRET`` (the whole path reads it on every call: without it a Triton call on CPU
@@ -78,13 +80,16 @@ SCRATCH_BYTES = 64 * 1024  # an entry keeps buffers for the lse / max_scores a c
 class Call:
     """A call not served from a kept entry: its key and what recording it needs of it."""
 
-    __slots__ = ("key", "tensors", "keep", "mods", "record")
+    __slots__ = ("key", "tensors", "keep", "mods", "offset_bound", "record")
 
-    def __init__(self, key: tuple, tensors: tuple, keep: list, mods: tuple, record: bool):
+    def __init__(self, key: tuple, tensors: tuple, keep: list, mods: tuple, offset_bound, record: bool):
         self.key = key
-        self.tensors = tensors  # what the launches take from this call: q, k, v, then position tensors
+        self.tensors = tensors  # what the launches take from this call: q, k, v, then position values
         self.keep = keep  # the objects whose identities are in the key
         self.mods = mods  # the fingerprints of score_mod and mask_mod (None where no mod to key)
+        # with an int q_offset: the bound on q_offset + Lq that every hit of the key meets; the mods
+        # must pass their index checks over it before the call is recorded (api.py), or it is not
+        self.offset_bound = offset_bound
         self.record = record  # the key missed before: record this call's launches
 
     @property
@@ -261,12 +266,12 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         where = (threading.get_ident(), current, torch._C._cuda_getCurrentRawStream(index))
     else:
         where = (threading.get_ident(), os.environ.get("TRITON_INTERPRET"))
-    score = mask = places = options = score_fp = mask_fp = None
+    score = mask = places = options = score_fp = mask_fp = offset_bound = None
     if positions is None:  # (what may refuse the call comes before the fingerprints)
         tensors = (query, key, value)
     else:
         tensors = [query, key, value]
-        places = _positions_key(positions, tensors, query.shape[2], block_mask)
+        places, offset_bound = _positions_key(positions, tensors, query.shape[2], key.shape[2], block_mask)
         tensors = tuple(tensors)
     if kernel_options is not None:
         if type(kernel_options) is not dict:
@@ -286,7 +291,7 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         value.shape, value.stride(), value.dtype, value.device, value.requires_grad, value.data_ptr() & 15,
         score, mask, places, options, scale, enable_gqa, torch.is_grad_enabled(), tf32,
     )  # fmt: skip
-    return call_key, tensors, keep, (score_fp, mask_fp)
+    return call_key, tensors, keep, (score_fp, mask_fp), offset_bound
 
 
 def _meta(t: torch.Tensor) -> tuple:
@@ -341,26 +346,35 @@ def _is_paged_mask(kind: type) -> bool:
     return kind is PagedBlockMask
 
 
-def _positions_key(positions, tensors: list, q_len: int, block_mask) -> tuple:
-    """Positions by form; their GPU tensors and a nonzero int ``q_offset`` join the call's values
-    (``tensors``), the int once it passes the checks the whole path would make of it (``q_len``
-    query tokens; with a ``block_mask``, its Q_LEN bounds the last position)."""
+def _positions_key(positions, tensors: list, q_len: int, kv_len: int, block_mask) -> tuple:
+    """``(key part, offset bound)``: Positions by form; their GPU tensors and a nonzero int
+    ``q_offset`` join the call's values (``tensors``). The int only within the bound every call of
+    the key meets (:func:`offset_bound`: ``q_len`` query tokens, ``kv_len`` keys), which the whole
+    path's checks of it imply; the bound is returned (None without an int offset)."""
     from flexattn.kernels import positions as where
 
     if type(positions) is not where.Positions:
         raise _Unprepared
     parts: list = [type(positions.kv_offset), positions.kv_offset]
-    offset = positions.q_offset
+    offset, bound = positions.q_offset, None
     if type(offset) is int and offset != 0:
-        end = offset + q_len
-        if offset < 0 or end >= 2**31 or (block_mask is not None and end > block_mask.seq_lengths[0]):
-            raise _Unprepared  # (the whole path says what is wrong, or runs it)
+        bound = offset_bound(q_len, kv_len, block_mask)
+        if offset < 0 or offset + q_len > bound:
+            raise _Unprepared  # (the whole path says what is wrong, or runs it unkept)
         parts.append(int)
         tensors.append(offset)
     else:
         parts.append(_position_tensor(offset, tensors, where))
     parts.append(_position_tensor(positions.kv_lengths, tensors, where))
-    return tuple(parts)
+    return tuple(parts), bound
+
+
+def offset_bound(q_len: int, kv_len: int, block_mask) -> int:
+    """The largest ``q_offset + Lq`` a kept call with an int offset serves: the BlockMask's Q_LEN
+    (the whole path refuses more), else the longer of Lq and the keys (the range the mods are
+    checked over for offsets the host cannot read); within Triton's 32-bit ints either way."""
+    bound = block_mask.seq_lengths[0] if block_mask is not None else max(q_len, kv_len)
+    return min(bound, 2**31 - 1)
 
 
 def _position_tensor(value, tensors: list, where):

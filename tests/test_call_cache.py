@@ -327,6 +327,28 @@ def test_a_new_int_offset_every_step_is_read_by_a_hit(misses):
     assert not torch.allclose(outs[2], outs[3])  # (the offset reached the kernel)
 
 
+def test_an_int_offset_call_whose_mods_index_past_a_capture_is_not_kept(misses):
+    """A captured tensor indexed by q_idx that covers the first offsets but not every offset the key
+    could serve: the call is not kept, so a later offset past the capture gets the whole path's
+    ModIndexError (not a kernel's clamped gather)."""
+    from flexattn.compiler.errors import ModIndexError
+
+    q, k, v = _inputs(1, L)
+    qbias = torch.randn(20)
+
+    def row_bias(score, b, h, q_idx, kv_idx):
+        return score + qbias[q_idx]
+
+    for offset in (3, 4, 5):
+        out = flex_attention(
+            q, k, v, score_mod=row_bias, kernel_options=TRITON, positions=Positions(q_offset=offset)
+        )
+        _assert_reference(out, q, k, v, score_mod=row_bias, positions=Positions(q_offset=offset))
+    assert call_cache.kept() == 0 and misses[0] == 3
+    with pytest.raises(ModIndexError):
+        flex_attention(q, k, v, score_mod=row_bias, kernel_options=TRITON, positions=Positions(q_offset=40))
+
+
 def test_an_int_offset_out_of_range_raises_as_the_whole_path_does(misses):
     """A kept int-offset call checks the new offset as the whole path would: past the mask's Q_LEN
     (or negative) is the whole path's error, not a clamped mask row."""
