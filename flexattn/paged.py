@@ -122,6 +122,7 @@ class PagedAttention:
         self._capacity_dev = torch.zeros(max_batch_size, dtype=torch.int32, device=device)  # checks on device
         self._pages: list[list[int]] = [[] for _ in range(max_batch_size)]  # physical pages, logical order
         self._free = list(range(n_pages - 1, -1, -1))  # a stack: pop() hands out the lowest page first
+        self._last_rows: tuple | None = None  # the last assign's index tensors and rows (_rows)
 
     # ---- bookkeeping ------------------------------------------------------------------------------
 
@@ -248,13 +249,31 @@ class PagedAttention:
                     f"PagedAttention.assign: {name} must be (1, {H}, n_pages * page_size = {rows}, "
                     f"{val.shape[3]}), got {tuple(cache.shape)}"
                 )
+        addr = self._rows(batch_idx, input_pos)  # (B * S,)
+        k_cache[0][:, addr] = k_val.transpose(0, 1).reshape(H, B * S, E).to(k_cache.dtype)
+        v_cache[0][:, addr] = v_val.transpose(0, 1).reshape(H, B * S, v_val.shape[3]).to(v_cache.dtype)
+
+    def _rows(self, batch_idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """Cache rows (B * S,) of the logical positions, checked (see ``assign``). The layers of a
+        model step write the same positions: a call with the very tensors of the previous one,
+        unchanged (versions), under an unchanged page table and on the same stream, reuses its
+        checked rows (never while a CUDA graph is captured or torch.compile traces)."""
+        state = None
+        if not (torch.compiler.is_compiling() or _capturing(self.device)):
+            cuda = self.device.type == "cuda"
+            stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else None
+            state = (batch_idx, input_pos, self.page_table, batch_idx._version, input_pos._version,
+                     self.page_table._version, stream)  # fmt: skip
+            last = self._last_rows
+            if last is not None and _same_state(last[0], state):
+                return last[1]
         self._check_positions(batch_idx, input_pos)  # (skipped while capturing: _unchecked)
         table = self.page_table[batch_idx.to(self.device, non_blocking=True).long()]  # (B, MAX_PAGES)
         pos = input_pos.to(self.device, non_blocking=True).long()
         pages = torch.gather(table, 1, pos // self.page_size).long()
-        addr = (pages * self.page_size + pos % self.page_size).reshape(-1)  # (B * S,)
-        k_cache[0][:, addr] = k_val.transpose(0, 1).reshape(H, B * S, E).to(k_cache.dtype)
-        v_cache[0][:, addr] = v_val.transpose(0, 1).reshape(H, B * S, v_val.shape[3]).to(v_cache.dtype)
+        addr = (pages * self.page_size + pos % self.page_size).reshape(-1)
+        self._last_rows = None if state is None else (state, addr)
+        return addr
 
     # ---- block masks and mods in logical positions -------------------------------------------------
 
@@ -401,6 +420,15 @@ class PagedAttention:
                 f"PagedAttention.assign: input_pos[{b}, {s}]={int(input_pos[b, s])} lies outside the "
                 f"{int(capacity[b])} positions reserved for sequence {int(batch_idx[b])}; reserve() first"
             )
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    """The same tensors (identity) at the same versions, on the same stream."""
+    return a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3:] == b[3:]
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _unchecked(t: torch.Tensor) -> bool:

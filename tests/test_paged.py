@@ -402,6 +402,52 @@ def test_assign_writes_logical_positions_to_their_pages():
         assert torch.equal(k_cache[0, :, row], k[0, :, pos]) and torch.equal(v_cache[0, :, row], v[0, :, pos])
 
 
+def test_the_layers_of_a_step_share_the_rows_of_their_positions():
+    """assign with the very index tensors of the previous call (a model's layers in one step) reuses
+    its checked rows; an in-place edit of the positions, a reservation or an erase recomputes (and
+    re-checks) them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Gathers(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Gathers.count += func is torch.ops.aten.gather.default
+            return func(*args, **(kwargs or {}))
+
+    paged = PagedAttention(n_pages=8, page_size=16, max_batch_size=2, device="cpu")
+    paged.reserve(0, 20)
+    paged.reserve(1, 5)
+    batch, pos = torch.tensor([0, 1]), torch.tensor([[17], [3]])
+    caches = [(torch.zeros(1, 1, 128, 4), torch.zeros(1, 1, 128, 4)) for _ in range(3)]
+
+    def written(layer, b, p):
+        k_cache = caches[layer][0]
+        return k_cache[0, :, int(paged.page_table[b, p // 16]) * 16 + p % 16]
+
+    with Gathers():
+        for layer in range(3):
+            val = torch.randn(2, 1, 1, 4)
+            paged.assign(batch, pos, val, val, *caches[layer])
+            assert torch.equal(written(layer, 0, 17), val[0, :, 0]) and torch.equal(
+                written(layer, 1, 3), val[1, :, 0]
+            )
+    assert Gathers.count == 1  # the rows were found once for the three layers
+
+    with Gathers():
+        pos += 1  # in place: the next positions are found again
+        val = torch.randn(2, 1, 1, 4)
+        paged.assign(batch, pos, val, val, *caches[0])
+        assert torch.equal(written(0, 0, 18), val[0, :, 0]) and torch.equal(written(0, 1, 4), val[1, :, 0])
+        assert Gathers.count == 2
+        paged.reserve(0, 33)  # a new page: the page table changed
+        paged.assign(batch, pos, val, val, *caches[0])
+        assert Gathers.count == 3
+    paged.erase(1)  # the same tensors again: checked again, sequence 1 holds no position now
+    with pytest.raises(ValueError, match=r"input_pos\[1, 0\]=4 lies outside the 0 positions reserved"):
+        paged.assign(batch, pos, val, val, *caches[0])
+
+
 # ---- errors of the attention call, the same on every backend ---------------------------------------------
 
 
