@@ -66,8 +66,8 @@ class Packed:
     pos: torch.Tensor  # int64 (T,): = positions[0]
     last: torch.Tensor  # int64 (B, 2): (0, index of each prompt's last token) for the logits
     doc_ids: torch.Tensor  # int32 (T,): = seq, for the mask
-    host_seq: torch.Tensor  # seq and pos on the CPU
-    host_pos: torch.Tensor
+    host_seq: torch.Tensor  # seq (T,) and pos (T, 1) on the CPU: the index tensors every layer's
+    host_pos: torch.Tensor  # paged assign takes (the same tensors: it checks and gathers them once)
 
     @staticmethod
     def of(prompts: list[torch.Tensor], device: torch.device) -> Packed:
@@ -80,7 +80,7 @@ class Packed:
         tokens = torch.cat(prompts)[None]
         return Packed(
             tokens.to(device), pos[None].to(device), seq.to(device), pos.to(device), last.to(device),
-            seq.to(device, torch.int32), seq, pos,
+            seq.to(device, torch.int32), seq, pos[:, None],
         )  # fmt: skip
 
 
@@ -309,8 +309,7 @@ class FlexattnPaged(PackedFlexattn):
         # every token its own row (T, Hkv, 1, E) at (its prompt, its position); host indices: the
         # allocator checks them on the CPU (then copies them to the GPU)
         rows_k, rows_v = k[0].transpose(0, 1)[:, :, None], v[0].transpose(0, 1)[:, :, None]
-        seq, pos = packed.host_seq, packed.host_pos[:, None]
-        self.paged.assign(seq, pos, rows_k, rows_v, self.k[layer], self.v[layer])
+        self.paged.assign(packed.host_seq, packed.host_pos, rows_k, rows_v, self.k[layer], self.v[layer])
 
     def step(self, model, tokens, positions, host):
         # eager: host index tensors (the allocator checks them on the CPU, then copies them to the GPU
