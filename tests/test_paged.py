@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from flexattn import create_block_mask, flex_attention
+from flexattn import Positions, create_block_mask, flex_attention
 from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.forward import flex_forward
 from flexattn.kernels.paged_kv import PagedKV
@@ -487,6 +487,44 @@ def test_gpu_paged_equals_contiguous(page, q_len):
     with torch.no_grad():
         check_paged_call(case, q, causal_from(max(lengths) - q_len), alibi, (128, max(page, 128)), q_len,
                          scale=scale)  # fmt: skip
+
+
+@gpu
+def test_gpu_paged_decode_bounded_by_positions_replays_in_a_cuda_graph():
+    """examples/generate.py's paged decode step: a mask over the whole sequence converted to the page
+    table once (no kv_len), each step bounded by Positions on the device (offsets and lengths updated
+    in place between replays). Every replay equals the eager call, and the float64 reference over
+    each sequence's first kv_lengths[b] keys (rows past them hold POISON in the cache)."""
+    from tests.test_cuda_graphs import _assert_replay_equals_eager, _capture
+
+    lengths = (3000, 700, 1500, 2100)
+    case = make_paged(lengths, 64, Hkv=2, E=128, Ev=128, dtype=torch.bfloat16, device="cuda")
+    B, span = len(lengths), case.paged.max_seq_len
+    logical = create_block_mask(lambda b, h, i, j: i >= 0, None, None, span, span, device="cuda",
+                                BLOCK_SIZE=(128, 128))  # fmt: skip
+    mask = case.paged.convert_logical_block_mask(logical, torch.arange(B, device="cuda"))
+    kv_lengths = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    offsets = kv_lengths - 1
+    positions = Positions(q_offset=offsets, kv_lengths=kv_lengths)
+    q = torch.randn(B, 8, 1, 128, device="cuda").to(torch.bfloat16)
+
+    def run():
+        return flex_attention(q, case.k_cache, case.v_cache, block_mask=mask, enable_gqa=True,
+                              positions=positions, return_lse=True)  # fmt: skip
+
+    with torch.no_grad():
+        graph, captured = _capture(run)
+        for step in ((3000, 700, 1500, 2100), (1, 699, 64, 2000), (2999, 129, 1, 1024)):
+            kv_lengths.copy_(torch.tensor(step, dtype=torch.int32))
+            offsets.copy_(kv_lengths - 1)
+            q.copy_(torch.randn_like(q))
+            _assert_replay_equals_eager(graph, captured, run)
+            where = Positions(q_offset=offsets.cpu(), kv_lengths=kv_lengths.cpu())
+            gold = reference_attention(q.double().cpu(), case.k.double().cpu(), case.v.double().cpu(),
+                                       positions=where)  # fmt: skip
+            eager = reference_attention(q.cpu(), case.k.cpu(), case.v.cpu(), positions=where,
+                                        compute_dtype=q.dtype)  # fmt: skip
+            assert_close_to_gold(captured[0].cpu(), gold[0], eager[0], name=f"out at {step}")
 
 
 @gpu
