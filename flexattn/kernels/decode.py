@@ -26,11 +26,18 @@ Glossary:
 
 Block-sparse walk (SPARSE): when all of a tile's tokens lie in one q block of the mask (the common
 case), the split visits the entries of that row's partial list, then of its full list, that fall
-in its key range (found by counting list entries: ``_lower_bound``), as the prefill kernel does. When they straddle two q
+in its key range (found by counting list entries: ``_list_bounds``, one load for lists of up to
+SEARCH_CHUNK blocks), as the prefill kernel does. When they straddle two q
 blocks, the split visits the kv blocks of its range in order, looks each up in both rows' (partial,
 full) lists with a moving pointer per list, and attends only where some row lists the block. Full
 blocks skip the mask_mod; a partial block evaluates it for the rows that list it as partial.
 Without a block mask (not SPARSE) every key is visited and no list is read.
+
+Scores as in the prefill kernel: an identity score mod folds the scale into exp2, an additive one
+(``score + bias``) adds its bias in base 2. The tile that may overhang the sequence's end clamps
+the positions the mods see and drops the tail's scores; tiles of TAIL_BRANCH_ROWS rows or more
+decide that per tile by a uniform branch (shorter tiles do both always: a branch in their loop
+costs more than it saves; BENCHMARKS.md, thirteenth session).
 """
 
 from __future__ import annotations
