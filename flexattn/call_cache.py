@@ -266,12 +266,12 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         where = (threading.get_ident(), current, torch._C._cuda_getCurrentRawStream(index))
     else:
         where = (threading.get_ident(), os.environ.get("TRITON_INTERPRET"))
-    score = mask = places = options = score_fp = mask_fp = offset_bound = None
+    score = mask = places = options = score_fp = mask_fp = bound = None
     if positions is None:  # (what may refuse the call comes before the fingerprints)
         tensors = (query, key, value)
     else:
         tensors = [query, key, value]
-        places, offset_bound = _positions_key(positions, tensors, query.shape[2], key.shape[2], block_mask)
+        places, bound = _positions_key(positions, tensors, query.shape[2], key.shape[2], block_mask)
         tensors = tuple(tensors)
     if kernel_options is not None:
         if type(kernel_options) is not dict:
@@ -291,7 +291,7 @@ def _key(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_opt
         value.shape, value.stride(), value.dtype, value.device, value.requires_grad, value.data_ptr() & 15,
         score, mask, places, options, scale, enable_gqa, torch.is_grad_enabled(), tf32,
     )  # fmt: skip
-    return call_key, tensors, keep, (score_fp, mask_fp), offset_bound
+    return call_key, tensors, keep, (score_fp, mask_fp), bound
 
 
 def _meta(t: torch.Tensor) -> tuple:
