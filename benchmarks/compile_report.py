@@ -95,7 +95,7 @@ def compile_only(compiled: list):
         compiled.append((self.fn.__name__, kernel))
         return kernel
 
-    def through_triton(self, grid, key, args, keywords, pinned=()):  # LaunchCache: compile every launch
+    def through_triton(self, grid, key, args, keywords, pinned=(), call_ints=()):  # LaunchCache: compile all
         return self.fn[grid](*args, **keywords())
 
     driver = triton.runtime.driver

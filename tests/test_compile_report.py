@@ -43,6 +43,15 @@ def test_backward_kernels_compile_for_hopper_with_a_lean_dkdv_loop():
     assert rows["_bwd_dkdv"]["registers"] <= 168  # the register cap of light score mods at E64
 
 
+def test_the_decode_kernel_compiles_for_hopper_through_its_launcher():
+    """The split-KV decode kernel over a causal mask with ALiBi, launched as flex_decode launches it
+    (the tool's stand-in for LaunchCache.launch takes every argument the launcher passes)."""
+    rows = {row["kernel"]: row for row in run_report("--pass", "decode", "--variant", "causal+alibi")}
+    assert "_decode_split_kernel" in rows
+    split = rows["_decode_split_kernel"]
+    assert 0 < split["registers"] <= 255 and split["shared_memory"] > 0 and split["loops"]
+
+
 def test_refuses_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
