@@ -69,12 +69,10 @@ from flexattn.options import DECODE_MERGES
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 SEARCH_CHUNK = tl.constexpr(128)  # list entries a search loads per round (one per thread at 4 warps)
-
-
-# fmt: off
 TAIL_BRANCH_ROWS = tl.constexpr(64)  # tiles of this many rows or more test the sequence tail by a branch
 
 
+# fmt: off
 @triton.jit
 def _decode_tile(
     acc, l_i, m_i,                                   # running output (BLOCK_M, EV_PAD), row sum, row max
@@ -303,12 +301,11 @@ def _decode_split_kernel(
                     idx_row, first, last = idx_p, first_p, last_p
                     if full == 1:
                         idx_row, first, last = idx_f, first_f, last_f
-                    status = tl.full([BLOCK_M], 1 + full, tl.int32)
                     for tile in range(first * TILES_PER_BLOCK, last * TILES_PER_BLOCK):
                         start_n = sparse_tile_start(idx_row, tile, 1, KV_BLOCK, BLOCK_N)
-                        acc, l_i, m_i = _decode_tile(
+                        acc, l_i, m_i = _decode_tile(  # (one status for every row: no per-row status)
                             acc, l_i, m_i, q, k_src, v_src, start_n, kv_len, b, h_idx, q_idx, pages,
-                            status, full == 0, kn_strides, vn_strides, scale,
+                            m_i, full == 0, kn_strides, vn_strides, scale,
                             SCORE_FN, SCORE_ARGS, MASK_FN, MASK_ARGS, True, False, True,
                             E, E_PAD, EV, EV_PAD, BLOCK_N, DOT_PRECISION, SCORE_IS_IDENTITY, SCORE_IS_ADDITIVE,
                             BIAS_FN, PAGE,
