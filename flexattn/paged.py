@@ -259,7 +259,7 @@ class PagedAttention:
         unchanged (versions), under an unchanged page table and on the same stream, reuses its
         checked rows (never while a CUDA graph is captured or torch.compile traces)."""
         state = None
-        if not (torch.compiler.is_compiling() or _capturing(self.device)):
+        if not _unchecked(self.page_table):  # (a device tensor: compiling, or this device capturing)
             cuda = self.device.type == "cuda"
             stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else None
             state = (batch_idx, input_pos, self.page_table, batch_idx._version, input_pos._version,
@@ -425,10 +425,6 @@ class PagedAttention:
 def _same_state(a: tuple, b: tuple) -> bool:
     """The same tensors (identity) at the same versions, on the same stream."""
     return a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3:] == b[3:]
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _unchecked(t: torch.Tensor) -> bool:
