@@ -44,13 +44,6 @@ def sdpa_forward(run: SdpaRun, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Lq, _ = q.shape
     Ev = v.shape[-1]
     qp, kp, vp = _pad_heads(q, k, v)
-    if len(run.chunks) == 1 and run.chunks[0].cols and (run.chunks[0].start, run.chunks[0].stop) == (0, Lq):
-        parts = [_part(run, p, qp, kp, vp, q.dtype) for p in run.parts(run.chunks[0])]
-        if len(parts) == 1:  # one SDPA call for every row: its out and lse as they come (no copy;
-            o, lse = parts[0]  # out laid out (B, Lq, Hq, Ev) in memory, as SDPA's own result)
-            return o[..., :Ev], lse
-        o, lse = _merge(parts)
-        return o[..., :Ev].to(q.dtype), lse
     out = q.new_empty(B, Hq, Lq, Ev)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device="cpu")
     for c in run.chunks:
@@ -61,6 +54,8 @@ def sdpa_forward(run: SdpaRun, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
             continue
         parts = [_part(run, p, qp[:, :, rows], kp, vp, q.dtype) for p in run.parts(c)]
         o, l = parts[0] if len(parts) == 1 else _merge(parts)
+        if (c.start, c.stop) == (0, Lq):  # one chunk of every row: its result as it comes (no copy
+            return o[..., :Ev].to(q.dtype), l  # into out and lse; the op's lse is (B, Lq, Hq) in memory)
         out[:, :, rows] = o[..., :Ev]
         lse[:, :, rows] = l
     return out, lse
