@@ -12,9 +12,9 @@ each call:
   call can take a fused kernel (SDPA's ``enable_gqa`` with a mask falls back to its math kernel).
 - :class:`FlexattnPaged` (``flexattn``): flexattn with its paged cache (``flexattn.paged``): the
   prompts packed into one row with a causal-within-each-prompt block mask (no padding), keys
-  written into pages reserved per sequence. A run reserves each sequence's pages for its whole
-  generation at the start (prompt + new tokens: the pages the run needs, as before, only earlier)
-  and converts the decode mask to the page table once; every step then bounds the keys by
+  written into pages reserved per sequence. Each sequence's pages are reserved once, when the cache
+  is made, for its whole generation (prompt + new tokens: the pages a run needs, no more), and the
+  decode mask is converted to the page table once; every step then bounds the keys by
   ``Positions`` (query offsets, key lengths on the device), so a step's calls repeat one call key
   (flexattn's prepared calls) and launch no mask conversion. (PyTorch's flex_attention has no
   ``Positions``: torch-flex converts a mask with the step's ``kv_len`` every step.)
@@ -27,7 +27,7 @@ Decode ``mode``: ``"eager"`` launches each step from Python with the host's view
 (index tensors the allocators check on the CPU); ``"static"`` runs the step a CUDA graph captures,
 eagerly: it reads its tokens and positions from static device buffers only; ``"graph"`` (CUDA)
 captures that step once (at the first decode step, with the buffers of the first run) and replays
-it for every later step and run. Page reservations happen on the host before each step.
+it for every later step and run. torch-flex reserves pages on the host before each step.
 """
 
 from __future__ import annotations
