@@ -198,7 +198,7 @@ def torch_calls(cfg: Config, kv: int, lq: int, pages, q, k, v, device, compiled)
     return calls
 
 
-def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit) -> None:
+def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit, options=None) -> None:
     lq = CALLS[call]
     q, k, v = make_inputs(cfg, kv, lq, device)
     allowed = sum(min(kv, kv - lq + i + 1) for i in range(lq)) / (lq * kv)  # causal density
@@ -206,7 +206,7 @@ def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit) -> N
     kv_bytes = 2 * cfg.B * cfg.Hkv * kv * cfg.E * q.element_size()
     for library, make in (("flexattn", flexattn_calls), ("torch", torch_calls)):
         try:
-            extra = (compiled,) if library == "torch" else ()
+            extra = (compiled,) if library == "torch" else (options,)
             calls = make(cfg, kv, lq, pages, q, k, v, device, *extra)
         except Exception as err:  # e.g. an old torch without PagedAttention: report, go on
             emit(Row(kv, call, lq, f"{library} (setup)", None, error=f"{type(err).__name__}: {err}"[:300]))
@@ -296,6 +296,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--json", help="write the rows as JSON to this file (after every row)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, check the setup on CPU")
     parser.add_argument("--quick", action="store_true", help="KV 8k only")
+    parser.add_argument(
+        "--options",
+        type=json.loads,
+        help="flexattn's kernel_options as JSON, e.g. "
+        '\'{"PREFILL_KERNEL": "GLUON"}\' (torch\'s rows are unchanged)',
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.kv = [kv for kv in args.kv if kv <= 8192] or args.kv[:1]
@@ -321,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     for kv in args.kv:
         for call in args.calls:
-            measure(Config(), kv, call, args.pages, torch.device("cuda"), compiled, emit)
+            measure(Config(), kv, call, args.pages, torch.device("cuda"), compiled, emit, args.options)
             torch.cuda.empty_cache()
     print("\n" + table(rows))
     return rows

@@ -39,6 +39,7 @@ from flexattn.block_mask import create_block_mask  # noqa: E402
 from flexattn.kernels.device import DeviceLimits  # noqa: E402
 from flexattn.kernels.hopper.choice import HEAD_DIMS, hopper_tiles  # noqa: E402
 from flexattn.kernels.hopper.forward_ws import gluon_forward  # noqa: E402
+from flexattn.kernels.paged_kv import PagedKV  # noqa: E402
 
 H100 = DeviceLimits((9, 0), 232448)
 LENGTH = 1000  # not a multiple of any tile: the compiled kernel has the tail paths (lengths are runtime)
@@ -65,14 +66,23 @@ def stub_driver():
 
 
 def compile_variant(
-    head_dim: int, variant: str = "noop", dtype=torch.bfloat16, q_heads=2, kv_heads=1, length=LENGTH, **tiles
-):
+    head_dim: int, variant: str = "noop", dtype=torch.bfloat16, q_heads=2, kv_heads=1, length=LENGTH, page=0,
+    **tiles,
+):  # fmt: skip
     """The compiled kernel (Triton's CompiledKernel) for one head dim and variant; ``tiles`` override
     fields of the default ``HopperTiles`` (consumers, stages, pingpong, v_fence, ...). ``length``: of
-    queries and keys (a multiple of 128 compiles the kernel without its tail paths)."""
+    queries and keys (a multiple of 128 compiles the kernel without its tail paths). ``page`` > 0:
+    K/V in a paged cache of that page size (a shuffled page table)."""
     score, mask = VARIANTS[variant](q_heads)
     q = torch.zeros(1, q_heads, length, head_dim, dtype=dtype)
-    kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
+    paged = None
+    if page:
+        n_pages = -(-length // page)
+        kv = torch.zeros(1, kv_heads, n_pages * page, head_dim, dtype=dtype)
+        table = torch.randperm(n_pages, generator=torch.Generator().manual_seed(0)).to(torch.int32)[None]
+        paged = PagedKV(table, page, length)
+    else:
+        kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
     tables = None
     if mask is not None:
         tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
@@ -85,7 +95,7 @@ def compile_variant(
     with stub_driver():
         return gluon_forward(
             q, kv, kv, score_mod=score_mod, mask_mod=mask_mod, tables=tables, scale=head_dim**-0.5,
-            tiles=chosen, target=H100, warmup=True,
+            tiles=chosen, target=H100, warmup=True, paged=paged,
         )  # fmt: skip
 
 
@@ -125,6 +135,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-v-fence", action="store_true")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--length", type=int, default=LENGTH, help="a multiple of 128: no tail paths")
+    parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="K/V in a paged cache")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     tiles = {"stages": args.stages, "consumers": args.consumers}
@@ -137,8 +148,9 @@ def main(argv=None) -> None:
     variants = [args.variant] if args.variant else list(VARIANTS)
     for head_dim in head_dims:
         for variant in variants:
-            kernel = compile_variant(head_dim, variant, dtype, length=args.length, **tiles)
-            print(f"E{head_dim} {variant:9s} {tiles or 'default tiles'}: {report(kernel)}", flush=True)
+            kernel = compile_variant(head_dim, variant, dtype, length=args.length, page=args.paged, **tiles)
+            paged = f" paged {args.paged}" if args.paged else ""
+            print(f"E{head_dim} {variant:9s}{paged} {tiles or 'default tiles'}: {report(kernel)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -110,9 +110,10 @@ def make_cache(name: str, mode: str, cfg: Config, lengths, args, device, dtype) 
     kind = IMPLEMENTATIONS[name]
     kwargs = {}
     if issubclass(kind, PackedFlexattn):
-        kwargs["kernel_options"] = (
-            None if args.flexattn_backend == "auto" else {"BACKEND": args.flexattn_backend.upper()}
-        )
+        options = {} if args.flexattn_backend == "auto" else {"BACKEND": args.flexattn_backend.upper()}
+        if args.prefill_kernel:
+            options["PREFILL_KERNEL"] = args.prefill_kernel
+        kwargs["kernel_options"] = options or None
     if issubclass(kind, (FlexattnPaged, TorchFlexPaged)):
         kwargs["page_size"] = args.page_size
     if kind is TorchFlexPaged:
@@ -239,6 +240,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), help=modes_help)
     parser.add_argument("--page-size", type=int, help="paged caches' page (default 64; CPU 16)")
     parser.add_argument("--flexattn-backend", choices=["auto", "triton", "reference"], default="auto")
+    parser.add_argument(
+        "--prefill-kernel",
+        choices=["TRITON", "GLUON", "AUTO"],
+        help="flexattn's kernel_options PREFILL_KERNEL (default: flexattn's choice)",
+    )
     compile_help = "torch.compile PyTorch's flex_attention (default: on CUDA only)"
     parser.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, help=compile_help)
     check_help = "fail unless every run's tokens equal the reference's (default: on in fp32)"

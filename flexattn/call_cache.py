@@ -401,7 +401,7 @@ def recording(call: Call | None):
 def remember(call: Call | None, launches, outputs: tuple, options, dtype: torch.dtype) -> None:
     """Keep ``call``'s recorded ``launches`` (``outputs``: the ``(out, lse, max_scores)`` they
     wrote; ``options``: its KernelOptions) if a repeat of it may run them alone."""
-    if call is None or launches is None or not launches or options.PREFILL_KERNEL != "TRITON":
+    if call is None or launches is None or not launches or options.PREFILL_KERNEL not in (None, "TRITON"):
         return
     out, lse, max_scores = outputs
     if out.requires_grad or not _plain_outputs(outputs) or not _mods_remembered(call, options, dtype):

@@ -54,7 +54,7 @@ class FlexKernelOptions(TypedDict, total=False):
     """
 
     BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
-    PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"]
+    PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"] | None
     DECODE_MERGE: Literal["KERNEL", "FUSED"]
     BLOCK_M: int
     BLOCK_N: int
@@ -95,10 +95,12 @@ class KernelOptions:
             on CPU tensors this needs ``TRITON_INTERPRET=1``), "CPU" (the CPU fast path,
             ``flexattn.cpu``; CPU tensors only) or "REFERENCE" (the chunked PyTorch reference
             backend on any device).
-        PREFILL_KERNEL: which forward kernel runs prefill calls: "TRITON" (the default for now),
-            "GLUON" (the warp-specialized Gluon forward for Hopper, ``kernels/hopper/``; an error
-            naming what it lacks where it cannot run) or "AUTO" (Gluon wherever it can run, else
-            Triton). The backward is Triton's either way (it reads the same lse).
+        PREFILL_KERNEL: which forward kernel runs prefill calls: None (the default: Triton's, except
+            over a paged K/V cache on sm_90, where the Gluon forward copies whole pages by TMA),
+            "TRITON" (always Triton's), "GLUON" (the warp-specialized Gluon forward for Hopper,
+            ``kernels/hopper/``; an error naming what it lacks where it cannot run) or "AUTO" (Gluon
+            wherever it can run, else Triton). The backward is Triton's either way (it reads the
+            same lse).
         DECODE_MERGE: how the split-KV decode kernel combines its key splits: "FUSED" (the default:
             the last split of each tile to finish merges them in the same launch; one launch per
             decode call) or "KERNEL" (a second, merge kernel).
@@ -121,7 +123,7 @@ class KernelOptions:
     """
 
     BACKEND: str = "AUTO"
-    PREFILL_KERNEL: str = "TRITON"
+    PREFILL_KERNEL: str | None = None
     DECODE_MERGE: str = "FUSED"
     BLOCK_M: int | None = None
     BLOCK_N: int | None = None
@@ -142,9 +144,9 @@ class KernelOptions:
     def __post_init__(self) -> None:
         if self.BACKEND not in BACKENDS:
             raise ValueError(f"kernel_options['BACKEND'] must be one of {BACKENDS}, got {self.BACKEND!r}.")
-        if self.PREFILL_KERNEL not in PREFILL_KERNELS:
+        if self.PREFILL_KERNEL is not None and self.PREFILL_KERNEL not in PREFILL_KERNELS:
             raise ValueError(
-                f"kernel_options['PREFILL_KERNEL'] must be one of {PREFILL_KERNELS}, "
+                f"kernel_options['PREFILL_KERNEL'] must be None or one of {PREFILL_KERNELS}, "
                 f"got {self.PREFILL_KERNEL!r}."
             )
         if self.DECODE_MERGE not in DECODE_MERGES:

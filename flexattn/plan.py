@@ -109,20 +109,21 @@ class AttentionPlan:
         target = device_limits(query.device) if target is None else target
         (Lq, E), (Lkv, Ev) = (query.shape[2], query.shape[3]), (key.shape[2], value.shape[3])
         requested = self.options.PREFILL_KERNEL
-        # (the choice reads tma_ok only when Gluon may run: no TMA checks on the default path)
-        tma_ok = requested == "TRITON" or all(tma_compatible(t, target) for t in (query, key, value))
+        # (the choice reads tma_ok only when Gluon may run: no TMA checks on the default contiguous path)
+        triton_only = requested == "TRITON" or (requested is None and self.kv_pages is None)
+        tma_ok = triton_only or all(tma_compatible(t, target) for t in (query, key, value))
         return choose_prefill_forward(
             requested=requested, target=target, dtype=query.dtype, head_dim=E,
             v_head_dim=Ev, q_block=self.tables.q_block, kv_block=self.tables.kv_block, dense=self.dense,
-            scale=self.scale, paged=self.kv_pages is not None, tma_ok=tma_ok,
+            scale=self.scale, page=0 if self.kv_pages is None else self.kv_pages.page_size, tma_ok=tma_ok,
             other_knobs=_prefill_knobs(self.options, tiles_given),
             inline_failure=INLINE_FAILURES.get((self.score_mod.fn, self.mask_mod.fn)),
             tail=Lq % 128 != 0 or Lkv % 128 != 0,
         )  # fmt: skip
 
     def _gluon_forward(self, query, key, value, prefill: PrefillForward):
-        """The Gluon forward's ``(out, lse, max_scores)``; None (remembered) where AUTO chose it and the
-        mods do not compile into it, so that the Triton forward runs instead."""
+        """The Gluon forward's ``(out, lse, max_scores)``; None (remembered) where AUTO or the default
+        chose it and the mods do not compile into it, so that the Triton forward runs instead."""
         import triton
 
         from flexattn.kernels.hopper.forward_ws import gluon_forward  # Gluon loads only when chosen
@@ -131,9 +132,10 @@ class AttentionPlan:
             return gluon_forward(
                 query, key, value, score_mod=self.score_mod, mask_mod=self.mask_mod,
                 tables=None if self.dense else self.tables, scale=self.scale, tiles=prefill.tiles,
+                paged=self.kv_pages,
             )  # fmt: skip
         except triton.compiler.errors.CompilationError as err:
-            if self.options.PREFILL_KERNEL != "AUTO":
+            if self.options.PREFILL_KERNEL == "GLUON":  # (AUTO and the default fall back to Triton)
                 raise
             INLINE_FAILURES[(self.score_mod.fn, self.mask_mod.fn)] = str(err).strip().splitlines()[-1][:200]
             return None

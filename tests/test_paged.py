@@ -92,16 +92,17 @@ def alibi(score, b, h, q_idx, kv_idx):
 
 
 def check_paged_call(
-    case, q, mask_mod, score_mod, blocks, q_len, backend="TRITON", scale=None, per_head=False
+    case, q, mask_mod, score_mod, blocks, q_len, backend="TRITON", scale=None, per_head=False, options=None
 ):
-    """flex_attention over the paged cache vs the reference over the contiguous keys."""
+    """flex_attention over the paged cache vs the reference over the contiguous keys (``options``:
+    more kernel_options)."""
     B, Lkv = q.shape[0], case.k.shape[2]
     H = q.shape[1] if per_head else None
     logical = create_block_mask(mask_mod, B, H, q_len, Lkv, device=q.device, BLOCK_SIZE=blocks)
     mask = case.paged.convert_logical_block_mask(logical, torch.arange(B, device=q.device), case.lengths)
     out, lse = flex_attention(
         q, case.k_cache, case.v_cache, score_mod=score_mod, block_mask=mask, scale=scale,
-        enable_gqa=True, return_lse=True, kernel_options={"BACKEND": backend},
+        enable_gqa=True, return_lse=True, kernel_options={"BACKEND": backend, **(options or {})},
     )  # fmt: skip
 
     lengths = case.lengths
@@ -451,6 +452,29 @@ def test_the_layers_of_a_step_share_the_rows_of_their_positions():
 # ---- errors of the attention call, the same on every backend ---------------------------------------------
 
 
+def test_paged_prefill_on_hopper_takes_the_gluon_forward_unless_told_otherwise():
+    """The plan's choice for an sm_90 target (no GPU needed): Gluon over pages by default, Triton for
+    the same call over contiguous K/V or with PREFILL_KERNEL='TRITON'."""
+    from flexattn.kernels.device import DeviceLimits
+    from flexattn.options import KernelOptions
+    from flexattn.plan import plan_attention
+
+    h100 = DeviceLimits((9, 0), 232448, 132)
+    case = make_paged((300, 130), 16, Hkv=1, E=64, Ev=64, dtype=torch.bfloat16)
+    logical = create_block_mask(causal_from(44), 2, None, 256, 300, BLOCK_SIZE=(128, 128))
+    mask = case.paged.convert_logical_block_mask(logical, torch.arange(2), case.lengths)
+    q = torch.zeros(2, 2, 256, 64, dtype=torch.bfloat16)
+
+    def choice(block_mask, k, options):
+        plan = plan_attention(None, block_mask, 256, 300, 0.125, options, q.device, q.dtype,
+                              kv_pages=getattr(block_mask, "kv_pages", None))  # fmt: skip
+        return plan.prefill_forward(q, k, k, target=h100)
+
+    assert choice(mask, case.k_cache, KernelOptions()).kind == "gluon"
+    assert choice(mask, case.k_cache, KernelOptions(PREFILL_KERNEL="TRITON")).kind == "triton"
+    assert choice(logical, case.k, KernelOptions()).kind == "triton"
+
+
 @pytest.mark.parametrize("backend", ["REFERENCE", "TRITON"])
 def test_paged_call_errors(backend):
     if backend == "TRITON" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -487,6 +511,28 @@ def test_gpu_paged_equals_contiguous(page, q_len):
     with torch.no_grad():
         check_paged_call(case, q, causal_from(max(lengths) - q_len), alibi, (128, max(page, 128)), q_len,
                          scale=scale)  # fmt: skip
+
+
+@gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"
+)
+@pytest.mark.parametrize("page", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("E", [64, 128])
+def test_gpu_paged_prefill_takes_the_gluon_forward_by_default_on_hopper(page, E):
+    """Chunked prefill over a paged cache (ragged caches, GQA, causal + ALiBi, an odd chunk): the
+    default call equals the forced Gluon one bit for bit (so the default ran it), and both the Gluon
+    and the Triton forward are judged against the float64 reference."""
+    lengths, q_len = (1500, 333, 1024, 2047), 517
+    case = make_paged(lengths, page, Hkv=2, E=E, Ev=E, dtype=torch.bfloat16, device="cuda")
+    q = torch.randn(4, 8, q_len, E, device="cuda").to(torch.bfloat16)
+    args = (case, q, causal_from(max(lengths) - q_len), alibi, (128, max(page, 128)), q_len)
+    with torch.no_grad():
+        default = check_paged_call(*args, scale=E**-0.5)
+        gluon = check_paged_call(*args, scale=E**-0.5, options={"PREFILL_KERNEL": "GLUON"})
+        triton_out = check_paged_call(*args, scale=E**-0.5, options={"PREFILL_KERNEL": "TRITON"})
+    assert torch.equal(default, gluon)
+    assert (gluon.float() - triton_out.float()).abs().max().item() < 3e-2
 
 
 @gpu

@@ -246,7 +246,9 @@ ROCM_ONLY = {"kpack", "matrix_instr_nonkdim", "waves_per_eu"}
 
 
 def _sample_value(key: str, hint):
-    """A valid value for a kernel_options key of type ``hint``."""
+    """A valid value for a kernel_options key of type ``hint`` (``X | None``: a valid X)."""
+    if type(None) in typing.get_args(hint):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if typing.get_origin(hint) is typing.Literal:
         return typing.get_args(hint)[-1]
     if hint is bool:

@@ -17,9 +17,24 @@ CALL = dict(
 )  # fmt: skip
 
 
-def test_the_default_is_the_triton_forward_until_the_gluon_one_is_verified_on_the_gpu():
-    assert KernelOptions().PREFILL_KERNEL == "TRITON"
+def test_the_default_is_the_triton_forward_for_contiguous_kv_and_the_gluon_one_over_pages():
+    assert KernelOptions().PREFILL_KERNEL is None
+    assert choose_prefill_forward(requested=None, **CALL).kind == "triton"
     assert choose_prefill_forward(requested="TRITON", **CALL).kind == "triton"
+    for page in (16, 32, 64, 128, 256, 512):
+        paged = choose_prefill_forward(requested=None, **{**CALL, "page": page, "kv_block": max(128, page)})
+        assert paged.kind == "gluon" and f"{page}-row pages" in paged.reason, paged
+        forced = choose_prefill_forward(
+            requested="TRITON", **{**CALL, "page": page, "kv_block": max(128, page)}
+        )
+        assert forced.kind == "triton", forced
+    # where the Gluon kernel cannot run, the default over pages is the Triton forward, with the reason
+    other = choose_prefill_forward(requested=None, **{**CALL, "page": 48, "kv_block": 384})
+    assert other.kind == "triton" and "page_size=48" in other.reason, other
+    hopperless = choose_prefill_forward(
+        requested=None, **{**CALL, "page": 16, "target": DeviceLimits((8, 0), 166912)}
+    )
+    assert hopperless.kind == "triton" and "sm_80" in hopperless.reason, hopperless
     assert OPTION_VALUES == PREFILL_KERNELS
 
 
@@ -38,7 +53,7 @@ def test_gluon_where_it_can_run(requested):
         ({"dtype": torch.float32}, "fp16/bf16"),
         ({"head_dim": 96, "v_head_dim": 96}, "E=96"),
         ({"v_head_dim": 64}, "Ev=64"),
-        ({"paged": True}, "paged"),
+        ({"page": 48, "kv_block": 384}, "page_size=48"),
         ({"other_knobs": "kernel_options BLOCK_M"}, "BLOCK_M"),
         ({"tma_ok": False}, "TMA"),
         ({"scale": -0.5}, "scale > 0"),

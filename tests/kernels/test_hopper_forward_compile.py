@@ -22,20 +22,26 @@ import torch
 from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.hopper.forward_ws import gluon_forward
+from flexattn.kernels.paged_kv import PagedKV
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_SHARED_MEMORY = 232448  # opt-in shared memory per block on sm_90
 # (name, head dim, variant, length): no block mask with three consumers (E64) and two (E128); block
 # tables (partial + full lists) with the compiled causal / document / ALiBi mods; lengths of 1000
-# compile the tail paths (keys past KV_LEN masked, rows past Q_LEN clamped)
+# compile the tail paths (keys past KV_LEN masked, rows past Q_LEN clamped); the last field is the
+# page size of a paged K/V cache (0: contiguous): a TMA box per page (16, 64) or per tile (256)
 CASES = [
-    ("E64-noop-3wg", 64, "noop", 1024),
-    ("E128-noop-2wg", 128, "noop", 1024),
-    ("E128-causal-tables", 128, "causal", 1024),
-    ("E64-document-tables", 64, "document", 1024),
-    ("E128-alibi-causal-tables", 128, "alibi", 1024),
-    ("E64-noop-tail-2wg", 64, "noop", 1000),
-    ("E128-causal-tables-tail", 128, "causal", 1000),
+    ("E64-noop-3wg", 64, "noop", 1024, 0),
+    ("E128-noop-2wg", 128, "noop", 1024, 0),
+    ("E128-causal-tables", 128, "causal", 1024, 0),
+    ("E64-document-tables", 64, "document", 1024, 0),
+    ("E128-alibi-causal-tables", 128, "alibi", 1024, 0),
+    ("E64-noop-tail-2wg", 64, "noop", 1000, 0),
+    ("E128-causal-tables-tail", 128, "causal", 1000, 0),
+    ("E128-causal-paged16", 128, "causal", 1024, 16),
+    ("E64-causal-paged16-tail", 64, "causal", 1000, 16),
+    ("E64-alibi-paged64", 64, "alibi", 1024, 64),
+    ("E128-causal-paged256-tail", 128, "causal", 1000, 256),
 ]
 _SCRIPT = """
 import json, sys
@@ -43,8 +49,8 @@ sys.path.insert(0, "benchmarks")
 import gluon_compile_report as g
 from compile_report import resources
 rows = {}
-for name, head_dim, variant, length in json.loads(sys.argv[1]):
-    kernel = g.compile_variant(head_dim, variant, length=length)
+for name, head_dim, variant, length, page in json.loads(sys.argv[1]):
+    kernel = g.compile_variant(head_dim, variant, length=length, page=page)
     rows[name] = {**resources(kernel), **g.instructions(kernel)}
 print("ROWS=" + json.dumps(rows))
 """
@@ -101,3 +107,26 @@ def test_launcher_refuses_what_the_kernel_cannot_do(q_shape, kv_shape, dtype, me
     )
     with pytest.raises(ValueError, match=message):
         gluon_forward(q, kv, kv, **mods, tables=None, scale=0.125, target=H100, warmup=True)
+
+
+def test_a_paged_tile_is_copied_a_page_at_a_time(compiled_rows):
+    # 128-key tiles: one TMA box per tile over contiguous keys and over 256-row pages, one per page of
+    # 16 rows (the PTX holds each copy of the unrolled tile loop)
+    contiguous = compiled_rows["E128-causal-tables"]["ptx_tma_loads"]
+    assert compiled_rows["E128-causal-paged256-tail"]["ptx_tma_loads"] == contiguous
+    assert compiled_rows["E128-causal-paged16"]["ptx_tma_loads"] > 2 * contiguous
+
+
+def test_launcher_refuses_pages_that_do_not_tile_its_key_tiles():
+    q, cache = (
+        torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16),
+        torch.zeros(1, 1, 288, 64, dtype=torch.bfloat16),
+    )
+    paged = PagedKV(torch.arange(6, dtype=torch.int32)[None], 48, 256)
+    mods = dict(
+        score_mod=compile_score_mod(None, target="cuda"), mask_mod=compile_mask_mod(None, target="cuda")
+    )
+    with pytest.raises(ValueError, match="page_size=48"):
+        gluon_forward(
+            q, cache, cache, **mods, tables=None, scale=0.125, target=H100, warmup=True, paged=paged
+        )

@@ -4,9 +4,11 @@ A small pure function that says why (:func:`choose_prefill_forward`), and the Gl
 configuration (:class:`HopperTiles`, :func:`hopper_tiles`). Imports neither Triton nor Gluon, so the
 plan can ask before anything Hopper-specific is loaded.
 
-``kernel_options={"PREFILL_KERNEL": ...}`` steers it: "TRITON" (the default for now: the Gluon kernel
-waits for its verification on the H200), "GLUON" (the Gluon kernel, or an error naming what it
-lacks), "AUTO" (the Gluon kernel wherever it can run, else the Triton kernel, with the reason).
+``kernel_options={"PREFILL_KERNEL": ...}`` steers it: None (the default: the Triton kernel, except
+calls over a paged K/V cache, which take the Gluon kernel where it can run: it copies whole pages by
+TMA, where the Triton kernel gathers the rows of pages smaller than its key tiles one by one),
+"TRITON" (always the Triton kernel), "GLUON" (the Gluon kernel, or an error naming what it lacks),
+"AUTO" (the Gluon kernel wherever it can run, else the Triton kernel, with the reason).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def hopper_tiles(*, head_dim: int, q_block: int | None, tail: bool = False) -> H
 
 def choose_prefill_forward(
     *,
-    requested: str,
+    requested: str | None,
     target: DeviceLimits,
     dtype: torch.dtype,
     head_dim: int,
@@ -100,7 +102,7 @@ def choose_prefill_forward(
     kv_block: int,
     dense: bool,
     scale: float,
-    paged: bool = False,
+    page: int = 0,
     tma_ok: bool = True,
     other_knobs: str | None = None,
     inline_failure: str | None = None,
@@ -108,27 +110,33 @@ def choose_prefill_forward(
 ) -> PrefillForward:
     """The Gluon forward or the Triton forward for one prefill call, and why.
 
-    ``requested``: the PREFILL_KERNEL option. ``dense``: no block mask (every key visited, no tables
-    read). ``tma_ok``: q, k, v can be described for TMA (unit feature stride, 16-byte aligned base
+    ``requested``: the PREFILL_KERNEL option (None: the default, see the module docstring).
+    ``dense``: no block mask (every key visited, no tables read). ``page``: the page size of a paged
+    K/V cache, 0 for contiguous K/V. ``tma_ok``: q, k, v can be described for TMA (unit feature stride, 16-byte aligned base
     and strides). ``other_knobs``: what else configures the Triton kernel (tiles, BLOCK_M, ...).
     ``inline_failure``: why the Gluon kernel failed to compile these mods before (or None).
     ``tail``: Lq or Lkv is not a multiple of 128 (see :func:`hopper_tiles`).
     """
-    if requested not in PREFILL_KERNELS:
-        raise ValueError(f"PREFILL_KERNEL must be one of {PREFILL_KERNELS}, got {requested!r}.")
+    if requested is not None and requested not in PREFILL_KERNELS:
+        raise ValueError(f"PREFILL_KERNEL must be None or one of {PREFILL_KERNELS}, got {requested!r}.")
     if requested == "TRITON":
-        return PrefillForward("triton", "kernel_options PREFILL_KERNEL='TRITON' (the default)")
-    lacks = _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, paged, tma_ok,
+        return PrefillForward("triton", "kernel_options PREFILL_KERNEL='TRITON'")
+    if requested is None and not page:
+        return PrefillForward("triton", "the default prefill forward (kernel_options PREFILL_KERNEL None)")
+    lacks = _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, page, tma_ok,
                          other_knobs, inline_failure)  # fmt: skip
     if lacks is None:
         tiles = hopper_tiles(head_dim=head_dim, q_block=None if dense else q_block, tail=tail)
-        return PrefillForward("gluon", f"sm_90 warp-specialized Gluon forward ({tiles.reason})", tiles)
+        why = f"sm_90 warp-specialized Gluon forward ({tiles.reason})"
+        if requested is None:
+            why = f"paged K/V, {page}-row pages copied whole by TMA: {why}"
+        return PrefillForward("gluon", why, tiles)
     if requested == "GLUON":
         return PrefillForward("unsupported", f"kernel_options PREFILL_KERNEL='GLUON' but {lacks}")
     return PrefillForward("triton", lacks)
 
 
-def _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, paged, tma_ok,
+def _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, page, tma_ok,
                  other_knobs, inline_failure) -> str | None:  # fmt: skip
     """What keeps the Gluon kernel from this call (with the fix), or None."""
     if target.capability != (9, 0):
@@ -138,8 +146,11 @@ def _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, 
         return f"the Gluon forward takes fp16/bf16 inputs; got {dtype}"
     if head_dim not in HEAD_DIMS or v_head_dim != head_dim:
         return f"the Gluon forward takes E = Ev in {HEAD_DIMS}; got E={head_dim}, Ev={v_head_dim}"
-    if paged:
-        return "the Gluon forward reads no paged KV caches"
+    if page and BLOCK_N % page and page % BLOCK_N:
+        return (
+            f"the Gluon forward reads pages whose size divides its {BLOCK_N}-key tiles or is a multiple "
+            f"of them; got page_size={page}"
+        )
     if other_knobs:
         return f"{other_knobs} configure the Triton forward"
     if not tma_ok:

@@ -58,6 +58,7 @@ from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
 from flexattn.kernels.mods import KernelMod
+from flexattn.kernels.paged_kv import PagedKV
 
 LOG2E = 1.4426950408889634
 
@@ -157,15 +158,49 @@ def _tile(smem, i):
 # Producer: TMA loads into the ring.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_BLOCK: gl.constexpr, STAGES: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr):
+def _copy_kv_tile(desc, buf, ready, b, hk, start, pages, LAST_PAGE, KV_LEN, BLOCK_N: gl.constexpr,
+                  PAGE: gl.constexpr):
+    """TMA copies of the K or V tile of logical keys [start, start + BLOCK_N) into the ring buffer
+    ``buf`` (1, 1, BLOCK_N, E), all counted by the mbarrier ``ready``.
+
+    Contiguous (PAGE 0): one box at (b, hk, start) of the (B, HKV, KV_LEN, E) descriptor. Paged: the
+    descriptor is over the cache (1, HKV, N_PAGES * PAGE, E) with boxes of min(PAGE, BLOCK_N) rows;
+    a tile inside one page (PAGE a multiple of BLOCK_N) is one box at its physical row, a tile over
+    BLOCK_N // PAGE pages is one box per page, each into its slice of the buffer: a gather of whole
+    pages by TMA. Pages are looked up in the sequence's page-table row ``pages`` (-1, unreserved:
+    page 0, kept out of the softmax by the block mask); a tail tile's pages past the last one
+    holding keys (LAST_PAGE = cdiv(KV_LEN, PAGE) - 1) read page 0 (their keys are masked by the
+    consumers' tail check; the table row may end before them)."""
+    if PAGE == 0:
+        tma.async_copy_global_to_shared(desc, [b, hk, start, 0], ready, buf)
+    elif PAGE % BLOCK_N == 0:
+        page = gl.load(pages + gl.minimum(start, KV_LEN - 1) // PAGE)  # (a tail block's tile may pass KV_LEN)
+        row = gl.maximum(page, 0) * PAGE + start % PAGE
+        tma.async_copy_global_to_shared(desc, [0, hk, row, 0], ready, buf)
+    else:
+        for i in gl.static_range(BLOCK_N // PAGE):
+            logical = start // PAGE + i
+            page = gl.load(pages + logical, mask=logical <= LAST_PAGE, other=0)
+            tma.async_copy_global_to_shared(desc, [0, hk, gl.maximum(page, 0) * PAGE, 0], ready,
+                                            buf.slice(i * PAGE, PAGE, dim=2))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, PAGE_TABLE, page_table_stride,
+              LAST_PAGE, KV_LEN, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, KV_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+              NUM_CONSUMERS: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, PAGE: gl.constexpr):
     q_ready, k_ready, k_empty, v_ready, v_empty, turn = bars
     b, h, hk, q_start = coords
+    # the sequence's page-table row (unused when PAGE == 0), found here: a value made before the
+    # partitions split would be spilled across their register reallocation
+    pages = PAGE_TABLE + b.to(gl.int64) * page_table_stride
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, h, q_start + c * BLOCK_M, 0], q_ready.index(c),
                                         q_smem.index(c))
+    # bytes of one K (V) tile: a box per page when a tile spans pages
+    K_BYTES: gl.constexpr = k_desc.block_type.nbytes * (BLOCK_N // k_desc.block_type.shape[2])
+    V_BYTES: gl.constexpr = v_desc.block_type.nbytes * (BLOCK_N // v_desc.block_type.shape[2])
     n_partial, n_tiles = _tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
     for j in range(n_tiles):
         if j < n_partial:
@@ -176,11 +211,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, list
         phase = (j // STAGES) & 1
         # a fresh mbarrier counts as having completed phase 1: the first STAGES waits pass
         mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, hk, start, 0], k_ready.index(stage), k_smem.index(stage))
+        mbarrier.expect(k_ready.index(stage), K_BYTES)
+        _copy_kv_tile(k_desc, k_smem.index(stage), k_ready.index(stage), b, hk, start, pages, LAST_PAGE, KV_LEN, BLOCK_N, PAGE)
         mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, hk, start, 0], v_ready.index(stage), v_smem.index(stage))
+        mbarrier.expect(v_ready.index(stage), V_BYTES)
+        _copy_kv_tile(v_desc, v_smem.index(stage), v_ready.index(stage), b, hk, start, pages, LAST_PAGE, KV_LEN, BLOCK_N, PAGE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,13 +405,17 @@ def _consumer(q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods,
 
 
 # Sizes are not specialized: new lengths or mask sizes reuse the compiled kernel.
-@gluon.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV"])
+@gluon.jit(do_not_specialize=["Q_LEN", "KV_LEN", "MASK_H", "MASK_NQ", "MASK_NKV", "LAST_PAGE"])
 def _gluon_forward_kernel(
     # descriptors over q (B, HQ, Q_LEN, E), k and v (B, HKV, KV_LEN, E); out like q, lse and max_scores
     # (B, HQ, Q_LEN) contiguous
     q_desc, k_desc, v_desc, OUT, LSE, MAX_SCORES,
     # block tables (contiguous): counts (MB, MASK_H, MASK_NQ), indices (MB, MASK_H, MASK_NQ, MASK_NKV)
     KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV,
+    # paged K/V (PAGE > 0): k_desc / v_desc are over the caches (1, HKV, N_PAGES * PAGE, E); PAGE_TABLE
+    # int32 (B, MAX_PAGES), LAST_PAGE = cdiv(KV_LEN, PAGE) - 1 (from the host: a value derived in the kernel
+    # before the partitions split would be spilled across their register reallocation)
+    PAGE_TABLE, page_table_stride, LAST_PAGE,
     # sizes and scale (qk_scale = scale * log2(e))
     Q_LEN, KV_LEN, HQ, scale, qk_scale,
     # compiled mods (SCORE_FN None: identity) and their runtime tuples
@@ -386,7 +425,7 @@ def _gluon_forward_kernel(
     KV_BLOCK: gl.constexpr, MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr,
     SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, CHECK_M: gl.constexpr, CHECK_N: gl.constexpr,
     STAGES: gl.constexpr, NUM_CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, V_FENCE: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PAGE: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     # longest rows first (causal-like masks): the tail of the grid is short work
@@ -433,8 +472,8 @@ def _gluon_forward_kernel(
             (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 1,
                          BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
                          CHECK_N, PINGPONG, V_FENCE)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
-                         BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, PAGE_TABLE, page_table_stride,
+                         LAST_PAGE, KV_LEN, BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, PAGE)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.static_assert(NUM_CONSUMERS == 3, "two or three consumer warpgroups")
@@ -448,8 +487,8 @@ def _gluon_forward_kernel(
             (_consumer, (q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods, SCORE_FN, MASK_FN, 2,
                          BLOCK_M, BLOCK_N, HEAD_DIM, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, CHECK_M,
                          CHECK_N, PINGPONG, V_FENCE)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, KV_LEN,
-                         BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, lists, PAGE_TABLE, page_table_stride,
+                         LAST_PAGE, KV_LEN, BLOCK_M, BLOCK_N, KV_BLOCK, STAGES, NUM_CONSUMERS, SPARSE, HAS_FULL, PAGE)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 # fmt: on
 
@@ -469,6 +508,7 @@ def gluon_forward(
     tiles: HopperTiles | None = None,
     target: DeviceLimits | None = None,
     warmup: bool = False,
+    paged: PagedKV | None = None,
 ):
     """Block-sparse attention forward on Hopper, with the contract of ``kernels.forward.flex_forward``.
 
@@ -480,6 +520,11 @@ def gluon_forward(
         tables: the block lists (the kv side is read; q_block must be 128 or 192 and kv_block a
             multiple of 128), or None: no block mask, every key visited and no mask_mod.
         scale: multiplies q.k before score_mod; > 0.
+        paged: K/V in a paged cache (``PagedKV``), or None (contiguous). Then k and v are the caches
+            (1, Hkv, n_pages * page_size, E), read through ``paged.page_table`` by TMA, a box per
+            page (the page size must divide the 128-key tile or be a multiple of it); the key length is
+            ``paged.kv_len`` (logical positions: the mods and the tables see them), and the block
+            tables keep the softmax off rows of unreserved pages (as for ``flex_forward``).
         tiles: the launch configuration (default ``choice.hopper_tiles``); ``target``: the GPU
             (default: the tensors' device). ``warmup=True`` compiles without launching (Triton's
             warmup: a driver naming sm_90 is all it needs; ``benchmarks/gluon_compile_report.py``).
@@ -498,8 +543,15 @@ def gluon_forward(
     target = device_limits(q.device) if target is None else target
     dense = tables is None
     table_source = k if dense else tables.kv_num_blocks
-    B, Hq, Lq, E = check_qkv(q, k, v, table_source, target)
-    Hkv, Lkv = k.shape[1], k.shape[2]
+    if paged is None:
+        B, Hq, Lq, E = check_qkv(q, k, v, table_source, target)
+        Lkv, page, page_args = k.shape[2], 0, None
+    else:  # the caches broadcast over the batch; the table row says where rows live
+        paged.check(k, v, q.shape[0])
+        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), table_source, target)
+        Lkv, page = paged.kv_len, paged.page_size
+        page_args = (paged.page_table, paged.page_table.stride(0), -(-Lkv // page) - 1)
+    Hkv = k.shape[1]
     if q.dtype not in (torch.bfloat16, torch.float16) or v.shape[3] != E or E not in (64, 128):
         raise ValueError(f"the Gluon forward takes bf16/fp16 with E = Ev in (64, 128); got {q.dtype}, "
                          f"E={E}, Ev={v.shape[3]}")  # fmt: skip
@@ -508,6 +560,9 @@ def gluon_forward(
     if tiles is None:
         tail = Lq % 128 != 0 or Lkv % 128 != 0
         tiles = hopper_tiles(head_dim=E, q_block=None if dense else tables.q_block, tail=tail)
+    if page and tiles.block_n % page and page % tiles.block_n:
+        raise ValueError(f"the Gluon forward reads pages of a size that divides its {tiles.block_n}-key tiles "
+                         f"or is a multiple of them; got page_size={page}")  # fmt: skip
     if dense:
         kv_block, flags = tiles.block_n, {"MASK_PER_BATCH": 0, "MASK_PER_HEAD": 0}
         table_args = None  # filled below with stand-ins (SPARSE False: never read)
@@ -531,22 +586,27 @@ def gluon_forward(
 
     if dense:
         table_args = (lse, lse, lse, lse, 1, 1, 1)
+    if paged is None:
+        page_args = (lse, 0, 0)  # (never read: PAGE 0)
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_box, kv_box = [1, 1, tiles.block_m, E], [1, 1, tiles.block_n, E]
+    # K/V boxes: a tile, or with pages smaller than a tile one page of it
+    q_box, kv_box = [1, 1, tiles.block_m, E], [1, 1, min(tiles.block_n, page or tiles.block_n), E]
     q_desc = TensorDescriptor.from_tensor(q, q_box, gl.NVMMASharedLayout.get_default_for(q_box, gdtype))
     kv_layout = gl.NVMMASharedLayout.get_default_for(kv_box, gdtype)
     k_desc = TensorDescriptor.from_tensor(k, kv_box, kv_layout)
     v_desc = TensorDescriptor.from_tensor(v, kv_box, kv_layout)
     score_fn = None if score_mod.trivial else gluon_fn(score_mod.fn)
     args = (
-        q_desc, k_desc, v_desc, out, lse, max_scores, *table_args, Lq, Lkv, Hq, float(scale), float(scale) * LOG2E,
+        q_desc, k_desc, v_desc, out, lse, max_scores, *table_args, *page_args, Lq, Lkv, Hq, float(scale),
+        float(scale) * LOG2E,
         score_fn, score_mod.args, gluon_fn(mask_mod.fn), mask_mod.args,
     )  # fmt: skip
     meta = dict(
         GQA_GROUP=Hq // Hkv, HEAD_DIM=E, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, KV_BLOCK=kv_block,
         **flags, SPARSE=not dense, HAS_FULL=dense or tables.has_full, CHECK_M=Lq % tiles.cta_rows != 0,
         CHECK_N=Lkv % kv_block != 0, STAGES=tiles.stages, NUM_CONSUMERS=tiles.consumers, PINGPONG=tiles.pingpong,
-        V_FENCE=tiles.v_fence, CONSUMER_REGS=tiles.registers, PRODUCER_REGS=tiles.producer_regs, num_warps=4,
+        V_FENCE=tiles.v_fence, CONSUMER_REGS=tiles.registers, PRODUCER_REGS=tiles.producer_regs, PAGE=page,
+        num_warps=4,
     )  # fmt: skip
     grid = (triton.cdiv(Lq, tiles.cta_rows), Hq, B)
     if warmup:
