@@ -95,8 +95,8 @@ class KernelOptions:
             on CPU tensors this needs ``TRITON_INTERPRET=1``), "CPU" (the CPU fast path,
             ``flexattn.cpu``; CPU tensors only) or "REFERENCE" (the chunked PyTorch reference
             backend on any device).
-        PREFILL_KERNEL: which forward kernel runs prefill calls: None (the default: Triton's, except
-            over a paged K/V cache on sm_90, where the Gluon forward copies whole pages by TMA),
+        PREFILL_KERNEL: which forward kernel runs prefill calls: None (the default: on sm_90 the
+            Gluon forward where it can run at head dim 128 and over paged K/V caches, else Triton's),
             "TRITON" (always Triton's), "GLUON" (the warp-specialized Gluon forward for Hopper,
             ``kernels/hopper/``; an error naming what it lacks where it cannot run) or "AUTO" (Gluon
             wherever it can run, else Triton). The backward is Triton's either way (it reads the

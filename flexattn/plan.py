@@ -23,7 +23,12 @@ from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.decode import flex_decode
 from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.forward import flex_forward
-from flexattn.kernels.hopper.choice import INLINE_FAILURES, PrefillForward, choose_prefill_forward
+from flexattn.kernels.hopper.choice import (
+    INLINE_FAILURES,
+    PrefillForward,
+    choose_prefill_forward,
+    default_wants_gluon,
+)
 from flexattn.kernels.kernel_choice import KernelChoice, choose_kernel, decode_launch
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
@@ -110,12 +115,15 @@ class AttentionPlan:
         (Lq, E), (Lkv, Ev) = (query.shape[2], query.shape[3]), (key.shape[2], value.shape[3])
         requested = self.options.PREFILL_KERNEL
         # (the choice reads tma_ok only when Gluon may run: no TMA checks on the default contiguous path)
-        triton_only = requested == "TRITON" or (requested is None and self.kv_pages is None)
+        page = 0 if self.kv_pages is None else self.kv_pages.page_size
+        triton_only = requested == "TRITON" or (
+            requested is None and default_wants_gluon(E, Ev, page) is None
+        )
         tma_ok = triton_only or all(tma_compatible(t, target) for t in (query, key, value))
         return choose_prefill_forward(
             requested=requested, target=target, dtype=query.dtype, head_dim=E,
             v_head_dim=Ev, q_block=self.tables.q_block, kv_block=self.tables.kv_block, dense=self.dense,
-            scale=self.scale, page=0 if self.kv_pages is None else self.kv_pages.page_size, tma_ok=tma_ok,
+            scale=self.scale, page=page, tma_ok=tma_ok,
             other_knobs=_prefill_knobs(self.options, tiles_given),
             inline_failure=INLINE_FAILURES.get((self.score_mod.fn, self.mask_mod.fn)),
             tail=Lq % 128 != 0 or Lkv % 128 != 0,

@@ -17,9 +17,17 @@ CALL = dict(
 )  # fmt: skip
 
 
-def test_the_default_is_the_triton_forward_for_contiguous_kv_and_the_gluon_one_over_pages():
+def test_the_default_is_the_gluon_forward_at_e128_and_over_pages_else_the_triton_one():
     assert KernelOptions().PREFILL_KERNEL is None
-    assert choose_prefill_forward(requested=None, **CALL).kind == "triton"
+    e128 = choose_prefill_forward(requested=None, **CALL)
+    assert e128.kind == "gluon" and "E128" in e128.reason, e128
+    e64 = choose_prefill_forward(requested=None, **{**CALL, "head_dim": 64, "v_head_dim": 64})
+    assert e64.kind == "triton" and "E=64" in e64.reason and "AUTO" in e64.reason, e64
+    assert (
+        choose_prefill_forward(requested="AUTO", **{**CALL, "head_dim": 64, "v_head_dim": 64}).kind == "gluon"
+    )
+    uneven = choose_prefill_forward(requested=None, **{**CALL, "v_head_dim": 64})  # (E != Ev: Triton's)
+    assert uneven.kind == "triton", uneven
     assert choose_prefill_forward(requested="TRITON", **CALL).kind == "triton"
     for page in (16, 32, 64, 128, 256, 512):
         paged = choose_prefill_forward(requested=None, **{**CALL, "page": page, "kv_block": max(128, page)})

@@ -4,11 +4,10 @@ A small pure function that says why (:func:`choose_prefill_forward`), and the Gl
 configuration (:class:`HopperTiles`, :func:`hopper_tiles`). Imports neither Triton nor Gluon, so the
 plan can ask before anything Hopper-specific is loaded.
 
-``kernel_options={"PREFILL_KERNEL": ...}`` steers it: None (the default: the Triton kernel, except
-calls over a paged K/V cache, which take the Gluon kernel where it can run: it copies whole pages by
-TMA, where the Triton kernel gathers the rows of pages smaller than its key tiles one by one),
-"TRITON" (always the Triton kernel), "GLUON" (the Gluon kernel, or an error naming what it lacks),
-"AUTO" (the Gluon kernel wherever it can run, else the Triton kernel, with the reason).
+``kernel_options={"PREFILL_KERNEL": ...}`` steers it: None (the default, :func:`default_wants_gluon`:
+the Gluon kernel where it can run for head dim 128 and over paged K/V caches, else the Triton
+kernel), "TRITON" (always the Triton kernel), "GLUON" (the Gluon kernel, or an error naming what it
+lacks), "AUTO" (the Gluon kernel wherever it can run, else the Triton kernel, with the reason).
 """
 
 from __future__ import annotations
@@ -91,6 +90,19 @@ def hopper_tiles(*, head_dim: int, q_block: int | None, tail: bool = False) -> H
     )  # fmt: skip
 
 
+def default_wants_gluon(head_dim: int, v_head_dim: int, page: int) -> str | None:
+    """Why the default (PREFILL_KERNEL None) asks for the Gluon forward, or None: then it runs the
+    Triton forward. Measured on the H200 (BENCHMARKS.md): at E128 the Gluon forward is 1.13-1.33x
+    the Triton one for every variant of the paper; over pages it copies whole pages by TMA where the
+    Triton forward gathers the rows of pages smaller than its key tiles one by one. At E64 it is
+    faster without a mask but 5-7% slower with sliding-window and document masks."""
+    if page:
+        return f"paged K/V, {page}-row pages copied whole by TMA"
+    if head_dim == 128 and v_head_dim == 128:
+        return "E128, where it is faster than the Triton forward for every measured variant"
+    return None
+
+
 def choose_prefill_forward(
     *,
     requested: str | None,
@@ -121,15 +133,19 @@ def choose_prefill_forward(
         raise ValueError(f"PREFILL_KERNEL must be None or one of {PREFILL_KERNELS}, got {requested!r}.")
     if requested == "TRITON":
         return PrefillForward("triton", "kernel_options PREFILL_KERNEL='TRITON'")
-    if requested is None and not page:
-        return PrefillForward("triton", "the default prefill forward (kernel_options PREFILL_KERNEL None)")
+    wanted = default_wants_gluon(head_dim, v_head_dim, page) if requested is None else None
+    if requested is None and wanted is None:
+        return PrefillForward(
+            "triton",
+            f"the default prefill forward at E={head_dim} (PREFILL_KERNEL='AUTO' asks for the Gluon one)",
+        )
     lacks = _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, page, tma_ok,
                          other_knobs, inline_failure)  # fmt: skip
     if lacks is None:
         tiles = hopper_tiles(head_dim=head_dim, q_block=None if dense else q_block, tail=tail)
         why = f"sm_90 warp-specialized Gluon forward ({tiles.reason})"
         if requested is None:
-            why = f"paged K/V, {page}-row pages copied whole by TMA: {why}"
+            why = f"{wanted}: {why}"
         return PrefillForward("gluon", why, tiles)
     if requested == "GLUON":
         return PrefillForward("unsupported", f"kernel_options PREFILL_KERNEL='GLUON' but {lacks}")
