@@ -198,13 +198,16 @@ def torch_calls(cfg: Config, kv: int, lq: int, pages, q, k, v, device, compiled)
     return calls
 
 
-def measure(cfg: Config, kv: int, call: str, pages, device, compiled, emit, options=None) -> None:
+def measure(
+    cfg: Config, kv: int, call: str, pages, device, compiled, emit, options=None, torch_rows=True
+) -> None:
     lq = CALLS[call]
     q, k, v = make_inputs(cfg, kv, lq, device)
     allowed = sum(min(kv, kv - lq + i + 1) for i in range(lq)) / (lq * kv)  # causal density
     flops = 4 * cfg.B * cfg.Hq * lq * kv * cfg.E * allowed
     kv_bytes = 2 * cfg.B * cfg.Hkv * kv * cfg.E * q.element_size()
-    for library, make in (("flexattn", flexattn_calls), ("torch", torch_calls)):
+    libraries = (("flexattn", flexattn_calls), ("torch", torch_calls))[: 2 if torch_rows else 1]
+    for library, make in libraries:
         try:
             extra = (compiled,) if library == "torch" else (options,)
             calls = make(cfg, kv, lq, pages, q, k, v, device, *extra)
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--json", help="write the rows as JSON to this file (after every row)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, check the setup on CPU")
     parser.add_argument("--quick", action="store_true", help="KV 8k only")
+    parser.add_argument("--head-dim", type=int, default=Config.E)
+    parser.add_argument("--no-torch", action="store_true", help="flexattn's rows only")
     parser.add_argument(
         "--options",
         type=json.loads,
@@ -327,7 +332,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     for kv in args.kv:
         for call in args.calls:
-            measure(Config(), kv, call, args.pages, torch.device("cuda"), compiled, emit, args.options)
+            cfg = Config(E=args.head_dim)
+            measure(
+                cfg,
+                kv,
+                call,
+                args.pages,
+                torch.device("cuda"),
+                compiled,
+                emit,
+                args.options,
+                not args.no_torch,
+            )
             torch.cuda.empty_cache()
     print("\n" + table(rows))
     return rows

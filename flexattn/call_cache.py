@@ -44,8 +44,9 @@ path, as before):
 
 Only inference calls are kept (no output requires grad: a call that needs gradients runs the whole
 path and ``FlexAttentionFunction`` every time), and only calls whose work is all in launches through
-``LaunchCache``, each kernel once: the Triton forward (``PREFILL_KERNEL`` TRITON) or the split-KV
-decode kernels, not an autotuning call.
+``LaunchCache``, each kernel once: the Triton forward or the split-KV decode kernels, not an
+autotuning call. A Gluon prefill forward (``kernels/hopper``: by default at E128 and over paged
+caches on sm_90) launches outside ``LaunchCache``, so its calls take the whole path every time.
 
 An entry holds nothing of the user's alive: the keyed objects (mask, tables, page table, the mods'
 fingerprinted objects) and every tensor the launches read that the call does not pass (the tables,

@@ -113,6 +113,8 @@ class AttentionPlan:
         """Which prefill forward runs (``kernels.hopper.choice.choose_prefill_forward``): Gluon or Triton."""
         target = device_limits(query.device) if target is None else target
         (Lq, E), (Lkv, Ev) = (query.shape[2], query.shape[3]), (key.shape[2], value.shape[3])
+        if self.kv_pages is not None:
+            Lkv = self.kv_pages.kv_len  # (the call's logical keys, not the cache's rows)
         requested = self.options.PREFILL_KERNEL
         # (the choice reads tma_ok only when Gluon may run: no TMA checks on the default contiguous path)
         page = 0 if self.kv_pages is None else self.kv_pages.page_size
@@ -131,7 +133,8 @@ class AttentionPlan:
 
     def _gluon_forward(self, query, key, value, prefill: PrefillForward):
         """The Gluon forward's ``(out, lse, max_scores)``; None (remembered) where AUTO or the default
-        chose it and the mods do not compile into it, so that the Triton forward runs instead."""
+        chose it and it does not build for these mods (a compile error, too few resources, a failed
+        compiler pass), so that the Triton forward runs instead; PREFILL_KERNEL='GLUON' raises."""
         import triton
 
         from flexattn.kernels.hopper.forward_ws import gluon_forward  # Gluon loads only when chosen
@@ -142,7 +145,11 @@ class AttentionPlan:
                 tables=None if self.dense else self.tables, scale=self.scale, tiles=prefill.tiles,
                 paged=self.kv_pages,
             )  # fmt: skip
-        except triton.compiler.errors.CompilationError as err:
+        except (
+            triton.compiler.errors.CompilationError,
+            triton.runtime.errors.OutOfResources,
+            RuntimeError,
+        ) as err:
             if self.options.PREFILL_KERNEL == "GLUON":  # (AUTO and the default fall back to Triton)
                 raise
             INLINE_FAILURES[(self.score_mod.fn, self.mask_mod.fn)] = str(err).strip().splitlines()[-1][:200]

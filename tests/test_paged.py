@@ -45,12 +45,14 @@ class PagedCase:
     lengths: torch.Tensor  # int32 (B,)
 
 
-def make_paged(lengths, page, Hkv, E, Ev, dtype, device="cpu", spare_pages=3) -> PagedCase:
-    """Fresh keys for sequences of ``lengths`` in a paged cache with shuffled page assignments."""
+def make_paged(lengths, page, Hkv, E, Ev, dtype, device="cpu", spare_pages=3, spare_row=1) -> PagedCase:
+    """Fresh keys for sequences of ``lengths`` in a paged cache with shuffled page assignments;
+    ``spare_row``: page-table columns past the longest sequence's pages (0: a read past the row's
+    end reads the next row, or past the table)."""
     B, Lkv = len(lengths), max(lengths)
     per_seq = [-(-n // page) for n in lengths]
     n_pages = sum(per_seq) + spare_pages + 4
-    paged = PagedAttention(n_pages, page, B + 1, device=device, max_pages_per_seq=-(-Lkv // page) + 1)
+    paged = PagedAttention(n_pages, page, B + 1, device=device, max_pages_per_seq=-(-Lkv // page) + spare_row)
     filler = B  # a batch slot that takes pages in between and frees them: holes, shuffled order
     grown = [0] * B
     while grown != per_seq:
@@ -472,7 +474,10 @@ def test_paged_prefill_on_hopper_takes_the_gluon_forward_unless_told_otherwise()
 
     assert choice(mask, case.k_cache, KernelOptions()).kind == "gluon"
     assert choice(mask, case.k_cache, KernelOptions(PREFILL_KERNEL="TRITON")).kind == "triton"
-    assert choice(logical, case.k, KernelOptions()).kind == "triton"
+    assert choice(logical, case.k, KernelOptions()).kind == "triton"  # E64, contiguous
+    wide = torch.zeros(2, 1, 300, 128, dtype=torch.bfloat16)
+    q = torch.zeros(2, 2, 256, 128, dtype=torch.bfloat16)
+    assert choice(logical, wide, KernelOptions()).kind == "gluon"  # E128, contiguous
 
 
 @pytest.mark.parametrize("backend", ["REFERENCE", "TRITON"])
@@ -517,16 +522,20 @@ def test_gpu_paged_equals_contiguous(page, q_len):
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU"
 )
-@pytest.mark.parametrize("page", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize(
+    "page, kv_block, longest",
+    [(16, 128, 2047), (16, 256, 1950), (32, 128, 1950), (64, 128, 2047), (128, 256, 1850), (256, 256, 1950)],
+)  # (1950 / 1850: the last tile holds pages past the last one, masked; KV block 256: tiles past KV_LEN)
 @pytest.mark.parametrize("E", [64, 128])
-def test_gpu_paged_prefill_takes_the_gluon_forward_by_default_on_hopper(page, E):
-    """Chunked prefill over a paged cache (ragged caches, GQA, causal + ALiBi, an odd chunk): the
-    default call equals the forced Gluon one bit for bit (so the default ran it), and both the Gluon
-    and the Triton forward are judged against the float64 reference."""
-    lengths, q_len = (1500, 333, 1024, 2047), 517
-    case = make_paged(lengths, page, Hkv=2, E=E, Ev=E, dtype=torch.bfloat16, device="cuda")
+def test_gpu_paged_prefill_takes_the_gluon_forward_by_default_on_hopper(page, kv_block, longest, E):
+    """Chunked prefill over a paged cache (ragged caches, GQA, causal + ALiBi, an odd chunk; page-table
+    rows exactly as long as the longest sequence needs): the default call equals the forced Gluon
+    one bit for bit (so the default ran it), and both the Gluon and the Triton forward are judged
+    against the float64 reference."""
+    lengths, q_len = (1500, 333, 1024, longest), 517
+    case = make_paged(lengths, page, Hkv=2, E=E, Ev=E, dtype=torch.bfloat16, device="cuda", spare_row=0)
     q = torch.randn(4, 8, q_len, E, device="cuda").to(torch.bfloat16)
-    args = (case, q, causal_from(max(lengths) - q_len), alibi, (128, max(page, 128)), q_len)
+    args = (case, q, causal_from(max(lengths) - q_len), alibi, (128, kv_block), q_len)
     with torch.no_grad():
         default = check_paged_call(*args, scale=E**-0.5)
         gluon = check_paged_call(*args, scale=E**-0.5, options={"PREFILL_KERNEL": "GLUON"})

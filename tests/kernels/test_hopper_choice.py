@@ -92,3 +92,37 @@ def test_unknown_values_are_refused():
         KernelOptions.from_user({"PREFILL_KERNEL": "FLASH"})
     with pytest.raises(ValueError, match="PREFILL_KERNEL"):
         choose_prefill_forward(requested="gluon", **CALL)
+
+
+@pytest.mark.parametrize("requested", [None, "AUTO", "GLUON"])
+def test_a_gluon_build_failure_falls_back_to_triton_unless_gluon_was_forced(monkeypatch, requested):
+    """The default and AUTO run the Triton forward where the Gluon one does not build for the mods
+    (and remember why); a forced GLUON raises. No GPU: the Gluon launcher is replaced."""
+    import triton
+
+    from flexattn import plan as plan_module
+    from flexattn.kernels.hopper import choice, forward_ws
+
+    failures = [
+        triton.runtime.errors.OutOfResources(300000, 232448, "shared memory"),
+        RuntimeError("PassManager::run failed"),
+    ]
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    for failure in failures:
+
+        def fails(*args, error=failure, **kwargs):
+            raise error
+
+        monkeypatch.setattr(forward_ws, "gluon_forward", fails)
+        monkeypatch.setattr(plan_module, "INLINE_FAILURES", {})  # (the plan's reference to the record)
+        plan = plan_module.plan_attention(
+            lambda score, b, h, q_idx, kv_idx: score * 0.5, None, 256, 256, 0.1,
+            KernelOptions(PREFILL_KERNEL=requested), q.device, q.dtype,
+        )  # fmt: skip
+        prefill = choice.choose_prefill_forward(requested=requested or "AUTO", **{**CALL, "dense": True})
+        if requested == "GLUON":
+            with pytest.raises(type(failure)):
+                plan._gluon_forward(q, q, q, prefill)
+        else:
+            assert plan._gluon_forward(q, q, q, prefill) is None
+            assert str(failure)[:40] in next(iter(plan_module.INLINE_FAILURES.values()))

@@ -117,7 +117,9 @@ def test_a_paged_tile_is_copied_a_page_at_a_time(compiled_rows):
     assert compiled_rows["E128-causal-paged16"]["ptx_tma_loads"] > 2 * contiguous
 
 
-def test_launcher_refuses_pages_that_do_not_tile_its_key_tiles():
+def test_launcher_refuses_pages_that_do_not_tile_its_key_tiles_and_paged_calls_without_a_mask():
+    from flexattn.block_mask import create_block_mask
+
     q, cache = (
         torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16),
         torch.zeros(1, 1, 288, 64, dtype=torch.bfloat16),
@@ -126,7 +128,13 @@ def test_launcher_refuses_pages_that_do_not_tile_its_key_tiles():
     mods = dict(
         score_mod=compile_score_mod(None, target="cuda"), mask_mod=compile_mask_mod(None, target="cuda")
     )
+    tables = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 1, 1, 256, 256, device="cpu",
+                               BLOCK_SIZE=(128, 384)).tables()  # fmt: skip
     with pytest.raises(ValueError, match="page_size=48"):
+        gluon_forward(
+            q, cache, cache, **mods, tables=tables, scale=0.125, target=H100, warmup=True, paged=paged
+        )
+    with pytest.raises(ValueError, match="under a block mask"):
         gluon_forward(
             q, cache, cache, **mods, tables=None, scale=0.125, target=H100, warmup=True, paged=paged
         )

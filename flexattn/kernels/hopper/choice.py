@@ -135,10 +135,8 @@ def choose_prefill_forward(
         return PrefillForward("triton", "kernel_options PREFILL_KERNEL='TRITON'")
     wanted = default_wants_gluon(head_dim, v_head_dim, page) if requested is None else None
     if requested is None and wanted is None:
-        return PrefillForward(
-            "triton",
-            f"the default prefill forward at E={head_dim} (PREFILL_KERNEL='AUTO' asks for the Gluon one)",
-        )
+        hint = " (PREFILL_KERNEL='AUTO' asks for the Gluon one)" if target.capability == (9, 0) else ""
+        return PrefillForward("triton", f"the default prefill forward at E={head_dim}{hint}")
     lacks = _gluon_lacks(target, dtype, head_dim, v_head_dim, q_block, kv_block, dense, scale, page, tma_ok,
                          other_knobs, inline_failure)  # fmt: skip
     if lacks is None:

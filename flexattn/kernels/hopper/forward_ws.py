@@ -547,6 +547,9 @@ def gluon_forward(
         B, Hq, Lq, E = check_qkv(q, k, v, table_source, target)
         Lkv, page, page_args = k.shape[2], 0, None
     else:  # the caches broadcast over the batch; the table row says where rows live
+        if dense:
+            raise ValueError("the Gluon forward reads paged caches under a block mask (it keeps the softmax "
+                             "off unreserved pages): pass the converted mask's tables")  # fmt: skip
         paged.check(k, v, q.shape[0])
         B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), table_source, target)
         Lkv, page = paged.kv_len, paged.page_size
