@@ -169,7 +169,7 @@ def test_a_hit_traces_checks_plans_and_chooses_nothing(case, misses, gpu_positio
         (api, "_check_tensors"), (api, "_check_block_mask"), (api, "_check_positions"),
         (api, "check_call"), (api, "_check_mods_trace"), (api, "parse_options"), (compiler_checks, "trace"),
         (compiler, "_program"), (compiler, "_compile"), (autograd, "plan_attention"),
-        (AttentionPlan, "choose"), (forward, "check_block_tables"), (decode, "check_qkv"),
+        (AttentionPlan, "choose"), (forward, "check_block_tables"), (decode, "check_call_kv"),
         (decode, "decode_launch"), (decode_workspace, "_allocate"), (fingerprint, "mod_key"),
     ):  # fmt: skip
         counting(module, name)

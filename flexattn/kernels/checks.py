@@ -8,6 +8,7 @@ import torch
 
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.device import DeviceLimits
+from flexattn.kernels.paged_kv import PagedKV
 
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes y and z: the kernels put heads on y and batch on z
 
@@ -48,6 +49,27 @@ def check_qkv(
             f"{MAX_GRID_YZ}, or use kernel_options={{'BACKEND': 'REFERENCE'}}."
         )
     return B, Hq, Lq, E
+
+
+def check_call_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_table: torch.Tensor,
+    target: DeviceLimits,
+    paged: PagedKV | None,
+) -> tuple[int, int, int, int, int]:
+    """:func:`check_qkv` for K/V that are contiguous (``paged`` None) or paged caches
+    (1, Hkv, n_pages * page_size, E / Ev), which broadcast over the batch (the page table's row says
+    where each sequence's rows live; ``PagedKV.check``). Returns (B, Hq, Lq, E, Lkv), Lkv the call's
+    logical key length (``paged.kv_len`` for a paged cache)."""
+    if paged is None:
+        return (*check_qkv(q, k, v, mask_table, target), k.shape[2])
+    paged.check(k, v, q.shape[0])
+    return (
+        *check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), mask_table, target),
+        paged.kv_len,
+    )
 
 
 SIDES = {

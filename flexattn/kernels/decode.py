@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from flexattn.kernels.block_tables import BlockTables
-from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_call_kv
 from flexattn.kernels.decode_workspace import DecodeWorkspace, decode_workspace
 from flexattn.kernels.device import DeviceLimits, device_limits, dot_precision
 from flexattn.kernels.kernel_choice import DecodeLaunch, DecodeTiles, decode_launch
@@ -545,18 +545,12 @@ def flex_decode(
         )
     target = device_limits(q.device) if target is None else target
     device_table = tables.kv_num_blocks if tables is not None else q
-    if paged is None:
-        B, Hq, Lq, E = check_qkv(q, k, v, device_table, target)
-        Lkv = k.shape[2]
-    else:  # the caches broadcast over the batch (stride 0); the table row says where rows live
-        if tables is None:
-            raise ValueError(
-                "flex_decode: a paged cache needs its BlockTables (from PagedAttention."
-                "convert_logical_block_mask): they keep the rows of unreserved pages out of the softmax."
-            )
-        paged.check(k, v, q.shape[0])
-        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), device_table, target)
-        Lkv = paged.kv_len
+    if paged is not None and tables is None:
+        raise ValueError(
+            "flex_decode: a paged cache needs its BlockTables (from PagedAttention."
+            "convert_logical_block_mask): they keep the rows of unreserved pages out of the softmax."
+        )
+    B, Hq, Lq, E, Lkv = check_call_kv(q, k, v, device_table, target, paged)
     Hkv, Ev = k.shape[1], v.shape[3]
     launch = decode_launch(
         batch=B, q_heads=Hq, kv_heads=Hkv, q_len=Lq, kv_len=Lkv, head_dim=E, v_head_dim=Ev, dtype=q.dtype,

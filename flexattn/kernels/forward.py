@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from flexattn.kernels.block_tables import BlockTables
-from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_call_kv
 from flexattn.kernels.device import (
     DeviceLimits,
     device_limits,
@@ -278,14 +278,11 @@ def flex_forward(
     target = device_limits(q.device) if target is None else target
     options = DEFAULT_OPTIONS if options is None else options
     q_block, kv_block = tables.q_block, tables.kv_block
+    B, Hq, Lq, E, Lkv = check_call_kv(q, k, v, tables.kv_num_blocks, target, paged)
     if paged is None:
-        B, Hq, Lq, E = check_qkv(q, k, v, tables.kv_num_blocks, target)
-        Lkv, page_args, page = k.shape[2], (tables.kv_num_blocks, 0), 0
-    else:  # the caches broadcast over the batch (stride 0); the table row says where rows live
-        paged.check(k, v, q.shape[0])
-        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), tables.kv_num_blocks,
-                                 target)  # fmt: skip
-        Lkv, page_args, page = paged.kv_len, (paged.page_table, paged.page_table.stride(0)), paged.page_size
+        page_args, page = (tables.kv_num_blocks, 0), 0
+    else:
+        page_args, page = (paged.page_table, paged.page_table.stride(0)), paged.page_size
     check_block_tables(tables, "kv", B, Hq, triton.cdiv(Lq, q_block), f"Lq={Lq} with Q_BLOCK={q_block}")
     Hkv, Ev = k.shape[1], v.shape[3]
     out = torch.empty((B, Hq, Lq, Ev), dtype=q.dtype, device=q.device)

@@ -53,7 +53,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from flexattn.kernels.block_tables import BlockTables
-from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
+from flexattn.kernels.checks import block_table_args, check_block_tables, check_call_kv
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
@@ -543,16 +543,13 @@ def gluon_forward(
     target = device_limits(q.device) if target is None else target
     dense = tables is None
     table_source = k if dense else tables.kv_num_blocks
-    if paged is None:
-        B, Hq, Lq, E = check_qkv(q, k, v, table_source, target)
-        Lkv, page, page_args = k.shape[2], 0, None
-    else:  # the caches broadcast over the batch; the table row says where rows live
-        if dense:
-            raise ValueError("the Gluon forward reads paged caches under a block mask (it keeps the softmax "
-                             "off unreserved pages): pass the converted mask's tables")  # fmt: skip
-        paged.check(k, v, q.shape[0])
-        B, Hq, Lq, E = check_qkv(q, *(t.expand(q.shape[0], -1, -1, -1) for t in (k, v)), table_source, target)
-        Lkv, page = paged.kv_len, paged.page_size
+    if paged is not None and dense:
+        raise ValueError("the Gluon forward reads paged caches under a block mask (it keeps the softmax "
+                         "off unreserved pages): pass the converted mask's tables")  # fmt: skip
+    B, Hq, Lq, E, Lkv = check_call_kv(q, k, v, table_source, target, paged)
+    page, page_args = 0, None
+    if paged is not None:
+        page = paged.page_size
         page_args = (paged.page_table, paged.page_table.stride(0), -(-Lkv // page) - 1)
     Hkv = k.shape[1]
     if q.dtype not in (torch.bfloat16, torch.float16) or v.shape[3] != E or E not in (64, 128):
