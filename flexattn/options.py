@@ -15,6 +15,7 @@ import torch
 
 BACKENDS = ("AUTO", "TRITON", "REFERENCE", "CPU")
 PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/hopper/choice.py)
+BACKWARD_KERNELS = ("TRITON", "GLUON")  # the backward (kernels/backward.py, kernels/hopper/backward_ws.py)
 DECODE_MERGES = ("KERNEL", "FUSED")  # how the decode kernel's splits are merged (kernels/decode.py)
 
 # PyTorch spellings that mean the same knob as one of our fields.
@@ -55,6 +56,7 @@ class FlexKernelOptions(TypedDict, total=False):
 
     BACKEND: Literal["AUTO", "TRITON", "REFERENCE", "CPU"]
     PREFILL_KERNEL: Literal["TRITON", "GLUON", "AUTO"] | None
+    BACKWARD_KERNEL: Literal["TRITON", "GLUON"]
     DECODE_MERGE: Literal["KERNEL", "FUSED"]
     BLOCK_M: int
     BLOCK_N: int
@@ -99,8 +101,12 @@ class KernelOptions:
             Gluon forward where it can run at head dim 128 and over paged K/V caches, else Triton's),
             "TRITON" (always Triton's), "GLUON" (the warp-specialized Gluon forward for Hopper,
             ``kernels/hopper/``; an error naming what it lacks where it cannot run) or "AUTO" (Gluon
-            wherever it can run, else Triton). The backward is Triton's either way (it reads the
-            same lse).
+            wherever it can run, else Triton). Either forward's lse serves either backward.
+        BACKWARD_KERNEL: which backward runs: "TRITON" (the default: ``kernels/backward.py``) or
+            "GLUON" (the warp-specialized Gluon backward for Hopper, ``kernels/hopper/backward_ws.py``:
+            dK, dV and dQ in one kernel, dQ summed by fp32 atomics; identity and additive score mods
+            without learnable captures, KV_BLOCK 128; an error naming what it lacks elsewhere, and
+            under ``deterministic``, whose dQ must not depend on the order of atomics).
         DECODE_MERGE: how the split-KV decode kernel combines its key splits: "FUSED" (the default:
             the last split of each tile to finish merges them in the same launch; one launch per
             decode call) or "KERNEL" (a second, merge kernel).
@@ -124,6 +130,7 @@ class KernelOptions:
 
     BACKEND: str = "AUTO"
     PREFILL_KERNEL: str | None = None
+    BACKWARD_KERNEL: str = "TRITON"
     DECODE_MERGE: str = "FUSED"
     BLOCK_M: int | None = None
     BLOCK_N: int | None = None
@@ -148,6 +155,16 @@ class KernelOptions:
             raise ValueError(
                 f"kernel_options['PREFILL_KERNEL'] must be None or one of {PREFILL_KERNELS}, "
                 f"got {self.PREFILL_KERNEL!r}."
+            )
+        if self.BACKWARD_KERNEL not in BACKWARD_KERNELS:
+            raise ValueError(
+                f"kernel_options['BACKWARD_KERNEL'] must be one of {BACKWARD_KERNELS}, "
+                f"got {self.BACKWARD_KERNEL!r}."
+            )
+        if self.BACKWARD_KERNEL == "GLUON" and self.deterministic:
+            raise ValueError(
+                "kernel_options BACKWARD_KERNEL='GLUON' sums dQ with atomics, whose order varies run to run: "
+                "it cannot be deterministic; use BACKWARD_KERNEL='TRITON' with deterministic=True."
             )
         if self.DECODE_MERGE not in DECODE_MERGES:
             raise ValueError(

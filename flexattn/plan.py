@@ -162,6 +162,17 @@ class AttentionPlan:
         ``tiles`` overrides the launch choice (``benchmarks/sweep_tiles.py``)."""
         if self.kv_pages is not None:
             raise ValueError("Paged KV caches are inference only: there is no backward over them.")
+        if self.options.BACKWARD_KERNEL == "GLUON":
+            if tiles is not None:
+                raise ValueError(
+                    "explicit backward tiles are the Triton backward's; BACKWARD_KERNEL='GLUON' takes none"
+                )
+            from flexattn.kernels.hopper.backward_ws import gluon_backward  # Gluon loads only when chosen
+
+            return gluon_backward(
+                query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
+                tables=None if self.dense else self.backward_tables(), scale=self.scale,
+            )  # fmt: skip
         return flex_backward(
             query, key, value, out, lse, dout, dlse, score_mod=self.score_mod, mask_mod=self.mask_mod,
             tables=self.backward_tables(), scale=self.scale, options=self.options,

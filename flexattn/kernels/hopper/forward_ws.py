@@ -57,6 +57,7 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
+from flexattn.kernels.hopper.tile_lists import tile_counts, tile_start
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
 
@@ -115,39 +116,8 @@ def _softmax_step(s, m_i, l_i, q_idx, start, mods, KV_LEN, SCORE_FN: gl.constexp
 
 
 # ---------------------------------------------------------------------------------------------
-# The tile sequence: the q block's partial tiles, then its full tiles (or every tile, dense).
+# The tile sequence (``tile_lists``): the q block's partial tiles, then its full tiles (or every tile, dense).
 # ---------------------------------------------------------------------------------------------
-@gluon.jit
-def _tile_start(lists, pos, FULL: gl.constexpr, SPARSE: gl.constexpr, KV_BLOCK: gl.constexpr,
-                BLOCK_N: gl.constexpr):
-    """First key of the pos-th tile of the partial (FULL False) or full list of this CTA's q block."""
-    if SPARSE:
-        idx_row = lists[3] if FULL else lists[1]
-        TILES_PER_BLOCK: gl.constexpr = KV_BLOCK // BLOCK_N
-        block = gl.load(idx_row + pos // TILES_PER_BLOCK)
-        start = block * KV_BLOCK + (pos % TILES_PER_BLOCK) * BLOCK_N
-    else:
-        start = pos * BLOCK_N
-    return start
-
-
-@gluon.jit
-def _tile_counts(lists, KV_LEN, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, KV_BLOCK: gl.constexpr,
-                 BLOCK_N: gl.constexpr):
-    """(partial tiles, total tiles) of this CTA's q block; dense: (0, every tile)."""
-    if SPARSE:
-        TILES_PER_BLOCK: gl.constexpr = KV_BLOCK // BLOCK_N
-        n_partial = gl.load(lists[0]) * TILES_PER_BLOCK
-        if HAS_FULL:
-            n_tiles = n_partial + gl.load(lists[2]) * TILES_PER_BLOCK
-        else:
-            n_tiles = n_partial
-    else:
-        n_tiles = gl.cdiv(KV_LEN, BLOCK_N)
-        n_partial = n_tiles * 0
-    return n_partial, n_tiles
-
-
 @gluon.jit
 def _tile(smem, i):
     """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
@@ -201,12 +171,12 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, coords, list
     # bytes of one K (V) tile: a box per page when a tile spans pages
     K_BYTES: gl.constexpr = k_desc.block_type.nbytes * (BLOCK_N // k_desc.block_type.shape[2])
     V_BYTES: gl.constexpr = v_desc.block_type.nbytes * (BLOCK_N // v_desc.block_type.shape[2])
-    n_partial, n_tiles = _tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
+    n_partial, n_tiles = tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
     for j in range(n_tiles):
         if j < n_partial:
-            start = _tile_start(lists, j, False, SPARSE, KV_BLOCK, BLOCK_N)
+            start = tile_start(lists, j, False, SPARSE, KV_BLOCK, BLOCK_N)
         else:
-            start = _tile_start(lists, j - n_partial, True, SPARSE, KV_BLOCK, BLOCK_N)
+            start = tile_start(lists, j - n_partial, True, SPARSE, KV_BLOCK, BLOCK_N)
         stage = j % STAGES
         phase = (j // STAGES) & 1
         # a fresh mbarrier counts as having completed phase 1: the first STAGES waits pass
@@ -256,7 +226,7 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, list_offset, 
     for j in range(j_start, j_end):
         stage = j % STAGES
         prev = (j - 1) % STAGES
-        start = _tile_start(lists, j - list_offset, FULL, SPARSE, KV_BLOCK, BLOCK_N)
+        start = tile_start(lists, j - list_offset, FULL, SPARSE, KV_BLOCK, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         _take_turn(turn, CONSUMER, count, PINGPONG)
         s = warpgroup_mma(q, _tile(k_smem, stage).permute((1, 0)),
@@ -304,9 +274,9 @@ def _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_ti
     else:
         first_partial: gl.constexpr = False
     if first_partial:
-        start = _tile_start(lists, 0, False, SPARSE, KV_BLOCK, BLOCK_N)
+        start = tile_start(lists, 0, False, SPARSE, KV_BLOCK, BLOCK_N)
     else:
-        start = _tile_start(lists, 0, True, SPARSE, KV_BLOCK, BLOCK_N)
+        start = tile_start(lists, 0, True, SPARSE, KV_BLOCK, BLOCK_N)
     mbarrier.wait(k_ready.index(0), 0)
     _take_turn(turn, CONSUMER, 0, PINGPONG)
     s = warpgroup_mma(q, _tile(k_smem, 0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
@@ -374,7 +344,7 @@ def _consumer(q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods,
     m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)
     l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-    n_partial, n_tiles = _tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
+    n_partial, n_tiles = tile_counts(lists, KV_LEN, SPARSE, HAS_FULL, KV_BLOCK, BLOCK_N)
     if n_tiles > 0:
         acc, m_i, l_i = _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_tiles,
                                 s_layout, o_layout, p_layout, SCORE_FN, MASK_FN, CONSUMER, BLOCK_N, HEAD_DIM,

@@ -1,0 +1,149 @@
+"""The Gluon Hopper backward (issue #16) against flexattn's Triton backward, torch's compiled flex_attention
+and SDPA, side by side on an sm_90 GPU (bf16, the backward alone).
+
+Per config (B4 H16 L8192 E128, B4 H16 L16384 E64) and variant (noop, causal, ALiBi + causal, sliding
+window 1024, 12 documents), each implementation runs its forward once and the backward is timed
+(``torch.autograd.grad`` over the kept graph, median of ``triton.testing.do_bench``); dq, dk, dv are
+compared with the Triton backward's (relative Frobenius difference, flagged when > 1e-2). TFLOP/s =
+2.5 x 4*B*H*L*L*E x density / time; ratios to the Triton backward, to torch and to cuDNN (noop, causal).
+
+    python benchmarks/spike_gluon_backward.py --json /tmp/gluon_bwd.json
+    python benchmarks/spike_gluon_backward.py --head-dims 128 --variants noop causal --no-torch-flex
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from spike_gluon_forward import _density, mods, rel  # noqa: E402
+
+import flexattn  # noqa: E402
+
+CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
+VARIANTS = ("noop", "causal", "alibi", "sliding", "document")
+WRONG = 1e-2
+
+
+def implementations(q, k, v, variant, torch_flex: bool):
+    """name -> zero-argument forward (its output is differentiated), and the block density."""
+    B, H, L, E = q.shape
+    score_mod, mask_mod = mods(variant, H, L)
+    mask = None if mask_mod is None else flexattn.create_block_mask(mask_mod, None, None, L, L, device="cuda")
+    density = 1.0 if mask is None else _density(mask)
+
+    def ours(backward):
+        options = {"BACKWARD_KERNEL": backward}
+        return lambda: flexattn.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=mask, kernel_options=options
+        )
+
+    impls = {"flexattn-triton": ours("TRITON"), "gluon": ours("GLUON")}
+    if torch_flex:
+        from torch.nn.attention import flex_attention as torch_fa
+
+        compiled = torch.compile(torch_fa.flex_attention)
+        torch_mask = (
+            None
+            if mask_mod is None
+            else torch_fa.create_block_mask(mask_mod, None, None, L, L, device="cuda")
+        )
+        impls["torch-flex-compiled"] = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=torch_mask)
+    if variant in ("noop", "causal"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, backend in (
+            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+        ):
+
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=variant == "causal")
+
+            impls[name] = sdpa
+    return impls, density
+
+
+def run_row(B, H, L, E, variant, torch_flex, rows, json_path):
+    import triton
+
+    label = f"B{B} H{H} L{L} E{E} {variant}"
+    print(f"\n== {label} (bf16, backward)", flush=True)
+    torch.manual_seed(time.time_ns() % 2**31)
+    q, k, v = (
+        torch.randn(B, H, L, E, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    dout = torch.randn_like(q)
+    row = {"config": label, "tflops": {}, "rel_vs_triton": {}, "errors": {}}
+    impls, density = implementations(q, k, v, variant, torch_flex)
+    total = 2.5 * 4 * B * H * L * L * E * density
+    reference = None
+    for name, forward in impls.items():
+        try:
+            out = forward()
+            grads = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+            torch.cuda.synchronize()
+            if reference is None:
+                reference = grads
+            row["rel_vs_triton"][name] = max(rel(g, r) for g, r in zip(grads, reference))
+            del grads
+            ms = triton.testing.do_bench(
+                lambda out=out: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                warmup=25,
+                rep=100,
+                return_mode="median",
+            )
+            row["tflops"][name] = total / ms / 1e9
+            del out
+        except Exception as exc:  # one implementation's failure ends its cell, not the run
+            row["errors"][name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"  {name:22s} ERROR {row['errors'][name]}", flush=True)
+    base, anchor, cudnn = (
+        row["tflops"].get(n) for n in ("flexattn-triton", "torch-flex-compiled", "sdpa-cudnn")
+    )
+    for name, tf in row["tflops"].items():
+        ratios = (f"  {tf / base:5.2f}x triton" if base else "") + (
+            f"  {tf / anchor:5.2f}x torch" if anchor else ""
+        )
+        ratios += f"  {tf / cudnn:5.2f}x cuDNN" if cudnn else ""
+        err = row["rel_vs_triton"][name]
+        flag = "  !!!! WRONG !!!!" if err > WRONG else ""
+        print(f"  {name:22s} {tf:7.1f} TFLOP/s{ratios}  rel {err:.1e}{flag}", flush=True)
+    rows.append(row)
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the rows here (after every row)")
+    parser.add_argument("--no-torch-flex", action="store_true")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
+    parser.add_argument("--watchdog", type=float, default=560.0, help="exit after this many seconds")
+    args = parser.parse_args()
+    start = time.time()
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    rows: list = []
+    for B, H, L, E in CONFIGS:
+        if E in args.head_dims:
+            for variant in args.variants:
+                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json)
+    print(f"\ntotal {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The tile sequence of one row of a BlockMask's lists, as the Gluon kernels walk it.
+
+A row (one q block of the kv-side tables in the forward, one kv block of the q-side tables in the
+backward) lists its partial blocks, then its full blocks; a kernel visits them in tiles of ``TILE``
+positions (``SPARSE_BLOCK // TILE`` tiles per listed block). ``lists`` is the row's four pointers:
+(partial count, partial indices, full count, full indices). Without a block mask (``SPARSE`` False)
+the row is every tile of a ``LEN``-long axis, all full.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+
+# fmt: off
+@gluon.jit
+def tile_start(lists, pos, FULL: gl.constexpr, SPARSE: gl.constexpr, SPARSE_BLOCK: gl.constexpr,
+               TILE: gl.constexpr):
+    """First position of the pos-th tile of the row's partial (FULL False) or full list."""
+    if SPARSE:
+        idx_row = lists[3] if FULL else lists[1]
+        TILES_PER_BLOCK: gl.constexpr = SPARSE_BLOCK // TILE
+        block = gl.load(idx_row + pos // TILES_PER_BLOCK)
+        start = block * SPARSE_BLOCK + (pos % TILES_PER_BLOCK) * TILE
+    else:
+        start = pos * TILE
+    return start
+
+
+@gluon.jit
+def tile_counts(lists, LEN, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr, SPARSE_BLOCK: gl.constexpr,
+                TILE: gl.constexpr):
+    """(partial tiles, total tiles) of the row; dense: (0, every tile of LEN positions)."""
+    if SPARSE:
+        TILES_PER_BLOCK: gl.constexpr = SPARSE_BLOCK // TILE
+        n_partial = gl.load(lists[0]) * TILES_PER_BLOCK
+        if HAS_FULL:
+            n_tiles = n_partial + gl.load(lists[2]) * TILES_PER_BLOCK
+        else:
+            n_tiles = n_partial
+    else:
+        n_tiles = gl.cdiv(LEN, TILE)
+        n_partial = n_tiles * 0
+    return n_partial, n_tiles
+# fmt: on
