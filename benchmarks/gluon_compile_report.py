@@ -1,4 +1,5 @@
-"""Compile the Gluon Hopper forward (``flexattn/kernels/hopper/forward_ws.py``) for sm_90a without a GPU.
+"""Compile the Gluon Hopper forward (``flexattn/kernels/hopper/forward_ws.py``) and backward
+(``backward_ws.py``, ``--backward``) for sm_90a without a GPU.
 
 The sibling of ``compile_report.py`` for Gluon kernels: the same stub driver names an H100/H200
 target (sm_90a), Triton's ``warmup`` compiles the kernel without launching it, and this prints
@@ -13,6 +14,7 @@ with flexattn's compiled mods: ``causal``, ``sliding``, ``document``, ``alibi`` 
     python benchmarks/gluon_compile_report.py                       # every head dim x variant, default tiles
     python benchmarks/gluon_compile_report.py --head-dim 128 --variant causal --stages 3
     python benchmarks/gluon_compile_report.py --head-dim 64 --variant noop --consumers 2 --no-v-fence
+    python benchmarks/gluon_compile_report.py --backward --head-dim 128 --variant causal --length 1024
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import flexattn.compiler as mod_compiler  # noqa: E402
 import flexattn.variants as V  # noqa: E402
 from flexattn.block_mask import create_block_mask  # noqa: E402
 from flexattn.kernels.device import DeviceLimits  # noqa: E402
+from flexattn.kernels.hopper.backward_ws import gluon_backward  # noqa: E402
 from flexattn.kernels.hopper.choice import HEAD_DIMS, hopper_tiles  # noqa: E402
 from flexattn.kernels.hopper.forward_ws import gluon_forward  # noqa: E402
 from flexattn.kernels.paged_kv import PagedKV  # noqa: E402
@@ -99,6 +102,28 @@ def compile_variant(
         )  # fmt: skip
 
 
+def compile_backward(
+    head_dim: int, variant: str = "noop", dtype=torch.bfloat16, q_heads=2, kv_heads=1, length=LENGTH, **launch
+):  # fmt: skip
+    """The compiled Gluon backward for one head dim and variant (GQA 2, Lq = Lkv = ``length``);
+    ``launch``: ``gluon_backward``'s keywords (stages, shared_ds, vec4, consumer_regs, ...).
+    Variants with a non-additive score mod (soft-cap) are refused by the launcher."""
+    score, mask = VARIANTS[variant](q_heads)
+    q = torch.zeros(1, q_heads, length, head_dim, dtype=dtype)
+    kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
+    lse = torch.zeros(1, q_heads, length)
+    tables = None
+    if mask is not None:
+        tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
+    score_mod = mod_compiler.compile_score_mod(score, target="cuda")
+    mask_mod = mod_compiler.compile_mask_mod(mask, target="cuda")
+    with stub_driver():
+        return gluon_backward(
+            q, kv, kv, q, lse, q, None, score_mod=score_mod, mask_mod=mask_mod, tables=tables,
+            scale=head_dim**-0.5, target=H100, warmup=True, **launch,
+        )  # fmt: skip
+
+
 def instructions(kernel) -> dict:
     """Counts of Hopper instructions in the PTX and SASS, and the setmaxnreg values."""
     ptx = kernel.asm["ptx"]
@@ -136,6 +161,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--length", type=int, default=LENGTH, help="a multiple of 128: no tail paths")
     parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="K/V in a paged cache")
+    parser.add_argument("--backward", action="store_true", help="the Gluon backward (not soft-cap)")
+    parser.add_argument("--per-warpgroup-dq", action="store_true", help="backward: shared_ds=False")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     tiles = {"stages": args.stages, "consumers": args.consumers}
@@ -146,6 +173,17 @@ def main(argv=None) -> None:
         tiles["v_fence"] = False
     head_dims = [args.head_dim] if args.head_dim else list(HEAD_DIMS)
     variants = [args.variant] if args.variant else list(VARIANTS)
+    if args.backward:
+        launch = {"stages": args.stages} if args.stages else {}
+        if args.per_warpgroup_dq:
+            launch["shared_ds"] = False
+        for head_dim in head_dims:
+            for variant in [v for v in variants if v != "softcap"]:
+                kernel = compile_backward(head_dim, variant, dtype, length=args.length, **launch)
+                print(
+                    f"backward E{head_dim} {variant:9s} {launch or 'default'}: {report(kernel)}", flush=True
+                )
+        return
     for head_dim in head_dims:
         for variant in variants:
             kernel = compile_variant(head_dim, variant, dtype, length=args.length, page=args.paged, **tiles)

@@ -136,6 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     faulthandler.dump_traceback_later(args.watchdog, exit=True)
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False  # compiled backwards timed over a retained graph
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
     for B, H, L, E in CONFIGS:
