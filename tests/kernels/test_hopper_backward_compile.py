@@ -104,3 +104,35 @@ def test_backward_launcher_refuses_other_gpus():
     with pytest.raises(ValueError, match="sm_90"):
         gluon_backward(q, q, q, q, torch.zeros(1, 2, 256), q, None, **_mods(), tables=None, scale=0.125,
                        target=DeviceLimits((8, 0), 166912), warmup=True)  # fmt: skip
+
+
+def test_a_ptxas_failure_of_the_shared_ds_form_is_remembered_and_the_per_warpgroup_form_runs(monkeypatch):
+    # Triton does not cache a failed build: without the memory every call would run ptxas again
+    import triton
+
+    import flexattn.kernels.hopper.backward_ws as bw
+
+    built = []
+
+    class Kernel:  # stands in for the jit kernel: the shared-dS build "crashes ptxas"
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                built.append(meta["SHARED_DS"])
+                if meta["SHARED_DS"]:
+                    raise triton.runtime.errors.PTXASError("ptxas died with SIGSEGV")
+
+            return launch
+
+    class Preprocess:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: None
+
+    monkeypatch.setattr(bw, "_gluon_backward_kernel", Kernel())
+    monkeypatch.setattr(bw, "_bwd_preprocess", Preprocess())
+    monkeypatch.setattr(bw, "PTXAS_FAILURES", set())
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    for _ in range(3):
+        dq, dk, dv = gluon_backward(q, q, q, q, torch.zeros(1, 2, 256), q, None, **_mods(), tables=None,
+                                    scale=0.125, target=H100)  # fmt: skip
+        assert dq.shape == q.shape and dk.shape == q.shape
+    assert built == [True, False, False, False]

@@ -59,6 +59,8 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 64  # query rows per step
 KEYS = 64  # keys per consumer warpgroup (wgmma's M)
 CTA_KEYS = 2 * KEYS
+# launches whose shared-dS build crashed ptxas (see gluon_backward): they take the per-warpgroup form
+PTXAS_FAILURES: set[tuple] = set()
 
 
 # fmt: off
@@ -487,14 +489,19 @@ def gluon_backward(
         out, dout, lse, delta if dlse is None else dlse, delta, lse2, out.stride(), dout.stride(), Hq, Lq,
         rows, E, BLOCK=64, EV_PAD=E, HAS_DLSE=dlse is not None,
     )  # fmt: skip
+    # ptxas (Triton 3.6's, sm_90a) segfaults on the shared-dS form for some E128 mods (a toolchain
+    # failure, reproducible without a GPU: benchmarks/gluon_compile_report.py --backward); the
+    # per-warpgroup form computes the same gradients with twice the dQ atomics. A failed build is not
+    # cached by Triton, so the failure is remembered here (else every call would run ptxas again).
+    failure_key = (bias_fn, mask_mod.fn, q.dtype, tuple(sorted(meta.items())))
+    if meta["SHARED_DS"] and failure_key in PTXAS_FAILURES:
+        meta["SHARED_DS"] = False
     try:
         _gluon_backward_kernel[grid](*args, **meta)
     except triton.runtime.errors.PTXASError:
         if not meta["SHARED_DS"]:
             raise
-        # ptxas (CUDA 13's, sm_90a) crashes on the shared-dS form for some E128 mods with tails (a
-        # toolchain failure, reproducible without a GPU: benchmarks/gluon_compile_report.py --backward);
-        # the per-warpgroup form computes the same gradients with twice the dQ atomics
+        PTXAS_FAILURES.add(failure_key)
         meta["SHARED_DS"] = False
         _gluon_backward_kernel[grid](*args, **meta)
     dq.copy_(dq_acc[:, :, :Lq].mul_(scale))
