@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ import torch
 
 from flexattn.block_mask import BlockMask, noop_mask
 from flexattn.mod_eval import check_mod
-from flexattn.options import KernelOptions, fast_math_for
+from flexattn.options import KernelOptions, KernelOptionsWarning, fast_math_for
 from flexattn.reference import reference_attention
 
 if TYPE_CHECKING:  # (the kernels load on first use)
@@ -36,18 +37,21 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
         'CPU'
     """
     if options.BACKEND == "REFERENCE":
-        return "REFERENCE"
+        return _no_kernel_options("REFERENCE", options, "kernel_options BACKEND='REFERENCE'")
     if options.BACKEND == "AUTO":
         if dtype == torch.float64:
-            return "REFERENCE"
-        return {"cuda": "TRITON", "cpu": "CPU"}.get(device.type, "REFERENCE")
+            return _no_kernel_options("REFERENCE", options, "float64 inputs")
+        backend = {"cuda": "TRITON", "cpu": "CPU"}.get(device.type, "REFERENCE")
+        return (
+            backend if backend == "TRITON" else _no_kernel_options(backend, options, f"tensors on {device}")
+        )
     if options.BACKEND == "CPU":
         if device.type != "cpu":
             raise ValueError(
                 f"kernel_options={{'BACKEND': 'CPU'}} needs CPU tensors, but query is on {device}. "
                 "Move the tensors with .cpu(), or use BACKEND 'AUTO'."
             )
-        return "CPU"
+        return _no_kernel_options("CPU", options, "kernel_options BACKEND='CPU'")
     if dtype == torch.float64:
         raise ValueError(
             "kernel_options={'BACKEND': 'TRITON'}: the Triton kernels take fp16, bf16 or fp32, but the "
@@ -60,6 +64,24 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
             "Python to run the kernels in Triton's (slow) interpreter, or use BACKEND 'AUTO'/'REFERENCE'."
         )
     return "TRITON"
+
+
+def _no_kernel_options(backend: str, options: KernelOptions, why: str) -> str:
+    """``backend`` ("CPU" or "REFERENCE"); where the call sets options only the GPU kernels read, a
+    ``KernelOptionsWarning`` first (they do nothing here, and ignoring them silently would hide that;
+    an error would break code that passes the same options on every device, as PyTorch's examples do)."""
+    changed = options.kernel_only_changes()
+    if changed:
+        values = ", ".join(f"{name}={getattr(options, name)!r}" for name in changed)
+        warnings.warn(
+            f"kernel_options {values} configure the GPU kernels, but this call runs the {backend} backend "
+            f"({why}), which has no such knobs: they do nothing here. Pass them only for CUDA tensors "
+            "(`options if q.is_cuda else None`), or run the kernels (CUDA tensors, or BACKEND 'TRITON' with "
+            "TRITON_INTERPRET=1 on CPU).",
+            KernelOptionsWarning,
+            stacklevel=2,
+        )
+    return backend
 
 
 def check_call(score_mod, mask_mod, kernel_options, device, dtype) -> tuple[str, tuple]:

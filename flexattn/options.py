@@ -18,6 +18,22 @@ PREFILL_KERNELS = ("TRITON", "GLUON", "AUTO")  # the prefill forward (kernels/ho
 BACKWARD_KERNELS = ("TRITON", "GLUON")  # the backward (kernels/backward.py, kernels/hopper/backward_ws.py)
 DECODE_MERGES = ("KERNEL", "FUSED")  # how the decode kernel's splits are merged (kernels/decode.py)
 
+# Fields only the GPU kernels (Triton, Gluon; Triton's interpreter too) read: the CPU and reference
+# backends warn when they are set (KernelOptions.kernel_only_changes, KernelOptionsWarning). The
+# others (BACKEND, fast_math, deterministic, ROWS_GUARANTEED_SAFE) mean the same on every backend.
+KERNEL_ONLY = (
+    "PREFILL_KERNEL", "BACKWARD_KERNEL", "DECODE_MERGE", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+    "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2", "bwd_num_warps", "bwd_num_stages",
+    "USE_TMA", "autotune",
+)  # fmt: skip
+
+
+class KernelOptionsWarning(UserWarning):
+    """A call set kernel options that the backend it runs does not read (GPU-kernel knobs on a CPU or
+    reference call): they do nothing there. ``warnings.filterwarnings("error", category=...)`` makes
+    it an error; "ignore" silences it."""
+
+
 # PyTorch spellings that mean the same knob as one of our fields.
 _ALIASES = {
     "fwd_BLOCK_M": "BLOCK_M",
@@ -191,6 +207,12 @@ class KernelOptions:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"kernel_options['{name}'] must be a bool, got {getattr(self, name)!r}.")
+
+    def kernel_only_changes(self) -> list[str]:
+        """The options set away from their defaults that only the Triton/Gluon kernels read (tiles,
+        launch parameters, kernel choices): a call that runs the CPU or reference backend warns about
+        them (``dispatch.choose_backend``, ``KernelOptionsWarning``) rather than ignore them."""
+        return [name for name in KERNEL_ONLY if getattr(self, name) != getattr(_DEFAULT, name)]
 
     @classmethod
     def from_user(
