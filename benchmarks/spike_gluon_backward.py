@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from spike_gluon_forward import _density, mods, rel  # noqa: E402
+from spike_gluon_forward import _density, mods, rel, sdpa_impls  # noqa: E402
 
 import flexattn  # noqa: E402
 
@@ -60,19 +59,7 @@ def implementations(q, k, v, variant, torch_flex: bool):
             else torch_fa.create_block_mask(mask_mod, None, None, L, L, device="cuda")
         )
         impls["torch-flex-compiled"] = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=torch_mask)
-    if variant in ("noop", "causal"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        for name, backend in (
-            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
-            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-        ):
-
-            def sdpa(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=variant == "causal")
-
-            impls[name] = sdpa
+    impls.update(sdpa_impls(q, k, v, variant))
     return impls, density
 
 

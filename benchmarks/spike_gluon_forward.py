@@ -97,20 +97,28 @@ def implementations(q, k, v, variant, torch_flex: bool) -> tuple[dict, float]:
         if mask_mod is not None:
             torch_mask = torch_fa.create_block_mask(mask_mod, None, None, L, L, device="cuda")
         impls["torch-flex-compiled"] = lambda: compiled(q, k, v, score_mod=score_mod, block_mask=torch_mask)
-    if variant in ("noop", "causal"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        for name, backend in (
-            ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
-            ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-        ):
-
-            def sdpa(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=variant == "causal")
-
-            impls[name] = sdpa
+    impls.update(sdpa_impls(q, k, v, variant))
     return impls, density
+
+
+def sdpa_impls(q, k, v, variant: str) -> dict:
+    """SDPA's cuDNN and flash kernels for the variants SDPA can express (noop, causal), else none."""
+    if variant not in ("noop", "causal"):
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    impls = {}
+    for name, backend in (
+        ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+    ):
+
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=variant == "causal")
+
+        impls[name] = sdpa
+    return impls
 
 
 def _density(mask) -> float:

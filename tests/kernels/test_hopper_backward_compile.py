@@ -9,12 +9,6 @@ the launcher refuses what it cannot run. Correctness and speed are measured on t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -22,8 +16,8 @@ from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.hopper.backward_ws import gluon_backward
 from flexattn.variants import tanh_softcap
+from tests.kernels.hopper_cases import compile_in_child
 
-ROOT = Path(__file__).resolve().parents[2]
 H100 = DeviceLimits((9, 0), 232448)
 # (name, head dim, variant, length, shared_ds): dense and block-table kernels, tails (1000)
 CASES = [
@@ -51,15 +45,7 @@ print("ROWS=" + json.dumps(rows))
 @pytest.fixture(scope="module")
 def compiled_rows() -> dict:
     """Every case of CASES compiled for sm_90a (one child process: real compiles, no interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(
-        next(x for x in done.stdout.splitlines() if x.startswith("ROWS=")).removeprefix("ROWS=")
-    )
+    return compile_in_child(_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("name", [case[0] for case in CASES])

@@ -10,12 +10,6 @@ GPU (tests/kernels/test_hopper_forward_gpu.py, benchmarks/spike_gluon_forward.py
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,8 +17,8 @@ from flexattn.compiler import compile_mask_mod, compile_score_mod
 from flexattn.kernels.device import DeviceLimits
 from flexattn.kernels.hopper.forward_ws import gluon_forward
 from flexattn.kernels.paged_kv import PagedKV
+from tests.kernels.hopper_cases import compile_in_child
 
-ROOT = Path(__file__).resolve().parents[2]
 H100_SHARED_MEMORY = 232448  # opt-in shared memory per block on sm_90
 # (name, head dim, variant, length): no block mask with three consumers (E64) and two (E128); block
 # tables (partial + full lists) with the compiled causal / document / ALiBi mods; lengths of 1000
@@ -59,15 +53,7 @@ print("ROWS=" + json.dumps(rows))
 @pytest.fixture(scope="module")
 def compiled_rows() -> dict:
     """Every case of CASES compiled for sm_90a (one child process: real compiles, no interpreter)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, json.dumps(CASES)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(
-        next(x for x in done.stdout.splitlines() if x.startswith("ROWS=")).removeprefix("ROWS=")
-    )
+    return compile_in_child(_SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("name", [case[0] for case in CASES])

@@ -11,35 +11,12 @@ import pytest
 import torch
 
 from flexattn import AuxRequest, create_block_mask, flex_attention
-from flexattn import variants as V
 from tests.helpers import DTYPE_IDS, Shape, assert_close_to_gold, gold_and_eager, make_qkv
+from tests.kernels.hopper_cases import SM90_GPU, variant
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-        reason="needs an sm_90 GPU",
-    ),
-]
+pytestmark = SM90_GPU
 GLUON, TRITON = {"PREFILL_KERNEL": "GLUON"}, {"PREFILL_KERNEL": "TRITON"}
-
-
-def _variant(name: str, shape: Shape):
-    """(score_mod, mask_mod or None) of a named variant for this shape."""
-    L = max(shape.Lq, shape.lkv)
-    return {
-        "noop": (None, None),
-        "causal": (None, V.causal()),
-        "sliding": (None, V.sliding_window(300)),
-        "document": (None, V.document_mask(torch.arange(L, device="cuda") * 7 // L)),
-        "alibi": (V.alibi(shape.Hq, device="cuda"), V.causal()),
-        "softcap": (V.tanh_softcap(20.0), V.causal()),
-        "late-rows": (
-            None,
-            lambda b, h, q_idx, kv_idx: q_idx >= shape.Lq // 3,
-        ),  # empty rows: out 0, lse -inf
-        "nothing": (None, lambda b, h, q_idx, kv_idx: q_idx < 0),  # no block listed at all
-    }[name]
+_variant = variant
 
 
 def _run(q, k, v, score_mod, mask, options):

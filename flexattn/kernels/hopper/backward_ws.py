@@ -52,7 +52,7 @@ from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
-from flexattn.kernels.hopper.tile_lists import tile_counts, tile_start
+from flexattn.kernels.hopper.tile_lists import ring_tile, tile_counts, tile_start
 from flexattn.kernels.mods import KernelMod
 
 LOG2E = 1.4426950408889634
@@ -64,12 +64,6 @@ PTXAS_FAILURES: set[tuple] = set()
 
 
 # fmt: off
-@gluon.jit
-def _tile2d(smem, i):
-    """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
-    return smem.index(i).reshape([smem.shape[3], smem.shape[4]])
-
-
 @gluon.jit
 def _head_lists(tables, b, hq, pid_n, SPARSE: gl.constexpr, MASK_PER_BATCH: gl.constexpr,
                 MASK_PER_HEAD: gl.constexpr):
@@ -152,8 +146,8 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     W: gl.constexpr = k_w.shape[0]
     stage = it % STAGES
     phase = (it // STAGES) & 1
-    q_t = _tile2d(q_smem, stage)
-    do_t = _tile2d(do_smem, stage)
+    q_t = ring_tile(q_smem, stage)
+    do_t = ring_tile(do_smem, stage)
     cols = start_m + gl.arange(0, M, layout=gl.SliceLayout(0, s_layout))
     lse2 = gl.load(LSE2 + row0 + cols)  # padded to ROWS: no masks
 
@@ -214,7 +208,7 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
                 dq = gl.zeros([M, HALF], gl.float32, dq_layout)
                 for w in gl.static_range(2):
                     dq = warpgroup_mma(ds_smem.index(2 * slot + w).permute((1, 0)),
-                                       _tile2d(k_smem, w).slice(part * HALF, HALF, dim=1), dq, is_async=True)
+                                       ring_tile(k_smem, w).slice(part * HALF, HALF, dim=1), dq, is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 if part == DQ_SPLIT - 1:
                     mbarrier.arrive(ds_empty.index(slot), count=1)
@@ -266,8 +260,8 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
     kv_idx = kv_pos
     if CHECK_N:
         kv_idx = gl.minimum(kv_pos, KV_LEN - 1)
-    k_w = _tile2d(k_smem, CONSUMER)
-    v_w = _tile2d(v_smem, CONSUMER)
+    k_w = ring_tile(k_smem, CONSUMER)
+    v_w = ring_tile(v_smem, CONSUMER)
     mbarrier.wait(kv_ready, 0)
 
     state = (gl.zeros([W, HEAD_DIM], gl.float32, acc_layout), gl.zeros([W, HEAD_DIM], gl.float32, acc_layout))

@@ -57,7 +57,7 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
-from flexattn.kernels.hopper.tile_lists import tile_counts, tile_start
+from flexattn.kernels.hopper.tile_lists import ring_tile, tile_counts, tile_start
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
 
@@ -118,12 +118,6 @@ def _softmax_step(s, m_i, l_i, q_idx, start, mods, KV_LEN, SCORE_FN: gl.constexp
 # ---------------------------------------------------------------------------------------------
 # The tile sequence (``tile_lists``): the q block's partial tiles, then its full tiles (or every tile, dense).
 # ---------------------------------------------------------------------------------------------
-@gluon.jit
-def _tile(smem, i):
-    """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
-    return smem.index(i).reshape([smem.shape[3], smem.shape[4]])
-
-
 # ---------------------------------------------------------------------------------------------
 # Producer: TMA loads into the ring.
 # ---------------------------------------------------------------------------------------------
@@ -229,10 +223,10 @@ def _consumer_loop(state, q, k_smem, v_smem, bars, j_start, j_end, list_offset, 
         start = tile_start(lists, j - list_offset, FULL, SPARSE, KV_BLOCK, BLOCK_N)
         mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
         _take_turn(turn, CONSUMER, count, PINGPONG)
-        s = warpgroup_mma(q, _tile(k_smem, stage).permute((1, 0)),
+        s = warpgroup_mma(q, ring_tile(k_smem, stage).permute((1, 0)),
                           gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False, is_async=True)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, _tile(v_smem, prev), acc, is_async=True)
+        acc = warpgroup_mma(p_op, ring_tile(v_smem, prev), acc, is_async=True)
         _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
         count += 1
         if CHECK_TAIL:  # tail tiles (a few per row): P V done first, its operand's registers free
@@ -279,7 +273,7 @@ def _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_ti
         start = tile_start(lists, 0, True, SPARSE, KV_BLOCK, BLOCK_N)
     mbarrier.wait(k_ready.index(0), 0)
     _take_turn(turn, CONSUMER, 0, PINGPONG)
-    s = warpgroup_mma(q, _tile(k_smem, 0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
+    s = warpgroup_mma(q, ring_tile(k_smem, 0).permute((1, 0)), gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout),
                       use_acc=False, is_async=True)
     _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
     s = warpgroup_mma_wait(0, deps=(s,))
@@ -308,7 +302,7 @@ def _attend(q, k_smem, v_smem, bars, lists, q_idx, mods, KV_LEN, n_partial, n_ti
     last = (n_tiles - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
     _take_turn(turn, CONSUMER, count, PINGPONG)
-    acc = warpgroup_mma(p_op, _tile(v_smem, last), acc, is_async=True)
+    acc = warpgroup_mma(p_op, ring_tile(v_smem, last), acc, is_async=True)
     _pass_turn(turn, CONSUMER, PINGPONG, NUM_CONSUMERS)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
@@ -338,7 +332,7 @@ def _consumer(q_smem, k_smem, v_smem, bars, outs, coords, lists, lens, mods,
     if CHECK_M:
         q_pos = gl.minimum(q_pos, Q_LEN - 1)  # rows past Q_LEN: in range for the mods, never stored
     q_idx = gl.expand_dims(q_pos, 1)  # [BLOCK_M, 1]
-    q = _tile(q_smem, CONSUMER)
+    q = ring_tile(q_smem, CONSUMER)
     mbarrier.wait(q_ready.index(CONSUMER), 0)
 
     m_i = gl.full([BLOCK_M], -float("inf"), gl.float32, row_layout)

@@ -1,4 +1,5 @@
-"""The tile sequence of one row of a BlockMask's lists, as the Gluon kernels walk it.
+"""The tile sequence of one row of a BlockMask's lists, as the Gluon kernels walk it, and the view of
+one buffer of their shared-memory rings.
 
 A row (one q block of the kv-side tables in the forward, one kv block of the q-side tables in the
 backward) lists its partial blocks, then its full blocks; a kernel visits them in tiles of ``TILE``
@@ -14,6 +15,12 @@ from triton.experimental.gluon import language as gl
 
 
 # fmt: off
+@gluon.jit
+def ring_tile(smem, i):
+    """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
+    return smem.index(i).reshape([smem.shape[3], smem.shape[4]])
+
+
 @gluon.jit
 def tile_start(lists, pos, FULL: gl.constexpr, SPARSE: gl.constexpr, SPARSE_BLOCK: gl.constexpr,
                TILE: gl.constexpr):
