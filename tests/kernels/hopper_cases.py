@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from flexattn import flex_attention
 from flexattn import variants as V
-from tests.helpers import Shape
+from tests.helpers import Shape, assert_close_to_gold, gold_and_eager
 
 ROOT = Path(__file__).resolve().parents[2]
 # a GPU test that needs an sm_90 GPU (the Gluon kernels are written for it)
@@ -56,3 +57,27 @@ def compile_in_child(script: str, cases: list) -> dict:
     return json.loads(
         next(x for x in done.stdout.splitlines() if x.startswith("ROWS=")).removeprefix("ROWS=")
     )
+
+
+def assert_gradients_match(q, k, v, shape: Shape, score_mod, mask, options: dict, baseline: dict) -> None:
+    """dq, dk, dv of flex_attention with ``options`` against the float64 reference (the three-way rule)
+    and against the same call with ``baseline`` options (max difference under 5% of the baseline's
+    largest gradient). q, k, v require grad; GQA as ``shape`` says (the reference runs on repeated
+    kv heads, whose gradients are summed back per group)."""
+    dout = torch.randn_like(q)
+    grads = []
+    for kernel_options in (options, baseline):
+        out = flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, kernel_options=kernel_options
+        )
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    group = shape.Hq // shape.hkv
+    kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_() for t in (k, v))
+    gold, eager = gold_and_eager(q, kr, vr, score_mod=score_mod, block_mask=mask, dout=dout)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        g, e = gold.grads[i], eager.grads[i]
+        if i:
+            g, e = (t.unflatten(1, (shape.hkv, group)).sum(2) for t in (g, e))
+        assert_close_to_gold(grads[0][i], g, e, name=name)
+        diff = (grads[0][i].float() - grads[1][i].float()).abs().max().item()
+        assert diff < 5e-2 * grads[1][i].float().abs().max().item(), (name, diff)

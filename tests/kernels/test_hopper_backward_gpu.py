@@ -12,8 +12,8 @@ import torch
 
 from flexattn import create_block_mask, flex_attention
 from flexattn import variants as V
-from tests.helpers import DTYPE_IDS, Shape, assert_close_to_gold, gold_and_eager, make_qkv
-from tests.kernels.hopper_cases import SM90_GPU, variant
+from tests.helpers import DTYPE_IDS, Shape, make_qkv
+from tests.kernels.hopper_cases import SM90_GPU, assert_gradients_match, variant
 
 pytestmark = SM90_GPU
 GLUON, TRITON = {"BACKWARD_KERNEL": "GLUON"}, {"BACKWARD_KERNEL": "TRITON"}
@@ -44,23 +44,7 @@ def test_gluon_backward_matches_the_reference_and_the_triton_backward(name, shap
         if mask_mod is None
         else create_block_mask(mask_mod, None, None, shape.Lq, shape.lkv, device="cuda")
     )
-    dout = torch.randn_like(q)
-    grads = {}
-    for label, options in (("gluon", GLUON), ("triton", TRITON)):
-        out = flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, kernel_options=options
-        )
-        grads[label] = torch.autograd.grad(out, (q, k, v), dout)
-    group = shape.Hq // shape.hkv
-    kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_() for t in (k, v))
-    gold, eager = gold_and_eager(q, kr, vr, score_mod=score_mod, block_mask=mask, dout=dout)
-    for i, grad_name in enumerate(("dq", "dk", "dv")):
-        g, e = gold.grads[i], eager.grads[i]
-        if i:  # the reference ran on repeated kv heads: sum each group back to its kv head
-            g, e = (t.unflatten(1, (shape.hkv, group)).sum(2) for t in (g, e))
-        assert_close_to_gold(grads["gluon"][i], g, e, name=grad_name)
-        diff = (grads["gluon"][i].float() - grads["triton"][i].float()).abs().max().item()
-        assert diff < 5e-2 * grads["triton"][i].float().abs().max().item(), (grad_name, diff)
+    assert_gradients_match(q, k, v, shape, score_mod, mask, GLUON, TRITON)
 
 
 def test_gluon_backward_refuses_what_it_cannot_run():

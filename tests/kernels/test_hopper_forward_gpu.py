@@ -12,7 +12,7 @@ import torch
 
 from flexattn import AuxRequest, create_block_mask, flex_attention
 from tests.helpers import DTYPE_IDS, Shape, assert_close_to_gold, gold_and_eager, make_qkv
-from tests.kernels.hopper_cases import SM90_GPU, variant
+from tests.kernels.hopper_cases import SM90_GPU, assert_gradients_match, variant
 
 pytestmark = SM90_GPU
 GLUON, TRITON = {"PREFILL_KERNEL": "GLUON"}, {"PREFILL_KERNEL": "TRITON"}
@@ -80,20 +80,4 @@ def test_the_triton_backward_after_a_gluon_forward(name, shape):
     q, k, v = make_qkv(shape, torch.bfloat16, "cuda", requires_grad=True)
     score_mod, mask_mod = _variant(name, shape)
     mask = create_block_mask(mask_mod, None, None, shape.Lq, shape.lkv, device="cuda")
-    dout = torch.randn_like(q)
-    grads = {}
-    for label, options in (("gluon", GLUON), ("triton", TRITON)):
-        out = flex_attention(
-            q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, kernel_options=options
-        )
-        grads[label] = torch.autograd.grad(out, (q, k, v), dout)
-    group = shape.Hq // shape.hkv
-    kr, vr = (t.detach().repeat_interleave(group, 1).requires_grad_() for t in (k, v))
-    gold, eager = gold_and_eager(q, kr, vr, score_mod=score_mod, block_mask=mask, dout=dout)
-    for i, name_ in enumerate(("dq", "dk", "dv")):
-        g, e = gold.grads[i], eager.grads[i]
-        if i:  # the reference ran on repeated kv heads: sum each group back to its kv head
-            g, e = (t.unflatten(1, (shape.hkv, group)).sum(2) for t in (g, e))
-        assert_close_to_gold(grads["gluon"][i], g, e, name=name_)
-        diff = (grads["gluon"][i].float() - grads["triton"][i].float()).abs().max().item()
-        assert diff < 5e-2 * grads["triton"][i].float().abs().max().item(), (name_, diff)
+    assert_gradients_match(q, k, v, shape, score_mod, mask, GLUON, TRITON)
