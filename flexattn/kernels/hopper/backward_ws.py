@@ -53,6 +53,7 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
 from flexattn.kernels.hopper.tile_lists import ring_tile, tile_counts, tile_start
+from flexattn.kernels.hopper.tma_reduce import tma_add
 from flexattn.kernels.mods import KernelMod
 
 LOG2E = 1.4426950408889634
@@ -136,7 +137,7 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
           Q_LEN, KV_LEN, s_layout: gl.constexpr, acc_layout: gl.constexpr, op_layout: gl.constexpr,
           BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, APPLY_MASK: gl.constexpr, CHECK_M: gl.constexpr,
           CHECK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr,
-          SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr):
+          SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
     """One q tile of BLOCK_M rows starting at start_m (ring slot ``it``): dV, dK += and dQ atomics."""
     dk, dv = state
     kv_ready, q_ready, q_empty, do_ready, do_empty, ds_full, ds_empty = bars
@@ -193,11 +194,14 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     dv = warpgroup_mma_wait(1, deps=(dv,))  # P^T's operand registers free before dQ's accumulator is live
     if SHARED_DS:
         mbarrier.arrive(ds_full.index(slot), count=1)
-    DQ_SPLIT: gl.constexpr = HEAD_DIM // 64
-    HALF: gl.constexpr = HEAD_DIM // DQ_SPLIT
+    HALF: gl.constexpr = 32 if DQ_TMA else 64  # dQ columns per GEMM (a TMA box of fp32: 128 bytes a row)
+    DQ_SPLIT: gl.constexpr = HEAD_DIM // HALF
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF, 16])
-    dq_base = DQ_ACC + (row0 + start_m) * HEAD_DIM
+    if DQ_TMA:  # DQ_ACC: a descriptor over the accumulator as (B * HQ * ROWS, E) rows, [M, HALF] boxes
+        dq_row = (row0 + start_m).to(gl.int32)
+    else:
+        dq_base = DQ_ACC + (row0 + start_m) * HEAD_DIM
     dk = warpgroup_mma_wait(0, deps=(dk,))
     mbarrier.arrive(q_empty.index(stage), count=1)
     mbarrier.arrive(do_empty.index(stage), count=1)
@@ -212,13 +216,19 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 if part == DQ_SPLIT - 1:
                     mbarrier.arrive(ds_empty.index(slot), count=1)
-                _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
+                if DQ_TMA:
+                    tma_add(DQ_ACC, [dq_row, part * HALF], dq)
+                else:
+                    _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
     else:
         for part in gl.static_range(DQ_SPLIT):
             dq = warpgroup_mma(ds_tile.permute((1, 0)), k_w.slice(part * HALF, HALF, dim=1),
                                gl.zeros([M, HALF], gl.float32, dq_layout), use_acc=False, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq,))
-            _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
+            if DQ_TMA:
+                tma_add(DQ_ACC, [dq_row, part * HALF], dq)
+            else:
+                _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
     return dk, dv
 
 
@@ -227,14 +237,14 @@ def _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, j_star
           hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout: gl.constexpr, acc_layout: gl.constexpr,
           op_layout: gl.constexpr, BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, FULL: gl.constexpr,
           CHECK_M: gl.constexpr, CHECK_N: gl.constexpr, SPARSE: gl.constexpr, Q_BLOCK: gl.constexpr,
-          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr):
+          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
     """Steps j in [j_start, j_end): tile j - list_offset of the partial (mask_mod) or FULL list."""
     M: gl.constexpr = q_smem.shape[3]
     for j in range(j_start, j_end):
         start_m = tile_start(lists, j - list_offset, FULL, SPARSE, Q_BLOCK, M)
         state = _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it + j, kv_pos, kv_idx, hq, row0,
                       mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN, MASK_FN, not FULL,
-                      CHECK_M, CHECK_N, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4)
+                      CHECK_M, CHECK_N, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
     return state
 
 
@@ -243,7 +253,7 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
               BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, HEAD_DIM: gl.constexpr,
               GQA_GROUP: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
               HAS_FULL: gl.constexpr, CHECK_M: gl.constexpr, CHECK_N: gl.constexpr,
-              MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr):
+              MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
     """KEYS keys starting at pid_n * CTA_KEYS + CONSUMER * KEYS: their dK and dV rows, and dQ atomics."""
     kv_ready, q_ready, q_empty, do_ready, do_empty, ds_full, ds_empty = bars
     b, hk, pid_n = coords
@@ -273,10 +283,10 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
         n_partial, n_tiles = tile_counts(lists, Q_LEN, SPARSE, HAS_FULL, Q_BLOCK, M)
         state = _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, 0, n_partial, 0, it, kv_pos, kv_idx,
                       hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN, MASK_FN,
-                      False, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4)
+                      False, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
         state = _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, n_partial, n_tiles, n_partial, it,
                       kv_pos, kv_idx, hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN,
-                      MASK_FN, True, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4)
+                      MASK_FN, True, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
         it += n_tiles
     dk, dv = state
 
@@ -308,7 +318,7 @@ def _gluon_backward_kernel(
     GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, Q_BLOCK: gl.constexpr,
     MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr,
     CHECK_M: gl.constexpr, CHECK_N: gl.constexpr, STAGES: gl.constexpr,
-    SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     M: gl.constexpr = q_desc.block_type.shape[2]
@@ -351,10 +361,10 @@ def _gluon_backward_kernel(
     gl.warp_specialize([
         (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, lens, mods, ptrs, outs, BIAS_FN,
                      MASK_FN, 0, HEAD_DIM, GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, CHECK_M, CHECK_N,
-                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4)),
+                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA)),
         (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, lens, mods, ptrs, outs, BIAS_FN,
                      MASK_FN, 1, HEAD_DIM, GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, CHECK_M, CHECK_N,
-                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4)),
+                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, coords, tables, Q_LEN,
                      GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, MASK_PER_BATCH, MASK_PER_HEAD)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -380,6 +390,7 @@ def gluon_backward(
     stages: int = 2,
     shared_ds: bool = True,
     vec4: bool | None = None,
+    tma_dq: bool | None = None,
     consumer_regs: int = 240,
     producer_regs: int = 24,
     target: DeviceLimits | None = None,
@@ -398,7 +409,10 @@ def gluon_backward(
         shared_ds: the two consumers share their dS^T tiles and take turns adding dQ (one atomic per
             element and CTA; where ptxas fails to build that form, the per-warpgroup one runs: each
             consumer adds its own keys' dQ). vec4: the atomics as 4-wide vector reductions through a
-            layout conversion (default: at E64; at E128 ptxas fails on it).
+            layout conversion (default: at E64; at E128 ptxas fails on it). tma_dq: dQ by TMA bulk
+            reductions of [64, 32] boxes (``tma_reduce.tma_add``: cp.reduce.async.bulk.tensor) instead of
+            per-thread reductions. Off by default: compiled for sm_90a (SASS UTMAREDG) but NOT yet run on a
+            GPU (BENCHMARKS.md, fifteenth session); E64 only (ptxas segfaults on it at E128).
         warmup: compile without launching (a driver naming sm_90 is all it needs).
 
     Returns:
@@ -462,15 +476,22 @@ def gluon_backward(
         TensorDescriptor.from_tensor(k, kv_box, kv_layout),
         TensorDescriptor.from_tensor(v, kv_box, kv_layout),
     )
+    dq_target = dq_acc
+    tma_dq = False if tma_dq is None else tma_dq  # (not yet run on a GPU; at E128 ptxas segfaults on it)
+    if tma_dq:  # dQ by TMA bulk reductions of [64, 32] fp32 boxes of the accumulator as 2-D rows
+        dq_box = [BLOCK_M, 32]
+        dq_target = TensorDescriptor.from_tensor(
+            dq_acc.view(-1, E), dq_box, gl.NVMMASharedLayout.get_default_for(dq_box, gl.float32)
+        )
     bias_fn = None if score_mod.trivial else gluon_fn(score_mod.bias_fn)
     args = (
-        *descs, lse2, delta, dq_acc, dk, dv, *table_args, Lq, Lkv, Hq, rows, float(scale), float(scale) * LOG2E,
+        *descs, lse2, delta, dq_target, dk, dv, *table_args, Lq, Lkv, Hq, rows, float(scale), float(scale) * LOG2E,
         bias_fn, score_mod.args, gluon_fn(mask_mod.fn), mask_mod.args,
     )  # fmt: skip
     meta = dict(
         GQA_GROUP=Hq // Hkv, HEAD_DIM=E, Q_BLOCK=q_block, **flags, SPARSE=not dense,
         HAS_FULL=dense or tables.has_full, CHECK_M=Lq % q_block != 0, CHECK_N=Lkv % CTA_KEYS != 0, STAGES=stages,
-        SHARED_DS=shared_ds, DQ_VEC4=E == 64 if vec4 is None else vec4,
+        SHARED_DS=shared_ds, DQ_VEC4=E == 64 if vec4 is None else vec4, DQ_TMA=tma_dq,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4,
     )  # fmt: skip
     grid = (triton.cdiv(Lkv, CTA_KEYS), Hkv, B)
