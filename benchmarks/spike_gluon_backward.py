@@ -9,6 +9,7 @@ compared with the Triton backward's (relative Frobenius difference, flagged when
 
     python benchmarks/spike_gluon_backward.py --json /tmp/gluon_bwd.json
     python benchmarks/spike_gluon_backward.py --head-dims 128 --variants noop causal --no-torch-flex
+    python benchmarks/spike_gluon_backward.py --head-dims 64 --tma-dq     # + dQ by TMA reductions (E64)
 """
 
 from __future__ import annotations
@@ -29,13 +30,44 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from spike_gluon_forward import _density, mods, rel, sdpa_impls  # noqa: E402
 
 import flexattn  # noqa: E402
+from flexattn import AuxRequest  # noqa: E402
+from flexattn.options import KernelOptions  # noqa: E402
+from flexattn.plan import plan_attention  # noqa: E402
 
 CONFIGS = [(4, 16, 8192, 128), (4, 16, 16384, 64)]  # (B, H, L, E)
 VARIANTS = ("noop", "causal", "alibi", "sliding", "document")
 WRONG = 1e-2
 
 
-def implementations(q, k, v, variant, torch_flex: bool):
+class _TmaDqAttention(torch.autograd.Function):
+    """flexattn's forward, and the Gluon backward with dQ summed by TMA bulk reductions
+    (``gluon_backward(tma_dq=True)``, a launcher option the public API does not expose)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, score_mod, block_mask):
+        aux = AuxRequest(lse=True)
+        out, aux = flexattn.flex_attention(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=aux
+        )
+        ctx.save_for_backward(q, k, v, out, aux.lse)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from flexattn.kernels.hopper.backward_ws import gluon_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        plan = ctx.plan
+        tables = None if plan.dense else plan.backward_tables()
+        grads = gluon_backward(
+            q, k, v, out, lse, dout.contiguous(), None, score_mod=plan.score_mod, mask_mod=plan.mask_mod,
+            tables=tables, scale=plan.scale, tma_dq=True,
+        )  # fmt: skip
+        return (*grads, None, None, None)
+
+
+def implementations(q, k, v, variant, torch_flex: bool, tma_dq: bool = False):
     """name -> zero-argument forward (its output is differentiated), and the block density."""
     B, H, L, E = q.shape
     score_mod, mask_mod = mods(variant, H, L)
@@ -49,6 +81,9 @@ def implementations(q, k, v, variant, torch_flex: bool):
         )
 
     impls = {"flexattn-triton": ours("TRITON"), "gluon": ours("GLUON")}
+    if tma_dq:
+        plan = plan_attention(score_mod, mask, L, L, E**-0.5, KernelOptions(), q.device, q.dtype)
+        impls["gluon-tma-dq"] = lambda: _TmaDqAttention.apply(q, k, v, plan, score_mod, mask)
     if torch_flex:
         from torch.nn.attention import flex_attention as torch_fa
 
@@ -63,7 +98,7 @@ def implementations(q, k, v, variant, torch_flex: bool):
     return impls, density
 
 
-def run_row(B, H, L, E, variant, torch_flex, rows, json_path):
+def run_row(B, H, L, E, variant, torch_flex, rows, json_path, tma_dq=False):
     import triton
 
     label = f"B{B} H{H} L{L} E{E} {variant}"
@@ -74,7 +109,7 @@ def run_row(B, H, L, E, variant, torch_flex, rows, json_path):
     )
     dout = torch.randn_like(q)
     row = {"config": label, "tflops": {}, "rel_vs_triton": {}, "errors": {}}
-    impls, density = implementations(q, k, v, variant, torch_flex)
+    impls, density = implementations(q, k, v, variant, torch_flex, tma_dq)
     total = 2.5 * 4 * B * H * L * L * E * density
     reference = None
     for name, forward in impls.items():
@@ -117,6 +152,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here (after every row)")
     parser.add_argument("--no-torch-flex", action="store_true")
+    parser.add_argument(
+        "--tma-dq", action="store_true", help="also the Gluon backward with dQ by TMA reductions"
+    )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--watchdog", type=float, default=560.0, help="exit after this many seconds")
@@ -131,7 +169,7 @@ def main() -> None:
     for B, H, L, E in CONFIGS:
         if E in args.head_dims:
             for variant in args.variants:
-                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json)
+                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json, args.tma_dq)
     print(f"\ntotal {time.time() - start:.0f} s")
 
 
