@@ -13,7 +13,7 @@ import torch
 from flexattn import create_block_mask, flex_attention
 from flexattn import variants as V
 from tests.helpers import DTYPE_IDS, Shape, make_qkv
-from tests.kernels.hopper_cases import SM90_GPU, assert_gradients_match, variant
+from tests.kernels.hopper_cases import SM90_GPU, assert_gradients_match, assert_reference_gradients, variant
 
 pytestmark = SM90_GPU
 GLUON, TRITON = {"BACKWARD_KERNEL": "GLUON"}, {"BACKWARD_KERNEL": "TRITON"}
@@ -56,3 +56,42 @@ def test_gluon_backward_refuses_what_it_cannot_run():
     out = flex_attention(q, k, v, block_mask=mask, kernel_options=GLUON)
     with pytest.raises(ValueError, match="KV_BLOCK must be 128"):
         out.sum().backward()
+
+
+TMA_CASES = [
+    ("noop", Shape(1, 4, 1000, 64, Hkv=2)),
+    ("causal", Shape(2, 4, 1024, 64)),
+    ("document", Shape(1, 4, 1000, 64, Lkv=1300)),
+    ("causal", Shape(1, 4, 1000, 128, Hkv=2)),
+    ("alibi", Shape(1, 8, 1024, 128, Hkv=2)),
+]
+
+
+@pytest.mark.parametrize("name, shape", TMA_CASES, ids=[f"{n}-{s.id}" for n, s in TMA_CASES])
+def test_gluon_backward_with_dq_by_tma_reductions(name, shape):
+    # gluon_backward(tma_dq=True): not the default (fifteenth session: compiled, first run here)
+    from flexattn import AuxRequest
+    from flexattn.kernels.hopper.backward_ws import gluon_backward
+    from flexattn.options import KernelOptions
+    from flexattn.plan import plan_attention
+
+    q, k, v = make_qkv(shape, torch.bfloat16, "cuda", requires_grad=True)
+    score_mod, mask_mod = _variant(name, shape)
+    mask = (
+        None
+        if mask_mod is None
+        else create_block_mask(mask_mod, None, None, shape.Lq, shape.lkv, device="cuda")
+    )
+    out, aux = flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=mask, enable_gqa=True, return_aux=AuxRequest(lse=True)
+    )
+    plan = plan_attention(
+        score_mod, mask, shape.Lq, shape.lkv, shape.E**-0.5, KernelOptions(), q.device, q.dtype
+    )
+    dout = torch.randn_like(q)
+    grads = gluon_backward(
+        q.detach(), k.detach(), v.detach(), out.detach(), aux.lse, dout, None, score_mod=plan.score_mod,
+        mask_mod=plan.mask_mod, tables=None if plan.dense else plan.backward_tables(), scale=plan.scale,
+        tma_dq=True,
+    )  # fmt: skip
+    assert_reference_gradients(grads, q, k, v, shape, score_mod, mask, dout)
