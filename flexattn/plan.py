@@ -224,6 +224,11 @@ class AttentionPlan:
             f"{fwd.reason}",
             f"backward tiles: dK/dV {bwd.BLOCK_M1}x{bwd.BLOCK_N1}, dQ {bwd.BLOCK_M2}x{bwd.BLOCK_N2}, "
             f"dq {bwd.dq_mode}: {bwd.reason}",
+            "backward kernel: " + (
+                "Gluon (kernel_options BACKWARD_KERNEL='GLUON': kernels/hopper/backward_ws.py, 128 keys per "
+                "CTA, dK/dV/dQ in one kernel, dQ by fp32 atomics; the tiles above are the Triton backward's)"
+                if self.options.BACKWARD_KERNEL == "GLUON" else "Triton (kernels/backward.py)"
+            ),
         ])  # fmt: skip
 
 
