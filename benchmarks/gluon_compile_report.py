@@ -68,6 +68,20 @@ def stub_driver():
         driver._active = previous
 
 
+def _compiled_variant(variant: str, q_heads: int, length: int):
+    """(block tables or None, score KernelMod, mask KernelMod) of a variant at Lq = Lkv = ``length``,
+    compiled for a CUDA target."""
+    score, mask = VARIANTS[variant](q_heads)
+    tables = None
+    if mask is not None:
+        tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
+    return (
+        tables,
+        mod_compiler.compile_score_mod(score, target="cuda"),
+        mod_compiler.compile_mask_mod(mask, target="cuda"),
+    )
+
+
 def compile_variant(
     head_dim: int, variant: str = "noop", dtype=torch.bfloat16, q_heads=2, kv_heads=1, length=LENGTH, page=0,
     **tiles,
@@ -76,7 +90,7 @@ def compile_variant(
     fields of the default ``HopperTiles`` (consumers, stages, pingpong, v_fence, ...). ``length``: of
     queries and keys (a multiple of 128 compiles the kernel without its tail paths). ``page`` > 0:
     K/V in a paged cache of that page size (a shuffled page table)."""
-    score, mask = VARIANTS[variant](q_heads)
+    tables, score_mod, mask_mod = _compiled_variant(variant, q_heads, length)
     q = torch.zeros(1, q_heads, length, head_dim, dtype=dtype)
     paged = None
     if page:
@@ -86,15 +100,10 @@ def compile_variant(
         paged = PagedKV(table, page, length)
     else:
         kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
-    tables = None
-    if mask is not None:
-        tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
     default = hopper_tiles(
         head_dim=head_dim, q_block=None if tables is None else tables.q_block, tail=length % 128 != 0
     )
     chosen = dataclasses.replace(default, **tiles)
-    score_mod = mod_compiler.compile_score_mod(score, target="cuda")
-    mask_mod = mod_compiler.compile_mask_mod(mask, target="cuda")
     with stub_driver():
         return gluon_forward(
             q, kv, kv, score_mod=score_mod, mask_mod=mask_mod, tables=tables, scale=head_dim**-0.5,
@@ -108,15 +117,10 @@ def compile_backward(
     """The compiled Gluon backward for one head dim and variant (GQA 2, Lq = Lkv = ``length``);
     ``launch``: ``gluon_backward``'s keywords (stages, shared_ds, vec4, consumer_regs, ...).
     Variants with a non-additive score mod (soft-cap) are refused by the launcher."""
-    score, mask = VARIANTS[variant](q_heads)
+    tables, score_mod, mask_mod = _compiled_variant(variant, q_heads, length)
     q = torch.zeros(1, q_heads, length, head_dim, dtype=dtype)
     kv = torch.zeros(1, kv_heads, length, head_dim, dtype=dtype)
     lse = torch.zeros(1, q_heads, length)
-    tables = None
-    if mask is not None:
-        tables = create_block_mask(mask, 1, 1, length, length, device="cpu", backend="torch").tables()
-    score_mod = mod_compiler.compile_score_mod(score, target="cuda")
-    mask_mod = mod_compiler.compile_mask_mod(mask, target="cuda")
     with stub_driver():
         return gluon_backward(
             q, kv, kv, q, lse, q, None, score_mod=score_mod, mask_mod=mask_mod, tables=tables,

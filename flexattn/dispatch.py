@@ -37,13 +37,13 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
         'CPU'
     """
     if options.BACKEND == "REFERENCE":
-        return _no_kernel_options("REFERENCE", options, "kernel_options BACKEND='REFERENCE'")
+        return _warn_unread_options("REFERENCE", options, "kernel_options BACKEND='REFERENCE'")
     if options.BACKEND == "AUTO":
         if dtype == torch.float64:
-            return _no_kernel_options("REFERENCE", options, "float64 inputs")
+            return _warn_unread_options("REFERENCE", options, "float64 inputs")
         backend = {"cuda": "TRITON", "cpu": "CPU"}.get(device.type, "REFERENCE")
         return (
-            backend if backend == "TRITON" else _no_kernel_options(backend, options, f"tensors on {device}")
+            backend if backend == "TRITON" else _warn_unread_options(backend, options, f"tensors on {device}")
         )
     if options.BACKEND == "CPU":
         if device.type != "cpu":
@@ -51,7 +51,7 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
                 f"kernel_options={{'BACKEND': 'CPU'}} needs CPU tensors, but query is on {device}. "
                 "Move the tensors with .cpu(), or use BACKEND 'AUTO'."
             )
-        return _no_kernel_options("CPU", options, "kernel_options BACKEND='CPU'")
+        return _warn_unread_options("CPU", options, "kernel_options BACKEND='CPU'")
     if dtype == torch.float64:
         raise ValueError(
             "kernel_options={'BACKEND': 'TRITON'}: the Triton kernels take fp16, bf16 or fp32, but the "
@@ -66,7 +66,7 @@ def choose_backend(device: torch.device, options: KernelOptions, dtype: torch.dt
     return "TRITON"
 
 
-def _no_kernel_options(backend: str, options: KernelOptions, why: str) -> str:
+def _warn_unread_options(backend: str, options: KernelOptions, why: str) -> str:
     """``backend`` ("CPU" or "REFERENCE"); where the call sets options only the GPU kernels read, a
     ``KernelOptionsWarning`` first (they do nothing here, and ignoring them silently would hide that;
     an error would break code that passes the same options on every device, as PyTorch's examples do)."""

@@ -52,7 +52,7 @@ from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.checks import block_table_args, check_block_tables, check_qkv
 from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
-from flexattn.kernels.hopper.tile_lists import ring_tile, tile_counts, tile_start
+from flexattn.kernels.hopper.tile_lists import ring_tile, row_lists, tile_counts, tile_start
 from flexattn.kernels.hopper.tma_reduce import tma_add
 from flexattn.kernels.mods import KernelMod
 
@@ -65,15 +65,6 @@ PTXAS_FAILURES: set[tuple] = set()
 
 
 # fmt: off
-@gluon.jit
-def _head_lists(tables, b, hq, pid_n, SPARSE: gl.constexpr, MASK_PER_BATCH: gl.constexpr,
-                MASK_PER_HEAD: gl.constexpr):
-    """This CTA's kv block's row of the transposed (q-side) block tables, for query head hq."""
-    Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, MASK_H, MASK_NKV, MASK_NQ = tables
-    row = (b * (MASK_PER_BATCH * MASK_H) + hq * MASK_PER_HEAD).to(gl.int64) * MASK_NKV + pid_n
-    return (Q_NUM + row, Q_IDX + row * MASK_NQ, FULL_Q_NUM + row, FULL_Q_IDX + row * MASK_NQ)
-
-
 # ---------------------------------------------------------------------------------------------
 # Producer: K and V once, then the Q and dO tiles of every (query head, q tile) into the ring.
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +83,7 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
     it = 0
     for g in range(GQA_GROUP):
         hq = hk * GQA_GROUP + g
-        lists = _head_lists(tables, b, hq, pid_n, SPARSE, MASK_PER_BATCH, MASK_PER_HEAD)
+        lists = row_lists(tables, b, hq, pid_n, MASK_PER_BATCH, MASK_PER_HEAD)
         n_partial, n_tiles = tile_counts(lists, Q_LEN, SPARSE, HAS_FULL, Q_BLOCK, M)
         for j in range(n_tiles):
             if j < n_partial:
@@ -115,21 +106,26 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
 # Consumers: one warpgroup each, KEYS keys.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _add_dq(dq, base, col0, M: gl.constexpr, N: gl.constexpr, HEAD_DIM: gl.constexpr, dq_layout: gl.constexpr,
-            VEC4: gl.constexpr):
-    """Atomically add dq [M, N] (fp32) to the rows at ``base`` (a scalar pointer, rows HEAD_DIM apart),
-    columns col0 + [0, N). VEC4: through a layout of 4 consecutive columns per thread (one v4 reduction
-    instead of two v2 ones); else in the wgmma's own layout (2 consecutive columns per thread). A scalar
-    64-bit base and 32-bit offsets: constant per register, so they become immediate offsets."""
-    if VEC4:
-        layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[128 // N, N // 4],
-                                                warps_per_cta=[4, 1], order=[1, 0])
-        dq = gl.convert_layout(dq, layout)
+def _add_dq(dq, DQ_ACC, at, col0, M: gl.constexpr, N: gl.constexpr, HEAD_DIM: gl.constexpr,
+            dq_layout: gl.constexpr, VEC4: gl.constexpr, TMA: gl.constexpr):
+    """Add dq [M, N] (fp32) to M rows of the accumulator, columns col0 + [0, N), atomically per element.
+    TMA: one bulk reduction (DQ_ACC a descriptor over the (B * HQ * ROWS, E) rows, ``at`` the first
+    row). Else per-thread reductions at ``at``, a scalar pointer to the first row (rows HEAD_DIM apart):
+    VEC4 through a layout of 4 consecutive columns per thread (one v4 reduction instead of two v2
+    ones), else in the wgmma's own layout (2 consecutive columns per thread); a scalar 64-bit base and
+    32-bit offsets, constant per register, so they become immediate offsets."""
+    if TMA:
+        tma_add(DQ_ACC, [at, col0], dq)
     else:
-        layout: gl.constexpr = dq_layout
-    rows = gl.arange(0, M, layout=gl.SliceLayout(1, layout))
-    cols = col0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
-    gl.atomic_add(base + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), dq, sem="relaxed")
+        if VEC4:
+            layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[128 // N, N // 4],
+                                                    warps_per_cta=[4, 1], order=[1, 0])
+            dq = gl.convert_layout(dq, layout)
+        else:
+            layout: gl.constexpr = dq_layout
+        rows = gl.arange(0, M, layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, N, layout=gl.SliceLayout(0, layout))
+        gl.atomic_add(at + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), dq, sem="relaxed")
 
 
 @gluon.jit
@@ -199,9 +195,9 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF, 16])
     if DQ_TMA:  # DQ_ACC: a descriptor over the accumulator as (B * HQ * ROWS, E) rows, [M, HALF] boxes
-        dq_row = (row0 + start_m).to(gl.int32)
+        dq_at = (row0 + start_m).to(gl.int32)
     else:
-        dq_base = DQ_ACC + (row0 + start_m) * HEAD_DIM
+        dq_at = DQ_ACC + (row0 + start_m) * HEAD_DIM
     dk = warpgroup_mma_wait(0, deps=(dk,))
     mbarrier.arrive(q_empty.index(stage), count=1)
     mbarrier.arrive(do_empty.index(stage), count=1)
@@ -216,19 +212,13 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 if part == DQ_SPLIT - 1:
                     mbarrier.arrive(ds_empty.index(slot), count=1)
-                if DQ_TMA:
-                    tma_add(DQ_ACC, [dq_row, part * HALF], dq)
-                else:
-                    _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
+                _add_dq(dq, DQ_ACC, dq_at, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4, DQ_TMA)
     else:
         for part in gl.static_range(DQ_SPLIT):
             dq = warpgroup_mma(ds_tile.permute((1, 0)), k_w.slice(part * HALF, HALF, dim=1),
                                gl.zeros([M, HALF], gl.float32, dq_layout), use_acc=False, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq,))
-            if DQ_TMA:
-                tma_add(DQ_ACC, [dq_row, part * HALF], dq)
-            else:
-                _add_dq(dq, dq_base, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4)
+            _add_dq(dq, DQ_ACC, dq_at, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4, DQ_TMA)
     return dk, dv
 
 
@@ -279,7 +269,7 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
     for g in range(GQA_GROUP):
         hq = hk * GQA_GROUP + g
         row0 = (b.to(gl.int64) * HQ + hq) * ROWS
-        lists = _head_lists(tables, b, hq, pid_n, SPARSE, MASK_PER_BATCH, MASK_PER_HEAD)
+        lists = row_lists(tables, b, hq, pid_n, MASK_PER_BATCH, MASK_PER_HEAD)
         n_partial, n_tiles = tile_counts(lists, Q_LEN, SPARSE, HAS_FULL, Q_BLOCK, M)
         state = _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, 0, n_partial, 0, it, kv_pos, kv_idx,
                       hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN, MASK_FN,
@@ -390,7 +380,7 @@ def gluon_backward(
     stages: int = 2,
     shared_ds: bool = True,
     vec4: bool | None = None,
-    tma_dq: bool | None = None,
+    tma_dq: bool = False,
     consumer_regs: int = 240,
     producer_regs: int = 24,
     target: DeviceLimits | None = None,
@@ -412,7 +402,8 @@ def gluon_backward(
             layout conversion (default: at E64; at E128 ptxas fails on it). tma_dq: dQ by TMA bulk
             reductions of [64, 32] boxes (``tma_reduce.tma_add``: cp.reduce.async.bulk.tensor) instead of
             per-thread reductions. Off by default: compiled for sm_90a (SASS UTMAREDG) but NOT yet run on a
-            GPU (BENCHMARKS.md, fifteenth session); E64 only (ptxas segfaults on it at E128).
+            GPU (BENCHMARKS.md, fifteenth session); at E128 ptxas segfaults on its shared-dS form for some
+            mods, and the per-warpgroup one runs (as for the per-thread reductions).
         warmup: compile without launching (a driver naming sm_90 is all it needs).
 
     Returns:
@@ -477,7 +468,6 @@ def gluon_backward(
         TensorDescriptor.from_tensor(v, kv_box, kv_layout),
     )
     dq_target = dq_acc
-    tma_dq = False if tma_dq is None else tma_dq  # (not yet run on a GPU; at E128 ptxas segfaults on it)
     if tma_dq:  # dQ by TMA bulk reductions of [64, 32] fp32 boxes of the accumulator as 2-D rows
         dq_box = [BLOCK_M, 32]
         dq_target = TensorDescriptor.from_tensor(

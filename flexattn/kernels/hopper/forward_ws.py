@@ -57,7 +57,7 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits
 from flexattn.kernels.hopper.choice import HopperTiles, hopper_tiles
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
-from flexattn.kernels.hopper.tile_lists import ring_tile, tile_counts, tile_start
+from flexattn.kernels.hopper.tile_lists import ring_tile, row_lists, tile_counts, tile_start
 from flexattn.kernels.mods import KernelMod
 from flexattn.kernels.paged_kv import PagedKV
 
@@ -400,9 +400,8 @@ def _gluon_forward_kernel(
     coords = (b, h, h // GQA_GROUP, q_start)
     mods = (b, h, scale, qk_scale, SCORE_ARGS, MASK_ARGS)
     # this CTA's row of the block tables (its q block is pid_m: NUM_CONSUMERS * BLOCK_M == Q_BLOCK)
-    mask_row = (b * (MASK_PER_BATCH * MASK_H) + h * MASK_PER_HEAD).to(gl.int64) * MASK_NQ + pid_m
-    lists = (KV_NUM_BLKS + mask_row, KV_IDX + mask_row * MASK_NKV,
-             FULL_KV_NUM_BLKS + mask_row, FULL_KV_IDX + mask_row * MASK_NKV)
+    tables = (KV_NUM_BLKS, KV_IDX, FULL_KV_NUM_BLKS, FULL_KV_IDX, MASK_H, MASK_NQ, MASK_NKV)
+    lists = row_lists(tables, b, h, pid_m, MASK_PER_BATCH, MASK_PER_HEAD)
     lens = (Q_LEN, KV_LEN, HQ)
     outs = (OUT, LSE, MAX_SCORES)
 

@@ -1,6 +1,10 @@
 """The tile sequence of one row of a BlockMask's lists, as the Gluon kernels walk it, and the view of
 one buffer of their shared-memory rings.
 
+``row_lists`` finds the row: ``tables`` is (counts, indices, full counts, full indices, MASK_H, ROWS,
+COLS) of one side of the tables, counts (MB, MASK_H, ROWS) and indices (MB, MASK_H, ROWS, COLS), a
+batch or head dim of size 1 broadcast (its PER_BATCH / PER_HEAD flag 0; ``checks.block_table_args``).
+
 A row (one q block of the kv-side tables in the forward, one kv block of the q-side tables in the
 backward) lists its partial blocks, then its full blocks; a kernel visits them in tiles of ``TILE``
 positions (``SPARSE_BLOCK // TILE`` tiles per listed block). ``lists`` is the row's four pointers:
@@ -19,6 +23,14 @@ from triton.experimental.gluon import language as gl
 def ring_tile(smem, i):
     """Buffer i of a ring of TMA boxes (N, 1, 1, rows, E), as the 2-D (rows, E) tile the wgmma reads."""
     return smem.index(i).reshape([smem.shape[3], smem.shape[4]])
+
+
+@gluon.jit
+def row_lists(tables, b, h, row, PER_BATCH: gl.constexpr, PER_HEAD: gl.constexpr):
+    """The four pointers (``lists``) of head (b, h)'s ``row``-th row of one side of the block tables."""
+    NUM, IDX, FULL_NUM, FULL_IDX, MASK_H, ROWS, COLS = tables
+    offset = (b * (PER_BATCH * MASK_H) + h * PER_HEAD).to(gl.int64) * ROWS + row
+    return (NUM + offset, IDX + offset * COLS, FULL_NUM + offset, FULL_IDX + offset * COLS)
 
 
 @gluon.jit
