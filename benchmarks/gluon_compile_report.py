@@ -167,7 +167,10 @@ def main(argv=None) -> None:
     parser.add_argument("--paged", type=int, default=0, metavar="PAGE", help="K/V in a paged cache")
     parser.add_argument("--backward", action="store_true", help="the Gluon backward (not soft-cap)")
     parser.add_argument("--per-warpgroup-dq", action="store_true", help="backward: shared_ds=False")
-    parser.add_argument("--tma-dq", action="store_true", help="backward: dQ by TMA bulk reductions")
+    parser.add_argument(
+        "--tma-dq", type=int, nargs="?", const=32, choices=(32, 64), metavar="COLS",
+        help="backward: dQ by TMA bulk reductions of [64, COLS] boxes (bare: 32)",
+    )
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     tiles = {"stages": args.stages, "consumers": args.consumers}
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
         if args.per_warpgroup_dq:
             launch["shared_ds"] = False
         if args.tma_dq:
-            launch["tma_dq"] = True
+            launch.update(tma_dq=True, dq_box_cols=args.tma_dq)
         for head_dim in head_dims:
             for variant in [v for v in variants if v != "softcap"]:
                 kernel = compile_backward(head_dim, variant, dtype, length=args.length, **launch)

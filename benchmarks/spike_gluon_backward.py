@@ -9,7 +9,7 @@ compared with the Triton backward's (relative Frobenius difference, flagged when
 
     python benchmarks/spike_gluon_backward.py --json /tmp/gluon_bwd.json
     python benchmarks/spike_gluon_backward.py --head-dims 128 --variants noop causal --no-torch-flex
-    python benchmarks/spike_gluon_backward.py --head-dims 64 --tma-dq     # + dQ by TMA reductions (E64)
+    python benchmarks/spike_gluon_backward.py --head-dims 64 --tma-dq 32 64  # + dQ by TMA reductions (E64)
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class _TmaDqAttention(torch.autograd.Function):
     (``gluon_backward(tma_dq=True)``, a launcher option the public API does not expose)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, score_mod, block_mask):
+    def forward(ctx, q, k, v, plan, score_mod, block_mask, box_cols):
         aux = AuxRequest(lse=True)
         out, aux = flexattn.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=aux
         )
         ctx.save_for_backward(q, k, v, out, aux.lse)
-        ctx.plan = plan
+        ctx.plan, ctx.box_cols = plan, box_cols
         return out
 
     @staticmethod
@@ -62,12 +62,12 @@ class _TmaDqAttention(torch.autograd.Function):
         tables = None if plan.dense else plan.backward_tables()
         grads = gluon_backward(
             q, k, v, out, lse, dout.contiguous(), None, score_mod=plan.score_mod, mask_mod=plan.mask_mod,
-            tables=tables, scale=plan.scale, tma_dq=True,
+            tables=tables, scale=plan.scale, tma_dq=True, dq_box_cols=ctx.box_cols,
         )  # fmt: skip
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def implementations(q, k, v, variant, torch_flex: bool, tma_dq: bool = False):
+def implementations(q, k, v, variant, torch_flex: bool, tma_dq: tuple[int, ...] = ()):
     """name -> zero-argument forward (its output is differentiated), and the block density."""
     B, H, L, E = q.shape
     score_mod, mask_mod = mods(variant, H, L)
@@ -83,7 +83,8 @@ def implementations(q, k, v, variant, torch_flex: bool, tma_dq: bool = False):
     impls = {"flexattn-triton": ours("TRITON"), "gluon": ours("GLUON")}
     if tma_dq:
         plan = plan_attention(score_mod, mask, L, L, E**-0.5, KernelOptions(), q.device, q.dtype)
-        impls["gluon-tma-dq"] = lambda: _TmaDqAttention.apply(q, k, v, plan, score_mod, mask)
+        for cols in tma_dq:
+            impls[f"gluon-tma-dq{cols}"] = lambda cols=cols: _TmaDqAttention.apply(q, k, v, plan, score_mod, mask, cols)
     if torch_flex:
         from torch.nn.attention import flex_attention as torch_fa
 
@@ -98,7 +99,7 @@ def implementations(q, k, v, variant, torch_flex: bool, tma_dq: bool = False):
     return impls, density
 
 
-def run_row(B, H, L, E, variant, torch_flex, rows, json_path, tma_dq=False):
+def run_row(B, H, L, E, variant, torch_flex, rows, json_path, tma_dq=()):
     import triton
 
     label = f"B{B} H{H} L{L} E{E} {variant}"
@@ -153,7 +154,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here (after every row)")
     parser.add_argument("--no-torch-flex", action="store_true")
     parser.add_argument(
-        "--tma-dq", action="store_true", help="also the Gluon backward with dQ by TMA reductions"
+        "--tma-dq", type=int, nargs="*", choices=(32, 64), default=None,
+        help="also the Gluon backward with dQ by TMA reductions of boxes this many columns wide (bare: 32)"
     )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
@@ -166,10 +168,11 @@ def main() -> None:
     functorch_config.donated_buffer = False  # compiled backwards timed over a retained graph
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
+    boxes = () if args.tma_dq is None else tuple(args.tma_dq) or (32,)
     for B, H, L, E in CONFIGS:
         if E in args.head_dims:
             for variant in args.variants:
-                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json, args.tma_dq)
+                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json, boxes)
     print(f"\ntotal {time.time() - start:.0f} s")
 
 

@@ -19,11 +19,13 @@ from flexattn.variants import tanh_softcap
 from tests.kernels.hopper_cases import compile_in_child
 
 H100 = DeviceLimits((9, 0), 232448)
-# (name, head dim, variant, length, shared_ds): dense and block-table kernels, tails (1000); "tma-dq":
-# dQ by TMA bulk reductions (gluon_backward(tma_dq=True), not the default)
+# (name, head dim, variant, length, shared_ds): dense and block-table kernels, tails (1000); "tma-dq<cols>":
+# dQ by TMA bulk reductions of [64, cols] boxes (gluon_backward(tma_dq=True, dq_box_cols=cols), not the default)
 CASES = [
     ("E64-noop", 64, "noop", 1024, True),
-    ("E64-noop-tma-dq", 64, "noop", 1024, True),
+    ("E64-noop-tma-dq32", 64, "noop", 1024, True),
+    ("E64-causal-tail-tma-dq64", 64, "causal", 1000, True),
+    ("E128-noop-tma-dq64", 128, "noop", 1024, True),
     ("E64-causal-tail", 64, "causal", 1000, True),
     ("E128-noop", 128, "noop", 1024, True),
     ("E128-alibi", 128, "alibi", 1024, True),
@@ -36,8 +38,9 @@ import gluon_compile_report as g
 from compile_report import resources, sass_text
 rows = {}
 for name, head_dim, variant, length, shared in json.loads(sys.argv[1]):
-    tma = name.endswith("tma-dq")
-    kernel = g.compile_backward(head_dim, variant, length=length, shared_ds=shared, tma_dq=tma)
+    cols = int(name.rsplit("tma-dq", 1)[1]) if "tma-dq" in name else 0
+    kernel = g.compile_backward(head_dim, variant, length=length, shared_ds=shared, tma_dq=cols > 0,
+                                dq_box_cols=cols or 32)
     sass = sass_text(kernel)
     rows[name] = {**resources(kernel), **g.instructions(kernel), "red_v4": sass.count("REDG.E.ADD.F32x4"),
                   "red_v2": sass.count("REDG.E.ADD.F32x2"), "tma_red": sass.count("UTMAREDG")}
@@ -60,7 +63,7 @@ def test_backward_compiles_for_sm90a_with_wgmma_tma_setmaxnreg_and_vector_reduct
     assert ["inc", "240"] in row["ptx_setmaxnreg"] and ["dec", "24"] in row["ptx_setmaxnreg"], row
     # dQ's sums: TMA bulk reductions where asked (no per-thread ones), else 4-wide per-thread reductions at
     # E64 (through a layout conversion), 2-wide at E128
-    if name.endswith("tma-dq"):
+    if "tma-dq" in name:
         assert row["tma_red"] > 0 and row["red_v2"] == row["red_v4"] == 0, row
     elif name.startswith("E64"):
         assert row["red_v4"] > 0 and row["tma_red"] == 0, row

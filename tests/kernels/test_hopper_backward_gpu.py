@@ -67,9 +67,10 @@ TMA_CASES = [
 ]
 
 
+@pytest.mark.parametrize("box_cols", [32, 64])
 @pytest.mark.parametrize("name, shape", TMA_CASES, ids=[f"{n}-{s.id}" for n, s in TMA_CASES])
-def test_gluon_backward_with_dq_by_tma_reductions(name, shape):
-    # gluon_backward(tma_dq=True): not the default (fifteenth session: compiled, first run here)
+def test_gluon_backward_with_dq_by_tma_reductions(name, shape, box_cols):
+    # gluon_backward(tma_dq=True): dQ tiles staged in shared memory, added by TMA bulk reductions
     from flexattn import AuxRequest
     from flexattn.kernels.hopper.backward_ws import gluon_backward
     from flexattn.options import KernelOptions
@@ -92,6 +93,6 @@ def test_gluon_backward_with_dq_by_tma_reductions(name, shape):
     grads = gluon_backward(
         q.detach(), k.detach(), v.detach(), out.detach(), aux.lse, dout, None, score_mod=plan.score_mod,
         mask_mod=plan.mask_mod, tables=None if plan.dense else plan.backward_tables(), scale=plan.scale,
-        tma_dq=True,
+        tma_dq=True, dq_box_cols=box_cols,
     )  # fmt: skip
     assert_reference_gradients(grads, q, k, v, shape, score_mod, mask, dout)

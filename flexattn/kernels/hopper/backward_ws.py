@@ -53,11 +53,12 @@ from flexattn.kernels.checks import block_table_args, check_block_tables, check_
 from flexattn.kernels.device import DeviceLimits, device_limits, tma_compatible
 from flexattn.kernels.hopper.gluon_mods import gluon_fn
 from flexattn.kernels.hopper.tile_lists import ring_tile, row_lists, tile_counts, tile_start
-from flexattn.kernels.hopper.tma_reduce import tma_add
+from flexattn.kernels.hopper.tma_reduce import async_reduce_add
 from flexattn.kernels.mods import KernelMod
 
 LOG2E = 1.4426950408889634
 BLOCK_M = 64  # query rows per step
+TMA_DQ_COLS = 32  # tma_dq: columns of a dQ box (32: a 128-byte swizzled row; wider boxes are unswizzled)
 KEYS = 64  # keys per consumer warpgroup (wgmma's M)
 CTA_KEYS = 2 * KEYS
 # launches whose shared-dS build crashed ptxas (see gluon_backward): they take the per-warpgroup form
@@ -106,16 +107,22 @@ def _producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, 
 # Consumers: one warpgroup each, KEYS keys.
 # ---------------------------------------------------------------------------------------------
 @gluon.jit
-def _add_dq(dq, DQ_ACC, at, col0, M: gl.constexpr, N: gl.constexpr, HEAD_DIM: gl.constexpr,
+def _add_dq(dq, DQ_ACC, at, col0, buf, M: gl.constexpr, N: gl.constexpr, HEAD_DIM: gl.constexpr,
             dq_layout: gl.constexpr, VEC4: gl.constexpr, TMA: gl.constexpr):
     """Add dq [M, N] (fp32) to M rows of the accumulator, columns col0 + [0, N), atomically per element.
-    TMA: one bulk reduction (DQ_ACC a descriptor over the (B * HQ * ROWS, E) rows, ``at`` the first
-    row). Else per-thread reductions at ``at``, a scalar pointer to the first row (rows HEAD_DIM apart):
-    VEC4 through a layout of 4 consecutive columns per thread (one v4 reduction instead of two v2
-    ones), else in the wgmma's own layout (2 consecutive columns per thread); a scalar 64-bit base and
-    32-bit offsets, constant per register, so they become immediate offsets."""
+    TMA: DQ_ACC is (a descriptor over the (B * HQ * ROWS, E) rows, the staging tiles) and ``at`` the
+    first row; dq goes to staging tile ``buf`` and one asynchronous bulk reduction adds it (the caller
+    waits for the tile's previous reduction before this). Else per-thread reductions at ``at``, a scalar
+    pointer to the first row (rows HEAD_DIM apart): VEC4 through a layout of 4 consecutive columns per
+    thread (one v4 reduction instead of two v2 ones), else in the wgmma's own layout (2 consecutive
+    columns per thread); a scalar 64-bit base and 32-bit offsets, constant per register, so they become
+    immediate offsets."""
     if TMA:
-        tma_add(DQ_ACC, [at, col0], dq)
+        desc, stage = DQ_ACC
+        tile = stage.index(buf)
+        tile.store(dq)
+        fence_async_shared()
+        async_reduce_add(desc, [at, col0], tile)
     else:
         if VEC4:
             layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[128 // N, N // 4],
@@ -190,7 +197,10 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     dv = warpgroup_mma_wait(1, deps=(dv,))  # P^T's operand registers free before dQ's accumulator is live
     if SHARED_DS:
         mbarrier.arrive(ds_full.index(slot), count=1)
-    HALF: gl.constexpr = 32 if DQ_TMA else 64  # dQ columns per GEMM (a TMA box of fp32: 128 bytes a row)
+    if DQ_TMA:
+        HALF: gl.constexpr = DQ_ACC[0].block_type.shape[1]  # dQ columns per GEMM: a TMA box
+    else:
+        HALF: gl.constexpr = 64  # dQ columns per GEMM
     DQ_SPLIT: gl.constexpr = HEAD_DIM // HALF
     dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, HALF, 16])
@@ -204,6 +214,8 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     if SHARED_DS:
         if slot == CONSUMER:
             mbarrier.wait(ds_full.index(slot), (it // 2) & 1)
+            if DQ_TMA:
+                tma.store_wait(0)  # this consumer's staging tiles: read by its reductions two steps ago
             for part in gl.static_range(DQ_SPLIT):
                 dq = gl.zeros([M, HALF], gl.float32, dq_layout)
                 for w in gl.static_range(2):
@@ -212,13 +224,17 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 if part == DQ_SPLIT - 1:
                     mbarrier.arrive(ds_empty.index(slot), count=1)
-                _add_dq(dq, DQ_ACC, dq_at, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4, DQ_TMA)
+                _add_dq(dq, DQ_ACC, dq_at, part * HALF, CONSUMER * DQ_SPLIT + part, M, HALF, HEAD_DIM, dq_layout,
+                        DQ_VEC4, DQ_TMA)
     else:
+        if DQ_TMA:
+            tma.store_wait(0)  # this consumer's staging tiles: read by its reductions of the step before
         for part in gl.static_range(DQ_SPLIT):
             dq = warpgroup_mma(ds_tile.permute((1, 0)), k_w.slice(part * HALF, HALF, dim=1),
                                gl.zeros([M, HALF], gl.float32, dq_layout), use_acc=False, is_async=True)
             dq = warpgroup_mma_wait(0, deps=(dq,))
-            _add_dq(dq, DQ_ACC, dq_at, part * HALF, M, HALF, HEAD_DIM, dq_layout, DQ_VEC4, DQ_TMA)
+            _add_dq(dq, DQ_ACC, dq_at, part * HALF, CONSUMER * DQ_SPLIT + part, M, HALF, HEAD_DIM, dq_layout,
+                    DQ_VEC4, DQ_TMA)
     return dk, dv
 
 
@@ -279,6 +295,8 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
                       MASK_FN, True, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
         it += n_tiles
     dk, dv = state
+    if DQ_TMA:
+        tma.store_wait(0)  # the last reductions read their staging tiles before the CTA exits
 
     # -- dK (scaled) and dV rows of this warpgroup's keys, (B, HKV, KV_LEN, E) contiguous --
     DK, DV = outs
@@ -320,7 +338,12 @@ def _gluon_backward_kernel(
     tables = (Q_NUM, Q_IDX, FULL_Q_NUM, FULL_Q_IDX, MASK_H, MASK_NKV, MASK_NQ)
     lens = (Q_LEN, KV_LEN, HQ, ROWS)
     mods = (b, scale, qk_scale, BIAS_ARGS, MASK_ARGS)
-    ptrs = (LSE2, DELTA, DQ_ACC)
+    if DQ_TMA:  # DQ_ACC a descriptor of [M, COLS] fp32 boxes; a staging tile per box of each consumer's dQ tile
+        COLS: gl.constexpr = DQ_ACC.block_type.shape[1]
+        dq_stage = gl.allocate_shared_memory(gl.float32, [2 * (HEAD_DIM // COLS), M, COLS], DQ_ACC.layout)
+        ptrs = (LSE2, DELTA, (DQ_ACC, dq_stage))
+    else:
+        ptrs = (LSE2, DELTA, DQ_ACC)
     outs = (DK, DV)
 
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, M, HEAD_DIM], q_desc.layout)
@@ -381,6 +404,7 @@ def gluon_backward(
     shared_ds: bool = True,
     vec4: bool | None = None,
     tma_dq: bool = False,
+    dq_box_cols: int = TMA_DQ_COLS,
     consumer_regs: int = 240,
     producer_regs: int = 24,
     target: DeviceLimits | None = None,
@@ -400,10 +424,9 @@ def gluon_backward(
             element and CTA; where ptxas fails to build that form, the per-warpgroup one runs: each
             consumer adds its own keys' dQ). vec4: the atomics as 4-wide vector reductions through a
             layout conversion (default: at E64; at E128 ptxas fails on it). tma_dq: dQ by TMA bulk
-            reductions of [64, 32] boxes (``tma_reduce.tma_add``: cp.reduce.async.bulk.tensor) instead of
-            per-thread reductions. Off by default: compiled for sm_90a (SASS UTMAREDG) but NOT yet run on a
-            GPU (BENCHMARKS.md, fifteenth session); at E128 ptxas segfaults on its shared-dS form for some
-            mods, and the per-warpgroup one runs (as for the per-thread reductions).
+            reductions of [64, 32] boxes staged in shared memory (``tma_reduce.async_reduce_add``:
+            cp.reduce.async.bulk.tensor) instead of per-thread reductions; dq_box_cols: the boxes' columns
+            (32: 128-byte swizzled rows; 64: unswizzled).
         warmup: compile without launching (a driver naming sm_90 is all it needs).
 
     Returns:
@@ -468,11 +491,13 @@ def gluon_backward(
         TensorDescriptor.from_tensor(v, kv_box, kv_layout),
     )
     dq_target = dq_acc
-    if tma_dq:  # dQ by TMA bulk reductions of [64, 32] fp32 boxes of the accumulator as 2-D rows
-        dq_box = [BLOCK_M, 32]
-        dq_target = TensorDescriptor.from_tensor(
-            dq_acc.view(-1, E), dq_box, gl.NVMMASharedLayout.get_default_for(dq_box, gl.float32)
+    if tma_dq:  # dQ by TMA bulk reductions of [64, dq_box_cols] fp32 boxes of the accumulator as 2-D rows
+        dq_box = [BLOCK_M, dq_box_cols]
+        dq_layout = (
+            gl.NVMMASharedLayout.get_default_for(dq_box, gl.float32) if dq_box_cols * 4 <= 128
+            else gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         )
+        dq_target = TensorDescriptor.from_tensor(dq_acc.view(-1, E), dq_box, dq_layout)
     bias_fn = None if score_mod.trivial else gluon_fn(score_mod.bias_fn)
     args = (
         *descs, lse2, delta, dq_target, dk, dv, *table_args, Lq, Lkv, Hq, rows, float(scale), float(scale) * LOG2E,
