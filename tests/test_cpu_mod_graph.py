@@ -1,16 +1,19 @@
 """flexattn/cpu/mod_graph.py: a score_mod and its derivative from the compiler's IR, run in place,
-against vmap + autograd on the same grid (and the fused engine with it against the fp64 gold)."""
+against vmap + autograd on the same grid (and the fused engine with it against the fp64 gold); an
+additive mod's bias from the graph against vmap (bit for bit), and the chunks' masks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flexattn import AuxRequest, flex_attention
+from flexattn import AuxRequest, create_block_mask, flex_attention
 from flexattn import variants as V
 from flexattn.cpu import fused_engine
-from flexattn.cpu.mod_graph import ModValues, mod_graph
-from flexattn.mod_eval import eval_score_mod, index
+from flexattn.cpu.chunk_masks import ChunkMasks
+from flexattn.cpu.chunks import plan_chunks
+from flexattn.cpu.mod_graph import ModValues, bias_graph, mod_graph
+from flexattn.mod_eval import eval_bias, eval_mask_mod, eval_score_mod, index
 from flexattn.reference import reference_attention
 from tests.helpers import Shape, make_qkv
 from tests.test_cpu_fast_path import CPU, _engine, _mask, _three_way
@@ -104,3 +107,87 @@ def test_fused_engine_in_many_steps_per_chunk_matches_gold(mask_mod, monkeypatch
     gold, _, max_scores = reference_attention(q.double(), k.double(), v.double(), None, block_mask)
     torch.testing.assert_close(out.double(), gold, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(aux.max_scores.double(), max_scores, rtol=1e-5, atol=1e-5)
+
+
+TABLE = torch.randn(4, 40)  # per head, per relative position
+LOOKUP = torch.randint(0, 40, (64,))
+
+
+def rel_table(score, b, h, q_idx, kv_idx):  # a 2-D gather with a negative index (Python's meaning)
+    return score + TABLE[h, q_idx - kv_idx]
+
+
+def chained(score, b, h, q_idx, kv_idx):  # a gather of a gather, integer arithmetic, a where
+    return score + TABLE[h][LOOKUP[q_idx]] * torch.where(kv_idx % 3 == 0, 0.5, (kv_idx // 3).float())
+
+
+def constant(score, b, h, q_idx, kv_idx):
+    return score + 1.5
+
+
+def per_batch(score, b, h, q_idx, kv_idx):
+    return score + b.float() * 0.25
+
+
+SCALE = torch.tensor(0.7)
+
+
+def scalar_capture(score, b, h, q_idx, kv_idx):  # the bias is the capture itself: never written over
+    return score + SCALE
+
+
+ADDITIVE = [V.alibi(4), rel_table, chained, constant, per_batch, scalar_capture]
+ADDITIVE_IDS = ["alibi", "rel_table", "chained", "constant", "per_batch", "scalar_capture"]
+
+
+@pytest.mark.parametrize("mod", ADDITIVE, ids=ADDITIVE_IDS)
+def test_bias_from_the_graph_equals_vmap_exactly(mod):
+    """The sdpa engine's bias (cpu.mod_graph.bias_graph on broadcast grids) is eval_bias's value,
+    bit for bit, in every chunk of a causal plan; writing the mask into it leaves captures alone."""
+    B, H, L = 2, 4, 40
+    block_mask = create_block_mask(V.causal(), None, None, L, L, device="cpu", BLOCK_SIZE=8)
+    masks = ChunkMasks(block_mask.mask_mod, mod, B, H, (8, 8), torch.device("cpu"))
+    assert masks.bias_graph is not None
+    before = SCALE.clone()
+    for chunk in plan_chunks(block_mask, L, L, rows=16):
+        got, fresh = masks.bias(chunk)
+        want = eval_bias(mod, B, H, index(chunk.start, chunk.stop, "cpu"), chunk.kv_positions("cpu"))
+        assert torch.equal(got.expand(want.shape), want.to(torch.float32)), chunk
+        float_mask, _ = masks.float_mask(chunk, torch.float32)
+        dense = masks.mask(chunk)
+        expect = want.to(torch.float32) if dense is None else want.to(torch.float32) + dense
+        assert torch.equal(float_mask.expand(expect.shape), expect)
+    assert torch.equal(SCALE, before)
+
+
+def test_bias_graph_refuses_searches_and_learnable_captures():
+    learnable = torch.randn(4, requires_grad=True)
+    assert bias_graph(lambda s, b, h, q, kv: s + learnable[h], torch.device("cpu")) is None
+    assert bias_graph(V.tanh_softcap(3.0), torch.device("cpu")) is None  # not additive
+    cpu = torch.device("cpu")
+    alibi = V.alibi(4)
+    assert bias_graph(alibi, cpu) is bias_graph(alibi, cpu)  # cached
+
+
+@pytest.mark.parametrize(
+    "mask_mod, per_head",
+    [(V.causal(), False), (V.sliding_window(11), False), (V.streaming_llm(3, 9), False),
+     (lambda b, h, q, kv: (q >= kv) & ((kv + b + h) % 5 != 0), True),
+     (lambda b, h, q, kv: (h == 0) | (q - kv <= 7 * b + 3), True)],
+    ids=["causal", "sliding", "sink-window", "per-bh-holes", "per-bh-blocks"],
+)  # fmt: skip
+def test_chunk_masks_equal_the_dense_mask(mask_mod, per_head):
+    """Each chunk's additive mask (mask_mod on partial columns only: one run as a view, several as a
+    gather; FULL / EMPTY blocks of other (b, h) kept) against the mask_mod over the chunk's keys."""
+    B, H, L = 2, 3, 61
+    size = (B, H) if per_head else (None, None)
+    block_mask = create_block_mask(mask_mod, *size, L, L, device="cpu", BLOCK_SIZE=8)
+    masks = ChunkMasks(block_mask.mask_mod, None, B, H, (8, 8), torch.device("cpu"))
+    for chunk in plan_chunks(block_mask, L, L, rows=16):
+        got = masks.mask(chunk)
+        allowed = eval_mask_mod(mask_mod, B, H, index(chunk.start, chunk.stop, "cpu"), chunk.kv_positions("cpu"))
+        want = torch.zeros(allowed.shape).masked_fill(~allowed, -float("inf"))
+        if got is None:
+            assert bool(allowed.all()), chunk
+        else:
+            assert torch.equal(got.expand(want.shape), want), chunk

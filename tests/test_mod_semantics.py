@@ -157,15 +157,16 @@ def test_a_wrapped_negative_index_is_in_range():
 
 
 def test_an_out_of_range_index_known_only_from_tensor_values():
-    """Not provable from the shapes: the reference backend raises eager's IndexError (in the mod's
-    terms); the kernels clamp the index (docs/debugging.md: TRITON_DEBUG=1 asserts instead)."""
+    """Not provable from the shapes: the reference backend and the CPU fast path raise eager's
+    IndexError (in the mod's terms); the kernels clamp the index (docs/debugging.md: TRITON_DEBUG=1 asserts instead)."""
     table, lookup = torch.randn(10), torch.full((L,), 12)
 
     def looked_up(score, b, h, q_idx, kv_idx):
         return score + table[lookup[q_idx]]
 
-    with pytest.raises(IndexError, match=r"looked_up: a gather in the mod reads out of range.*\n  hint: "):
-        _attention("REFERENCE", score_mod=looked_up)
+    for backend in ("REFERENCE", "CPU"):  # (CPU: the sdpa engine's bias from the graph checks the gather)
+        with pytest.raises(IndexError, match=r"looked_up: a gather in the mod reads out of range.*\n  hint: "):
+            _attention(backend, score_mod=looked_up)
     if os.environ.get("TRITON_INTERPRET") == "1":
         q, k, v = _qkv()
         got = flex_attention(q, k, v, looked_up, kernel_options={"BACKEND": "TRITON"})

@@ -13,6 +13,10 @@ only times a constant takes it in the engine's query scaling (``ModGraph.score_f
 
 Only mods without gathers or searches (``load`` / ``search`` nodes: the kernels clamp an index
 there where eager raises, so those stay on ``vmap``) and without learnable captures take this path.
+
+``bias_graph`` is the same for the sdpa engine's bias: the additive term ``f`` of a ``score + f``
+mod, gathers included. A gather's indices are checked first (``GatherOutOfRange``: the caller then
+evaluates with ``vmap``, which raises eager's IndexError), so no index is ever clamped.
 """
 
 from __future__ import annotations
@@ -78,6 +82,67 @@ def mod_graph(score_mod: Callable, device: torch.device, fast_tanh: bool = False
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return mg
+
+
+def bias_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
+    """The ModGraph of an additive score mod's term ``f`` (``score + f(b, h, q_idx, kv_idx)``):
+    ``output`` is ``f`` and there is no derivative (``dscore == output``, ``backward`` empty); None
+    where ``f`` is not read from the graph alone (searches, learnable captures, traced reads of
+    tensor values) or the mod is not additive. Cached like ``mod_graph``."""
+    from flexattn.compiler.fingerprint import fingerprint_of
+
+    fp = fingerprint_of(score_mod, None)
+    key = None if fp.key is None else (str(device), "bias", fp.key)
+    hit = _CACHE.get(key) if key is not None else None
+    if hit is not None and all(guard() is not None for guard in hit[0]):
+        _CACHE.move_to_end(key)
+        return hit[1]
+    mg = _build_bias(score_mod, device)
+    if key is not None:
+        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return mg
+
+
+def _build_bias(score_mod: Callable, device: torch.device) -> ModGraph | None:
+    from flexattn.compiler import trace_score_mod
+    from flexattn.compiler.additive import additive_term
+
+    program = trace_score_mod(score_mod, device)
+    graph = program.graph
+    term = additive_term(graph, program.output)
+    if (
+        term is None
+        or program.read_tensor_values
+        or any(n.op == "search" for n in graph.nodes)
+        or any(t.requires_grad for t in graph.captures)
+    ):
+        return None
+    forward = tuple(graph.live([term]))
+    uses = [0] * len(graph.nodes)
+    for i in forward:
+        for a in graph.nodes[i].args:
+            uses[a] += 1
+    return ModGraph(graph, term, term, forward, (), tuple(uses))
+
+
+class GatherOutOfRange(IndexError):
+    """A gather of a graph evaluated here would read outside its tensor (eager raises there)."""
+
+
+def _gather(tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """``tensor[indices]`` (one broadcastable int grid per dim, Python's negative indices), or
+    GatherOutOfRange; never clamped."""
+    wrapped = []
+    for d, index in enumerate(indices):
+        size = tensor.shape[d]
+        low, high = (int(x) for x in torch.aminmax(index)) if index.numel() else (0, 0)
+        if low < -size or high >= size:
+            raise GatherOutOfRange(f"index {low if low < -size else high} out of range for dim {d} of size {size}")
+        index = index.long()
+        wrapped.append(torch.where(index < 0, index + size, index) if low < 0 else index)
+    return tensor[tuple(wrapped)] if wrapped else tensor
 
 
 def _weak(obj):
@@ -146,6 +211,17 @@ class ModValues:
             self.values.clear()
         return out
 
+    def term(self, b, h, q, kv) -> tuple[torch.Tensor, bool]:
+        """A bias graph's ``f`` on broadcastable index grids, in its own (broadcast) shape, and
+        whether it is a fresh tensor the caller may write over (not an input, capture or constant)."""
+        self.shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, kv.shape)
+        self._run(self.mg.forward, {"b": b, "h": h, "q_idx": q, "kv_idx": kv})
+        node = self.mg.graph.nodes[self.mg.output]
+        out = self.values[self.mg.output]
+        self.values.clear()
+        borrowed = node.op in INPUTS or node.op in ("const", "cast") or (node.op == "load" and not node.args)
+        return out, not borrowed and out._base is None
+
     def dscore(self, dout: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(raw score) from ``dout`` = d(loss)/d(modded score), full shape, contiguous."""
         mg = self.mg
@@ -169,6 +245,15 @@ class ModValues:
                 values[i] = torch.tensor(node.value, dtype=node.dtype)
                 continue
             args = [values[a] for a in node.args]
+            if node.op == "load":  # (bias graphs only)
+                values[i] = _gather(graph.captures[node.value].detach(), args)
+                if node.args:  # (a gather copies; a whole 0-dim capture is the capture itself)
+                    owned.add(i)
+                for a in node.args:
+                    left[a] -= 1
+                    if left[a] == 0 and a != self.mg.output:
+                        values.pop(a, None)
+                continue
             target = None
             if node.op in _IN_PLACE and node.dtype.is_floating_point:
                 target = self._dead_operand(node, i, args)
