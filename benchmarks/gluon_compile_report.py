@@ -171,6 +171,7 @@ def main(argv=None) -> None:
         "--tma-dq", type=int, nargs="?", const=32, choices=(32, 64), metavar="COLS",
         help="backward: dQ by TMA bulk reductions of [64, COLS] boxes (bare: 32)",
     )
+    parser.add_argument("--late-dp", action="store_true", help="backward: dP's GEMM after P (late_dp)")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     tiles = {"stages": args.stages, "consumers": args.consumers}
@@ -187,6 +188,8 @@ def main(argv=None) -> None:
             launch["shared_ds"] = False
         if args.tma_dq:
             launch.update(tma_dq=True, dq_box_cols=args.tma_dq)
+        if args.late_dp:
+            launch["late_dp"] = True
         for head_dim in head_dims:
             for variant in [v for v in variants if v != "softcap"]:
                 kernel = compile_backward(head_dim, variant, dtype, length=args.length, **launch)

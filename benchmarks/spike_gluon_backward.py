@@ -9,7 +9,11 @@ compared with the Triton backward's (relative Frobenius difference, flagged when
 
     python benchmarks/spike_gluon_backward.py --json /tmp/gluon_bwd.json
     python benchmarks/spike_gluon_backward.py --head-dims 128 --variants noop causal --no-torch-flex
-    python benchmarks/spike_gluon_backward.py --head-dims 64 --tma-dq 32 64  # + dQ by TMA reductions (E64)
+    python benchmarks/spike_gluon_backward.py --head-dims 64 --forms tma64 late-dp tma64+late-dp
+
+``--forms``: the Gluon backward also in launcher forms the public API does not expose, each a
+``+``-joined set of ``tma32`` / ``tma64`` (dQ by TMA reductions of 32- / 64-column boxes),
+``late-dp`` (dP's GEMM after P) and ``per-wg`` (per-warpgroup dQ, no shared dS).
 """
 
 from __future__ import annotations
@@ -39,18 +43,35 @@ VARIANTS = ("noop", "causal", "alibi", "sliding", "document")
 WRONG = 1e-2
 
 
-class _TmaDqAttention(torch.autograd.Function):
-    """flexattn's forward, and the Gluon backward with dQ summed by TMA bulk reductions
-    (``gluon_backward(tma_dq=True)``, a launcher option the public API does not expose)."""
+FORM_ARGS = {
+    "tma32": {"tma_dq": True, "dq_box_cols": 32},
+    "tma64": {"tma_dq": True, "dq_box_cols": 64},
+    "late-dp": {"late_dp": True},
+    "per-wg": {"shared_ds": False},
+}
+
+
+def form_kwargs(form: str) -> dict:
+    """``gluon_backward`` keywords of a ``--forms`` entry such as ``tma64+late-dp``."""
+    kwargs = {}
+    for token in form.split("+"):
+        if token not in FORM_ARGS:
+            raise SystemExit(f"--forms: unknown token {token!r} in {form!r}; choose from {sorted(FORM_ARGS)}")
+        kwargs.update(FORM_ARGS[token])
+    return kwargs
+
+
+class _FormAttention(torch.autograd.Function):
+    """flexattn's forward, and the Gluon backward in one launcher form (``gluon_backward(**launch)``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan, score_mod, block_mask, box_cols):
+    def forward(ctx, q, k, v, plan, score_mod, block_mask, launch):
         aux = AuxRequest(lse=True)
         out, aux = flexattn.flex_attention(
             q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=aux
         )
         ctx.save_for_backward(q, k, v, out, aux.lse)
-        ctx.plan, ctx.box_cols = plan, box_cols
+        ctx.plan, ctx.launch = plan, launch
         return out
 
     @staticmethod
@@ -62,12 +83,12 @@ class _TmaDqAttention(torch.autograd.Function):
         tables = None if plan.dense else plan.backward_tables()
         grads = gluon_backward(
             q, k, v, out, lse, dout.contiguous(), None, score_mod=plan.score_mod, mask_mod=plan.mask_mod,
-            tables=tables, scale=plan.scale, tma_dq=True, dq_box_cols=ctx.box_cols,
+            tables=tables, scale=plan.scale, **ctx.launch,
         )  # fmt: skip
         return (*grads, None, None, None, None)
 
 
-def implementations(q, k, v, variant, torch_flex: bool, tma_dq: tuple[int, ...] = ()):
+def implementations(q, k, v, variant, torch_flex: bool, forms: tuple[str, ...] = ()):
     """name -> zero-argument forward (its output is differentiated), and the block density."""
     B, H, L, E = q.shape
     score_mod, mask_mod = mods(variant, H, L)
@@ -81,10 +102,11 @@ def implementations(q, k, v, variant, torch_flex: bool, tma_dq: tuple[int, ...] 
         )
 
     impls = {"flexattn-triton": ours("TRITON"), "gluon": ours("GLUON")}
-    if tma_dq:
+    if forms:
         plan = plan_attention(score_mod, mask, L, L, E**-0.5, KernelOptions(), q.device, q.dtype)
-        for cols in tma_dq:
-            impls[f"gluon-tma-dq{cols}"] = lambda cols=cols: _TmaDqAttention.apply(q, k, v, plan, score_mod, mask, cols)
+        for form in forms:
+            launch = form_kwargs(form)
+            impls[f"gluon-{form}"] = lambda launch=launch: _FormAttention.apply(q, k, v, plan, score_mod, mask, launch)
     if torch_flex:
         from torch.nn.attention import flex_attention as torch_fa
 
@@ -99,7 +121,7 @@ def implementations(q, k, v, variant, torch_flex: bool, tma_dq: tuple[int, ...] 
     return impls, density
 
 
-def run_row(B, H, L, E, variant, torch_flex, rows, json_path, tma_dq=()):
+def run_row(B, H, L, E, variant, torch_flex, rows, json_path, forms=()):
     import triton
 
     label = f"B{B} H{H} L{L} E{E} {variant}"
@@ -110,7 +132,7 @@ def run_row(B, H, L, E, variant, torch_flex, rows, json_path, tma_dq=()):
     )
     dout = torch.randn_like(q)
     row = {"config": label, "tflops": {}, "rel_vs_triton": {}, "errors": {}}
-    impls, density = implementations(q, k, v, variant, torch_flex, tma_dq)
+    impls, density = implementations(q, k, v, variant, torch_flex, forms)
     total = 2.5 * 4 * B * H * L * L * E * density
     reference = None
     for name, forward in impls.items():
@@ -154,13 +176,14 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here (after every row)")
     parser.add_argument("--no-torch-flex", action="store_true")
     parser.add_argument(
-        "--tma-dq", type=int, nargs="*", choices=(32, 64), default=None,
-        help="also the Gluon backward with dQ by TMA reductions of boxes this many columns wide (bare: 32)"
+        "--forms", nargs="*", default=[], help="also the Gluon backward in these launcher forms (docstring)"
     )
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--head-dims", type=int, nargs="*", default=[128, 64])
     parser.add_argument("--watchdog", type=float, default=560.0, help="exit after this many seconds")
     args = parser.parse_args()
+    for form in args.forms:
+        form_kwargs(form)  # unknown tokens refused before any work
     start = time.time()
     faulthandler.dump_traceback_later(args.watchdog, exit=True)
     import torch._functorch.config as functorch_config
@@ -168,11 +191,10 @@ def main() -> None:
     functorch_config.donated_buffer = False  # compiled backwards timed over a retained graph
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     rows: list = []
-    boxes = () if args.tma_dq is None else tuple(args.tma_dq) or (32,)
     for B, H, L, E in CONFIGS:
         if E in args.head_dims:
             for variant in args.variants:
-                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json, boxes)
+                run_row(B, H, L, E, variant, not args.no_torch_flex, rows, args.json, tuple(args.forms))
     print(f"\ntotal {time.time() - start:.0f} s")
 
 

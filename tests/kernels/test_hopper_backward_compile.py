@@ -19,17 +19,19 @@ from flexattn.variants import tanh_softcap
 from tests.kernels.hopper_cases import compile_in_child
 
 H100 = DeviceLimits((9, 0), 232448)
-# (name, head dim, variant, length, shared_ds): dense and block-table kernels, tails (1000); "tma-dq<cols>":
-# dQ by TMA bulk reductions of [64, cols] boxes (gluon_backward(tma_dq=True, dq_box_cols=cols), not the default)
+# (name, head dim, variant, length, gluon_backward keywords): dense and block-table kernels, tails
+# (1000); the forms not (yet) the default: "tma-dq<cols>", dQ by TMA bulk reductions of [64, cols]
+# boxes; "late-dp", dP's GEMM after P
 CASES = [
-    ("E64-noop", 64, "noop", 1024, True),
-    ("E64-noop-tma-dq32", 64, "noop", 1024, True),
-    ("E64-causal-tail-tma-dq64", 64, "causal", 1000, True),
-    ("E128-noop-tma-dq64", 128, "noop", 1024, True),
-    ("E64-causal-tail", 64, "causal", 1000, True),
-    ("E128-noop", 128, "noop", 1024, True),
-    ("E128-alibi", 128, "alibi", 1024, True),
-    ("E128-causal-tail-per-warpgroup", 128, "causal", 1000, False),
+    ("E64-noop", 64, "noop", 1024, {}),
+    ("E64-noop-tma-dq32", 64, "noop", 1024, {"tma_dq": True, "dq_box_cols": 32}),
+    ("E64-causal-tail-tma-dq64", 64, "causal", 1000, {"tma_dq": True, "dq_box_cols": 64}),
+    ("E64-causal-tail", 64, "causal", 1000, {}),
+    ("E128-noop", 128, "noop", 1024, {}),
+    ("E128-noop-tma-dq64", 128, "noop", 1024, {"tma_dq": True, "dq_box_cols": 64}),
+    ("E128-alibi", 128, "alibi", 1024, {}),
+    ("E128-causal-tail-per-warpgroup", 128, "causal", 1000, {"shared_ds": False}),
+    ("E128-causal-late-dp", 128, "causal", 1024, {"late_dp": True}),
 ]
 _SCRIPT = """
 import json, sys
@@ -37,10 +39,8 @@ sys.path.insert(0, "benchmarks")
 import gluon_compile_report as g
 from compile_report import resources, sass_text
 rows = {}
-for name, head_dim, variant, length, shared in json.loads(sys.argv[1]):
-    cols = int(name.rsplit("tma-dq", 1)[1]) if "tma-dq" in name else 0
-    kernel = g.compile_backward(head_dim, variant, length=length, shared_ds=shared, tma_dq=cols > 0,
-                                dq_box_cols=cols or 32)
+for name, head_dim, variant, length, launch in json.loads(sys.argv[1]):
+    kernel = g.compile_backward(head_dim, variant, length=length, **launch)
     sass = sass_text(kernel)
     rows[name] = {**resources(kernel), **g.instructions(kernel), "red_v4": sass.count("REDG.E.ADD.F32x4"),
                   "red_v2": sass.count("REDG.E.ADD.F32x2"), "tma_red": sass.count("UTMAREDG")}

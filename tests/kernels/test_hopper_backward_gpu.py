@@ -58,7 +58,7 @@ def test_gluon_backward_refuses_what_it_cannot_run():
         out.sum().backward()
 
 
-TMA_CASES = [
+FORM_CASES = [
     ("noop", Shape(1, 4, 1000, 64, Hkv=2)),
     ("causal", Shape(2, 4, 1024, 64)),
     ("document", Shape(1, 4, 1000, 64, Lkv=1300)),
@@ -67,10 +67,19 @@ TMA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("box_cols", [32, 64])
-@pytest.mark.parametrize("name, shape", TMA_CASES, ids=[f"{n}-{s.id}" for n, s in TMA_CASES])
-def test_gluon_backward_with_dq_by_tma_reductions(name, shape, box_cols):
-    # gluon_backward(tma_dq=True): dQ tiles staged in shared memory, added by TMA bulk reductions
+# launcher forms not (yet) the default: dQ tiles staged in shared memory and added by TMA bulk
+# reductions of 32- or 64-column boxes; dP's GEMM issued after P (late_dp)
+FORMS = {
+    "tma32": {"tma_dq": True, "dq_box_cols": 32},
+    "tma64": {"tma_dq": True, "dq_box_cols": 64},
+    "late-dp": {"late_dp": True},
+    "tma64-late-dp": {"tma_dq": True, "dq_box_cols": 64, "late_dp": True},
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("name, shape", FORM_CASES, ids=[f"{n}-{s.id}" for n, s in FORM_CASES])
+def test_gluon_backward_launcher_forms(name, shape, form):
     from flexattn import AuxRequest
     from flexattn.kernels.hopper.backward_ws import gluon_backward
     from flexattn.options import KernelOptions
@@ -93,6 +102,6 @@ def test_gluon_backward_with_dq_by_tma_reductions(name, shape, box_cols):
     grads = gluon_backward(
         q.detach(), k.detach(), v.detach(), out.detach(), aux.lse, dout, None, score_mod=plan.score_mod,
         mask_mod=plan.mask_mod, tables=None if plan.dense else plan.backward_tables(), scale=plan.scale,
-        tma_dq=True, dq_box_cols=box_cols,
+        **FORMS[form],
     )  # fmt: skip
     assert_reference_gradients(grads, q, k, v, shape, score_mod, mask, dout)

@@ -140,7 +140,8 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
           Q_LEN, KV_LEN, s_layout: gl.constexpr, acc_layout: gl.constexpr, op_layout: gl.constexpr,
           BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, APPLY_MASK: gl.constexpr, CHECK_M: gl.constexpr,
           CHECK_N: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr,
-          SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
+          SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr,
+          LATE_DP: gl.constexpr):
     """One q tile of BLOCK_M rows starting at start_m (ring slot ``it``): dV, dK += and dQ atomics."""
     dk, dv = state
     kv_ready, q_ready, q_empty, do_ready, do_empty, ds_full, ds_empty = bars
@@ -158,10 +159,15 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     mbarrier.wait(q_ready.index(stage), phase)
     s_t = warpgroup_mma(k_w, q_t.permute((1, 0)), gl.zeros([W, M], gl.float32, s_layout),
                         use_acc=False, is_async=True)
-    mbarrier.wait(do_ready.index(stage), phase)
-    dp_t = warpgroup_mma(v_w, do_t.permute((1, 0)), gl.zeros([W, M], gl.float32, s_layout),
-                         use_acc=False, is_async=True)
-    s_t = warpgroup_mma_wait(1, deps=(s_t,))
+    # LATE_DP: dP^T's GEMM issued once P^T is computed, not during it (its 32 accumulator registers
+    # a thread are then not live next to the mods' values; the other consumer fills the tensor cores)
+    if not LATE_DP:
+        mbarrier.wait(do_ready.index(stage), phase)
+        dp_t = warpgroup_mma(v_w, do_t.permute((1, 0)), gl.zeros([W, M], gl.float32, s_layout),
+                             use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(1, deps=(s_t,))
+    else:
+        s_t = warpgroup_mma_wait(0, deps=(s_t,))
     # base-2 scores, keys along rows: [KEYS, M]
     q_idx = gl.expand_dims(cols, 0)
     if CHECK_M:
@@ -178,6 +184,10 @@ def _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it, 
     # dS^T before the dV / dK GEMMs are issued: P^T (fp32) and dP^T die here, then only their 16-bit
     # operands are live next to the accumulators (the other warpgroup's GEMMs fill the tensor cores)
     delta = gl.load(DELTA + row0 + cols)  # loaded here: 16 registers a thread in the transposed layout
+    if LATE_DP:
+        mbarrier.wait(do_ready.index(stage), phase)
+        dp_t = warpgroup_mma(v_w, do_t.permute((1, 0)), gl.zeros([W, M], gl.float32, s_layout),
+                             use_acc=False, is_async=True)
     dp_t = warpgroup_mma_wait(0, deps=(dp_t,))
     dtype: gl.constexpr = q_t.dtype
     ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype)
@@ -243,14 +253,15 @@ def _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, j_star
           hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout: gl.constexpr, acc_layout: gl.constexpr,
           op_layout: gl.constexpr, BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, FULL: gl.constexpr,
           CHECK_M: gl.constexpr, CHECK_N: gl.constexpr, SPARSE: gl.constexpr, Q_BLOCK: gl.constexpr,
-          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
+          STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, CONSUMER: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr,
+          LATE_DP: gl.constexpr):
     """Steps j in [j_start, j_end): tile j - list_offset of the partial (mask_mod) or FULL list."""
     M: gl.constexpr = q_smem.shape[3]
     for j in range(j_start, j_end):
         start_m = tile_start(lists, j - list_offset, FULL, SPARSE, Q_BLOCK, M)
         state = _step(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, start_m, it + j, kv_pos, kv_idx, hq, row0,
                       mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN, MASK_FN, not FULL,
-                      CHECK_M, CHECK_N, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
+                      CHECK_M, CHECK_N, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA, LATE_DP)
     return state
 
 
@@ -259,7 +270,8 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
               BIAS_FN: gl.constexpr, MASK_FN: gl.constexpr, CONSUMER: gl.constexpr, HEAD_DIM: gl.constexpr,
               GQA_GROUP: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr, SPARSE: gl.constexpr,
               HAS_FULL: gl.constexpr, CHECK_M: gl.constexpr, CHECK_N: gl.constexpr,
-              MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr):
+              MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr,
+          LATE_DP: gl.constexpr):
     """KEYS keys starting at pid_n * CTA_KEYS + CONSUMER * KEYS: their dK and dV rows, and dQ atomics."""
     kv_ready, q_ready, q_empty, do_ready, do_empty, ds_full, ds_empty = bars
     b, hk, pid_n = coords
@@ -289,10 +301,10 @@ def _consumer(q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, le
         n_partial, n_tiles = tile_counts(lists, Q_LEN, SPARSE, HAS_FULL, Q_BLOCK, M)
         state = _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, 0, n_partial, 0, it, kv_pos, kv_idx,
                       hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN, MASK_FN,
-                      False, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
+                      False, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA, LATE_DP)
         state = _loop(state, k_w, v_w, q_smem, do_smem, k_smem, ds_smem, bars, lists, n_partial, n_tiles, n_partial, it,
                       kv_pos, kv_idx, hq, row0, mods, ptrs, Q_LEN, KV_LEN, s_layout, acc_layout, op_layout, BIAS_FN,
-                      MASK_FN, True, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA)
+                      MASK_FN, True, CHECK_M, CHECK_N, SPARSE, Q_BLOCK, STAGES, HEAD_DIM, CONSUMER, SHARED_DS, DQ_VEC4, DQ_TMA, LATE_DP)
         it += n_tiles
     dk, dv = state
     if DQ_TMA:
@@ -326,7 +338,7 @@ def _gluon_backward_kernel(
     GQA_GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, Q_BLOCK: gl.constexpr,
     MASK_PER_BATCH: gl.constexpr, MASK_PER_HEAD: gl.constexpr, SPARSE: gl.constexpr, HAS_FULL: gl.constexpr,
     CHECK_M: gl.constexpr, CHECK_N: gl.constexpr, STAGES: gl.constexpr,
-    SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    SHARED_DS: gl.constexpr, DQ_VEC4: gl.constexpr, DQ_TMA: gl.constexpr, LATE_DP: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     dtype: gl.constexpr = q_desc.dtype
     M: gl.constexpr = q_desc.block_type.shape[2]
@@ -374,10 +386,10 @@ def _gluon_backward_kernel(
     gl.warp_specialize([
         (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, lens, mods, ptrs, outs, BIAS_FN,
                      MASK_FN, 0, HEAD_DIM, GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, CHECK_M, CHECK_N,
-                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA)),
+                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA, LATE_DP)),
         (_consumer, (q_smem, do_smem, k_smem, v_smem, ds_smem, bars, coords, tables, lens, mods, ptrs, outs, BIAS_FN,
                      MASK_FN, 1, HEAD_DIM, GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, CHECK_M, CHECK_N,
-                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA)),
+                     MASK_PER_BATCH, MASK_PER_HEAD, SHARED_DS, DQ_VEC4, DQ_TMA, LATE_DP)),
         (_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, coords, tables, Q_LEN,
                      GQA_GROUP, Q_BLOCK, STAGES, SPARSE, HAS_FULL, MASK_PER_BATCH, MASK_PER_HEAD)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -405,6 +417,7 @@ def gluon_backward(
     vec4: bool | None = None,
     tma_dq: bool = False,
     dq_box_cols: int = TMA_DQ_COLS,
+    late_dp: bool = False,
     consumer_regs: int = 240,
     producer_regs: int = 24,
     target: DeviceLimits | None = None,
@@ -426,7 +439,8 @@ def gluon_backward(
             layout conversion (default: at E64; at E128 ptxas fails on it). tma_dq: dQ by TMA bulk
             reductions of [64, 32] boxes staged in shared memory (``tma_reduce.async_reduce_add``:
             cp.reduce.async.bulk.tensor) instead of per-thread reductions; dq_box_cols: the boxes' columns
-            (32: 128-byte swizzled rows; 64: unswizzled).
+            (32: 128-byte swizzled rows; 64: unswizzled). late_dp: dP^T's GEMM issued after P^T is
+            computed (fewer live registers next to the mods' values; not yet timed on a GPU).
         warmup: compile without launching (a driver naming sm_90 is all it needs).
 
     Returns:
@@ -506,7 +520,7 @@ def gluon_backward(
     meta = dict(
         GQA_GROUP=Hq // Hkv, HEAD_DIM=E, Q_BLOCK=q_block, **flags, SPARSE=not dense,
         HAS_FULL=dense or tables.has_full, CHECK_M=Lq % q_block != 0, CHECK_N=Lkv % CTA_KEYS != 0, STAGES=stages,
-        SHARED_DS=shared_ds, DQ_VEC4=E == 64 if vec4 is None else vec4, DQ_TMA=tma_dq,
+        SHARED_DS=shared_ds, DQ_VEC4=E == 64 if vec4 is None else vec4, DQ_TMA=tma_dq, LATE_DP=late_dp,
         CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs, num_warps=4,
     )  # fmt: skip
     grid = (triton.cdiv(Lkv, CTA_KEYS), Hkv, B)
