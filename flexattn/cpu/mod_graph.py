@@ -68,20 +68,7 @@ def mod_graph(score_mod: Callable, device: torch.device, fast_tanh: bool = False
     captured tensors); cached by the mod's fingerprint (weakly: an entry dies with its objects).
     ``fast_tanh``: tanh as ``2 * sigmoid(2x) - 1`` wherever its value decides no mask bit or index
     (``options.fast_math_for``: only for fp16 / bf16 inputs, whose rounding hides its ~2e-7)."""
-    from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
-
-    fp = fingerprint_of(score_mod, None)
-    key = None if fp.key is None else (str(device), fast_tanh, fp.key)
-    hit = _CACHE.get(key) if key is not None else None
-    if hit is not None and all(guard() is not None for guard in hit[0]):
-        _CACHE.move_to_end(key)
-        return hit[1]
-    mg = _build(score_mod, device, fast_tanh)
-    if key is not None:
-        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return mg
+    return _cached(score_mod, (str(device), fast_tanh), lambda: _build(score_mod, device, fast_tanh))
 
 
 def bias_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
@@ -89,15 +76,20 @@ def bias_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
     ``output`` is ``f`` and there is no derivative (``dscore == output``, ``backward`` empty); None
     where ``f`` is not read from the graph alone (searches, learnable captures, traced reads of
     tensor values) or the mod is not additive. Cached like ``mod_graph``."""
-    from flexattn.compiler.fingerprint import fingerprint_of
+    return _cached(score_mod, (str(device), "bias"), lambda: _build_bias(score_mod, device))
+
+
+def _cached(score_mod: Callable, key: tuple, build: Callable[[], ModGraph | None]) -> ModGraph | None:
+    """``build()``, cached under ``key`` and the mod's fingerprint (weakly: an entry dies with its objects)."""
+    from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
 
     fp = fingerprint_of(score_mod, None)
-    key = None if fp.key is None else (str(device), "bias", fp.key)
+    key = None if fp.key is None else (*key, fp.key)
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None and all(guard() is not None for guard in hit[0]):
         _CACHE.move_to_end(key)
         return hit[1]
-    mg = _build_bias(score_mod, device)
+    mg = build()
     if key is not None:
         _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
         while len(_CACHE) > _CACHE_SIZE:
