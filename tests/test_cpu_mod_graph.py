@@ -4,6 +4,8 @@ additive mod's bias from the graph against vmap (bit for bit), and the chunks' m
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -17,6 +19,8 @@ from flexattn.mod_eval import eval_bias, eval_mask_mod, eval_score_mod, index
 from flexattn.reference import reference_attention
 from tests.helpers import Shape, make_qkv
 from tests.test_cpu_fast_path import CPU, _engine, _mask, _three_way
+
+mod_graph_module = sys.modules["flexattn.cpu.mod_graph"]  # (the package's ``mod_graph`` is the function)
 
 BIAS = torch.randn(3)
 
@@ -160,13 +164,16 @@ def test_bias_from_the_graph_equals_vmap_exactly(mod):
     assert torch.equal(SCALE, before)
 
 
-def test_bias_graph_refuses_searches_and_learnable_captures():
+def test_bias_graph_refuses_learnable_captures_and_non_additive_mods_and_is_cached(monkeypatch):
     learnable = torch.randn(4, requires_grad=True)
     assert bias_graph(lambda s, b, h, q, kv: s + learnable[h], torch.device("cpu")) is None
     assert bias_graph(V.tanh_softcap(3.0), torch.device("cpu")) is None  # not additive
-    cpu = torch.device("cpu")
-    alibi = V.alibi(4)
-    assert bias_graph(alibi, cpu) is bias_graph(alibi, cpu)  # cached
+    cpu, alibi, builds = torch.device("cpu"), V.alibi(4), []
+    build = mod_graph_module._build_bias
+    monkeypatch.setattr(mod_graph_module, "_build_bias", lambda *a: builds.append(a) or build(*a))
+    first, second = bias_graph(alibi, cpu), bias_graph(alibi, cpu)
+    assert len(builds) == 1 and first.forward == second.forward  # the second from the cache
+    assert second.graph.captures[0] is first.graph.captures[0]  # (the mod's own slopes, rebound)
 
 
 @pytest.mark.parametrize(
@@ -191,3 +198,71 @@ def test_chunk_masks_equal_the_dense_mask(mask_mod, per_head):
             assert bool(allowed.all()), chunk
         else:
             assert torch.equal(got.expand(want.shape), want), chunk
+
+
+def test_a_gather_by_constant_indices_never_writes_into_the_captured_tensor():
+    """``table[torch.tensor(3)]`` selects a view of the user's tensor: the graph may not write over it."""
+    table = torch.arange(10.0)
+
+    def constant_index(score, b, h, q_idx, kv_idx):
+        return score + table[torch.tensor(3)] * 2.0
+
+    shape = Shape(B=1, Hq=2, Lq=64, Lkv=64, E=16)
+    q, k, v = make_qkv(shape, torch.float32)
+    block_mask = _mask(V.causal(), shape, block=16)
+    want = reference_attention(q, k, v, constant_index, block_mask)[0]
+    for _ in range(3):
+        got = flex_attention(q, k, v, constant_index, block_mask=block_mask, kernel_options=CPU)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(table, torch.arange(10.0))
+
+
+def test_a_value_that_aliases_its_operand_is_not_written_over():
+    """``t.detach()`` is ``t``'s memory: writing ``t.detach() * 2`` over it would change ``t`` too
+    (the bias graph of the sdpa engine and the fused engine's graph alike)."""
+    shape = Shape(B=1, Hq=2, Lq=50, Lkv=70, E=16)
+
+    def additive(score, b, h, q_idx, kv_idx):
+        t = (q_idx - kv_idx).float() * 0.05
+        return score + (t.detach() * 2 + t)
+
+    def general(score, b, h, q_idx, kv_idx):
+        t = score * 0.5
+        return score * torch.sigmoid(t.detach() * 2 + t)
+
+    for mod, engine in ((additive, "sdpa"), (general, "fused")):
+        q, k, v = make_qkv(shape, torch.float32)
+        want = reference_attention(q.double(), k.double(), v.double(), mod, None)[0]
+        got = flex_attention(q, k, v, mod, kernel_options=CPU)
+        assert _engine(q, mod) == engine
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_graph_cache_keeps_no_captured_tensor_alive():
+    import gc
+    import weakref
+
+    table = torch.randn(4, 1 << 12)
+    ref = weakref.ref(table)
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + table[h, kv_idx]
+
+    q = torch.randn(1, 4, 32, 16)
+    flex_attention(q, q, q, biased, kernel_options=CPU)
+    assert bias_graph(biased, torch.device("cpu")) is not None  # (cached: its tensors rebound)
+    del biased, table
+    gc.collect()
+    assert ref() is None
+
+
+def test_index_dtypes_eager_refuses_are_refused_on_the_cpu_path_too():
+    table = torch.randn(64)
+
+    def int16_index(score, b, h, q_idx, kv_idx):
+        return score + table[kv_idx.to(torch.int16)]
+
+    q = torch.randn(1, 2, 32, 16)
+    for backend in ("REFERENCE", "CPU"):
+        with pytest.raises(IndexError):
+            flex_attention(q, q, q, int16_index, kernel_options={"BACKEND": backend})

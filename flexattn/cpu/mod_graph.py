@@ -16,7 +16,11 @@ there where eager raises, so those stay on ``vmap``) and without learnable captu
 
 ``bias_graph`` is the same for the sdpa engine's bias: the additive term ``f`` of a ``score + f``
 mod, gathers included. A gather's indices are checked first (``GatherOutOfRange``: the caller then
-evaluates with ``vmap``, which raises eager's IndexError), so no index is ever clamped.
+evaluates with ``vmap``, which raises eager's IndexError), so no index is ever clamped. Two
+differences from ``vmap`` remain, both as in the kernels: a gather whose value the mod does not use
+is not evaluated (the trace prunes it), and fp16 / bf16 values times a Python float are computed in
+float32 then rounded (per-element eager's opmath; vmap may round the constant first: one ulp).
+A value that aliases its operand (``detach``) is never written over, nor its operand after it.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,21 +84,48 @@ def bias_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
 
 
 def _cached(score_mod: Callable, key: tuple, build: Callable[[], ModGraph | None]) -> ModGraph | None:
-    """``build()``, cached under ``key`` and the mod's fingerprint (weakly: an entry dies with its objects)."""
+    """``build()``, cached under ``key`` and the mod's fingerprint. Weakly: an entry holds no tensor
+    of the user's (a bias graph's captures are weak references, rebound on a hit) and dies with its
+    objects."""
     from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
 
     fp = fingerprint_of(score_mod, None)
     key = None if fp.key is None else (*key, fp.key)
     hit = _CACHE.get(key) if key is not None else None
     if hit is not None and all(guard() is not None for guard in hit[0]):
-        _CACHE.move_to_end(key)
-        return hit[1]
+        frozen, refs = hit[1]
+        mg = _thaw(frozen, refs)
+        if frozen is None or mg is not None:  # (None: the path does not apply, cached as such)
+            _CACHE.move_to_end(key)
+            return mg
     mg = build()
     if key is not None:
-        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), mg)
+        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), _freeze(mg))
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return mg
+
+
+def _freeze(mg: ModGraph | None) -> tuple[ModGraph | None, tuple]:
+    """``(mg without its captured tensors, weak references to them)`` for the cache."""
+    if mg is None or not mg.graph.captures:
+        return mg, ()
+    graph = mg.graph.copy()
+    refs = tuple(weakref.ref(t) for t in graph.captures)
+    graph.captures = []
+    return replace(mg, graph=graph), refs
+
+
+def _thaw(frozen: ModGraph | None, refs: tuple) -> ModGraph | None:
+    """The cached ModGraph with its captures back; None if one of them is gone (or none was cached)."""
+    if not refs:
+        return frozen
+    tensors = [ref() for ref in refs]
+    if any(t is None for t in tensors):
+        return None
+    graph = frozen.graph.copy()
+    graph.captures = tensors
+    return replace(frozen, graph=graph)
 
 
 def _build_bias(score_mod: Callable, device: torch.device) -> ModGraph | None:
@@ -123,11 +154,21 @@ class GatherOutOfRange(IndexError):
     """A gather of a graph evaluated here would read outside its tensor (eager raises there)."""
 
 
+def _shares_storage(t: torch.Tensor, others) -> bool:
+    """Whether ``t`` shares memory with one of ``others`` (an empty tensor: assumed so)."""
+    if t.numel() == 0:
+        return True
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.numel() == 0 or o.untyped_storage().data_ptr() == ptr for o in others)
+
+
 def _gather(tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
-    """``tensor[indices]`` (one broadcastable int grid per dim, Python's negative indices), or
-    GatherOutOfRange; never clamped."""
+    """``tensor[indices]`` (one broadcastable int32 / int64 grid per dim, Python's negative
+    indices), or GatherOutOfRange (also for index dtypes eager refuses); never clamped."""
     wrapped = []
     for d, index in enumerate(indices):
+        if index.dtype not in (torch.int32, torch.int64):
+            raise GatherOutOfRange(f"eager PyTorch does not index with {index.dtype}")
         size = tensor.shape[d]
         low, high = (int(x) for x in torch.aminmax(index)) if index.numel() else (0, 0)
         if low < -size or high >= size:
@@ -208,11 +249,9 @@ class ModValues:
         whether it is a fresh tensor the caller may write over (not an input, capture or constant)."""
         self.shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, kv.shape)
         self._run(self.mg.forward, {"b": b, "h": h, "q_idx": q, "kv_idx": kv})
-        node = self.mg.graph.nodes[self.mg.output]
         out = self.values[self.mg.output]
         self.values.clear()
-        borrowed = node.op in INPUTS or node.op in ("const", "cast") or (node.op == "load" and not node.args)
-        return out, not borrowed and out._base is None
+        return out, self.mg.output in self.owned and out._base is None
 
     def dscore(self, dout: torch.Tensor) -> torch.Tensor:
         """d(loss)/d(raw score) from ``dout`` = d(loss)/d(modded score), full shape, contiguous."""
@@ -238,8 +277,9 @@ class ModValues:
                 continue
             args = [values[a] for a in node.args]
             if node.op == "load":  # (bias graphs only)
-                values[i] = _gather(graph.captures[node.value].detach(), args)
-                if node.args:  # (a gather copies; a whole 0-dim capture is the capture itself)
+                capture = graph.captures[node.value]
+                values[i] = _gather(capture.detach(), args)
+                if not _shares_storage(values[i], [capture]):  # (0-dim indices select: a view)
                     owned.add(i)
                 for a in node.args:
                     left[a] -= 1
@@ -256,7 +296,12 @@ class ModValues:
                 values[i] = OP_TORCH[node.op](*args, out=self.scratch.grid(self.shape))
             else:
                 values[i] = _apply(node, args)
-            owned.add(i)
+            if target is None and _shares_storage(values[i], args):  # (detach: the operand itself)
+                for a, t in zip(node.args, args):
+                    if _shares_storage(values[i], [t]):
+                        owned.discard(a)  # neither grid may now be written over
+            else:
+                owned.add(i)
             for a in node.args:
                 left[a] -= 1
                 if left[a] == 0 and a != self.mg.output:

@@ -97,6 +97,14 @@ def test_backward_launcher_refuses_what_the_kernel_cannot_do(q_shape, kv_shape, 
         )
 
 
+@pytest.mark.parametrize("cols", [48, 16, 256])
+def test_backward_launcher_refuses_dq_boxes_that_do_not_tile_the_head_dim(cols):
+    q = torch.zeros(1, 2, 256, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dq_box_cols must be 32 or 64"):
+        gluon_backward(q, q, q, q, torch.zeros(1, 2, 256), q, None, **_mods(), tables=None, scale=0.125,
+                       tma_dq=True, dq_box_cols=cols, target=H100, warmup=True)  # fmt: skip
+
+
 def test_backward_launcher_refuses_other_gpus():
     q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="sm_90"):

@@ -462,6 +462,8 @@ def gluon_backward(
                          f"E={E}, Ev={v.shape[3]}")  # fmt: skip
     if not scale > 0:
         raise ValueError(f"the Gluon backward needs scale > 0; got {scale}")
+    if tma_dq and (dq_box_cols not in (32, 64) or E % dq_box_cols):
+        raise ValueError(f"dq_box_cols must be 32 or 64 and divide E={E}; got {dq_box_cols}")
     if not (score_mod.trivial or score_mod.bias_fn is not None) or score_mod.grad_captures:
         raise ValueError("the Gluon backward takes identity or additive score mods whose captured tensors need "
                          f"no gradient; got {score_mod.name}")  # fmt: skip
@@ -537,7 +539,7 @@ def gluon_backward(
     # failure, reproducible without a GPU: benchmarks/gluon_compile_report.py --backward); the
     # per-warpgroup form computes the same gradients with twice the dQ atomics. A failed build is not
     # cached by Triton, so the failure is remembered here (else every call would run ptxas again).
-    failure_key = (bias_fn, mask_mod.fn, q.dtype, tuple(sorted(meta.items())))
+    failure_key = (bias_fn, mask_mod.fn, q.dtype, tuple(sorted(meta.items())), tma_dq and dq_box_cols)
     if meta["SHARED_DS"] and failure_key in PTXAS_FAILURES:
         meta["SHARED_DS"] = False
     try:
