@@ -36,6 +36,7 @@ from flexattn.compiler.reach import Reach, follow, reach
 from flexattn.dispatch import check_call, check_mods_on_grid
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
+from flexattn.mod_eval import indexes_rows
 from flexattn.options import KernelOptions, fast_math_for
 from flexattn.plan import AttentionPlan, block_tables
 
@@ -43,6 +44,7 @@ from flexattn.plan import AttentionPlan, block_tables
 # (marking here keeps torch._dynamo out of ``import flexattn``; api imports this module first).
 torch._dynamo.assume_constant_result(check_call)
 torch._dynamo.assume_constant_result(check_mods_on_grid)
+torch._dynamo.assume_constant_result(indexes_rows)  # (mod_eval: vmap or broadcast grids, per mod)
 
 
 @dataclass(frozen=True)

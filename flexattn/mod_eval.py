@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -69,12 +70,34 @@ def _as_tensor_result(fn: Callable) -> Callable:
     return wrapped
 
 
-def vmap_mod(fn: Callable, has_score: bool) -> Callable:
+_ROW_GATHERS: weakref.WeakSet = weakref.WeakSet()  # code objects (or callables) of mods that index rows
+
+
+def note_row_gathers(mod: Callable) -> None:
+    """Record that ``mod`` indexes a gathered row of a captured tensor (``table[h][q_idx]``): under
+    torch.compile it is lifted with vmap, for broadcast index grids would index the row's grid
+    dimension instead (the mod compiler's tracer calls this)."""
+    _ROW_GATHERS.add(getattr(mod, "__code__", mod))
+
+
+def indexes_rows(mod: Callable) -> bool:
+    """Whether ``mod`` was traced indexing a gathered row (``note_row_gathers``); a trace-time
+    constant under torch.compile (``flexattn.custom_ops`` marks it)."""
+    try:
+        return getattr(mod, "__code__", mod) in _ROW_GATHERS
+    except TypeError:  # not weak-referenceable: never recorded
+        return False
+
+
+def vmap_mod(fn: Callable, has_score: bool, mod: Callable | None = None) -> Callable:
     """Lift a per-element mod to grids.
 
     The returned function takes ``(score, b, h, q_idx, kv_idx)`` (score mods) or
     ``(b, h, q_idx, kv_idx)`` (mask mods) where ``b, h, q_idx, kv_idx`` are 1-D int32 tensors of
     sizes (B, H, M, N) and ``score`` is (B, H, M, N); it returns a (B, H, M, N) tensor.
+
+    ``mod``: the user's mod ``fn`` evaluates (default ``fn``). While torch.compile traces, a mod
+    that indexes no gathered row is called once on broadcast grids instead (``_broadcast_mod``).
 
     Example:
         >>> grid = vmap_mod(lambda b, h, q, kv: q >= kv, has_score=False)
@@ -82,7 +105,7 @@ def vmap_mod(fn: Callable, has_score: bool) -> Callable:
         >>> grid(ar(1), ar(1), ar(3), ar(3)).shape
         torch.Size([1, 1, 3, 3])
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not indexes_rows(fn if mod is None else mod):
         return _broadcast_mod(fn, has_score)
     lifted = _as_tensor_result(fn)
     prefix = (0,) if has_score else ()
@@ -96,7 +119,9 @@ def _broadcast_mod(fn: Callable, has_score: bool) -> Callable:
     to (B, H, M, N). vmap over a graph with symbolic sizes fails in Dynamo's fake-tensor mode (a
     SymInt added to a batched tensor, e.g. transformers' mask offsets once a length is dynamic);
     every mod reaching a traced call passed the compiler's trace-time check, which accepts only
-    pointwise expressions and gathers, and those give the same values broadcast as vmapped."""
+    pointwise expressions and gathers, and those give the same values broadcast as vmapped, except
+    a gathered row indexed again (``table[h][q_idx]``: the second index would hit the first's grid
+    dimension), which ``vmap_mod`` keeps on vmap (``indexes_rows``)."""
     lifted = _as_tensor_result(fn)
 
     def on_grids(*args: torch.Tensor) -> torch.Tensor:
@@ -158,7 +183,7 @@ def eval_bias(
     def at_zero(b_, h_, q_, kv_):
         return score_mod(zero, b_, h_, q_, kv_)
 
-    out = _run(score_mod, vmap_mod(at_zero, has_score=False), b, h, q, kv)
+    out = _run(score_mod, vmap_mod(at_zero, has_score=False, mod=score_mod), b, h, q, kv)
     return out.expand(b.numel(), h.numel(), q.numel(), kv.numel())
 
 

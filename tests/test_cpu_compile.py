@@ -77,3 +77,28 @@ def test_changing_ints_reach_the_mods_as_symbolic_ints():
         torch.testing.assert_close(
             compiled(q, k, v, block_mask=mask), flex_attention(q, k, v, block_mask=mask), rtol=1e-5, atol=1e-5
         )
+
+
+def test_a_gathered_row_indexed_again_compiles_with_eager_semantics():
+    """``spans[image[kv_idx]][0]`` and ``table[h][lookup[q_idx]]``: a row of a captured tensor indexed
+    again. Broadcast index grids would give the second index the first one's grid dimension, so these
+    mods stay on vmap under torch.compile (``mod_eval.indexes_rows``); one graph, eager's values."""
+    spans, image = torch.tensor([[0, 10], [5, 40], [20, L]]), torch.randint(0, 3, (L,))
+    table, lookup = torch.randn(H, 2 * L), torch.randint(0, 2 * L, (L,))
+
+    def span_mask(b, h, q_idx, kv_idx):
+        span = spans[image[kv_idx]]
+        return (q_idx >= span[0]) & (q_idx < span[1])
+
+    def row_bias(score, b, h, q_idx, kv_idx):
+        return score + table[h][lookup[q_idx]]
+
+    mask = create_block_mask(span_mask, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+    q, k, v = (torch.randn(B, H, L, E, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(flex_attention, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, flex_attention):
+        out, lse = _call(fn, q, k, v, row_bias, mask)
+        results.append((out, lse, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for name, c, e in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5, msg=name)

@@ -26,7 +26,7 @@ class ModIndexError(IndexError):
     (message has the source line, the index range, the tensor's shape and a hint)."""
 
 
-_KEYS = ("graph", "mod_name", "device", "read_tensor_values", "sizes")
+_KEYS = ("graph", "mod_name", "device", "read_tensor_values", "sizes", "row_gathers")
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def tracing(graph: Graph, mod_name: str, device: torch.device | None = None, siz
     evaluated on, ``{"b": B, "h": H, "q_idx": Q_LEN, "kv_idx": KV_LEN}``, against which gathers are
     checked as they are traced)."""
     previous = tuple(getattr(_STATE, k, None) for k in _KEYS)
-    for key, value in zip(_KEYS, (graph, mod_name, device, False, sizes)):
+    for key, value in zip(_KEYS, (graph, mod_name, device, False, sizes, False)):
         setattr(_STATE, key, value)
     try:
         yield
@@ -69,6 +69,15 @@ def note_tensor_read() -> None:
 
 def tensor_values_read() -> bool:
     return bool(getattr(_STATE, "read_tensor_values", False))
+
+
+def note_row_gather() -> None:
+    """Record that the trace in progress indexed a gathered row of a captured tensor again."""
+    _STATE.row_gathers = True
+
+
+def row_gathers_noted() -> bool:
+    return bool(getattr(_STATE, "row_gathers", False))
 
 
 def mod_name() -> str:

@@ -20,6 +20,7 @@ from flexattn.compiler.errors import (
     ModCompileError,
     current_graph,
     in_place,
+    note_row_gather,
     note_tensor_read,
     out_of_range,
     refuse,
@@ -178,6 +179,7 @@ class PartialIndex:
         raise ModCompileError("a traced value was used outside its mod's trace")
 
     def __getitem__(self, index):
+        note_row_gather()
         return gather(self.tensor, self.indices, index)
 
     def refuse_as_value(self, *_, **__):

@@ -23,10 +23,12 @@ from flexattn.compiler.errors import (
     mod_name,
     note_tensor_read,
     refuse,
+    row_gathers_noted,
     tensor_values_read,
     tracing,
 )
 from flexattn.compiler.ir import INPUTS, Graph
+from flexattn.mod_eval import note_row_gathers
 from flexattn.compiler.proxy import (
     PartialIndex,
     Traced,
@@ -413,5 +415,7 @@ def trace(mod, kind: str, device=None, sizes: dict | None = None) -> Program:
             )
         out = cast(operand(result), torch.float32 if kind == "score" else torch.bool)
         read_tensor_values = tensor_values_read()
+        if row_gathers_noted():
+            note_row_gathers(mod)  # (vmap_mod keeps the mod on vmap under torch.compile)
     pruned, (output,) = graph.pruned([out.node])
     return Program(pruned, output, kind, _mod_name(mod), read_tensor_values)
