@@ -77,16 +77,22 @@ def note_row_gathers(mod: Callable) -> None:
     """Record that ``mod`` indexes a gathered row of a captured tensor (``table[h][q_idx]``): under
     torch.compile it is lifted with vmap, for broadcast index grids would index the row's grid
     dimension instead (the mod compiler's tracer calls this)."""
-    _ROW_GATHERS.add(getattr(mod, "__code__", mod))
+    _ROW_GATHERS.add(_code_of(mod))
 
 
 def indexes_rows(mod: Callable) -> bool:
     """Whether ``mod`` was traced indexing a gathered row (``note_row_gathers``); a trace-time
     constant under torch.compile (``flexattn.custom_ops`` marks it)."""
-    try:
-        return getattr(mod, "__code__", mod) in _ROW_GATHERS
-    except TypeError:  # not weak-referenceable: never recorded
-        return False
+    return _code_of(mod) in _ROW_GATHERS
+
+
+def _code_of(mod: Callable):
+    """What identifies ``mod``'s code: its code object (re-created closures share it), else its
+    class's ``__call__`` code (callable objects; a partial: its function's)."""
+    while isinstance(mod, functools.partial):
+        mod = mod.func
+    code = getattr(mod, "__code__", None)
+    return code if code is not None else getattr(type(mod).__call__, "__code__", type(mod))
 
 
 def vmap_mod(fn: Callable, has_score: bool, mod: Callable | None = None) -> Callable:
