@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from flexattn.compiler import bind_captures, compile_mask_mod, compile_score_mod
+from flexattn.compiler.checks import needs_vmap
 from flexattn.compiler.reach import Reach, follow, reach
 from flexattn.dispatch import check_call, check_mods_on_grid
 from flexattn.kernels.block_tables import BlockTables
 from flexattn.kernels.mods import KernelMod
-from flexattn.mod_eval import indexes_rows
 from flexattn.options import KernelOptions, fast_math_for
 from flexattn.plan import AttentionPlan, block_tables
 
@@ -44,7 +44,7 @@ from flexattn.plan import AttentionPlan, block_tables
 # (marking here keeps torch._dynamo out of ``import flexattn``; api imports this module first).
 torch._dynamo.assume_constant_result(check_call)
 torch._dynamo.assume_constant_result(check_mods_on_grid)
-torch._dynamo.assume_constant_result(indexes_rows)  # (mod_eval: vmap or broadcast grids, per mod)
+torch._dynamo.assume_constant_result(needs_vmap)  # (mod_eval.vmap_mod: vmap or broadcast grids, per mod)
 
 
 @dataclass(frozen=True)

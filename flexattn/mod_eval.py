@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -70,29 +69,17 @@ def _as_tensor_result(fn: Callable) -> Callable:
     return wrapped
 
 
-_ROW_GATHERS: weakref.WeakSet = weakref.WeakSet()  # code objects (or callables) of mods that index rows
+# Set by flexattn.compiler.checks (this module imports nothing from flexattn): whether a mod the
+# compiler traced evaluates differently on broadcast index grids than under vmap (a trace-time
+# constant under torch.compile: flexattn.custom_ops marks it).
+_NEEDS_VMAP: Callable[[Callable], bool] | None = None
 
 
-def note_row_gathers(mod: Callable) -> None:
-    """Record that ``mod`` indexes a gathered row of a captured tensor (``table[h][q_idx]``): under
-    torch.compile it is lifted with vmap, for broadcast index grids would index the row's grid
-    dimension instead (the mod compiler's tracer calls this)."""
-    _ROW_GATHERS.add(_code_of(mod))
-
-
-def indexes_rows(mod: Callable) -> bool:
-    """Whether ``mod`` was traced indexing a gathered row (``note_row_gathers``); a trace-time
-    constant under torch.compile (``flexattn.custom_ops`` marks it)."""
-    return _code_of(mod) in _ROW_GATHERS
-
-
-def _code_of(mod: Callable):
-    """What identifies ``mod``'s code: its code object (re-created closures share it), else its
-    class's ``__call__`` code (callable objects; a partial: its function's)."""
-    while isinstance(mod, functools.partial):
-        mod = mod.func
-    code = getattr(mod, "__code__", None)
-    return code if code is not None else getattr(type(mod).__call__, "__code__", type(mod))
+def set_vmap_check(check: Callable[[Callable], bool]) -> None:
+    """Install ``check(mod) -> bool``: True for a mod that ``vmap_mod`` must keep on vmap while
+    torch.compile traces (``flexattn.compiler.checks.needs_vmap``)."""
+    global _NEEDS_VMAP
+    _NEEDS_VMAP = check
 
 
 def vmap_mod(fn: Callable, has_score: bool, mod: Callable | None = None) -> Callable:
@@ -111,7 +98,7 @@ def vmap_mod(fn: Callable, has_score: bool, mod: Callable | None = None) -> Call
         >>> grid(ar(1), ar(1), ar(3), ar(3)).shape
         torch.Size([1, 1, 3, 3])
     """
-    if torch.compiler.is_compiling() and not indexes_rows(fn if mod is None else mod):
+    if torch.compiler.is_compiling() and (_NEEDS_VMAP is None or not _NEEDS_VMAP(fn if mod is None else mod)):
         return _broadcast_mod(fn, has_score)
     lifted = _as_tensor_result(fn)
     prefix = (0,) if has_score else ()
@@ -127,7 +114,7 @@ def _broadcast_mod(fn: Callable, has_score: bool) -> Callable:
     every mod reaching a traced call passed the compiler's trace-time check, which accepts only
     pointwise expressions and gathers, and those give the same values broadcast as vmapped, except
     a gathered row indexed again (``table[h][q_idx]``: the second index would hit the first's grid
-    dimension), which ``vmap_mod`` keeps on vmap (``indexes_rows``)."""
+    dimension), which ``vmap_mod`` keeps on vmap (``set_vmap_check``)."""
     lifted = _as_tensor_result(fn)
 
     def on_grids(*args: torch.Tensor) -> torch.Tensor:

@@ -58,16 +58,24 @@ def test_dynamo_sees_no_graph_break_on_the_cpu_path():
     assert explained.graph_count == 1
 
 
-def test_changing_ints_reach_the_mods_as_symbolic_ints():
+@pytest.mark.parametrize("composite", [False, True], ids=["plain", "and_masks-after-a-row-gather"])
+def test_changing_ints_reach_the_mods_as_symbolic_ints(composite):
     """A closure over an int that changes between calls (transformers' mask offsets during
     generation) is made symbolic by Dynamo on recompiling: the traced call evaluates the mod on
-    broadcast grids (vmap fails on SymInts there) and equals eager at every offset."""
+    broadcast grids (vmap fails on SymInts there) and equals eager at every offset. Also when an
+    and_masks composite of the same code indexed a gathered row earlier (vmap is chosen per mod)."""
+    from flexattn import and_masks
+
+    if composite:
+        spans, image = torch.tensor([[0, 10], [5, 40]]), torch.randint(0, 2, (48,))
+        row_gather = and_masks(V.causal(), lambda b, h, q, kv: q >= spans[image[kv]][0])
+        create_block_mask(row_gather, None, None, 48, 48, device="cpu", BLOCK_SIZE=16)
 
     def at_offset(offset):
         def causal_at_offset(b, h, q_idx, kv_idx):
             return q_idx + offset >= kv_idx
 
-        return causal_at_offset
+        return and_masks(causal_at_offset) if composite else causal_at_offset
 
     compiled = torch.compile(flex_attention, backend="aot_eager")
     q_len, kv_len = 16, 48
@@ -82,7 +90,7 @@ def test_changing_ints_reach_the_mods_as_symbolic_ints():
 def test_a_gathered_row_indexed_again_compiles_with_eager_semantics():
     """``spans[image[kv_idx]][0]`` and ``table[h][lookup[q_idx]]``: a row of a captured tensor indexed
     again. Broadcast index grids would give the second index the first one's grid dimension, so these
-    mods stay on vmap under torch.compile (``mod_eval.indexes_rows``); one graph, eager's values."""
+    mods stay on vmap under torch.compile (``compiler.checks.needs_vmap``); one graph, eager's values."""
     spans, image = torch.tensor([[0, 10], [5, 40], [20, L]]), torch.randint(0, 3, (L,))
     table, lookup = torch.randn(H, 2 * L), torch.randint(0, 2 * L, (L,))
 

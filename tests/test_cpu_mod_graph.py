@@ -266,3 +266,21 @@ def test_index_dtypes_eager_refuses_are_refused_on_the_cpu_path_too():
     for backend in ("REFERENCE", "CPU"):
         with pytest.raises(IndexError):
             flex_attention(q, q, q, int16_index, kernel_options={"BACKEND": backend})
+
+
+def test_a_tensor_made_inside_the_mod_keeps_its_graph_cached(monkeypatch):
+    """Only the user's tensors are held weakly: one the trace made (``torch.tensor([...])``) lives
+    with the cached graph, so repeat calls do not trace again."""
+    builds = []
+    build = mod_graph_module._build_bias
+    monkeypatch.setattr(mod_graph_module, "_build_bias", lambda *a: builds.append(a) or build(*a))
+
+    def made_inside(score, b, h, q_idx, kv_idx):
+        return score + torch.tensor([0.1, 0.2, 0.3, 0.4])[h]
+
+    q = torch.randn(1, 4, 32, 16)
+    want = reference_attention(q.double(), q.double(), q.double(), made_inside, None)[0]
+    for _ in range(3):
+        got = flex_attention(q, q, q, made_inside, kernel_options=CPU)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert len(builds) == 1

@@ -20,9 +20,11 @@ import torch
 
 from flexattn.compiler.fingerprint import Fingerprint, fingerprint_of, guard
 from flexattn.compiler.trace import trace
+from flexattn.mod_eval import set_vmap_check
 
 _SIZE = 1024
 _PASSED: OrderedDict[tuple, tuple] = OrderedDict()  # key -> weak references to the key's objects
+_NEEDS_VMAP: OrderedDict[tuple, bool] = OrderedDict()  # fingerprint keys of mods needs_vmap names
 _LOCK = threading.Lock()
 
 
@@ -50,8 +52,23 @@ def check_mod(
             return
     B, H, q_len, kv_len = grid
     program = trace(mod, kind, device, sizes={"b": B, "h": H, "q_idx": q_len, "kv_idx": kv_len})
+    if program.needs_vmap and fingerprint.key is not None:
+        with _LOCK:
+            _NEEDS_VMAP[fingerprint.key] = True
+            while len(_NEEDS_VMAP) > _SIZE:
+                _NEEDS_VMAP.popitem(last=False)
     if key is not None and not program.read_tensor_values:
         _remember(key, keep)
+
+
+def needs_vmap(mod) -> bool:
+    """Whether ``mod``, as traced by ``check_mod``, evaluates differently on broadcast index grids
+    than under vmap (a gathered row indexed again: ``table[h][q_idx]``); ``mod_eval.vmap_mod`` then
+    keeps it on vmap while torch.compile traces (a trace-time constant there: custom_ops marks it).
+    By the mod's fingerprint, so a re-created closure that ``check_mod`` skips still counts."""
+    key = fingerprint_of(mod, None).key
+    with _LOCK:
+        return key is not None and key in _NEEDS_VMAP
 
 
 def _passed(key: tuple) -> bool:
@@ -77,3 +94,7 @@ def _remember(key: tuple, keep: tuple) -> None:
 def clear() -> None:
     with _LOCK:
         _PASSED.clear()
+        _NEEDS_VMAP.clear()
+
+
+set_vmap_check(needs_vmap)

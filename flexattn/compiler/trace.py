@@ -28,7 +28,6 @@ from flexattn.compiler.errors import (
     tracing,
 )
 from flexattn.compiler.ir import INPUTS, Graph
-from flexattn.mod_eval import note_row_gathers
 from flexattn.compiler.proxy import (
     PartialIndex,
     Traced,
@@ -60,6 +59,7 @@ class Program:
     kind: str
     name: str
     read_tensor_values: bool
+    needs_vmap: bool = False  # evaluated on broadcast index grids it would differ (mod_eval.vmap_mod)
 
 
 # --- the supported torch surface: names -> builders ------------------------------------------------
@@ -415,7 +415,6 @@ def trace(mod, kind: str, device=None, sizes: dict | None = None) -> Program:
             )
         out = cast(operand(result), torch.float32 if kind == "score" else torch.bool)
         read_tensor_values = tensor_values_read()
-        if row_gathers_noted():
-            note_row_gathers(mod)  # (vmap_mod keeps the mod on vmap under torch.compile)
+        needs_vmap = row_gathers_noted()
     pruned, (output,) = graph.pruned([out.node])
-    return Program(pruned, output, kind, _mod_name(mod), read_tensor_values)
+    return Program(pruned, output, kind, _mod_name(mod), read_tensor_values, needs_vmap)

@@ -85,8 +85,8 @@ def bias_graph(score_mod: Callable, device: torch.device) -> ModGraph | None:
 
 def _cached(score_mod: Callable, key: tuple, build: Callable[[], ModGraph | None]) -> ModGraph | None:
     """``build()``, cached under ``key`` and the mod's fingerprint. Weakly: an entry holds no tensor
-    of the user's (a bias graph's captures are weak references, rebound on a hit) and dies with its
-    objects."""
+    of the user's (a bias graph's captures are weak references, rebound on a hit; ``_freeze``) and
+    dies with its objects."""
     from flexattn.compiler.fingerprint import fingerprint_of  # (the compiler loads on first use)
 
     fp = fingerprint_of(score_mod, None)
@@ -100,18 +100,21 @@ def _cached(score_mod: Callable, key: tuple, build: Callable[[], ModGraph | None
             return mg
     mg = build()
     if key is not None:
-        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), _freeze(mg))
+        _CACHE[key] = (tuple(_weak(obj) for obj in fp.keep), _freeze(mg, fp.keep))
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
     return mg
 
 
-def _freeze(mg: ModGraph | None) -> tuple[ModGraph | None, tuple]:
-    """``(mg without its captured tensors, weak references to them)`` for the cache."""
+def _freeze(mg: ModGraph | None, keep: tuple) -> tuple[ModGraph | None, tuple]:
+    """``(mg without its captured tensors, references to them)`` for the cache: weak ones to the
+    user's objects (``keep``: what the fingerprint names), strong ones to tensors only the graph
+    holds (made while the mod was traced, e.g. ``torch.tensor([...])[h]``)."""
     if mg is None or not mg.graph.captures:
         return mg, ()
     graph = mg.graph.copy()
-    refs = tuple(weakref.ref(t) for t in graph.captures)
+    users = {id(obj) for obj in keep}
+    refs = tuple(weakref.ref(t) if id(t) in users else (lambda t=t: t) for t in graph.captures)
     graph.captures = []
     return replace(mg, graph=graph), refs
 
