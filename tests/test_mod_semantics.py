@@ -175,3 +175,32 @@ def test_an_out_of_range_index_known_only_from_tensor_values():
             q, k, v, lambda s, b, h, i, j: s + last, kernel_options={"BACKEND": "REFERENCE"}
         )
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gathered_row_unpacks_as_in_eager_on_every_backend():
+    """``start, end = spans[image[kv_idx]]``: a row of a captured tensor unpacked into its elements
+    (the tracer iterates it by the row's length, as eager does; it used to yield a third element)."""
+    spans, image = torch.tensor([[0, 9], [4, 20], [12, L]]), torch.randint(0, 3, (L,))
+
+    def unpacked(b, h, q_idx, kv_idx):
+        start, end = spans[image[kv_idx]]
+        return (q_idx >= start) & (q_idx < end)
+
+    def indexed(b, h, q_idx, kv_idx):
+        return (q_idx >= spans[image[kv_idx], 0]) & (q_idx < spans[image[kv_idx], 1])
+
+    def unpacked_bias(score, b, h, q_idx, kv_idx):
+        start, end = spans[image[kv_idx]]
+        return score + (start - end).float() * 0.01
+
+    def indexed_bias(score, b, h, q_idx, kv_idx):
+        return score + (spans[image[kv_idx], 0] - spans[image[kv_idx], 1]).float() * 0.01
+
+    q, k, v = _qkv()
+    want = flex_attention(q, k, v, indexed_bias, _noop_mask_with(indexed), kernel_options={"BACKEND": "REFERENCE"})
+    for backend in BACKENDS + ["CPU"]:
+        if backend == "TRITON" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        mask = create_block_mask(unpacked, None, None, L, L, device="cpu", BLOCK_SIZE=16)
+        got = flex_attention(q, k, v, unpacked_bias, mask, kernel_options={"BACKEND": backend})
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=backend)

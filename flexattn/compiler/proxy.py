@@ -182,6 +182,12 @@ class PartialIndex:
         note_row_gather()
         return gather(self.tensor, self.indices, index)
 
+    def __len__(self) -> int:
+        return self.tensor.shape[len(self.indices)]
+
+    def __iter__(self):  # ``start, end = spans[image[kv_idx]]``: the row's elements, as eager unpacks them
+        return (self[i] for i in range(len(self)))
+
     def refuse_as_value(self, *_, **__):
         got, ndim = len(self.indices), self.tensor.ndim
         raise refuse(
