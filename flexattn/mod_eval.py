@@ -119,10 +119,14 @@ def _broadcast_mod(fn: Callable, has_score: bool) -> Callable:
 
     def on_grids(*args: torch.Tensor) -> torch.Tensor:
         *score, b, h, q, kv = args
-        grids = (b.view(-1, 1, 1, 1), h.view(1, -1, 1, 1), q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1))
-        return lifted(*score, *grids)
+        return lifted(*score, *broadcast_grids(b, h, q, kv))
 
     return on_grids
+
+
+def broadcast_grids(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> tuple:
+    """1-D index tensors as views that broadcast to (B, H, M, N): (B,1,1,1), (1,H,1,1), (1,1,M,1), (1,1,1,N)."""
+    return b.view(-1, 1, 1, 1), h.view(1, -1, 1, 1), q.view(1, 1, -1, 1), kv.view(1, 1, 1, -1)
 
 
 def index(start: int, stop: int, device: torch.device | str) -> torch.Tensor:

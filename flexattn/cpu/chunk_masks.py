@@ -19,7 +19,7 @@ import torch
 
 from flexattn.cpu.chunks import EMPTY, PARTIAL, Chunk
 from flexattn.cpu.mod_graph import GatherOutOfRange, ModValues, bias_graph
-from flexattn.mod_eval import eval_bias, eval_mask_mod, index
+from flexattn.mod_eval import broadcast_grids, eval_bias, eval_mask_mod, index
 
 
 class ChunkMasks:
@@ -77,8 +77,7 @@ class ChunkMasks:
         q_idx = index(chunk.start, chunk.stop, self.device)
         kv_idx = chunk.kv_positions(self.device)
         if self.bias_graph is not None:
-            grids = (index(0, self.B, self.device).view(-1, 1, 1, 1), index(0, self.H, self.device).view(1, -1, 1, 1),
-                     q_idx.view(1, 1, -1, 1), kv_idx.view(1, 1, 1, -1))  # fmt: skip
+            grids = broadcast_grids(index(0, self.B, self.device), index(0, self.H, self.device), q_idx, kv_idx)
             try:
                 f, fresh = ModValues(self.bias_graph, keep_for_backward=False).term(*grids)
             except GatherOutOfRange:  # vmap below raises eager's IndexError, in the mod's terms

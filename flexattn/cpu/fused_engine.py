@@ -28,7 +28,7 @@ import torch
 from flexattn.cpu.chunk_masks import ChunkMasks
 from flexattn.cpu.chunks import Chunk, split_full
 from flexattn.cpu.mod_graph import GridScratch, ModGraph, ModValues
-from flexattn.mod_eval import eval_score_mod, index
+from flexattn.mod_eval import broadcast_grids, eval_score_mod, index
 
 # Score elements (B * Hq * rows * cols) per step of a chunk: rows are cut to fit. Large, so that a
 # step is a whole 128-row chunk up to 8k keys at B * Hq = 8: every step adds its dk / dv into the
@@ -120,9 +120,8 @@ class FusedRun:
         q_idx = index(rows.start, rows.stop, raw.device)
         if self.graph is not None:
             values = ModValues(self.graph, keep_for_backward=grad, scratch=self.scratch)
-            b = index(0, B, raw.device).view(-1, 1, 1, 1)
-            h = index(0, Hkv * G, raw.device).view(1, -1, 1, 1)
-            s = values.modded(raw, b, h, q_idx.view(1, 1, -1, 1), keys.kv_idx.view(1, 1, 1, -1))
+            grids = broadcast_grids(index(0, B, raw.device), index(0, Hkv * G, raw.device), q_idx, keys.kv_idx)
+            s = values.modded(raw, *grids)
             return raw, s, values
         if grad:
             raw.requires_grad_()

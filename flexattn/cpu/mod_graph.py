@@ -146,11 +146,7 @@ def _build_bias(score_mod: Callable, device: torch.device) -> ModGraph | None:
     ):
         return None
     forward = tuple(graph.live([term]))
-    uses = [0] * len(graph.nodes)
-    for i in forward:
-        for a in graph.nodes[i].args:
-            uses[a] += 1
-    return ModGraph(graph, term, term, forward, (), tuple(uses))
+    return ModGraph(graph, term, term, forward, (), tuple(_uses(graph, forward)))
 
 
 class GatherOutOfRange(IndexError):
@@ -210,11 +206,7 @@ def _build(score_mod: Callable, device: torch.device, fast_tanh: bool) -> ModGra
     forward = tuple(graph.live([output]))
     fwd = set(forward)
     backward = tuple(i for i in graph.live([dscore]) if i not in fwd)
-    uses = [0] * len(graph.nodes)
-    for i in forward + backward:
-        for a in graph.nodes[i].args:
-            uses[a] += 1
-    return ModGraph(graph, output, dscore, forward, backward, tuple(uses), factor)
+    return ModGraph(graph, output, dscore, forward, backward, tuple(_uses(graph, forward + backward)), factor)
 
 
 class ModValues:
@@ -279,31 +271,25 @@ class ModValues:
                 values[i] = torch.tensor(node.value, dtype=node.dtype)
                 continue
             args = [values[a] for a in node.args]
-            if node.op == "load":  # (bias graphs only)
+            target = None
+            if node.op == "load":  # (bias graphs only; 0-dim indices select: a view of the capture)
                 capture = graph.captures[node.value]
                 values[i] = _gather(capture.detach(), args)
-                if not _shares_storage(values[i], [capture]):  # (0-dim indices select: a view)
-                    owned.add(i)
-                for a in node.args:
-                    left[a] -= 1
-                    if left[a] == 0 and a != self.mg.output:
-                        values.pop(a, None)
-                continue
-            target = None
-            if node.op in _IN_PLACE and node.dtype.is_floating_point:
-                target = self._dead_operand(node, i, args)
-            if target is not None:
-                values[i] = OP_TORCH[node.op](*args, out=values[target])
-                owned.discard(target)
-            elif node.op in _IN_PLACE and node.dtype == torch.float32 and self._fits_scratch(args):
-                values[i] = OP_TORCH[node.op](*args, out=self.scratch.grid(self.shape))
+                fresh = not _shares_storage(values[i], [capture])
             else:
-                values[i] = _apply(node, args)
-            if target is None and _shares_storage(values[i], args):  # (detach: the operand itself)
-                for a, t in zip(node.args, args):
-                    if _shares_storage(values[i], [t]):
-                        owned.discard(a)  # neither grid may now be written over
-            else:
+                if node.op in _IN_PLACE and node.dtype.is_floating_point:
+                    target = self._dead_operand(node, i, args)
+                if target is not None:
+                    values[i] = OP_TORCH[node.op](*args, out=values[target])
+                    owned.discard(target)
+                elif node.op in _IN_PLACE and node.dtype == torch.float32 and self._fits_scratch(args):
+                    values[i] = OP_TORCH[node.op](*args, out=self.scratch.grid(self.shape))
+                else:
+                    values[i] = _apply(node, args)
+                fresh = target is not None or not _shares_storage(values[i], args)
+                if not fresh:  # (detach: the operand itself) neither grid may now be written over
+                    owned.difference_update(a for a, t in zip(node.args, args) if _shares_storage(values[i], [t]))
+            if fresh:
                 owned.add(i)
             for a in node.args:
                 left[a] -= 1
@@ -361,8 +347,13 @@ class GridScratch:
 
 
 def _forward_uses(mg: ModGraph) -> list[int]:
-    uses = [0] * len(mg.graph.nodes)
-    for i in mg.forward:
-        for a in mg.graph.nodes[i].args:
+    return _uses(mg.graph, mg.forward)
+
+
+def _uses(graph: Graph, order) -> list[int]:
+    """Per node of ``graph``: how many of the nodes ``order`` lists read it."""
+    uses = [0] * len(graph.nodes)
+    for i in order:
+        for a in graph.nodes[i].args:
             uses[a] += 1
     return uses
